@@ -1,0 +1,22 @@
+"""vit_pruning: Two-Stage Structured Pruning (2SSP) of Hugging Face Vision Transformers.
+
+Stage 1 removes MLP hidden neurons in every block, stage 2 removes whole blocks or attention
+sublayers; a planner splits one global parameter-sparsity target between them exactly.
+"""
+from .anatomy import Anatomy, BlockParts, _get_encoder, resolve
+from .depth import prune_vit_attention_blocks, select_depth
+from .measure import (collect_outputs, compute_actual_sparsity, count_block_params, count_flops,
+                      count_total_params, evaluate_top1, kl_divergence, measure_latency)
+from .pipeline import PruneConfig, PruneResult, model_shape, plan_2ssp_allocation, prune_2ssp
+from .planner import ModelShape, PruningPlan
+from .width import prune_vit_mlp_width
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Anatomy", "BlockParts", "ModelShape", "PruneConfig", "PruneResult", "PruningPlan",
+    "_get_encoder", "collect_outputs", "compute_actual_sparsity", "count_block_params",
+    "count_flops", "count_total_params", "evaluate_top1", "kl_divergence", "measure_latency",
+    "model_shape", "plan_2ssp_allocation", "prune_2ssp", "prune_vit_attention_blocks",
+    "prune_vit_mlp_width", "resolve", "select_depth",
+]

@@ -1,0 +1,195 @@
+"""Stage 2 (depth): choose and remove whole blocks or attention sublayers.
+
+Selection methods (label-free, on calibration images):
+- ``greedy``: at each step remove the candidate whose removal changes the model output least
+  (KL of logits to the reference outputs, or 1 - cosine of final hidden states for a headless
+  model). Block inputs of the current model are cached, so scoring candidate ``c`` runs only
+  blocks ``c..B-1``, and the cache is refreshed from the chosen block onward.
+- ``bi``: one-shot Block Influence (ShortGPT): 1 - mean cos(sublayer input, output).
+Candidates are bypassed temporarily and restored; the model is never copied.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .anatomy import Anatomy, resolve
+from .batches import take_pixels
+from .measure import output_distance
+from .surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
+
+log = logging.getLogger(__name__)
+
+METHODS = ("greedy", "bi")
+
+
+def _state_skip(unit: str, removed: Sequence[int]) -> set[int]:
+    return set(removed) if unit == "block" else set()
+
+
+@torch.no_grad()
+def _block_inputs(an: Anatomy, embedded: list[torch.Tensor], skip: set[int],
+                  start: int = 0, cache: list | None = None) -> list[list[torch.Tensor]]:
+    """cache[i] = inputs of block i (per batch) under the current state; refreshed from `start`."""
+    n = len(an.blocks)
+    cache = cache if cache is not None else [None] * (n + 1)
+    hidden = embedded if start == 0 else cache[start]
+    for i in range(start, n):
+        cache[i] = hidden
+        if i not in skip:
+            hidden = [an.run_blocks(h, i, i + 1) for h in hidden]
+    cache[n] = hidden
+    return cache
+
+
+@torch.no_grad()
+def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
+                 unit: str = "block", reference: torch.Tensor | None = None,
+                 progress: bool = False) -> tuple[list[int], list[dict[int, float]]]:
+    """Greedy removal order of `count` depth units; returns (indices, per-step candidate scores).
+
+    The model is left unchanged.
+    """
+    an = resolve(model)
+    was_training = model.training
+    model.eval()
+    removed: list[int] = []
+    step_scores: list[dict[int, float]] = []
+    saved: dict[int, tuple] = {}
+    try:
+        embedded = [an.embed(x) for x in pixel_batches]
+        if reference is None:
+            reference = torch.cat([an.head(h) for h in _block_inputs(an, embedded, set())[-1]])
+        cache = _block_inputs(an, embedded, set())
+        cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
+        for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
+                      disable=not progress, leave=False):
+            skip = _state_skip(unit, removed)
+            scores: dict[int, float] = {}
+            for c in cands:
+                if c in removed:
+                    continue
+                if unit == "block":
+                    outs = [an.head(an.run_blocks(h, c + 1, skip=skip)) for h in cache[c]]
+                else:
+                    parts = an.parts[c]
+                    att, norm = bypass_attention(parts, an.layout)
+                    try:
+                        outs = [an.head(an.run_blocks(h, c, skip=skip)) for h in cache[c]]
+                    finally:
+                        restore_attention(parts, att, norm)
+                scores[c] = output_distance(torch.cat(outs), reference, an.has_classifier)
+            best = min(scores, key=lambda k: (scores[k], k))
+            removed.append(best)
+            step_scores.append(scores)
+            if unit == "attention":
+                saved[best] = bypass_attention(an.parts[best], an.layout)
+                an = resolve(model)
+            cache = _block_inputs(an, embedded, _state_skip(unit, removed), best, cache)
+    finally:
+        an = resolve(model)
+        for i, (att, norm) in saved.items():
+            restore_attention(an.parts[i], att, norm)
+        model.train(was_training)
+    return removed, step_scores
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
+                    unit: str = "block") -> dict[int, float]:
+    """One-shot Block Influence: 1 - mean cos(input, output) of each block (or attention sublayer)."""
+    an = resolve(model)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(len(an.parts), dtype=torch.float64)
+    try:
+        for x in pixel_batches:
+            h = an.embed(x)
+            for i, parts in enumerate(an.parts):
+                out = an.run_blocks(h, i, i + 1)
+                if unit == "block":
+                    ref = out
+                else:  # residual stream after attention = h + attn(LN(h))
+                    att_out = parts.attention(parts.norm_before(h))
+                    ref = h + (att_out[0] if isinstance(att_out, tuple) else att_out)
+                total[i] += (1 - F.cosine_similarity(h.double(), ref.double(), dim=-1).mean()) * len(x)
+                h = out
+    finally:
+        model.train(was_training)
+    n = sum(len(x) for x in pixel_batches)
+    return {i: float(v / n) for i, v in enumerate(total)
+            if unit == "block" or not an.parts[i].attention_removed}
+
+
+@torch.no_grad()
+def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
+    """Data-free fallback: how much a unit can write into the residual stream (Frobenius norms of
+    its output projections). Lower = removed first."""
+    an = resolve(model)
+    out = {}
+    for i, p in enumerate(an.parts):
+        if unit == "attention" and p.attention_removed:
+            continue
+        att = 0.0 if p.attention_removed else max(
+            float(m.weight.norm()) for m in p.attention.modules() if isinstance(m, nn.Linear))
+        out[i] = att + (float(p.fc2.weight.norm()) if unit == "block" else 0.0)
+    return out
+
+
+def select_depth(model: nn.Module, count: int, unit: str = "block",
+                 pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
+                 reference: torch.Tensor | None = None, progress: bool = False) -> tuple[list[int], dict]:
+    """Choose `count` units to remove; returns (indices in removal order, scores)."""
+    if method not in METHODS:
+        raise ValueError(f"depth method must be one of {METHODS}, got {method!r}")
+    if count == 0:
+        return [], {}
+    if not pixel_batches:
+        scores = weight_proxy(model, unit)
+        return sorted(scores, key=lambda k: (scores[k], k))[:count], {"weight_proxy": scores}
+    if method == "bi":
+        scores = block_influence(model, pixel_batches, unit)
+        return sorted(scores, key=lambda k: (scores[k], k))[:count], {"block_influence": scores}
+    order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress)
+    return order, {"greedy_steps": [{str(k): v for k, v in s.items()} for s in steps]}
+
+
+def apply_depth(model: nn.Module, indices: Sequence[int], unit: str) -> nn.Module:
+    """Remove the chosen blocks (unit="block") or attention sublayers (unit="attention")."""
+    return remove_blocks(model, indices) if unit == "block" else remove_attention(model, indices)
+
+
+def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
+                               dataloader: Iterable | None = None, device: str = "cpu",
+                               batch_limit: int = 5, num_to_prune: int | None = None,
+                               selected_indices: Sequence[int] | None = None,
+                               unit: str = "block", method: str = "greedy",
+                               progress: bool = False) -> dict:
+    """Seed API for stage 2: remove `num_to_prune` (or round(sparsity * B)) depth units.
+
+    Returns {"model", "pruned_indices" (sorted, original numbering), "order", "scores", "unit"}.
+    """
+    an = resolve(model)
+    n = len(an.parts)
+    if selected_indices is not None:
+        order, scores = [int(i) for i in selected_indices], {}
+    else:
+        if num_to_prune is None:
+            if sparsity is None:
+                raise ValueError("give one of sparsity, num_to_prune or selected_indices")
+            if not 0 <= sparsity < 1:
+                raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            num_to_prune = int(round(sparsity * n))
+        limit = n - 1 if unit == "block" else n
+        if not 0 <= num_to_prune <= limit:
+            raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
+        batches = take_pixels(dataloader, batch_limit, device) if dataloader is not None else None
+        order, scores = select_depth(model, num_to_prune, unit, batches, method, progress=progress)
+    model = apply_depth(model, order, unit)
+    return {"model": model, "pruned_indices": sorted(order), "order": order,
+            "scores": scores, "unit": unit}

@@ -1,0 +1,135 @@
+"""Measurement: parameters, FLOPs, latency, top-1 accuracy and output fidelity (KL)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .anatomy import resolve
+from .batches import batch_labels, batch_pixels, iter_limited
+
+
+def _output_tensor(out) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key) and getattr(out, key) is not None:
+            return getattr(out, key)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def forward_output(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits for a classifier, last hidden state for a headless backbone."""
+    return _output_tensor(model(pixel_values=pixel_values))
+
+
+def count_total_params(model: nn.Module) -> int:
+    """All parameters of the model as passed (embeddings, blocks, norms, head), shared ones once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_block_params(model: nn.Module) -> list[int]:
+    """Parameters of each transformer block, in order."""
+    return [sum(p.numel() for p in parts.block.parameters()) for parts in resolve(model).parts]
+
+
+def compute_actual_sparsity(original_params: int, pruned_params: int) -> float:
+    """1 - pruned/original: the fraction of parameters removed."""
+    if original_params <= 0:
+        raise ValueError("original_params must be positive")
+    return 1.0 - pruned_params / original_params
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int = 1) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter: 2 per multiply-add, matmuls/convs/attention)."""
+    size = image_size or int(model.config.image_size)
+    channels = int(getattr(model.config, "num_channels", 3))
+    x = torch.zeros(batch_size, channels, size, size, device=_device_of(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(pixel_values=x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | None = None,
+                    warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time (seconds) of one forward pass after `warmup` untimed passes."""
+    size = image_size or int(model.config.image_size)
+    channels = int(getattr(model.config, "num_channels", 3))
+    x = torch.randn(batch_size, channels, size, size, device=_device_of(model),
+                    generator=None)
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    try:
+        for _ in range(warmup):
+            model(pixel_values=x)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(pixel_values=x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+                  max_batches: int | None = None) -> float:
+    """Top-1 accuracy over the first `max_batches` batches of a labelled loader (seed API)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in iter_limited(loader, max_batches):
+            logits = forward_output(model, batch_pixels(batch).to(device))
+            labels = batch_labels(batch).to(device)
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += int(labels.numel())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate_top1: the loader gave no batches")
+    return correct / total
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(p) || softmax(q)); p is the pruned, q the reference."""
+    logp = F.log_softmax(logits_p.double(), dim=-1)
+    logq = F.log_softmax(logits_q.double(), dim=-1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> float:
+    """KL for logits; 1 - mean cosine over tokens for hidden states (headless models)."""
+    if is_logits:
+        return kl_divergence(out, ref)
+    cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
+    return float(1.0 - cos.mean())
+
+
+@torch.no_grad()
+def collect_outputs(model: nn.Module, pixel_batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenated model outputs over a list of pixel batches (model put in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([forward_output(model, x) for x in pixel_batches])
+    finally:
+        model.train(was_training)

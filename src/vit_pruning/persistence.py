@@ -1,0 +1,148 @@
+"""Saving and reloading pruned models, and writing any output file atomically.
+
+A pruned ViT may have different MLP widths per block and blocks without attention, which
+``from_pretrained`` cannot rebuild (ViT's modeling code reads one global ``intermediate_size``).
+The saved folder is a normal Hugging Face folder (``config.json`` + ``model.safetensors``) whose
+config carries a ``vit_pruning`` entry (per-block ``intermediate_sizes``, ``attention_removed``);
+:func:`load_pruned_model` builds the architecture from the config, applies that structure, and
+loads the weights strictly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+import re
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .anatomy import resolve
+from .surgery import prune_mlp_neurons, remove_attention, sync_config
+
+FORMAT_VERSION = 1
+SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
+                     "DeiTForImageClassification")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Write a file via `write(tmp_path)` then rename into place; nothing half-written survives."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), overwrite)
+
+
+def atomic_write_json(path: str | Path, data: Any, overwrite: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
+                             overwrite)
+
+
+# transformers 4.x <-> 5.x parameter names of a ViT/DeiT block (everything else is the same)
+_V4_TO_V5 = [
+    (r"\.encoder\.layer\.(\d+)\.", r".layers.\1."),
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+]
+_V5_TO_V4 = [
+    (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def translate_keys(state: dict[str, torch.Tensor], to: str) -> dict[str, torch.Tensor]:
+    """Rename a state dict's block parameters to the `to` layout ("v4" or "v5")."""
+    rules = _V4_TO_V5 if to == "v5" else _V5_TO_V4
+    out = {}
+    for key, value in state.items():
+        new = "." + key
+        for pattern, repl in rules:
+            new = re.sub(pattern, repl, new)
+        out[new[1:]] = value
+    return out
+
+
+def save_pruned_model(model: nn.Module, out_dir: str | Path, image_processor=None,
+                      metadata: dict | None = None) -> Path:
+    """Save a (pruned) model into a new folder `out_dir`; refuses an existing path."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose another --run-id or folder")
+    sync_config(resolve(model))
+    model.config.vit_pruning = {**model.config.vit_pruning, "format": FORMAT_VERSION,
+                                "layout": resolve(model).layout,
+                                "loader": "vit_pruning.load_pruned_model",
+                                **({"metadata": metadata} if metadata else {})}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned_model` (non-uniform widths, removed attention)."""
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    info = getattr(config, "vit_pruning", None)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch not in SUPPORTED_CLASSES:
+        raise ValueError(f"{path}: architecture {arch!r} is not one of {SUPPORTED_CLASSES}")
+    widths = list(info["intermediate_sizes"]) if info else None
+    if widths:
+        config.num_hidden_layers = len(widths)
+        config.intermediate_size = max(widths)
+    model = getattr(transformers, arch)(config)
+    if info:
+        an = resolve(model)
+        for parts, w in zip(an.parts, widths):
+            if w != parts.intermediate_size:
+                prune_mlp_neurons(parts, torch.arange(w))
+        if info.get("attention_removed"):
+            remove_attention(model, info["attention_removed"])
+    state = load_file(str(path / "model.safetensors"))
+    saved_layout = (info or {}).get("layout", resolve(model).layout)
+    if saved_layout != resolve(model).layout:
+        state = translate_keys(state, to=resolve(model).layout)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the saved structure "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()

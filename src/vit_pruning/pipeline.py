@@ -1,0 +1,187 @@
+"""The whole 2SSP run: plan, stage 1 (width), stage 2 (depth), in one call.
+
+Order of decisions: the depth units are *selected* first (on the unpruned model), so that
+width is planned and calibrated only on blocks that survive; then stage 1 removes neurons and
+stage 2 removes the selected units. With calibration data and ``split="search"`` every feasible
+depth count is tried (on a copy) and the one with the best calibration fidelity wins.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .anatomy import resolve
+from .batches import take_pixels
+from .depth import apply_depth, select_depth
+from .measure import collect_outputs, count_total_params, output_distance
+from .planner import ModelShape, PruningPlan, feasible_depths, make_plan
+from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
+from .importance import activation_scores, magnitude_scores
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("auto", "alpha", "search")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of :func:`prune_2ssp`; each default is what the benchmarks rewarded."""
+
+    unit: str = "block"  # "block" (whole blocks, seed docs) or "attention" (2SSP paper)
+    min_remaining: int = 512  # seed default; capped for narrow MLPs by the CLI
+    split: str = "auto"  # "search" with calibration data, "alpha" without; or an int count
+    alpha: float = 1.5  # 2SSP paper's split exponent
+    depth_method: str = "greedy"  # "greedy" (output fidelity) or "bi" (Block Influence)
+    allocation: str = "uniform"  # "uniform" per block or "global" least-important neurons
+    compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
+    sequential: bool = True  # calibrate each block on the already-pruned model's activations
+    max_search: int = 6  # most depth counts tried by split="search"
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_2ssp` did."""
+
+    plan: PruningPlan
+    config: PruneConfig
+    params_before: int
+    params_after_stage1: int
+    params_after_stage2: int
+    depth_order: list[int]  # selected units, in greedy removal order (original numbering)
+    neurons_removed: list[int]  # per original block
+    kept_neurons: list[list[int]] | None
+    search: dict[int, float] = field(default_factory=dict)  # depth count -> calibration distance
+    depth_scores: dict = field(default_factory=dict)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return 1 - self.params_after_stage2 / self.params_before
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["achieved_sparsity"] = self.achieved_sparsity
+        d.pop("kept_neurons")
+        return d
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """Parameter bookkeeping of a model for the planner."""
+    an = resolve(model)
+
+    def n(mod: nn.Module) -> int:
+        return sum(p.numel() for p in mod.parameters())
+
+    return ModelShape(
+        total_params=count_total_params(model), hidden_size=an.hidden_size,
+        widths=tuple(p.intermediate_size for p in an.parts),
+        block_params=tuple(n(p.block) for p in an.parts),
+        attention_params=tuple(0 if p.attention_removed else n(p.attention) + n(p.norm_before)
+                               for p in an.parts),
+    )
+
+
+def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 512,
+                         unit: str = "block", depth: int | str = "alpha",
+                         depth_indices: Sequence[int] | None = None,
+                         alpha: float = 1.5) -> PruningPlan:
+    """Plan a 2SSP run to global sparsity `target` (1 - params_after/params_before over the whole
+    model as passed, head included). Raises ValueError naming the maximum feasible target."""
+    return make_plan(model_shape(model), target, unit, min_remaining, depth, depth_indices, alpha)
+
+
+def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
+           cfg: PruneConfig, progress: bool) -> tuple[int, dict]:
+    """Stage 1 then stage 2 of `plan` on `model` in place; returns (params after stage 1, width info)."""
+    skip = plan.depth_indices if plan.unit == "block" else ()
+    bypass = plan.depth_indices if plan.unit == "attention" else ()
+    counts = list(plan.neurons_to_prune)
+    if batches and cfg.sequential:
+        info = prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
+                                      cfg.allocation, skip, bypass, progress)
+    else:
+        an = resolve(model)
+        scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)
+        if cfg.allocation == "global":
+            survivors = [i for i in range(len(counts)) if i not in skip]
+            counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors)
+        prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
+        info = {"counts": counts, "kept": None}
+    stage1 = count_total_params(model)
+    apply_depth(model, plan.depth_indices, plan.unit)
+    return stage1, info
+
+
+def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | None = None,
+               config: PruneConfig | None = None, calib_batches: int | None = None,
+               device: str | torch.device = "cpu", progress: bool = False,
+               ) -> tuple[nn.Module, PruneResult]:
+    """Prune `model` in place to global parameter sparsity `target` with 2SSP.
+
+    Args:
+        calibration_loader: label-free calibration images (batches of pixel_values). Without
+            it width uses weight magnitude and depth a weight-norm proxy.
+        calib_batches: how many loader batches to use (all if None).
+    Returns:
+        (model, PruneResult) with counts, indices and per-stage parameter counts.
+    """
+    cfg = config or PruneConfig()
+    shape = model_shape(model)
+    params_before = shape.total_params
+    batches = take_pixels(calibration_loader, calib_batches, device) if calibration_loader else None
+    split = cfg.split
+    if split == "auto":
+        split = "search" if batches else "alpha"
+    if split not in SPLITS and not isinstance(split, int):
+        raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
+    probe = make_plan(shape, target, cfg.unit, cfg.min_remaining, "alpha", alpha=cfg.alpha)
+    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining)
+    if isinstance(split, int):
+        candidates = [split]
+    elif split == "alpha":
+        candidates = [probe.blocks_to_prune]
+    else:
+        candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
+    reference = collect_outputs(model, batches) if batches else None
+    order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
+                                       cfg.depth_method, reference, progress)
+    search: dict[int, float] = {}
+    if len(candidates) > 1:
+        for d in candidates:
+            trial = copy.deepcopy(model)
+            plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
+            _apply(trial, plan, batches, cfg, progress=False)
+            search[d] = output_distance(collect_outputs(trial, batches), reference,
+                                        resolve(model).has_classifier)
+            log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit, search[d])
+            del trial
+        best = min(search, key=lambda d: (search[d], d))
+    else:
+        best = candidates[0]
+    plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
+    plan = _with_split(plan, "search" if len(candidates) > 1 else
+                       ("alpha" if split == "alpha" else "fixed"))
+    stage1, info = _apply(model, plan, batches, cfg, progress)
+    after = count_total_params(model)
+    if after != plan.params_after:
+        raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
+                           f"pruning left {after:,}")
+    return model, PruneResult(
+        plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
+        params_after_stage2=after, depth_order=order[:best], neurons_removed=info["counts"],
+        kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
+    )
+
+
+def _with_split(plan: PruningPlan, split: str) -> PruningPlan:
+    return PruningPlan(**{**asdict(plan), "split": split})
+
+
+def _search_candidates(options: list[int], anchor: int, limit: int) -> list[int]:
+    """Up to `limit` feasible depth counts nearest the alpha formula's (always including 0-side)."""
+    ranked = sorted(options, key=lambda d: (abs(d - anchor), d))[:max(1, limit)]
+    return sorted(ranked)

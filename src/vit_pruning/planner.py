@@ -1,0 +1,219 @@
+"""Planner: how many depth units and MLP neurons to remove to hit one global sparsity target.
+
+Pure arithmetic on a :class:`ModelShape` (integers in, a frozen :class:`PruningPlan` out).
+
+Sparsity is ``1 - params_after / params_before`` over the whole model as passed (embeddings,
+blocks, norms and head included). Removing ``n`` neurons from a block removes exactly
+``n * (2 * hidden + 1)`` parameters (a row + bias of fc1, a column of fc2), so after choosing the
+depth units the neuron count is the rounded remainder and the plan misses the target by at most
+half a neuron's parameters.
+
+The split between stages follows the 2SSP paper (Sandri et al. 2025, arXiv 2501.17771):
+``N = round(B * s ** ((P_mlp / P_attn) / alpha))`` with ``s`` the target measured on the blocks,
+then moved to the nearest depth count for which the target is reachable. The pipeline can
+override it with a search by calibration fidelity (:func:`feasible_depths` lists the options).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+UNITS = ("block", "attention")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter bookkeeping of a model, per block; see :func:`vit_pruning.pipeline.model_shape`."""
+
+    total_params: int
+    hidden_size: int
+    widths: tuple[int, ...]  # MLP hidden width of each block
+    block_params: tuple[int, ...]  # all parameters of each block
+    attention_params: tuple[int, ...]  # attention sublayer + its pre-norm (0 if already removed)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.widths)
+
+    @property
+    def neuron_params(self) -> int:
+        return 2 * self.hidden_size + 1
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """What to remove. Indices refer to the blocks of the model the plan was made for."""
+
+    target: float
+    unit: str
+    blocks_to_prune: int  # depth units removed (whole blocks or attention sublayers)
+    depth_indices: tuple[int, ...]  # which blocks lose their block/attention
+    per_block_neurons_to_prune: int  # the uniform count (seed API); see neurons_to_prune
+    neurons_to_prune: tuple[int, ...]  # exact per-block counts (0 for blocks removed whole)
+    min_remaining: int
+    params_before: int
+    params_after: int  # predicted, exact
+    predicted_sparsity: float
+    max_feasible_target: float
+    split: str  # how blocks_to_prune was chosen: "alpha", "search" or "fixed"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def target_error(self) -> float:
+        return abs(self.predicted_sparsity - self.target)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+
+
+def _depth_removed(shape: ModelShape, unit: str, indices: Sequence[int]) -> int:
+    per = shape.block_params if unit == "block" else shape.attention_params
+    return sum(per[i] for i in indices)
+
+
+def _survivors(shape: ModelShape, unit: str, indices: Sequence[int]) -> list[int]:
+    gone = set(indices) if unit == "block" else set()
+    return [i for i in range(shape.num_blocks) if i not in gone]
+
+
+def _capacity(shape: ModelShape, survivors: Sequence[int], min_remaining: int) -> list[int]:
+    return [max(0, shape.widths[i] - min_remaining) if i in survivors else 0
+            for i in range(shape.num_blocks)]
+
+
+def default_depth_indices(shape: ModelShape, unit: str, count: int) -> tuple[int, ...]:
+    """Placeholder indices for a plan made before depth selection: the last `count` candidates."""
+    cands = candidates(shape, unit)
+    return tuple(sorted(cands[len(cands) - count:])) if count else ()
+
+
+def candidates(shape: ModelShape, unit: str) -> list[int]:
+    """Blocks that can still lose a depth unit."""
+    if unit == "block":
+        return list(range(shape.num_blocks))
+    return [i for i in range(shape.num_blocks) if shape.attention_params[i] > 0]
+
+
+def max_depth_units(shape: ModelShape, unit: str) -> int:
+    """At least one block must remain; every attention sublayer may go."""
+    n = len(candidates(shape, unit))
+    return n - 1 if unit == "block" else n
+
+
+def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int) -> float:
+    """Largest sparsity reachable with this unit and `min_remaining` neurons per surviving block."""
+    _check_unit(unit)
+    best = 0
+    for d in range(max_depth_units(shape, unit) + 1):
+        idx = default_depth_indices(shape, unit, d)
+        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining))
+        best = max(best, _depth_removed(shape, unit, idx) + cap * shape.neuron_params)
+    return best / shape.total_params
+
+
+def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: int) -> list[int]:
+    """Depth-unit counts from which the target can be met to within half a neuron."""
+    _check_unit(unit)
+    goal = target * shape.total_params
+    half = shape.neuron_params / 2
+    out = []
+    for d in range(max_depth_units(shape, unit) + 1):
+        idx = default_depth_indices(shape, unit, d)
+        removed = _depth_removed(shape, unit, idx)
+        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining))
+        if removed <= goal + half and removed + cap * shape.neuron_params >= goal - half:
+            out.append(d)
+    return out
+
+
+def alpha_depth(shape: ModelShape, target: float, unit: str, alpha: float = 1.5) -> int:
+    """The 2SSP paper's depth count: round(B * s ** ((P_mlp / P_attn) / alpha))."""
+    block_total = sum(shape.block_params)
+    s = min(1.0, target * shape.total_params / block_total)  # target measured on blocks
+    attn = max(shape.attention_params) or 1
+    mlp = max(shape.widths) * shape.neuron_params
+    return int(round(shape.num_blocks * s ** ((mlp / attn) / alpha)))
+
+
+def _spread(total: int, capacity: Sequence[int], survivors: Sequence[int]) -> list[int]:
+    """Remove `total` neurons as evenly as capacity allows (water-filling), deterministic."""
+    counts = [0] * len(capacity)
+    left = total
+    open_ = [i for i in survivors if capacity[i] > 0]
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for k, i in enumerate(open_):
+            want = share + (1 if k < extra else 0)
+            take = min(want, capacity[i] - counts[i])
+            counts[i] += take
+            left -= take
+        open_ = [i for i in open_ if counts[i] < capacity[i]]
+    if left:
+        raise ValueError(f"cannot place {left} more neurons within min_remaining")
+    return counts
+
+
+def validate_target(target: float, maximum: float) -> None:
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must be in (0, 1) exclusive, got {target}; "
+                         f"the maximum feasible target is {maximum:.4f}")
+    if target > maximum:
+        raise ValueError(f"target {target} is infeasible: the maximum feasible target with this "
+                         f"min_remaining and depth unit is {maximum:.4f}")
+
+
+def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,
+              depth: int | str = "alpha", depth_indices: Sequence[int] | None = None,
+              alpha: float = 1.5) -> PruningPlan:
+    """Plan the removal. `depth` is an int (fixed count) or "alpha" (2SSP formula).
+
+    `depth_indices` names which blocks lose their unit (from depth selection); without it the
+    plan uses placeholder indices, which give the same counts on uniform models.
+    """
+    _check_unit(unit)
+    if min_remaining < 1:
+        raise ValueError(f"min_remaining must be >= 1, got {min_remaining}")
+    maximum = max_feasible_target(shape, unit, min_remaining)
+    validate_target(target, maximum)
+    options = feasible_depths(shape, target, unit, min_remaining)
+    if not options:
+        raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
+                         f"neurons can reach (min_remaining={min_remaining}); try a lower "
+                         f"min_remaining or another target")
+    notes: list[str] = []
+    if depth_indices is not None:
+        d, split = len(depth_indices), "fixed"
+    elif depth == "alpha":
+        wanted = alpha_depth(shape, target, unit, alpha)
+        d = min(options, key=lambda o: (abs(o - wanted), o))
+        if d != wanted:
+            notes.append(f"alpha formula gave {wanted} depth units; nearest feasible is {d}")
+        split = "alpha"
+    elif isinstance(depth, int):
+        d, split = depth, "fixed"
+    else:
+        raise ValueError(f"depth must be an int or 'alpha', got {depth!r}")
+    if d not in options:
+        raise ValueError(f"{d} {unit} units cannot meet target {target}: feasible counts are {options}")
+    idx = tuple(sorted(depth_indices)) if depth_indices is not None else \
+        default_depth_indices(shape, unit, d)
+    removed_depth = _depth_removed(shape, unit, idx)
+    survivors = _survivors(shape, unit, idx)
+    capacity = _capacity(shape, survivors, min_remaining)
+    goal = target * shape.total_params
+    n = int(round(max(0.0, goal - removed_depth) / shape.neuron_params))
+    n = min(n, sum(capacity))
+    counts = _spread(n, capacity, survivors)
+    after = shape.total_params - removed_depth - n * shape.neuron_params
+    return PruningPlan(
+        target=target, unit=unit, blocks_to_prune=d, depth_indices=idx,
+        per_block_neurons_to_prune=n // max(1, len(survivors)), neurons_to_prune=tuple(counts),
+        min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
+        predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
+        split=split, notes=tuple(notes),
+    )

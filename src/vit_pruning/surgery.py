@@ -1,0 +1,135 @@
+"""Surgery: physically remove MLP neurons, whole blocks, or attention sublayers.
+
+Small functions on modules, in the manner of transformers' ``prune_linear_layer``: they build
+new, smaller ``nn.Linear`` layers from the kept indices and keep the config truthful.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .anatomy import AttentionBypass, Anatomy, BlockParts, resolve
+
+
+def prune_linear(layer: nn.Linear, keep_idx: torch.Tensor, dim: int) -> nn.Linear:
+    """Return a new Linear keeping rows (dim=0, outputs) or columns (dim=1, inputs) `keep_idx`.
+
+    With dim=1 the bias is kept whole (it belongs to the outputs).
+    """
+    keep_idx = keep_idx.to(layer.weight.device)
+    weight = layer.weight.index_select(dim, keep_idx).detach().clone()
+    bias = None
+    if layer.bias is not None:
+        bias = (layer.bias.index_select(0, keep_idx) if dim == 0 else layer.bias).detach().clone()
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
+def _set_child(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    for name, child in root.named_children():
+        if child is target:
+            setattr(root, name, new)
+            return
+    raise RuntimeError(f"{type(target).__name__} is not a direct child of {type(root).__name__}")
+
+
+def _mlp_owners(parts: BlockParts) -> tuple[nn.Module, nn.Module]:
+    """Modules that hold fc1 and fc2 as direct children (mlp in 5.x; intermediate/output in 4.x)."""
+    owners = []
+    for fc in (parts.fc1, parts.fc2):
+        for mod in parts.block.modules():
+            if any(c is fc for c in mod.children()):
+                owners.append(mod)
+                break
+    return owners[0], owners[1]
+
+
+def prune_mlp_neurons(parts: BlockParts, keep_idx: torch.Tensor,
+                      fc2_weight: torch.Tensor | None = None,
+                      fc2_bias: torch.Tensor | None = None) -> None:
+    """Keep only MLP hidden neurons `keep_idx` of one block (rows of fc1, columns of fc2).
+
+    `fc2_weight`/`fc2_bias`, if given, replace the pruned fc2's parameters (compensation).
+    """
+    keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).sort().values
+    width = parts.fc1.out_features
+    if keep_idx.numel() == 0 or keep_idx.min() < 0 or keep_idx.max() >= width:
+        raise ValueError(f"keep_idx must be non-empty indices in [0, {width}), got {keep_idx.tolist()[:8]}...")
+    if keep_idx.unique().numel() != keep_idx.numel():
+        raise ValueError("keep_idx contains duplicates")
+    own1, own2 = _mlp_owners(parts)
+    new_fc1 = prune_linear(parts.fc1, keep_idx, dim=0)
+    new_fc2 = prune_linear(parts.fc2, keep_idx, dim=1)
+    with torch.no_grad():
+        if fc2_weight is not None:
+            new_fc2.weight.copy_(fc2_weight)
+        if fc2_bias is not None:
+            new_fc2.bias.copy_(fc2_bias)
+    _set_child(own1, parts.fc1, new_fc1)
+    _set_child(own2, parts.fc2, new_fc2)
+
+
+def sync_config(anatomy: Anatomy) -> None:
+    """Keep config truthful after surgery: depth, per-block widths and removed attention."""
+    cfg = anatomy.model.config
+    widths = [p.intermediate_size for p in anatomy.parts]
+    cfg.num_hidden_layers = len(anatomy.parts)
+    if len(set(widths)) == 1:
+        cfg.intermediate_size = widths[0]
+    cfg.vit_pruning = {
+        "intermediate_sizes": widths,
+        "attention_removed": [i for i, p in enumerate(anatomy.parts) if p.attention_removed],
+    }
+
+
+def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Remove whole blocks (by current index) and update config.num_hidden_layers."""
+    anatomy = resolve(model)
+    n = len(anatomy.blocks)
+    drop = set(int(i) for i in indices)
+    bad = sorted(i for i in drop if not 0 <= i < n)
+    if bad:
+        raise ValueError(f"block indices {bad} out of range [0, {n})")
+    if len(drop) >= n:
+        raise ValueError(f"cannot remove all {n} blocks")
+    kept = nn.ModuleList([b for i, b in enumerate(anatomy.blocks) if i not in drop])
+    setattr(anatomy.blocks_owner, anatomy.blocks_attr, kept)
+    sync_config(resolve(model))
+    return model
+
+
+def bypass_attention(parts: BlockParts, layout: str) -> tuple[nn.Module, nn.Module]:
+    """Swap a block's attention (and its pre-norm) for a zero bypass; return the originals."""
+    old_att, old_norm = parts.attention, parts.norm_before
+    setattr(parts.attention_owner, parts.attention_attr, AttentionBypass(layout == "v5"))
+    parts.block.layernorm_before = nn.Identity()
+    return old_att, old_norm
+
+
+def restore_attention(parts: BlockParts, attention: nn.Module, norm: nn.Module) -> None:
+    """Undo :func:`bypass_attention` (used while scoring candidates, no model copies)."""
+    setattr(parts.attention_owner, parts.attention_attr, attention)
+    parts.block.layernorm_before = norm
+
+
+def remove_attention(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Remove the attention sublayer (and its pre-LayerNorm) of blocks `indices`: x -> x + MLP(x)."""
+    anatomy = resolve(model)
+    n = len(anatomy.parts)
+    bad = sorted(int(i) for i in indices if not 0 <= int(i) < n)
+    if bad:
+        raise ValueError(f"block indices {bad} out of range [0, {n})")
+    for i in sorted(set(int(i) for i in indices)):
+        parts = anatomy.parts[i]
+        if parts.attention_removed:
+            raise ValueError(f"attention of block {i} is already removed")
+        bypass_attention(parts, anatomy.layout)
+    sync_config(resolve(model))
+    return model

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from src.vit_pruning import PruneConfig, count_total_params, prune_2ssp, resolve
+from vit_pruning.measure import collect_outputs, kl_divergence
+from vit_pruning.persistence import load_pruned_model, save_pruned_model
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_prune_2ssp_exact_and_reported(tiny_vit, pixels, unit, allocation):
+    p0 = count_total_params(tiny_vit)
+    cfg = PruneConfig(unit=unit, min_remaining=8, allocation=allocation)
+    model, res = prune_2ssp(tiny_vit, 0.35, [pixels[:4], pixels[4:]], cfg)
+    assert count_total_params(model) == res.plan.params_after == res.params_after_stage2
+    assert abs(res.achieved_sparsity - 0.35) <= 65 / p0
+    removed_width = sum(res.neurons_removed) * 65
+    assert res.params_after_stage1 == p0 - removed_width
+    assert res.plan.split == "search" and res.search
+    assert model(pixel_values=pixels).logits.shape == (8, 5)
+
+
+def test_same_seed_same_result(pixels):
+    from conftest import tiny_config
+    from transformers import ViTForImageClassification
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = ViTForImageClassification(tiny_config()).eval()
+        _, res = prune_2ssp(m, 0.3, [pixels], PruneConfig(min_remaining=8))
+        results.append((res.depth_order, res.neurons_removed, res.kept_neurons,
+                        collect_outputs(m, [pixels])))
+    assert results[0][:3] == results[1][:3]
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)
+
+
+def test_lsq_compensation_beats_plain_removal(pixels):
+    from conftest import tiny_config
+    from transformers import ViTForImageClassification
+    kls = {}
+    for comp in ("none", "lsq"):
+        torch.manual_seed(0)
+        m = ViTForImageClassification(tiny_config(intermediate_size=128)).eval()
+        ref = collect_outputs(m, [pixels])
+        prune_2ssp(m, 0.3, [pixels], PruneConfig(min_remaining=8, compensation=comp, split=0))
+        kls[comp] = kl_divergence(collect_outputs(m, [pixels]), ref)
+    assert kls["lsq"] < kls["none"]
+
+
+def test_no_calibration_data_uses_weights(tiny_vit):
+    model, res = prune_2ssp(tiny_vit, 0.3, None, PruneConfig(min_remaining=8))
+    assert res.plan.split == "alpha"
+    assert count_total_params(model) == res.plan.params_after
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+def test_saved_model_reloads_identically(tiny_vit, pixels, tmp_path, unit):
+    model, _ = prune_2ssp(tiny_vit, 0.4, [pixels], PruneConfig(unit=unit, min_remaining=8,
+                                                                 allocation="global"))
+    out = save_pruned_model(model, tmp_path / "run")
+    again = load_pruned_model(out)
+    assert count_total_params(again) == count_total_params(model)
+    with torch.no_grad():
+        diff = (again(pixel_values=pixels).logits - model(pixel_values=pixels).logits).abs().max()
+    assert diff < 1e-5
+    assert [p.attention_removed for p in resolve(again).parts] == \
+        [p.attention_removed for p in resolve(model).parts]
+    with pytest.raises(FileExistsError):
+        save_pruned_model(model, out)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+from src.vit_pruning import (count_total_params, model_shape, plan_2ssp_allocation,
+                             prune_vit_attention_blocks, prune_vit_mlp_width)
+from vit_pruning.planner import make_plan
+
+SHAPES = {  # name: (hidden, layers, heads, mlp)
+    "vit-s16": (384, 12, 6, 1536),
+    "vit-b16": (768, 12, 12, 3072),
+    "vit-l16": (1024, 24, 16, 4096),
+    "odd": (200, 7, 5, 777),
+}
+
+
+def meta_model(hidden, layers, heads, mlp):
+    """A full-size ViT with no memory behind it: shapes and parameter counts only."""
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=mlp, num_labels=1000)
+    with torch.device("meta"):
+        return ViTForImageClassification(cfg)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("unit", ["block", "attention"])
+def test_plan_hits_target_to_the_neuron(name, unit):
+    hidden, layers, heads, mlp = SHAPES[name]
+    min_remaining = min(512, mlp // 4)
+    shape = model_shape(meta_model(*SHAPES[name]))
+    top = make_plan(shape, 0.01, unit, min_remaining).max_feasible_target
+    tol = (2 * hidden + 1) / shape.total_params
+    for target in np.arange(0.01, top, 0.01):
+        plan = make_plan(shape, float(target), unit, min_remaining)
+        assert abs(plan.predicted_sparsity - target) <= tol, (target, plan)
+        assert sum(plan.neurons_to_prune) * (2 * hidden + 1) + (
+            shape.total_params - plan.params_after - sum(plan.neurons_to_prune) * (2 * hidden + 1)
+        ) == shape.total_params - plan.params_after
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("target", [0.05, 0.25, 0.5])
+def test_applying_plan_gives_predicted_count_vit_b(unit, target):
+    model = meta_model(*SHAPES["vit-b16"])
+    plan = plan_2ssp_allocation(model, target, min_remaining=512, unit=unit)
+    scores = [torch.rand(3072, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    prune_vit_mlp_width(model, list(plan.neurons_to_prune), min_remaining=512, importance=scores)
+    prune_vit_attention_blocks(model, selected_indices=plan.depth_indices, unit=unit)
+    assert count_total_params(model) == plan.params_after
+    assert abs(plan.predicted_sparsity - target) <= 1537 / plan.params_before
+
+
+def test_seed_notebook_snippet_fields(tiny_vit):
+    plan = plan_2ssp_allocation(tiny_vit, 0.143, min_remaining=8)
+    assert isinstance(plan.blocks_to_prune, int) and isinstance(plan.per_block_neurons_to_prune, int)
+    assert len(plan.neurons_to_prune) == 4
+
+
+def test_alpha_formula_on_vit_b():
+    shape = model_shape(meta_model(*SHAPES["vit-b16"]))
+    plan = make_plan(shape, 0.25, "attention", 512, depth="alpha")
+    # s = 0.25 of the model on blocks; P_mlp/P_attn ~ 2 -> N = round(12 * s**(2/1.5))
+    s = 0.25 * shape.total_params / sum(shape.block_params)
+    ratio = (3072 * 1537) / shape.attention_params[0]
+    assert plan.blocks_to_prune == round(12 * s ** (ratio / 1.5))
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 1.0, 1.5])
+def test_out_of_range_targets(tiny_vit, target):
+    with pytest.raises(ValueError, match=r"target must be in \(0, 1\).*maximum feasible target is 0\.\d+"):
+        plan_2ssp_allocation(tiny_vit, target, min_remaining=8)
+
+
+def test_infeasible_target_names_maximum(tiny_vit):
+    shape = model_shape(tiny_vit)
+    top = make_plan(shape, 0.01, "attention", 60).max_feasible_target
+    with pytest.raises(ValueError, match=f"maximum feasible target .* is {top:.4f}"):
+        plan_2ssp_allocation(tiny_vit, top + 0.01, min_remaining=60, unit="attention")
+
+
+def test_plan_is_deterministic(tiny_vit):
+    assert plan_2ssp_allocation(tiny_vit, 0.3, 8) == plan_2ssp_allocation(tiny_vit, 0.3, 8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,13 +19,15 @@ from .anatomy import resolve
 from .batches import take_pixels
 from .depth import apply_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
-from .planner import ModelShape, PruningPlan, feasible_depths, make_plan
+from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
+                      validate_target, width_only_max)
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("auto", "alpha", "search")
+STAGES = ("both", "s1", "s2")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class PruneConfig:
     compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
+    stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
 
 
 @dataclass
@@ -95,7 +98,8 @@ def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 5
 
 
 def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
-           cfg: PruneConfig, progress: bool) -> tuple[int, dict]:
+           cfg: PruneConfig, progress: bool,
+           after_stage1: Callable[[nn.Module], None] | None = None) -> tuple[int, dict]:
     """Stage 1 then stage 2 of `plan` on `model` in place; returns (params after stage 1, width info)."""
     skip = plan.depth_indices if plan.unit == "block" else ()
     bypass = plan.depth_indices if plan.unit == "attention" else ()
@@ -112,6 +116,8 @@ def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | No
         prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
         info = {"counts": counts, "kept": None}
     stage1 = count_total_params(model)
+    if after_stage1 is not None:
+        after_stage1(model)
     apply_depth(model, plan.depth_indices, plan.unit)
     return stage1, info
 
@@ -119,6 +125,7 @@ def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | No
 def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | None = None,
                config: PruneConfig | None = None, calib_batches: int | None = None,
                device: str | torch.device = "cpu", progress: bool = False,
+               after_stage1: Callable[[nn.Module], None] | None = None,
                ) -> tuple[nn.Module, PruneResult]:
     """Prune `model` in place to global parameter sparsity `target` with 2SSP.
 
@@ -126,6 +133,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         calibration_loader: label-free calibration images (batches of pixel_values). Without
             it width uses weight magnitude and depth a weight-norm proxy.
         calib_batches: how many loader batches to use (all if None).
+        after_stage1: called with the model between stage 1 and stage 2 (to measure it).
     Returns:
         (model, PruneResult) with counts, indices and per-stage parameter counts.
     """
@@ -138,6 +146,15 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         split = "search" if batches else "alpha"
     if split not in SPLITS and not isinstance(split, int):
         raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
+    if cfg.stages not in STAGES:
+        raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
+    reference = collect_outputs(model, batches) if batches else None
+    if cfg.stages == "s2":
+        return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1)
+    if cfg.stages == "s1":
+        top = width_only_max(shape, cfg.min_remaining)
+        validate_target(target, top)
+        split = 0
     probe = make_plan(shape, target, cfg.unit, cfg.min_remaining, "alpha", alpha=cfg.alpha)
     options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining)
     if isinstance(split, int):
@@ -146,7 +163,6 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         candidates = [probe.blocks_to_prune]
     else:
         candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
-    reference = collect_outputs(model, batches) if batches else None
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
                                        cfg.depth_method, reference, progress)
     search: dict[int, float] = {}
@@ -165,7 +181,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
     plan = _with_split(plan, "search" if len(candidates) > 1 else
                        ("alpha" if split == "alpha" else "fixed"))
-    stage1, info = _apply(model, plan, batches, cfg, progress)
+    stage1, info = _apply(model, plan, batches, cfg, progress, after_stage1)
     after = count_total_params(model)
     if after != plan.params_after:
         raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
@@ -175,6 +191,22 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         params_after_stage2=after, depth_order=order[:best], neurons_removed=info["counts"],
         kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
     )
+
+
+def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1):
+    """stages="s2": remove the depth count nearest the target, no width pruning."""
+    count = depth_only_plan(shape, target, cfg.unit).blocks_to_prune
+    order, depth_scores = select_depth(model, count, cfg.unit, batches, cfg.depth_method,
+                                       reference, progress)
+    plan = depth_only_plan(shape, target, cfg.unit, order)
+    if after_stage1 is not None:
+        after_stage1(model)
+    apply_depth(model, order, cfg.unit)
+    after = count_total_params(model)
+    return model, PruneResult(
+        plan=plan, config=cfg, params_before=shape.total_params,
+        params_after_stage1=shape.total_params, params_after_stage2=after, depth_order=order,
+        neurons_removed=[0] * shape.num_blocks, kept_neurons=None, depth_scores=depth_scores)
 
 
 def _with_split(plan: PruningPlan, split: str) -> PruningPlan:

@@ -217,3 +217,31 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
         split=split, notes=tuple(notes),
     )
+
+
+def width_only_max(shape: ModelShape, min_remaining: int) -> float:
+    """Largest sparsity stage 1 alone can reach."""
+    cap = sum(_capacity(shape, list(range(shape.num_blocks)), min_remaining))
+    return cap * shape.neuron_params / shape.total_params
+
+
+def depth_only_plan(shape: ModelShape, target: float, unit: str,
+                    depth_indices: Sequence[int] | None = None) -> PruningPlan:
+    """Stage 2 alone: the depth count whose removal lands nearest the target (not exact)."""
+    _check_unit(unit)
+    goal = target * shape.total_params
+    top = _depth_removed(shape, unit, default_depth_indices(shape, unit, max_depth_units(shape, unit)))
+    validate_target(target, top / shape.total_params)
+    if depth_indices is None:
+        d = min(range(max_depth_units(shape, unit) + 1), key=lambda k: (
+            abs(_depth_removed(shape, unit, default_depth_indices(shape, unit, k)) - goal), k))
+        depth_indices = default_depth_indices(shape, unit, d)
+    idx = tuple(sorted(depth_indices))
+    after = shape.total_params - _depth_removed(shape, unit, idx)
+    return PruningPlan(
+        target=target, unit=unit, blocks_to_prune=len(idx), depth_indices=idx,
+        per_block_neurons_to_prune=0, neurons_to_prune=(0,) * shape.num_blocks, min_remaining=0,
+        params_before=shape.total_params, params_after=after,
+        predicted_sparsity=1 - after / shape.total_params,
+        max_feasible_target=top / shape.total_params, split="depth-only",
+        notes=("stage 2 only: whole units cannot hit the target exactly",))

@@ -1,0 +1,382 @@
+"""vit-2ssp: prune a Hugging Face ViT to one global sparsity target with 2SSP and report it.
+
+Examples:
+  # offline, on the embedded digits ViT (a minute or two on a laptop CPU)
+  vit-2ssp --model embedded --dataset digits --target 0.3 --do-finetune --freeze-backbone
+  # the seed's recipe on CIFAR-10 (needs network for the hub model and dataset)
+  vit-2ssp --target 0.143 --load-cifar --cifar-train-pct 0.02 --cifar-test-pct 0.05 \\
+      --replace-classifier --do-finetune --freeze-backbone --save-adapter
+  # look before you prune: print the plan, write nothing
+  vit-2ssp --model embedded --target 0.5 --dry-run
+
+Outputs: experiments/vit_pruning/reports/report-<run_id>.{json,md,png}; with --save-adapter
+experiments/vit_pruning/artifacts/<run_id>/adapter.pt; with --save-pruned-model
+<pruned-output-dir>/<run_id>/ (reload with vit_pruning.load_pruned_model).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vit_pruning")
+
+DEFAULT_MODEL = "google/vit-base-patch16-224"
+EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
+SEED_MIN_REMAINING = 512
+NARROW_FRACTION = 4  # on MLPs narrower than 4*512, min_remaining defaults to width // 4
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="vit-2ssp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("what to prune")
+    g.add_argument("--target", type=float, required=True,
+                   help="global parameter sparsity in (0, 1): fraction of ALL model parameters to remove")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, local model folder, or 'embedded' (offline digits ViT); default {DEFAULT_MODEL}")
+    g.add_argument("--stage", choices=("both", "s1", "s2"), default="both",
+                   help="both stages (default), s1 = width only, s2 = depth only (nearest count, not exact)")
+    g.add_argument("--depth-unit", choices=("block", "attention"), default="block",
+                   help="stage 2 removes whole blocks (default) or only attention sublayers (2SSP paper)")
+    g.add_argument("--min-remaining", type=int, default=None,
+                   help="fewest MLP neurons left in a block (default 512, or width/4 on MLPs narrower than 2048)")
+    g.add_argument("--split", default="auto",
+                   help="width/depth split: auto (search with data, alpha without), search, alpha, or a depth count")
+    g.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="neurons per block: uniform (default) or the globally least important")
+    g.add_argument("--compensation", choices=("lsq", "bias", "none"), default="lsq",
+                   help="after removing neurons refit fc2 by least squares (default), fold the bias, or nothing")
+    g.add_argument("--depth-method", choices=("greedy", "bi"), default="greedy",
+                   help="greedy by output fidelity (default) or one-shot Block Influence")
+    d = ap.add_argument_group("data")
+    d.add_argument("--load-cifar", action="store_true", help="evaluate on CIFAR-10 (same as --dataset cifar10)")
+    d.add_argument("--dataset", default=None,
+                   help="cifar10, cifar100, digits (offline), a hub id or a local dataset folder "
+                        "(load_from_disk or imagefolder with train/ and test/); default: digits for "
+                        "--model embedded, none otherwise")
+    d.add_argument("--image-column", default=None, help="image column name when not obvious")
+    d.add_argument("--label-column", default=None, help="label column name when not obvious")
+    d.add_argument("--cifar-train-pct", type=float, default=0.25, help="fraction of the train split in (0, 1] (default 0.25)")
+    d.add_argument("--cifar-test-pct", type=float, default=0.25, help="fraction of the test split in (0, 1] (default 0.25)")
+    d.add_argument("--calib-size", type=int, default=64, help="calibration images from the train split (default 64)")
+    d.add_argument("--batch-size", type=int, default=32, help="batch size for evaluation, calibration, fine-tuning (32)")
+    d.add_argument("--eval-batches", type=int, default=5, help="test batches used for accuracy (default 5)")
+    h = ap.add_argument_group("head")
+    h.add_argument("--replace-classifier", action="store_true", help="fresh linear head for the dataset's classes")
+    h.add_argument("--use-adapter", action="store_true", help="bottleneck adapter + head instead")
+    h.add_argument("--adapter-reduction", type=int, default=4, help="adapter bottleneck = hidden / reduction (4)")
+    h.add_argument("--load-adapter", default=None, metavar="PATH", help="install a head saved by --save-adapter")
+    h.add_argument("--do-finetune", action="store_true", help="train the head before measuring the baseline")
+    h.add_argument("--freeze-backbone", action="store_true", help="fine-tune only the head/adapter")
+    h.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs (1)")
+    h.add_argument("--ft-lr", type=float, default=None, help="fine-tuning learning rate (1e-3 head only, 1e-4 full)")
+    h.add_argument("--recover", action="store_true", help="re-tune the head after pruning; reported as stage 'recovered'")
+    h.add_argument("--save-adapter", action="store_true", help="write artifacts/<run_id>/adapter.pt")
+    o = ap.add_argument_group("output and run")
+    o.add_argument("--save-pruned-model", action="store_true", help="save the pruned model (off by default)")
+    o.add_argument("--pruned-output-dir", default="experiments/vit_pruning/pruned_models")
+    o.add_argument("--reports-dir", default="experiments/vit_pruning/reports")
+    o.add_argument("--artifacts-dir", default="experiments/vit_pruning/artifacts")
+    o.add_argument("--run-id", default=None, help="name of this run (default: UTC timestamp)")
+    o.add_argument("--seed", type=int, default=0, help="seed for calibration choice, heads and shuffling (0)")
+    o.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    o.add_argument("--latency-batch-size", type=int, default=1, help="batch size of latency timing (1)")
+    o.add_argument("--latency-repeats", type=int, default=10, help="timed forwards per stage (10)")
+    o.add_argument("--dry-run", action="store_true", help="print the plan and exit; prune nothing, write nothing")
+    o.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    return ap
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need no model; each failure names the flag and the allowed range."""
+    if not 0 < args.target < 1:
+        raise UsageError(f"--target must be in (0, 1), got {args.target}")
+    for flag in ("cifar_train_pct", "cifar_test_pct"):
+        v = getattr(args, flag)
+        if not 0 < v <= 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be in (0, 1], got {v}")
+    if args.replace_classifier and args.use_adapter:
+        raise UsageError("--replace-classifier and --use-adapter are exclusive: choose one head")
+    if args.load_adapter and (args.replace_classifier or args.use_adapter):
+        raise UsageError("--load-adapter brings its own head: drop --replace-classifier/--use-adapter")
+    for flag, low in (("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
+                      ("ft_epochs", 1), ("adapter_reduction", 1), ("latency_batch_size", 1),
+                      ("latency_repeats", 1)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    if args.split not in ("auto", "search", "alpha") and not args.split.isdigit():
+        raise UsageError(f"--split must be auto, search, alpha or a non-negative integer, got {args.split!r}")
+    if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")):
+        raise UsageError(f"--run-id must be a plain name (no '/', not starting with '.'), got {args.run_id!r}")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+
+
+def load_model(name: str):
+    """Model + image processor from 'embedded', a local folder (pruned or not) or a hub id."""
+    import transformers
+
+    from .persistence import load_pruned_model
+    path = EMBEDDED if name == "embedded" else Path(name)
+    try:
+        if path.is_dir():
+            cfg = transformers.AutoConfig.from_pretrained(path)
+            model = load_pruned_model(path) if getattr(cfg, "vit_pruning", None) else \
+                transformers.AutoModelForImageClassification.from_pretrained(path)
+            return model.eval(), transformers.AutoImageProcessor.from_pretrained(path), str(path)
+        model = transformers.AutoModelForImageClassification.from_pretrained(name)
+        return model.eval(), transformers.AutoImageProcessor.from_pretrained(name), name
+    except (OSError, ValueError, KeyError) as exc:
+        if path.exists() or name == "embedded":
+            raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:150]})") from exc
+        raise UsageError(
+            f"--model: cannot load {name!r} (offline or unknown id); download it where there is "
+            f"network (huggingface-cli download {name}) and pass --model /path/to/folder, or use "
+            f"--model embedded") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        return run(args, argv)
+    except UsageError as exc:
+        print(f"vit-2ssp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vit-2ssp: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import transformers
+
+    from .anatomy import resolve
+    from .data import DataError, calibration_subset, default_workers, fingerprint, load_splits, make_loader
+    from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter, save_adapter
+    from .measure import collect_outputs, count_flops, count_total_params, evaluate_top1, \
+        kl_divergence, measure_latency
+    from .batches import take_pixels
+    from .persistence import save_pruned_model
+    from .pipeline import PruneConfig, model_shape, prune_2ssp
+    from .planner import make_plan, width_only_max, depth_only_plan, validate_target
+    from .report import StageMetrics, markdown, stage_dicts, summarize, versions, write_report
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    transformers.logging.set_verbosity_error()
+    progress = not args.quiet
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    reports_dir = Path(args.reports_dir)
+    for p in (reports_dir / f"report-{run_id}.json", Path(args.pruned_output_dir) / run_id,
+              Path(args.artifacts_dir) / run_id / "adapter.pt"):
+        if p.exists() and not args.dry_run:
+            raise UsageError(f"--run-id {run_id}: {p} already exists; choose another --run-id")
+
+    model, processor, model_id = load_model(args.model)
+    try:
+        anatomy = resolve(model)
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from exc
+    model.to(device)
+    width = max(p.intermediate_size for p in anatomy.parts)
+    if args.min_remaining is not None:
+        min_remaining, mr_source = args.min_remaining, "--min-remaining"
+    elif width >= NARROW_FRACTION * SEED_MIN_REMAINING:
+        min_remaining, mr_source = SEED_MIN_REMAINING, "seed default 512"
+    else:
+        min_remaining, mr_source = max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
+    if min_remaining >= width:
+        raise UsageError(f"--min-remaining must be below the MLP width {width}, got {min_remaining}")
+    shape = model_shape(model)
+    try:
+        if args.stage == "s1":
+            validate_target(args.target, width_only_max(shape, min_remaining))
+        elif args.stage == "s2":
+            depth_only_plan(shape, args.target, args.depth_unit)
+        probe = make_plan(shape, args.target, args.depth_unit, min_remaining,
+                          int(args.split) if args.split.isdigit() else "alpha")
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from exc
+
+    dataset = args.dataset or ("cifar10" if args.load_cifar else ("digits" if args.model == "embedded" else None))
+    if args.dry_run:
+        flops = count_flops(model)
+        print(f"model {model_id}: {len(anatomy.parts)} blocks, hidden {anatomy.hidden_size}, "
+              f"MLP {width}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs/image")
+        print(f"plan for target {args.target} (depth unit {args.depth_unit}, min_remaining "
+              f"{min_remaining} [{mr_source}], split by the 2SSP alpha formula"
+              f"{'; with data --split auto searches the split' if dataset and args.split == 'auto' else ''}):")
+        print(f"  remove {probe.blocks_to_prune} {args.depth_unit} unit(s) "
+              f"(which ones is chosen from calibration data when pruning)")
+        widths = [w - n for w, n in zip(shape.widths, probe.neurons_to_prune)]
+        print(f"  MLP widths after stage 1: {widths}")
+        print(f"  predicted parameters {probe.params_after:,} (sparsity {probe.predicted_sparsity:.5f}, "
+              f"error {probe.target_error:.2e}); max feasible target {probe.max_feasible_target:.4f}")
+        for note in probe.notes:
+            print(f"  note: {note}")
+        return 0
+
+    # ---- data and head
+    splits = None
+    if dataset:
+        try:
+            splits = load_splits(dataset, args.cifar_train_pct, args.cifar_test_pct,
+                                 args.image_column, args.label_column)
+        except DataError as exc:
+            raise UsageError(str(exc)) from exc
+    head_cfg = {"kind": None, "adapter_reduction": args.adapter_reduction}
+    if args.replace_classifier or args.use_adapter:
+        if splits is None:
+            raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset or --load-cifar")
+        kind = "adapter" if args.use_adapter else "linear"
+        install_head(model, build_head(kind, anatomy.hidden_size, splits.num_labels,
+                                       args.adapter_reduction).to(device), splits.label_names)
+        head_cfg["kind"] = kind
+    elif args.load_adapter:
+        try:
+            payload = load_adapter(model, args.load_adapter, splits.num_labels if splits else None,
+                                   splits.label_names if splits else None)
+        except AdapterFileError as exc:
+            raise UsageError(str(exc)) from exc
+        model.to(device)
+        head_cfg["kind"] = payload["classifier_type"]
+    has_head = resolve(model).has_classifier
+    if splits is not None and has_head and model.config.num_labels != splits.num_labels:
+        raise UsageError(f"--dataset {dataset} has {splits.num_labels} classes but the model's head has "
+                         f"{model.config.num_labels}: add --replace-classifier or --use-adapter")
+    if args.do_finetune and splits is None:
+        raise UsageError("--do-finetune needs labelled data: add --dataset or --load-cifar")
+    workers = default_workers()
+    train_loader = test_loader = calib_pixels = None
+    calib_info = {"dataset": None, "split": None, "count": 0, "fingerprint": None, "seed": args.seed}
+    if splits is not None:
+        train_loader = make_loader(splits.train, processor, splits, args.batch_size, True, args.seed, workers)
+        test_loader = make_loader(splits.test, processor, splits, args.batch_size, False, args.seed, workers)
+        calib_ds, _ = calibration_subset(splits.train, args.calib_size, args.seed)
+        calib_pixels = take_pixels(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
+        calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct:g}] (random {len(calib_ds)})",
+                      "count": len(calib_ds), "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
+    ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
+    if args.do_finetune:
+        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, ft_lr)
+        finetune(model, train_loader, args.ft_epochs, ft_lr, args.freeze_backbone, device, progress)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    eval_pixels = take_pixels(test_loader, args.eval_batches, device) if test_loader else None
+    accuracy_note = (f"top-1 on the first {args.eval_batches} test batches of {dataset} "
+                     f"({sum(len(x) for x in eval_pixels)} images)" if eval_pixels and has_head else
+                     "not applicable (no labelled data or headless model)")
+
+    def measure(name: str, ref_logits=None) -> tuple[StageMetrics, torch.Tensor | None]:
+        logits = collect_outputs(model, eval_pixels) if eval_pixels else None
+        top1 = (evaluate_top1(model, test_loader, device, args.eval_batches)
+                if eval_pixels and has_head else None)
+        kl = (kl_divergence(logits, ref_logits) if logits is not None and ref_logits is not None
+              and has_head else None)
+        m = StageMetrics(name, count_total_params(model), count_flops(model),
+                         1e3 * measure_latency(model, args.latency_batch_size, repeats=args.latency_repeats),
+                         top1, kl)
+        log.info("%s: %s params, %.4f GFLOPs, %.2f ms, top-1 %s", name, f"{m.params:,}", m.flops / 1e9,
+                 m.latency_ms, "n/a" if top1 is None else f"{top1:.4f}")
+        return m, logits
+
+    baseline, base_logits = measure("baseline")
+    stages = [baseline]
+    cfg = PruneConfig(unit=args.depth_unit, min_remaining=min_remaining,
+                      split=int(args.split) if args.split.isdigit() else args.split,
+                      depth_method=args.depth_method, allocation=args.allocation,
+                      compensation=args.compensation, stages=args.stage)
+    try:
+        model, result = prune_2ssp(model, args.target, calib_pixels, cfg, device=device, progress=progress,
+                                   after_stage1=lambda m: stages.append(measure("stage1", base_logits)[0]))
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from exc
+    stages.append(measure("stage2", base_logits)[0])
+    if args.recover:
+        if train_loader is None or not has_head:
+            raise UsageError("--recover needs labelled data and a classifier head")
+        finetune(model, train_loader, args.ft_epochs, ft_lr, args.freeze_backbone, device, progress)
+        model.eval()
+        stages.append(measure("recovered", base_logits)[0])
+
+    artifacts = {"adapter": None, "pruned_model": None, "plot": None}
+    meta = {"model": model_id, "target": args.target, "head": head_cfg, "run_id": run_id}
+    if args.save_adapter:
+        if head_cfg["kind"] is None:
+            raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
+        artifacts["adapter"] = str(save_adapter(model, Path(args.artifacts_dir) / run_id / "adapter.pt",
+                                                head_cfg["kind"], meta))
+    if args.save_pruned_model:
+        artifacts["pruned_model"] = str(save_pruned_model(
+            model, Path(args.pruned_output_dir) / run_id, processor, {**meta, "seed": args.seed}))
+
+    plan = result.plan
+    rep = {
+        "run_id": run_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["vit-2ssp", *argv],
+        "model": {"id": model_id, "class": type(model).__name__, "layout": anatomy.layout,
+                  "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size,
+                  "intermediate_size": width},
+        "config": {**vars(args), "device": str(device), "ft_lr": ft_lr},
+        "prune_config": asdict(cfg),
+        "seed": args.seed,
+        "depth_unit": args.depth_unit,
+        "min_remaining": min_remaining,
+        "min_remaining_source": mr_source,
+        "target": args.target,
+        "achieved_sparsity": result.achieved_sparsity,
+        "target_error": abs(result.achieved_sparsity - args.target),
+        "one_neuron_sparsity": shape.neuron_params / shape.total_params,
+        "params_final": result.params_after_stage2,
+        "stages": stage_dicts(stages),
+        "summary": summarize(stages),
+        "accuracy_note": accuracy_note,
+        "latency_setup": {"batch_size": args.latency_batch_size, "threads": torch.get_num_threads(),
+                          "warmup": 3, "repeats": args.latency_repeats, "device": str(device)},
+        "plan": {**plan.to_dict(), "removed_indices": sorted(result.depth_order),
+                 "removal_order": result.depth_order,
+                 "neurons_removed_per_block": result.neurons_removed,
+                 "estimated_params_removed": plan.params_before - plan.params_after,
+                 "achieved_params_removed": result.params_before - result.params_after_stage2,
+                 "split_search": {str(k): v for k, v in result.search.items()}},
+        "calibration": calib_info,
+        "versions": versions(),
+        "artifacts": artifacts,
+    }
+    json_path, md_path = write_report(rep, reports_dir)
+    base, final = stages[0], stages[-1]
+    acc = ("" if base.top1 is None else
+           f", top-1 {base.top1:.4f} -> {final.top1:.4f}")
+    print(f"vit-2ssp {run_id}: params {base.params:,} -> {final.params:,} "
+          f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
+          f"latency {base.latency_ms:.2f} -> {final.latency_ms:.2f} ms{acc}")
+    print(f"report: {md_path} (json: {json_path})")
+    if not args.quiet:
+        print(markdown(rep).split("## Plan")[0].rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Labelled image data: CIFAR-10/100 from the hub, any hub id or local dataset folder, and
+scikit-learn's digits (offline), all as ``datasets.Dataset`` and preprocessed by the model's
+own image processor.
+
+Calibration images always come from the train split; accuracy is measured on the test split.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+# name -> (hub id, train split, test split, image column, label column)
+KNOWN = {
+    "cifar10": ("uoft-cs/cifar10", "train", "test", "img", "label"),
+    "cifar100": ("uoft-cs/cifar100", "train", "test", "img", "fine_label"),
+}
+IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "target")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """Bad dataset choice (unknown name, missing column, empty split); message names the flag."""
+
+
+@dataclass
+class Splits:
+    """A train and a test split with resolved column names and class count."""
+
+    name: str
+    train: Any  # datasets.Dataset
+    test: Any
+    image_column: str
+    label_column: str
+    num_labels: int
+    label_names: list[str] | None
+
+
+def _digits_split():
+    """scikit-learn digits (1,797 8x8 images, 10 classes), fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..255
+    idx = np.arange(len(images))
+    train_idx, test_idx = train_test_split(idx, test_size=DIGITS_TEST_FRACTION,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=digits.target)
+    return images, digits.target.astype(np.int64), np.sort(train_idx), np.sort(test_idx)
+
+
+def digits_dataset():
+    """The digits split as ``datasets`` objects with the CIFAR schema ("img", "label")."""
+    import datasets
+    from PIL import Image
+
+    images, labels, train_idx, test_idx = _digits_split()
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+
+    def build(ix):
+        return datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(images[i]).convert("RGB") for i in ix],
+             "label": [int(labels[i]) for i in ix]}, features=features)
+
+    return build(train_idx), build(test_idx)
+
+
+def _slice(ds, pct: float):
+    n = len(ds)
+    keep = max(1, int(round(n * pct)))
+    return ds.select(range(min(n, keep)))
+
+
+def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, flag: str) -> str:
+    cols = list(ds.column_names)
+    if given:
+        if given not in cols:
+            raise DataError(f"{flag}: column {given!r} not in the dataset (columns: {cols})")
+        return given
+    for c in candidates:
+        if c in cols:
+            return c
+    raise DataError(f"{flag}: no {kind} column found among {cols}; name it with {flag}")
+
+
+def _load_local(path: Path, train_pct: float, test_pct: float):
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded or "test" not in loaded:
+                raise DataError(f"--dataset: {path} must hold 'train' and 'test' splits, "
+                                f"found {list(loaded)}")
+            return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
+        raise DataError(f"--dataset: {path} holds one split; save a DatasetDict with train and test")
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    if "train" not in loaded or "test" not in loaded:
+        raise DataError(f"--dataset: image folder {path} needs train/ and test/ subfolders")
+    return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
+
+
+def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
+                image_column: str | None = None, label_column: str | None = None) -> Splits:
+    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced."""
+    import datasets
+
+    if name == "digits":
+        train, test = digits_dataset()
+        train, test = _slice(train, train_pct), _slice(test, test_pct)
+    elif Path(name).exists():
+        train, test = _load_local(Path(name), train_pct, test_pct)
+    else:
+        hub, tr, te = (KNOWN[name][:3] if name in KNOWN else (name, "train", "test"))
+        if "/" not in hub and name not in KNOWN:
+            raise DataError(f"--dataset: unknown dataset {name!r}; use cifar10, cifar100, digits, "
+                            f"a local dataset folder, or a hub id like owner/name")
+        pct = lambda p: f"{round(p * 100, 6):g}%"  # noqa: E731
+        try:
+            train = datasets.load_dataset(hub, split=f"{tr}[:{pct(train_pct)}]")
+            test = datasets.load_dataset(hub, split=f"{te}[:{pct(test_pct)}]")
+        except Exception as exc:  # offline, missing, private...
+            raise DataError(f"--dataset: cannot load {hub!r} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}); without network use --dataset "
+                            f"digits or a local folder") from exc
+    if name in KNOWN:
+        image_column = image_column or KNOWN[name][3]
+        label_column = label_column or KNOWN[name][4]
+    img = _pick_column(train, image_column, IMAGE_COLUMNS, "image", "--image-column")
+    lab = _pick_column(train, label_column, LABEL_COLUMNS, "label", "--label-column")
+    for split_name, ds in (("train", train), ("test", test)):
+        if len(ds) == 0:
+            raise DataError(f"--dataset: the {split_name} split is empty")
+        if img not in ds.column_names or lab not in ds.column_names:
+            raise DataError(f"--dataset: {split_name} split lacks column {img!r} or {lab!r}")
+    feat = train.features.get(lab)
+    names = list(feat.names) if hasattr(feat, "names") else None
+    num = len(names) if names else int(max(max(train[lab]), max(test[lab]))) + 1
+    return Splits(name, train, test, img, lab, num, names)
+
+
+class ImageCollator:
+    """Batch of dataset rows -> {"pixel_values", "labels"} through the model's image processor."""
+
+    def __init__(self, processor, image_column: str, label_column: str):
+        self.processor = processor
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images = [r[self.image_column].convert("RGB") for r in rows]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([int(r[self.label_column]) for r in rows], dtype=torch.long)
+        return {"pixel_values": pixels, "labels": labels}
+
+
+def make_loader(ds, processor, splits: Splits, batch_size: int, shuffle: bool = False,
+                seed: int = 0, workers: int = 0) -> DataLoader:
+    """A deterministic DataLoader (shuffling driven by `seed`)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=ImageCollator(processor, splits.image_column, splits.label_column),
+                      num_workers=workers)
+
+
+def calibration_subset(train, size: int, seed: int):
+    """`size` train rows chosen by `seed` (never test rows), and their indices."""
+    n = len(train)
+    size = min(size, n)
+    idx = sorted(np.random.default_rng(seed).choice(n, size=size, replace=False).tolist())
+    return train.select(idx), idx
+
+
+def fingerprint(pixel_batches: list[torch.Tensor]) -> str:
+    """SHA-256 of the exact preprocessed calibration tensors (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for x in pixel_batches:
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_workers() -> int:
+    """DataLoader workers that fit the machine (0 on 2 cores: decoding is cheap next to the model)."""
+    import os
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)

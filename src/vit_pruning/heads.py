@@ -1,0 +1,139 @@
+"""Classification heads: a fresh linear head, a bottleneck adapter + head, fine-tuning, and the
+seed's adapter artifact (``adapter.pt``) save/load.
+
+Both head kinds replace ``model.classifier`` (applied to the [CLS] token), so pruning, the
+segmented forward and saving treat them like any classifier.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .anatomy import resolve
+from .batches import batch_labels, batch_pixels
+from .measure import forward_output
+from .persistence import atomic_write
+
+log = logging.getLogger(__name__)
+HEAD_TYPES = ("linear", "adapter")
+
+
+class AdapterHead(nn.Module):
+    """Residual bottleneck adapter (hidden -> hidden/reduction -> hidden) followed by a linear head."""
+
+    def __init__(self, hidden_size: int, num_labels: int, reduction: int = 4):
+        super().__init__()
+        bottleneck = max(1, hidden_size // reduction)
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden_size)
+        self.head = nn.Linear(hidden_size, num_labels)
+        nn.init.zeros_(self.up.weight)  # starts as identity + linear head
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.up(F.gelu(self.down(x))))
+
+
+def build_head(kind: str, hidden_size: int, num_labels: int, reduction: int = 4) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(hidden_size, num_labels)
+    if kind == "adapter":
+        return AdapterHead(hidden_size, num_labels, reduction)
+    raise ValueError(f"head kind must be one of {HEAD_TYPES}, got {kind!r}")
+
+
+def install_head(model: nn.Module, head: nn.Module, label_names: list[str] | None = None) -> None:
+    """Put `head` in place of model.classifier and keep the config's label count truthful."""
+    if not resolve(model).has_classifier:
+        raise ValueError(f"{type(model).__name__} has no classifier to replace")
+    model.classifier = head
+    num = head.head.out_features if isinstance(head, AdapterHead) else head.out_features
+    model.config.num_labels = num
+    names = label_names or [str(i) for i in range(num)]
+    model.config.id2label = {i: n for i, n in enumerate(names)}
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3,
+             freeze_backbone: bool = True, device: str | torch.device = "cpu",
+             progress: bool = True) -> list[float]:
+    """Train the head (and the backbone unless frozen) with cross-entropy; returns epoch losses."""
+    params = list(model.classifier.parameters()) if freeze_backbone else list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(not freeze_backbone)
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    try:
+        for epoch in range(epochs):
+            total = count = 0.0
+            bar = tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress,
+                       leave=False)
+            for batch in bar:
+                logits = forward_output(model, batch_pixels(batch).to(device))
+                loss = F.cross_entropy(logits, batch_labels(batch).to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss) * len(logits)
+                count += len(logits)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            losses.append(total / max(1, count))
+            log.info("fine-tune epoch %d: loss %.4f", epoch + 1, losses[-1])
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return losses
+
+
+def save_adapter(model: nn.Module, path: str | Path, classifier_type: str, metadata: dict) -> Path:
+    """Write the seed's adapter payload (head state_dict + description) atomically; never overwrites."""
+    head = model.classifier
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "classifier_type": classifier_type,
+        "num_labels": int(model.config.num_labels),
+        "hidden_size": int(model.config.hidden_size),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "metadata": metadata,
+    }
+    return atomic_write(path, lambda p: torch.save(payload, p))
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read or does not fit the model/dataset."""
+
+
+def load_adapter(model: nn.Module, path: str | Path, num_labels: int | None = None,
+                 label_names: list[str] | None = None) -> dict:
+    """Install a head saved by :func:`save_adapter`; checks it fits the model and dataset."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        kind, labels, hidden = payload["classifier_type"], payload["num_labels"], payload["hidden_size"]
+        state = payload["state_dict"]
+    except Exception as exc:
+        raise AdapterFileError(f"--load-adapter: cannot read {path} as an adapter file "
+                               f"({type(exc).__name__})") from exc
+    if hidden != model.config.hidden_size:
+        raise AdapterFileError(f"--load-adapter: {path} was trained for hidden size {hidden}, "
+                               f"the model has {model.config.hidden_size}")
+    if num_labels is not None and labels != num_labels:
+        raise AdapterFileError(f"--load-adapter: {path} has {labels} classes, the dataset {num_labels}")
+    reduction = int(payload.get("metadata", {}).get("head", {}).get("adapter_reduction", 4))
+    head = build_head(kind, hidden, labels, reduction)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise AdapterFileError(f"--load-adapter: weights in {path} do not match a {kind} head") from exc
+    install_head(model, head, label_names)
+    return payload

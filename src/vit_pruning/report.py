@@ -1,0 +1,163 @@
+"""Run reports: per-stage measurements, JSON + Markdown + PNG plot, written atomically."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .persistence import atomic_write, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class StageMetrics:
+    """Measurements of the model after one stage, all on the same evaluation images."""
+
+    name: str  # "baseline", "stage1", "stage2", "recovered"
+    params: int
+    flops: int
+    latency_ms: float
+    top1: float | None  # None when no labelled data / not applicable
+    kl_to_baseline: float | None  # mean KL(stage || baseline) of logits on the eval images
+
+
+def _pct(new: float, old: float) -> float:
+    """Relative change in percent (negative = smaller)."""
+    return 100.0 * (new - old) / old if old else 0.0
+
+
+def _removed_pct(new: float, old: float) -> float:
+    return 100.0 * (old - new) / old if old else 0.0
+
+
+def versions() -> dict:
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "vit_pruning": __version__}
+
+
+def summarize(stages: list[StageMetrics]) -> dict:
+    """The seed's sections (P0 -> P1 -> P2, latency deltas, accuracy drops) from stage metrics."""
+    by = {s.name: s for s in stages}
+    base = by["baseline"]
+    out: dict = {"parameters": {}, "latency": {}, "accuracy": {}, "flops": {}}
+    prev = base
+    for s in stages:
+        out["parameters"][s.name] = s.params
+        out["flops"][s.name] = s.flops
+        out["latency"][s.name + "_ms"] = s.latency_ms
+        out["accuracy"][s.name] = s.top1
+        if s is not base:
+            out["parameters"][f"{s.name}_reduction_vs_previous_pct"] = _removed_pct(s.params, prev.params)
+            out["latency"][f"{s.name}_delta_vs_baseline_pct"] = _pct(s.latency_ms, base.latency_ms)
+            out["flops"][f"{s.name}_ratio_to_baseline"] = s.flops / base.flops if base.flops else None
+            if s.top1 is not None and base.top1 is not None:
+                out["accuracy"][f"{s.name}_drop"] = base.top1 - s.top1
+            prev = s
+    final = by.get("stage2", stages[-1])
+    out["parameters"]["final_reduction_pct"] = _removed_pct(final.params, base.params)
+    return out
+
+
+def markdown(rep: dict) -> str:
+    """Render a report dict as Markdown."""
+    st = rep["stages"]
+    lines = [f"# vit-2ssp report `{rep['run_id']}`", "",
+             f"- model: `{rep['model']['id']}` ({rep['model']['class']}, {rep['model']['num_blocks']} blocks, "
+             f"hidden {rep['model']['hidden_size']}, MLP {rep['model']['intermediate_size']})",
+             f"- target sparsity: **{rep['target']:.4f}**, achieved **{rep['achieved_sparsity']:.4f}** "
+             f"(error {rep['target_error']:.2e}; at most one MLP neuron = {rep['one_neuron_sparsity']:.2e})",
+             f"- depth unit: **{rep['depth_unit']}**, stages run: {rep['config']['stage']}, seed {rep['seed']}",
+             f"- min_remaining used: {rep['min_remaining']} ({rep['min_remaining_source']})",
+             f"- accuracy: {rep['accuracy_note']}", "",
+             "## Stages", "",
+             "| stage | params | params vs previous | FLOPs (G) | latency (ms) | latency vs baseline | top-1 | top-1 drop | KL to baseline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = st[0]
+    prev = base
+    for s in st:
+        dparams = "" if s is base else f"{_removed_pct(s['params'], prev['params']):.2f}% removed"
+        dlat = "" if s is base else f"{_pct(s['latency_ms'], base['latency_ms']):+.1f}%"
+        top1 = "n/a" if s["top1"] is None else f"{s['top1']:.4f}"
+        drop = "" if s is base or s["top1"] is None or base["top1"] is None else f"{base['top1'] - s['top1']:+.4f}"
+        kl = "" if s["kl_to_baseline"] is None else f"{s['kl_to_baseline']:.4g}"
+        lines.append(f"| {s['name']} | {s['params']:,} | {dparams} | {s['flops'] / 1e9:.4f} | "
+                     f"{s['latency_ms']:.2f} | {dlat} | {top1} | {drop} | {kl} |")
+        if s is not base:
+            prev = s
+    p = rep["plan"]
+    lines += ["", f"Final: P0 {base['params']:,} -> P2 {rep['params_final']:,} "
+                  f"({rep['summary']['parameters']['final_reduction_pct']:.2f}% removed).", "",
+              f"Latency: median of {rep['latency_setup']['repeats']} timed forwards after "
+              f"{rep['latency_setup']['warmup']} warm-up, batch {rep['latency_setup']['batch_size']}, "
+              f"{rep['latency_setup']['threads']} threads, device {rep['latency_setup']['device']}.", "",
+              "## Plan", "",
+              f"- split between stages: {p['split']}; {p['unit']} units removed: {p['blocks_to_prune']} "
+              f"at indices {p['removed_indices']} (greedy order {p['removal_order']})",
+              f"- MLP neurons removed per block: {p['neurons_removed_per_block']} "
+              f"(uniform count {p['per_block_neurons_to_prune']})",
+              f"- estimated removal: {p['estimated_params_removed']:,} parameters; achieved: "
+              f"{p['achieved_params_removed']:,}"]
+    for note in p.get("notes", []):
+        lines.append(f"- note: {note}")
+    if p.get("split_search"):
+        lines.append("- split search (depth units -> calibration distance): " + ", ".join(
+            f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
+    c = rep["calibration"]
+    lines += ["", "## Calibration", "",
+              f"- {c['count']} images from {c['dataset']} split `{c['split']}`, fingerprint `{c['fingerprint']}`"
+              if c["count"] else "- none (weight-magnitude width scores, weight-norm depth proxy)",
+              "", "## Artifacts", ""]
+    for k, v in rep["artifacts"].items():
+        lines.append(f"- {k}: {v if v else 'not written'}")
+    if rep["artifacts"].get("plot"):
+        lines += ["", f"![stages]({Path(rep['artifacts']['plot']).name})"]
+    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(stages: list[dict], path: Path) -> Path:
+    """Bar charts of parameters, latency and top-1 by stage (PNG), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["name"] for s in stages]
+    panels = [("parameters (M)", [s["params"] / 1e6 for s in stages]),
+              ("latency (ms)", [s["latency_ms"] for s in stages])]
+    if all(s["top1"] is not None for s in stages):
+        panels.append(("top-1", [s["top1"] for s in stages]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (title, vals) in zip(axes, panels):
+        bars = ax.bar(names, vals, color=["#777"] + ["#3a7"] * (len(vals) - 1))
+        ax.set_title(title)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def write_report(rep: dict, reports_dir: Path) -> tuple[Path, Path]:
+    """Write report-<run_id>.json/.md (+ .png); refuses to overwrite an existing report."""
+    run_id = rep["run_id"]
+    json_path = reports_dir / f"report-{run_id}.json"
+    md_path = reports_dir / f"report-{run_id}.md"
+    for p in (json_path, md_path):
+        if p.exists():
+            raise FileExistsError(f"{p} already exists; choose another --run-id")
+    png = reports_dir / f"report-{run_id}.png"
+    rep["artifacts"]["plot"] = str(plot(rep["stages"], png))
+    atomic_write_json(json_path, rep)
+    atomic_write_text(md_path, markdown(rep))
+    return json_path, md_path
+
+
+def stage_dicts(stages: list[StageMetrics]) -> list[dict]:
+    return [asdict(s) for s in stages]

@@ -1,4 +1,9 @@
 """Tiny ViT configs built in the tests: no download, both transformers layouts."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification

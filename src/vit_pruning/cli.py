@@ -129,16 +129,15 @@ def load_model(name: str):
     """Model + image processor from 'embedded', a local folder (pruned or not) or a hub id."""
     import transformers
 
+    from .anatomy import resolve
     from .persistence import load_pruned_model
     path = EMBEDDED if name == "embedded" else Path(name)
+    source = str(path) if path.is_dir() else name
     try:
-        if path.is_dir():
-            cfg = transformers.AutoConfig.from_pretrained(path)
-            model = load_pruned_model(path) if getattr(cfg, "vit_pruning", None) else \
-                transformers.AutoModelForImageClassification.from_pretrained(path)
-            return model.eval(), transformers.AutoImageProcessor.from_pretrained(path), str(path)
-        model = transformers.AutoModelForImageClassification.from_pretrained(name)
-        return model.eval(), transformers.AutoImageProcessor.from_pretrained(name), name
+        if path.is_dir() and getattr(transformers.AutoConfig.from_pretrained(path), "vit_pruning", None):
+            model = load_pruned_model(path)
+        else:
+            model = transformers.AutoModelForImageClassification.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
         if path.exists() or name == "embedded":
             raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}: "
@@ -147,6 +146,16 @@ def load_model(name: str):
             f"--model: cannot load {name!r} (offline or unknown id); download it where there is "
             f"network (huggingface-cli download {name}) and pass --model /path/to/folder, or use "
             f"--model embedded") from exc
+    try:
+        resolve(model)
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from exc
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: {source} has no usable image processor config "
+                         f"(preprocessor_config.json)") from exc
+    return model.eval(), processor, source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +189,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     progress = not args.quiet
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -192,10 +202,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError(f"--run-id {run_id}: {p} already exists; choose another --run-id")
 
     model, processor, model_id = load_model(args.model)
-    try:
-        anatomy = resolve(model)
-    except ValueError as exc:
-        raise UsageError(f"--model: {exc}") from exc
+    anatomy = resolve(model)
     model.to(device)
     width = max(p.intermediate_size for p in anatomy.parts)
     if args.min_remaining is not None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .anatomy import resolve
 from .batches import batch_labels, batch_pixels
 from .measure import forward_output
-from .persistence import atomic_write
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 HEAD_TYPES = ("linear", "adapter")
@@ -28,9 +28,10 @@ HEAD_TYPES = ("linear", "adapter")
 class AdapterHead(nn.Module):
     """Residual bottleneck adapter (hidden -> hidden/reduction -> hidden) followed by a linear head."""
 
-    def __init__(self, hidden_size: int, num_labels: int, reduction: int = 4):
+    def __init__(self, hidden_size: int, num_labels: int, reduction: int = 4,
+                 bottleneck: int | None = None):
         super().__init__()
-        bottleneck = max(1, hidden_size // reduction)
+        bottleneck = bottleneck or max(1, hidden_size // reduction)
         self.down = nn.Linear(hidden_size, bottleneck)
         self.up = nn.Linear(bottleneck, hidden_size)
         self.head = nn.Linear(hidden_size, num_labels)
@@ -84,7 +85,7 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(logits)
+                total += float(loss.detach()) * len(logits)
                 count += len(logits)
                 bar.set_postfix(loss=f"{total / count:.4f}")
             losses.append(total / max(1, count))

@@ -9,52 +9,24 @@ loads the weights strictly.
 """
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import transformers
-import re
-
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .anatomy import resolve
+from .heads import AdapterHead
 from .surgery import prune_mlp_neurons, remove_attention, sync_config
 
 FORMAT_VERSION = 1
 SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
                      "DeiTForImageClassification")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Write a file via `write(tmp_path)` then rename into place; nothing half-written survives."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), overwrite)
-
-
-def atomic_write_json(path: str | Path, data: Any, overwrite: bool = False) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
-                             overwrite)
 
 
 # transformers 4.x <-> 5.x parameter names of a ViT/DeiT block (everything else is the same)
@@ -90,6 +62,14 @@ def translate_keys(state: dict[str, torch.Tensor], to: str) -> dict[str, torch.T
     return out
 
 
+def _head_info(model: nn.Module) -> dict | None:
+    head = getattr(model, "classifier", None)
+    if isinstance(head, AdapterHead):
+        return {"kind": "adapter", "bottleneck": head.down.out_features,
+                "num_labels": head.head.out_features}
+    return None
+
+
 def save_pruned_model(model: nn.Module, out_dir: str | Path, image_processor=None,
                       metadata: dict | None = None) -> Path:
     """Save a (pruned) model into a new folder `out_dir`; refuses an existing path."""
@@ -99,6 +79,7 @@ def save_pruned_model(model: nn.Module, out_dir: str | Path, image_processor=Non
     sync_config(resolve(model))
     model.config.vit_pruning = {**model.config.vit_pruning, "format": FORMAT_VERSION,
                                 "layout": resolve(model).layout,
+                                "head": _head_info(model),
                                 "loader": "vit_pruning.load_pruned_model",
                                 **({"metadata": metadata} if metadata else {})}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +116,10 @@ def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> n
         for parts, w in zip(an.parts, widths):
             if w != parts.intermediate_size:
                 prune_mlp_neurons(parts, torch.arange(w))
+        head = info.get("head")
+        if head and head.get("kind") == "adapter":
+            model.classifier = AdapterHead(config.hidden_size, head["num_labels"],
+                                           bottleneck=head["bottleneck"])
         if info.get("attention_removed"):
             remove_attention(model, info["attention_removed"])
     state = load_file(str(path / "model.safetensors"))

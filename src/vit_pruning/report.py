@@ -5,7 +5,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .persistence import atomic_write, atomic_write_json, atomic_write_text
+from .atomic import atomic_write, atomic_write_json, atomic_write_text
 
 
 @dataclass

@@ -1,0 +1,171 @@
+"""The CLI in-process on the embedded model and on a tiny CIFAR-shaped dataset saved locally."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vit_pruning.cli import main
+from vit_pruning.data import load_splits, make_loader
+from vit_pruning.measure import evaluate_top1
+from vit_pruning.persistence import load_pruned_model
+
+
+def run(tmp: Path, *args: str) -> int:
+    return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
+                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2"])
+
+
+def files(tmp: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory) -> Path:
+    """A DatasetDict on disk with the CIFAR-10 schema ("img", "label"), 32x32 RGB."""
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    feats = datasets.Features({"img": datasets.Image(),
+                               "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])})
+
+    def split(n):
+        return datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)],
+             "label": [i % 10 for i in range(n)]}, features=feats)
+    path = tmp_path_factory.mktemp("data") / "cifar_like"
+    datasets.DatasetDict({"train": split(48), "test": split(24)}).save_to_disk(str(path))
+    return path
+
+
+def test_embedded_run_writes_consistent_report(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "r1",
+               "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32") == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "achieved 0.30" in out
+    rep = json.loads((tmp_path / "reports" / "report-r1.json").read_text())
+    st = {s["name"]: s for s in rep["stages"]}
+    assert set(st) == {"baseline", "stage1", "stage2"}
+    p0, p2 = st["baseline"]["params"], st["stage2"]["params"]
+    assert p2 == p0 - rep["plan"]["achieved_params_removed"] == rep["params_final"]
+    assert rep["plan"]["estimated_params_removed"] == rep["plan"]["achieved_params_removed"]
+    assert abs(rep["achieved_sparsity"] - 0.3) <= rep["one_neuron_sparsity"]
+    assert st["stage1"]["params"] == p0 - sum(rep["plan"]["neurons_removed_per_block"]) * (2 * 96 + 1)
+    assert st["baseline"]["top1"] >= 0.95 and st["stage2"]["kl_to_baseline"] >= 0
+    assert rep["calibration"]["count"] == 32 and len(rep["calibration"]["fingerprint"]) == 16
+    assert rep["min_remaining"] == 96 and "capped" in rep["min_remaining_source"]
+    for key in ("versions", "depth_unit", "seed", "summary", "latency_setup", "target_error"):
+        assert key in rep
+    assert {"report-r1.json", "report-r1.md", "report-r1.png"} <= {p.name for p in (tmp_path / "reports").iterdir()}
+    assert not (tmp_path / "pruned").exists()  # nothing saved without --save-pruned-model
+    # same seed -> same plan and numbers
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "r2",
+               "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32") == 0
+    rep2 = json.loads((tmp_path / "reports" / "report-r2.json").read_text())
+    assert rep2["plan"] == rep["plan"]
+    assert [s["top1"] for s in rep2["stages"]] == [s["top1"] for s in rep["stages"]]
+
+
+def test_adapter_roundtrip_and_saved_model(tmp_path, cifar_like):
+    common = ["--model", "embedded", "--dataset", str(cifar_like), "--cifar-train-pct", "1",
+              "--cifar-test-pct", "1", "--batch-size", "8", "--eval-batches", "3", "--calib-size", "16"]
+    assert run(tmp_path, *common, "--target", "0.2", "--use-adapter", "--do-finetune",
+               "--freeze-backbone", "--save-adapter", "--save-pruned-model", "--run-id", "a",
+               "--depth-unit", "attention") == 0
+    adapter = tmp_path / "art" / "a" / "adapter.pt"
+    payload = torch.load(adapter, weights_only=True)
+    assert {"state_dict", "classifier_type", "num_labels", "hidden_size", "timestamp", "metadata"} <= set(payload)
+    assert payload["classifier_type"] == "adapter" and payload["num_labels"] == 10
+    assert payload["metadata"]["target"] == 0.2
+    rep_a = json.loads((tmp_path / "reports" / "report-a.json").read_text())
+    assert run(tmp_path, *common, "--target", "0.2", "--load-adapter", str(adapter), "--run-id", "b",
+               "--depth-unit", "attention") == 0
+    rep_b = json.loads((tmp_path / "reports" / "report-b.json").read_text())
+    assert rep_b["stages"][0]["top1"] == rep_a["stages"][0]["top1"]
+    # the saved pruned model reloads and scores what the report says
+    model = load_pruned_model(tmp_path / "pruned" / "a")
+    from transformers import AutoImageProcessor
+    splits = load_splits(str(cifar_like), 1, 1)
+    loader = make_loader(splits.test, AutoImageProcessor.from_pretrained(tmp_path / "pruned" / "a"), splits, 8)
+    assert evaluate_top1(model, loader, "cpu", 3) == rep_a["stages"][-1]["top1"]
+    assert sum(p.numel() for p in model.parameters()) == rep_a["params_final"]
+
+
+def test_dry_run_prints_plan_writes_nothing(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "predicted parameters" in out and "MLP widths after stage 1" in out
+    assert files(tmp_path) == []
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report-x.json").write_text("{}")
+    assert run(tmp_path, "--model", "embedded", "--target", "0.2", "--run-id", "x") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "reports" / "report-x.json").read_text() == "{}"
+
+
+@pytest.fixture(scope="module")
+def swin_folder(tmp_path_factory) -> Path:
+    from transformers import SwinConfig, SwinForImageClassification
+    path = tmp_path_factory.mktemp("swin") / "swin"
+    SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                          num_heads=[2, 2], window_size=2)).save_pretrained(path)
+    return path
+
+
+def bad_adapter(tmp: Path) -> str:
+    p = tmp / "bad.pt"
+    p.write_bytes(b"not a torch file")
+    return str(p)
+
+
+def wrong_adapter(tmp: Path) -> str:
+    p = tmp / "wrong.pt"
+    torch.save({"state_dict": {}, "classifier_type": "linear", "num_labels": 10, "hidden_size": 768,
+                "timestamp": "", "metadata": {}}, p)
+    return str(p)
+
+
+BAD = {
+    "target-high": (["--target", "1.5"], "--target must be in (0, 1)"),
+    "target-zero": (["--target", "0"], "--target must be in (0, 1)"),
+    "target-infeasible": (["--target", "0.95"], "maximum feasible target"),
+    "train-pct": (["--target", "0.2", "--cifar-train-pct", "0"], "--cifar-train-pct must be in (0, 1]"),
+    "test-pct": (["--target", "0.2", "--cifar-test-pct", "1.5"], "--cifar-test-pct must be in (0, 1]"),
+    "two-heads": (["--target", "0.2", "--replace-classifier", "--use-adapter"], "exclusive"),
+    "dataset": (["--target", "0.2", "--dataset", "no-such-set"], "--dataset: unknown dataset"),
+    "eval-batches": (["--target", "0.2", "--eval-batches", "0"], "--eval-batches must be >= 1"),
+    "min-remaining": (["--target", "0.2", "--min-remaining", "0"], "--min-remaining must be >= 1"),
+    "offline-model": (["--target", "0.2", "--model", "google/vit-base-patch16-224"], "--model /path/to/folder"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_exits_2_one_line(tmp_path, capsys, name):
+    args, msg = BAD[name]
+    if "--model" not in args:
+        args = ["--model", "embedded", *args]
+    assert run(tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert files(tmp_path) == []
+
+
+def test_bad_columns_and_models(tmp_path, capsys, cifar_like, swin_folder):
+    cases = [
+        (["--dataset", str(cifar_like), "--image-column", "picture"], "--image-column: column 'picture'"),
+        (["--dataset", str(cifar_like), "--label-column", "nope"], "--label-column: column 'nope'"),
+        (["--load-adapter", bad_adapter(tmp_path / "..")], "--load-adapter: cannot read"),
+        (["--load-adapter", wrong_adapter(tmp_path / ".."), "--dataset", "digits"], "hidden size 768"),
+        (["--model", str(swin_folder)], "unsupported model class SwinForImageClassification"),
+    ]
+    for args, msg in cases:
+        if "--model" not in args:
+            args = ["--model", "embedded", *args]
+        assert run(tmp_path, *args, "--target", "0.2") == 2, args
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, (args, err)
+    assert files(tmp_path) == []

@@ -3,8 +3,8 @@
 Selection methods (label-free, on calibration images):
 - ``greedy``: at each step remove the candidate whose removal changes the model output least
   (KL of logits to the reference outputs, or 1 - cosine of final hidden states for a headless
-  model). Block inputs of the current model are cached, so scoring candidate ``c`` runs only
-  blocks ``c..B-1``, and the cache is refreshed from the chosen block onward.
+  model). Block inputs of the current model are cached per batch, so scoring candidate ``c``
+  runs only blocks ``c..B-1``.
 - ``bi``: one-shot Block Influence (ShortGPT): 1 - mean cos(sublayer input, output).
 Candidates are bypassed temporarily and restored; the model is never copied.
 """
@@ -33,18 +33,14 @@ def _state_skip(unit: str, removed: Sequence[int]) -> set[int]:
 
 
 @torch.no_grad()
-def _block_inputs(an: Anatomy, embedded: list[torch.Tensor], skip: set[int],
-                  start: int = 0, cache: list | None = None) -> list[list[torch.Tensor]]:
-    """cache[i] = inputs of block i (per batch) under the current state; refreshed from `start`."""
-    n = len(an.blocks)
-    cache = cache if cache is not None else [None] * (n + 1)
-    hidden = embedded if start == 0 else cache[start]
-    for i in range(start, n):
-        cache[i] = hidden
+def _inputs_per_block(an: Anatomy, hidden: torch.Tensor, skip: set[int]) -> list[torch.Tensor]:
+    """inputs[i] = input of block i for one batch under the current state (blocks in `skip` left out)."""
+    inputs = []
+    for i in range(len(an.blocks)):
+        inputs.append(hidden)
         if i not in skip:
-            hidden = [an.run_blocks(h, i, i + 1) for h in hidden]
-    cache[n] = hidden
-    return cache
+            hidden = an.run_blocks(hidden, i, i + 1)
+    return inputs
 
 
 @torch.no_grad()
@@ -53,7 +49,9 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                  progress: bool = False) -> tuple[list[int], list[dict[int, float]]]:
     """Greedy removal order of `count` depth units; returns (indices, per-step candidate scores).
 
-    The model is left unchanged.
+    Each step streams the calibration batches: one pass caches every block's input for the
+    batch, then candidate ``c`` is scored by running only blocks ``c..B-1`` from its cached
+    input. Memory holds one batch's block inputs; the model is left unchanged.
     """
     an = resolve(model)
     was_training = model.training
@@ -62,35 +60,36 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     step_scores: list[dict[int, float]] = []
     saved: dict[int, tuple] = {}
     try:
-        embedded = [an.embed(x) for x in pixel_batches]
         if reference is None:
-            reference = torch.cat([an.head(h) for h in _block_inputs(an, embedded, set())[-1]])
-        cache = _block_inputs(an, embedded, set())
+            reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
+        refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
         cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
         for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
                       disable=not progress, leave=False):
             skip = _state_skip(unit, removed)
-            scores: dict[int, float] = {}
-            for c in cands:
-                if c in removed:
-                    continue
-                if unit == "block":
-                    outs = [an.head(an.run_blocks(h, c + 1, skip=skip)) for h in cache[c]]
-                else:
-                    parts = an.parts[c]
-                    att, norm = bypass_attention(parts, an.layout)
-                    try:
-                        outs = [an.head(an.run_blocks(h, c, skip=skip)) for h in cache[c]]
-                    finally:
-                        restore_attention(parts, att, norm)
-                scores[c] = output_distance(torch.cat(outs), reference, an.has_classifier)
+            live = [c for c in cands if c not in removed]
+            totals = {c: 0.0 for c in live}
+            for x, ref in zip(pixel_batches, refs):
+                inputs = _inputs_per_block(an, an.embed(x), skip)
+                for c in live:
+                    if unit == "block":
+                        out = an.head(an.run_blocks(inputs[c], c + 1, skip=skip))
+                    else:
+                        parts = an.parts[c]
+                        att, norm = bypass_attention(parts, an.layout)
+                        try:
+                            out = an.head(an.run_blocks(inputs[c], c, skip=skip))
+                        finally:
+                            restore_attention(parts, att, norm)
+                    totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
+            n = sum(len(x) for x in pixel_batches)
+            scores = {c: v / n for c, v in totals.items()}
             best = min(scores, key=lambda k: (scores[k], k))
             removed.append(best)
             step_scores.append(scores)
             if unit == "attention":
                 saved[best] = bypass_attention(an.parts[best], an.layout)
                 an = resolve(model)
-            cache = _block_inputs(an, embedded, _state_skip(unit, removed), best, cache)
     finally:
         an = resolve(model)
         for i, (att, norm) in saved.items():

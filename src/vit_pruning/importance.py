@@ -6,9 +6,8 @@ of the j-th MLP hidden activation (after the nonlinearity, i.e. the input of fc2
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Collection, Iterator, Sequence
+from typing import Collection, Sequence
 
 import torch
 from torch import nn
@@ -23,60 +22,65 @@ class MLPStats:
     score_sum: torch.Tensor  # (I,) sum over images of the L2 norm over tokens
     images: int
     gram: torch.Tensor | None  # (I+1, I+1) float64 Gram of [activation, 1] over all tokens
+    cross: torch.Tensor | None  # (I+1, H) float64 [activation, 1]^T @ (what fc2 should output)
 
     @property
     def score(self) -> torch.Tensor:
         return self.score_sum / max(1, self.images)
 
 
-@contextmanager
-def capture_fc2_inputs(fc2_modules: dict[int, nn.Module], sink: dict[int, list]) -> Iterator[None]:
-    """Record the input of each fc2 (the MLP hidden activation) into sink[block]; hooks always removed."""
-    handles = []
-
-    def make_hook(key: int):
-        def hook(_module, inputs):
-            sink.setdefault(key, []).append(inputs[0].detach())
-        return hook
-
-    try:
-        for key, mod in fc2_modules.items():
-            handles.append(mod.register_forward_pre_hook(make_hook(key)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def accumulate(stats: MLPStats | None, act: torch.Tensor, with_gram: bool) -> MLPStats:
-    """Add a batch of activations (B, T, I) to running statistics."""
+def accumulate(stats: MLPStats | None, act: torch.Tensor,
+               fc2_target: torch.Tensor | None = None) -> MLPStats:
+    """Add a batch of activations (B, T, I) to running statistics; with `fc2_target` (B, T, H)
+    also the Gram matrix and the cross term least-squares refitting needs."""
     act = act.float()
     norms = act.norm(dim=1).sum(0)  # (I,): per image L2 over tokens, summed over images
-    gram = None
-    if with_gram:
+    gram = cross = None
+    if fc2_target is not None:
         flat = act.reshape(-1, act.shape[-1]).double()
-        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
+        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)  # (N, I+1)
         gram = flat.T @ flat
+        cross = flat.T @ fc2_target.reshape(-1, fc2_target.shape[-1]).double()
     if stats is None:
-        return MLPStats(norms, act.shape[0], gram)
+        return MLPStats(norms, act.shape[0], gram, cross)
     stats.score_sum += norms
     stats.images += act.shape[0]
-    if with_gram:
+    if gram is not None:
         stats.gram += gram
+        stats.cross += cross
     return stats
 
 
 @torch.no_grad()
 def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
-                    with_gram: bool) -> tuple[MLPStats, list[torch.Tensor]]:
-    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics and outputs."""
+                    refit: str | None = None, targets: Sequence[torch.Tensor] | None = None,
+                    ) -> tuple[MLPStats, list[torch.Tensor]]:
+    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics and outputs.
+
+    refit: None (scores only); "block" (fc2 should reproduce its own current output); "model"
+        (the block output should reproduce `targets`, the unpruned model's block output, so the
+        refit also absorbs error from earlier pruning).
+    """
     stats: MLPStats | None = None
     outputs = []
-    for h in inputs:
-        sink: dict[int, list] = {}
-        with capture_fc2_inputs({0: anatomy.parts[index].fc2}, sink):
-            outputs.append(anatomy.run_blocks(h, index, index + 1))
-        stats = accumulate(stats, sink[0][0], with_gram)
+    fc2 = anatomy.parts[index].fc2
+    for b, h in enumerate(inputs):
+        acts: list = []
+        outs: list = []
+        handles = [fc2.register_forward_pre_hook(lambda _m, i: acts.append(i[0].detach())),
+                   fc2.register_forward_hook(lambda _m, _i, o: outs.append(o.detach()))]
+        try:
+            out = anatomy.run_blocks(h, index, index + 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        outputs.append(out)
+        target = None
+        if refit == "block":
+            target = outs[0]
+        elif refit == "model":
+            target = targets[b] - (out - outs[0])  # what fc2 must add to the residual stream
+        stats = accumulate(stats, acts[0], target)
     return stats, outputs
 
 
@@ -98,7 +102,7 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
             if i in skip:
                 scores.append(torch.zeros(parts.intermediate_size))
                 continue
-            stats, hidden = block_mlp_stats(anatomy, i, hidden, with_gram=False)
+            stats, hidden = block_mlp_stats(anatomy, i, hidden)
             scores.append(stats.score)
     finally:
         model.train(was_training)

@@ -41,6 +41,8 @@ class PruneConfig:
     depth_method: str = "greedy"  # "greedy" (output fidelity) or "bi" (Block Influence)
     allocation: str = "uniform"  # "uniform" per block or "global" least-important neurons
     compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
+    refit_target: str = "model"  # lsq fits the unpruned model's block outputs, or "block" its own MLP
+    ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
     stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
@@ -106,7 +108,8 @@ def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | No
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         info = prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
-                                      cfg.allocation, skip, bypass, progress)
+                                      cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
+                                      progress)
     else:
         an = resolve(model)
         scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, resolve
 from .batches import take_pixels
-from .importance import activation_scores, block_mlp_stats, magnitude_scores, normalized
+from .importance import MLPStats, activation_scores, block_mlp_stats, magnitude_scores, normalized
 from .surgery import bypass_attention, prune_mlp_neurons, restore_attention, sync_config
 
 log = logging.getLogger(__name__)
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
+REFIT_TARGETS = ("model", "block")
 
 
 def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -> None:
@@ -93,16 +94,16 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     return model
 
 
-def refit_fc2(fc2: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, mode: str,
+def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
               ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """New (weight, bias) of a pruned fc2 that best reproduce the unpruned output on calibration.
+    """New (weight, bias) of a pruned fc2 from calibration statistics.
 
-    `gram` is the (I+1)x(I+1) Gram matrix of [activation, 1]. "lsq" solves the ridge-regularized
-    least squares over kept neurons plus bias; "bias" folds the dropped neurons' mean
-    contribution into the bias.
+    "lsq": ridge-regularized least squares over the kept neurons plus bias, fitting
+    ``stats.cross`` (the output fc2 should produce); "bias": fold the dropped neurons' mean
+    contribution into the bias, keep the weights.
     """
     width = fc2.in_features
-    w_full = torch.cat([fc2.weight.double(), fc2.bias.double()[:, None]], 1)  # (H, I+1)
+    gram = stats.gram
     if mode == "bias":
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[keep] = False
@@ -111,9 +112,10 @@ def refit_fc2(fc2: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, mode: str,
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
     k = torch.cat([keep.to(torch.long), torch.tensor([width])])
     g_kk = gram[k][:, k]
-    damp = ridge * g_kk.diagonal().mean()
-    rhs = gram[k] @ w_full.T  # (|k|, H)
-    sol = torch.linalg.solve(g_kk + damp * torch.eye(len(k), dtype=g_kk.dtype), rhs)
+    damp = ridge * g_kk.diagonal()[:-1].mean()
+    eye = torch.eye(len(k), dtype=g_kk.dtype)
+    eye[-1, -1] = 0.0  # the bias is not shrunk
+    sol = torch.linalg.solve(g_kk + damp * eye, stats.cross[k])  # (|k|, H)
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
 
 
@@ -122,13 +124,17 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            pixel_batches: Sequence[torch.Tensor], min_remaining: int = 512,
                            compensation: str = "lsq", allocation: str = "uniform",
                            skip_blocks: Sequence[int] = (), bypass_blocks: Sequence[int] = (),
+                           refit_target: str = "model", ridge: float = 1e-3,
                            progress: bool = False) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
-        counts: neurons to remove per block (sum is what matters with allocation="global").
+        counts: neurons to remove per block (with allocation="global" only the sum is used).
         skip_blocks / bypass_blocks: blocks (or attention sublayers) that stage 2 will remove;
             they are left out of the calibration pass so later blocks see their final inputs.
+        refit_target: with compensation="lsq", "model" refits each fc2 so the block output
+            matches the unpruned model's (absorbing earlier pruning error, removed blocks
+            included); "block" matches the block's own unpruned MLP on the same input.
     Returns:
         {"counts": per-block removed, "kept": per-block kept indices}.
     """
@@ -136,32 +142,47 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if refit_target not in REFIT_TARGETS:
+        raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {refit_target!r}")
     anatomy = resolve(model)
     _check_counts(anatomy, counts, min_remaining)
     was_training = model.training
     model.eval()
-    skip = set(skip_blocks)
-    saved = {i: bypass_attention(anatomy.parts[i], anatomy.layout) for i in bypass_blocks}
+    skip, bypass = set(skip_blocks), set(bypass_blocks)
+    refit = None if compensation == "none" else ("block" if compensation == "bias" else refit_target)
+    saved: dict[int, tuple] = {}
     try:
-        anatomy = resolve(model)
         if allocation == "global":
             survivors = [i for i in range(len(anatomy.parts)) if i not in skip]
-            scores = activation_scores(anatomy, pixel_batches, skip)
+            saved = {i: bypass_attention(anatomy.parts[i], anatomy.layout) for i in bypass}
+            scores = activation_scores(resolve(model), pixel_batches, skip)
+            for i, (att, norm) in saved.items():
+                restore_attention(resolve(model).parts[i], att, norm)
+            saved = {}
             counts = global_allocation(scores, sum(counts), min_remaining, survivors)
-        hidden = [anatomy.embed(x) for x in pixel_batches]
+        hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
+        original = list(hidden)  # the unpruned model's path (refit_target="model")
         kept: list[list[int]] = []
-        blocks = range(len(anatomy.parts))
-        for i in tqdm(blocks, desc="stage 1: width", disable=not progress, leave=False):
+        for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
+                      leave=False):
+            anatomy = resolve(model)
+            targets = None
+            if refit == "model":
+                targets = [anatomy.run_blocks(h, i, i + 1) for h in original]
+                original = targets
             if i in skip:
                 kept.append(list(range(anatomy.parts[i].intermediate_size)))
                 continue
-            stats, outputs = block_mlp_stats(anatomy, i, hidden, compensation != "none")
+            if i in bypass:
+                saved[i] = bypass_attention(anatomy.parts[i], anatomy.layout)
+                anatomy = resolve(model)
+            stats, outputs = block_mlp_stats(anatomy, i, hidden, refit, targets)
             parts = anatomy.parts[i]
             keep = keep_indices(stats.score, int(counts[i]))
-            if counts[i]:
+            if counts[i] or refit == "model":
                 weight = bias = None
-                if compensation != "none":
-                    weight, bias = refit_fc2(parts.fc2, stats.gram, keep, compensation)
+                if refit is not None:
+                    weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
                 prune_mlp_neurons(parts, keep, weight, bias)
                 anatomy = resolve(model)
                 outputs = [anatomy.run_blocks(h, i, i + 1) for h in hidden]
@@ -174,4 +195,3 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         model.train(was_training)
     sync_config(resolve(model))
     return {"counts": list(int(c) for c in counts), "kept": kept}
-

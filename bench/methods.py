@@ -1,0 +1,157 @@
+"""The pruning methods compared by the benchmarks, all ending at the same parameter count.
+
+- ``ours*``: vit_pruning.prune_2ssp with named options (one row per idea).
+- ``seed``: the seed system's recipe as ANCHORS.md describes it: uniform K neurons per block by
+  the activation L2 score, attention bypass of the N blocks whose *individual* bypass costs least
+  top-1 on the evaluation loader (5 batches, a model copy per candidate, as the seed does),
+  N = round(B * s ** (P_mlp / (alpha * P_attn))), alpha = 1.5. K is set so the parameter count
+  equals the other methods' (the seed's own planner missed its target by up to 3.8 points).
+- ``2ssp-paper``: uniform K by the 2SSP score, greedy attention removal by calibration
+  cross-entropy, N = round(B * s_blocks ** ((P_mlp / P_attn) / 1.5)).
+- ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's MetaPruner on the MLP hidden channels only
+  (fc1 outputs with their coupled fc2 inputs), group magnitude or group Taylor importance, the
+  same per-block counts as a width-only plan. It has no depth stage.
+- ``random``: our planner's counts (alpha split), random neurons and random blocks.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit_pruning import PruneConfig, prune_2ssp, resolve
+from vit_pruning.importance import activation_scores
+from vit_pruning.measure import evaluate_top1
+from vit_pruning.pipeline import model_shape
+from vit_pruning.planner import feasible_depths, make_plan, width_only_max
+from vit_pruning.surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
+from vit_pruning.width import prune_vit_mlp_width
+
+
+def _nearest_feasible(shape, target, unit, mr, wanted: int) -> int:
+    options = feasible_depths(shape, target, unit, mr)
+    return min(options, key=lambda o: (abs(o - wanted), o))
+
+
+def ours(**options) -> Callable:
+    def run(model, target, calib_x, calib_y, eval_batches, mr, seed):
+        prune_2ssp(model, target, calib_x, PruneConfig(min_remaining=mr, **options))
+        return model
+    return run
+
+
+def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
+    shape = model_shape(model)
+    p_mlp = max(shape.widths) * shape.neuron_params
+    p_attn = max(shape.attention_params)
+    wanted = int(round(shape.num_blocks * target ** (p_mlp / (1.5 * p_attn))))
+    n = _nearest_feasible(shape, target, "attention", mr, wanted)
+    plan = make_plan(shape, target, "attention", mr, depth=n)
+    an = resolve(model)
+    prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr,
+                        importance=activation_scores(an, calib_x))
+    if n:
+        drops = {}
+        for i in range(shape.num_blocks):  # one-shot, a model copy per candidate (seed)
+            trial = copy.deepcopy(model)
+            remove_attention(trial, [i])
+            drops[i] = -evaluate_top1(trial, eval_batches, "cpu", 5)
+            del trial
+        remove_attention(model, sorted(drops, key=lambda k: (drops[k], k))[:n])
+    return model
+
+
+@torch.no_grad()
+def _calibration_ce(model, calib_x, calib_y) -> float:
+    total = sum(float(F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum"))
+                for x, y in zip(calib_x, calib_y))
+    return total / sum(len(y) for y in calib_y)
+
+
+def paper_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
+    shape = model_shape(model)
+    s = min(1.0, target * shape.total_params / sum(shape.block_params))
+    ratio = max(shape.widths) * shape.neuron_params / max(shape.attention_params)
+    n = _nearest_feasible(shape, target, "attention", mr,
+                          int(round(shape.num_blocks * s ** (ratio / 1.5))))
+    plan = make_plan(shape, target, "attention", mr, depth=n)
+    prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr,
+                        importance=activation_scores(resolve(model), calib_x))
+    removed: list[int] = []
+    for _ in range(n):  # greedy: each round remove the attention that hurts calibration loss least
+        an = resolve(model)
+        losses = {}
+        for i, parts in enumerate(an.parts):
+            if parts.attention_removed:
+                continue
+            att, norm = bypass_attention(parts, an.layout)
+            losses[i] = _calibration_ce(model, calib_x, calib_y)
+            restore_attention(parts, att, norm)
+        best = min(losses, key=lambda k: (losses[k], k))
+        remove_attention(model, [best])
+        removed.append(best)
+    return model
+
+
+def torch_pruning(importance: str) -> Callable:
+    def run(model, target, calib_x, calib_y, eval_batches, mr, seed):
+        import torch_pruning as tp
+        shape = model_shape(model)
+        # width only (TP has no depth stage); TP has no notion of min_remaining, so where our
+        # floor makes the target unreachable by width alone it may go down to 1 neuron per block
+        floor = mr if target <= width_only_max(shape, mr) else 1
+        plan = make_plan(shape, target, "block", floor, depth=0)
+        an = resolve(model)
+        fc1s = [p.fc1 for p in an.parts]
+        ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                   and not any(m is f for f in fc1s)]
+        imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
+               else tp.importance.GroupTaylorImportance())
+        ratios = {f: n / f.out_features for f, n in zip(fc1s, plan.neurons_to_prune)}
+        pruner = tp.pruner.MetaPruner(
+            model, calib_x[0][:1], importance=imp, pruning_ratio_dict=ratios,
+            ignored_layers=ignored, global_pruning=False,
+            output_transform=lambda out: out.logits)
+        if importance == "taylor":
+            model.zero_grad()
+            for x, y in zip(calib_x, calib_y):
+                F.cross_entropy(model(pixel_values=x).logits, y).backward()
+        pruner.step()
+        model.zero_grad()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+    return run
+
+
+def random_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
+    shape = model_shape(model)
+    rng = np.random.default_rng(seed)
+    probe = make_plan(shape, target, "block", mr, "alpha")
+    idx = sorted(rng.choice(shape.num_blocks, probe.blocks_to_prune, replace=False).tolist())
+    plan = make_plan(shape, target, "block", mr, depth_indices=idx)
+    scores = [torch.as_tensor(rng.random(w)) for w in shape.widths]
+    prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr, importance=scores)
+    remove_blocks(model, idx)
+    return model
+
+
+METHODS: dict[str, Callable] = {
+    "ours": ours(),
+    "ours (alpha split, no search)": ours(split="alpha"),
+    "ours (no compensation)": ours(compensation="none"),
+    "ours (bias compensation)": ours(compensation="bias"),
+    "ours (global allocation)": ours(allocation="global"),
+    "ours (Block Influence depth)": ours(depth_method="bi"),
+    "ours (attention unit)": ours(unit="attention"),
+    "seed": seed_recipe,
+    "2ssp-paper": paper_recipe,
+    "tp-magnitude": torch_pruning("magnitude"),
+    "tp-taylor": torch_pruning("taylor"),
+    "random": random_recipe,
+}
+BASELINES = ("seed", "2ssp-paper", "tp-magnitude", "tp-taylor", "random")

@@ -46,8 +46,12 @@ def _inputs_per_block(an: Anatomy, hidden: torch.Tensor, skip: set[int]) -> list
 @torch.no_grad()
 def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
                  unit: str = "block", reference: torch.Tensor | None = None,
-                 progress: bool = False) -> tuple[list[int], list[dict[int, float]]]:
+                 progress: bool = False, rescore: int | None = None,
+                 ) -> tuple[list[int], list[dict[int, float]]]:
     """Greedy removal order of `count` depth units; returns (indices, per-step candidate scores).
+
+    After the first step, `rescore` (if set) limits each step to the candidates that scored
+    best in the previous step (lazy greedy); the rest keep their previous scores.
 
     Each step streams the calibration batches: one pass caches every block's input for the
     batch, then candidate ``c`` is scored by running only blocks ``c..B-1`` from its cached
@@ -68,6 +72,9 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                       disable=not progress, leave=False):
             skip = _state_skip(unit, removed)
             live = [c for c in cands if c not in removed]
+            if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
+                prev = step_scores[-1]
+                live = sorted(live, key=lambda c: (prev[c], c))[:rescore]
             totals = {c: 0.0 for c in live}
             for x, ref in zip(pixel_batches, refs):
                 inputs = _inputs_per_block(an, an.embed(x), skip)
@@ -83,7 +90,9 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                             restore_attention(parts, att, norm)
                     totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
             n = sum(len(x) for x in pixel_batches)
-            scores = {c: v / n for c, v in totals.items()}
+            scores = {c: step_scores[-1][c] for c in cands
+                      if step_scores and c not in removed and c not in totals}
+            scores.update({c: v / n for c, v in totals.items()})
             best = min(scores, key=lambda k: (scores[k], k))
             removed.append(best)
             step_scores.append(scores)
@@ -142,7 +151,8 @@ def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
 
 def select_depth(model: nn.Module, count: int, unit: str = "block",
                  pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
-                 reference: torch.Tensor | None = None, progress: bool = False) -> tuple[list[int], dict]:
+                 reference: torch.Tensor | None = None, progress: bool = False,
+                 rescore: int | None = None) -> tuple[list[int], dict]:
     """Choose `count` units to remove; returns (indices in removal order, scores)."""
     if method not in METHODS:
         raise ValueError(f"depth method must be one of {METHODS}, got {method!r}")
@@ -154,8 +164,27 @@ def select_depth(model: nn.Module, count: int, unit: str = "block",
     if method == "bi":
         scores = block_influence(model, pixel_batches, unit)
         return sorted(scores, key=lambda k: (scores[k], k))[:count], {"block_influence": scores}
-    order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress)
+    order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress, rescore)
     return order, {"greedy_steps": [{str(k): v for k, v in s.items()} for s in steps]}
+
+
+@torch.no_grad()
+def outputs_with_depth(model: nn.Module, pixel_batches: Sequence[torch.Tensor], unit: str,
+                       indices: Sequence[int]) -> torch.Tensor:
+    """Model outputs as if `indices` were removed (blocks skipped / attention bypassed)."""
+    an = resolve(model)
+    was_training = model.training
+    model.eval()
+    saved = {}
+    try:
+        if unit == "attention":
+            saved = {i: bypass_attention(an.parts[i], an.layout) for i in indices}
+        skip = set(indices) if unit == "block" else set()
+        return torch.cat([an.head(an.run_blocks(an.embed(x), skip=skip)) for x in pixel_batches])
+    finally:
+        for i, (att, norm) in saved.items():
+            restore_attention(an.parts[i], att, norm)
+        model.train(was_training)
 
 
 def apply_depth(model: nn.Module, indices: Sequence[int], unit: str) -> nn.Module:

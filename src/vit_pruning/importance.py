@@ -14,6 +14,8 @@ from torch import nn
 
 from .anatomy import Anatomy
 
+GRAM_CHUNK = 2048  # tokens per float64 chunk when accumulating Gram matrices (bounds memory)
+
 
 @dataclass
 class MLPStats:
@@ -37,10 +39,15 @@ def accumulate(stats: MLPStats | None, act: torch.Tensor,
     norms = act.norm(dim=1).sum(0)  # (I,): per image L2 over tokens, summed over images
     gram = cross = None
     if fc2_target is not None:
-        flat = act.reshape(-1, act.shape[-1]).double()
-        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)  # (N, I+1)
-        gram = flat.T @ flat
-        cross = flat.T @ fc2_target.reshape(-1, fc2_target.shape[-1]).double()
+        flat = act.reshape(-1, act.shape[-1])
+        tgt = fc2_target.reshape(-1, fc2_target.shape[-1])
+        gram = flat.new_zeros(flat.shape[1] + 1, flat.shape[1] + 1, dtype=torch.float64)
+        cross = flat.new_zeros(flat.shape[1] + 1, tgt.shape[1], dtype=torch.float64)
+        for rows in range(0, flat.shape[0], GRAM_CHUNK):  # float64 copies of a chunk at a time
+            a = flat[rows:rows + GRAM_CHUNK].double()
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # (n, I+1): [activation, 1]
+            gram += a.T @ a
+            cross += a.T @ tgt[rows:rows + GRAM_CHUNK].double()
     if stats is None:
         return MLPStats(norms, act.shape[0], gram, cross)
     stats.score_sum += norms
@@ -49,6 +56,22 @@ def accumulate(stats: MLPStats | None, act: torch.Tensor,
         stats.gram += gram
         stats.cross += cross
     return stats
+
+
+@torch.no_grad()
+def run_block_capture(anatomy: Anatomy, index: int, hidden: torch.Tensor,
+                      modules: Sequence[nn.Module]) -> tuple[torch.Tensor, list[tuple]]:
+    """Run block `index` on `hidden`, returning its output and (input, output) of each module."""
+    seen: list[list] = [[] for _ in modules]
+    handles = [m.register_forward_hook(
+        lambda _m, i, o, k=k: seen[k].append((i[0].detach(), o.detach())))
+        for k, m in enumerate(modules)]
+    try:
+        out = anatomy.run_blocks(hidden, index, index + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, [s[0] for s in seen]
 
 
 @torch.no_grad()
@@ -63,24 +86,15 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
     """
     stats: MLPStats | None = None
     outputs = []
-    fc2 = anatomy.parts[index].fc2
     for b, h in enumerate(inputs):
-        acts: list = []
-        outs: list = []
-        handles = [fc2.register_forward_pre_hook(lambda _m, i: acts.append(i[0].detach())),
-                   fc2.register_forward_hook(lambda _m, _i, o: outs.append(o.detach()))]
-        try:
-            out = anatomy.run_blocks(h, index, index + 1)
-        finally:
-            for handle in handles:
-                handle.remove()
+        out, [(act, fc2_out)] = run_block_capture(anatomy, index, h, [anatomy.parts[index].fc2])
         outputs.append(out)
         target = None
         if refit == "block":
-            target = outs[0]
+            target = fc2_out
         elif refit == "model":
-            target = targets[b] - (out - outs[0])  # what fc2 must add to the residual stream
-        stats = accumulate(stats, acts[0], target)
+            target = targets[b] - (out - fc2_out)  # what fc2 must add to the residual stream
+        stats = accumulate(stats, act, target)
     return stats, outputs
 
 

@@ -3,11 +3,10 @@
 Order of decisions: the depth units are *selected* first (on the unpruned model), so that
 width is planned and calibrated only on blocks that survive; then stage 1 removes neurons and
 stage 2 removes the selected units. With calibration data and ``split="search"`` every feasible
-depth count is tried (on a copy) and the one with the best calibration fidelity wins.
+depth count is tried (width pruned, scored, then undone: no model copies) and the one with the best calibration fidelity wins.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -17,10 +16,11 @@ from torch import nn
 
 from .anatomy import resolve
 from .batches import take_pixels
-from .depth import apply_depth, select_depth
+from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
                       validate_target, width_only_max)
+from .surgery import mlp_snapshot, restore_mlps
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
 
@@ -45,6 +45,7 @@ class PruneConfig:
     ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
+    greedy_rescore: int | None = 4  # greedy steps after the first rescore only the 4 best (lazy)
     stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
 
 
@@ -99,30 +100,23 @@ def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 5
     return make_plan(model_shape(model), target, unit, min_remaining, depth, depth_indices, alpha)
 
 
-def _apply(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
-           cfg: PruneConfig, progress: bool,
-           after_stage1: Callable[[nn.Module], None] | None = None) -> tuple[int, dict]:
-    """Stage 1 then stage 2 of `plan` on `model` in place; returns (params after stage 1, width info)."""
+def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
+                 cfg: PruneConfig, progress: bool) -> dict:
+    """Stage 1 of `plan` in place, calibrated as if stage 2 had already removed its units."""
     skip = plan.depth_indices if plan.unit == "block" else ()
     bypass = plan.depth_indices if plan.unit == "attention" else ()
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
-        info = prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
+        return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
                                       cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
                                       progress)
-    else:
-        an = resolve(model)
-        scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)
-        if cfg.allocation == "global":
-            survivors = [i for i in range(len(counts)) if i not in skip]
-            counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors)
-        prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
-        info = {"counts": counts, "kept": None}
-    stage1 = count_total_params(model)
-    if after_stage1 is not None:
-        after_stage1(model)
-    apply_depth(model, plan.depth_indices, plan.unit)
-    return stage1, info
+    an = resolve(model)
+    scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)
+    if cfg.allocation == "global":
+        survivors = [i for i in range(len(counts)) if i not in skip]
+        counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors)
+    prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
+    return {"counts": counts, "kept": None}
 
 
 def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | None = None,
@@ -167,24 +161,28 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     else:
         candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
-                                       cfg.depth_method, reference, progress)
+                                       cfg.depth_method, reference, progress, cfg.greedy_rescore)
     search: dict[int, float] = {}
     if len(candidates) > 1:
+        snapshot = mlp_snapshot(model)  # trials prune width, then restore: no model copies
         for d in candidates:
-            trial = copy.deepcopy(model)
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            _apply(trial, plan, batches, cfg, progress=False)
-            search[d] = output_distance(collect_outputs(trial, batches), reference,
-                                        resolve(model).has_classifier)
+            _width_stage(model, plan, batches, cfg, progress=False)
+            out = outputs_with_depth(model, batches, cfg.unit, plan.depth_indices)
+            search[d] = output_distance(out, reference, resolve(model).has_classifier)
+            restore_mlps(model, snapshot)
             log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit, search[d])
-            del trial
         best = min(search, key=lambda d: (search[d], d))
     else:
         best = candidates[0]
     plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
     plan = _with_split(plan, "search" if len(candidates) > 1 else
                        ("alpha" if split == "alpha" else "fixed"))
-    stage1, info = _apply(model, plan, batches, cfg, progress, after_stage1)
+    info = _width_stage(model, plan, batches, cfg, progress)
+    stage1 = count_total_params(model)
+    if after_stage1 is not None:
+        after_stage1(model)
+    apply_depth(model, plan.depth_indices, plan.unit)
     after = count_total_params(model)
     if after != plan.params_after:
         raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "

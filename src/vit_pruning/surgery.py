@@ -76,6 +76,24 @@ def prune_mlp_neurons(parts: BlockParts, keep_idx: torch.Tensor,
     _set_child(own2, parts.fc2, new_fc2)
 
 
+def mlp_snapshot(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """References to every block's fc1/fc2 (owner, attribute, module): surgery replaces these
+    modules rather than editing them, so restoring the references undoes width pruning."""
+    snap = []
+    for parts in resolve(model).parts:
+        for owner, fc in zip(_mlp_owners(parts), (parts.fc1, parts.fc2)):
+            name = next(n for n, c in owner.named_children() if c is fc)
+            snap.append((owner, name, fc))
+    return snap
+
+
+def restore_mlps(model: nn.Module, snapshot: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Undo width pruning done since :func:`mlp_snapshot` (no model copy needed)."""
+    for owner, name, fc in snapshot:
+        setattr(owner, name, fc)
+    sync_config(resolve(model))
+
+
 def sync_config(anatomy: Anatomy) -> None:
     """Keep config truthful after surgery: depth, per-block widths and removed attention."""
     cfg = anatomy.model.config

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"hub id, local model folder, or 'embedded' (offline digits ViT); default {DEFAULT_MODEL}")
     g.add_argument("--stage", choices=("both", "s1", "s2"), default="both",
                    help="both stages (default), s1 = width only, s2 = depth only (nearest count, not exact)")
-    g.add_argument("--depth-unit", choices=("block", "attention"), default="block",
-                   help="stage 2 removes whole blocks (default) or only attention sublayers (2SSP paper)")
+    g.add_argument("--depth-unit", choices=("block", "attention", "auto"), default="block",
+                   help="stage 2 removes whole blocks (default), only attention sublayers (2SSP "
+                        "paper), or auto: try both on calibration data and keep the better")
     g.add_argument("--min-remaining", type=int, default=None,
                    help="fewest MLP neurons left in a block (default 512, or width/4 on MLPs narrower than 2048)")
     g.add_argument("--split", default="auto",
@@ -119,6 +120,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--split must be auto, search, alpha or a non-negative integer, got {args.split!r}")
     if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")):
         raise UsageError(f"--run-id must be a plain name (no '/', not starting with '.'), got {args.run_id!r}")
+    if args.stage == "s2" and args.depth_unit == "auto":
+        raise UsageError("--depth-unit auto compares whole splits; with --stage s2 choose block or attention")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,6 +161,39 @@ def load_model(name: str):
     return model.eval(), processor, source
 
 
+def print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset) -> None:
+    """Show the plan (and its predicted FLOPs, measured on a scratch copy); the model is untouched."""
+    import copy
+
+    from .depth import apply_depth
+    from .measure import count_flops
+    from .width import prune_vit_mlp_width
+    flops = count_flops(model)
+    print(f"model {model_id}: {shape.num_blocks} blocks, hidden {shape.hidden_size}, MLP "
+          f"{max(shape.widths)}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs/image")
+    searched = bool(dataset) and args.split == "auto" and args.stage == "both"
+    print(f"target {args.target}: min_remaining {min_remaining} ({mr_source}); split "
+          f"{'searched on calibration data when pruning (shown: 2SSP alpha formula)' if searched else args.split}")
+    for unit, plan in probes.items():
+        scratch = copy.deepcopy(model)
+        prune_vit_mlp_width(scratch, list(plan.neurons_to_prune), max(1, plan.min_remaining))
+        apply_depth(scratch, plan.depth_indices, unit)
+        pred_flops = count_flops(scratch)
+        del scratch
+        print(f"[{unit}] remove {plan.blocks_to_prune} {unit} unit(s) (chosen from calibration "
+              f"data when pruning; weight proxy without data)")
+        gone = set(plan.depth_indices) if unit == "block" else set()
+        widths = ["removed" if i in gone else str(w - n)
+                  for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
+        print(f"[{unit}] MLP widths after stage 1 (placeholder depth indices): {', '.join(widths)}")
+        print(f"[{unit}] predicted parameters {plan.params_after:,} (sparsity "
+              f"{plan.predicted_sparsity:.5f}, error {plan.target_error:.2e}), FLOPs "
+              f"{pred_flops / 1e9:.4f} G ({pred_flops / flops:.3f}x); max feasible target "
+              f"{plan.max_feasible_target:.4f}")
+        for note in plan.notes:
+            print(f"[{unit}] note: {note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -183,7 +219,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .batches import take_pixels
     from .persistence import save_pruned_model
     from .pipeline import PruneConfig, model_shape, prune_2ssp
-    from .planner import make_plan, width_only_max, depth_only_plan, validate_target
+    from .planner import (depth_only_plan, make_plan, max_feasible_target, validate_target,
+                          width_only_max)
     from .report import StageMetrics, markdown, stage_dicts, summarize, versions, write_report
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -214,32 +251,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if min_remaining >= width:
         raise UsageError(f"--min-remaining must be below the MLP width {width}, got {min_remaining}")
     shape = model_shape(model)
+    units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
+    depth = int(args.split) if args.split.isdigit() else "alpha"
     try:
         if args.stage == "s1":
-            validate_target(args.target, width_only_max(shape, min_remaining))
+            validate_target(args.target, width_only_max(shape, min_remaining),
+                            "for width pruning alone (--stage s1)")
+            units = units[:1]
+            depth = 0
         elif args.stage == "s2":
             depth_only_plan(shape, args.target, args.depth_unit)
-        probe = make_plan(shape, args.target, args.depth_unit, min_remaining,
-                          int(args.split) if args.split.isdigit() else "alpha")
+        validate_target(args.target, max(max_feasible_target(shape, u, min_remaining) for u in units))
+        probes = {}
+        for u in units:
+            try:
+                probes[u] = (depth_only_plan(shape, args.target, u) if args.stage == "s2" else
+                             make_plan(shape, args.target, u, min_remaining, depth))
+            except ValueError:
+                if len(units) == 1:
+                    raise
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from exc
 
     dataset = args.dataset or ("cifar10" if args.load_cifar else ("digits" if args.model == "embedded" else None))
     if args.dry_run:
-        flops = count_flops(model)
-        print(f"model {model_id}: {len(anatomy.parts)} blocks, hidden {anatomy.hidden_size}, "
-              f"MLP {width}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs/image")
-        print(f"plan for target {args.target} (depth unit {args.depth_unit}, min_remaining "
-              f"{min_remaining} [{mr_source}], split by the 2SSP alpha formula"
-              f"{'; with data --split auto searches the split' if dataset and args.split == 'auto' else ''}):")
-        print(f"  remove {probe.blocks_to_prune} {args.depth_unit} unit(s) "
-              f"(which ones is chosen from calibration data when pruning)")
-        widths = [w - n for w, n in zip(shape.widths, probe.neurons_to_prune)]
-        print(f"  MLP widths after stage 1: {widths}")
-        print(f"  predicted parameters {probe.params_after:,} (sparsity {probe.predicted_sparsity:.5f}, "
-              f"error {probe.target_error:.2e}); max feasible target {probe.max_feasible_target:.4f}")
-        for note in probe.notes:
-            print(f"  note: {note}")
+        print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset)
         return 0
 
     # ---- data and head
@@ -349,7 +385,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "config": {**vars(args), "device": str(device), "ft_lr": ft_lr},
         "prune_config": asdict(cfg),
         "seed": args.seed,
-        "depth_unit": args.depth_unit,
+        "depth_unit": result.plan.unit,
+        "depth_unit_requested": args.depth_unit,
         "min_remaining": min_remaining,
         "min_remaining_source": mr_source,
         "target": args.target,

@@ -8,7 +8,7 @@ depth count is tried (width pruned, scored, then undone: no model copies) and th
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -34,7 +34,8 @@ STAGES = ("both", "s1", "s2")
 class PruneConfig:
     """Options of :func:`prune_2ssp`; each default is what the benchmarks rewarded."""
 
-    unit: str = "block"  # "block" (whole blocks, seed docs) or "attention" (2SSP paper)
+    unit: str = "block"  # "block" (whole blocks, seed docs), "attention" (2SSP paper), or
+    # "auto": try both and keep the one with the better calibration fidelity
     min_remaining: int = 512  # seed default; capped for narrow MLPs by the CLI
     split: str = "auto"  # "search" with calibration data, "alpha" without; or an int count
     alpha: float = 1.5  # 2SSP paper's split exponent
@@ -61,7 +62,8 @@ class PruneResult:
     depth_order: list[int]  # selected units, in greedy removal order (original numbering)
     neurons_removed: list[int]  # per original block
     kept_neurons: list[list[int]] | None
-    search: dict[int, float] = field(default_factory=dict)  # depth count -> calibration distance
+    search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
+    # unit="auto") -> calibration distance of the split trial
     depth_scores: dict = field(default_factory=dict)
 
     @property
@@ -147,37 +149,23 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
     reference = collect_outputs(model, batches) if batches else None
     if cfg.stages == "s2":
+        if cfg.unit == "auto":
+            raise ValueError("unit 'auto' compares whole splits; for stage 2 alone choose "
+                             "'block' or 'attention'")
         return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1)
     if cfg.stages == "s1":
         top = width_only_max(shape, cfg.min_remaining)
-        validate_target(target, top)
+        validate_target(target, top, "for width pruning alone (stages='s1')")
         split = 0
-    probe = make_plan(shape, target, cfg.unit, cfg.min_remaining, "alpha", alpha=cfg.alpha)
-    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining)
-    if isinstance(split, int):
-        candidates = [split]
-    elif split == "alpha":
-        candidates = [probe.blocks_to_prune]
-    else:
-        candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
-    order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
-                                       cfg.depth_method, reference, progress, cfg.greedy_rescore)
-    search: dict[int, float] = {}
-    if len(candidates) > 1:
-        snapshot = mlp_snapshot(model)  # trials prune width, then restore: no model copies
-        for d in candidates:
-            plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            _width_stage(model, plan, batches, cfg, progress=False)
-            out = outputs_with_depth(model, batches, cfg.unit, plan.depth_indices)
-            search[d] = output_distance(out, reference, resolve(model).has_classifier)
-            restore_mlps(model, snapshot)
-            log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit, search[d])
-        best = min(search, key=lambda d: (search[d], d))
-    else:
-        best = candidates[0]
-    plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
-    plan = _with_split(plan, "search" if len(candidates) > 1 else
-                       ("alpha" if split == "alpha" else "fixed"))
+    units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
+    if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
+        units = ("block",)  # nothing to compare without data; s1 removes no depth units
+    choices = [_choose_depth(model, shape, target, replace(cfg, unit=u), split, batches,
+                             reference, progress, score_single=len(units) > 1) for u in units]
+    plan, order, search, depth_scores = min(
+        choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
+    if len(units) > 1:
+        search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
     info = _width_stage(model, plan, batches, cfg, progress)
     stage1 = count_total_params(model)
     if after_stage1 is not None:
@@ -189,9 +177,40 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
                            f"pruning left {after:,}")
     return model, PruneResult(
         plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
-        params_after_stage2=after, depth_order=order[:best], neurons_removed=info["counts"],
+        params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
         kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
     )
+
+
+def _choose_depth(model, shape, target, cfg, split, batches, reference, progress,
+                  score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
+    """Select depth units and the width/depth split for one unit; returns (plan, removal order,
+    calibration distance per tried depth count, depth scores)."""
+    probe = make_plan(shape, target, cfg.unit, cfg.min_remaining, "alpha", alpha=cfg.alpha)
+    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining)
+    if isinstance(split, int):
+        candidates = [split]
+    elif split == "alpha":
+        candidates = [probe.blocks_to_prune]
+    else:
+        candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
+    order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
+                                       cfg.depth_method, reference, progress, cfg.greedy_rescore)
+    search: dict[str, float] = {}
+    if len(candidates) > 1 or score_single:
+        snapshot = mlp_snapshot(model)  # trials prune width, then restore: no model copies
+        for d in candidates:
+            plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
+            _width_stage(model, plan, batches, cfg, progress=False)
+            out = outputs_with_depth(model, batches, cfg.unit, plan.depth_indices)
+            search[str(d)] = output_distance(out, reference, resolve(model).has_classifier)
+            restore_mlps(model, snapshot)
+            log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit,
+                     search[str(d)])
+    best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
+    plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
+    label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
+    return _with_split(plan, label), order[:best], search, depth_scores
 
 
 def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1):
@@ -211,7 +230,7 @@ def _depth_only(model, shape, target, cfg, batches, reference, progress, after_s
 
 
 def _with_split(plan: PruningPlan, split: str) -> PruningPlan:
-    return PruningPlan(**{**asdict(plan), "split": split})
+    return replace(plan, split=split)
 
 
 def _search_candidates(options: list[int], anchor: int, limit: int) -> list[int]:

@@ -158,13 +158,14 @@ def _spread(total: int, capacity: Sequence[int], survivors: Sequence[int]) -> li
     return counts
 
 
-def validate_target(target: float, maximum: float) -> None:
+def validate_target(target: float, maximum: float,
+                    what: str = "with this min_remaining and depth unit") -> None:
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1) exclusive, got {target}; "
                          f"the maximum feasible target is {maximum:.4f}")
     if target > maximum:
-        raise ValueError(f"target {target} is infeasible: the maximum feasible target with this "
-                         f"min_remaining and depth unit is {maximum:.4f}")
+        raise ValueError(f"target {target} is infeasible: the maximum feasible target {what} "
+                         f"is {maximum:.4f}")
 
 
 def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,

@@ -71,11 +71,13 @@ def retune_head(model, d: Digits, seed: int) -> None:
 
 
 def vit_shape(name: str, meta: bool = False) -> ViTForImageClassification:
-    """ViT-S/16, ViT-B/16 or ViT-L/16 with random weights (or on the meta device: no memory)."""
+    """ViT-S/16, ViT-B/16, ViT-L/16 (or "tiny", for smoke runs) with random weights (or on the
+    meta device: no memory)."""
     hidden, layers, heads, mlp = {"vit-s16": (384, 12, 6, 1536), "vit-b16": (768, 12, 12, 3072),
-                                  "vit-l16": (1024, 24, 16, 4096)}[name]
+                                  "vit-l16": (1024, 24, 16, 4096), "tiny": (64, 4, 4, 256)}[name]
+    extra = {"image_size": 32, "patch_size": 8} if name == "tiny" else {}
     cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    intermediate_size=mlp, num_labels=1000)
+                    intermediate_size=mlp, num_labels=1000, **extra)
     if meta:
         with torch.device("meta"):
             return ViTForImageClassification(cfg)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Callable
 
 import numpy as np
@@ -44,7 +45,9 @@ def ours(**options) -> Callable:
     return run
 
 
-def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
+def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed, timings=None):
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     shape = model_shape(model)
     p_mlp = max(shape.widths) * shape.neuron_params
     p_attn = max(shape.attention_params)
@@ -54,6 +57,8 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
     an = resolve(model)
     prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr,
                         importance=activation_scores(an, calib_x))
+    timings["stage 1 (width)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if n:
         drops = {}
         for i in range(shape.num_blocks):  # one-shot, a model copy per candidate (seed)
@@ -62,6 +67,7 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
             drops[i] = -evaluate_top1(trial, eval_batches, "cpu", 5)
             del trial
         remove_attention(model, sorted(drops, key=lambda k: (drops[k], k))[:n])
+    timings["stage 2 (depth selection and removal)"] = time.perf_counter() - t0
     return model
 
 
@@ -148,6 +154,8 @@ METHODS: dict[str, Callable] = {
     "ours (global allocation)": ours(allocation="global"),
     "ours (Block Influence depth)": ours(depth_method="bi"),
     "ours (attention unit)": ours(unit="attention"),
+    "ours (auto unit)": ours(unit="auto"),
+    "ours (refit own MLP, not model)": ours(refit_target="block"),
     "seed": seed_recipe,
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),

@@ -8,6 +8,7 @@ depth count is tried (width pruned, scored, then undone: no model copies) and th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
@@ -62,6 +63,7 @@ class PruneResult:
     depth_order: list[int]  # selected units, in greedy removal order (original numbering)
     neurons_removed: list[int]  # per original block
     kept_neurons: list[list[int]] | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
     # unit="auto") -> calibration distance of the split trial
     depth_scores: dict = field(default_factory=dict)
@@ -147,7 +149,9 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
     if cfg.stages not in STAGES:
         raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
+    clock = _Clock()
     reference = collect_outputs(model, batches) if batches else None
+    clock.lap("reference outputs")
     if cfg.stages == "s2":
         if cfg.unit == "auto":
             raise ValueError("unit 'auto' compares whole splits; for stage 2 alone choose "
@@ -166,12 +170,16 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
     if len(units) > 1:
         search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
+    clock.lap("depth selection and split search")
     info = _width_stage(model, plan, batches, cfg, progress)
     stage1 = count_total_params(model)
+    clock.lap("stage 1 (width)")
     if after_stage1 is not None:
         after_stage1(model)
+        clock.lap(None)  # measuring is not pruning
     apply_depth(model, plan.depth_indices, plan.unit)
     after = count_total_params(model)
+    clock.lap("stage 2 (depth)")
     if after != plan.params_after:
         raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
                            f"pruning left {after:,}")
@@ -179,7 +187,22 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
         params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
         kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
+        timings=clock.laps,
     )
+
+
+class _Clock:
+    """Wall time per named phase."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if name:
+            self.laps[name] = self.laps.get(name, 0.0) + now - self._t
+        self._t = now
 
 
 def _choose_depth(model, shape, target, cfg, split, batches, reference, progress,

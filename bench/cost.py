@@ -1,0 +1,69 @@
+"""Cost of the whole pipeline on the ViT-B/16 shape (random weights) at target 0.25 with 64
+calibration images: wall time per phase and peak memory, ours vs the seed recipe (one-shot
+depth selection with a model copy per candidate, 5 evaluation batches of 32). Each method runs
+in its own subprocess so peak RSS is its own."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from .common import md_table, vit_shape
+
+TARGET = 0.25
+CALIB = 64
+EVAL_BATCHES, EVAL_BATCH = 5, 32
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def one(method: str, shape: str, calib: int) -> dict:
+    from vit_pruning import PruneConfig, prune_2ssp
+    from .methods import seed_recipe
+    torch.manual_seed(0)
+    model = vit_shape(shape)
+    size = model.config.image_size
+    g = torch.Generator().manual_seed(1)
+    calib_x = list(torch.split(torch.randn(calib, 3, size, size, generator=g), 32))
+    eval_b = [(torch.randn(EVAL_BATCH, 3, size, size, generator=g),
+               torch.randint(0, 1000, (EVAL_BATCH,), generator=g)) for _ in range(EVAL_BATCHES)]
+    min_remaining = min(512, model.config.intermediate_size // 6)
+    setup = _rss_mb()
+    t0 = time.perf_counter()
+    if method == "ours":
+        _, res = prune_2ssp(model, TARGET, calib_x, PruneConfig(min_remaining=min_remaining))
+        timings = res.timings
+    else:
+        timings = {}
+        seed_recipe(model, TARGET, calib_x, None, eval_b, min_remaining, 0, timings)
+    return {"method": method, "wall_s": time.perf_counter() - t0, "timings": timings,
+            "peak_rss_mb": _rss_mb(), "setup_rss_mb": setup}
+
+
+def run(shape: str = "vit-b16", calib: int = CALIB) -> list[dict]:
+    out = []
+    for method in ("seed", "ours"):
+        proc = subprocess.run([sys.executable, "-m", "bench.cost", method, shape, str(calib)],
+                              capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        phases = "; ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())
+        rows.append([r["method"], f"{r['wall_s']:.1f}", phases, f"{r['peak_rss_mb']:.0f}",
+                     f"{r['peak_rss_mb'] - r['setup_rss_mb']:.0f}"])
+    return md_table(["method", "wall time (s)", "phases", "peak RSS (MB)",
+                     "peak above loaded model + data (MB)"], rows)
+
+
+if __name__ == "__main__":
+    print(json.dumps(one(sys.argv[1], sys.argv[2], int(sys.argv[3]))))

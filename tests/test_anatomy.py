@@ -47,3 +47,13 @@ def test_get_encoder_has_live_layer_list(tiny_vit):
 def test_unsupported_model_names_class():
     with pytest.raises(ValueError, match="unsupported model class Linear.*ViTForImageClassification"):
         resolve(nn.Linear(3, 3))
+
+
+def test_mlp_residual_is_the_blocks_second_half(tiny_vit):
+    an = resolve(tiny_vit)
+    h = torch.randn(2, 17, 32)
+    parts = an.parts[1]
+    with torch.no_grad():
+        att = parts.attention(parts.norm_before(h))
+        mid = h + (att[0] if isinstance(att, tuple) else att)
+        torch.testing.assert_close(parts.mlp_residual(mid), an.run_blocks(h, 1, 2), rtol=0, atol=1e-6)

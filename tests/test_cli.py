@@ -169,3 +169,23 @@ def test_bad_columns_and_models(tmp_path, capsys, cifar_like, swin_folder):
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, (args, err)
     assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra,unit,stages", [
+    (["--stage", "s1"], "block", {"baseline", "stage1", "stage2"}),
+    (["--stage", "s2", "--depth-unit", "attention"], "attention", {"baseline", "stage1", "stage2"}),
+    (["--depth-unit", "auto", "--recover"], None, {"baseline", "stage1", "stage2", "recovered"}),
+])
+def test_stage_and_unit_options(tmp_path, extra, unit, stages):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.25", "--run-id", "s",
+               "--calib-size", "32", "--eval-batches", "2", *extra) == 0
+    rep = json.loads((tmp_path / "reports" / "report-s.json").read_text())
+    assert {s["name"] for s in rep["stages"]} == stages
+    if unit:
+        assert rep["depth_unit"] == unit
+    else:
+        assert rep["depth_unit"] in ("block", "attention") and rep["depth_unit_requested"] == "auto"
+    if "s1" in extra:
+        assert rep["plan"]["blocks_to_prune"] == 0 and rep["target_error"] <= rep["one_neuron_sparsity"]
+    if "s2" in extra:
+        assert sum(rep["plan"]["neurons_removed_per_block"]) == 0 and rep["plan"]["blocks_to_prune"] >= 1

@@ -67,3 +67,15 @@ def test_saved_model_reloads_identically(tiny_vit, pixels, tmp_path, unit):
         [p.attention_removed for p in resolve(model).parts]
     with pytest.raises(FileExistsError):
         save_pruned_model(model, out)
+
+
+def test_translate_keys_between_layouts(tiny_vit):
+    from vit_pruning.persistence import translate_keys
+    state = tiny_vit.state_dict()
+    layout = resolve(tiny_vit).layout
+    other = "v4" if layout == "v5" else "v5"
+    there = translate_keys(state, other)
+    assert translate_keys(there, layout).keys() == state.keys()
+    v4 = there if other == "v4" else state
+    assert "vit.encoder.layer.0.intermediate.dense.weight" in v4
+    assert "vit.encoder.layer.3.attention.output.dense.bias" in v4

@@ -7,6 +7,7 @@ from .anatomy import Anatomy, BlockParts, _get_encoder, resolve
 from .depth import prune_vit_attention_blocks, select_depth
 from .measure import (collect_outputs, compute_actual_sparsity, count_block_params, count_flops,
                       count_total_params, evaluate_top1, kl_divergence, measure_latency)
+from .persistence import load_pruned_model, save_pruned_model
 from .pipeline import PruneConfig, PruneResult, model_shape, plan_2ssp_allocation, prune_2ssp
 from .planner import ModelShape, PruningPlan
 from .width import prune_vit_mlp_width
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Anatomy", "BlockParts", "ModelShape", "PruneConfig", "PruneResult", "PruningPlan",
     "_get_encoder", "collect_outputs", "compute_actual_sparsity", "count_block_params",
-    "count_flops", "count_total_params", "evaluate_top1", "kl_divergence", "measure_latency",
+    "count_flops", "count_total_params", "evaluate_top1", "kl_divergence", "load_pruned_model",
+    "measure_latency", "save_pruned_model",
     "model_shape", "plan_2ssp_allocation", "prune_2ssp", "prune_vit_attention_blocks",
     "prune_vit_mlp_width", "resolve", "select_depth",
 ]

@@ -11,7 +11,7 @@ calibration and greedy depth selection use to reuse the hidden states that stay 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection
+from typing import Callable, Collection
 import torch
 from torch import nn
 
@@ -50,6 +50,12 @@ class BlockParts:
     attention_attr: str
     norm_before: nn.Module  # the pre-attention LayerNorm (goes with the attention sublayer)
     attention_removed: bool
+    norm_after: nn.Module  # the pre-MLP LayerNorm
+    act_fn: Callable[[torch.Tensor], torch.Tensor]  # the MLP nonlinearity
+
+    def mlp_residual(self, x_mid: torch.Tensor) -> torch.Tensor:
+        """The block's second half on the residual stream after attention: x + MLP(LN(x))."""
+        return x_mid + self.fc2(self.act_fn(self.fc1(self.norm_after(x_mid))))
 
     @property
     def intermediate_size(self) -> int:
@@ -113,9 +119,10 @@ def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
     norm = getattr(block, "layernorm_before", None)
     mlp = getattr(block, "mlp", None)
     if mlp is not None and hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
-        layout, fc1, fc2 = "v5", mlp.fc1, mlp.fc2
+        layout, fc1, fc2, act_fn = "v5", mlp.fc1, mlp.fc2, mlp.activation_fn
     elif hasattr(block, "intermediate") and hasattr(block, "output"):
         layout, fc1, fc2 = "v4", block.intermediate.dense, block.output.dense
+        act_fn = block.intermediate.intermediate_act_fn
     else:
         raise ValueError(
             f"unsupported block class {type(block).__name__}: expected an MLP as mlp.fc1/mlp.fc2 "
@@ -130,6 +137,7 @@ def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
         block=block, fc1=fc1, fc2=fc2, attention=att, attention_owner=block,
         attention_attr="attention", norm_before=norm,
         attention_removed=isinstance(att, AttentionBypass),
+        norm_after=block.layernorm_after, act_fn=act_fn,
     )
     return parts, layout
 

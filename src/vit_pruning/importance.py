@@ -77,25 +77,27 @@ def run_block_capture(anatomy: Anatomy, index: int, hidden: torch.Tensor,
 @torch.no_grad()
 def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
                     refit: str | None = None, targets: Sequence[torch.Tensor] | None = None,
-                    ) -> tuple[MLPStats, list[torch.Tensor]]:
-    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics and outputs.
+                    ) -> tuple[MLPStats, list[torch.Tensor], list[torch.Tensor]]:
+    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs, and
+    residual streams after attention (the MLP's input side, for re-running only the MLP).
 
     refit: None (scores only); "block" (fc2 should reproduce its own current output); "model"
         (the block output should reproduce `targets`, the unpruned model's block output, so the
         refit also absorbs error from earlier pruning).
     """
     stats: MLPStats | None = None
-    outputs = []
+    outputs, mids = [], []
     for b, h in enumerate(inputs):
         out, [(act, fc2_out)] = run_block_capture(anatomy, index, h, [anatomy.parts[index].fc2])
         outputs.append(out)
+        mids.append(out - fc2_out)  # fc2's output is added to the residual stream as is
         target = None
         if refit == "block":
             target = fc2_out
         elif refit == "model":
-            target = targets[b] - (out - fc2_out)  # what fc2 must add to the residual stream
+            target = targets[b] - mids[-1]  # what fc2 must add to the residual stream
         stats = accumulate(stats, act, target)
-    return stats, outputs
+    return stats, outputs, mids
 
 
 @torch.no_grad()
@@ -116,7 +118,7 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
             if i in skip:
                 scores.append(torch.zeros(parts.intermediate_size))
                 continue
-            stats, hidden = block_mlp_stats(anatomy, i, hidden)
+            stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
             scores.append(stats.score)
     finally:
         model.train(was_training)

@@ -29,35 +29,29 @@ SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
                      "DeiTForImageClassification")
 
 
-# transformers 4.x <-> 5.x parameter names of a ViT/DeiT block (everything else is the same)
-_V4_TO_V5 = [
-    (r"\.encoder\.layer\.(\d+)\.", r".layers.\1."),
-    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
-    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
-    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
-    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."),
-    (r"\.output\.dense\.", ".mlp.fc2."),
-]
-_V5_TO_V4 = [
-    (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
-    (r"\.attention\.q_proj\.", ".attention.attention.query."),
-    (r"\.attention\.k_proj\.", ".attention.attention.key."),
-    (r"\.attention\.v_proj\.", ".attention.attention.value."),
-    (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    (r"\.mlp\.fc1\.", ".intermediate.dense."),
-    (r"\.mlp\.fc2\.", ".output.dense."),
+# transformers 4.x <-> 5.x names inside a ViT/DeiT backbone (everything else is the same)
+_NAME_PAIRS = [  # (4.x, 5.x)
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
 ]
 
 
 def translate_keys(state: dict[str, torch.Tensor], to: str) -> dict[str, torch.Tensor]:
     """Rename a state dict's block parameters to the `to` layout ("v4" or "v5")."""
-    rules = _V4_TO_V5 if to == "v5" else _V5_TO_V4
+    if to not in ("v4", "v5"):
+        raise ValueError(f"layout must be 'v4' or 'v5', got {to!r}")
+    pairs = _NAME_PAIRS if to == "v5" else [(new, old) for old, new in _NAME_PAIRS]
+    blocks = (r"\.encoder\.layer\.(\d+)\.", r".layers.\1.") if to == "v5" else \
+        (r"\.layers\.(\d+)\.", r".encoder.layer.\1.")
     out = {}
     for key, value in state.items():
-        new = "." + key
-        for pattern, repl in rules:
-            new = re.sub(pattern, repl, new)
+        new = re.sub(blocks[0], blocks[1], "." + key)
+        for old_name, new_name in pairs:
+            new = new.replace(old_name, new_name)
         out[new[1:]] = value
     return out
 

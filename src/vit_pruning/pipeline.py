@@ -47,7 +47,9 @@ class PruneConfig:
     ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
-    greedy_rescore: int | None = 4  # greedy steps after the first rescore only the 4 best (lazy)
+    greedy_rescore: int | None = 3  # greedy steps after the first rescore only the 3 best (lazy)
+    search_images: int | None = 32  # calibration images per split trial (all: None); the final
+    # stage 1 always uses every calibration image
     stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
 
 
@@ -221,12 +223,16 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore)
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
+        trial_batches = first_images(batches, cfg.search_images)
+        trial_ref = reference[:sum(len(x) for x in trial_batches)]
         snapshot = mlp_snapshot(model)  # trials prune width, then restore: no model copies
         for d in candidates:
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            _width_stage(model, plan, batches, cfg, progress=False)
-            out = outputs_with_depth(model, batches, cfg.unit, plan.depth_indices)
-            search[str(d)] = output_distance(out, reference, resolve(model).has_classifier)
+            info = _width_stage(model, plan, trial_batches, cfg, progress=False)
+            out = info.get("outputs")  # the sequential pass already ran the pruned model
+            if out is None:
+                out = outputs_with_depth(model, trial_batches, cfg.unit, plan.depth_indices)
+            search[str(d)] = output_distance(out, trial_ref, resolve(model).has_classifier)
             restore_mlps(model, snapshot)
             log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit,
                      search[str(d)])
@@ -254,6 +260,19 @@ def _depth_only(model, shape, target, cfg, batches, reference, progress, after_s
 
 def _with_split(plan: PruningPlan, split: str) -> PruningPlan:
     return replace(plan, split=split)
+
+
+def first_images(batches: list[torch.Tensor], count: int | None) -> list[torch.Tensor]:
+    """The first `count` images of a list of batches (all of them if None)."""
+    if count is None:
+        return batches
+    out, left = [], count
+    for x in batches:
+        if left <= 0:
+            break
+        out.append(x[:left])
+        left -= len(out[-1])
+    return out
 
 
 def _search_candidates(options: list[int], anchor: int, limit: int) -> list[int]:

@@ -112,10 +112,9 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
     k = torch.cat([keep.to(torch.long), torch.tensor([width])])
     g_kk = gram[k][:, k]
-    damp = ridge * g_kk.diagonal()[:-1].mean()
-    eye = torch.eye(len(k), dtype=g_kk.dtype)
-    eye[-1, -1] = 0.0  # the bias is not shrunk
-    sol = torch.linalg.solve(g_kk + damp * eye, stats.cross[k])  # (|k|, H)
+    diag = g_kk.diagonal()[:-1]  # the bias (last) is not shrunk
+    diag += ridge * diag.mean()
+    sol = torch.linalg.solve(g_kk, stats.cross[k])  # (|k|, H)
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
 
 
@@ -136,7 +135,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             matches the unpruned model's (absorbing earlier pruning error, removed blocks
             included); "block" matches the block's own unpruned MLP on the same input.
     Returns:
-        {"counts": per-block removed, "kept": per-block kept indices}.
+        {"counts": per-block removed, "kept": per-block kept indices, "outputs": the pruned
+        model's outputs on the calibration batches, as if stage 2 had run}.
     """
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
@@ -176,7 +176,7 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             if i in bypass:
                 saved[i] = bypass_attention(anatomy.parts[i], anatomy.layout)
                 anatomy = resolve(model)
-            stats, outputs = block_mlp_stats(anatomy, i, hidden, refit, targets)
+            stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets)
             parts = anatomy.parts[i]
             keep = keep_indices(stats.score, int(counts[i]))
             if counts[i] or refit == "model":
@@ -184,14 +184,15 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                 if refit is not None:
                     weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
                 prune_mlp_neurons(parts, keep, weight, bias)
-                anatomy = resolve(model)
-                outputs = [anatomy.run_blocks(h, i, i + 1) for h in hidden]
+                parts = resolve(model).parts[i]
+                outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
             hidden = outputs
             kept.append(keep.tolist())
+        final = torch.cat([resolve(model).head(h) for h in hidden])
     finally:
         anatomy = resolve(model)
         for i, (att, norm) in saved.items():
             restore_attention(anatomy.parts[i], att, norm)
         model.train(was_training)
     sync_config(resolve(model))
-    return {"counts": list(int(c) for c in counts), "kept": kept}
+    return {"counts": list(int(c) for c in counts), "kept": kept, "outputs": final}

@@ -189,3 +189,14 @@ def test_stage_and_unit_options(tmp_path, extra, unit, stages):
         assert rep["plan"]["blocks_to_prune"] == 0 and rep["target_error"] <= rep["one_neuron_sparsity"]
     if "s2" in extra:
         assert sum(rep["plan"]["neurons_removed_per_block"]) == 0 and rep["plan"]["blocks_to_prune"] >= 1
+
+
+def test_head_dependent_flags_fail_before_any_work(tmp_path, capsys):
+    for args, msg in ((["--save-adapter"], "--save-adapter needs a head"),
+                      (["--model", "embedded", "--recover", "--dataset", "digits", "--save-adapter"],
+                       "--save-adapter needs a head")):
+        if "--model" not in args:
+            args = ["--model", "embedded", *args]
+        assert run(tmp_path, *args, "--target", "0.2") == 2
+        assert msg in capsys.readouterr().err
+    assert files(tmp_path) == []

@@ -214,9 +214,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .anatomy import resolve
     from .data import DataError, calibration_subset, default_workers, fingerprint, load_splits, make_loader
     from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter, save_adapter
-    from .measure import collect_outputs, count_flops, count_total_params, evaluate_top1, \
-        kl_divergence, measure_latency
-    from .batches import take_pixels
+    from .measure import collect_outputs, count_flops, count_total_params, kl_divergence, \
+        measure_latency
+    from .batches import batch_labels, batch_pixels, iter_limited, take_pixels
     from .persistence import save_pruned_model
     from .pipeline import PruneConfig, model_shape, prune_2ssp
     from .planner import (depth_only_plan, make_plan, max_feasible_target, validate_target,
@@ -308,6 +308,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                          f"{model.config.num_labels}: add --replace-classifier or --use-adapter")
     if args.do_finetune and splits is None:
         raise UsageError("--do-finetune needs labelled data: add --dataset or --load-cifar")
+    if args.recover and (splits is None or not has_head):
+        raise UsageError("--recover needs labelled data and a classifier head: add --dataset or --load-cifar")
+    if args.save_adapter and head_cfg["kind"] is None:
+        raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
     workers = default_workers()
     train_loader = test_loader = calib_pixels = None
     calib_info = {"dataset": None, "split": None, "count": 0, "fingerprint": None, "seed": args.seed}
@@ -326,14 +330,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    eval_pixels = take_pixels(test_loader, args.eval_batches, device) if test_loader else None
+    eval_batches = list(iter_limited(test_loader, args.eval_batches)) if test_loader else []
+    eval_pixels = [batch_pixels(b).to(device) for b in eval_batches]
+    eval_labels = torch.cat([batch_labels(b) for b in eval_batches]).to(device) if eval_batches else None
     accuracy_note = (f"top-1 on the first {args.eval_batches} test batches of {dataset} "
                      f"({sum(len(x) for x in eval_pixels)} images)" if eval_pixels and has_head else
                      "not applicable (no labelled data or headless model)")
 
     def measure(name: str, ref_logits=None) -> tuple[StageMetrics, torch.Tensor | None]:
         logits = collect_outputs(model, eval_pixels) if eval_pixels else None
-        top1 = (evaluate_top1(model, test_loader, device, args.eval_batches)
+        top1 = (int((logits.argmax(-1) == eval_labels).sum()) / len(eval_labels)
                 if eval_pixels and has_head else None)
         kl = (kl_divergence(logits, ref_logits) if logits is not None and ref_logits is not None
               and has_head else None)
@@ -357,8 +363,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--target: {exc}") from exc
     stages.append(measure("stage2", base_logits)[0])
     if args.recover:
-        if train_loader is None or not has_head:
-            raise UsageError("--recover needs labelled data and a classifier head")
         finetune(model, train_loader, args.ft_epochs, ft_lr, args.freeze_backbone, device, progress)
         model.eval()
         stages.append(measure("recovered", base_logits)[0])
@@ -366,8 +370,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
     meta = {"model": model_id, "target": args.target, "head": head_cfg, "run_id": run_id}
     if args.save_adapter:
-        if head_cfg["kind"] is None:
-            raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
         artifacts["adapter"] = str(save_adapter(model, Path(args.artifacts_dir) / run_id / "adapter.pt",
                                                 head_cfg["kind"], meta))
     if args.save_pruned_model:

@@ -26,7 +26,6 @@ from .surgery import bypass_attention, remove_attention, remove_blocks, restore_
 log = logging.getLogger(__name__)
 
 METHODS = ("greedy", "bi")
-GREEDY_MICRO_BATCH = 16  # images whose block inputs are cached at once during greedy scoring
 
 
 def _state_skip(unit: str, removed: Sequence[int]) -> set[int]:
@@ -67,8 +66,6 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     try:
         if reference is None:
             reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
-        # micro-batches bound the memory of the per-block input cache
-        pixel_batches = [c for x in pixel_batches for c in torch.split(x, GREEDY_MICRO_BATCH)]
         refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
         cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
         for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",

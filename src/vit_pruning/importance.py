@@ -14,7 +14,7 @@ from torch import nn
 
 from .anatomy import Anatomy
 
-GRAM_CHUNK = 2048  # tokens per float64 chunk when accumulating Gram matrices (bounds memory)
+GRAM_CHUNK = 2048  # tokens per chunk when accumulating Gram matrices (bounds memory)
 
 
 @dataclass
@@ -23,8 +23,8 @@ class MLPStats:
 
     score_sum: torch.Tensor  # (I,) sum over images of the L2 norm over tokens
     images: int
-    gram: torch.Tensor | None  # (I+1, I+1) float64 Gram of [activation, 1] over all tokens
-    cross: torch.Tensor | None  # (I+1, H) float64 [activation, 1]^T @ (what fc2 should output)
+    gram: torch.Tensor | None  # (I+1, I+1) Gram of [activation, 1] over all tokens (float32)
+    cross: torch.Tensor | None  # (I+1, H) [activation, 1]^T @ (what fc2 should output)
 
     @property
     def score(self) -> torch.Tensor:
@@ -41,13 +41,13 @@ def accumulate(stats: MLPStats | None, act: torch.Tensor,
     if fc2_target is not None:
         flat = act.reshape(-1, act.shape[-1])
         tgt = fc2_target.reshape(-1, fc2_target.shape[-1])
-        gram = flat.new_zeros(flat.shape[1] + 1, flat.shape[1] + 1, dtype=torch.float64)
-        cross = flat.new_zeros(flat.shape[1] + 1, tgt.shape[1], dtype=torch.float64)
-        for rows in range(0, flat.shape[0], GRAM_CHUNK):  # float64 copies of a chunk at a time
-            a = flat[rows:rows + GRAM_CHUNK].double()
+        gram = flat.new_zeros(flat.shape[1] + 1, flat.shape[1] + 1)
+        cross = flat.new_zeros(flat.shape[1] + 1, tgt.shape[1])
+        for rows in range(0, flat.shape[0], GRAM_CHUNK):
+            a = flat[rows:rows + GRAM_CHUNK]
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # (n, I+1): [activation, 1]
-            gram += a.T @ a
-            cross += a.T @ tgt[rows:rows + GRAM_CHUNK].double()
+            gram.addmm_(a.T, a)
+            cross.addmm_(a.T, tgt[rows:rows + GRAM_CHUNK].float())
     if stats is None:
         return MLPStats(norms, act.shape[0], gram, cross)
     stats.score_sum += norms

@@ -28,6 +28,7 @@ from .importance import activation_scores, magnitude_scores
 log = logging.getLogger(__name__)
 
 SPLITS = ("auto", "alpha", "search")
+MICRO_BATCH = 16  # calibration images per forward inside the pipeline
 STAGES = ("both", "s1", "s2")
 
 
@@ -144,6 +145,8 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     shape = model_shape(model)
     params_before = shape.total_params
     batches = take_pixels(calibration_loader, calib_batches, device) if calibration_loader else None
+    if batches:  # small micro-batches bound the memory of cached activations in every phase
+        batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
     split = cfg.split
     if split == "auto":
         split = "search" if batches else "alpha"

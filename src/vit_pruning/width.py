@@ -107,14 +107,14 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     if mode == "bias":
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[keep] = False
-        mean_act = gram[width, :width] / gram[width, width]  # ones row / token count
+        mean_act = gram[width, :width].double() / float(gram[width, width])  # ones row / tokens
         bias = fc2.bias.double() + fc2.weight.double()[:, dropped] @ mean_act[dropped]
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
     k = torch.cat([keep.to(torch.long), torch.tensor([width])])
-    g_kk = gram[k][:, k]
+    g_kk = gram.index_select(0, k).index_select(1, k).double()  # solved in float64
     diag = g_kk.diagonal()[:-1]  # the bias (last) is not shrunk
     diag += ridge * diag.mean()
-    sol = torch.linalg.solve(g_kk, stats.cross[k])  # (|k|, H)
+    sol = torch.linalg.solve(g_kk, stats.cross[k].double())  # (|k|, H)
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
 
 
@@ -180,12 +180,14 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             parts = anatomy.parts[i]
             keep = keep_indices(stats.score, int(counts[i]))
             if counts[i] or refit == "model":
+                del outputs  # recomputed below from `mids`; free it before the solve
                 weight = bias = None
                 if refit is not None:
                     weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
                 prune_mlp_neurons(parts, keep, weight, bias)
                 parts = resolve(model).parts[i]
                 outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
+            del stats, mids
             hidden = outputs
             kept.append(keep.tolist())
         final = torch.cat([resolve(model).head(h) for h in hidden])

@@ -79,3 +79,17 @@ def test_translate_keys_between_layouts(tiny_vit):
     v4 = there if other == "v4" else state
     assert "vit.encoder.layer.0.intermediate.dense.weight" in v4
     assert "vit.encoder.layer.3.attention.output.dense.bias" in v4
+
+
+def test_width_trial_leaves_model_unchanged_and_predicts_outputs(tiny_vit, pixels):
+    from vit_pruning.depth import outputs_with_depth
+    from vit_pruning.width import prune_width_sequential
+    before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+    counts = [10, 20, 0, 30]
+    trial = prune_width_sequential(tiny_vit, counts, [pixels], 8, skip_blocks=[2], trial=True)
+    after = tiny_vit.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    real = prune_width_sequential(tiny_vit, counts, [pixels], 8, skip_blocks=[2])
+    assert real["kept"] == trial["kept"]
+    torch.testing.assert_close(outputs_with_depth(tiny_vit, [pixels], "block", [2]), trial["outputs"],
+                               rtol=0, atol=1e-5)

@@ -21,7 +21,7 @@ from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
                       validate_target, width_only_max)
-from .surgery import mlp_snapshot, restore_mlps
+from .surgery import mlp_refs, restore_refs, sync_config
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
 
@@ -108,15 +108,23 @@ def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 5
 
 
 def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
-                 cfg: PruneConfig, progress: bool) -> dict:
-    """Stage 1 of `plan` in place, calibrated as if stage 2 had already removed its units."""
+                 cfg: PruneConfig, progress: bool, trial: bool = False) -> dict:
+    """Stage 1 of `plan` in place, calibrated as if stage 2 had already removed its units.
+    With `trial` the model is left unchanged (only the outputs it would give are returned)."""
     skip = plan.depth_indices if plan.unit == "block" else ()
     bypass = plan.depth_indices if plan.unit == "attention" else ()
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
                                       cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
-                                      progress)
+                                      progress, trial)
+    if trial:
+        snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
+        info = _width_stage(model, plan, batches, cfg, progress)
+        info["outputs"] = outputs_with_depth(model, batches, plan.unit, plan.depth_indices)
+        restore_refs(snapshot)
+        sync_config(resolve(model))
+        return info
     an = resolve(model)
     scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)
     if cfg.allocation == "global":
@@ -228,15 +236,10 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
     if len(candidates) > 1 or score_single:
         trial_batches = first_images(batches, cfg.search_images)
         trial_ref = reference[:sum(len(x) for x in trial_batches)]
-        snapshot = mlp_snapshot(model)  # trials prune width, then restore: no model copies
-        for d in candidates:
+        for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            info = _width_stage(model, plan, trial_batches, cfg, progress=False)
-            out = info.get("outputs")  # the sequential pass already ran the pruned model
-            if out is None:
-                out = outputs_with_depth(model, trial_batches, cfg.unit, plan.depth_indices)
+            out = _width_stage(model, plan, trial_batches, cfg, progress=False, trial=True)["outputs"]
             search[str(d)] = output_distance(out, trial_ref, resolve(model).has_classifier)
-            restore_mlps(model, snapshot)
             log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit,
                      search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]

@@ -76,22 +76,20 @@ def prune_mlp_neurons(parts: BlockParts, keep_idx: torch.Tensor,
     _set_child(own2, parts.fc2, new_fc2)
 
 
-def mlp_snapshot(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """References to every block's fc1/fc2 (owner, attribute, module): surgery replaces these
-    modules rather than editing them, so restoring the references undoes width pruning."""
-    snap = []
-    for parts in resolve(model).parts:
-        for owner, fc in zip(_mlp_owners(parts), (parts.fc1, parts.fc2)):
-            name = next(n for n, c in owner.named_children() if c is fc)
-            snap.append((owner, name, fc))
-    return snap
+def mlp_refs(parts: BlockParts) -> list[tuple[nn.Module, str, nn.Module]]:
+    """References to a block's fc1/fc2 as (owner, attribute, module). Surgery replaces these
+    modules rather than editing them, so putting the references back undoes width pruning."""
+    refs = []
+    for owner, fc in zip(_mlp_owners(parts), (parts.fc1, parts.fc2)):
+        name = next(n for n, c in owner.named_children() if c is fc)
+        refs.append((owner, name, fc))
+    return refs
 
 
-def restore_mlps(model: nn.Module, snapshot: list[tuple[nn.Module, str, nn.Module]]) -> None:
-    """Undo width pruning done since :func:`mlp_snapshot` (no model copy needed)."""
-    for owner, name, fc in snapshot:
+def restore_refs(refs: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back modules recorded by :func:`mlp_refs`."""
+    for owner, name, fc in refs:
         setattr(owner, name, fc)
-    sync_config(resolve(model))
 
 
 def sync_config(anatomy: Anatomy) -> None:

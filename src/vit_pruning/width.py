@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .anatomy import Anatomy, resolve
 from .batches import take_pixels
 from .importance import MLPStats, activation_scores, block_mlp_stats, magnitude_scores, normalized
-from .surgery import bypass_attention, prune_mlp_neurons, restore_attention, sync_config
+from .surgery import (bypass_attention, mlp_refs, prune_mlp_neurons, restore_attention,
+                      restore_refs, sync_config)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            compensation: str = "lsq", allocation: str = "uniform",
                            skip_blocks: Sequence[int] = (), bypass_blocks: Sequence[int] = (),
                            refit_target: str = "model", ridge: float = 1e-3,
-                           progress: bool = False) -> dict:
+                           progress: bool = False, trial: bool = False) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
@@ -134,6 +135,9 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         refit_target: with compensation="lsq", "model" refits each fc2 so the block output
             matches the unpruned model's (absorbing earlier pruning error, removed blocks
             included); "block" matches the block's own unpruned MLP on the same input.
+        trial: compute everything (counts, kept indices, outputs) but leave the model as it
+            was: each block's original MLP is put back once its outputs are computed, so a
+            trial never holds more than one pruned block.
     Returns:
         {"counts": per-block removed, "kept": per-block kept indices, "outputs": the pruned
         model's outputs on the calibration batches, as if stage 2 had run}.
@@ -181,12 +185,15 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             keep = keep_indices(stats.score, int(counts[i]))
             if counts[i] or refit == "model":
                 del outputs  # recomputed below from `mids`; free it before the solve
+                originals = mlp_refs(parts)
                 weight = bias = None
                 if refit is not None:
                     weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
                 prune_mlp_neurons(parts, keep, weight, bias)
                 parts = resolve(model).parts[i]
                 outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
+                if trial:
+                    restore_refs(originals)
             del stats, mids
             hidden = outputs
             kept.append(keep.tolist())

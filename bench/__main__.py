@@ -38,6 +38,7 @@ def main(argv=None) -> int:
                     help="Markdown output (default docs/benchmarks.md; with --smoke nothing is written)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("vit_pruning").setLevel(logging.WARNING)  # the benchmark's own lines only
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -30,12 +30,58 @@ def machine() -> str:
             f"{torch.get_num_threads()}, {platform.system()} {platform.release()}")
 
 
+def run_target_error(smoke: bool) -> str:
+    res = target_error.run([0.05, 0.25, 0.5] if smoke else None,
+                           ("vit-b16",) if smoke else ("vit-s16", "vit-b16", "vit-l16"))
+    return "\n".join(["## Target error (planner)", "", target_error.__doc__.strip(), "",
+                      target_error.table(res), ""])
+
+
+def run_fidelity(smoke: bool) -> str:
+    targets = (0.3, 0.7) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    seeds = (0,) if smoke else (0, 1, 2)
+    methods = ["ours", "seed", "2ssp-paper", "tp-magnitude", "random"] if smoke else None
+    res = fidelity.run(targets, seeds, methods, retune=not smoke)
+    base_params = count_total_params(embedded_model())
+    return "\n".join(["## Fidelity and accuracy (embedded digits ViT)", "", fidelity.__doc__.strip(), "",
+                      "Goals for `ours` (the tool's default) against the best other method:", "",
+                      fidelity.goals(res), "", fidelity.tables(res, base_params), ""])
+
+
+def run_speed(smoke: bool) -> str:
+    res = speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
+                    shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
+                    repeats=2 if smoke else 10)
+    return "\n".join(["## Speed (ViT-B/16 shape, CPU)", "", speed.__doc__.strip(), "",
+                      f"Threads: {res['threads']}, rounds: {res['repeats']}.", "", speed.table(res), "",
+                      "### MLP width alignment", "", speed.width_alignment(repeats=3 if smoke else 12), ""])
+
+
+def run_cost(smoke: bool) -> str:
+    res = cost.run("tiny" if smoke else "vit-b16", 8 if smoke else cost.CALIB)
+    return "\n".join(["## Cost of pruning", "", cost.__doc__.strip(), "", cost.table(res), ""])
+
+
+RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "speed": run_speed,
+           "cost": run_cost}
+DOC = Path("docs/benchmarks.md")
+PARTS_DIR = Path("docs/bench")
+HEADER = """# Benchmarks
+
+Every table below was produced by the command in its first line (`python -m bench` runs them
+all, about 20 minutes on a 2-core CPU, and assembles this file from `docs/bench/*.md`;
+`pip install -r bench/requirements.txt` first). `python -m bench --smoke` is the seconds-long
+version CI runs.
+"""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny settings for CI (seconds)")
     ap.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
     ap.add_argument("--out", type=Path, default=None,
-                    help="Markdown output (default docs/benchmarks.md; with --smoke nothing is written)")
+                    help="write the sections to this file instead of docs/ (with --smoke: nothing "
+                         "is written unless --out is given)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("vit_pruning").setLevel(logging.WARNING)  # the benchmark's own lines only
@@ -44,44 +90,29 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     parts = args.only or list(PARTS)
     smoke = args.smoke
-    t_start = time.perf_counter()
-    cmd = "python -m bench" + ("" if not args.only else " " + " ".join(f"--only {p}" for p in args.only))
-    doc = [f"# Benchmarks", "", f"Produced by `{cmd}` on {_dt.date.today().isoformat()}, machine: "
-           f"{machine()}; versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", ""]
-    if "target_error" in parts:
-        res = target_error.run([0.05, 0.25, 0.5] if smoke else None,
-                               ("vit-b16",) if smoke else ("vit-s16", "vit-b16", "vit-l16"))
-        doc += ["## Target error (planner)", "", target_error.__doc__.strip(), "", target_error.table(res), ""]
-        print(target_error.table(res))
-    if "fidelity" in parts:
-        targets = (0.3, 0.7) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-        seeds = (0,) if smoke else (0, 1, 2)
-        methods = ["ours", "seed", "2ssp-paper", "tp-magnitude", "random"] if smoke else None
-        res = fidelity.run(targets, seeds, methods, retune=not smoke)
-        base_params = count_total_params(embedded_model())
-        doc += ["## Fidelity and accuracy (embedded digits ViT)", "", fidelity.__doc__.strip(), "",
-                "Goals for `ours` (the tool's default) against the other methods' best:", "",
-                fidelity.goals(res), "", fidelity.tables(res, base_params), ""]
-        print(fidelity.goals(res))
-    if "speed" in parts:
-        res = speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
-                        shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
-                        repeats=2 if smoke else 5)
-        doc += ["## Speed (ViT-B/16 shape, CPU)", "", speed.__doc__.strip(), "",
-                f"Threads: {res['threads']}, timed repeats: {res['repeats']} (interleaved).", "",
-                speed.table(res), "", "### MLP width alignment", "",
-                speed.width_alignment(repeats=3 if smoke else 12), ""]
-        print(speed.table(res))
-    if "cost" in parts:
-        res = cost.run("tiny" if smoke else "vit-b16", 8 if smoke else cost.CALIB)
-        doc += ["## Cost of pruning", "", cost.__doc__.strip(), "", cost.table(res), ""]
-        print(cost.table(res))
-    doc += [f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
-    out = args.out or (None if smoke else Path("docs/benchmarks.md"))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(doc), encoding="utf-8")
-        print(f"wrote {out}")
+    sections: dict[str, str] = {}
+    for part in parts:
+        t0 = time.perf_counter()
+        body = RUNNERS[part](smoke)
+        print(body)
+        sections[part] = (f"_Produced by `python -m bench --only {part}` on "
+                          f"{_dt.date.today().isoformat()} ({time.perf_counter() - t0:.0f} s), "
+                          f"machine: {machine()}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
+                          + "._\n\n" + body)
+    if smoke and args.out is None:
+        return 0
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n\n".join(sections.values()) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+        return 0
+    PARTS_DIR.mkdir(parents=True, exist_ok=True)
+    for part, text in sections.items():
+        (PARTS_DIR / f"{part}.md").write_text(text + "\n", encoding="utf-8")
+    found = [PARTS_DIR / f"{p}.md" for p in PARTS if (PARTS_DIR / f"{p}.md").exists()]
+    doc = [HEADER] + [f.read_text(encoding="utf-8") for f in found]
+    DOC.write_text("\n".join(doc), encoding="utf-8")
+    print(f"wrote {DOC} from {', '.join(str(f) for f in found)}")
     return 0
 
 

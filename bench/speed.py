@@ -1,7 +1,8 @@
 """Does the parameter cut turn into speed? On the ViT-B/16 shape (random weights), both depth
 units, targets 0.1..0.5: parameter, FLOP and CPU latency ratios at batch 1 and 8 (baseline and
-pruned timed interleaved in one process, medians), and realization = latency reduction / FLOP
-reduction. Plus the MLP-width alignment check: time of one MLP at odd vs aligned widths."""
+pruned timed back to back in one process; the ratio is the median over rounds of
+t(pruned) / t(baseline)), and realization = latency reduction / FLOP reduction.
+Plus the MLP-width alignment check: time of one MLP at odd vs aligned widths."""
 from __future__ import annotations
 
 import copy
@@ -16,23 +17,27 @@ from .common import md_table, vit_shape
 
 
 @torch.no_grad()
-def interleaved_latency(models: list, batch: int, repeats: int) -> list[float]:
-    """Median seconds per forward of each model, timing them in turn (same machine state)."""
-    size = models[0].config.image_size
+def latency_ratio(base, pruned, batch: int, repeats: int) -> float:
+    """Median over rounds of t(pruned) / t(baseline), the two timed back to back in each round
+    (so slow drifts of the machine cancel)."""
+    size = base.config.image_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    for m in models:  # warm-up
+    for m in (base, pruned):  # warm-up
         m(pixel_values=x)
-    times = [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
+    ratios = []
+    for r in range(repeats):
+        pair = (base, pruned) if r % 2 == 0 else (pruned, base)  # alternate who goes first
+        t = {}
+        for m in pair:
             t0 = time.perf_counter()
             m(pixel_values=x)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            t[id(m)] = time.perf_counter() - t0
+        ratios.append(t[id(pruned)] / t[id(base)])
+    return statistics.median(ratios)
 
 
 def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), units=("block", "attention"), shape="vit-b16",
-        batches=(1, 8), repeats: int = 5) -> dict:
+        batches=(1, 8), repeats: int = 10) -> dict:
     base = vit_shape(shape)
     base_params, base_flops = count_total_params(base), count_flops(base)
     rows = []
@@ -45,9 +50,8 @@ def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), units=("block", "attention"), shape="
             row = {"unit": unit, "target": t, "params": count_total_params(model) / base_params,
                    "flops": count_flops(model) / base_flops}
             for b in batches:
-                lat_base, lat = interleaved_latency([base, model], b, repeats)
-                row[f"latency_b{b}"] = lat / lat_base
-                row[f"realization_b{b}"] = (1 - lat / lat_base) / (1 - row["flops"])
+                row[f"latency_b{b}"] = latency_ratio(base, model, b, repeats)
+                row[f"realization_b{b}"] = (1 - row[f"latency_b{b}"]) / (1 - row["flops"])
             rows.append(row)
             del model
     return {"shape": shape, "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}

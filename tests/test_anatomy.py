@@ -57,3 +57,13 @@ def test_mlp_residual_is_the_blocks_second_half(tiny_vit):
         att = parts.attention(parts.norm_before(h))
         mid = h + (att[0] if isinstance(att, tuple) else att)
         torch.testing.assert_close(parts.mlp_residual(mid), an.run_blocks(h, 1, 2), rtol=0, atol=1e-6)
+
+
+def test_other_heads_are_rejected():
+    from transformers import DeiTForImageClassificationWithTeacher, ViTForMaskedImageModeling
+    cfg = DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, image_size=16, patch_size=4, num_labels=3)
+    with pytest.raises(ValueError, match="unsupported model class DeiTForImageClassificationWithTeacher"):
+        resolve(DeiTForImageClassificationWithTeacher(cfg))
+    with pytest.raises(ValueError, match="unsupported model class ViTForMaskedImageModeling"):
+        resolve(ViTForMaskedImageModeling(tiny_config()))

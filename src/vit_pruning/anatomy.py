@@ -103,12 +103,18 @@ class Anatomy:
 
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, bool]:
+    """(backbone, has_classifier). A wrapper must have exactly one `classifier` on the [CLS]
+    token: other heads (DeiT's distillation pair, masked-image decoders) would make the
+    segmented forward disagree with the model's own, so they are rejected."""
     for attr in ("vit", "deit"):
         sub = getattr(model, attr, None)
         if isinstance(sub, nn.Module) and hasattr(sub, "embeddings"):
-            return sub, isinstance(getattr(model, "classifier", None), nn.Module)
-    if hasattr(model, "embeddings") and hasattr(model, "layernorm"):
-        return model, False
+            if isinstance(getattr(model, "classifier", None), nn.Module):
+                return sub, True
+            break
+    else:
+        if hasattr(model, "embeddings") and hasattr(model, "layernorm"):
+            return model, False
     raise ValueError(
         f"unsupported model class {type(model).__name__}: vit_pruning supports {SUPPORTED}"
     )

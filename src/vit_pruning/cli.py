@@ -320,7 +320,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         test_loader = make_loader(splits.test, processor, splits, args.batch_size, False, args.seed, workers)
         calib_ds, _ = calibration_subset(splits.train, args.calib_size, args.seed)
         calib_pixels = take_pixels(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
-        calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct:g}] (random {len(calib_ds)})",
+        calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
                       "count": len(calib_ds), "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
     ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
     if args.do_finetune:

@@ -5,8 +5,9 @@ Two entry points:
   activations (2SSP score) or weight magnitude.
 - :func:`prune_width_sequential` is the default of :func:`vit_pruning.prune_2ssp`: blocks are
   pruned in order on the already-pruned model's activations, and the pruned fc2 is refit by
-  least squares (``compensation="lsq"``) or bias folding (``"bias"``) to reproduce the unpruned
-  MLP's output on the calibration tokens.
+  least squares (``compensation="lsq"``) so the block reproduces the unpruned model's block
+  output on the calibration tokens (absorbing error from earlier blocks and removed units), or
+  by folding dropped neurons' mean into the bias (``"bias"``).
 """
 from __future__ import annotations
 

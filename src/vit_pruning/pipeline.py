@@ -3,7 +3,8 @@
 Order of decisions: the depth units are *selected* first (on the unpruned model), so that
 width is planned and calibrated only on blocks that survive; then stage 1 removes neurons and
 stage 2 removes the selected units. With calibration data and ``split="search"`` every feasible
-depth count is tried (width pruned, scored, then undone: no model copies) and the one with the best calibration fidelity wins.
+depth count is tried (width pruned, scored, then undone: no model copies) and the one with the
+best calibration fidelity wins.
 """
 from __future__ import annotations
 
@@ -245,14 +246,14 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
     plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
-    return _with_split(plan, label), order[:best], search, depth_scores
+    return replace(plan, split=label), order[:best], search, depth_scores
 
 
 def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1):
     """stages="s2": remove the depth count nearest the target, no width pruning."""
     count = depth_only_plan(shape, target, cfg.unit).blocks_to_prune
     order, depth_scores = select_depth(model, count, cfg.unit, batches, cfg.depth_method,
-                                       reference, progress)
+                                       reference, progress, cfg.greedy_rescore)
     plan = depth_only_plan(shape, target, cfg.unit, order)
     if after_stage1 is not None:
         after_stage1(model)
@@ -262,10 +263,6 @@ def _depth_only(model, shape, target, cfg, batches, reference, progress, after_s
         plan=plan, config=cfg, params_before=shape.total_params,
         params_after_stage1=shape.total_params, params_after_stage2=after, depth_order=order,
         neurons_removed=[0] * shape.num_blocks, kept_neurons=None, depth_scores=depth_scores)
-
-
-def _with_split(plan: PruningPlan, split: str) -> PruningPlan:
-    return replace(plan, split=split)
 
 
 def first_images(batches: list[torch.Tensor], count: int | None) -> list[torch.Tensor]:

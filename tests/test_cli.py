@@ -200,3 +200,16 @@ def test_head_dependent_flags_fail_before_any_work(tmp_path, capsys):
         assert run(tmp_path, *args, "--target", "0.2") == 2
         assert msg in capsys.readouterr().err
     assert files(tmp_path) == []
+
+
+def test_min_remaining_default_keeps_seed_value_on_wide_mlps(tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    folder = tmp_path / "wide"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=640, image_size=16, patch_size=4,
+                                         num_labels=3)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    assert main(["--model", str(folder), "--target", "0.05", "--dry-run"]) == 0
+    assert "min_remaining 512 (seed default 512)" in capsys.readouterr().out
+    assert main(["--model", "embedded", "--target", "0.2", "--dry-run"]) == 0
+    assert "min_remaining 96 (default capped to width/4)" in capsys.readouterr().out

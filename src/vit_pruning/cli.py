@@ -29,7 +29,7 @@ log = logging.getLogger("vit_pruning")
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
 SEED_MIN_REMAINING = 512
-NARROW_FRACTION = 4  # on MLPs narrower than 4*512, min_remaining defaults to width // 4
+NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
 
 
 class UsageError(Exception):
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2 removes whole blocks (default), only attention sublayers (2SSP "
                         "paper), or auto: try both on calibration data and keep the better")
     g.add_argument("--min-remaining", type=int, default=None,
-                   help="fewest MLP neurons left in a block (default 512, or width/4 on MLPs narrower than 2048)")
+                   help="fewest MLP neurons left in a block (default: the seed's 512 where the MLP is wider "
+                        "than 512, else width/4)")
     g.add_argument("--split", default="auto",
                    help="width/depth split: auto (search with data, alpha without), search, alpha, or a depth count")
     g.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     width = max(p.intermediate_size for p in anatomy.parts)
     if args.min_remaining is not None:
         min_remaining, mr_source = args.min_remaining, "--min-remaining"
-    elif width >= NARROW_FRACTION * SEED_MIN_REMAINING:
+    elif width > SEED_MIN_REMAINING:
         min_remaining, mr_source = SEED_MIN_REMAINING, "seed default 512"
     else:
         min_remaining, mr_source = max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"

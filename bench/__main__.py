@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import cost, fidelity, speed, target_error
-from .common import digits_tensors, embedded_model
+from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 

@@ -7,7 +7,6 @@ Calibration images always come from the train split; accuracy is measured on the
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-
-log = logging.getLogger(__name__)
 
 # name -> (hub id, train split, test split, image column, label column)
 KNOWN = {

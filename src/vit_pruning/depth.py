@@ -10,7 +10,6 @@ Candidates are bypassed temporarily and restored; the model is never copied.
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Sequence
 
 import torch
@@ -22,8 +21,6 @@ from .anatomy import Anatomy, resolve
 from .batches import take_pixels
 from .measure import output_distance
 from .surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
-
-log = logging.getLogger(__name__)
 
 METHODS = ("greedy", "bi")
 

@@ -11,7 +11,6 @@ Two entry points:
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Sequence
 
 import torch
@@ -23,8 +22,6 @@ from .batches import take_pixels
 from .importance import MLPStats, activation_scores, block_mlp_stats, magnitude_scores, normalized
 from .surgery import (bypass_attention, mlp_refs, prune_mlp_neurons, restore_attention,
                       restore_refs, sync_config)
-
-log = logging.getLogger(__name__)
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")

@@ -93,3 +93,12 @@ def test_width_trial_leaves_model_unchanged_and_predicts_outputs(tiny_vit, pixel
     assert real["kept"] == trial["kept"]
     torch.testing.assert_close(outputs_with_depth(tiny_vit, [pixels], "block", [2]), trial["outputs"],
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.4])
+def test_repruning_a_pruned_model_stays_exact(tiny_vit, pixels, target):
+    prune_2ssp(tiny_vit, 0.3, [pixels], PruneConfig(unit="attention", min_remaining=8, split=2))
+    p0 = count_total_params(tiny_vit)
+    model, res = prune_2ssp(tiny_vit, target, [pixels], PruneConfig(unit="block", min_remaining=4))
+    assert count_total_params(model) == res.plan.params_after
+    assert abs(res.achieved_sparsity - target) <= 65 / p0

@@ -93,3 +93,18 @@ def test_depth_needs_a_count(tiny_vit):
         prune_vit_attention_blocks(tiny_vit)
     with pytest.raises(ValueError, match=r"num_to_prune must be in \[0, 3\]"):
         prune_vit_attention_blocks(tiny_vit, num_to_prune=4, unit="block")
+
+
+def test_temporary_bypass_restores_even_on_error(tiny_vit, pixels):
+    from vit_pruning.surgery import TemporaryBypass
+    with torch.no_grad():
+        ref = tiny_vit(pixel_values=pixels).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with TemporaryBypass(tiny_vit) as bypass:
+            bypass.add(1)
+            bypass.add(3)
+            assert [p.attention_removed for p in resolve(tiny_vit).parts] == [False, True, False, True]
+            raise RuntimeError("boom")
+    assert not any(p.attention_removed for p in resolve(tiny_vit).parts)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_vit(pixel_values=pixels).logits, ref, rtol=0, atol=0)

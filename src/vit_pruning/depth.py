@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .anatomy import Anatomy, resolve
 from .batches import take_pixels
 from .measure import output_distance
-from .surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
+from .surgery import TemporaryBypass, remove_attention, remove_blocks
 
 METHODS = ("greedy", "bi")
 
@@ -59,47 +59,42 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     model.eval()
     removed: list[int] = []
     step_scores: list[dict[int, float]] = []
-    saved: dict[int, tuple] = {}
     try:
-        if reference is None:
-            reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
-        refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
-        cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
-        for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
-                      disable=not progress, leave=False):
-            skip = _state_skip(unit, removed)
-            live = [c for c in cands if c not in removed]
-            if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
-                prev = step_scores[-1]
-                live = sorted(live, key=lambda c: (prev[c], c))[:rescore]
-            totals = {c: 0.0 for c in live}
-            for x, ref in zip(pixel_batches, refs):
-                inputs = _inputs_per_block(an, an.embed(x), skip)
-                for c in live:
-                    if unit == "block":
-                        out = an.head(an.run_blocks(inputs[c], c + 1, skip=skip))
-                    else:
-                        parts = an.parts[c]
-                        att, norm = bypass_attention(parts, an.layout)
-                        try:
-                            out = an.head(an.run_blocks(inputs[c], c, skip=skip))
-                        finally:
-                            restore_attention(parts, att, norm)
-                    totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
-            n = sum(len(x) for x in pixel_batches)
-            scores = {c: step_scores[-1][c] for c in cands
-                      if step_scores and c not in removed and c not in totals}
-            scores.update({c: v / n for c, v in totals.items()})
-            best = min(scores, key=lambda k: (scores[k], k))
-            removed.append(best)
-            step_scores.append(scores)
-            if unit == "attention":
-                saved[best] = bypass_attention(an.parts[best], an.layout)
-                an = resolve(model)
+        with TemporaryBypass(model) as bypass:  # attention units chosen so far stay bypassed
+            if reference is None:
+                reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
+            refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
+            cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
+            for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
+                          disable=not progress, leave=False):
+                skip = _state_skip(unit, removed)
+                live = [c for c in cands if c not in removed]
+                if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
+                    prev = step_scores[-1]
+                    live = sorted(live, key=lambda c: (prev[c], c))[:rescore]
+                totals = {c: 0.0 for c in live}
+                for x, ref in zip(pixel_batches, refs):
+                    inputs = _inputs_per_block(an, an.embed(x), skip)
+                    for c in live:
+                        if unit == "block":
+                            out = an.head(an.run_blocks(inputs[c], c + 1, skip=skip))
+                        else:
+                            bypass.add(c)
+                            try:
+                                out = an.head(an.run_blocks(inputs[c], c, skip=skip))
+                            finally:
+                                bypass.undo(c)
+                        totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
+                n = sum(len(x) for x in pixel_batches)
+                scores = {c: step_scores[-1][c] for c in cands
+                          if step_scores and c not in removed and c not in totals}
+                scores.update({c: v / n for c, v in totals.items()})
+                best = min(scores, key=lambda k: (scores[k], k))
+                removed.append(best)
+                step_scores.append(scores)
+                if unit == "attention":
+                    bypass.add(best)
     finally:
-        an = resolve(model)
-        for i, (att, norm) in saved.items():
-            restore_attention(an.parts[i], att, norm)
         model.train(was_training)
     return removed, step_scores
 
@@ -172,15 +167,13 @@ def outputs_with_depth(model: nn.Module, pixel_batches: Sequence[torch.Tensor], 
     an = resolve(model)
     was_training = model.training
     model.eval()
-    saved = {}
     try:
-        if unit == "attention":
-            saved = {i: bypass_attention(an.parts[i], an.layout) for i in indices}
-        skip = set(indices) if unit == "block" else set()
-        return torch.cat([an.head(an.run_blocks(an.embed(x), skip=skip)) for x in pixel_batches])
+        with TemporaryBypass(model) as bypass:
+            for i in indices if unit == "attention" else ():
+                bypass.add(i)
+            skip = set(indices) if unit == "block" else set()
+            return torch.cat([an.head(an.run_blocks(an.embed(x), skip=skip)) for x in pixel_batches])
     finally:
-        for i, (att, norm) in saved.items():
-            restore_attention(an.parts[i], att, norm)
         model.train(was_training)
 
 

@@ -135,6 +135,34 @@ def restore_attention(parts: BlockParts, attention: nn.Module, norm: nn.Module) 
     parts.block.layernorm_before = norm
 
 
+class TemporaryBypass:
+    """Bypass attention sublayers for a while (scoring, calibration); on exit every sublayer
+    still bypassed is restored, so the model leaves exactly as it came, with no copies.
+
+        with TemporaryBypass(model) as bypass:
+            bypass.add(3)      # block 3 now computes x + MLP(x)
+            bypass.undo(3)     # and has its attention back
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._saved: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    def add(self, index: int) -> None:
+        anatomy = resolve(self.model)
+        self._saved[index] = bypass_attention(anatomy.parts[index], anatomy.layout)
+
+    def undo(self, index: int) -> None:
+        restore_attention(resolve(self.model).parts[index], *self._saved.pop(index))
+
+    def __enter__(self) -> "TemporaryBypass":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for index in list(self._saved):
+            self.undo(index)
+
+
 def remove_attention(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     """Remove the attention sublayer (and its pre-LayerNorm) of blocks `indices`: x -> x + MLP(x)."""
     anatomy = resolve(model)

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from .anatomy import Anatomy, resolve
 from .batches import take_pixels
 from .importance import MLPStats, activation_scores, block_mlp_stats, magnitude_scores, normalized
-from .surgery import (bypass_attention, mlp_refs, prune_mlp_neurons, restore_attention,
-                      restore_refs, sync_config)
+from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
@@ -93,6 +92,46 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     return model
 
 
+def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, refit, ridge,
+                     progress, trial, temp: TemporaryBypass) -> tuple[list[list[int]], torch.Tensor]:
+    """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
+    anatomy = resolve(model)
+    hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
+    original = list(hidden)  # the unpruned model's path (refit_target="model")
+    kept: list[list[int]] = []
+    for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
+                  leave=False):
+        anatomy = resolve(model)
+        targets = None
+        if refit == "model":
+            targets = [anatomy.run_blocks(h, i, i + 1) for h in original]
+            original = targets
+        if i in skip:
+            kept.append(list(range(anatomy.parts[i].intermediate_size)))
+            continue
+        if i in bypass:
+            temp.add(i)
+            anatomy = resolve(model)
+        stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets)
+        parts = anatomy.parts[i]
+        keep = keep_indices(stats.score, int(counts[i]))
+        if counts[i] or refit == "model":
+            del outputs  # recomputed below from `mids`; free it before the solve
+            originals = mlp_refs(parts)
+            weight = bias = None
+            if refit is not None:
+                weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
+            prune_mlp_neurons(parts, keep, weight, bias)
+            parts = resolve(model).parts[i]
+            outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
+            if trial:
+                restore_refs(originals)
+        del stats, mids
+        hidden = outputs
+        kept.append(keep.tolist())
+    return kept, torch.cat([resolve(model).head(h) for h in hidden])
+
+
 def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
               ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) of a pruned fc2 from calibration statistics.
@@ -152,54 +191,18 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
     model.eval()
     skip, bypass = set(skip_blocks), set(bypass_blocks)
     refit = None if compensation == "none" else ("block" if compensation == "bias" else refit_target)
-    saved: dict[int, tuple] = {}
     try:
         if allocation == "global":
             survivors = [i for i in range(len(anatomy.parts)) if i not in skip]
-            saved = {i: bypass_attention(anatomy.parts[i], anatomy.layout) for i in bypass}
-            scores = activation_scores(resolve(model), pixel_batches, skip)
-            for i, (att, norm) in saved.items():
-                restore_attention(resolve(model).parts[i], att, norm)
-            saved = {}
+            with TemporaryBypass(model) as temp:
+                for i in bypass:
+                    temp.add(i)
+                scores = activation_scores(resolve(model), pixel_batches, skip)
             counts = global_allocation(scores, sum(counts), min_remaining, survivors)
-        hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
-        original = list(hidden)  # the unpruned model's path (refit_target="model")
-        kept: list[list[int]] = []
-        for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
-                      leave=False):
-            anatomy = resolve(model)
-            targets = None
-            if refit == "model":
-                targets = [anatomy.run_blocks(h, i, i + 1) for h in original]
-                original = targets
-            if i in skip:
-                kept.append(list(range(anatomy.parts[i].intermediate_size)))
-                continue
-            if i in bypass:
-                saved[i] = bypass_attention(anatomy.parts[i], anatomy.layout)
-                anatomy = resolve(model)
-            stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets)
-            parts = anatomy.parts[i]
-            keep = keep_indices(stats.score, int(counts[i]))
-            if counts[i] or refit == "model":
-                del outputs  # recomputed below from `mids`; free it before the solve
-                originals = mlp_refs(parts)
-                weight = bias = None
-                if refit is not None:
-                    weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
-                prune_mlp_neurons(parts, keep, weight, bias)
-                parts = resolve(model).parts[i]
-                outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
-                if trial:
-                    restore_refs(originals)
-            del stats, mids
-            hidden = outputs
-            kept.append(keep.tolist())
-        final = torch.cat([resolve(model).head(h) for h in hidden])
+        with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
+            kept, final = _sequential_pass(model, counts, pixel_batches, compensation, skip,
+                                           bypass, refit, ridge, progress, trial, temp)
     finally:
-        anatomy = resolve(model)
-        for i, (att, norm) in saved.items():
-            restore_attention(anatomy.parts[i], att, norm)
         model.train(was_training)
     sync_config(resolve(model))
     return {"counts": list(int(c) for c in counts), "kept": kept, "outputs": final}

@@ -12,6 +12,13 @@
   (fc1 outputs with their coupled fc2 inputs), group magnitude or group Taylor importance, the
   same per-block counts as a width-only plan. It has no depth stage.
 - ``random``: our planner's counts (alpha split), random neurons and random blocks.
+
+Every method takes (model, target, calib_x, calib_y, eval_batches, min_remaining, seed). For a
+text encoder there are no labels (``calib_y`` and ``eval_batches`` are None): where a recipe
+scores with labels it uses the calibration embeddings' cosine distance to the unpruned model
+instead (seed: per-candidate cost; 2ssp-paper: the greedy loss), and tp-taylor's gradient comes
+from an unsupervised SimCSE loss (two dropout views of each calibration sentence, in-batch
+negatives), the kind of contrastive objective the sentence encoder was trained with.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from torch import nn
 
 from vit_pruning import PruneConfig, prune_2ssp, resolve
 from vit_pruning.importance import activation_scores
-from vit_pruning.measure import evaluate_top1
+from vit_pruning.measure import output_tensor, collect_outputs, evaluate_top1, output_distance
 from vit_pruning.pipeline import model_shape
 from vit_pruning.planner import feasible_depths, make_plan, width_only_max
 from vit_pruning.surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
@@ -55,6 +62,7 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed, timings
     n = _nearest_feasible(shape, target, "attention", mr, wanted)
     plan = make_plan(shape, target, "attention", mr, depth=n)
     an = resolve(model)
+    ref = None if calib_y is not None else collect_outputs(model, calib_x)
     prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr,
                         importance=activation_scores(an, calib_x))
     timings["stage 1 (width)"] = time.perf_counter() - t0
@@ -64,7 +72,8 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed, timings
         for i in range(shape.num_blocks):  # one-shot, a model copy per candidate (seed)
             trial = copy.deepcopy(model)
             remove_attention(trial, [i])
-            drops[i] = -evaluate_top1(trial, eval_batches, "cpu", 5)
+            drops[i] = (-evaluate_top1(trial, eval_batches, "cpu", 5) if eval_batches
+                        else _calibration_loss(trial, calib_x, None, ref))
             del trial
         remove_attention(model, sorted(drops, key=lambda k: (drops[k], k))[:n])
     timings["stage 2 (depth selection and removal)"] = time.perf_counter() - t0
@@ -72,7 +81,11 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed, timings
 
 
 @torch.no_grad()
-def _calibration_ce(model, calib_x, calib_y) -> float:
+def _calibration_loss(model, calib_x, calib_y, ref) -> float:
+    """Cross-entropy on labelled calibration images, or (text) 1 - mean cosine of the
+    calibration embeddings to the unpruned model's `ref`."""
+    if calib_y is None:
+        return output_distance(collect_outputs(model, calib_x), ref, False)
     total = sum(float(F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum"))
                 for x, y in zip(calib_x, calib_y))
     return total / sum(len(y) for y in calib_y)
@@ -85,6 +98,7 @@ def paper_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
     n = _nearest_feasible(shape, target, "attention", mr,
                           int(round(shape.num_blocks * s ** (ratio / 1.5))))
     plan = make_plan(shape, target, "attention", mr, depth=n)
+    ref = None if calib_y is not None else collect_outputs(model, calib_x)
     prune_vit_mlp_width(model, list(plan.neurons_to_prune), mr,
                         importance=activation_scores(resolve(model), calib_x))
     removed: list[int] = []
@@ -94,8 +108,8 @@ def paper_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
         for i, parts in enumerate(an.parts):
             if parts.attention_removed:
                 continue
-            att, norm = bypass_attention(parts, an.layout)
-            losses[i] = _calibration_ce(model, calib_x, calib_y)
+            att, norm = bypass_attention(parts)
+            losses[i] = _calibration_loss(model, calib_x, calib_y, ref)
             restore_attention(parts, att, norm)
         best = min(losses, key=lambda k: (losses[k], k))
         remove_attention(model, [best])
@@ -121,17 +135,37 @@ def torch_pruning(importance: str) -> Callable:
         pruner = tp.pruner.MetaPruner(
             model, calib_x[0][:1], importance=imp, pruning_ratio_dict=ratios,
             ignored_layers=ignored, global_pruning=False,
-            output_transform=lambda out: out.logits)
+            output_transform=output_tensor)
         if importance == "taylor":
             model.zero_grad()
-            for x, y in zip(calib_x, calib_y):
-                F.cross_entropy(model(pixel_values=x).logits, y).backward()
+            if calib_y is None:
+                _simcse_backward(model, calib_x)
+            else:
+                for x, y in zip(calib_x, calib_y):
+                    F.cross_entropy(model(pixel_values=x).logits, y).backward()
         pruner.step()
         model.zero_grad()
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
     return run
+
+
+def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
+    """Accumulate gradients of the unsupervised SimCSE loss: each sentence's two dropout views
+    are positives, the other sentences of its (equal-length) batch negatives."""
+    was_training = model.training
+    model.train()
+    torch.manual_seed(0)
+    try:
+        for x in calib_x:
+            if len(x) < 2:
+                continue
+            a, b = (output_tensor(model(input_ids=x)).mean(1) for _ in range(2))
+            sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
+            F.cross_entropy(sim, torch.arange(len(x))).backward()
+    finally:
+        model.train(was_training)
 
 
 def random_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
@@ -156,6 +190,7 @@ METHODS: dict[str, Callable] = {
     "ours (attention unit)": ours(unit="attention"),
     "ours (auto unit)": ours(unit="auto"),
     "ours (refit own MLP, not model)": ours(refit_target="block"),
+    "ours (2SSP score selection)": ours(selection="score"),
     "seed": seed_recipe,
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),

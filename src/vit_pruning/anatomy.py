@@ -1,12 +1,18 @@
-"""Model anatomy: find the transformer blocks of a ViT-family model, once, by structure.
+"""Model anatomy: find the transformer blocks of a ViT-family model (or a BERT-family text
+encoder), once, by structure.
 
 transformers 5.x lays a ViT out as ``vit.layers[i].{attention.{q,k,v,o}_proj, mlp.{fc1,fc2}}``;
 4.x as ``vit.encoder.layer[i].{attention.attention.{query,key,value}, attention.output.dense,
-intermediate.dense, output.dense}``. Everything else in this package goes through
-:func:`resolve`, so no other module knows which layout it is looking at.
+intermediate.dense, output.dense}``. A BERT encoder (both majors) is
+``encoder.layer[i].{attention.self.{query,key,value}, attention.output.{dense,LayerNorm},
+intermediate.dense, output.{dense,LayerNorm}}`` and is *post*-LayerNorm: each sublayer's
+LayerNorm sits on the residual stream after the sum. Everything else in this package goes
+through :func:`resolve`, so no other module knows which layout it is looking at.
 
 A resolved model can also be run *in segments* (embed -> block i -> ... -> head), which is what
 calibration and greedy depth selection use to reuse the hidden states that stay the same.
+Segments run without an attention mask: image batches have none, and text batches are made
+padding-free first (:func:`vit_pruning.batches.take_inputs` groups sentences by length).
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ from torch import nn
 
 SUPPORTED = (
     "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification "
-    "(transformers 4.x and 5.x layouts)"
+    "(transformers 4.x and 5.x layouts), and headless BERT-family text encoders (BertModel)"
 )
 
 
 class AttentionBypass(nn.Module):
-    """Stands in for a removed attention sublayer: contributes nothing to the residual stream.
+    """Stands in for a removed (pre-LayerNorm) attention sublayer: contributes nothing to the
+    residual stream.
 
     The block then computes ``x + MLP(LN(x))``. ``returns_tuple`` mirrors what the replaced
     module returned (a tuple in transformers 5.x, a tensor in 4.x), so the block's own forward
@@ -34,8 +41,33 @@ class AttentionBypass(nn.Module):
         self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = torch.zeros_like(hidden_states)
+        return self._wrap(torch.zeros_like(hidden_states))
+
+    def _wrap(self, out: torch.Tensor):
         return (out, None) if self.returns_tuple else out
+
+
+class PostNormAttentionBypass(AttentionBypass):
+    """Stands in for a removed post-LayerNorm attention sublayer (BERT): ``LN1(x + attn(x))``
+    becomes ``LN1(x)``, so the MLP still sees a normalized stream. The LayerNorm stays (and
+    keeps its state-dict name ``attention.output.LayerNorm``); only q/k/v/o go."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__(returns_tuple=True)
+        self.output = nn.Module()
+        self.output.LayerNorm = norm
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._wrap(self.output.LayerNorm(hidden_states))
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sentence embedding of a text encoder: token states averaged over the real tokens
+    (sentence-transformers' mean pooling). (B, T, H) -> (B, H)."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 @dataclass(frozen=True)
@@ -48,14 +80,44 @@ class BlockParts:
     attention: nn.Module  # the attention sublayer (projections included)
     attention_owner: nn.Module  # module holding `attention` as attribute `attention_attr`
     attention_attr: str
-    norm_before: nn.Module  # the pre-attention LayerNorm (goes with the attention sublayer)
+    norm_before: nn.Module  # the attention sublayer's LayerNorm: pre-norm (ViT) it goes with
+    # the sublayer; post-norm (BERT) it stays on the residual stream
     attention_removed: bool
-    norm_after: nn.Module  # the pre-MLP LayerNorm
+    norm_after: nn.Module  # the MLP sublayer's LayerNorm (before fc1 pre-norm, after the sum post-norm)
     act_fn: Callable[[torch.Tensor], torch.Tensor]  # the MLP nonlinearity
+    post_norm: bool = False  # BERT-style: y = LN(x + sublayer(x))
+    attention_returns_tuple: bool = True  # what the attention module returns
 
     def mlp_residual(self, x_mid: torch.Tensor) -> torch.Tensor:
-        """The block's second half on the residual stream after attention: x + MLP(LN(x))."""
+        """The block's second half from the stream after attention: x + MLP(LN(x)) pre-norm,
+        LN(x + MLP(x)) post-norm."""
+        if self.post_norm:
+            return self.norm_after(x_mid + self.fc2(self.act_fn(self.fc1(x_mid))))
         return x_mid + self.fc2(self.act_fn(self.fc1(self.norm_after(x_mid))))
+
+    def attention_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The stream after the attention sublayer: x + attn(LN(x)) pre-norm, LN(x + attn(x))
+        post-norm."""
+        if self.post_norm:
+            out = self.attention(x)
+            return out[0] if isinstance(out, tuple) else out
+        out = self.attention(self.norm_before(x))
+        return x + (out[0] if isinstance(out, tuple) else out)
+
+    @property
+    def sum_module(self) -> nn.Module | None:
+        """Post-norm: the module whose *input* is the pre-norm residual sum the MLP writes into
+        (None pre-norm, where that sum is the block output itself)."""
+        return self.norm_after if self.post_norm else None
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters that removing the attention sublayer frees (0 if already removed)."""
+        if self.attention_removed:
+            return 0
+        att = sum(p.numel() for p in self.attention.parameters())
+        norm = sum(p.numel() for p in self.norm_before.parameters())
+        return att - norm if self.post_norm else att + norm
 
     @property
     def intermediate_size(self) -> int:
@@ -74,17 +136,27 @@ class Anatomy:
     parts: tuple[BlockParts, ...]
     hidden_size: int
     num_heads: int
-    layout: str  # "v5" or "v4"
+    layout: str  # "v5" or "v4" (ViT/DeiT), "bert" (text encoders, same in both majors)
     has_classifier: bool
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch + position embeddings: the input of block 0, shape (B, T, hidden)."""
+    @property
+    def is_text(self) -> bool:
+        return self.layout == "bert"
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Embeddings: the input of block 0, shape (B, T, hidden). `inputs` are pixel values
+        (images) or padding-free token ids (text)."""
         emb = self.backbone.embeddings
+        if self.is_text:
+            return emb(input_ids=inputs)
         dtype = emb.patch_embeddings.projection.weight.dtype
-        return emb(pixel_values.to(dtype))
+        return emb(inputs.to(dtype))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output of the last block -> logits (classifiers) or final normed hidden states."""
+        """Output of the last block -> logits (classifiers), final normed hidden states
+        (headless ViT), or the mean-pooled sentence embedding (text encoders)."""
+        if self.is_text:
+            return mean_pool(hidden)
         out = self.backbone.layernorm(hidden)
         if self.has_classifier:
             return self.model.classifier(out[:, 0, :])
@@ -115,12 +187,42 @@ def _backbone(model: nn.Module) -> tuple[nn.Module, bool]:
     else:
         if hasattr(model, "embeddings") and hasattr(model, "layernorm"):
             return model, False
+        if hasattr(getattr(model, "embeddings", None), "word_embeddings") and \
+                not isinstance(getattr(model, "classifier", None), nn.Module):
+            return model, False  # a headless text encoder (BertModel)
     raise ValueError(
         f"unsupported model class {type(model).__name__}: vit_pruning supports {SUPPORTED}"
     )
 
 
+def _bert_block_parts(block: nn.Module) -> BlockParts | None:
+    """A post-LayerNorm BERT block, or None if `block` is not one."""
+    att, out = getattr(block, "attention", None), getattr(block, "output", None)
+    inter = getattr(block, "intermediate", None)
+    if not (isinstance(getattr(out, "LayerNorm", None), nn.Module) and inter is not None
+            and isinstance(getattr(out, "dense", None), nn.Linear) and att is not None):
+        return None
+    if getattr(block, "crossattention", None) is not None:
+        raise ValueError(f"unsupported block class {type(block).__name__}: blocks with "
+                         f"cross-attention (decoders) are not supported; supported: {SUPPORTED}")
+    norm = getattr(getattr(att, "output", None), "LayerNorm", None)
+    if not isinstance(norm, nn.Module) or not (isinstance(att, PostNormAttentionBypass)
+                                               or hasattr(att, "self")):
+        raise ValueError(f"unsupported block class {type(block).__name__}: no "
+                         f"attention.self/attention.output.LayerNorm; supported: {SUPPORTED}")
+    return BlockParts(
+        block=block, fc1=inter.dense, fc2=out.dense, attention=att, attention_owner=block,
+        attention_attr="attention", norm_before=norm,
+        attention_removed=isinstance(att, AttentionBypass), norm_after=out.LayerNorm,
+        act_fn=inter.intermediate_act_fn, post_norm=True, attention_returns_tuple=True,
+    )
+
+
 def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
+    if not hasattr(block, "layernorm_before"):
+        bert = _bert_block_parts(block)
+        if bert is not None:
+            return bert, "bert"
     att = getattr(block, "attention", None)
     norm = getattr(block, "layernorm_before", None)
     mlp = getattr(block, "mlp", None)
@@ -143,7 +245,7 @@ def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
         block=block, fc1=fc1, fc2=fc2, attention=att, attention_owner=block,
         attention_attr="attention", norm_before=norm,
         attention_removed=isinstance(att, AttentionBypass),
-        norm_after=block.layernorm_after, act_fn=act_fn,
+        norm_after=block.layernorm_after, act_fn=act_fn, attention_returns_tuple=layout == "v5",
     )
     return parts, layout
 

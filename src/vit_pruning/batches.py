@@ -1,4 +1,9 @@
-"""What a batch looks like: HF-style dicts, (pixels, labels) tuples, or bare tensors."""
+"""What a batch looks like: HF-style dicts, (pixels, labels) tuples, or bare tensors.
+
+Calibration batches are reduced to one tensor each: pixel values for images, token ids for
+text. Text batches are made *padding-free* (:func:`unpad`): sentences are grouped by length,
+so blocks can run without an attention mask and no padding token enters any statistic.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
@@ -7,9 +12,12 @@ import torch
 
 
 def batch_pixels(batch: Any) -> torch.Tensor:
-    """The pixel tensor of a batch."""
+    """The model input tensor of a batch: pixel values, or token ids for text."""
     if isinstance(batch, dict):
-        return batch["pixel_values"]
+        for key in ("pixel_values", "input_ids"):
+            if key in batch:
+                return batch[key]
+        raise TypeError(f"batch dict has neither 'pixel_values' nor 'input_ids' (keys: {sorted(batch)})")
     if isinstance(batch, (tuple, list)):
         return batch[0]
     if isinstance(batch, torch.Tensor):
@@ -28,15 +36,36 @@ def batch_labels(batch: Any) -> torch.Tensor:
     raise TypeError("batch has no labels: expected a dict with 'labels' or a (pixels, labels) pair")
 
 
-def take_pixels(loader: Iterable, max_batches: int | None = None,
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """The real tokens of each sentence of a (possibly padded, either side) batch of token ids."""
+    if attention_mask is None:
+        return list(input_ids)
+    return [ids[mask] for ids, mask in zip(input_ids, attention_mask.bool()) if mask.any()]
+
+
+def group_by_length(sentences: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Padding-free batches: sentences of equal length stacked, groups in order of first
+    appearance (deterministic)."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for row in sentences:
+        groups.setdefault(row.numel(), []).append(row)
+    return [torch.stack(rows) for rows in groups.values()]
+
+
+def take_inputs(loader: Iterable, max_batches: int | None = None,
                 device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """The first `max_batches` pixel batches of a loader, on `device`."""
-    out = []
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        out.append(batch_pixels(batch).to(device))
-    return out
+    """The first `max_batches` batches of a loader as input tensors on `device`. Text batches
+    (integer token ids, with or without 'attention_mask') are made padding-free: the sentences
+    of all batches regrouped by length, so there may be more or fewer tensors than batches."""
+    images, sentences = [], []
+    for batch in iter_limited(loader, max_batches):
+        x = batch_pixels(batch)
+        if x.is_floating_point():
+            images.append(x.to(device))
+        else:
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            sentences.extend(unpad(x, mask))
+    return images + [t.to(device) for t in group_by_length(sentences)]
 
 
 def iter_limited(loader: Iterable, max_batches: int | None) -> Iterator:

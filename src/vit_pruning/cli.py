@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter, save_adapter
     from .measure import collect_outputs, count_flops, count_total_params, kl_divergence, \
         measure_latency
-    from .batches import batch_labels, batch_pixels, iter_limited, take_pixels
+    from .batches import batch_labels, batch_pixels, iter_limited, take_inputs
     from .persistence import save_pruned_model
     from .pipeline import PruneConfig, model_shape, prune_2ssp
     from .planner import (depth_only_plan, make_plan, max_feasible_target, validate_target,
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         train_loader = make_loader(splits.train, processor, splits, args.batch_size, True, args.seed, workers)
         test_loader = make_loader(splits.test, processor, splits, args.batch_size, False, args.seed, workers)
         calib_ds, _ = calibration_subset(splits.train, args.calib_size, args.seed)
-        calib_pixels = take_pixels(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
+        calib_pixels = take_inputs(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
         calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
                       "count": len(calib_ds), "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
     ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)

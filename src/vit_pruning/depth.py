@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, resolve
-from .batches import take_pixels
+from .batches import take_inputs
 from .measure import output_distance
 from .surgery import TemporaryBypass, remove_attention, remove_blocks
 
@@ -112,11 +112,7 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
             h = an.embed(x)
             for i, parts in enumerate(an.parts):
                 out = an.run_blocks(h, i, i + 1)
-                if unit == "block":
-                    ref = out
-                else:  # residual stream after attention = h + attn(LN(h))
-                    att_out = parts.attention(parts.norm_before(h))
-                    ref = h + (att_out[0] if isinstance(att_out, tuple) else att_out)
+                ref = out if unit == "block" else parts.attention_stream(h)
                 total[i] += (1 - F.cosine_similarity(h.double(), ref.double(), dim=-1).mean()) * len(x)
                 h = out
     finally:
@@ -206,7 +202,7 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
         limit = n - 1 if unit == "block" else n
         if not 0 <= num_to_prune <= limit:
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
-        batches = take_pixels(dataloader, batch_limit, device) if dataloader is not None else None
+        batches = take_inputs(dataloader, batch_limit, device) if dataloader is not None else None
         order, scores = select_depth(model, num_to_prune, unit, batches, method, progress=progress)
     model = apply_depth(model, order, unit)
     return {"model": model, "pruned_indices": sorted(order), "order": order,

@@ -32,20 +32,27 @@ class MLPStats:
 
 
 def accumulate(stats: MLPStats | None, act: torch.Tensor,
-               fc2_target: torch.Tensor | None = None) -> MLPStats:
+               fc2_target: torch.Tensor | None = None,
+               token_weight: torch.Tensor | None = None) -> MLPStats:
     """Add a batch of activations (B, T, I) to running statistics; with `fc2_target` (B, T, H)
-    also the Gram matrix and the cross term least-squares refitting needs."""
+    also the Gram matrix and the cross term least-squares refitting needs, each token's
+    squared error weighted by `token_weight` (B, T) squared if given."""
     act = act.float()
     norms = act.norm(dim=1).sum(0)  # (I,): per image L2 over tokens, summed over images
     gram = cross = None
     if fc2_target is not None:
         flat = act.reshape(-1, act.shape[-1])
         tgt = fc2_target.reshape(-1, fc2_target.shape[-1])
+        if token_weight is not None:  # [a, 1] rows scaled below too, via `w`
+            w = token_weight.reshape(-1, 1).float()
+            tgt = tgt * w
         gram = flat.new_zeros(flat.shape[1] + 1, flat.shape[1] + 1)
         cross = flat.new_zeros(flat.shape[1] + 1, tgt.shape[1])
         for rows in range(0, flat.shape[0], GRAM_CHUNK):
             a = flat[rows:rows + GRAM_CHUNK]
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # (n, I+1): [activation, 1]
+            if token_weight is not None:
+                a = a * w[rows:rows + GRAM_CHUNK]
             gram.addmm_(a.T, a)
             cross.addmm_(a.T, tgt[rows:rows + GRAM_CHUNK].float())
     if stats is None:
@@ -75,28 +82,49 @@ def run_block_capture(anatomy: Anatomy, index: int, hidden: torch.Tensor,
 
 
 @torch.no_grad()
+def block_output_and_sum(anatomy: Anatomy, index: int, hidden: torch.Tensor,
+                         capture: Sequence[nn.Module] = ()) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """Run block `index`: its output, the residual sum its MLP writes into (the output itself
+    pre-norm; the input of the closing LayerNorm post-norm), and (input, output) of `capture`."""
+    sum_module = anatomy.parts[index].sum_module
+    mods = list(capture) + ([sum_module] if sum_module is not None else [])
+    out, seen = run_block_capture(anatomy, index, hidden, mods)
+    total = seen[-1][0] if sum_module is not None else out
+    return out, total, seen[:len(capture)]
+
+
+@torch.no_grad()
 def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
                     refit: str | None = None, targets: Sequence[torch.Tensor] | None = None,
-                    ) -> tuple[MLPStats, list[torch.Tensor], list[torch.Tensor]]:
+                    fit: int | None = None) -> tuple[MLPStats, list[torch.Tensor], list[torch.Tensor]]:
     """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs, and
     residual streams after attention (the MLP's input side, for re-running only the MLP).
 
     refit: None (scores only); "block" (fc2 should reproduce its own current output); "model"
-        (the block output should reproduce `targets`, the unpruned model's block output, so the
-        refit also absorbs error from earlier pruning).
+        (the block's residual sum should reproduce `targets`, the unpruned model's residual sums
+        from :func:`block_output_and_sum`, so the refit also absorbs error from earlier pruning).
+    fit: only the first `fit` batches enter the statistics (the rest are held out: run, not fit).
     """
     stats: MLPStats | None = None
     outputs, mids = [], []
+    fc2 = anatomy.parts[index].fc2
+    post_norm = anatomy.parts[index].post_norm
     for b, h in enumerate(inputs):
-        out, [(act, fc2_out)] = run_block_capture(anatomy, index, h, [anatomy.parts[index].fc2])
+        out, total, [(act, fc2_out)] = block_output_and_sum(anatomy, index, h, [fc2])
         outputs.append(out)
-        mids.append(out - fc2_out)  # fc2's output is added to the residual stream as is
+        mids.append(total - fc2_out)  # fc2's output is added to the residual stream as is
+        if fit is not None and b >= fit:
+            continue
         target = None
         if refit == "block":
             target = fc2_out
         elif refit == "model":
             target = targets[b] - mids[-1]  # what fc2 must add to the residual stream
-        stats = accumulate(stats, act, target)
+        weight = None
+        if target is not None and post_norm:  # the closing LayerNorm divides each token's
+            # error by that token's spread: weight the fit the same way
+            weight = 1.0 / (targets[b] if refit == "model" else total).std(-1, unbiased=False).clamp_min(1e-6)
+        stats = accumulate(stats, act, target, weight)
     return stats, outputs, mids
 
 

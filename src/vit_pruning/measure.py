@@ -10,20 +10,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .anatomy import resolve
+from .anatomy import mean_pool, resolve
 from .batches import batch_labels, batch_pixels, iter_limited
 
 
-def _output_tensor(out) -> torch.Tensor:
+def output_tensor(out) -> torch.Tensor:
     for key in ("logits", "last_hidden_state"):
         if hasattr(out, key) and getattr(out, key) is not None:
             return getattr(out, key)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def forward_output(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Logits for a classifier, last hidden state for a headless backbone."""
-    return _output_tensor(model(pixel_values=pixel_values))
+def forward_output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits for a classifier, last hidden state for a headless backbone, and the mean-pooled
+    sentence embedding for a text encoder (`inputs`: padding-free token ids)."""
+    if not inputs.is_floating_point():
+        return mean_pool(output_tensor(model(input_ids=inputs)))
+    return output_tensor(model(pixel_values=inputs))
 
 
 def count_total_params(model: nn.Module) -> int:
@@ -47,17 +50,31 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None = None,
+                   seq_len: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic random input batch for the model: images of `image_size` (default: the
+    config's), or `seq_len` token ids for a text encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if getattr(cfg, "vocab_size", None) and not hasattr(cfg, "image_size"):
+        ids = torch.randint(1, int(cfg.vocab_size), (batch_size, seq_len), generator=gen)
+        return {"input_ids": ids.to(_device_of(model))}
+    size = image_size or int(cfg.image_size)
+    channels = int(getattr(cfg, "num_channels", 3))
+    x = torch.randn(batch_size, channels, size, size, generator=gen)
+    return {"pixel_values": x.to(_device_of(model))}
+
+
 @torch.no_grad()
-def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int = 1) -> int:
+def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int = 1,
+                seq_len: int = 128) -> int:
     """FLOPs of one forward pass (torch.utils.flop_counter: 2 per multiply-add, matmuls/convs/attention)."""
-    size = image_size or int(model.config.image_size)
-    channels = int(getattr(model.config, "num_channels", 3))
-    x = torch.zeros(batch_size, channels, size, size, device=_device_of(model))
+    x = example_inputs(model, batch_size, image_size, seq_len)
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(pixel_values=x)
+            model(**x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -65,23 +82,20 @@ def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | None = None,
-                    warmup: int = 3, repeats: int = 10) -> float:
+                    warmup: int = 3, repeats: int = 10, seq_len: int = 128) -> float:
     """Median wall time (seconds) of one forward pass after `warmup` untimed passes."""
-    size = image_size or int(model.config.image_size)
-    channels = int(getattr(model.config, "num_channels", 3))
-    x = torch.randn(batch_size, channels, size, size, device=_device_of(model),
-                    generator=None)
+    x = example_inputs(model, batch_size, image_size, seq_len)
     was_training = model.training
     model.eval()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if next(iter(x.values())).is_cuda else (lambda: None)
     try:
         for _ in range(warmup):
-            model(pixel_values=x)
+            model(**x)
         times = []
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
-            model(pixel_values=x)
+            model(**x)
             sync()
             times.append(time.perf_counter() - t0)
     finally:
@@ -117,7 +131,8 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
 
 
 def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> float:
-    """KL for logits; 1 - mean cosine over tokens for hidden states (headless models)."""
+    """KL for logits; 1 - mean cosine for hidden states (per token, headless ViT) or sentence
+    embeddings (text encoders)."""
     if is_logits:
         return kl_divergence(out, ref)
     cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
@@ -126,7 +141,8 @@ def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> fl
 
 @torch.no_grad()
 def collect_outputs(model: nn.Module, pixel_batches: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Concatenated model outputs over a list of pixel batches (model put in eval mode)."""
+    """Concatenated model outputs (see :func:`forward_output`) over a list of input batches
+    (model put in eval mode)."""
     was_training = model.training
     model.eval()
     try:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .anatomy import resolve
-from .batches import take_pixels
+from .batches import take_inputs
 from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
@@ -47,11 +47,15 @@ class PruneConfig:
     compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
     refit_target: str = "model"  # lsq fits the unpruned model's block outputs, or "block" its own MLP
     ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
+    selection: str = "lsq"  # neurons dropped: lowest least-squares cost given the refit ("lsq",
+    # with compensation="lsq"), or lowest 2SSP activation "score"; split trials always rank by
+    # the score (the lsq ranking costs ~2 s per ViT-B block)
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
     greedy_rescore: int | None = 3  # greedy steps after the first rescore only the 3 best (lazy)
-    search_images: int | None = 32  # calibration images per split trial (all: None); the final
-    # stage 1 always uses every calibration image
+    search_tokens: int | None = None  # calibration tokens fit per split trial (None: 4x the
+    # widest MLP), at most half the calibration images; as many other images score the trial.
+    # The final stage 1 always fits every calibration image
     stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
 
 
@@ -94,8 +98,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         total_params=count_total_params(model), hidden_size=an.hidden_size,
         widths=tuple(p.intermediate_size for p in an.parts),
         block_params=tuple(n(p.block) for p in an.parts),
-        attention_params=tuple(0 if p.attention_removed else n(p.attention) + n(p.norm_before)
-                               for p in an.parts),
+        attention_params=tuple(p.attention_params for p in an.parts),
     )
 
 
@@ -109,25 +112,28 @@ def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 5
 
 
 def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
-                 cfg: PruneConfig, progress: bool, trial: bool = False) -> dict:
+                 cfg: PruneConfig, progress: bool, trial: bool = False,
+                 fit_batches: int | None = None) -> dict:
     """Stage 1 of `plan` in place, calibrated as if stage 2 had already removed its units.
-    With `trial` the model is left unchanged (only the outputs it would give are returned)."""
+    With `trial` the model is left unchanged (only the outputs it would give are returned);
+    `fit_batches` holds the batches after the first `fit_batches` out of the fit."""
     skip = plan.depth_indices if plan.unit == "block" else ()
     bypass = plan.depth_indices if plan.unit == "attention" else ()
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
                                       cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
-                                      progress, trial)
+                                      progress, trial, cfg.selection, fit_batches)
+    fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
-        info = _width_stage(model, plan, batches, cfg, progress)
+        info = _width_stage(model, plan, fit, cfg, progress)
         info["outputs"] = outputs_with_depth(model, batches, plan.unit, plan.depth_indices)
         restore_refs(snapshot)
         sync_config(resolve(model))
         return info
     an = resolve(model)
-    scores = activation_scores(an, batches, skip) if batches else magnitude_scores(an)
+    scores = activation_scores(an, fit, skip) if fit else magnitude_scores(an)
     if cfg.allocation == "global":
         survivors = [i for i in range(len(counts)) if i not in skip]
         counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors)
@@ -153,7 +159,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     cfg = config or PruneConfig()
     shape = model_shape(model)
     params_before = shape.total_params
-    batches = take_pixels(calibration_loader, calib_batches, device) if calibration_loader else None
+    batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
     if batches:  # small micro-batches bound the memory of cached activations in every phase
         batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
     split = cfg.split
@@ -235,14 +241,20 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore)
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
-        trial_batches = first_images(batches, cfg.search_images)
-        trial_ref = reference[:sum(len(x) for x in trial_batches)]
+        an = resolve(model)
+        per_row = [an.embed(x[:1]).shape[1] for x in batches]  # tokens per image/sentence
+        budget = cfg.search_tokens or 4 * max(shape.widths)
+        fit, held = search_split(batches, per_row, budget)
+        start = sum(len(x) for x in fit)
+        trial_ref = _held_reference(reference, fit, held)
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            out = _width_stage(model, plan, trial_batches, cfg, progress=False, trial=True)["outputs"]
+            out = _width_stage(model, plan, fit + held, replace(cfg, selection="score"),
+                               progress=False, trial=True, fit_batches=len(fit))["outputs"]
+            out = out[start:]
             search[str(d)] = output_distance(out, trial_ref, resolve(model).has_classifier)
-            log.info("split search: %d %s units -> calibration distance %.5f", d, cfg.unit,
-                     search[str(d)])
+            log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
+                     cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
     plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
@@ -278,6 +290,39 @@ def first_images(batches: list[torch.Tensor], count: int | None) -> list[torch.T
     return out
 
 
+def search_split(batches: list[torch.Tensor], tokens_per_row: Sequence[int], budget: int
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split trials fit on the first calibration images holding `budget` tokens (at most half
+    the images) and are scored on as many *other* images: scoring on the fitted images would
+    reward the refit's overfitting."""
+    total = sum(len(x) for x in batches)
+    n, tokens = 0, 0
+    for x, per in zip(batches, tokens_per_row):
+        for _ in range(len(x)):
+            if tokens >= budget or n >= total // 2:
+                break
+            n, tokens = n + 1, tokens + per
+    n = max(1, n)
+    fit = first_images(batches, n)
+    rest, skip = [], n
+    for x in batches:
+        if skip >= len(x):
+            skip -= len(x)
+            continue
+        rest.append(x[skip:])
+        skip = 0
+    if not rest:  # a single calibration image: nothing to hold out
+        return fit, fit
+    return fit, first_images(rest, n)
+
+
+def _held_reference(reference: torch.Tensor, fit: list[torch.Tensor],
+                    held: list[torch.Tensor]) -> torch.Tensor:
+    """Reference outputs of the held-out images of :func:`search_split`."""
+    if held is fit:
+        return reference[:sum(len(x) for x in fit)]
+    start = sum(len(x) for x in fit)
+    return reference[start:start + sum(len(x) for x in held)]
 def _search_candidates(options: list[int], anchor: int, limit: int) -> list[int]:
     """Up to `limit` feasible depth counts nearest the alpha formula's (always including 0-side)."""
     ranked = sorted(options, key=lambda d: (abs(d - anchor), d))[:max(1, limit)]

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .anatomy import AttentionBypass, Anatomy, BlockParts, resolve
+from .anatomy import AttentionBypass, Anatomy, BlockParts, PostNormAttentionBypass, resolve
 
 
 def prune_linear(layer: nn.Linear, keep_idx: torch.Tensor, dim: int) -> nn.Linear:
@@ -121,18 +121,27 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     return model
 
 
-def bypass_attention(parts: BlockParts, layout: str) -> tuple[nn.Module, nn.Module]:
-    """Swap a block's attention (and its pre-norm) for a zero bypass; return the originals."""
+def bypass_attention(parts: BlockParts) -> tuple[nn.Module, nn.Module]:
+    """Swap a block's attention sublayer for a bypass; return the originals (attention, norm).
+
+    Pre-norm (ViT): the sublayer and its LayerNorm go, the block computes x + MLP(LN(x)).
+    Post-norm (BERT): q/k/v/o go, the LayerNorm stays on the stream: LN1(x + attn(x)) -> LN1(x).
+    """
     old_att, old_norm = parts.attention, parts.norm_before
-    setattr(parts.attention_owner, parts.attention_attr, AttentionBypass(layout == "v5"))
-    parts.block.layernorm_before = nn.Identity()
+    if parts.post_norm:
+        bypass = PostNormAttentionBypass(parts.norm_before)
+    else:
+        bypass = AttentionBypass(parts.attention_returns_tuple)
+        parts.block.layernorm_before = nn.Identity()
+    setattr(parts.attention_owner, parts.attention_attr, bypass)
     return old_att, old_norm
 
 
 def restore_attention(parts: BlockParts, attention: nn.Module, norm: nn.Module) -> None:
     """Undo :func:`bypass_attention` (used while scoring candidates, no model copies)."""
     setattr(parts.attention_owner, parts.attention_attr, attention)
-    parts.block.layernorm_before = norm
+    if not parts.post_norm:
+        parts.block.layernorm_before = norm
 
 
 class TemporaryBypass:
@@ -150,7 +159,7 @@ class TemporaryBypass:
 
     def add(self, index: int) -> None:
         anatomy = resolve(self.model)
-        self._saved[index] = bypass_attention(anatomy.parts[index], anatomy.layout)
+        self._saved[index] = bypass_attention(anatomy.parts[index])
 
     def undo(self, index: int) -> None:
         restore_attention(resolve(self.model).parts[index], *self._saved.pop(index))
@@ -164,7 +173,7 @@ class TemporaryBypass:
 
 
 def remove_attention(model: nn.Module, indices: Sequence[int]) -> nn.Module:
-    """Remove the attention sublayer (and its pre-LayerNorm) of blocks `indices`: x -> x + MLP(x)."""
+    """Remove the attention sublayer of blocks `indices` (see :func:`bypass_attention`)."""
     anatomy = resolve(model)
     n = len(anatomy.parts)
     bad = sorted(int(i) for i in indices if not 0 <= int(i) < n)
@@ -174,6 +183,6 @@ def remove_attention(model: nn.Module, indices: Sequence[int]) -> nn.Module:
         parts = anatomy.parts[i]
         if parts.attention_removed:
             raise ValueError(f"attention of block {i} is already removed")
-        bypass_attention(parts, anatomy.layout)
+        bypass_attention(parts)
     sync_config(resolve(model))
     return model

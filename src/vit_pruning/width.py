@@ -18,13 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, resolve
-from .batches import take_pixels
-from .importance import MLPStats, activation_scores, block_mlp_stats, magnitude_scores, normalized
+from .batches import take_inputs
+from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
+                         magnitude_scores, normalized)
 from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
 REFIT_TARGETS = ("model", "block")
+SELECTIONS = ("score", "lsq")
 
 
 def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -> None:
@@ -82,7 +84,7 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     _check_counts(anatomy, n_to_prune_per_block, min_remaining)
     if importance is None:
         if dataloader is not None:
-            importance = activation_scores(anatomy, take_pixels(dataloader, max_batches, device))
+            importance = activation_scores(anatomy, take_inputs(dataloader, max_batches, device))
         else:
             importance = magnitude_scores(anatomy)
     for parts, n, score in zip(anatomy.parts, n_to_prune_per_block, importance):
@@ -93,7 +95,7 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
 
 
 def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, refit, ridge,
-                     progress, trial, temp: TemporaryBypass) -> tuple[list[list[int]], torch.Tensor]:
+                     progress, trial, temp: TemporaryBypass, selection: str, fit: int | None) -> tuple[list[list[int]], torch.Tensor]:
     """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
     anatomy = resolve(model)
     hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
@@ -103,18 +105,21 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
                   leave=False):
         anatomy = resolve(model)
         targets = None
-        if refit == "model":
-            targets = [anatomy.run_blocks(h, i, i + 1) for h in original]
-            original = targets
+        if refit == "model":  # the unpruned path: next inputs, and residual sums to refit to
+            original, targets = map(list, zip(*[block_output_and_sum(anatomy, i, h)[:2]
+                                                 for h in original]))
         if i in skip:
             kept.append(list(range(anatomy.parts[i].intermediate_size)))
             continue
         if i in bypass:
             temp.add(i)
             anatomy = resolve(model)
-        stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets)
+        stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets, fit)
         parts = anatomy.parts[i]
-        keep = keep_indices(stats.score, int(counts[i]))
+        if selection == "lsq" and compensation == "lsq":
+            keep = lsq_keep(stats, int(counts[i]), ridge)
+        else:
+            keep = keep_indices(stats.score, int(counts[i]))
         if counts[i] or refit == "model":
             del outputs  # recomputed below from `mids`; free it before the solve
             originals = mlp_refs(parts)
@@ -132,6 +137,15 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
     return kept, torch.cat([resolve(model).head(h) for h in hidden])
 
 
+def damped_gram(stats: MLPStats, ridge: float) -> torch.Tensor:
+    """The float64 Gram matrix of [activation, 1] with `ridge` times the mean activation energy
+    added to the activation diagonal (the bias, last, is not shrunk)."""
+    gram = stats.gram.double().clone()
+    diag = gram.diagonal()[:-1]
+    diag += ridge * diag.mean()
+    return gram
+
+
 def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
               ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) of a pruned fc2 from calibration statistics.
@@ -141,19 +155,48 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     contribution into the bias, keep the weights.
     """
     width = fc2.in_features
-    gram = stats.gram
     if mode == "bias":
+        gram = stats.gram
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[keep] = False
         mean_act = gram[width, :width].double() / float(gram[width, width])  # ones row / tokens
         bias = fc2.bias.double() + fc2.weight.double()[:, dropped] @ mean_act[dropped]
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
     k = torch.cat([keep.to(torch.long), torch.tensor([width])])
-    g_kk = gram.index_select(0, k).index_select(1, k).double()  # solved in float64
-    diag = g_kk.diagonal()[:-1]  # the bias (last) is not shrunk
-    diag += ridge * diag.mean()
+    g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
     sol = torch.linalg.solve(g_kk, stats.cross[k].double())  # (|k|, H)
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
+
+
+def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 32) -> torch.Tensor:
+    """Kept neurons chosen by their least-squares cost (structured Optimal Brain Surgeon).
+
+    With S = G^-1 C the refit fc2 over all neurons (G: damped Gram, C: cross term), dropping
+    neuron j and refitting the others raises the squared error by ||S_j||^2 / (G^-1)_jj. The
+    cheapest neurons are dropped greedily in `rounds` chunks; after each chunk Q, S and G^-1
+    are updated in closed form (S -= G^-1[:,Q] (G^-1[Q,Q])^-1 S[Q], same for G^-1), so each
+    choice accounts for the compensation the kept neurons will make.
+    """
+    width = stats.gram.shape[0] - 1
+    if n_remove <= 0:
+        return torch.arange(width)
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(stats, ridge)))
+    sol = h_inv @ stats.cross.double()
+    alive = torch.ones(width + 1, dtype=torch.bool)
+    left = n_remove
+    for r in range(rounds):
+        if left <= 0:
+            break
+        take = -(-left // (rounds - r))  # ceil: spread what is left over the rounds left
+        cost = sol[:-1].pow(2).sum(1) / h_inv.diagonal()[:-1]
+        cost[~alive[:-1]] = float("inf")
+        q = torch.argsort(cost, stable=True)[:take]
+        inv_qq = torch.linalg.inv(h_inv[q][:, q])
+        sol -= h_inv[:, q] @ (inv_qq @ sol[q])
+        h_inv -= h_inv[:, q] @ inv_qq @ h_inv[q]
+        alive[q] = False
+        left -= take
+    return torch.nonzero(alive[:-1]).flatten()
 
 
 @torch.no_grad()
@@ -162,7 +205,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            compensation: str = "lsq", allocation: str = "uniform",
                            skip_blocks: Sequence[int] = (), bypass_blocks: Sequence[int] = (),
                            refit_target: str = "model", ridge: float = 1e-3,
-                           progress: bool = False, trial: bool = False) -> dict:
+                           progress: bool = False, trial: bool = False,
+                           selection: str = "score", fit_batches: int | None = None) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
@@ -172,6 +216,11 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         refit_target: with compensation="lsq", "model" refits each fc2 so the block output
             matches the unpruned model's (absorbing earlier pruning error, removed blocks
             included); "block" matches the block's own unpruned MLP on the same input.
+        selection: which neurons go: "score" (lowest 2SSP activation score) or, with
+            compensation="lsq", "lsq" (lowest least-squares cost given the refit, see
+            :func:`lsq_keep`).
+        fit_batches: only the first `fit_batches` calibration batches are fit (scores,
+            refit); the rest are held out, only run (their outputs measure generalization).
         trial: compute everything (counts, kept indices, outputs) but leave the model as it
             was: each block's original MLP is put back once its outputs are computed, so a
             trial never holds more than one pruned block.
@@ -183,6 +232,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if refit_target not in REFIT_TARGETS:
         raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {refit_target!r}")
     anatomy = resolve(model)
@@ -197,11 +248,12 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             with TemporaryBypass(model) as temp:
                 for i in bypass:
                     temp.add(i)
-                scores = activation_scores(resolve(model), pixel_batches, skip)
+                scores = activation_scores(resolve(model), pixel_batches[:fit_batches], skip)
             counts = global_allocation(scores, sum(counts), min_remaining, survivors)
         with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
             kept, final = _sequential_pass(model, counts, pixel_batches, compensation, skip,
-                                           bypass, refit, ridge, progress, trial, temp)
+                                           bypass, refit, ridge, progress, trial, temp, selection,
+                                           fit_batches)
     finally:
         model.train(was_training)
     sync_config(resolve(model))

@@ -3,6 +3,7 @@
     python -m bench                 # full tables (about 16 minutes on a 2-core CPU)
     python -m bench --smoke         # seconds: every benchmark on tiny settings (CI)
     python -m bench --only fidelity --out /tmp/b.md
+    python -m bench --only text     # needs pip install -r bench/requirements-text.txt
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import cost, fidelity, speed, target_error
+from . import cost, fidelity, speed, target_error, text
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
-PARTS = ("target_error", "fidelity", "speed", "cost")
+PARTS = ("target_error", "fidelity", "speed", "cost", "text")
 
 
 def machine() -> str:
@@ -62,8 +63,19 @@ def run_cost(smoke: bool) -> str:
     return "\n".join(["## Cost of pruning", "", cost.__doc__.strip(), "", cost.table(res), ""])
 
 
+def run_text(smoke: bool) -> str:
+    if smoke:
+        res = text.run(targets=(0.1, 0.3), methods=("ours", "seed", "tp-magnitude", "random"),
+                       ideas={}, n_calib=32, n_eval=32, smoke=True, repeats=2)
+    else:
+        res = text.run()
+    return "\n".join(["## A real pretrained transformer: all-MiniLM-L6-v2 (text)", "",
+                      text.__doc__.strip(), "", "Goals for `ours` (the tool's default):", "",
+                      text.goals(res), "", text.tables(res), ""])
+
+
 RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "speed": run_speed,
-           "cost": run_cost}
+           "cost": run_cost, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks
@@ -108,8 +120,8 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}")
         return 0
     PARTS_DIR.mkdir(parents=True, exist_ok=True)
-    for part, text in sections.items():
-        (PARTS_DIR / f"{part}.md").write_text(text + "\n", encoding="utf-8")
+    for part, body in sections.items():
+        (PARTS_DIR / f"{part}.md").write_text(body + "\n", encoding="utf-8")
     found = [PARTS_DIR / f"{p}.md" for p in PARTS if (PARTS_DIR / f"{p}.md").exists()]
     doc = [HEADER] + [f.read_text(encoding="utf-8") for f in found]
     DOC.write_text("\n".join(doc), encoding="utf-8")

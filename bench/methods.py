@@ -191,6 +191,7 @@ METHODS: dict[str, Callable] = {
     "ours (auto unit)": ours(unit="auto"),
     "ours (refit own MLP, not model)": ours(refit_target="block"),
     "ours (2SSP score selection)": ours(selection="score"),
+    "ours (least-squares selection)": ours(selection="lsq"),
     "seed": seed_recipe,
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),

@@ -12,25 +12,25 @@ import time
 import torch
 
 from vit_pruning import PruneConfig, count_flops, count_total_params, prune_2ssp
+from vit_pruning.measure import example_inputs
 
 from .common import md_table, vit_shape
 
 
 @torch.no_grad()
-def latency_ratio(base, pruned, batch: int, repeats: int) -> float:
+def latency_ratio(base, pruned, batch: int, repeats: int, seq_len: int = 128) -> float:
     """Median over rounds of t(pruned) / t(baseline), the two timed back to back in each round
-    (so slow drifts of the machine cancel)."""
-    size = base.config.image_size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    (so slow drifts of the machine cancel). Images at the config's size, or `seq_len` tokens."""
+    x = example_inputs(base, batch, seq_len=seq_len)
     for m in (base, pruned):  # warm-up
-        m(pixel_values=x)
+        m(**x)
     ratios = []
     for r in range(repeats):
         pair = (base, pruned) if r % 2 == 0 else (pruned, base)  # alternate who goes first
         t = {}
         for m in pair:
             t0 = time.perf_counter()
-            m(pixel_values=x)
+            m(**x)
             t[id(m)] = time.perf_counter() - t0
         ratios.append(t[id(pruned)] / t[id(base)])
     return statistics.median(ratios)

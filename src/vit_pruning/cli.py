@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neurons per block: uniform (default) or the globally least important")
     g.add_argument("--compensation", choices=("lsq", "bias", "none"), default="lsq",
                    help="after removing neurons refit fc2 by least squares (default), fold the bias, or nothing")
+    g.add_argument("--neuron-selection", choices=("auto", "score", "lsq"), default="auto",
+                   help="which MLP neurons go: the 2SSP activation score, the least-squares cost "
+                        "given the refit, or auto (default): both tried on held-out calibration "
+                        "images, the better kept")
     g.add_argument("--depth-method", choices=("greedy", "bi"), default="greedy",
                    help="greedy by output fidelity (default) or one-shot Block Influence")
     d = ap.add_argument_group("data")
@@ -138,7 +142,14 @@ def load_model(name: str):
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name
     try:
-        if path.is_dir() and getattr(transformers.AutoConfig.from_pretrained(path), "vit_pruning", None):
+        config = transformers.AutoConfig.from_pretrained(source)
+        if getattr(config, "vocab_size", None) and not hasattr(config, "image_size"):
+            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+            raise UsageError(
+                f"--model: {name} is a text encoder ({arch}); the vit-2ssp CLI prunes image models "
+                f"(ViT, DeiT) and reports accuracy on images. Prune text encoders from Python: "
+                f"vit_pruning.prune_2ssp(model, target, calibration_batches) (README: 'Text encoders')")
+        if path.is_dir() and getattr(config, "vit_pruning", None):
             model = load_pruned_model(path)
         else:
             model = transformers.AutoModelForImageClassification.from_pretrained(source)
@@ -356,7 +367,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = PruneConfig(unit=args.depth_unit, min_remaining=min_remaining,
                       split=int(args.split) if args.split.isdigit() else args.split,
                       depth_method=args.depth_method, allocation=args.allocation,
-                      compensation=args.compensation, stages=args.stage)
+                      compensation=args.compensation, selection=args.neuron_selection,
+                      stages=args.stage)
     try:
         model, result = prune_2ssp(model, args.target, calib_pixels, cfg, device=device, progress=progress,
                                    after_stage1=lambda m: stages.append(measure("stage1", base_logits)[0]))
@@ -407,7 +419,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                  "neurons_removed_per_block": result.neurons_removed,
                  "estimated_params_removed": plan.params_before - plan.params_after,
                  "achieved_params_removed": result.params_before - result.params_after_stage2,
-                 "split_search": {str(k): v for k, v in result.search.items()}},
+                 "split_search": {str(k): v for k, v in result.search.items()},
+                 "neuron_selection": result.selection,
+                 "neuron_selection_search": result.selection_search},
         "calibration": calib_info,
         "versions": versions(),
         "artifacts": artifacts,

@@ -26,7 +26,7 @@ from .surgery import prune_mlp_neurons, remove_attention, sync_config
 
 FORMAT_VERSION = 1
 SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
-                     "DeiTForImageClassification")
+                     "DeiTForImageClassification", "BertModel")
 
 
 # transformers 4.x <-> 5.x names inside a ViT/DeiT backbone (everything else is the same)
@@ -118,7 +118,7 @@ def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> n
             remove_attention(model, info["attention_removed"])
     state = load_file(str(path / "model.safetensors"))
     saved_layout = (info or {}).get("layout", resolve(model).layout)
-    if saved_layout != resolve(model).layout:
+    if saved_layout != resolve(model).layout and "bert" not in (saved_layout, resolve(model).layout):
         state = translate_keys(state, to=resolve(model).layout)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -29,6 +29,7 @@ from .importance import activation_scores, magnitude_scores
 log = logging.getLogger(__name__)
 
 SPLITS = ("auto", "alpha", "search")
+SELECTIONS = ("auto", "score", "lsq")
 MICRO_BATCH = 16  # calibration images per forward inside the pipeline
 STAGES = ("both", "s1", "s2")
 
@@ -47,9 +48,10 @@ class PruneConfig:
     compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
     refit_target: str = "model"  # lsq fits the unpruned model's block outputs, or "block" its own MLP
     ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
-    selection: str = "lsq"  # neurons dropped: lowest least-squares cost given the refit ("lsq",
-    # with compensation="lsq"), or lowest 2SSP activation "score"; split trials always rank by
-    # the score (the lsq ranking costs ~2 s per ViT-B block)
+    selection: str = "auto"  # neurons dropped: lowest 2SSP activation "score", lowest
+    # least-squares cost given the refit ("lsq", needs compensation="lsq"), or "auto": after the
+    # split search, both are tried on the chosen split and the one with the better held-out
+    # calibration fidelity is used (split trials themselves rank by the score: cheaper)
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
     greedy_rescore: int | None = 3  # greedy steps after the first rescore only the 3 best (lazy)
@@ -73,7 +75,10 @@ class PruneResult:
     kept_neurons: list[list[int]] | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
-    # unit="auto") -> calibration distance of the split trial
+    # unit="auto") -> held-out calibration distance of the split trial
+    selection: str = "score"  # the neuron selection used ("score" or "lsq")
+    selection_search: dict[str, float] = field(default_factory=dict)  # selection="auto": held-out
+    # calibration distance of each selection on the chosen split
     depth_scores: dict = field(default_factory=dict)
 
     @property
@@ -167,6 +172,8 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         split = "search" if batches else "alpha"
     if split not in SPLITS and not isinstance(split, int):
         raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
+    if cfg.selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
     if cfg.stages not in STAGES:
         raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
     clock = _Clock()
@@ -191,7 +198,9 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     if len(units) > 1:
         search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
     clock.lap("depth selection and split search")
-    info = _width_stage(model, plan, batches, cfg, progress)
+    selection, selection_search = _choose_selection(model, plan, batches, cfg, reference)
+    clock.lap("neuron selection choice")
+    info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress)
     stage1 = count_total_params(model)
     clock.lap("stage 1 (width)")
     if after_stage1 is not None:
@@ -207,7 +216,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
         params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
         kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
-        timings=clock.laps,
+        timings=clock.laps, selection=selection, selection_search=selection_search,
     )
 
 
@@ -223,6 +232,34 @@ class _Clock:
         if name:
             self.laps[name] = self.laps.get(name, 0.0) + now - self._t
         self._t = now
+
+
+def _trial_distance(model, plan, batches, cfg, reference) -> float:
+    """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged):
+    fit on the first calibration images, scored on others (:func:`search_split`)."""
+    an = resolve(model)
+    per_row = [an.embed(x[:1]).shape[1] for x in batches]  # tokens per image/sentence
+    budget = cfg.search_tokens or 4 * max(p.intermediate_size for p in an.parts)
+    fit, held = search_split(batches, per_row, budget)
+    start = sum(len(x) for x in fit)
+    out = _width_stage(model, plan, fit + held, cfg, progress=False, trial=True,
+                       fit_batches=len(fit))["outputs"]
+    return output_distance(out[start:], _held_reference(reference, fit, held), an.has_classifier)
+
+
+def _choose_selection(model, plan, batches, cfg, reference) -> tuple[str, dict[str, float]]:
+    """The neuron selection to use: cfg.selection, or for "auto" the one with the better
+    held-out calibration fidelity on `plan` (the 2SSP score without the refit it needs)."""
+    if cfg.selection != "auto":
+        return cfg.selection, {}
+    if not batches or cfg.compensation != "lsq" or not cfg.sequential or not any(plan.neurons_to_prune):
+        return "score", {}
+    tried = {sel: _trial_distance(model, plan, batches, replace(cfg, selection=sel), reference)
+             for sel in ("score", "lsq")}
+    best = min(tried, key=lambda k: (tried[k], k != "score"))
+    log.info("neuron selection: %s (held-out calibration distance %s)", best,
+             ", ".join(f"{k} {v:.5f}" for k, v in tried.items()))
+    return best, tried
 
 
 def _choose_depth(model, shape, target, cfg, split, batches, reference, progress,
@@ -241,18 +278,10 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore)
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
-        an = resolve(model)
-        per_row = [an.embed(x[:1]).shape[1] for x in batches]  # tokens per image/sentence
-        budget = cfg.search_tokens or 4 * max(shape.widths)
-        fit, held = search_split(batches, per_row, budget)
-        start = sum(len(x) for x in fit)
-        trial_ref = _held_reference(reference, fit, held)
+        trial_cfg = replace(cfg, selection="score")
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            out = _width_stage(model, plan, fit + held, replace(cfg, selection="score"),
-                               progress=False, trial=True, fit_batches=len(fit))["outputs"]
-            out = out[start:]
-            search[str(d)] = output_distance(out, trial_ref, resolve(model).has_classifier)
+            search[str(d)] = _trial_distance(model, plan, batches, trial_cfg, reference)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
                      cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]

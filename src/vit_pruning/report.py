@@ -104,8 +104,13 @@ def markdown(rep: dict) -> str:
               f"{p['achieved_params_removed']:,}"]
     for note in p.get("notes", []):
         lines.append(f"- note: {note}")
+    if p.get("neuron_selection"):
+        tried = p.get("neuron_selection_search") or {}
+        lines.append(f"- neuron selection: {p['neuron_selection']}" + (
+            " (held-out calibration distance: " + ", ".join(f"{k} {v:.4g}" for k, v in tried.items())
+            + ")" if tried else ""))
     if p.get("split_search"):
-        lines.append("- split search (depth units -> calibration distance): " + ", ".join(
+        lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
     c = rep["calibration"]
     lines += ["", "## Calibration", "",

@@ -26,7 +26,7 @@ from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs,
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
 REFIT_TARGETS = ("model", "block")
-SELECTIONS = ("score", "lsq")
+SELECTIONS = ("score", "lsq")  # (the pipeline adds "auto": choose on held-out images)
 
 
 def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -> None:
@@ -168,6 +168,19 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
 
 
+def _spd_inverse(gram: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive semi-definite matrix; exact collinearity (dead or
+    duplicate neurons) gets the smallest extra damping that makes it factorize."""
+    jitter = 0.0
+    scale = float(gram.diagonal().mean().clamp_min(1e-12))
+    for _ in range(12):
+        chol, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(len(gram), dtype=gram.dtype))
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol)
+        jitter = scale * (1e-10 if jitter == 0 else 10 * jitter / scale)
+    raise RuntimeError("calibration Gram matrix could not be factorized (non-finite activations?)")
+
+
 def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 32) -> torch.Tensor:
     """Kept neurons chosen by their least-squares cost (structured Optimal Brain Surgeon).
 
@@ -180,7 +193,7 @@ def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 
     width = stats.gram.shape[0] - 1
     if n_remove <= 0:
         return torch.arange(width)
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(stats, ridge)))
+    h_inv = _spd_inverse(damped_gram(stats, ridge))
     sol = h_inv @ stats.cross.double()
     alive = torch.ones(width + 1, dtype=torch.bool)
     left = n_remove

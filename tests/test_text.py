@@ -1,0 +1,185 @@
+"""BERT-family text encoders (post-LayerNorm): anatomy, both depth units, the pipeline, saving,
+and the CLI's refusal. Tiny random BertModels built here: no download."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from vit_pruning import PruneConfig, count_total_params, load_pruned_model, prune_2ssp, resolve
+from vit_pruning.anatomy import PostNormAttentionBypass, mean_pool
+from vit_pruning.batches import take_inputs, unpad
+from vit_pruning.measure import collect_outputs, count_flops
+from vit_pruning.persistence import save_pruned_model
+from vit_pruning.pipeline import model_shape, plan_2ssp_allocation
+from vit_pruning.surgery import remove_attention, remove_blocks
+
+H, I, VOCAB = 32, 128, 100
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=I, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def padded_batches(n_batches: int = 3, size: int = 8, seed: int = 1) -> list[dict]:
+    """Right-padded batches of sentences of random lengths 4..20 (like a tokenizer's output)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        lengths = torch.randint(4, 21, (size,), generator=g)
+        ids = torch.zeros(size, int(lengths.max()), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths.tolist()):
+            ids[i, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+            mask[i, :n] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def embeddings(model, batches) -> torch.Tensor:
+    """The model's own forward on padded batches, masked mean pooling (the bench's measure)."""
+    with torch.no_grad():
+        return torch.cat([mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in batches])
+
+
+def test_resolve_bert_is_post_norm_with_exact_attention_params():
+    an = resolve(tiny_bert())
+    assert an.layout == "bert" and an.is_text and not an.has_classifier
+    assert all(p.post_norm and not p.attention_removed for p in an.parts)
+    # q, k, v, o weights and biases; the attention LayerNorm stays on the residual stream
+    assert [p.attention_params for p in an.parts] == [4 * (H * H + H)] * 4
+    assert [p.intermediate_size for p in an.parts] == [I] * 4
+
+
+def test_segmented_forward_on_unpadded_sentences_equals_masked_model_forward():
+    model = tiny_bert()
+    batches = padded_batches()
+    an = resolve(model)
+    sentences = take_inputs(batches)
+    assert sum(len(x) for x in sentences) == 24
+    assert all(bool((x != 0).all()) for x in sentences)  # no padding token left
+    with torch.no_grad():
+        seg = {tuple(row.tolist()): e for x in sentences
+               for row, e in zip(x, an.head(an.run_blocks(an.embed(x))))}
+    full = embeddings(model, batches)
+    rows = [tuple(r.tolist()) for b in batches for r in unpad(b["input_ids"], b["attention_mask"])]
+    assert torch.allclose(torch.stack([seg[r] for r in rows]), full, atol=1e-5)
+
+
+def test_unpad_left_and_right_padding_agree():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    right = unpad(ids, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
+    left = unpad(torch.tensor([[0, 5, 6, 7], [0, 0, 8, 9]]), torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]))
+    assert [r.tolist() for r in right] == [r.tolist() for r in left] == [[5, 6, 7], [8, 9]]
+
+
+def test_removed_attention_keeps_the_post_norm_layernorm():
+    model = tiny_bert()
+    an = resolve(model)
+    x = torch.randn(2, 7, H)
+    block, ln1 = an.parts[1].block, an.parts[1].norm_before
+    before = count_total_params(model)
+    remove_attention(model, [1])
+    parts = resolve(model).parts[1]
+    assert parts.attention_removed and isinstance(parts.attention, PostNormAttentionBypass)
+    assert count_total_params(model) == before - 4 * (H * H + H)
+    with torch.no_grad():
+        a = ln1(x)  # LN1(x + attn(x)) -> LN1(x)
+        expected = parts.norm_after(a + parts.fc2(parts.act_fn(parts.fc1(a))))
+        out = block(x)
+    assert torch.allclose(out[0] if isinstance(out, tuple) else out, expected, atol=1e-6)
+    assert "encoder.layer.1.attention.output.LayerNorm.weight" in model.state_dict()
+    assert "encoder.layer.1.attention.self.query.weight" not in model.state_dict()
+    with pytest.raises(ValueError, match="already removed"):
+        remove_attention(model, [1])
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+def test_prune_2ssp_on_bert_hits_the_plan_exactly_and_stays_close(unit):
+    model = tiny_bert()
+    batches = padded_batches()
+    ref = embeddings(model, batches)
+    plan = plan_2ssp_allocation(model, 0.3, min_remaining=32, unit=unit, depth=1)
+    model, res = prune_2ssp(model, 0.3, batches, PruneConfig(unit=unit, min_remaining=32, split=1))
+    assert res.params_after_stage2 == plan.params_after == count_total_params(model)
+    assert abs(res.achieved_sparsity - 0.3) <= (2 * H + 1) / res.params_before
+    an = resolve(model)
+    if unit == "block":
+        assert len(an.parts) == 3
+    else:
+        assert sum(p.attention_removed for p in an.parts) == 1
+    out = embeddings(model, batches)
+    cos = torch.nn.functional.cosine_similarity(out, ref).mean()
+    assert torch.isfinite(out).all() and cos > 0.9
+
+
+def test_bert_pruning_is_deterministic():
+    runs = []
+    for _ in range(2):
+        model, res = prune_2ssp(tiny_bert(), 0.25, padded_batches(), PruneConfig(min_remaining=32, split=0))
+        runs.append(res.kept_neurons)
+    assert runs[0] == runs[1]
+
+
+def test_lsq_keep_drops_a_neuron_the_others_can_replace():
+    from vit_pruning.importance import accumulate
+    from vit_pruning.width import keep_indices, lsq_keep
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(1, 400, 6, generator=g)
+    act[..., 2:5] *= 0.1  # weak but independent: the activation score would drop one of these
+    act[..., 5] = act[..., 0] + act[..., 1]  # 0, 1 and 5 are linearly dependent: any one of
+    # them is replaceable by the other two at no cost
+    target = act @ torch.randn(6, 4, generator=g)
+    stats = accumulate(None, act, target)
+    by_score = set(range(6)) - set(keep_indices(stats.score, 1).tolist())
+    by_lsq = set(range(6)) - set(lsq_keep(stats, 1, ridge=1e-9).tolist())
+    assert by_score <= {2, 3, 4} and by_lsq <= {0, 1, 5}
+    assert lsq_keep(stats, 0).tolist() == list(range(6))
+
+
+def test_save_and_reload_pruned_bert_gives_identical_embeddings(tmp_path):
+    model = tiny_bert()
+    batches = padded_batches()
+    model, _ = prune_2ssp(model, 0.35, batches, PruneConfig(unit="attention", min_remaining=32, split=2))
+    assert sum(p.attention_removed for p in resolve(model).parts) == 2
+    out = save_pruned_model(model, tmp_path / "pruned")
+    back = load_pruned_model(out)
+    assert type(back).__name__ == "BertModel"
+    assert count_total_params(back) == count_total_params(model)
+    assert torch.equal(embeddings(back, batches), embeddings(model, batches))
+
+
+def test_text_flops_shrink_with_the_model():
+    model = tiny_bert()
+    before = count_flops(model, seq_len=16)
+    remove_blocks(model, [0])
+    assert count_flops(model, seq_len=16) == pytest.approx(before * 3 / 4, rel=0.05)
+
+
+def test_model_shape_and_plan_on_bert():
+    shape = model_shape(tiny_bert())
+    assert shape.widths == (I,) * 4 and shape.neuron_params == 2 * H + 1
+    with pytest.raises(ValueError, match="maximum"):
+        plan_2ssp_allocation(tiny_bert(), 0.99, min_remaining=32)
+
+
+def test_cli_refuses_a_text_encoder_clearly(tmp_path, capsys):
+    from vit_pruning.cli import main
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    code = main(["--model", str(folder), "--target", "0.2", "--reports-dir", str(tmp_path / "r"),
+                 "--artifacts-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "text encoder (BertModel)" in err and "prune_2ssp" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+
+
+def test_collect_outputs_on_token_ids_is_the_pooled_embedding():
+    model = tiny_bert()
+    ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state.mean(1)
+    assert torch.allclose(collect_outputs(model, [ids]), expected)

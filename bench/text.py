@@ -22,6 +22,8 @@ import torch
 
 from vit_pruning import count_flops, count_total_params
 from vit_pruning.batches import take_inputs
+from vit_pruning.measure import mean_cosine, retrieval_agreement
+from vit_pruning.text import sentence_embeddings, tokenize
 
 from . import text_data
 from .common import md_table
@@ -82,8 +84,8 @@ def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), methods=MAIN, ideas=IDEAS, idea_targe
         base, tok, mr = tiny_bert(), byte_tokenizer, 64
     else:
         (base, tok), mr = _minilm(), MIN_REMAINING
-    evaluation = text_data.tokenize(tok, text_data.split(n_calib, n_eval).evaluation)
-    ref = text_data.embed(base, evaluation)
+    evaluation = tokenize(tok, text_data.split(n_calib, n_eval).evaluation)
+    ref = sentence_embeddings(base, evaluation)
     base_params, base_flops = count_total_params(base), count_flops(base, seq_len=SEQ)
     rows = []
     jobs = [(t, name, name, None, 0) for t in targets for name in methods]
@@ -94,7 +96,7 @@ def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), methods=MAIN, ideas=IDEAS, idea_targe
         key = (n or n_calib, draw)
         if key not in calib_cache:
             sentences = text_data.split(key[0], n_eval, seed=draw).calibration
-            calib_cache[key] = take_inputs(text_data.tokenize(tok, sentences))
+            calib_cache[key] = take_inputs(tokenize(tok, sentences))
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         try:
@@ -104,11 +106,11 @@ def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), methods=MAIN, ideas=IDEAS, idea_targe
             rows.append({"target": t, "method": label, "reach": str(exc).split(":")[0]})
             continue
         seconds = time.perf_counter() - t0
-        emb = text_data.embed(model, evaluation)
+        emb = sentence_embeddings(model, evaluation)
         row = {"target": t, "method": label, "seconds": seconds,
                "sparsity": 1 - count_total_params(model) / base_params,
-               "cosine": text_data.mean_cosine(emb, ref),
-               "agreement": text_data.retrieval_agreement(emb, ref),
+               "cosine": mean_cosine(emb, ref),
+               "agreement": retrieval_agreement(emb, ref),
                "params": count_total_params(model) / base_params,
                "flops": count_flops(model, seq_len=SEQ) / base_flops,
                "latency": latency_ratio(base, model, 8, repeats, seq_len=SEQ)}

@@ -1,5 +1,7 @@
 """BERT-family text encoders (post-LayerNorm): anatomy, both depth units, the pipeline, saving,
 and the CLI's refusal. Tiny random BertModels built here: no download."""
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -164,17 +166,71 @@ def test_model_shape_and_plan_on_bert():
         plan_2ssp_allocation(tiny_bert(), 0.99, min_remaining=32)
 
 
-def test_cli_refuses_a_text_encoder_clearly(tmp_path, capsys):
-    from vit_pruning.cli import main
+def bert_folder(tmp_path) -> Path:
+    """A tiny random BertModel saved with a character-level WordPiece tokenizer."""
+    import string
+    from transformers import BertTokenizerFast
+    chars = list(string.ascii_lowercase + string.digits + ".,;:'\"()-_?!")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=I, max_position_embeddings=512)
     folder = tmp_path / "bert"
-    tiny_bert().save_pretrained(folder)
-    code = main(["--model", str(folder), "--target", "0.2", "--reports-dir", str(tmp_path / "r"),
-                 "--artifacts-dir", str(tmp_path / "a")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "text encoder (BertModel)" in err and "prune_2ssp" in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+    BertModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def cli(tmp_path, *args) -> int:
+    from vit_pruning.cli import main
+    return main([*args, "--reports-dir", str(tmp_path / "r"), "--artifacts-dir", str(tmp_path / "a"),
+                 "--pruned-output-dir", str(tmp_path / "p"), "--quiet", "--latency-repeats", "2"])
+
+
+def test_cli_prunes_a_text_encoder_and_reports_fidelity(tmp_path):
+    import json
+    folder = bert_folder(tmp_path)
+    code = cli(tmp_path, "--model", str(folder), "--target", "0.2", "--calib-size", "48",
+               "--eval-batches", "2", "--batch-size", "16", "--min-remaining", "32", "--run-id", "t",
+               "--save-pruned-model")
+    assert code == 0
+    rep = json.loads((tmp_path / "r" / "report-t.json").read_text())
+    assert rep["model"]["layout"] == "bert"
+    assert rep["accuracy_note"].startswith("not applicable (text encoder)")
+    assert rep["calibration"]["count"] == 48 and rep["calibration"]["dataset"] == "python-docs"
+    final = rep["stages"][-1]
+    assert final["top1"] is None and 0.5 < final["cosine"] <= 1 and 0 <= final["agreement"] <= 1
+    assert rep["stages"][0]["cosine"] is None  # the baseline is the reference
+    assert abs(rep["achieved_sparsity"] - 0.2) <= rep["one_neuron_sparsity"]
+    assert rep["latency_setup"]["seq_len"] > 1
+    md = (tmp_path / "r" / "report-t.md").read_text()
+    assert "embedding cosine" in md and "48 sentences from python-docs" in md
+    back = load_pruned_model(tmp_path / "p" / "t")
+    assert count_total_params(back) == final["params"]
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "p" / "t")("a b")["input_ids"][0] == 2  # [CLS]
+
+
+def test_cli_text_encoder_reads_a_text_file_and_refuses_image_flags(tmp_path, capsys):
+    folder = bert_folder(tmp_path)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"sentence number {i} about pruning." for i in range(40)) + "\n\n")
+    assert cli(tmp_path, "--model", str(folder), "--target", "0.1", "--text-file", str(lines),
+               "--calib-size", "24", "--eval-batches", "1", "--batch-size", "16", "--min-remaining",
+               "32", "--run-id", "f") == 0
+    assert cli(tmp_path, "--model", str(folder), "--target", "0.1", "--text-file", str(lines),
+               "--calib-size", "30", "--eval-batches", "1", "--batch-size", "16") == 2
+    assert "only 24 sentences are left for calibration" in capsys.readouterr().err
+    for flag in ("--use-adapter", "--do-finetune", "--load-cifar"):
+        assert cli(tmp_path, "--model", str(folder), "--target", "0.1", flag) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} does not apply to a text encoder" in err and "Traceback" not in err
+    assert cli(tmp_path, "--model", str(folder), "--target", "0.1", "--dry-run") == 0
+    assert "GFLOPs per sentence of 128 tokens" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report-f.json", "report-f.md",
+                                                                  "report-f.png"]
 
 
 def test_collect_outputs_on_token_ids_is_the_pooled_embedding():

@@ -8,6 +8,9 @@ Examples:
       --replace-classifier --do-finetune --freeze-backbone --save-adapter
   # look before you prune: print the plan, write nothing
   vit-2ssp --model embedded --target 0.5 --dry-run
+  # a BERT-family text encoder (e.g. a sentence-transformers folder): fidelity of the sentence
+  # embeddings instead of accuracy, on --text-file or Python's own documentation (offline)
+  vit-2ssp --model path/to/all-MiniLM-L6-v2 --target 0.1 --calib-size 512
 
 Outputs: experiments/vit_pruning/reports/report-<run_id>.{json,md,png}; with --save-adapter
 experiments/vit_pruning/artifacts/<run_id>/adapter.pt; with --save-pruned-model
@@ -30,6 +33,7 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
 SEED_MIN_REMAINING = 512
 NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
+IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
 
 
 class UsageError(Exception):
@@ -74,9 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--label-column", default=None, help="label column name when not obvious")
     d.add_argument("--cifar-train-pct", type=float, default=0.25, help="fraction of the train split in (0, 1] (default 0.25)")
     d.add_argument("--cifar-test-pct", type=float, default=0.25, help="fraction of the test split in (0, 1] (default 0.25)")
-    d.add_argument("--calib-size", type=int, default=64, help="calibration images from the train split (default 64)")
+    d.add_argument("--calib-size", type=int, default=None,
+                   help="calibration images from the train split (default 64), or sentences for a text "
+                        "encoder (default 512)")
     d.add_argument("--batch-size", type=int, default=32, help="batch size for evaluation, calibration, fine-tuning (32)")
-    d.add_argument("--eval-batches", type=int, default=5, help="test batches used for accuracy (default 5)")
+    d.add_argument("--eval-batches", type=int, default=5,
+                   help="test batches used for accuracy, or of evaluation sentences (default 5)")
+    d.add_argument("--text-file", default=None, metavar="PATH",
+                   help="text encoders: UTF-8 file, one sentence per line, split into disjoint "
+                        "calibration and evaluation sentences (default: Python's documentation, offline)")
     h = ap.add_argument_group("head")
     h.add_argument("--replace-classifier", action="store_true", help="fresh linear head for the dataset's classes")
     h.add_argument("--use-adapter", action="store_true", help="bottleneck adapter + head instead")
@@ -133,8 +143,14 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
 
 
+def is_text_config(config) -> bool:
+    """A text model's config: a vocabulary and no image size."""
+    return bool(getattr(config, "vocab_size", None)) and not hasattr(config, "image_size")
+
+
 def load_model(name: str):
-    """Model + image processor from 'embedded', a local folder (pruned or not) or a hub id."""
+    """(model, processor, source) from 'embedded', a local folder (pruned or not) or a hub id;
+    the processor is an image processor, or a tokenizer for a text encoder."""
     import transformers
 
     from .anatomy import resolve
@@ -143,14 +159,11 @@ def load_model(name: str):
     source = str(path) if path.is_dir() else name
     try:
         config = transformers.AutoConfig.from_pretrained(source)
-        if getattr(config, "vocab_size", None) and not hasattr(config, "image_size"):
-            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-            raise UsageError(
-                f"--model: {name} is a text encoder ({arch}); the vit-2ssp CLI prunes image models "
-                f"(ViT, DeiT) and reports accuracy on images. Prune text encoders from Python: "
-                f"vit_pruning.prune_2ssp(model, target, calibration_batches) (README: 'Text encoders')")
+        text = is_text_config(config)
         if path.is_dir() and getattr(config, "vit_pruning", None):
             model = load_pruned_model(path)
+        elif text:
+            model = transformers.AutoModel.from_pretrained(source)
         else:
             model = transformers.AutoModelForImageClassification.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
@@ -166,23 +179,57 @@ def load_model(name: str):
     except ValueError as exc:
         raise UsageError(f"--model: {exc}") from exc
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source)
+        if text:
+            processor = transformers.AutoTokenizer.from_pretrained(source)
+        else:
+            processor = transformers.AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: {source} has no usable image processor config "
-                         f"(preprocessor_config.json)") from exc
+        what = "tokenizer files" if text else "image processor config (preprocessor_config.json)"
+        raise UsageError(f"--model: {source} has no usable {what}") from exc
     return model.eval(), processor, source
+
+
+IMAGE_ONLY_FLAGS = ("dataset", "load_cifar", "replace_classifier", "use_adapter", "load_adapter",
+                    "do_finetune", "recover", "save_adapter")
+
+
+def check_text_flags(args: argparse.Namespace) -> None:
+    """Text encoders are headless: refuse the flags about labelled images and heads."""
+    for flag in IMAGE_ONLY_FLAGS:
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to a text encoder (it is "
+                             f"headless and measured by sentence-embedding fidelity); drop it")
+
+
+def load_text(args: argparse.Namespace, calib_size: int):
+    """Calibration and evaluation sentences for a text encoder (--text-file or Python's docs)."""
+    from .text import python_doc_sentences, read_sentences, split_sentences
+    if args.text_file:
+        try:
+            sentences = read_sentences(args.text_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--text-file: cannot read {args.text_file} ({type(exc).__name__})") from exc
+    else:
+        sentences = python_doc_sentences()
+    n_eval = args.eval_batches * args.batch_size
+    try:
+        return split_sentences(sentences, calib_size, n_eval, args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--calib-size/--eval-batches: {exc} ({len(sentences)} sentences in all)") from exc
 
 
 def print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset) -> None:
     """Show the plan (and its predicted FLOPs, measured on a scratch copy); the model is untouched."""
     import copy
 
+    from .anatomy import resolve
     from .depth import apply_depth
     from .measure import count_flops
     from .width import prune_vit_mlp_width
     flops = count_flops(model)
     print(f"model {model_id}: {shape.num_blocks} blocks, hidden {shape.hidden_size}, MLP "
-          f"{max(shape.widths)}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs/image")
+          f"{max(shape.widths)}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs per "
+          f"{'sentence of 128 tokens' if resolve(model).is_text else 'image'}")
     searched = bool(dataset) and args.split == "auto" and args.stage == "both"
     print(f"target {args.target}: min_remaining {min_remaining} ({mr_source}); split "
           f"{'searched on calibration data when pruning (shown: 2SSP alpha formula)' if searched else args.split}")
@@ -234,6 +281,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .planner import (depth_only_plan, make_plan, max_feasible_target, validate_target,
                           width_only_max)
     from .report import StageMetrics, markdown, stage_dicts, summarize, versions, write_report
+    from .measure import mean_cosine, retrieval_agreement
+    from .text import PYTHON_DOCS, sentence_embeddings, tokenize
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -252,6 +301,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     model, processor, model_id = load_model(args.model)
     anatomy = resolve(model)
+    text = anatomy.is_text
+    if text:
+        check_text_flags(args)
+    elif args.text_file:
+        raise UsageError("--text-file is for text encoders; this model takes images (use --dataset)")
+    calib_size = args.calib_size or (TEXT_CALIB if text else IMAGE_CALIB)
     model.to(device)
     width = max(p.intermediate_size for p in anatomy.parts)
     if args.min_remaining is not None:
@@ -286,13 +341,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--target: {exc}") from exc
 
     dataset = args.dataset or ("cifar10" if args.load_cifar else ("digits" if args.model == "embedded" else None))
+    if text:
+        dataset = args.text_file or PYTHON_DOCS
     if args.dry_run:
         print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset)
         return 0
 
     # ---- data and head
     splits = None
-    if dataset:
+    if dataset and not text:
         try:
             splits = load_splits(dataset, args.cifar_train_pct, args.cifar_test_pct,
                                  args.image_column, args.label_column)
@@ -330,10 +387,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if splits is not None:
         train_loader = make_loader(splits.train, processor, splits, args.batch_size, True, args.seed, workers)
         test_loader = make_loader(splits.test, processor, splits, args.batch_size, False, args.seed, workers)
-        calib_ds, _ = calibration_subset(splits.train, args.calib_size, args.seed)
+        calib_ds, _ = calibration_subset(splits.train, calib_size, args.seed)
         calib_pixels = take_inputs(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
         calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
                       "count": len(calib_ds), "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
+    if text:
+        text_split = load_text(args, calib_size)
+        calib_pixels = take_inputs(tokenize(processor, text_split.calibration, args.batch_size), None, device)
+        test_loader = tokenize(processor, text_split.evaluation, args.batch_size)
+        calib_info = {"dataset": dataset, "split": "sentences not used for evaluation (random "
+                      f"{len(text_split.calibration)})", "count": len(text_split.calibration),
+                      "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
     ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
     if args.do_finetune:
         log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, ft_lr)
@@ -343,24 +407,44 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         p.requires_grad_(False)
 
     eval_batches = list(iter_limited(test_loader, args.eval_batches)) if test_loader else []
-    eval_pixels = [batch_pixels(b).to(device) for b in eval_batches]
-    eval_labels = torch.cat([batch_labels(b) for b in eval_batches]).to(device) if eval_batches else None
-    accuracy_note = (f"top-1 on the first {args.eval_batches} test batches of {dataset} "
-                     f"({sum(len(x) for x in eval_pixels)} images)" if eval_pixels and has_head else
-                     "not applicable (no labelled data or headless model)")
+    if text:
+        seq_len = max(1, round(float(torch.cat([b["attention_mask"].sum(1) for b in eval_batches])
+                                     .double().mean())))  # FLOPs and latency at the mean length
+        accuracy_note = (f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence "
+                         f"embeddings to the unpruned model's and nearest-neighbour agreement, on "
+                         f"{sum(len(b['input_ids']) for b in eval_batches)} evaluation sentences "
+                         f"from {dataset}; FLOPs and latency at {seq_len} tokens (their mean length)")
+        eval_pixels, eval_labels = [], None
+    else:
+        seq_len = None
+        eval_pixels = [batch_pixels(b).to(device) for b in eval_batches]
+        eval_labels = torch.cat([batch_labels(b) for b in eval_batches]).to(device) if eval_batches else None
+        accuracy_note = (f"top-1 on the first {args.eval_batches} test batches of {dataset} "
+                         f"({sum(len(x) for x in eval_pixels)} images)" if eval_pixels and has_head else
+                         "not applicable (no labelled data or headless model)")
+    size = {"seq_len": seq_len} if text else {}
 
-    def measure(name: str, ref_logits=None) -> tuple[StageMetrics, torch.Tensor | None]:
-        logits = collect_outputs(model, eval_pixels) if eval_pixels else None
-        top1 = (int((logits.argmax(-1) == eval_labels).sum()) / len(eval_labels)
-                if eval_pixels and has_head else None)
-        kl = (kl_divergence(logits, ref_logits) if logits is not None and ref_logits is not None
-              and has_head else None)
-        m = StageMetrics(name, count_total_params(model), count_flops(model),
-                         1e3 * measure_latency(model, args.latency_batch_size, repeats=args.latency_repeats),
-                         top1, kl)
-        log.info("%s: %s params, %.4f GFLOPs, %.2f ms, top-1 %s", name, f"{m.params:,}", m.flops / 1e9,
-                 m.latency_ms, "n/a" if top1 is None else f"{top1:.4f}")
-        return m, logits
+    def measure(name: str, ref=None) -> tuple[StageMetrics, torch.Tensor | None]:
+        """Metrics of the model now; `ref`: the baseline's outputs (logits or embeddings)."""
+        top1 = kl = cos = agree = None
+        if text:
+            out = sentence_embeddings(model, eval_batches, device)
+            if ref is not None:
+                cos, agree = mean_cosine(out, ref), retrieval_agreement(out, ref)
+        else:
+            out = collect_outputs(model, eval_pixels) if eval_pixels else None
+            top1 = (int((out.argmax(-1) == eval_labels).sum()) / len(eval_labels)
+                    if eval_pixels and has_head else None)
+            kl = (kl_divergence(out, ref) if out is not None and ref is not None
+                  and has_head else None)
+        m = StageMetrics(name, count_total_params(model), count_flops(model, **size),
+                         1e3 * measure_latency(model, args.latency_batch_size, repeats=args.latency_repeats,
+                                               **size),
+                         top1, kl, cos, agree)
+        log.info("%s: %s params, %.4f GFLOPs, %.2f ms, top-1 %s%s", name, f"{m.params:,}", m.flops / 1e9,
+                 m.latency_ms, "n/a" if top1 is None else f"{top1:.4f}",
+                 "" if cos is None else f", cosine {cos:.4f}, agreement {agree:.3f}")
+        return m, out
 
     baseline, base_logits = measure("baseline")
     stages = [baseline]
@@ -397,7 +481,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "model": {"id": model_id, "class": type(model).__name__, "layout": anatomy.layout,
                   "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size,
                   "intermediate_size": width},
-        "config": {**vars(args), "device": str(device), "ft_lr": ft_lr},
+        "config": {**vars(args), "device": str(device), "ft_lr": ft_lr, "calib_size": calib_size},
         "prune_config": asdict(cfg),
         "seed": args.seed,
         "depth_unit": result.plan.unit,
@@ -413,7 +497,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "summary": summarize(stages),
         "accuracy_note": accuracy_note,
         "latency_setup": {"batch_size": args.latency_batch_size, "threads": torch.get_num_threads(),
-                          "warmup": 3, "repeats": args.latency_repeats, "device": str(device)},
+                          "warmup": 3, "repeats": args.latency_repeats, "device": str(device),
+                          "seq_len": seq_len},
         "plan": {**plan.to_dict(), "removed_indices": sorted(result.depth_order),
                  "removal_order": result.depth_order,
                  "neurons_removed_per_block": result.neurons_removed,
@@ -430,6 +515,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     base, final = stages[0], stages[-1]
     acc = ("" if base.top1 is None else
            f", top-1 {base.top1:.4f} -> {final.top1:.4f}")
+    if final.cosine is not None:
+        acc = f", embedding cosine {final.cosine:.4f}, neighbour agreement {100 * final.agreement:.1f}%"
     print(f"vit-2ssp {run_id}: params {base.params:,} -> {final.params:,} "
           f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
           f"latency {base.latency_ms:.2f} -> {final.latency_ms:.2f} ms{acc}")

@@ -139,6 +139,25 @@ def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> fl
     return float(1.0 - cos.mean())
 
 
+def mean_cosine(emb: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over rows of cos(emb_i, ref_i): how close pruned sentence embeddings stay."""
+    return float(F.cosine_similarity(emb.double(), ref.double(), dim=-1).mean())
+
+
+def nearest_neighbours(emb: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest *other* row by cosine similarity."""
+    e = F.normalize(emb.double(), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    return sim.argmax(-1)
+
+
+def retrieval_agreement(emb: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of rows whose nearest neighbour (among the other rows) is the same in `emb`
+    (pruned) as in `ref` (unpruned)."""
+    return float((nearest_neighbours(emb) == nearest_neighbours(ref)).double().mean())
+
+
 @torch.no_grad()
 def collect_outputs(model: nn.Module, pixel_batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenated model outputs (see :func:`forward_output`) over a list of input batches

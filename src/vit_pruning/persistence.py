@@ -64,7 +64,7 @@ def _head_info(model: nn.Module) -> dict | None:
     return None
 
 
-def save_pruned_model(model: nn.Module, out_dir: str | Path, image_processor=None,
+def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
                       metadata: dict | None = None) -> Path:
     """Save a (pruned) model into a new folder `out_dir`; refuses an existing path."""
     out_dir = Path(out_dir)
@@ -83,8 +83,8 @@ def save_pruned_model(model: nn.Module, out_dir: str | Path, image_processor=Non
         model.config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if image_processor is not None:
-            image_processor.save_pretrained(tmp)
+        if processor is not None:  # image processor or tokenizer: the folder stays usable
+            processor.save_pretrained(tmp)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -195,10 +195,11 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
                              reference, progress, score_single=len(units) > 1) for u in units]
     plan, order, search, depth_scores = min(
         choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
+    known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
     if len(units) > 1:
         search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
     clock.lap("depth selection and split search")
-    selection, selection_search = _choose_selection(model, plan, batches, cfg, reference)
+    selection, selection_search = _choose_selection(model, plan, batches, cfg, reference, known)
     clock.lap("neuron selection choice")
     info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress)
     stage1 = count_total_params(model)
@@ -247,14 +248,17 @@ def _trial_distance(model, plan, batches, cfg, reference) -> float:
     return output_distance(out[start:], _held_reference(reference, fit, held), an.has_classifier)
 
 
-def _choose_selection(model, plan, batches, cfg, reference) -> tuple[str, dict[str, float]]:
+def _choose_selection(model, plan, batches, cfg, reference, known: dict[str, float]
+                      ) -> tuple[str, dict[str, float]]:
     """The neuron selection to use: cfg.selection, or for "auto" the one with the better
-    held-out calibration fidelity on `plan` (the 2SSP score without the refit it needs)."""
+    held-out calibration fidelity on `plan` (the 2SSP score without the refit it needs).
+    `known`: distances already measured (the split search's trials rank by the score)."""
     if cfg.selection != "auto":
         return cfg.selection, {}
     if not batches or cfg.compensation != "lsq" or not cfg.sequential or not any(plan.neurons_to_prune):
         return "score", {}
-    tried = {sel: _trial_distance(model, plan, batches, replace(cfg, selection=sel), reference)
+    tried = {sel: known[sel] if sel in known else
+             _trial_distance(model, plan, batches, replace(cfg, selection=sel), reference)
              for sel in ("score", "lsq")}
     best = min(tried, key=lambda k: (tried[k], k != "score"))
     log.info("neuron selection: %s (held-out calibration distance %s)", best,

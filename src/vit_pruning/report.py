@@ -18,6 +18,8 @@ class StageMetrics:
     latency_ms: float
     top1: float | None  # None when no labelled data / not applicable
     kl_to_baseline: float | None  # mean KL(stage || baseline) of logits on the eval images
+    cosine: float | None = None  # text encoders: mean cosine of sentence embeddings to baseline
+    agreement: float | None = None  # text encoders: nearest-neighbour agreement with baseline
 
 
 def _pct(new: float, old: float) -> float:
@@ -44,13 +46,15 @@ def summarize(stages: list[StageMetrics]) -> dict:
     """The seed's sections (P0 -> P1 -> P2, latency deltas, accuracy drops) from stage metrics."""
     by = {s.name: s for s in stages}
     base = by["baseline"]
-    out: dict = {"parameters": {}, "latency": {}, "accuracy": {}, "flops": {}}
+    out: dict = {"parameters": {}, "latency": {}, "accuracy": {}, "flops": {}, "fidelity": {}}
     prev = base
     for s in stages:
         out["parameters"][s.name] = s.params
         out["flops"][s.name] = s.flops
         out["latency"][s.name + "_ms"] = s.latency_ms
         out["accuracy"][s.name] = s.top1
+        if s.cosine is not None:
+            out["fidelity"][s.name] = {"embedding_cosine": s.cosine, "neighbour_agreement": s.agreement}
         if s is not base:
             out["parameters"][f"{s.name}_reduction_vs_previous_pct"] = _removed_pct(s.params, prev.params)
             out["latency"][f"{s.name}_delta_vs_baseline_pct"] = _pct(s.latency_ms, base.latency_ms)
@@ -77,6 +81,11 @@ def markdown(rep: dict) -> str:
              "## Stages", "",
              "| stage | params | params vs previous | FLOPs (G) | latency (ms) | latency vs baseline | top-1 | top-1 drop | KL to baseline |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    text = any(s.get("cosine") is not None for s in st)
+    if text:  # a text encoder: fidelity of sentence embeddings instead of accuracy
+        lines[-2:] = ["| stage | params | params vs previous | FLOPs (G) | latency (ms) | latency vs baseline "
+                      "| top-1 | embedding cosine | neighbour agreement |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = st[0]
     prev = base
     for s in st:
@@ -85,6 +94,9 @@ def markdown(rep: dict) -> str:
         top1 = "n/a" if s["top1"] is None else f"{s['top1']:.4f}"
         drop = "" if s is base or s["top1"] is None or base["top1"] is None else f"{base['top1'] - s['top1']:+.4f}"
         kl = "" if s["kl_to_baseline"] is None else f"{s['kl_to_baseline']:.4g}"
+        if text:
+            drop = "" if s.get("cosine") is None else f"{s['cosine']:.4f}"
+            kl = "" if s.get("agreement") is None else f"{100 * s['agreement']:.1f}%"
         lines.append(f"| {s['name']} | {s['params']:,} | {dparams} | {s['flops'] / 1e9:.4f} | "
                      f"{s['latency_ms']:.2f} | {dlat} | {top1} | {drop} | {kl} |")
         if s is not base:
@@ -113,8 +125,9 @@ def markdown(rep: dict) -> str:
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
     c = rep["calibration"]
+    what = "sentences" if text else "images"
     lines += ["", "## Calibration", "",
-              f"- {c['count']} images from {c['dataset']} split `{c['split']}`, fingerprint `{c['fingerprint']}`"
+              f"- {c['count']} {what} from {c['dataset']} ({c['split']}), fingerprint `{c['fingerprint']}`"
               if c["count"] else "- none (weight-magnitude width scores, weight-norm depth proxy)",
               "", "## Artifacts", ""]
     for k, v in rep["artifacts"].items():
@@ -136,6 +149,8 @@ def plot(stages: list[dict], path: Path) -> Path:
               ("latency (ms)", [s["latency_ms"] for s in stages])]
     if all(s["top1"] is not None for s in stages):
         panels.append(("top-1", [s["top1"] for s in stages]))
+    if all(s.get("cosine") is not None for s in stages[1:]) and len(stages) > 1:
+        panels.append(("embedding cosine to baseline", [1.0] + [s["cosine"] for s in stages[1:]]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, vals) in zip(axes, panels):
         bars = ax.bar(names, vals, color=["#777"] + ["#3a7"] * (len(vals) - 1))

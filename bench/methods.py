@@ -42,6 +42,9 @@ from vit_pruning.width import prune_vit_mlp_width
 
 def _nearest_feasible(shape, target, unit, mr, wanted: int) -> int:
     options = feasible_depths(shape, target, unit, mr)
+    if not options:
+        raise ValueError(f"out of reach: no {unit} count reaches target {target} with "
+                         f"min_remaining={mr}")
     return min(options, key=lambda o: (abs(o - wanted), o))
 
 

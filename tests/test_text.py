@@ -1,5 +1,5 @@
 """BERT-family text encoders (post-LayerNorm): anatomy, both depth units, the pipeline, saving,
-and the CLI's refusal. Tiny random BertModels built here: no download."""
+and the CLI. Tiny random BertModels built here: no download."""
 from pathlib import Path
 
 import pytest

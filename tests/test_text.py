@@ -239,3 +239,31 @@ def test_collect_outputs_on_token_ids_is_the_pooled_embedding():
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state.mean(1)
     assert torch.allclose(collect_outputs(model, [ids]), expected)
+
+
+def test_roberta_resolves_and_segments_like_its_own_forward():
+    from transformers import RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=I)).eval()
+    an = resolve(model)
+    assert an.layout == "bert" and all(p.post_norm for p in an.parts)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        seg = an.head(an.run_blocks(an.embed(ids)))
+    assert torch.allclose(seg, collect_outputs(model, [ids]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ElectraModel", "DistilBertModel", "BertForSequenceClassification"])
+def test_other_text_models_are_refused_by_name(name):
+    import transformers
+    small = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=I)
+    if name == "DistilBertModel":
+        cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=H, n_layers=2, n_heads=4, hidden_dim=I)
+    elif name == "ElectraModel":
+        cfg = transformers.ElectraConfig(**small)
+    else:
+        cfg = transformers.BertConfig(**small)
+    with pytest.raises(ValueError, match=f"unsupported model class {name}"):
+        resolve(getattr(transformers, name)(cfg))

@@ -23,8 +23,10 @@ from torch import nn
 
 SUPPORTED = (
     "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification "
-    "(transformers 4.x and 5.x layouts), and headless BERT-family text encoders (BertModel)"
+    "(transformers 4.x and 5.x layouts), and headless BERT-family text encoders (BertModel, "
+    "RobertaModel)"
 )
+TEXT_BACKBONE_PARTS = {"embeddings", "encoder", "pooler"}
 
 
 class AttentionBypass(nn.Module):
@@ -187,9 +189,14 @@ def _backbone(model: nn.Module) -> tuple[nn.Module, bool]:
     else:
         if hasattr(model, "embeddings") and hasattr(model, "layernorm"):
             return model, False
-        if hasattr(getattr(model, "embeddings", None), "word_embeddings") and \
-                not isinstance(getattr(model, "classifier", None), nn.Module):
-            return model, False  # a headless text encoder (BertModel)
+        if hasattr(getattr(model, "embeddings", None), "word_embeddings"):
+            extra = sorted(set(n for n, _ in model.named_children()) - TEXT_BACKBONE_PARTS)
+            if not extra:
+                return model, False  # a headless text encoder (BertModel, RobertaModel)
+            raise ValueError(
+                f"unsupported model class {type(model).__name__}: a text model with "
+                f"{', '.join(extra)} besides embeddings -> encoder (heads and embedding "
+                f"projections are not supported); vit_pruning supports {SUPPORTED}")
     raise ValueError(
         f"unsupported model class {type(model).__name__}: vit_pruning supports {SUPPORTED}"
     )

@@ -26,7 +26,7 @@ from .surgery import prune_mlp_neurons, remove_attention, sync_config
 
 FORMAT_VERSION = 1
 SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
-                     "DeiTForImageClassification", "BertModel")
+                     "DeiTForImageClassification", "BertModel", "RobertaModel")
 
 
 # transformers 4.x <-> 5.x names inside a ViT/DeiT backbone (everything else is the same)

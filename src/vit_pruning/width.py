@@ -95,11 +95,13 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
 
 
 def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, refit, ridge,
-                     progress, trial, temp: TemporaryBypass, selection: str, fit: int | None) -> tuple[list[list[int]], torch.Tensor]:
+                     progress, trial, temp: TemporaryBypass, selection: str,
+                     fit: int | None) -> tuple[list[list[int]], torch.Tensor]:
     """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
     anatomy = resolve(model)
     hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
-    original = list(hidden)  # the unpruned model's path (refit_target="model")
+    original = list(hidden[:fit])  # the unpruned model's path (refit_target="model"), needed
+    # only where the refit is fit: held-out batches just run the pruned path
     kept: list[list[int]] = []
     for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
                   leave=False):

@@ -1,6 +1,6 @@
 """Run every benchmark and write docs/benchmarks.md.
 
-    python -m bench                 # full tables (about 16 minutes on a 2-core CPU)
+    python -m bench                 # full tables (about 45 minutes on a 2-core CPU)
     python -m bench --smoke         # seconds: every benchmark on tiny settings (CI)
     python -m bench --only fidelity --out /tmp/b.md
     python -m bench --only text     # needs pip install -r bench/requirements-text.txt
@@ -81,10 +81,10 @@ PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks
 
 Every table below was produced by the command in its first line (`python -m bench` runs them
-all, about 16 minutes on a 2-core CPU: fidelity 4, speed 4, cost 8; it assembles this file
-from `docs/bench/*.md`;
-`pip install -r bench/requirements.txt` first). `python -m bench --smoke` is the seconds-long
-version CI runs.
+all, about 45 minutes on a 2-core CPU: fidelity 5, speed 4, cost 12, text 22; it assembles
+this file from `docs/bench/*.md`; `pip install -r bench/requirements.txt -r
+bench/requirements-text.txt` first). `python -m bench --smoke` is the seconds-long version CI
+runs (its text part uses a tiny random BERT and needs no download).
 """
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from vit_pruning import PruneConfig, prune_2ssp, resolve
 from vit_pruning.importance import activation_scores
-from vit_pruning.measure import output_tensor, collect_outputs, evaluate_top1, output_distance
+from vit_pruning.measure import (collect_outputs, evaluate_top1, forward_output, output_distance,
+                                 output_tensor)
 from vit_pruning.pipeline import model_shape
 from vit_pruning.planner import feasible_depths, make_plan, width_only_max
 from vit_pruning.surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
@@ -164,7 +165,7 @@ def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
         for x in calib_x:
             if len(x) < 2:
                 continue
-            a, b = (output_tensor(model(input_ids=x)).mean(1) for _ in range(2))
+            a, b = (forward_output(model, x) for _ in range(2))  # mean-pooled, dropout on
             sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
             F.cross_entropy(sim, torch.arange(len(x))).backward()
     finally:

@@ -63,6 +63,12 @@ class PostNormAttentionBypass(AttentionBypass):
         return self._wrap(self.output.LayerNorm(hidden_states))
 
 
+def is_text_config(config) -> bool:
+    """A text model's config: a vocabulary and no image size (decides, before a model is built,
+    whether it takes token ids or pixels)."""
+    return bool(getattr(config, "vocab_size", None)) and not hasattr(config, "image_size")
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sentence embedding of a text encoder: token states averaged over the real tokens
     (sentence-transformers' mean pooling). (B, T, H) -> (B, H)."""

@@ -143,17 +143,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
 
 
-def is_text_config(config) -> bool:
-    """A text model's config: a vocabulary and no image size."""
-    return bool(getattr(config, "vocab_size", None)) and not hasattr(config, "image_size")
-
-
 def load_model(name: str):
     """(model, processor, source) from 'embedded', a local folder (pruned or not) or a hub id;
     the processor is an image processor, or a tokenizer for a text encoder."""
     import transformers
 
-    from .anatomy import resolve
+    from .anatomy import is_text_config, resolve
     from .persistence import load_pruned_model
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .anatomy import mean_pool, resolve
+from .anatomy import is_text_config, mean_pool, resolve
 from .batches import batch_labels, batch_pixels, iter_limited
 
 
@@ -56,7 +56,7 @@ def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None
     config's), or `seq_len` token ids for a text encoder."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
-    if getattr(cfg, "vocab_size", None) and not hasattr(cfg, "image_size"):
+    if is_text_config(cfg):
         ids = torch.randint(1, int(cfg.vocab_size), (batch_size, seq_len), generator=gen)
         return {"input_ids": ids.to(_device_of(model))}
     size = image_size or int(cfg.image_size)

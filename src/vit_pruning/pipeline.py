@@ -23,13 +23,14 @@ from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
                       validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
+from .width import SELECTIONS as WIDTH_SELECTIONS
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("auto", "alpha", "search")
-SELECTIONS = ("auto", "score", "lsq")
+SELECTIONS = ("auto",) + WIDTH_SELECTIONS
 MICRO_BATCH = 16  # calibration images per forward inside the pipeline
 STAGES = ("both", "s1", "s2")
 
@@ -191,15 +192,17 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
     if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
         units = ("block",)  # nothing to compare without data; s1 removes no depth units
+    holdout = _holdout(model, batches, reference, cfg) if batches else None
     choices = [_choose_depth(model, shape, target, replace(cfg, unit=u), split, batches,
-                             reference, progress, score_single=len(units) > 1) for u in units]
+                             reference, holdout, progress, score_single=len(units) > 1)
+               for u in units]
     plan, order, search, depth_scores = min(
         choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
     known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
     if len(units) > 1:
         search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
     clock.lap("depth selection and split search")
-    selection, selection_search = _choose_selection(model, plan, batches, cfg, reference, known)
+    selection, selection_search = _choose_selection(model, plan, holdout, cfg, known)
     clock.lap("neuron selection choice")
     info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress)
     stage1 = count_total_params(model)
@@ -235,30 +238,50 @@ class _Clock:
         self._t = now
 
 
-def _trial_distance(model, plan, batches, cfg, reference) -> float:
-    """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged):
-    fit on the first calibration images, scored on others (:func:`search_split`)."""
+@dataclass(frozen=True)
+class _Holdout:
+    """The calibration images of every trial (split search, selection choice), split once:
+    `batches` holds the fitted images first (`fit_batches` batches, `start` images), then the
+    held-out ones, whose unpruned outputs are `reference`."""
+
+    batches: list[torch.Tensor]
+    fit_batches: int
+    start: int
+    reference: torch.Tensor
+
+
+def _holdout(model: nn.Module, batches: list[torch.Tensor], reference: torch.Tensor,
+             cfg: PruneConfig) -> _Holdout:
+    """Fit on up to `cfg.search_tokens` tokens (default 4x the widest MLP), score on as many
+    other images (:func:`search_split`)."""
     an = resolve(model)
     per_row = [an.embed(x[:1]).shape[1] for x in batches]  # tokens per image/sentence
     budget = cfg.search_tokens or 4 * max(p.intermediate_size for p in an.parts)
     fit, held = search_split(batches, per_row, budget)
     start = sum(len(x) for x in fit)
-    out = _width_stage(model, plan, fit + held, cfg, progress=False, trial=True,
-                       fit_batches=len(fit))["outputs"]
-    return output_distance(out[start:], _held_reference(reference, fit, held), an.has_classifier)
+    held_start = 0 if held is fit else start  # a single image: scored on itself
+    held_ref = reference[held_start:held_start + sum(len(x) for x in held)]
+    return _Holdout(fit + held, len(fit), start, held_ref)
 
 
-def _choose_selection(model, plan, batches, cfg, reference, known: dict[str, float]
+def _trial_distance(model, plan, cfg, holdout: _Holdout) -> float:
+    """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged)."""
+    out = _width_stage(model, plan, holdout.batches, cfg, progress=False, trial=True,
+                       fit_batches=holdout.fit_batches)["outputs"]
+    return output_distance(out[holdout.start:], holdout.reference, resolve(model).has_classifier)
+
+
+def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[str, float]
                       ) -> tuple[str, dict[str, float]]:
     """The neuron selection to use: cfg.selection, or for "auto" the one with the better
     held-out calibration fidelity on `plan` (the 2SSP score without the refit it needs).
     `known`: distances already measured (the split search's trials rank by the score)."""
     if cfg.selection != "auto":
         return cfg.selection, {}
-    if not batches or cfg.compensation != "lsq" or not cfg.sequential or not any(plan.neurons_to_prune):
+    if holdout is None or cfg.compensation != "lsq" or not cfg.sequential or not any(plan.neurons_to_prune):
         return "score", {}
     tried = {sel: known[sel] if sel in known else
-             _trial_distance(model, plan, batches, replace(cfg, selection=sel), reference)
+             _trial_distance(model, plan, replace(cfg, selection=sel), holdout)
              for sel in ("score", "lsq")}
     best = min(tried, key=lambda k: (tried[k], k != "score"))
     log.info("neuron selection: %s (held-out calibration distance %s)", best,
@@ -266,7 +289,7 @@ def _choose_selection(model, plan, batches, cfg, reference, known: dict[str, flo
     return best, tried
 
 
-def _choose_depth(model, shape, target, cfg, split, batches, reference, progress,
+def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout, progress,
                   score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
@@ -285,7 +308,7 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, progress
         trial_cfg = replace(cfg, selection="score")
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
             plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
-            search[str(d)] = _trial_distance(model, plan, batches, trial_cfg, reference)
+            search[str(d)] = _trial_distance(model, plan, trial_cfg, holdout)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
                      cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
@@ -349,13 +372,6 @@ def search_split(batches: list[torch.Tensor], tokens_per_row: Sequence[int], bud
     return fit, first_images(rest, n)
 
 
-def _held_reference(reference: torch.Tensor, fit: list[torch.Tensor],
-                    held: list[torch.Tensor]) -> torch.Tensor:
-    """Reference outputs of the held-out images of :func:`search_split`."""
-    if held is fit:
-        return reference[:sum(len(x) for x in fit)]
-    start = sum(len(x) for x in fit)
-    return reference[start:start + sum(len(x) for x in held)]
 def _search_candidates(options: list[int], anchor: int, limit: int) -> list[int]:
     """Up to `limit` feasible depth counts nearest the alpha formula's (always including 0-side)."""
     ranked = sorted(options, key=lambda d: (abs(d - anchor), d))[:max(1, limit)]

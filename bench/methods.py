@@ -76,12 +76,16 @@ def seed_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed, timings
         for i in range(shape.num_blocks):  # one-shot, a model copy per candidate (seed)
             trial = copy.deepcopy(model)
             remove_attention(trial, [i])
-            drops[i] = (-evaluate_top1(trial, eval_batches, "cpu", 5) if eval_batches
+            drops[i] = (-evaluate_top1(trial, eval_batches, _device(model), 5) if eval_batches
                         else _calibration_loss(trial, calib_x, None, ref))
             del trial
         remove_attention(model, sorted(drops, key=lambda k: (drops[k], k))[:n])
     timings["stage 2 (depth selection and removal)"] = time.perf_counter() - t0
     return model
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -167,7 +171,7 @@ def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
                 continue
             a, b = (forward_output(model, x) for _ in range(2))  # mean-pooled, dropout on
             sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
-            F.cross_entropy(sim, torch.arange(len(x))).backward()
+            F.cross_entropy(sim, torch.arange(len(x), device=sim.device)).backward()
     finally:
         model.train(was_training)
 

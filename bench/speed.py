@@ -12,28 +12,16 @@ import time
 import torch
 
 from vit_pruning import PruneConfig, count_flops, count_total_params, prune_2ssp
-from vit_pruning.measure import example_inputs
+from vit_pruning.measure import interleaved_latency
 
 from .common import md_table, vit_shape
 
 
-@torch.no_grad()
 def latency_ratio(base, pruned, batch: int, repeats: int, seq_len: int = 128) -> float:
     """Median over rounds of t(pruned) / t(baseline), the two timed back to back in each round
     (so slow drifts of the machine cancel). Images at the config's size, or `seq_len` tokens."""
-    x = example_inputs(base, batch, seq_len=seq_len)
-    for m in (base, pruned):  # warm-up
-        m(**x)
-    ratios = []
-    for r in range(repeats):
-        pair = (base, pruned) if r % 2 == 0 else (pruned, base)  # alternate who goes first
-        t = {}
-        for m in pair:
-            t0 = time.perf_counter()
-            m(**x)
-            t[id(m)] = time.perf_counter() - t0
-        ratios.append(t[id(pruned)] / t[id(base)])
-    return statistics.median(ratios)
+    return interleaved_latency({"base": base, "pruned": pruned}, batch, repeats, warmup=1,
+                               seq_len=seq_len).ratio["pruned"]
 
 
 def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), units=("block", "attention"), shape="vit-b16",

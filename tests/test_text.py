@@ -147,7 +147,7 @@ def test_save_and_reload_pruned_bert_gives_identical_embeddings(tmp_path):
     assert sum(p.attention_removed for p in resolve(model).parts) == 2
     out = save_pruned_model(model, tmp_path / "pruned")
     back = load_pruned_model(out)
-    assert type(back).__name__ == "BertModel"
+    assert isinstance(back, BertModel) and type(back).__name__ == "PrunedBertModel"  # attention removed
     assert count_total_params(back) == count_total_params(model)
     assert torch.equal(embeddings(back, batches), embeddings(model, batches))
 

@@ -21,46 +21,15 @@ from typing import Callable, Collection
 import torch
 from torch import nn
 
+from .modeling_vit_pruning import (AttentionBypass, PostNormAttentionBypass,
+                                   attention_returns_tuple)
+
 SUPPORTED = (
     "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification "
     "(transformers 4.x and 5.x layouts), and headless BERT-family text encoders (BertModel, "
     "RobertaModel)"
 )
 TEXT_BACKBONE_PARTS = {"embeddings", "encoder", "pooler"}
-
-
-class AttentionBypass(nn.Module):
-    """Stands in for a removed (pre-LayerNorm) attention sublayer: contributes nothing to the
-    residual stream.
-
-    The block then computes ``x + MLP(LN(x))``. ``returns_tuple`` mirrors what the replaced
-    module returned (a tuple in transformers 5.x, a tensor in 4.x), so the block's own forward
-    is untouched.
-    """
-
-    def __init__(self, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return self._wrap(torch.zeros_like(hidden_states))
-
-    def _wrap(self, out: torch.Tensor):
-        return (out, None) if self.returns_tuple else out
-
-
-class PostNormAttentionBypass(AttentionBypass):
-    """Stands in for a removed post-LayerNorm attention sublayer (BERT): ``LN1(x + attn(x))``
-    becomes ``LN1(x)``, so the MLP still sees a normalized stream. The LayerNorm stays (and
-    keeps its state-dict name ``attention.output.LayerNorm``); only q/k/v/o go."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__(returns_tuple=True)
-        self.output = nn.Module()
-        self.output.LayerNorm = norm
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return self._wrap(self.output.LayerNorm(hidden_states))
 
 
 def is_text_config(config) -> bool:
@@ -258,7 +227,8 @@ def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
         block=block, fc1=fc1, fc2=fc2, attention=att, attention_owner=block,
         attention_attr="attention", norm_before=norm,
         attention_removed=isinstance(att, AttentionBypass),
-        norm_after=block.layernorm_after, act_fn=act_fn, attention_returns_tuple=layout == "v5",
+        norm_after=block.layernorm_after, act_fn=act_fn,
+        attention_returns_tuple=attention_returns_tuple(block),
     )
     return parts, layout
 

@@ -22,8 +22,9 @@ import argparse
 import datetime as _dt
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, the better kept")
     g.add_argument("--depth-method", choices=("greedy", "bi"), default="greedy",
                    help="greedy by output fidelity (default) or one-shot Block Influence")
+    g.add_argument("--align", default="auto",
+                   help="kept MLP widths are multiples of N, as GPU tensor cores need (bf16 runs 5x "
+                        "slower at widths not a multiple of 8); auto (default): 8, halved on small "
+                        "models until half a group of neurons is <= 0.1 pp of the parameters; 1 = "
+                        "exact to one neuron")
+    g.add_argument("--width-policy", choices=("auto", "uniform", "per-block"), default="auto",
+                   help="uniform: one MLP width for every surviving block (the saved model is a plain "
+                        "transformers model); per-block: widths as even as the target allows; auto "
+                        "(default): uniform when --align > 1 and it misses the target by <= 0.1 pp")
     d = ap.add_argument_group("data")
     d.add_argument("--load-cifar", action="store_true", help="evaluate on CIFAR-10 (same as --dataset cifar10)")
     d.add_argument("--dataset", default=None,
@@ -106,8 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-id", default=None, help="name of this run (default: UTC timestamp)")
     o.add_argument("--seed", type=int, default=0, help="seed for calibration choice, heads and shuffling (0)")
     o.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    o.add_argument("--export-onnx", action="store_true",
+                   help="also write model.onnx beside the saved pruned model (implies "
+                        "--save-pruned-model; needs pip install 'vit-2ssp[export]')")
     o.add_argument("--latency-batch-size", type=int, default=1, help="batch size of latency timing (1)")
-    o.add_argument("--latency-repeats", type=int, default=10, help="timed forwards per stage (10)")
+    o.add_argument("--latency-repeats", type=int, default=10,
+                   help="timed rounds; each round times every stage once, back to back (10)")
+    o.add_argument("--latency-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="precision of latency timing (autocast): auto = bfloat16 on CUDA, float32 on CPU")
     o.add_argument("--dry-run", action="store_true", help="print the plan and exit; prune nothing, write nothing")
     o.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
     return ap
@@ -141,6 +157,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if args.align != "auto" and not (args.align.isdigit() and int(args.align) >= 1):
+        raise UsageError(f"--align must be auto or an integer >= 1, got {args.align!r}")
+    if args.latency_dtype == "float16" and args.device == "cpu":
+        raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
 
 
 def load_model(name: str):
@@ -213,7 +233,7 @@ def load_text(args: argparse.Namespace, calib_size: int):
         raise UsageError(f"--calib-size/--eval-batches: {exc} ({len(sentences)} sentences in all)") from exc
 
 
-def print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset) -> None:
+def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
     """Show the plan (and its predicted FLOPs, measured on a scratch copy); the model is untouched."""
     import copy
 
@@ -225,8 +245,11 @@ def print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source
     print(f"model {model_id}: {shape.num_blocks} blocks, hidden {shape.hidden_size}, MLP "
           f"{max(shape.widths)}, {shape.total_params:,} parameters, {flops / 1e9:.4f} GFLOPs per "
           f"{'sentence of 128 tokens' if resolve(model).is_text else 'image'}")
+    dataset = resolve(model).is_text or args.dataset or args.load_cifar or args.model == "embedded"
     searched = bool(dataset) and args.split == "auto" and args.stage == "both"
-    print(f"target {args.target}: min_remaining {min_remaining} ({mr_source}); split "
+    print(f"target {args.target}: min_remaining {ch.min_remaining} ({ch.min_remaining_source}); "
+          f"MLP widths aligned to multiples of {ch.align} ({ch.align_source}); width policy "
+          f"{ch.width_policy}; split "
           f"{'searched on calibration data when pruning (shown: 2SSP alpha formula)' if searched else args.split}")
     for unit, plan in probes.items():
         scratch = copy.deepcopy(model)
@@ -239,9 +262,12 @@ def print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source
         gone = set(plan.depth_indices) if unit == "block" else set()
         widths = ["removed" if i in gone else str(w - n)
                   for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
-        print(f"[{unit}] MLP widths after stage 1 (placeholder depth indices): {', '.join(widths)}")
+        print(f"[{unit}] MLP widths after stage 1 (placeholder depth indices): {', '.join(widths)}"
+              + (f" (one width, {plan.uniform_width}: plain transformers model)"
+                 if plan.uniform_width is not None else ""))
         print(f"[{unit}] predicted parameters {plan.params_after:,} (sparsity "
-              f"{plan.predicted_sparsity:.5f}, error {plan.target_error:.2e}), FLOPs "
+              f"{plan.predicted_sparsity:.5f}, error {plan.target_error:.2e} = "
+              f"{100 * plan.target_error:.3f} pp; align {plan.align}), FLOPs "
               f"{pred_flops / 1e9:.4f} G ({pred_flops / flops:.3f}x); max feasible target "
               f"{plan.max_feasible_target:.4f}")
         for note in plan.notes:
@@ -262,102 +288,199 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    import transformers
+@dataclass
+class Choices:
+    """Every run-wide choice, made once in :func:`choose`: where it runs, at what precision it is
+    timed, how widths are aligned, and where its outputs go."""
 
-    from .anatomy import resolve
-    from .data import DataError, calibration_subset, default_workers, fingerprint, load_splits, make_loader
-    from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter, save_adapter
-    from .measure import collect_outputs, count_flops, count_total_params, kl_divergence, \
-        measure_latency
-    from .batches import batch_labels, batch_pixels, iter_limited, take_inputs
-    from .persistence import save_pruned_model
-    from .pipeline import PruneConfig, model_shape, prune_2ssp
-    from .planner import (depth_only_plan, make_plan, max_feasible_target, validate_target,
-                          width_only_max)
-    from .report import StageMetrics, markdown, stage_dicts, summarize, versions, write_report
-    from .measure import mean_cosine, retrieval_agreement
-    from .text import PYTHON_DOCS, sentence_embeddings, tokenize
+    device: torch.device
+    latency_dtype: torch.dtype
+    run_id: str
+    min_remaining: int
+    min_remaining_source: str
+    align: int
+    align_source: str
+    width_policy: str
+    calib_size: int
+
+
+@dataclass
+class Loaded:
+    model: Any
+    processor: Any
+    model_id: str
+    text: bool
+    shape: Any  # planner.ModelShape of the model as loaded
+    layout: str
+
+
+@dataclass
+class Data:
+    """Everything measured or calibrated on, prepared before the baseline."""
+
+    dataset: str | None
+    splits: Any = None
+    train_loader: Any = None
+    calib_inputs: list | None = None
+    calib_info: dict = field(default_factory=dict)
+    head_cfg: dict = field(default_factory=dict)
+    has_head: bool = False
+    ft_lr: float = 1e-3
+    eval_batches: list = field(default_factory=list)  # text: tokenized sentence batches
+    eval_pixels: list = field(default_factory=list)
+    eval_labels: Any = None
+    seq_len: int | None = None
+    accuracy_note: str = ""
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The CLI's steps, in order; each is a function below."""
+    import transformers
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    progress = not args.quiet
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    reports_dir = Path(args.reports_dir)
-    for p in (reports_dir / f"report-{run_id}.json", Path(args.pruned_output_dir) / run_id,
-              Path(args.artifacts_dir) / run_id / "adapter.pt"):
-        if p.exists() and not args.dry_run:
-            raise UsageError(f"--run-id {run_id}: {p} already exists; choose another --run-id")
+    loaded = load_step(args)
+    ch = choose(args, loaded)
+    probes = plan_probes(args, loaded, ch)
+    if args.dry_run:
+        print_dry_run(loaded.model, loaded.model_id, loaded.shape, probes, args, ch)
+        return 0
+    loaded.model.to(ch.device)
+    data = data_step(args, loaded, ch)
+    evaluator = Evaluator(args, loaded, data, ch)
+    stages, snapshots, result = prune_step(args, loaded, data, ch, evaluator)
+    latency = latency_step(args, loaded, data, ch, stages, snapshots)
+    del snapshots
+    artifacts = save_step(args, loaded, data, ch)
+    rep = build_report(args, argv, loaded, data, ch, stages, result, latency, artifacts)
+    from .report import write_report
+    json_path, md_path = write_report(rep, Path(args.reports_dir))
+    print_summary(args, rep, stages, result, json_path, md_path)
+    return 0
 
+
+def load_step(args: argparse.Namespace) -> Loaded:
+    """Load the model and its processor; refuse flags that do not fit its kind."""
+    from .anatomy import resolve
+    from .pipeline import model_shape
     model, processor, model_id = load_model(args.model)
     anatomy = resolve(model)
-    text = anatomy.is_text
-    if text:
+    if anatomy.is_text:
         check_text_flags(args)
     elif args.text_file:
         raise UsageError("--text-file is for text encoders; this model takes images (use --dataset)")
-    calib_size = args.calib_size or (TEXT_CALIB if text else IMAGE_CALIB)
-    model.to(device)
-    width = max(p.intermediate_size for p in anatomy.parts)
-    if args.min_remaining is not None:
-        min_remaining, mr_source = args.min_remaining, "--min-remaining"
-    elif width > SEED_MIN_REMAINING:
-        min_remaining, mr_source = SEED_MIN_REMAINING, "seed default 512"
+    return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)
+
+
+def choose(args: argparse.Namespace, loaded: Loaded) -> Choices:
+    """Device, timing precision, min_remaining, alignment and run id, decided in one place;
+    refuses a run id whose outputs already exist."""
+    from .planner import default_align
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.latency_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        min_remaining, mr_source = max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
-    if min_remaining >= width:
-        raise UsageError(f"--min-remaining must be below the MLP width {width}, got {min_remaining}")
-    shape = model_shape(model)
+        dtype = getattr(torch, args.latency_dtype)
+        if dtype == torch.float16 and device.type != "cuda":
+            raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
+    run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if not args.dry_run:
+        for p in (Path(args.reports_dir) / f"report-{run_id}.json", Path(args.pruned_output_dir) / run_id,
+                  Path(args.artifacts_dir) / run_id / "adapter.pt"):
+            if p.exists():
+                raise UsageError(f"--run-id {run_id}: {p} already exists; choose another --run-id")
+    shape = loaded.shape
+    width = max(shape.widths)
+    if args.min_remaining is not None:
+        mr, mr_source = args.min_remaining, "--min-remaining"
+    elif width > SEED_MIN_REMAINING:
+        mr, mr_source = SEED_MIN_REMAINING, "seed default 512"
+    else:
+        mr, mr_source = max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
+    if mr >= width:
+        raise UsageError(f"--min-remaining must be below the MLP width {width}, got {mr}")
+    if args.align == "auto":
+        align = default_align(shape)
+        align_source = ("auto: 8, what bf16/fp16 tensor cores need" if align == 8 else
+                        f"auto: {align}, as half a group of 8 neurons would exceed 0.1 pp of this "
+                        f"model's parameters")
+    else:
+        align, align_source = int(args.align), "--align"
+    calib = args.calib_size or (TEXT_CALIB if loaded.text else IMAGE_CALIB)
+    return Choices(device, dtype, run_id, mr, mr_source, align, align_source, args.width_policy, calib)
+
+
+def prune_config(args: argparse.Namespace, ch: Choices):
+    from .pipeline import PruneConfig
+    return PruneConfig(unit=args.depth_unit, min_remaining=ch.min_remaining,
+                       split=int(args.split) if args.split.isdigit() else args.split,
+                       depth_method=args.depth_method, allocation=args.allocation,
+                       compensation=args.compensation, selection=args.neuron_selection,
+                       stages=args.stage, align=ch.align, width_policy=ch.width_policy)
+
+
+def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
+    """Plans with the alpha split for each depth unit: validates --target before any work and
+    is what --dry-run shows."""
+    from .planner import depth_only_plan, max_feasible_target, validate_target, width_only_max
+    shape, cfg = loaded.shape, prune_config(args, ch)
     units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
     depth = int(args.split) if args.split.isdigit() else "alpha"
     try:
         if args.stage == "s1":
-            validate_target(args.target, width_only_max(shape, min_remaining),
+            validate_target(args.target, width_only_max(shape, ch.min_remaining, ch.align),
                             "for width pruning alone (--stage s1)")
-            units = units[:1]
-            depth = 0
+            units, depth = units[:1], 0
         elif args.stage == "s2":
             depth_only_plan(shape, args.target, args.depth_unit)
-        validate_target(args.target, max(max_feasible_target(shape, u, min_remaining) for u in units))
+        validate_target(args.target, max(max_feasible_target(shape, u, ch.min_remaining, ch.align)
+                                         for u in units))
         probes = {}
         for u in units:
             try:
                 probes[u] = (depth_only_plan(shape, args.target, u) if args.stage == "s2" else
-                             make_plan(shape, args.target, u, min_remaining, depth))
+                             cfg.plan(shape, args.target, u, depth=depth))
             except ValueError:
                 if len(units) == 1:
                     raise
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from exc
+    return probes
 
+
+def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
+    """Dataset, head (replace / adapter / load), loaders, calibration inputs, head fine-tune,
+    and the evaluation batches, all on the run's device."""
+    from .data import DataError, calibration_subset, default_workers, fingerprint, load_splits, make_loader
+    from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter
+    from .anatomy import resolve
+    from .batches import batch_labels, batch_pixels, iter_limited, take_inputs
+    from .text import PYTHON_DOCS, tokenize
+    model, device = loaded.model, ch.device
     dataset = args.dataset or ("cifar10" if args.load_cifar else ("digits" if args.model == "embedded" else None))
-    if text:
+    if loaded.text:
         dataset = args.text_file or PYTHON_DOCS
-    if args.dry_run:
-        print_dry_run(model, model_id, shape, probes, args, min_remaining, mr_source, dataset)
-        return 0
-
-    # ---- data and head
-    splits = None
-    if dataset and not text:
+    data = Data(dataset=dataset, calib_info={"dataset": None, "split": None, "count": 0,
+                                             "fingerprint": None, "seed": args.seed})
+    if dataset and not loaded.text:
         try:
-            splits = load_splits(dataset, args.cifar_train_pct, args.cifar_test_pct,
-                                 args.image_column, args.label_column)
+            data.splits = load_splits(dataset, args.cifar_train_pct, args.cifar_test_pct,
+                                      args.image_column, args.label_column)
         except DataError as exc:
             raise UsageError(str(exc)) from exc
-    head_cfg = {"kind": None, "adapter_reduction": args.adapter_reduction}
+    splits = data.splits
+    data.head_cfg = {"kind": None, "adapter_reduction": args.adapter_reduction}
     if args.replace_classifier or args.use_adapter:
         if splits is None:
             raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset or --load-cifar")
         kind = "adapter" if args.use_adapter else "linear"
-        install_head(model, build_head(kind, anatomy.hidden_size, splits.num_labels,
+        install_head(model, build_head(kind, resolve(model).hidden_size, splits.num_labels,
                                        args.adapter_reduction).to(device), splits.label_names)
-        head_cfg["kind"] = kind
+        data.head_cfg["kind"] = kind
     elif args.load_adapter:
         try:
             payload = load_adapter(model, args.load_adapter, splits.num_labels if splits else None,
@@ -365,135 +488,213 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         except AdapterFileError as exc:
             raise UsageError(str(exc)) from exc
         model.to(device)
-        head_cfg["kind"] = payload["classifier_type"]
-    has_head = resolve(model).has_classifier
-    if splits is not None and has_head and model.config.num_labels != splits.num_labels:
+        data.head_cfg["kind"] = payload["classifier_type"]
+    data.has_head = resolve(model).has_classifier
+    if splits is not None and data.has_head and model.config.num_labels != splits.num_labels:
         raise UsageError(f"--dataset {dataset} has {splits.num_labels} classes but the model's head has "
                          f"{model.config.num_labels}: add --replace-classifier or --use-adapter")
     if args.do_finetune and splits is None:
         raise UsageError("--do-finetune needs labelled data: add --dataset or --load-cifar")
-    if args.recover and (splits is None or not has_head):
+    if args.recover and (splits is None or not data.has_head):
         raise UsageError("--recover needs labelled data and a classifier head: add --dataset or --load-cifar")
-    if args.save_adapter and head_cfg["kind"] is None:
+    if args.save_adapter and data.head_cfg["kind"] is None:
         raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
-    workers = default_workers()
-    train_loader = test_loader = calib_pixels = None
-    calib_info = {"dataset": None, "split": None, "count": 0, "fingerprint": None, "seed": args.seed}
+    test_loader = None
     if splits is not None:
-        train_loader = make_loader(splits.train, processor, splits, args.batch_size, True, args.seed, workers)
-        test_loader = make_loader(splits.test, processor, splits, args.batch_size, False, args.seed, workers)
-        calib_ds, _ = calibration_subset(splits.train, calib_size, args.seed)
-        calib_pixels = take_inputs(make_loader(calib_ds, processor, splits, args.batch_size), None, device)
-        calib_info = {"dataset": dataset, "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
-                      "count": len(calib_ds), "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
-    if text:
-        text_split = load_text(args, calib_size)
-        calib_pixels = take_inputs(tokenize(processor, text_split.calibration, args.batch_size), None, device)
-        test_loader = tokenize(processor, text_split.evaluation, args.batch_size)
-        calib_info = {"dataset": dataset, "split": "sentences not used for evaluation (random "
-                      f"{len(text_split.calibration)})", "count": len(text_split.calibration),
-                      "fingerprint": fingerprint(calib_pixels), "seed": args.seed}
-    ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
+        workers = default_workers()
+        data.train_loader = make_loader(splits.train, loaded.processor, splits, args.batch_size, True,
+                                        args.seed, workers)
+        test_loader = make_loader(splits.test, loaded.processor, splits, args.batch_size, False,
+                                  args.seed, workers)
+        calib_ds, _ = calibration_subset(splits.train, ch.calib_size, args.seed)
+        data.calib_inputs = take_inputs(make_loader(calib_ds, loaded.processor, splits, args.batch_size),
+                                        None, device)
+        data.calib_info = {"dataset": dataset, "count": len(calib_ds), "seed": args.seed,
+                           "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
+                           "fingerprint": fingerprint(data.calib_inputs)}
+    if loaded.text:
+        text_split = load_text(args, ch.calib_size)
+        data.calib_inputs = take_inputs(tokenize(loaded.processor, text_split.calibration, args.batch_size),
+                                        None, device)
+        test_loader = tokenize(loaded.processor, text_split.evaluation, args.batch_size)
+        data.calib_info = {"dataset": dataset, "count": len(text_split.calibration), "seed": args.seed,
+                           "split": "sentences not used for evaluation (random "
+                                    f"{len(text_split.calibration)})",
+                           "fingerprint": fingerprint(data.calib_inputs)}
+    data.ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
     if args.do_finetune:
-        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, ft_lr)
-        finetune(model, train_loader, args.ft_epochs, ft_lr, args.freeze_backbone, device, progress)
+        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, data.ft_lr)
+        finetune(model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone, device,
+                 not args.quiet)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-
-    eval_batches = list(iter_limited(test_loader, args.eval_batches)) if test_loader else []
-    if text:
-        seq_len = max(1, round(float(torch.cat([b["attention_mask"].sum(1) for b in eval_batches])
-                                     .double().mean())))  # FLOPs and latency at the mean length
-        accuracy_note = (f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence "
-                         f"embeddings to the unpruned model's and nearest-neighbour agreement, on "
-                         f"{sum(len(b['input_ids']) for b in eval_batches)} evaluation sentences "
-                         f"from {dataset}; FLOPs and latency at {seq_len} tokens (their mean length)")
-        eval_pixels, eval_labels = [], None
+    data.eval_batches = list(iter_limited(test_loader, args.eval_batches)) if test_loader else []
+    if loaded.text:
+        lengths = torch.cat([b["attention_mask"].sum(1) for b in data.eval_batches])
+        data.seq_len = max(1, round(float(lengths.double().mean())))  # FLOPs and latency at the mean length
+        data.accuracy_note = (
+            f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence embeddings "
+            f"to the unpruned model's and nearest-neighbour agreement, on "
+            f"{sum(len(b['input_ids']) for b in data.eval_batches)} evaluation sentences from "
+            f"{dataset}; FLOPs and latency at {data.seq_len} tokens (their mean length)")
     else:
-        seq_len = None
-        eval_pixels = [batch_pixels(b).to(device) for b in eval_batches]
-        eval_labels = torch.cat([batch_labels(b) for b in eval_batches]).to(device) if eval_batches else None
-        accuracy_note = (f"top-1 on the first {args.eval_batches} test batches of {dataset} "
-                         f"({sum(len(x) for x in eval_pixels)} images)" if eval_pixels and has_head else
-                         "not applicable (no labelled data or headless model)")
-    size = {"seq_len": seq_len} if text else {}
+        data.eval_pixels = [batch_pixels(b).to(device) for b in data.eval_batches]
+        if data.eval_batches:
+            data.eval_labels = torch.cat([batch_labels(b) for b in data.eval_batches]).to(device)
+        data.accuracy_note = (
+            f"top-1 on the first {args.eval_batches} test batches of {dataset} "
+            f"({sum(len(x) for x in data.eval_pixels)} images)" if data.eval_pixels and data.has_head
+            else "not applicable (no labelled data or headless model)")
+    return data
 
-    def measure(name: str, ref=None) -> tuple[StageMetrics, torch.Tensor | None]:
-        """Metrics of the model now; `ref`: the baseline's outputs (logits or embeddings)."""
+
+class Evaluator:
+    """Measures the model after each stage on the same evaluation inputs: parameters, FLOPs,
+    top-1 and KL (images) or embedding cosine and agreement (text). Latency is timed later, all
+    stages back to back (:func:`latency_step`)."""
+
+    def __init__(self, args, loaded: Loaded, data: Data, ch: Choices):
+        self.loaded, self.data, self.device = loaded, data, ch.device
+        self.size = {"seq_len": data.seq_len} if loaded.text else {}
+        self.reference = None  # the baseline's outputs
+
+    def __call__(self, name: str, model) -> "StageMetrics":
+        from .measure import collect_outputs, count_flops, count_total_params, kl_divergence, \
+            mean_cosine, retrieval_agreement
+        from .report import StageMetrics
+        from .text import sentence_embeddings
+        data = self.data
         top1 = kl = cos = agree = None
-        if text:
-            out = sentence_embeddings(model, eval_batches, device)
-            if ref is not None:
-                cos, agree = mean_cosine(out, ref), retrieval_agreement(out, ref)
+        if self.loaded.text:
+            out = sentence_embeddings(model, data.eval_batches, self.device)
+            if self.reference is not None:
+                cos, agree = mean_cosine(out, self.reference), retrieval_agreement(out, self.reference)
         else:
-            out = collect_outputs(model, eval_pixels) if eval_pixels else None
-            top1 = (int((out.argmax(-1) == eval_labels).sum()) / len(eval_labels)
-                    if eval_pixels and has_head else None)
-            kl = (kl_divergence(out, ref) if out is not None and ref is not None
-                  and has_head else None)
-        m = StageMetrics(name, count_total_params(model), count_flops(model, **size),
-                         1e3 * measure_latency(model, args.latency_batch_size, repeats=args.latency_repeats,
-                                               **size),
+            out = collect_outputs(model, data.eval_pixels) if data.eval_pixels else None
+            if data.eval_pixels and data.has_head:
+                top1 = int((out.argmax(-1) == data.eval_labels).sum()) / len(data.eval_labels)
+                if self.reference is not None:
+                    kl = kl_divergence(out, self.reference)
+        if self.reference is None:
+            self.reference = out
+        m = StageMetrics(name, count_total_params(model), count_flops(model, **self.size), float("nan"),
                          top1, kl, cos, agree)
-        log.info("%s: %s params, %.4f GFLOPs, %.2f ms, top-1 %s%s", name, f"{m.params:,}", m.flops / 1e9,
-                 m.latency_ms, "n/a" if top1 is None else f"{top1:.4f}",
+        log.info("%s: %s params, %.4f GFLOPs, top-1 %s%s", name, f"{m.params:,}", m.flops / 1e9,
+                 "n/a" if top1 is None else f"{top1:.4f}",
                  "" if cos is None else f", cosine {cos:.4f}, agreement {agree:.3f}")
-        return m, out
+        return m
 
-    baseline, base_logits = measure("baseline")
-    stages = [baseline]
-    cfg = PruneConfig(unit=args.depth_unit, min_remaining=min_remaining,
-                      split=int(args.split) if args.split.isdigit() else args.split,
-                      depth_method=args.depth_method, allocation=args.allocation,
-                      compensation=args.compensation, selection=args.neuron_selection,
-                      stages=args.stage)
+
+def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluator):
+    """Baseline, stage 1, stage 2 (and the head re-tune with --recover), each measured; keeps a
+    copy of the model after each stage so that latency can be timed back to back at the end."""
+    import copy
+
+    from .heads import finetune
+    from .pipeline import prune_2ssp
+    model = loaded.model
+    stages = [evaluate("baseline", model)]
+    snapshots = {"baseline": copy.deepcopy(model)}
+
+    def after_stage1(m):
+        stages.append(evaluate("stage1", m))
+        snapshots["stage1"] = copy.deepcopy(m)
+
     try:
-        model, result = prune_2ssp(model, args.target, calib_pixels, cfg, device=device, progress=progress,
-                                   after_stage1=lambda m: stages.append(measure("stage1", base_logits)[0]))
+        model, result = prune_2ssp(model, args.target, data.calib_inputs, prune_config(args, ch),
+                                   device=ch.device, progress=not args.quiet, after_stage1=after_stage1)
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from exc
-    stages.append(measure("stage2", base_logits)[0])
+    stages.append(evaluate("stage2", model))
     if args.recover:
-        finetune(model, train_loader, args.ft_epochs, ft_lr, args.freeze_backbone, device, progress)
+        snapshots["stage2"] = copy.deepcopy(model)
+        finetune(model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone, ch.device,
+                 not args.quiet)
         model.eval()
-        stages.append(measure("recovered", base_logits)[0])
+        stages.append(evaluate("recovered", model))
+    snapshots[stages[-1].name] = model
+    return stages, snapshots, result
 
+
+def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshots) -> dict:
+    """Time every stage's model back to back, interleaved (see measure.interleaved_latency), and
+    write each stage's median and its ratio to the baseline into `stages`."""
+    from .measure import interleaved_latency
+    size = {"seq_len": data.seq_len} if loaded.text else {}
+    comp = interleaved_latency({s.name: snapshots[s.name] for s in stages}, args.latency_batch_size,
+                               args.latency_repeats, warmup=3, dtype=ch.latency_dtype, **size)
+    for s in stages:
+        s.latency_ms = comp.median_ms[s.name]
+        s.latency_ratio = comp.ratio[s.name]
+        s.latency_ratio_iqr = (comp.ratio_q1[s.name], comp.ratio_q3[s.name])
+    return {**comp.to_dict(), "threads": torch.get_num_threads(), "device": str(ch.device),
+            "seq_len": data.seq_len, "interleaved": True}
+
+
+def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
+    """The head/adapter, the pruned model and its ONNX export, each only when asked."""
+    from .heads import save_adapter
+    from .persistence import save_pruned_model
+    model = loaded.model
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
-    meta = {"model": model_id, "target": args.target, "head": head_cfg, "run_id": run_id}
+    meta = {"model": loaded.model_id, "target": args.target, "head": data.head_cfg, "run_id": ch.run_id}
     if args.save_adapter:
-        artifacts["adapter"] = str(save_adapter(model, Path(args.artifacts_dir) / run_id / "adapter.pt",
-                                                head_cfg["kind"], meta))
-    if args.save_pruned_model:
-        artifacts["pruned_model"] = str(save_pruned_model(
-            model, Path(args.pruned_output_dir) / run_id, processor, {**meta, "seed": args.seed}))
+        artifacts["adapter"] = str(save_adapter(model, Path(args.artifacts_dir) / ch.run_id / "adapter.pt",
+                                                data.head_cfg["kind"], meta))
+    if args.save_pruned_model or args.export_onnx:
+        out = Path(args.pruned_output_dir) / ch.run_id
+        onnx = None
+        if args.export_onnx:
+            from .export import OnnxUnavailable, export_onnx
+            try:
+                onnx = lambda folder: export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)  # noqa: E731
+            except OnnxUnavailable as exc:  # pragma: no cover - raised lazily below
+                raise UsageError(f"--export-onnx: {exc}") from exc
+        try:
+            saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed}, extra=onnx)
+        except ImportError as exc:
+            raise UsageError(f"--export-onnx: {exc}") from exc
+        artifacts["pruned_model"] = str(saved.path)
+        artifacts["pruned_model_format"] = saved.format
+        if saved.extra is not None:
+            artifacts["onnx"] = saved.extra
+    return artifacts
 
-    plan = result.plan
-    rep = {
-        "run_id": run_id,
+
+def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, result, latency,
+                 artifacts) -> dict:
+    from .report import stage_dicts, summarize, versions
+    shape, plan = loaded.shape, result.plan
+    one_group = ch.align * shape.neuron_params / shape.total_params
+    return {
+        "run_id": ch.run_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": ["vit-2ssp", *argv],
-        "model": {"id": model_id, "class": type(model).__name__, "layout": anatomy.layout,
+        "model": {"id": loaded.model_id, "class": type(loaded.model).__name__, "layout": loaded.layout,
                   "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size,
-                  "intermediate_size": width},
-        "config": {**vars(args), "device": str(device), "ft_lr": ft_lr, "calib_size": calib_size},
-        "prune_config": asdict(cfg),
+                  "intermediate_size": max(shape.widths)},
+        "config": {**vars(args), "device": str(ch.device), "ft_lr": data.ft_lr, "calib_size": ch.calib_size},
+        "prune_config": asdict(result.config),
         "seed": args.seed,
-        "depth_unit": result.plan.unit,
+        "depth_unit": plan.unit,
         "depth_unit_requested": args.depth_unit,
-        "min_remaining": min_remaining,
-        "min_remaining_source": mr_source,
+        "min_remaining": ch.min_remaining,
+        "min_remaining_source": ch.min_remaining_source,
+        "alignment": {"align": ch.align, "source": ch.align_source, "width_policy": ch.width_policy,
+                      "uniform_width": plan.uniform_width,
+                      "max_target_error": (one_group if plan.uniform_width is None or
+                                           ch.width_policy != "uniform" else None)},
         "target": args.target,
         "achieved_sparsity": result.achieved_sparsity,
         "target_error": abs(result.achieved_sparsity - args.target),
         "one_neuron_sparsity": shape.neuron_params / shape.total_params,
+        "one_group_sparsity": one_group,
         "params_final": result.params_after_stage2,
         "stages": stage_dicts(stages),
         "summary": summarize(stages),
-        "accuracy_note": accuracy_note,
-        "latency_setup": {"batch_size": args.latency_batch_size, "threads": torch.get_num_threads(),
-                          "warmup": 3, "repeats": args.latency_repeats, "device": str(device),
-                          "seq_len": seq_len},
+        "accuracy_note": data.accuracy_note,
+        "latency_setup": latency,
         "plan": {**plan.to_dict(), "removed_indices": sorted(result.depth_order),
                  "removal_order": result.depth_order,
                  "neurons_removed_per_block": result.neurons_removed,
@@ -502,23 +703,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                  "split_search": {str(k): v for k, v in result.search.items()},
                  "neuron_selection": result.selection,
                  "neuron_selection_search": result.selection_search},
-        "calibration": calib_info,
+        "pruning_time_s": result.timings,
+        "calibration": data.calib_info,
         "versions": versions(),
         "artifacts": artifacts,
     }
-    json_path, md_path = write_report(rep, reports_dir)
+
+
+def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Path) -> None:
+    from .report import markdown
     base, final = stages[0], stages[-1]
-    acc = ("" if base.top1 is None else
-           f", top-1 {base.top1:.4f} -> {final.top1:.4f}")
+    acc = "" if base.top1 is None else f", top-1 {base.top1:.4f} -> {final.top1:.4f}"
     if final.cosine is not None:
         acc = f", embedding cosine {final.cosine:.4f}, neighbour agreement {100 * final.agreement:.1f}%"
-    print(f"vit-2ssp {run_id}: params {base.params:,} -> {final.params:,} "
+    print(f"vit-2ssp {rep['run_id']}: params {base.params:,} -> {final.params:,} "
           f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
-          f"latency {base.latency_ms:.2f} -> {final.latency_ms:.2f} ms{acc}")
+          f"latency {base.latency_ms:.2f} -> {final.latency_ms:.2f} ms "
+          f"(ratio {final.latency_ratio:.3f}, back to back){acc}")
     print(f"report: {md_path} (json: {json_path})")
     if not args.quiet:
         print(markdown(rep).split("## Plan")[0].rstrip())
-    return 0
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
     an = resolve(model)
     was_training = model.training
     model.eval()
-    total = torch.zeros(len(an.parts), dtype=torch.float64)
+    device = next(model.parameters()).device
+    total = torch.zeros(len(an.parts), dtype=torch.float64, device=device)
     try:
         for x in pixel_batches:
             h = an.embed(x)
@@ -179,7 +180,8 @@ def apply_depth(model: nn.Module, indices: Sequence[int], unit: str) -> nn.Modul
 
 
 def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
-                               dataloader: Iterable | None = None, device: str = "cpu",
+                               dataloader: Iterable | None = None,
+                               device: str | torch.device | None = None,
                                batch_limit: int = 5, num_to_prune: int | None = None,
                                selected_indices: Sequence[int] | None = None,
                                unit: str = "block", method: str = "greedy",
@@ -202,6 +204,7 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
         limit = n - 1 if unit == "block" else n
         if not 0 <= num_to_prune <= limit:
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
+        device = device if device is not None else next(model.parameters()).device
         batches = take_inputs(dataloader, batch_limit, device) if dataloader is not None else None
         order, scores = select_depth(model, num_to_prune, unit, batches, method, progress=progress)
     model = apply_depth(model, order, unit)

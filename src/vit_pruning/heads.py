@@ -20,26 +20,11 @@ from .anatomy import resolve
 from .batches import batch_labels, batch_pixels
 from .measure import forward_output
 from .atomic import atomic_write
+from .modeling_vit_pruning import AdapterHead
+from .surgery import sync_config
 
 log = logging.getLogger(__name__)
 HEAD_TYPES = ("linear", "adapter")
-
-
-class AdapterHead(nn.Module):
-    """Residual bottleneck adapter (hidden -> hidden/reduction -> hidden) followed by a linear head."""
-
-    def __init__(self, hidden_size: int, num_labels: int, reduction: int = 4,
-                 bottleneck: int | None = None):
-        super().__init__()
-        bottleneck = bottleneck or max(1, hidden_size // reduction)
-        self.down = nn.Linear(hidden_size, bottleneck)
-        self.up = nn.Linear(bottleneck, hidden_size)
-        self.head = nn.Linear(hidden_size, num_labels)
-        nn.init.zeros_(self.up.weight)  # starts as identity + linear head
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x + self.up(F.gelu(self.down(x))))
 
 
 def build_head(kind: str, hidden_size: int, num_labels: int, reduction: int = 4) -> nn.Module:
@@ -60,6 +45,7 @@ def install_head(model: nn.Module, head: nn.Module, label_names: list[str] | Non
     names = label_names or [str(i) for i in range(num)]
     model.config.id2label = {i: n for i, n in enumerate(names)}
     model.config.label2id = {n: i for i, n in enumerate(names)}
+    sync_config(resolve(model))  # an adapter head makes the saved model need its modeling file
 
 
 def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3,

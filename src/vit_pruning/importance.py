@@ -144,7 +144,7 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
         hidden = [anatomy.embed(x) for x in pixel_batches]
         for i, parts in enumerate(anatomy.parts):
             if i in skip:
-                scores.append(torch.zeros(parts.intermediate_size))
+                scores.append(torch.zeros(parts.intermediate_size, device=parts.fc1.weight.device))
                 continue
             stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
             scores.append(stats.score)

@@ -1,9 +1,11 @@
 """Measurement: parameters, FLOPs, latency, top-1 accuracy and output fidelity (KL)."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -103,10 +105,95 @@ def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | Non
     return statistics.median(times)
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on `device`, or nothing for float32/None."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class LatencyComparison:
+    """Models timed back to back, interleaved, on the same input (see :func:`interleaved_latency`)."""
+
+    names: list[str]
+    median_ms: dict[str, float]  # median forward time per model
+    ratio: dict[str, float]  # median over rounds of t(model) / t(first model)
+    ratio_q1: dict[str, float]  # 25th percentile of the per-round ratios
+    ratio_q3: dict[str, float]  # 75th percentile
+    batch_size: int
+    repeats: int
+    warmup: int
+    timer: str  # "cuda events" or "perf_counter"
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, repeats: int = 10,
+                        warmup: int = 3, seq_len: int = 128,
+                        dtype: torch.dtype | None = None) -> LatencyComparison:
+    """Time several models on one input, one forward each per round, rounds interleaved and the
+    order rotated each round, so that a machine slowing down or speeding up hits all of them
+    alike. The first model is the reference of the ratios. CUDA forwards are timed with CUDA
+    events; `dtype` (bfloat16/float16) times under autocast."""
+    names = list(models)
+    first = models[names[0]]
+    x = example_inputs(first, batch_size, seq_len=seq_len)
+    device = next(iter(x.values())).device
+    cuda = device.type == "cuda"
+    states = {n: m.training for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for m in models.values():
+            m.eval()
+        with autocast_context(device, dtype):
+            for _ in range(warmup):
+                for m in models.values():
+                    m(**x)
+            for r in range(repeats):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for n in order:
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        models[n](**x)
+                        end.record()
+                        end.synchronize()
+                        times[n].append(start.elapsed_time(end) / 1e3)
+                    else:
+                        t0 = time.perf_counter()
+                        models[n](**x)
+                        times[n].append(time.perf_counter() - t0)
+    finally:
+        for n, m in models.items():
+            m.train(states[n])
+    ratios = {n: [a / b for a, b in zip(times[n], times[names[0]])] for n in names}
+    return LatencyComparison(
+        names=names, median_ms={n: 1e3 * statistics.median(times[n]) for n in names},
+        ratio={n: statistics.median(ratios[n]) for n in names},
+        ratio_q1={n: _quantile(ratios[n], 0.25) for n in names},
+        ratio_q3={n: _quantile(ratios[n], 0.75) for n in names},
+        batch_size=batch_size, repeats=repeats, warmup=warmup,
+        timer="cuda events" if cuda else "perf_counter",
+        dtype=str(dtype or torch.float32).replace("torch.", ""))
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
                   max_batches: int | None = None) -> float:
-    """Top-1 accuracy over the first `max_batches` batches of a labelled loader (seed API)."""
+    """Top-1 accuracy over the first `max_batches` batches of a labelled loader (seed API);
+    batches go to `device` (default: the model's)."""
+    device = device if device is not None else _device_of(model)
     was_training = model.training
     model.eval()
     correct = total = 0

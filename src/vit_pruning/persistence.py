@@ -1,32 +1,46 @@
-"""Saving and reloading pruned models, and writing any output file atomically.
+"""Saving and reloading pruned models, and checking saved folders before loading them.
 
-A pruned ViT may have different MLP widths per block and blocks without attention, which
-``from_pretrained`` cannot rebuild (ViT's modeling code reads one global ``intermediate_size``).
-The saved folder is a normal Hugging Face folder (``config.json`` + ``model.safetensors``) whose
-config carries a ``vit_pruning`` entry (per-block ``intermediate_sizes``, ``attention_removed``);
-:func:`load_pruned_model` builds the architecture from the config, applies that structure, and
-loads the weights strictly.
+A saved folder is a normal Hugging Face folder (``config.json`` + ``model.safetensors`` + the
+processor's files). Its weights use the 4.x names (``encoder.layer.N.intermediate.dense``),
+which both transformers majors load (5.x renames them at load time). Two kinds:
+
+- **plain**: every surviving block keeps one MLP width and its attention, with a linear head
+  (or none). ``intermediate_size`` and ``num_hidden_layers`` describe the model, and
+  ``AutoModel*.from_pretrained(folder)`` or ``pipeline(...)`` load it with neither this package
+  nor remote code.
+- **remote code**: per-block widths, removed attention sublayers or an adapter head. The folder
+  also holds ``modeling_vit_pruning.py`` (torch + transformers only) and its config an
+  ``auto_map``, so ``from_pretrained(folder, trust_remote_code=True)`` loads it anywhere.
+
+Both carry a ``vit_pruning`` config entry (per-block ``intermediate_sizes``,
+``attention_removed``, head); :func:`load_pruned_model` loads either without remote code.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import modeling_vit_pruning
 from .anatomy import resolve
-from .heads import AdapterHead
-from .surgery import prune_mlp_neurons, remove_attention, sync_config
+from .modeling_vit_pruning import PRUNED_CLASSES
+from .surgery import is_plain, stock_class, sync_config
 
-FORMAT_VERSION = 1
-SUPPORTED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel",
-                     "DeiTForImageClassification", "BertModel", "RobertaModel")
+FORMAT_VERSION = 2
+SUPPORTED_CLASSES = tuple(PRUNED_CLASSES)
+MODELING_FILE = Path(modeling_vit_pruning.__file__).name
 
 
 # transformers 4.x <-> 5.x names inside a ViT/DeiT backbone (everything else is the same)
@@ -56,72 +70,148 @@ def translate_keys(state: dict[str, torch.Tensor], to: str) -> dict[str, torch.T
     return out
 
 
-def _head_info(model: nn.Module) -> dict | None:
-    head = getattr(model, "classifier", None)
-    if isinstance(head, AdapterHead):
-        return {"kind": "adapter", "bottleneck": head.down.out_features,
-                "num_labels": head.head.out_features}
-    return None
+@dataclass(frozen=True)
+class SavedModel:
+    path: Path
+    format: str  # "plain" or "remote-code"
+    extra: dict | None = None  # what the `extra` writer returned (the ONNX export's record)
+
+    def __fspath__(self) -> str:  # usable wherever the folder's path is
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as saved: contiguous tensors, ViT/DeiT block names in the 4.x layout."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return translate_keys(state, "v4") if resolve(model).layout == "v5" else state
+
+
+def saved_config(model: nn.Module, metadata: dict | None = None):
+    """The config as saved: plain, or with the pruned class, ``auto_map`` and format fields."""
+    anatomy = resolve(model)
+    sync_config(anatomy)
+    stock = stock_class(model)
+    cfg = copy.deepcopy(model.config)
+    plain = is_plain(anatomy)
+    cfg.vit_pruning = {**cfg.vit_pruning, "format": FORMAT_VERSION, "layout":
+                       "bert" if anatomy.layout == "bert" else "v4",
+                       "saved_as": "plain" if plain else "remote-code",
+                       "loader": "vit_pruning.load_pruned_model",
+                       **({"metadata": metadata} if metadata else {})}
+    if plain:
+        cfg.architectures = [stock.__name__]
+        if hasattr(cfg, "auto_map"):
+            del cfg.auto_map
+    else:
+        pruned, autos = PRUNED_CLASSES[stock.__name__]
+        cfg.architectures = [pruned.__name__]
+        cfg.auto_map = {a: f"{Path(MODELING_FILE).stem}.{pruned.__name__}" for a in autos}
+    return cfg
 
 
 def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
-                      metadata: dict | None = None) -> Path:
-    """Save a (pruned) model into a new folder `out_dir`; refuses an existing path."""
+                      metadata: dict | None = None,
+                      extra: Callable[[Path], dict] | None = None) -> SavedModel:
+    """Save a (pruned) model into a new folder `out_dir` (plain or remote code, see the module
+    docstring); refuses an existing path. `extra(folder)` may add files (the ONNX export)
+    before the folder appears: it is written whole or not at all."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose another --run-id or folder")
-    sync_config(resolve(model))
-    model.config.vit_pruning = {**model.config.vit_pruning, "format": FORMAT_VERSION,
-                                "layout": resolve(model).layout,
-                                "head": _head_info(model),
-                                "loader": "vit_pruning.load_pruned_model",
-                                **({"metadata": metadata} if metadata else {})}
+    cfg = saved_config(model, metadata)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(tmp)
+        save_file(saved_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if cfg.vit_pruning["saved_as"] == "remote-code":
+            shutil.copyfile(modeling_vit_pruning.__file__, tmp / MODELING_FILE)
         if processor is not None:  # image processor or tokenizer: the folder stays usable
             processor.save_pretrained(tmp)
+        record = extra(tmp) if extra is not None else None
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return SavedModel(out_dir, cfg.vit_pruning["saved_as"], record)
+
+
+_MLP_IN = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.(?:mlp\.fc1|intermediate\.dense)\.weight$")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.")
+
+
+def check_saved_folder(path: str | Path) -> None:
+    """Raise ValueError, in one line naming the folder, if a local model folder cannot load:
+    missing files, truncated or unreadable weights, an unsupported architecture, or a config
+    whose depth or MLP widths disagree with the weights. Reads only headers."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json (not a saved model folder)")
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: config.json is not valid JSON ({type(exc).__name__})") from exc
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        if any(path.glob("*.bin")) or any(path.glob("model-*.safetensors")):
+            return  # another weight format: transformers reads (and checks) it
+        raise ValueError(f"{path}: no model.safetensors (weights missing)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with open(weights, "rb") as fh:  # the header says how long the data is
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if weights.stat().st_size < 8 + header_len + end:
+            raise ValueError("file shorter than its header says")
+    except Exception as exc:  # safetensors raises its own error type
+        raise ValueError(f"{path}: model.safetensors is truncated or unreadable "
+                         f"({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from exc
+    info = raw.get("vit_pruning") or {}
+    arch = (raw.get("architectures") or [None])[0]
+    if info and arch not in SUPPORTED_CLASSES and arch not in {c.__name__ for c, _ in PRUNED_CLASSES.values()}:
+        raise ValueError(f"{path}: architecture {arch!r} is not one vit_pruning saves "
+                         f"({', '.join(SUPPORTED_CLASSES)})")
+    blocks = {int(m.group(1)) for k in shapes for m in [_BLOCK.search(k)] if m}
+    if not blocks:
+        return  # not a block-structured model: transformers decides
+    depth = raw.get("num_hidden_layers")
+    widths = info.get("intermediate_sizes") or [raw.get("intermediate_size")] * len(blocks)
+    if depth is not None and (len(blocks) != depth or len(widths) != depth):
+        raise ValueError(f"{path}: config says {depth} blocks (num_hidden_layers), the weights "
+                         f"hold {len(blocks)}")
+    for key, shape in shapes.items():
+        m = _MLP_IN.search(key)
+        if m and int(m.group(1)) < len(widths) and widths[int(m.group(1))] not in (None, shape[0]):
+            raise ValueError(f"{path}: config says block {m.group(1)} has MLP width "
+                             f"{widths[int(m.group(1))]}, the weights have {shape[0]}")
 
 
 def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned_model` (non-uniform widths, removed attention)."""
+    """Load a folder saved by :func:`save_pruned_model` (plain or remote code, either
+    transformers major) with this package's classes; raises ValueError naming the folder and
+    what is wrong with it."""
     path = Path(path)
+    check_saved_folder(path)
     config = transformers.AutoConfig.from_pretrained(path)
-    info = getattr(config, "vit_pruning", None)
+    info = getattr(config, "vit_pruning", None) or {}
     arch = (getattr(config, "architectures", None) or [None])[0]
-    if arch not in SUPPORTED_CLASSES:
+    by_pruned = {c.__name__: stock for stock, (c, _) in PRUNED_CLASSES.items()}
+    stock = by_pruned.get(arch, arch)
+    if stock not in PRUNED_CLASSES:
         raise ValueError(f"{path}: architecture {arch!r} is not one of {SUPPORTED_CLASSES}")
-    widths = list(info["intermediate_sizes"]) if info else None
-    if widths:
-        config.num_hidden_layers = len(widths)
-        config.intermediate_size = max(widths)
-    model = getattr(transformers, arch)(config)
-    if info:
-        an = resolve(model)
-        for parts, w in zip(an.parts, widths):
-            if w != parts.intermediate_size:
-                prune_mlp_neurons(parts, torch.arange(w))
-        head = info.get("head")
-        if head and head.get("kind") == "adapter":
-            model.classifier = AdapterHead(config.hidden_size, head["num_labels"],
-                                           bottleneck=head["bottleneck"])
-        if info.get("attention_removed"):
-            remove_attention(model, info["attention_removed"])
+    model = PRUNED_CLASSES[stock][0](config)
     state = load_file(str(path / "model.safetensors"))
-    saved_layout = (info or {}).get("layout", resolve(model).layout)
-    if saved_layout != resolve(model).layout and "bert" not in (saved_layout, resolve(model).layout):
-        state = translate_keys(state, to=resolve(model).layout)
+    layout = resolve(model).layout
+    if layout != "bert" and any(".layers." in "." + k for k in state) != (layout == "v5"):
+        state = translate_keys(state, to=layout)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the saved structure "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    sync_config(resolve(model))  # a plain structure goes back to its stock class
     return model.to(device).eval()

@@ -20,8 +20,8 @@ from .anatomy import resolve
 from .batches import take_inputs
 from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
-from .planner import (ModelShape, PruningPlan, depth_only_plan, feasible_depths, make_plan,
-                      validate_target, width_only_max)
+from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, default_align, depth_only_plan,
+                      feasible_depths, make_plan, validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .width import SELECTIONS as WIDTH_SELECTIONS
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
@@ -60,6 +60,28 @@ class PruneConfig:
     # widest MLP), at most half the calibration images; as many other images score the trial.
     # The final stage 1 always fits every calibration image
     stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
+    align: int | str = "auto"  # kept MLP widths are multiples of this: bf16/fp16 tensor cores run
+    # a matmul 5x slower when its width is not a multiple of 8 (measured on an H200). "auto": 8,
+    # halved on small models until half a group of neurons is <= 0.1 pp of the parameters
+    width_policy: str = "auto"  # "uniform": one width for every surviving block (the saved model
+    # is plain transformers), "per-block": as even as the target allows, "auto": uniform when
+    # align > 1 and it misses the target by at most 0.1 pp
+
+    def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
+        """make_plan with this config's unit, min_remaining, alpha, align and width policy
+        (`align` must be resolved to an int first, see :func:`resolved`)."""
+        return make_plan(shape, target, unit or self.unit, self.min_remaining, alpha=self.alpha,
+                         align=int(self.align), width_policy=self.width_policy, **kw)
+
+    def resolved(self, shape: ModelShape) -> "PruneConfig":
+        """This config with align="auto" replaced by the number it means for `shape`."""
+        if self.width_policy not in WIDTH_POLICIES:
+            raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
+        if self.align == "auto":
+            return replace(self, align=default_align(shape))
+        if not isinstance(self.align, int) or isinstance(self.align, bool) or self.align < 1:
+            raise ValueError(f"align must be 'auto' or an integer >= 1, got {self.align!r}")
+        return self
 
 
 @dataclass
@@ -111,10 +133,13 @@ def model_shape(model: nn.Module) -> ModelShape:
 def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 512,
                          unit: str = "block", depth: int | str = "alpha",
                          depth_indices: Sequence[int] | None = None,
-                         alpha: float = 1.5) -> PruningPlan:
+                         alpha: float = 1.5, align: int = 1,
+                         width_policy: str = "per-block") -> PruningPlan:
     """Plan a 2SSP run to global sparsity `target` (1 - params_after/params_before over the whole
-    model as passed, head included). Raises ValueError naming the maximum feasible target."""
-    return make_plan(model_shape(model), target, unit, min_remaining, depth, depth_indices, alpha)
+    model as passed, head included). Raises ValueError naming the maximum feasible target.
+    The seed's defaults (align=1, per-block widths) land within one neuron of the target."""
+    return make_plan(model_shape(model), target, unit, min_remaining, depth, depth_indices, alpha,
+                     align, width_policy)
 
 
 def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
@@ -129,7 +154,7 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
                                       cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
-                                      progress, trial, cfg.selection, fit_batches)
+                                      progress, trial, cfg.selection, fit_batches, int(cfg.align))
     fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
@@ -142,14 +167,14 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     scores = activation_scores(an, fit, skip) if fit else magnitude_scores(an)
     if cfg.allocation == "global":
         survivors = [i for i in range(len(counts)) if i not in skip]
-        counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors)
+        counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors, int(cfg.align))
     prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
     return {"counts": counts, "kept": None}
 
 
 def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | None = None,
                config: PruneConfig | None = None, calib_batches: int | None = None,
-               device: str | torch.device = "cpu", progress: bool = False,
+               device: str | torch.device | None = None, progress: bool = False,
                after_stage1: Callable[[nn.Module], None] | None = None,
                ) -> tuple[nn.Module, PruneResult]:
     """Prune `model` in place to global parameter sparsity `target` with 2SSP.
@@ -158,13 +183,15 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         calibration_loader: label-free calibration images (batches of pixel_values). Without
             it width uses weight magnitude and depth a weight-norm proxy.
         calib_batches: how many loader batches to use (all if None).
+        device: where calibration batches go (default: the model's device).
         after_stage1: called with the model between stage 1 and stage 2 (to measure it).
     Returns:
         (model, PruneResult) with counts, indices and per-stage parameter counts.
     """
-    cfg = config or PruneConfig()
     shape = model_shape(model)
+    cfg = (config or PruneConfig()).resolved(shape)
     params_before = shape.total_params
+    device = device if device is not None else next(model.parameters()).device
     batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
     if batches:  # small micro-batches bound the memory of cached activations in every phase
         batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
@@ -186,7 +213,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
                              "'block' or 'attention'")
         return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1)
     if cfg.stages == "s1":
-        top = width_only_max(shape, cfg.min_remaining)
+        top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
         validate_target(target, top, "for width pruning alone (stages='s1')")
         split = 0
     units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
@@ -293,8 +320,8 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
                   score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
-    probe = make_plan(shape, target, cfg.unit, cfg.min_remaining, "alpha", alpha=cfg.alpha)
-    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining)
+    probe = cfg.plan(shape, target, depth="alpha")
+    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
     if isinstance(split, int):
         candidates = [split]
     elif split == "alpha":
@@ -307,12 +334,12 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
     if len(candidates) > 1 or score_single:
         trial_cfg = replace(cfg, selection="score")
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
-            plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:d])
+            plan = cfg.plan(shape, target, depth_indices=order[:d])
             search[str(d)] = _trial_distance(model, plan, trial_cfg, holdout)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
                      cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
-    plan = make_plan(shape, target, cfg.unit, cfg.min_remaining, depth_indices=order[:best])
+    plan = cfg.plan(shape, target, depth_indices=order[:best])
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
     return replace(plan, split=label), order[:best], search, depth_scores
 

@@ -8,6 +8,13 @@ blocks, norms and head included). Removing ``n`` neurons from a block removes ex
 depth units the neuron count is the rounded remainder and the plan misses the target by at most
 half a neuron's parameters.
 
+With ``align > 1`` every kept MLP width is a multiple of ``align`` (or the block's full width):
+GPU tensor cores run a matmul whose inner dimension is not a multiple of 8 several times slower
+in bf16/fp16. Neurons then go in groups of ``align`` and the plan misses the target by at most
+half a group's parameters. ``width_policy="uniform"`` gives every surviving block the *same*
+aligned width (the saved model is then a plain transformers model); ``"auto"`` does so whenever
+that keeps the target error within :data:`UNIFORM_TOLERANCE`.
+
 The split between stages follows the 2SSP paper (Sandri et al. 2025, arXiv 2501.17771):
 ``N = round(B * s ** ((P_mlp / P_attn) / alpha))`` with ``s`` the target measured on the blocks,
 then moved to the nearest depth count for which the target is reachable. The pipeline can
@@ -19,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 UNITS = ("block", "attention")
+WIDTH_POLICIES = ("auto", "uniform", "per-block")
+UNIFORM_TOLERANCE = 1e-3  # "auto" prefers one width for all blocks if it misses by <= 0.1 pp
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class PruningPlan:
     max_feasible_target: float
     split: str  # how blocks_to_prune was chosen: "alpha", "search" or "fixed"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    align: int = 1  # kept widths are multiples of this (or the block's full width)
+    uniform_width: int | None = None  # the one width of every surviving block, if there is one
 
     @property
     def target_error(self) -> float:
@@ -64,6 +75,17 @@ class PruningPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_align(shape: ModelShape, preferred: int = 8) -> int:
+    """The alignment `align="auto"` uses: `preferred` (8: what bf16/fp16 tensor cores need),
+    halved until half a group of neurons is within UNIFORM_TOLERANCE of the model's parameters,
+    so the per-block plan still lands within 0.1 pp on small models (where alignment buys
+    nothing anyway)."""
+    align = preferred
+    while align > 1 and align * shape.neuron_params / 2 > UNIFORM_TOLERANCE * shape.total_params:
+        align //= 2
+    return align
 
 
 def _check_unit(unit: str) -> None:
@@ -81,8 +103,15 @@ def _survivors(shape: ModelShape, unit: str, indices: Sequence[int]) -> list[int
     return [i for i in range(shape.num_blocks) if i not in gone]
 
 
-def _capacity(shape: ModelShape, survivors: Sequence[int], min_remaining: int) -> list[int]:
-    return [max(0, shape.widths[i] - min_remaining) if i in survivors else 0
+def aligned_floor(min_remaining: int, align: int) -> int:
+    """The narrowest kept width allowed: min_remaining rounded up to a multiple of align."""
+    return -(-min_remaining // align) * align
+
+
+def _capacity(shape: ModelShape, survivors: Sequence[int], min_remaining: int,
+              align: int = 1) -> list[int]:
+    floor = aligned_floor(min_remaining, align)
+    return [max(0, shape.widths[i] - floor) if i in survivors else 0
             for i in range(shape.num_blocks)]
 
 
@@ -105,27 +134,29 @@ def max_depth_units(shape: ModelShape, unit: str) -> int:
     return n - 1 if unit == "block" else n
 
 
-def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int) -> float:
+def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1) -> float:
     """Largest sparsity reachable with this unit and `min_remaining` neurons per surviving block."""
     _check_unit(unit)
     best = 0
     for d in range(max_depth_units(shape, unit) + 1):
         idx = default_depth_indices(shape, unit, d)
-        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining))
+        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining, align))
         best = max(best, _depth_removed(shape, unit, idx) + cap * shape.neuron_params)
     return best / shape.total_params
 
 
-def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: int) -> list[int]:
-    """Depth-unit counts from which the target can be met to within half a neuron."""
+def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: int,
+                    align: int = 1) -> list[int]:
+    """Depth-unit counts from which the target can be met to within half a neuron (half a
+    group of `align` neurons)."""
     _check_unit(unit)
     goal = target * shape.total_params
-    half = shape.neuron_params / 2
+    half = align * shape.neuron_params / 2
     out = []
     for d in range(max_depth_units(shape, unit) + 1):
         idx = default_depth_indices(shape, unit, d)
         removed = _depth_removed(shape, unit, idx)
-        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining))
+        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining, align))
         if removed <= goal + half and removed + cap * shape.neuron_params >= goal - half:
             out.append(d)
     return out
@@ -158,6 +189,43 @@ def _spread(total: int, capacity: Sequence[int], survivors: Sequence[int]) -> li
     return counts
 
 
+def _aligned_spread(goal: float, shape: ModelShape, survivors: Sequence[int], min_remaining: int,
+                    align: int) -> list[int]:
+    """Neurons removed per block so that kept widths are multiples of `align` (or untouched),
+    as even as possible (each group comes off the widest block left, ties to the lowest index),
+    totalling as near `goal` neurons as the groups allow."""
+    floor = aligned_floor(min_remaining, align)
+    counts = [0] * shape.num_blocks
+    open_ = {i: shape.widths[i] for i in survivors if shape.widths[i] > floor}  # kept widths
+    removed = 0
+    while open_:
+        i = min(open_, key=lambda b: (-open_[b], b))
+        step = open_[i] - ((open_[i] - 1) // align) * align  # down to the next multiple of align
+        if removed + step / 2 >= goal:
+            break
+        removed += step
+        counts[i] += step
+        open_[i] -= step
+        if open_[i] <= floor:
+            del open_[i]
+    return counts
+
+
+def _uniform_width(goal: float, shape: ModelShape, survivors: Sequence[int], min_remaining: int,
+                   align: int) -> int | None:
+    """The one kept width (a multiple of `align`, or the common full width) for every surviving
+    block whose removal is nearest `goal` neurons; None if the survivors allow none."""
+    if not survivors:
+        return None
+    top = min(shape.widths[i] for i in survivors)
+    options = list(range(aligned_floor(min_remaining, align), top + 1, align))
+    if len({shape.widths[i] for i in survivors}) == 1 and top not in options:
+        options.append(top)  # no pruning at all keeps the (unaligned) original width
+    if not options:
+        return None
+    return min(options, key=lambda w: (abs(sum(shape.widths[i] - w for i in survivors) - goal), -w))
+
+
 def validate_target(target: float, maximum: float,
                     what: str = "with this min_remaining and depth unit") -> None:
     if not 0.0 < target < 1.0:
@@ -170,18 +238,25 @@ def validate_target(target: float, maximum: float,
 
 def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,
               depth: int | str = "alpha", depth_indices: Sequence[int] | None = None,
-              alpha: float = 1.5) -> PruningPlan:
+              alpha: float = 1.5, align: int = 1, width_policy: str = "per-block") -> PruningPlan:
     """Plan the removal. `depth` is an int (fixed count) or "alpha" (2SSP formula).
 
     `depth_indices` names which blocks lose their unit (from depth selection); without it the
-    plan uses placeholder indices, which give the same counts on uniform models.
+    plan uses placeholder indices, which give the same counts on uniform models. `align`: kept
+    widths are multiples of it; `width_policy`: "per-block" (widths as even as the target
+    allows, to within half a group), "uniform" (one width for every surviving block), or "auto"
+    (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE).
     """
     _check_unit(unit)
     if min_remaining < 1:
         raise ValueError(f"min_remaining must be >= 1, got {min_remaining}")
-    maximum = max_feasible_target(shape, unit, min_remaining)
-    validate_target(target, maximum)
-    options = feasible_depths(shape, target, unit, min_remaining)
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    if width_policy not in WIDTH_POLICIES:
+        raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {width_policy!r}")
+    maximum = max_feasible_target(shape, unit, min_remaining, align)
+    validate_target(target, maximum, "with this min_remaining, align and depth unit")
+    options = feasible_depths(shape, target, unit, min_remaining, align)
     if not options:
         raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
                          f"neurons can reach (min_remaining={min_remaining}); try a lower "
@@ -205,24 +280,40 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         default_depth_indices(shape, unit, d)
     removed_depth = _depth_removed(shape, unit, idx)
     survivors = _survivors(shape, unit, idx)
-    capacity = _capacity(shape, survivors, min_remaining)
     goal = target * shape.total_params
-    n = int(round(max(0.0, goal - removed_depth) / shape.neuron_params))
-    n = min(n, sum(capacity))
-    counts = _spread(n, capacity, survivors)
+    wanted = max(0.0, goal - removed_depth) / shape.neuron_params  # neurons, not rounded
+    if align == 1:
+        capacity = _capacity(shape, survivors, min_remaining)
+        counts = _spread(min(int(round(wanted)), sum(capacity)), capacity, survivors)
+    else:
+        counts = _aligned_spread(wanted, shape, survivors, min_remaining, align)
+    uniform = None
+    if width_policy == "uniform" or (width_policy == "auto" and align > 1):
+        w = _uniform_width(wanted, shape, survivors, min_remaining, align)
+        if w is not None:
+            u_counts = [shape.widths[i] - w if i in survivors else 0 for i in range(shape.num_blocks)]
+            u_error = abs(sum(u_counts) - wanted) * shape.neuron_params / shape.total_params
+            if width_policy == "uniform" or u_error <= UNIFORM_TOLERANCE:
+                counts, uniform = u_counts, w
+        elif width_policy == "uniform":
+            raise ValueError(f"no single width of a multiple of {align} fits every surviving block "
+                             f"with min_remaining={min_remaining}")
+    if uniform is None and len({shape.widths[i] - counts[i] for i in survivors}) == 1 and survivors:
+        uniform = shape.widths[survivors[0]] - counts[survivors[0]]
+    n = sum(counts)
     after = shape.total_params - removed_depth - n * shape.neuron_params
     return PruningPlan(
         target=target, unit=unit, blocks_to_prune=d, depth_indices=idx,
         per_block_neurons_to_prune=n // max(1, len(survivors)), neurons_to_prune=tuple(counts),
         min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
         predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
-        split=split, notes=tuple(notes),
+        split=split, notes=tuple(notes), align=align, uniform_width=uniform,
     )
 
 
-def width_only_max(shape: ModelShape, min_remaining: int) -> float:
+def width_only_max(shape: ModelShape, min_remaining: int, align: int = 1) -> float:
     """Largest sparsity stage 1 alone can reach."""
-    cap = sum(_capacity(shape, list(range(shape.num_blocks)), min_remaining))
+    cap = sum(_capacity(shape, list(range(shape.num_blocks)), min_remaining, align))
     return cap * shape.neuron_params / shape.total_params
 
 

@@ -20,6 +20,8 @@ class StageMetrics:
     kl_to_baseline: float | None  # mean KL(stage || baseline) of logits on the eval images
     cosine: float | None = None  # text encoders: mean cosine of sentence embeddings to baseline
     agreement: float | None = None  # text encoders: nearest-neighbour agreement with baseline
+    latency_ratio: float | None = None  # median over interleaved rounds of t(stage) / t(baseline)
+    latency_ratio_iqr: tuple[float, float] | None = None  # 25th and 75th percentile of that ratio
 
 
 def _pct(new: float, old: float) -> float:

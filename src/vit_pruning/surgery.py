@@ -10,7 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .anatomy import AttentionBypass, Anatomy, BlockParts, PostNormAttentionBypass, resolve
+from .anatomy import Anatomy, BlockParts, resolve
+from .modeling_vit_pruning import PRUNED_CLASSES, AdapterHead
+from .modeling_vit_pruning import bypass_attention as _bypass_block
 
 
 def prune_linear(layer: nn.Linear, keep_idx: torch.Tensor, dim: int) -> nn.Linear:
@@ -92,17 +94,53 @@ def restore_refs(refs: list[tuple[nn.Module, str, nn.Module]]) -> None:
         setattr(owner, name, fc)
 
 
+def head_info(model: nn.Module) -> dict | None:
+    """The adapter head's shape (None for a plain linear head or none)."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, AdapterHead):
+        return {"kind": "adapter", "bottleneck": head.down.out_features,
+                "num_labels": head.head.out_features}
+    return None
+
+
+def is_plain(anatomy: Anatomy) -> bool:
+    """Whether plain transformers can rebuild the model from its config: one MLP width in every
+    block, every attention sublayer in place, no adapter head."""
+    return (len({p.intermediate_size for p in anatomy.parts}) == 1
+            and not any(p.attention_removed for p in anatomy.parts)
+            and head_info(anatomy.model) is None)
+
+
+def stock_class(model: nn.Module) -> type:
+    """The transformers class a (possibly class-swapped) pruned model is an instance of."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in PRUNED_CLASSES:
+            return cls
+    raise ValueError(f"unsupported model class {type(model).__name__}: saving supports "
+                     f"{', '.join(PRUNED_CLASSES)}")
+
+
 def sync_config(anatomy: Anatomy) -> None:
-    """Keep config truthful after surgery: depth, per-block widths and removed attention."""
-    cfg = anatomy.model.config
+    """Keep config truthful after surgery: depth, per-block widths, removed attention and the
+    head. A model plain transformers cannot rebuild becomes an instance of its ``Pruned*``
+    subclass (:mod:`vit_pruning.modeling_vit_pruning`), so that ``model.save_pretrained`` writes
+    a folder that reloads with ``trust_remote_code=True``."""
+    model = anatomy.model
+    cfg = model.config
     widths = [p.intermediate_size for p in anatomy.parts]
     cfg.num_hidden_layers = len(anatomy.parts)
-    if len(set(widths)) == 1:
-        cfg.intermediate_size = widths[0]
+    cfg.intermediate_size = max(widths)
     cfg.vit_pruning = {
+        **(getattr(cfg, "vit_pruning", None) or {}),
         "intermediate_sizes": widths,
         "attention_removed": [i for i, p in enumerate(anatomy.parts) if p.attention_removed],
+        "head": head_info(model),
     }
+    try:
+        stock = stock_class(model)
+    except ValueError:
+        return  # not a class this package saves (resolve() accepted it by structure)
+    model.__class__ = stock if is_plain(anatomy) else PRUNED_CLASSES[stock.__name__][0]
 
 
 def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
@@ -127,14 +165,7 @@ def bypass_attention(parts: BlockParts) -> tuple[nn.Module, nn.Module]:
     Pre-norm (ViT): the sublayer and its LayerNorm go, the block computes x + MLP(LN(x)).
     Post-norm (BERT): q/k/v/o go, the LayerNorm stays on the stream: LN1(x + attn(x)) -> LN1(x).
     """
-    old_att, old_norm = parts.attention, parts.norm_before
-    if parts.post_norm:
-        bypass = PostNormAttentionBypass(parts.norm_before)
-    else:
-        bypass = AttentionBypass(parts.attention_returns_tuple)
-        parts.block.layernorm_before = nn.Identity()
-    setattr(parts.attention_owner, parts.attention_attr, bypass)
-    return old_att, old_norm
+    return _bypass_block(parts.block)
 
 
 def restore_attention(parts: BlockParts, attention: nn.Module, norm: nn.Module) -> None:

@@ -47,30 +47,38 @@ def keep_indices(score: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 
 def global_allocation(scores: Sequence[torch.Tensor], total: int, min_remaining: int,
-                      blocks: Sequence[int] | None = None) -> list[int]:
+                      blocks: Sequence[int] | None = None, align: int = 1) -> list[int]:
     """Per-block counts removing the `total` globally least important neurons (scores normalized
-    per block), never leaving a block in `blocks` with fewer than `min_remaining`."""
+    per block), never leaving a block in `blocks` with fewer than `min_remaining`. With
+    `align` > 1 neurons go in groups of `align` (ranked by the group's summed score), so kept
+    widths stay multiples of `align`; every width must then be one."""
     blocks = list(range(len(scores))) if blocks is None else list(blocks)
+    if align > 1:
+        odd = [i for i in blocks if scores[i].numel() % align]
+        if odd or total % align:
+            raise ValueError(f"allocation='global' with align={align} needs MLP widths and a neuron "
+                             f"total that are multiples of {align}; use align=1 or uniform allocation")
+    floor = -(-min_remaining // align) * align
     norm = normalized(scores)
     cand = []
     for i in blocks:
-        cap = max(0, norm[i].numel() - min_remaining)
+        cap = max(0, norm[i].numel() - floor) // align
         if cap:
-            lowest = torch.sort(norm[i].double()).values[:cap]
+            lowest = torch.sort(norm[i].double()).values[:cap * align].reshape(cap, align).sum(1)
             cand.extend((float(v), i, r) for r, v in enumerate(lowest))
-    if total > len(cand):
+    if total > len(cand) * align:
         raise ValueError(f"cannot remove {total} neurons with min_remaining={min_remaining}")
     cand.sort()
     counts = [0] * len(scores)
-    for _, i, _ in cand[:total]:
-        counts[i] += 1
+    for _, i, _ in cand[:total // align]:
+        counts[i] += align
     return counts
 
 
 @torch.no_grad()
 def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
                         min_remaining: int = 512, importance: Sequence[torch.Tensor] | None = None,
-                        dataloader: Iterable | None = None, device: str | torch.device = "cpu",
+                        dataloader: Iterable | None = None, device: str | torch.device | None = None,
                         max_batches: int | None = None) -> nn.Module:
     """Remove `n_to_prune_per_block[i]` MLP neurons from block i, lowest importance first.
 
@@ -84,6 +92,7 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     _check_counts(anatomy, n_to_prune_per_block, min_remaining)
     if importance is None:
         if dataloader is not None:
+            device = device if device is not None else next(model.parameters()).device
             importance = activation_scores(anatomy, take_inputs(dataloader, max_batches, device))
         else:
             importance = magnitude_scores(anatomy)
@@ -159,12 +168,13 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     width = fc2.in_features
     if mode == "bias":
         gram = stats.gram
-        dropped = torch.ones(width, dtype=torch.bool)
-        dropped[keep] = False
+        dropped = torch.ones(width, dtype=torch.bool, device=gram.device)
+        dropped[keep.to(gram.device)] = False
         mean_act = gram[width, :width].double() / float(gram[width, width])  # ones row / tokens
         bias = fc2.bias.double() + fc2.weight.double()[:, dropped] @ mean_act[dropped]
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
-    k = torch.cat([keep.to(torch.long), torch.tensor([width])])
+    gram = stats.gram
+    k = torch.cat([keep.to(gram.device, torch.long), torch.tensor([width], device=gram.device)])
     g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
     sol = torch.linalg.solve(g_kk, stats.cross[k].double())  # (|k|, H)
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
@@ -176,7 +186,8 @@ def _spd_inverse(gram: torch.Tensor) -> torch.Tensor:
     jitter = 0.0
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
     for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(len(gram), dtype=gram.dtype))
+        chol, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(len(gram), dtype=gram.dtype,
+                                                                 device=gram.device))
         if int(info) == 0:
             return torch.cholesky_inverse(chol)
         jitter = scale * (1e-10 if jitter == 0 else 10 * jitter / scale)
@@ -194,10 +205,10 @@ def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 
     """
     width = stats.gram.shape[0] - 1
     if n_remove <= 0:
-        return torch.arange(width)
+        return torch.arange(width, device=stats.gram.device)
     h_inv = _spd_inverse(damped_gram(stats, ridge))
     sol = h_inv @ stats.cross.double()
-    alive = torch.ones(width + 1, dtype=torch.bool)
+    alive = torch.ones(width + 1, dtype=torch.bool, device=stats.gram.device)
     left = n_remove
     for r in range(rounds):
         if left <= 0:
@@ -221,7 +232,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            skip_blocks: Sequence[int] = (), bypass_blocks: Sequence[int] = (),
                            refit_target: str = "model", ridge: float = 1e-3,
                            progress: bool = False, trial: bool = False,
-                           selection: str = "score", fit_batches: int | None = None) -> dict:
+                           selection: str = "score", fit_batches: int | None = None,
+                           align: int = 1) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
@@ -234,6 +246,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         selection: which neurons go: "score" (lowest 2SSP activation score) or, with
             compensation="lsq", "lsq" (lowest least-squares cost given the refit, see
             :func:`lsq_keep`).
+        align: with allocation="global", neurons go in groups of `align` (kept widths stay
+            multiples of it; the counts given are assumed aligned already).
         fit_batches: only the first `fit_batches` calibration batches are fit (scores,
             refit); the rest are held out, only run (their outputs measure generalization).
         trial: compute everything (counts, kept indices, outputs) but leave the model as it
@@ -264,7 +278,7 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                 for i in bypass:
                     temp.add(i)
                 scores = activation_scores(resolve(model), pixel_batches[:fit_batches], skip)
-            counts = global_allocation(scores, sum(counts), min_remaining, survivors)
+            counts = global_allocation(scores, sum(counts), min_remaining, survivors, align)
         with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
             kept, final = _sequential_pass(model, counts, pixel_batches, compensation, skip,
                                            bypass, refit, ridge, progress, trial, temp, selection,

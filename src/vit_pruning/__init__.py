@@ -6,10 +6,14 @@ sublayers; a planner splits one global parameter-sparsity target between them ex
 from .anatomy import Anatomy, BlockParts, _get_encoder, resolve
 from .depth import prune_vit_attention_blocks, select_depth
 from .measure import (collect_outputs, compute_actual_sparsity, count_block_params, count_flops,
-                      count_total_params, evaluate_top1, kl_divergence, measure_latency)
-from .persistence import load_pruned_model, save_pruned_model
+                      count_total_params, evaluate_top1, interleaved_latency, kl_divergence,
+                      measure_latency)
+from .export import export_onnx
+from .heads import load_adapter, save_cifar_adapter
+from .persistence import SavedModel, check_saved_folder, load_pruned_model, save_pruned_model
 from .pipeline import PruneConfig, PruneResult, model_shape, plan_2ssp_allocation, prune_2ssp
 from .planner import ModelShape, PruningPlan
+from .report import save_report
 from .width import prune_vit_mlp_width
 
 __version__ = "0.1.0"
@@ -18,7 +22,8 @@ __all__ = [
     "Anatomy", "BlockParts", "ModelShape", "PruneConfig", "PruneResult", "PruningPlan",
     "_get_encoder", "collect_outputs", "compute_actual_sparsity", "count_block_params",
     "count_flops", "count_total_params", "evaluate_top1", "kl_divergence", "load_pruned_model",
-    "measure_latency", "save_pruned_model",
+    "measure_latency", "save_pruned_model", "SavedModel", "check_saved_folder", "export_onnx",
+    "load_adapter", "save_cifar_adapter", "save_report", "interleaved_latency",
     "model_shape", "plan_2ssp_allocation", "prune_2ssp", "prune_vit_attention_blocks",
     "prune_vit_mlp_width", "resolve", "select_depth",
 ]

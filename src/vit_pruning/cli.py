@@ -159,6 +159,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.align != "auto" and not (args.align.isdigit() and int(args.align) >= 1):
         raise UsageError(f"--align must be auto or an integer >= 1, got {args.align!r}")
+    if args.export_onnx:
+        from .export import OnnxUnavailable, require_onnx
+        try:
+            require_onnx()
+        except OnnxUnavailable as exc:
+            raise UsageError(f"--export-onnx: {exc}") from exc
     if args.latency_dtype == "float16" and args.device == "cpu":
         raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
 
@@ -170,8 +176,14 @@ def load_model(name: str):
 
     from .anatomy import is_text_config, resolve
     from .persistence import load_pruned_model
+    from .persistence import check_saved_folder
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name
+    if path.is_dir():
+        try:
+            check_saved_folder(path)
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from exc
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         text = is_text_config(config)
@@ -646,15 +658,11 @@ def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
         out = Path(args.pruned_output_dir) / ch.run_id
         onnx = None
         if args.export_onnx:
-            from .export import OnnxUnavailable, export_onnx
-            try:
-                onnx = lambda folder: export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)  # noqa: E731
-            except OnnxUnavailable as exc:  # pragma: no cover - raised lazily below
-                raise UsageError(f"--export-onnx: {exc}") from exc
-        try:
-            saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed}, extra=onnx)
-        except ImportError as exc:
-            raise UsageError(f"--export-onnx: {exc}") from exc
+            from .export import export_onnx
+
+            def onnx(folder: Path) -> dict:
+                return export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
+        saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed}, extra=onnx)
         artifacts["pruned_model"] = str(saved.path)
         artifacts["pruned_model_format"] = saved.format
         if saved.extra is not None:

@@ -124,3 +124,26 @@ def load_adapter(model: nn.Module, path: str | Path, num_labels: int | None = No
         raise AdapterFileError(f"--load-adapter: weights in {path} do not match a {kind} head") from exc
     install_head(model, head, label_names)
     return payload
+
+
+def save_cifar_adapter(model: nn.Module, path: str | Path | None = None, metadata: dict | None = None,
+                       run_id: str | None = None,
+                       artifacts_dir: str | Path = "experiments/vit_pruning/artifacts") -> Path:
+    """The seed's adapter artifact: the model's head/adapter as ``adapter.pt`` (state_dict,
+    classifier_type, num_labels, hidden_size, timestamp, metadata), by default at
+    ``<artifacts_dir>/<run_id>/adapter.pt``; never overwrites. Reload with ``--load-adapter``
+    or :func:`load_adapter`."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, AdapterHead):
+        kind = "adapter"
+    elif isinstance(head, nn.Linear):
+        kind = "linear"
+    else:
+        raise ValueError(f"{type(model).__name__} has no linear or adapter classifier to save")
+    if path is None:
+        run_id = run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path(artifacts_dir) / run_id / "adapter.pt"
+    meta = {"head": {"kind": kind, "adapter_reduction": (
+        model.config.hidden_size // head.down.out_features if kind == "adapter" else None)},
+        **(metadata or {})}
+    return save_adapter(model, path, kind, meta)

@@ -1,6 +1,7 @@
 """Run reports: per-stage measurements, JSON + Markdown + PNG plot, written atomically."""
 from __future__ import annotations
 
+import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,3 +184,42 @@ def write_report(rep: dict, reports_dir: Path) -> tuple[Path, Path]:
 
 def stage_dicts(stages: list[StageMetrics]) -> list[dict]:
     return [asdict(s) for s in stages]
+
+
+def _generic_markdown(rep: dict) -> str:
+    """Markdown of any report dict: scalars as a list, each nested dict as its own section."""
+    lines = [f"# vit-2ssp report `{rep['run_id']}`", ""]
+    lines += [f"- {k}: {v}" for k, v in rep.items() if not isinstance(v, dict) and k != "run_id"]
+    for k, v in rep.items():
+        if isinstance(v, dict):
+            lines += ["", f"## {k}", ""] + [f"- {kk}: {json.dumps(vv, default=str)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_report(report, reports_dir: str | Path = "experiments/vit_pruning/reports",
+                run_id: str | None = None) -> tuple[Path, Path]:
+    """The seed's consolidated report: write ``report-<run_id>.json`` and ``.md`` into
+    `reports_dir`, atomically, never over an existing report.
+
+    Args:
+        report: the CLI's report dict (rendered with its stage table and plot), or any dict a
+            notebook builds, or an object with ``to_dict()`` (a PruneResult or PruningPlan).
+        run_id: the report's name (default: the report's own ``run_id``, else the UTC time).
+    Returns:
+        (json path, markdown path).
+    """
+    import datetime as _dt
+    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    rep["run_id"] = run_id or rep.get("run_id") or \
+        _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    reports_dir = Path(reports_dir)
+    if {"stages", "plan", "artifacts", "model"} <= set(rep):
+        return write_report(rep, reports_dir)
+    json_path = reports_dir / f"report-{rep['run_id']}.json"
+    md_path = reports_dir / f"report-{rep['run_id']}.md"
+    for p in (json_path, md_path):
+        if p.exists():
+            raise FileExistsError(f"{p} already exists; choose another run_id")
+    atomic_write_json(json_path, rep)
+    atomic_write_text(md_path, _generic_markdown(rep))
+    return json_path, md_path

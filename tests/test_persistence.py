@@ -1,0 +1,228 @@
+"""Saved pruned models load where they are deployed: plain transformers, remote code without
+this package, model.save_pretrained, ONNX; bad folders are refused in one line; the seed's API."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTForImageClassification, ViTImageProcessor
+
+from conftest import tiny_config
+from vit_pruning import (PruneConfig, count_total_params, load_pruned_model, prune_2ssp,
+                         save_cifar_adapter, save_pruned_model, save_report)
+from vit_pruning.anatomy import resolve
+from vit_pruning.cli import main
+from vit_pruning.heads import AdapterHead, install_head, load_adapter
+
+ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def pruned_vit(unit="block", policy="uniform", align=4, target=0.3, adapter=False):
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_config()).eval()
+    if adapter:
+        install_head(model, AdapterHead(32, 5, bottleneck=8))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    prune_2ssp(model, target, [x], PruneConfig(unit=unit, min_remaining=8, align=align,
+                                               width_policy=policy, split=1))
+    return model, x
+
+
+def load_elsewhere(folder: Path, loader: str, inputs: torch.Tensor, kind: str = "image") -> torch.Tensor:
+    """Load `folder` in a fresh Python where vit_pruning cannot be imported; return its outputs."""
+    torch.save(inputs, folder.parent / "inputs.pt")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}) and not p.endswith("src")]
+        sys.modules["vit_pruning"] = None  # any import of the package fails
+        import torch, transformers
+        try:
+            import vit_pruning
+            raise SystemExit("vit_pruning importable")
+        except ImportError:
+            pass
+        x = torch.load({str(folder.parent / 'inputs.pt')!r})
+        model = {loader}
+        model.eval()
+        with torch.no_grad():
+            if {kind!r} == "image":
+                out = model(pixel_values=x)
+                out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            else:
+                out = model(input_ids=x).last_hidden_state
+        torch.save(out, {str(folder.parent / 'out.pt')!r})
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.load(folder.parent / "out.pt")
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+def test_uniform_aligned_plan_saves_a_plain_model(tmp_path):
+    model, x = pruned_vit("block", "uniform", align=4)
+    widths = {p.intermediate_size for p in resolve(model).parts}
+    assert len(widths) == 1 and widths.pop() % 4 == 0
+    assert type(model) is ViTForImageClassification
+    saved = save_pruned_model(model, tmp_path / "m", ViTImageProcessor(size={"height": 16, "width": 16}))
+    assert saved.format == "plain" and not (tmp_path / "m" / "modeling_vit_pruning.py").exists()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["num_hidden_layers"] == len(resolve(model).parts)
+    out = load_elsewhere(tmp_path / "m", f"transformers.AutoModelForImageClassification.from_pretrained({str(tmp_path / 'm')!r})", x)
+    assert (out - logits(model, x)).abs().max() < 1e-5
+
+
+def test_plain_folder_runs_in_a_pipeline(tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+    model, _ = pruned_vit("block", "uniform", align=4)
+    save_pruned_model(model, tmp_path / "m", ViTImageProcessor(size={"height": 16, "width": 16}))
+    pipe = pipeline("image-classification", model=str(tmp_path / "m"))
+    preds = pipe(Image.new("RGB", (20, 20), (120, 30, 200)))
+    assert len(preds) == 5 and abs(sum(p["score"] for p in preds) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("unit,adapter", [("attention", False), ("block", True)])
+def test_other_structures_load_with_their_own_modeling_file(tmp_path, unit, adapter):
+    model, x = pruned_vit(unit, "per-block", align=1, target=0.33, adapter=adapter)
+    saved = save_pruned_model(model, tmp_path / "m")
+    assert saved.format == "remote-code" and (tmp_path / "m" / "modeling_vit_pruning.py").exists()
+    out = load_elsewhere(tmp_path / "m", "transformers.AutoModelForImageClassification.from_pretrained("
+                         f"{str(tmp_path / 'm')!r}, trust_remote_code=True)", x)
+    assert (out - logits(model, x)).abs().max() < 1e-5
+    back = load_pruned_model(tmp_path / "m")  # and through the package, without remote code
+    assert torch.equal(logits(back, x), logits(model, x))
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+def test_model_save_pretrained_after_pruning_reloads(tmp_path, unit):
+    model, x = pruned_vit(unit, "per-block" if unit == "attention" else "uniform", align=1 if unit == "attention" else 4)
+    model.save_pretrained(tmp_path / "m")  # the seed notebook's advice
+    out = load_elsewhere(tmp_path / "m", "transformers.AutoModelForImageClassification.from_pretrained("
+                         f"{str(tmp_path / 'm')!r}, trust_remote_code=True)", x)
+    assert (out - logits(model, x)).abs().max() < 1e-5
+
+
+def test_bert_with_attention_removed_loads_with_automodel(tmp_path):
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=40), add_pooling_layer=False).eval()
+    ids = torch.randint(1, 99, (6, 12), generator=torch.Generator().manual_seed(2))
+    prune_2ssp(model, 0.2, [ids], PruneConfig(unit="attention", min_remaining=8, split=1, align=1,
+                                              width_policy="per-block"))
+    save_pruned_model(model, tmp_path / "m")
+    out = load_elsewhere(tmp_path / "m", f"transformers.AutoModel.from_pretrained({str(tmp_path / 'm')!r}, "
+                         "trust_remote_code=True)", ids, kind="text")
+    with torch.no_grad():
+        assert (out - model(input_ids=ids).last_hidden_state).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not ONNX, reason="onnx/onnxscript/onnxruntime not installed (pip install 'vit-2ssp[export]')")
+@pytest.mark.parametrize("unit", ["block", "attention"])
+def test_onnx_export_matches_torch(tmp_path, unit):
+    from vit_pruning import export_onnx
+    model, _ = pruned_vit(unit, "per-block", align=1, adapter=unit == "block")
+    rec = export_onnx(model, tmp_path / "model.onnx")
+    assert rec["max_abs_diff"] < 1e-4 and rec["check_batch"] != 2
+    with pytest.raises(FileExistsError):
+        export_onnx(model, tmp_path / "model.onnx")
+
+
+# ---- bad folders: exit 2, one line, nothing written; the library raises ValueError
+
+def _saved(tmp_path) -> Path:
+    model, _ = pruned_vit("block", "uniform", align=4)
+    return save_pruned_model(model, tmp_path / "m", ViTImageProcessor(size={"height": 16, "width": 16})).path
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _wrong_width(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] += 4
+    cfg["vit_pruning"]["intermediate_sizes"] = [w + 4 for w in cfg["vit_pruning"]["intermediate_sizes"]]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _missing(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _other_arch(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["BeitForImageClassification"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (_truncate, "model.safetensors is truncated or unreadable"),
+    (_wrong_width, "config says block 0 has MLP width"),
+    (_missing, "no model.safetensors"),
+    (_other_arch, "architecture 'BeitForImageClassification' is not one vit_pruning saves"),
+])
+def test_bad_saved_folders_exit_2_in_one_line(tmp_path, capsys, spoil, message):
+    folder = _saved(tmp_path)
+    spoil(folder)
+    with pytest.raises(ValueError, match=message):
+        load_pruned_model(folder)
+    code = main(["--model", str(folder), "--target", "0.1", "--reports-dir", str(tmp_path / "r"),
+                 "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and str(folder) in err
+    assert not (tmp_path / "r").exists()
+
+
+# ---- the seed's API, whole
+
+def test_seed_notebook_snippet_runs_as_written(tmp_path):
+    torch.manual_seed(0)
+    base_model = ViTForImageClassification(tiny_config(intermediate_size=96)).eval()
+    gen = torch.Generator().manual_seed(3)
+    test_loader = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=gen), "labels": torch.randint(0, 5, (4,), generator=gen)}
+                   for _ in range(3)]
+    device = "cpu"
+    from src.vit_pruning import (plan_2ssp_allocation, prune_vit_mlp_width, prune_vit_attention_blocks,  # noqa: F401
+                                 count_total_params, save_report, compute_actual_sparsity, _get_encoder)
+    before = count_total_params(base_model)
+    TARGET_SPARSITY = 0.143
+    plan = plan_2ssp_allocation(base_model, TARGET_SPARSITY, min_remaining=16)
+    B = len(_get_encoder(base_model).layer)
+    base_model = prune_vit_mlp_width(base_model, n_to_prune_per_block=[plan.per_block_neurons_to_prune] * B, min_remaining=16)
+    depth_fraction = plan.blocks_to_prune / max(1, B)
+    result = prune_vit_attention_blocks(base_model, sparsity=depth_fraction, dataloader=test_loader, device=device, batch_limit=5)
+    base_model = result["model"]
+    sparsity = compute_actual_sparsity(before, count_total_params(base_model))
+    assert abs(sparsity - TARGET_SPARSITY) < 0.02
+    json_path, md_path = save_report({"target": TARGET_SPARSITY, "achieved": sparsity, "plan": plan.to_dict()},
+                                     tmp_path / "reports", run_id="nb")
+    assert json.loads(json_path.read_text())["achieved"] == sparsity and "## plan" in md_path.read_text()
+    with pytest.raises(FileExistsError):
+        save_report({"x": 1}, tmp_path / "reports", run_id="nb")
+    base_model.save_pretrained(tmp_path / "nb_model")  # the notebook's way of keeping it
+    back = load_pruned_model(tmp_path / "nb_model")
+    x = test_loader[0]["pixel_values"]
+    assert torch.equal(logits(back, x), logits(base_model, x))
+
+
+def test_save_cifar_adapter_round_trip(tmp_path):
+    model, x = pruned_vit("block", "uniform", align=4, adapter=True)
+    path = save_cifar_adapter(model, run_id="r", artifacts_dir=tmp_path, metadata={"model": "tiny"})
+    assert path == tmp_path / "r" / "adapter.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["classifier_type"] == "adapter" and payload["num_labels"] == 5 and payload["hidden_size"] == 32
+    fresh = ViTForImageClassification(tiny_config())
+    load_adapter(fresh, path, num_labels=5)
+    assert torch.equal(fresh.classifier.down.weight, model.classifier.down.weight)
+    with pytest.raises(FileExistsError):
+        save_cifar_adapter(model, path)

@@ -1,35 +1,48 @@
-"""Save a pruned tiny ViT under one transformers major and reload it under the other (CI).
+"""Save pruned tiny ViTs under one transformers major and reload them under the other (CI):
+a remote-code model (attention removed, per-block widths) through vit_pruning and through
+``from_pretrained(..., trust_remote_code=True)``, and a plain model (one aligned width) through
+plain ``AutoModelForImageClassification.from_pretrained``.
 
-    python scripts/cross_layout_check.py save DIR    # writes DIR/model and DIR/expected.pt
-    python scripts/cross_layout_check.py load DIR    # reloads, compares logits (< 1e-5)
+    python scripts/cross_layout_check.py save DIR    # writes DIR/{remote,plain} and expected logits
+    python scripts/cross_layout_check.py load DIR    # reloads each way, compares logits (< 1e-5)
 """
 import sys
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from vit_pruning import PruneConfig, load_pruned_model, prune_2ssp
 from vit_pruning.persistence import save_pruned_model
 
+CASES = {  # folder -> (config, expected format)
+    "remote": (PruneConfig(unit="attention", min_remaining=8, allocation="global", align=1), "remote-code"),
+    "plain": (PruneConfig(unit="block", min_remaining=8, align=4, width_policy="uniform", split=1), "plain"),
+}
+
 
 def main(mode: str, folder: Path) -> None:
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    if mode == "save":
-        torch.manual_seed(0)
-        cfg = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, image_size=16, patch_size=4, num_labels=5)
-        model = ViTForImageClassification(cfg).eval()
-        prune_2ssp(model, 0.4, [x], PruneConfig(unit="attention", min_remaining=8, allocation="global"))
-        save_pruned_model(model, folder / "model")
-        with torch.no_grad():
-            torch.save(model(pixel_values=x).logits, folder / "expected.pt")
-    else:
-        model = load_pruned_model(folder / "model")
-        with torch.no_grad():
-            diff = (model(pixel_values=x).logits - torch.load(folder / "expected.pt")).abs().max()
-        assert diff < 1e-5, diff
+    for name, (cfg, fmt) in CASES.items():
+        if mode == "save":
+            torch.manual_seed(0)
+            vit = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, image_size=16, patch_size=4, num_labels=5)
+            model = ViTForImageClassification(vit).eval()
+            prune_2ssp(model, 0.4, [x], cfg)
+            assert save_pruned_model(model, folder / name).format == fmt
+            with torch.no_grad():
+                torch.save(model(pixel_values=x).logits, folder / f"{name}.pt")
+            continue
+        expected = torch.load(folder / f"{name}.pt")
+        loaders = [lambda: load_pruned_model(folder / name),
+                   lambda: AutoModelForImageClassification.from_pretrained(
+                       folder / name, trust_remote_code=fmt == "remote-code")]
+        for load in loaders:
+            with torch.no_grad():
+                diff = (load().eval()(pixel_values=x).logits - expected).abs().max()
+            assert diff < 1e-5, (name, diff)
     print(f"{mode} ok with transformers {transformers.__version__}")
 
 

@@ -1,0 +1,42 @@
+"""CUDA: the library and the CLI run on a GPU end to end, and what they save reloads there.
+Skipped (with the reason) where CUDA is absent, as on CI; run it on a GPU machine."""
+import json
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from conftest import tiny_config
+from vit_pruning import PruneConfig, count_total_params, load_pruned_model, prune_2ssp
+from vit_pruning.cli import main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("selection", ["score", "lsq"])
+def test_prune_2ssp_on_cuda(unit, selection):
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_config()).eval().cuda()
+    x = torch.randn(32, 3, 16, 16, device="cuda")
+    model, result = prune_2ssp(model, 0.3, [x], PruneConfig(unit=unit, selection=selection, min_remaining=8))
+    assert count_total_params(model) == result.plan.params_after
+    assert all(p.is_cuda for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=x).logits).all()
+
+
+def test_cli_end_to_end_on_cuda(tmp_path):
+    code = main(["--model", "embedded", "--target", "0.3", "--device", "cuda", "--use-adapter",
+                 "--do-finetune", "--freeze-backbone", "--recover", "--save-adapter",
+                 "--save-pruned-model", "--depth-unit", "auto", "--run-id", "g", "--eval-batches", "2",
+                 "--calib-size", "32", "--reports-dir", str(tmp_path / "r"), "--artifacts-dir",
+                 str(tmp_path / "a"), "--pruned-output-dir", str(tmp_path / "p"), "--quiet"])
+    assert code == 0
+    rep = json.loads((tmp_path / "r" / "report-g.json").read_text())
+    assert rep["latency_setup"]["timer"] == "cuda events" and rep["latency_setup"]["dtype"] == "bfloat16"
+    back = load_pruned_model(tmp_path / "p" / "g", device="cuda")
+    assert count_total_params(back) == rep["params_final"]
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        assert back(pixel_values=x).logits.is_cuda

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import cost, fidelity, speed, target_error, text
+from . import cost, fidelity, gpu, onnx_speed, speed, target_error, text
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
-PARTS = ("target_error", "fidelity", "speed", "cost", "text")
+PARTS = ("target_error", "fidelity", "speed", "onnx", "gpu", "cost", "text")
 
 
 def machine() -> str:
@@ -33,7 +33,7 @@ def machine() -> str:
 
 def run_target_error(smoke: bool) -> str:
     res = target_error.run([0.05, 0.25, 0.5] if smoke else None,
-                           ("vit-b16",) if smoke else ("vit-s16", "vit-b16", "vit-l16"))
+                           ("vit-b16",) if smoke else ("vit-s16", "vit-b16", "vit-l16", "embedded"))
     return "\n".join(["## Target error (planner)", "", target_error.__doc__.strip(), "",
                       target_error.table(res), ""])
 
@@ -58,6 +58,22 @@ def run_speed(smoke: bool) -> str:
                       "### MLP width alignment", "", speed.width_alignment(repeats=3 if smoke else 12), ""])
 
 
+def run_onnx(smoke: bool) -> str:
+    res = onnx_speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
+                         shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
+                         repeats=2 if smoke else 10)
+    return "\n".join(["## Speed in onnxruntime (ViT-B/16 shape, CPU)", "", onnx_speed.__doc__.strip(), "",
+                      f"Threads: {res['threads']}, rounds: {res['repeats']}.", "", onnx_speed.table(res), ""])
+
+
+def run_gpu(smoke: bool) -> str:
+    if not torch.cuda.is_available():
+        return "## Speed on a GPU\n\nNo CUDA device here: `python -m bench --only gpu` needs one.\n"
+    res = gpu.run(smoke=smoke)
+    return "\n".join(["## Speed on a GPU", "", gpu.__doc__.strip(), "", gpu.header(res), "",
+                      gpu.table(res), ""])
+
+
 def run_cost(smoke: bool) -> str:
     res = cost.run("tiny" if smoke else "vit-b16", 8 if smoke else cost.CALIB)
     return "\n".join(["## Cost of pruning", "", cost.__doc__.strip(), "", cost.table(res), ""])
@@ -75,7 +91,7 @@ def run_text(smoke: bool) -> str:
 
 
 RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "speed": run_speed,
-           "cost": run_cost, "text": run_text}
+           "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks
@@ -108,6 +124,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         body = RUNNERS[part](smoke)
         print(body)
+        if part == "gpu" and not torch.cuda.is_available():
+            continue  # said so above; the GPU table in docs stays as the last GPU run left it
         sections[part] = (f"_Produced by `python -m bench --only {part}` on "
                           f"{_dt.date.today().isoformat()} ({time.perf_counter() - t0:.0f} s), "
                           f"machine: {machine()}; " + ", ".join(f"{k} {v}" for k, v in versions().items())

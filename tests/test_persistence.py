@@ -32,34 +32,40 @@ def pruned_vit(unit="block", policy="uniform", align=4, target=0.3, adapter=Fals
     return model, x
 
 
-def load_elsewhere(folder: Path, loader: str, inputs: torch.Tensor, kind: str = "image") -> torch.Tensor:
-    """Load `folder` in a fresh Python where vit_pruning cannot be imported; return its outputs."""
-    torch.save(inputs, folder.parent / "inputs.pt")
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}) and not p.endswith("src")]
-        sys.modules["vit_pruning"] = None  # any import of the package fails
-        import torch, transformers
-        try:
-            import vit_pruning
-            raise SystemExit("vit_pruning importable")
-        except ImportError:
-            pass
-        x = torch.load({str(folder.parent / 'inputs.pt')!r})
-        model = {loader}
-        model.eval()
-        with torch.no_grad():
-            if {kind!r} == "image":
-                out = model(pixel_values=x)
-                out = out.logits if hasattr(out, "logits") else out.last_hidden_state
-            else:
-                out = model(input_ids=x).last_hidden_state
-        torch.save(out, {str(folder.parent / 'out.pt')!r})
-    """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent,
-                         env={**os.environ, "PYTHONPATH": ""})
-    assert res.returncode == 0, res.stderr[-2000:]
-    return torch.load(folder.parent / "out.pt")
+LOADER = """
+import sys
+sys.path = [p for p in sys.path if p not in ("", {cwd!r}) and not p.endswith("src")]
+sys.modules["vit_pruning"] = None  # any import of the package fails
+import torch, transformers
+try:
+    import vit_pruning
+    raise SystemExit("vit_pruning importable")
+except ImportError:
+    pass
+for folder, auto, remote, kind in {jobs!r}:
+    x = torch.load(folder + "/../inputs-" + folder.split("/")[-1] + ".pt")
+    model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        out = model(pixel_values=x) if kind == "image" else model(input_ids=x)
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    torch.save(out, folder + "/../out-" + folder.split("/")[-1] + ".pt")
+"""
+
+
+def load_all_elsewhere(jobs: list[tuple[Path, str, bool, str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Load each (folder, Auto class, trust_remote_code, kind, inputs) in one fresh Python where
+    vit_pruning cannot be imported; return each model's outputs on its inputs."""
+    for folder, _, _, _, x in jobs:
+        torch.save(x, folder.parent / f"inputs-{folder.name}.pt")
+    code = LOADER.format(cwd=str(Path.cwd()), jobs=[(str(f), a, r, k) for f, a, r, k, _ in jobs])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=jobs[0][0].parent, env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(f.parent / f"out-{f.name}.pt") for f, *_ in jobs]
+
+
+def load_elsewhere(folder: Path, auto: str, remote: bool, inputs: torch.Tensor, kind: str = "image"):
+    return load_all_elsewhere([(folder, auto, remote, kind, inputs)])[0]
 
 
 def logits(model, x):
@@ -76,7 +82,7 @@ def test_uniform_aligned_plan_saves_a_plain_model(tmp_path):
     assert saved.format == "plain" and not (tmp_path / "m" / "modeling_vit_pruning.py").exists()
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "auto_map" not in cfg and cfg["num_hidden_layers"] == len(resolve(model).parts)
-    out = load_elsewhere(tmp_path / "m", f"transformers.AutoModelForImageClassification.from_pretrained({str(tmp_path / 'm')!r})", x)
+    out = load_elsewhere(tmp_path / "m", "AutoModelForImageClassification", False, x)
     assert (out - logits(model, x)).abs().max() < 1e-5
 
 
@@ -95,8 +101,7 @@ def test_other_structures_load_with_their_own_modeling_file(tmp_path, unit, adap
     model, x = pruned_vit(unit, "per-block", align=1, target=0.33, adapter=adapter)
     saved = save_pruned_model(model, tmp_path / "m")
     assert saved.format == "remote-code" and (tmp_path / "m" / "modeling_vit_pruning.py").exists()
-    out = load_elsewhere(tmp_path / "m", "transformers.AutoModelForImageClassification.from_pretrained("
-                         f"{str(tmp_path / 'm')!r}, trust_remote_code=True)", x)
+    out = load_elsewhere(tmp_path / "m", "AutoModelForImageClassification", True, x)
     assert (out - logits(model, x)).abs().max() < 1e-5
     back = load_pruned_model(tmp_path / "m")  # and through the package, without remote code
     assert torch.equal(logits(back, x), logits(model, x))
@@ -106,8 +111,7 @@ def test_other_structures_load_with_their_own_modeling_file(tmp_path, unit, adap
 def test_model_save_pretrained_after_pruning_reloads(tmp_path, unit):
     model, x = pruned_vit(unit, "per-block" if unit == "attention" else "uniform", align=1 if unit == "attention" else 4)
     model.save_pretrained(tmp_path / "m")  # the seed notebook's advice
-    out = load_elsewhere(tmp_path / "m", "transformers.AutoModelForImageClassification.from_pretrained("
-                         f"{str(tmp_path / 'm')!r}, trust_remote_code=True)", x)
+    out = load_elsewhere(tmp_path / "m", "AutoModelForImageClassification", True, x)
     assert (out - logits(model, x)).abs().max() < 1e-5
 
 
@@ -119,8 +123,7 @@ def test_bert_with_attention_removed_loads_with_automodel(tmp_path):
     prune_2ssp(model, 0.2, [ids], PruneConfig(unit="attention", min_remaining=8, split=1, align=1,
                                               width_policy="per-block"))
     save_pruned_model(model, tmp_path / "m")
-    out = load_elsewhere(tmp_path / "m", f"transformers.AutoModel.from_pretrained({str(tmp_path / 'm')!r}, "
-                         "trust_remote_code=True)", ids, kind="text")
+    out = load_elsewhere(tmp_path / "m", "AutoModel", True, ids, kind="text")
     with torch.no_grad():
         assert (out - model(input_ids=ids).last_hidden_state).abs().max() < 1e-5
 
@@ -226,3 +229,69 @@ def test_save_cifar_adapter_round_trip(tmp_path):
     assert torch.equal(fresh.classifier.down.weight, model.classifier.down.weight)
     with pytest.raises(FileExistsError):
         save_cifar_adapter(model, path)
+
+
+# ---- every family and structure the tool produces loads outside the package (one subprocess)
+
+def _family(name: str):
+    """(model, inputs, kind, Auto class) for a tiny random model of each supported class."""
+    from transformers import (DeiTConfig, DeiTForImageClassification, DeiTModel, RobertaConfig,
+                              RobertaModel, ViTModel)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    vit = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+               image_size=16, patch_size=4)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=40)
+    pixels = torch.randn(12, 3, 16, 16, generator=gen)
+    ids = torch.randint(3, 99, (12, 10), generator=gen)
+    return {
+        "vit-cls": (ViTForImageClassification(tiny_config()), pixels, "image", "AutoModelForImageClassification"),
+        "vit": (ViTModel(tiny_config()), pixels, "image", "AutoModel"),
+        "deit-cls": (DeiTForImageClassification(DeiTConfig(**vit, num_labels=5)), pixels, "image",
+                     "AutoModelForImageClassification"),
+        "deit": (DeiTModel(DeiTConfig(**vit)), pixels, "image", "AutoModel"),
+        "bert": (BertModel(BertConfig(**text), add_pooling_layer=False), ids, "text", "AutoModel"),
+        "roberta": (RobertaModel(RobertaConfig(**text, pad_token_id=1), add_pooling_layer=False), ids,
+                    "text", "AutoModel"),
+    }[name]
+
+
+STRUCTURES = {  # name -> (PruneConfig options, adapter head, expected format)
+    "plain": (dict(unit="block", align=4, width_policy="uniform"), False, "plain"),
+    "attention": (dict(unit="attention", align=1, width_policy="per-block"), False, "remote-code"),
+    "adapter": (dict(unit="block", align=4, width_policy="uniform"), True, "remote-code"),
+}
+CASES = [(f, s) for f in ("vit-cls", "vit", "deit-cls", "deit", "bert", "roberta") for s in STRUCTURES
+         if s != "adapter" or f.endswith("-cls")]
+
+
+def _out(model, x, kind):
+    with torch.no_grad():
+        out = model(pixel_values=x) if kind == "image" else model(input_ids=x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_every_family_and_structure_reloads_outside_the_package(tmp_path):
+    jobs, expected, models = [], [], {}
+    for fam, struct in CASES:
+        model, x, kind, auto = _family(fam)
+        opts, adapter, fmt = STRUCTURES[struct]
+        if adapter:
+            install_head(model.eval(), AdapterHead(32, 5, bottleneck=8))
+        prune_2ssp(model.eval(), 0.25, [x], PruneConfig(min_remaining=8, split=1, **opts))
+        saved = save_pruned_model(model, tmp_path / f"{fam}-{struct}")
+        assert saved.format == fmt, (fam, struct)
+        jobs.append((saved.path, auto, fmt == "remote-code", kind, x))
+        expected.append(_out(model, x, kind))
+        models[(fam, struct)] = (model, x, kind)
+        back = load_pruned_model(saved.path)  # and through the package
+        assert torch.equal(_out(back, x, kind), expected[-1]), (fam, struct)
+    for (fam, struct), got, want in zip(CASES, load_all_elsewhere(jobs), expected):
+        assert (got - want).abs().max() < 1e-5, (fam, struct)
+    if ONNX:
+        from vit_pruning import export_onnx
+        for (fam, struct), (model, _, _) in models.items():
+            if struct != "plain":
+                rec = export_onnx(model, tmp_path / f"{fam}-{struct}.onnx")
+                assert rec["max_abs_diff"] < 1e-4, (fam, struct, rec)

@@ -159,9 +159,17 @@ def _prepared(config):
     return config
 
 
+def _pooler(config, args: tuple, kwargs: dict) -> dict:
+    """A headless model saved without its pooler is rebuilt without one."""
+    info = getattr(config, "vit_pruning", None) or {}
+    if not args and "add_pooling_layer" not in kwargs and info.get("pooler") is False:
+        return {**kwargs, "add_pooling_layer": False}
+    return kwargs
+
+
 class PrunedViTModel(ViTModel):
     def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **kwargs)
+        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
@@ -173,7 +181,7 @@ class PrunedViTForImageClassification(ViTForImageClassification):
 
 class PrunedDeiTModel(DeiTModel):
     def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **kwargs)
+        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
@@ -185,13 +193,13 @@ class PrunedDeiTForImageClassification(DeiTForImageClassification):
 
 class PrunedBertModel(BertModel):
     def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **kwargs)
+        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
 class PrunedRobertaModel(RobertaModel):
     def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **kwargs)
+        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
@@ -209,3 +217,21 @@ PRUNED_CLASSES = {
 
 for _pruned, _autos in PRUNED_CLASSES.values():
     _pruned._auto_class = _autos[0]  # model.save_pretrained copies this file and writes auto_map
+
+
+def _register_key_renames() -> None:
+    """Saved folders use the 4.x weight names. transformers 5.x renames them at load time for
+    its own classes, and for a remote-code class only if the class is registered: the headless
+    ones need it (the classifiers' backbones are stock classes and are renamed anyway)."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:
+        return  # transformers 4.x: the 4.x names are its own
+    for pruned in (PrunedViTModel, PrunedDeiTModel):
+        mapping = get_checkpoint_conversion_mapping("ViTModel")
+        if mapping:
+            register_checkpoint_conversion_mapping(pruned.__name__, mapping, overwrite=True)
+
+
+_register_key_renames()

@@ -135,6 +135,7 @@ def sync_config(anatomy: Anatomy) -> None:
         "intermediate_sizes": widths,
         "attention_removed": [i for i, p in enumerate(anatomy.parts) if p.attention_removed],
         "head": head_info(model),
+        **({"pooler": model.pooler is not None} if hasattr(model, "pooler") else {}),
     }
     try:
         stock = stock_class(model)

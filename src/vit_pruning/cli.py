@@ -35,6 +35,8 @@ EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
 SEED_MIN_REMAINING = 512
 NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
 IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
+DISTILL_LR, DISTILL_TRAIN = 3e-4, "mlp"  # what the distillation table rewarded
+DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
 
 
 class UsageError(Exception):
@@ -108,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--ft-lr", type=float, default=None, help="fine-tuning learning rate (1e-3 head only, 1e-4 full)")
     h.add_argument("--recover", action="store_true", help="re-tune the head after pruning; reported as stage 'recovered'")
     h.add_argument("--save-adapter", action="store_true", help="write artifacts/<run_id>/adapter.pt")
+    r = ap.add_argument_group("recovery by distillation (label-free)")
+    r.add_argument("--distill-steps", type=int, default=0,
+                   help="train the pruned model to reproduce the unpruned one on unlabeled inputs for N "
+                        "steps (0 = off, default); reported as stage 'distilled'")
+    r.add_argument("--distill-lr", type=float, default=DISTILL_LR, help=f"learning rate ({DISTILL_LR:g})")
+    r.add_argument("--distill-batch-size", type=int, default=32, help="inputs per step (32)")
+    r.add_argument("--distill-train", choices=("all", "mlp", "norms", "fc2"), default=DISTILL_TRAIN,
+                   help=f"which parameters learn: all, the blocks' MLPs, the LayerNorms, or the fc2s "
+                        f"(default {DISTILL_TRAIN}: what the benchmarks rewarded)")
+    r.add_argument("--distill-temperature", type=float, default=2.0,
+                   help="softmax temperature of the KL for classifiers (2)")
+    r.add_argument("--distill-size", type=int, default=None,
+                   help="unlabeled inputs distilled on: train-split images drawn by --seed (default "
+                        "2048, held in host memory), or sentences for a text encoder (default: every "
+                        "--text-file sentence that is neither calibration nor evaluation; with Python's "
+                        "docs, also the standard library's docstrings)")
     o = ap.add_argument_group("output and run")
     o.add_argument("--save-pruned-model", action="store_true", help="save the pruned model (off by default)")
     o.add_argument("--pruned-output-dir", default="experiments/vit_pruning/pruned_models")
@@ -141,7 +159,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--replace-classifier and --use-adapter are exclusive: choose one head")
     if args.load_adapter and (args.replace_classifier or args.use_adapter):
         raise UsageError("--load-adapter brings its own head: drop --replace-classifier/--use-adapter")
-    for flag, low in (("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
+    for flag, low in (("distill_steps", 0), ("distill_batch_size", 1), ("distill_size", 1),
+                      ("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
                       ("ft_epochs", 1), ("adapter_reduction", 1), ("latency_batch_size", 1),
                       ("latency_repeats", 1)):
         v = getattr(args, flag)
@@ -157,6 +176,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    for flag in ("distill_lr", "distill_temperature"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.align != "auto" and not (args.align.isdigit() and int(args.align) >= 1):
         raise UsageError(f"--align must be auto or an integer >= 1, got {args.align!r}")
     if args.export_onnx:
@@ -228,16 +250,21 @@ def check_text_flags(args: argparse.Namespace) -> None:
                              f"headless and measured by sentence-embedding fidelity); drop it")
 
 
+def all_sentences(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every sentence of --text-file, or of Python's documentation."""
+    from .text import python_doc_sentences, read_sentences
+    if not args.text_file:
+        return python_doc_sentences()
+    try:
+        return read_sentences(args.text_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--text-file: cannot read {args.text_file} ({type(exc).__name__})") from exc
+
+
 def load_text(args: argparse.Namespace, calib_size: int):
     """Calibration and evaluation sentences for a text encoder (--text-file or Python's docs)."""
-    from .text import python_doc_sentences, read_sentences, split_sentences
-    if args.text_file:
-        try:
-            sentences = read_sentences(args.text_file)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--text-file: cannot read {args.text_file} ({type(exc).__name__})") from exc
-    else:
-        sentences = python_doc_sentences()
+    from .text import split_sentences
+    sentences = all_sentences(args)
     n_eval = args.eval_batches * args.batch_size
     try:
         return split_sentences(sentences, calib_size, n_eval, args.seed)
@@ -340,6 +367,7 @@ class Data:
     ft_lr: float = 1e-3
     eval_batches: list = field(default_factory=list)  # text: tokenized sentence batches
     eval_pixels: list = field(default_factory=list)
+    distill_inputs: list = field(default_factory=list)  # unlabeled batches, host memory
     eval_labels: Any = None
     seq_len: int | None = None
     accuracy_note: str = ""
@@ -363,11 +391,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     loaded.model.to(ch.device)
     data = data_step(args, loaded, ch)
     evaluator = Evaluator(args, loaded, data, ch)
-    stages, snapshots, result = prune_step(args, loaded, data, ch, evaluator)
+    stages, snapshots, result, distilled = prune_step(args, loaded, data, ch, evaluator)
     latency = latency_step(args, loaded, data, ch, stages, snapshots)
     del snapshots
     artifacts = save_step(args, loaded, data, ch)
-    rep = build_report(args, argv, loaded, data, ch, stages, result, latency, artifacts)
+    rep = build_report(args, argv, loaded, data, ch, stages, result, latency, artifacts, distilled)
     from .report import write_report
     json_path, md_path = write_report(rep, Path(args.reports_dir))
     print_summary(args, rep, stages, result, json_path, md_path)
@@ -505,6 +533,8 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
     if splits is not None and data.has_head and model.config.num_labels != splits.num_labels:
         raise UsageError(f"--dataset {dataset} has {splits.num_labels} classes but the model's head has "
                          f"{model.config.num_labels}: add --replace-classifier or --use-adapter")
+    if args.distill_steps and splits is None and not loaded.text:
+        raise UsageError("--distill-steps needs unlabeled images: add --dataset or --load-cifar")
     if args.do_finetune and splits is None:
         raise UsageError("--do-finetune needs labelled data: add --dataset or --load-cifar")
     if args.recover and (splits is None or not data.has_head):
@@ -524,8 +554,25 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
         data.calib_info = {"dataset": dataset, "count": len(calib_ds), "seed": args.seed,
                            "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
                            "fingerprint": fingerprint(data.calib_inputs)}
+    if splits is not None and args.distill_steps:
+        pool, _ = calibration_subset(splits.train, min(args.distill_size or DISTILL_IMAGES, len(splits.train)),
+                                     args.seed + 1)
+        data.distill_inputs = take_inputs(make_loader(pool, loaded.processor, splits, 256), None, "cpu")
     if loaded.text:
         text_split = load_text(args, ch.calib_size)
+        if args.distill_steps:
+            from .text import python_docstring_sentences
+            used = set(text_split.calibration) | set(text_split.evaluation)
+            rest = [t for t in all_sentences(args) if t not in used]
+            if not args.text_file:  # never overlaps the documentation topics (evaluation)
+                rest += list(python_docstring_sentences())
+            if args.distill_size is not None:
+                import random
+                rest = random.Random(args.seed).sample(rest, min(args.distill_size, len(rest)))
+            if not rest:
+                raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
+                                 "give a longer --text-file or lower --calib-size/--eval-batches")
+            data.distill_inputs = tokenize(loaded.processor, rest, 256)
         data.calib_inputs = take_inputs(tokenize(loaded.processor, text_split.calibration, args.batch_size),
                                         None, device)
         test_loader = tokenize(loaded.processor, text_split.evaluation, args.batch_size)
@@ -619,14 +666,25 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from exc
     stages.append(evaluate("stage2", model))
-    if args.recover:
+    distilled = None
+    if args.distill_steps:
+        from .distill import distill, teacher_outputs
         snapshots["stage2"] = copy.deepcopy(model)
+        log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
+            len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))
+        cached = teacher_outputs(snapshots["baseline"], data.distill_inputs)
+        distilled = distill(model, None, data.distill_inputs, args.distill_steps, args.distill_lr,
+                            args.distill_batch_size, args.distill_temperature, args.distill_train,
+                            args.seed, not args.quiet, cached=cached)
+        stages.append(evaluate("distilled", model))
+    if args.recover:
+        snapshots[stages[-1].name] = copy.deepcopy(model)
         finetune(model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone, ch.device,
                  not args.quiet)
         model.eval()
         stages.append(evaluate("recovered", model))
     snapshots[stages[-1].name] = model
-    return stages, snapshots, result
+    return stages, snapshots, result, distilled
 
 
 def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshots) -> dict:
@@ -671,7 +729,7 @@ def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
 
 
 def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, result, latency,
-                 artifacts) -> dict:
+                 artifacts, distilled=None) -> dict:
     from .report import stage_dicts, summarize, versions
     shape, plan = loaded.shape, result.plan
     one_group = ch.align * shape.neuron_params / shape.total_params
@@ -713,6 +771,9 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
                  "neuron_selection_search": result.selection_search},
         "pruning_time_s": result.timings,
         "calibration": data.calib_info,
+        "distillation": None if distilled is None else {
+            **distilled.to_dict(), "inputs": sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
+                                                 for b in data.distill_inputs)},
         "versions": versions(),
         "artifacts": artifacts,
     }

@@ -127,6 +127,20 @@ def markdown(rep: dict) -> str:
     if p.get("split_search"):
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
+    dist = rep.get("distillation")
+    if dist:
+        losses = dist["losses"]
+        lines += ["", "## Distillation", "",
+                  f"- {dist['steps']} steps on {dist['inputs']} unlabeled inputs, {dist['seconds']:.1f} s; "
+                  f"loss {dist['loss']}" + (f" at temperature {dist['temperature']:g}" if dist["loss"] == "kl" else "")
+                  + f"; trained: {dist['train']} ({dist['trainable_params']:,} parameters), lr {dist['lr']:g}, "
+                  f"batch {dist['batch_size']}",
+                  f"- loss: first step {losses[0]:.4g}, mean of the last 5% of steps "
+                  f"{sum(losses[-max(1, len(losses) // 20):]) / max(1, len(losses) // 20):.4g}"
+                  if losses else "- no steps",
+                  f"- weights kept from step {dist['kept_step']} (loss on the held-out "
+                  f"inputs by step: " + ", ".join(f"{k}: {v:.4g}" for k, v in dist["heldout"].items())
+                  + ")" if dist.get("heldout") else "- no held-out inputs: the last step's weights kept"]
     c = rep["calibration"]
     what = "sentences" if text else "images"
     lines += ["", "## Calibration", "",
@@ -141,8 +155,9 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(stages: list[dict], path: Path) -> Path:
-    """Bar charts of parameters, latency and top-1 by stage (PNG), written atomically."""
+def plot(stages: list[dict], path: Path, losses: list[float] | None = None) -> Path:
+    """Bar charts of parameters, latency and top-1 by stage, and the distillation loss curve
+    when there is one (PNG), written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,7 +169,16 @@ def plot(stages: list[dict], path: Path) -> Path:
         panels.append(("top-1", [s["top1"] for s in stages]))
     if all(s.get("cosine") is not None for s in stages[1:]) and len(stages) > 1:
         panels.append(("embedding cosine to baseline", [1.0] + [s["cosine"] for s in stages[1:]]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    fig, axes = plt.subplots(1, len(panels) + bool(losses), figsize=(4 * (len(panels) + bool(losses)), 3.2))
+    if losses:
+        ax = axes[-1]
+        ax.plot(range(1, len(losses) + 1), losses, color="#bbb", lw=0.6)
+        k = max(1, len(losses) // 50)  # a moving average over ~2% of the steps
+        smooth = [sum(losses[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, color="#3a7")
+        ax.set_yscale("log")
+        ax.set_title("distillation loss")
+        ax.set_xlabel("step")
     for ax, (title, vals) in zip(axes, panels):
         bars = ax.bar(names, vals, color=["#777"] + ["#3a7"] * (len(vals) - 1))
         ax.set_title(title)
@@ -176,7 +200,7 @@ def write_report(rep: dict, reports_dir: Path) -> tuple[Path, Path]:
         if p.exists():
             raise FileExistsError(f"{p} already exists; choose another --run-id")
     png = reports_dir / f"report-{run_id}.png"
-    rep["artifacts"]["plot"] = str(plot(rep["stages"], png))
+    rep["artifacts"]["plot"] = str(plot(rep["stages"], png, (rep.get("distillation") or {}).get("losses")))
     atomic_write_json(json_path, rep)
     atomic_write_text(md_path, markdown(rep))
     return json_path, md_path

@@ -19,20 +19,49 @@ MAX_LENGTH = 128  # tokens per sentence (sentence encoders are trained at this l
 PYTHON_DOCS = "python-docs"  # the built-in corpus's name in reports
 
 
-def python_doc_sentences() -> tuple[str, ...]:
-    """Prose sentences of the documentation topics shipped with Python (``pydoc_data.topics``):
-    indented code and grammar blocks dropped, 6-60 words, mostly letters, unique, sorted."""
-    from pydoc_data.topics import topics
-    found = set()
-    for key in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[key]):
-            if para.startswith("   "):  # indented: code, grammar, tables
+def _prose_sentences(texts, found: set[str]) -> None:
+    """Add the prose sentences of `texts` to `found`: indented code and grammar blocks and
+    doctests dropped, 6-60 words, mostly letters, ending a sentence."""
+    for text in texts:
+        for para in re.split(r"\n\s*\n", text):
+            if para.startswith("   ") or ">>>" in para:  # indented: code, grammar, tables
                 continue
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
                 letters = sum(c.isalpha() or c == " " for c in s) / max(1, len(s))
                 if 6 <= len(s.split()) <= 60 and letters > 0.85 and s[-1] in ".!?":
                     found.add(s)
+
+
+def python_doc_sentences() -> tuple[str, ...]:
+    """Prose sentences of the documentation topics shipped with Python (``pydoc_data.topics``),
+    unique, sorted: the default calibration and evaluation text."""
+    from pydoc_data.topics import topics
+    found: set[str] = set()
+    _prose_sentences((topics[k] for k in sorted(topics)), found)
     return tuple(sorted(found))
+
+
+def python_docstring_sentences() -> tuple[str, ...]:
+    """Prose sentences of the docstrings in Python's standard library source (read with ``ast``,
+    nothing imported; tests and IDLE left out), minus any that are also documentation-topic
+    sentences: unlabeled text for distillation that never overlaps the default evaluation
+    sentences. About 12,000 sentences, 3 s."""
+    import ast
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests", "idlelib", "site-packages"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        docs += [ast.get_docstring(n) or "" for n in ast.walk(tree)
+                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    found: set[str] = set()
+    _prose_sentences(docs, found)
+    return tuple(sorted(found - set(python_doc_sentences())))
 
 
 def read_sentences(path: str | Path) -> tuple[str, ...]:

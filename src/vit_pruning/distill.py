@@ -1,0 +1,256 @@
+"""Recovery by distillation: train the pruned model to reproduce the unpruned model's outputs
+on unlabeled inputs, without labels.
+
+- a classifier learns the teacher's logits by KL divergence at a temperature (Hinton et al.
+  2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``);
+- a headless encoder learns the teacher's output by cosine distance: the mean-pooled sentence
+  embedding for a text encoder, every token's final hidden state for a headless ViT.
+
+The teacher's outputs are computed once and cached (they never change, and for the inputs this
+tool distills on they are small: one row of logits or one embedding per input), so each step
+runs only the student. Which of the student's parameters train is ``train``: all of them, the
+MLPs (fc1 and fc2 of every block), the LayerNorms, or only the fc2s the refit wrote. AdamW with
+a linear warm-up and cosine decay, dropout off; the teacher is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .anatomy import mean_pool, resolve
+from .measure import output_tensor
+
+log = logging.getLogger(__name__)
+TRAINABLE = ("all", "mlp", "norms", "fc2")
+WARMUP = 0.05  # share of the steps spent warming the learning rate up
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    seconds: float
+    train: str
+    lr: float
+    batch_size: int
+    temperature: float
+    loss: str  # "kl" (classifier logits) or "cosine" (embeddings / hidden states)
+    losses: list[float] = field(default_factory=list)  # the training loss, one value per step
+    trainable_params: int = 0
+    heldout: dict[int, float] = field(default_factory=dict)  # step -> loss on the held-out inputs
+    kept_step: int = 0  # the step whose weights were kept (0: the one-shot model was best)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
+    """The parameters `train` names: "all", "mlp" (every block's fc1 and fc2), "norms"
+    (LayerNorms) or "fc2" (every block's fc2: what the least-squares refit wrote)."""
+    if train not in TRAINABLE:
+        raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
+    if train == "all":
+        return [p for p in model.parameters()]
+    anatomy = resolve(model)
+    if train == "norms":
+        mods = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    else:
+        mods = [m for parts in anatomy.parts
+                for m in ((parts.fc2,) if train == "fc2" else (parts.fc1, parts.fc2))]
+    seen, out = set(), []
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _forward(model: nn.Module, batch) -> torch.Tensor:
+    """Logits (classifier), mean-pooled embedding (text: a dict with attention_mask), or the
+    last hidden state (headless ViT)."""
+    if isinstance(batch, dict):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return mean_pool(out.last_hidden_state, batch["attention_mask"])
+    return output_tensor(model(pixel_values=batch))
+
+
+def _rows(batch, idx: torch.Tensor, device: torch.device):
+    """Rows `idx` of a batch, moved to `device` (inputs may stay in host memory)."""
+    if isinstance(batch, dict):
+        return {k: v[idx].to(device) for k, v in batch.items()}
+    return batch[idx].to(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch_len(batch) -> int:
+    return len(batch["input_ids"]) if isinstance(batch, dict) else len(batch)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL at a temperature for logits, mean cosine distance for embeddings/hidden states."""
+    if kind == "kl":
+        t = temperature
+        return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                        reduction="batchmean", log_target=True) * t * t
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64) -> list[torch.Tensor]:
+    """The teacher's output for every input batch (computed once, in eval mode, kept on the
+    host)."""
+    was = teacher.training
+    teacher.eval()
+    device = _device(teacher)
+    try:
+        out = []
+        for b in inputs:
+            n = _batch_len(b)
+            parts = [_forward(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device)).float().cpu()
+                     for i in range(0, n, micro)]
+            out.append(torch.cat(parts))
+        return out
+    finally:
+        teacher.train(was)
+
+
+@torch.no_grad()
+def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Tensor], kind: str,
+                  temperature: float, device: torch.device) -> float:
+    total = count = 0.0
+    for b, t in zip(inputs, targets):
+        n = _batch_len(b)
+        for i in range(0, n, 64):
+            idx = torch.arange(i, min(n, i + 64))
+            total += float(distill_loss(_forward(model, _rows(b, idx, device)), t[idx].to(device),
+                                        kind, temperature)) * len(idx)
+            count += len(idx)
+    return total / max(1.0, count)
+
+
+def _split_heldout(inputs: Sequence, targets: Sequence[torch.Tensor], share: float):
+    """The last `share` of the rows of every batch (at least one row, none if a batch has one)
+    are held out to choose which step's weights to keep."""
+    fit_x, fit_t, held_x, held_t = [], [], [], []
+    for b, t in zip(inputs, targets):
+        n = _batch_len(b)
+        h = min(n - 1, max(1, int(round(share * n)))) if share > 0 else 0
+        keep, out = torch.arange(n - h), torch.arange(n - h, n)
+        fit_x.append(_rows(b, keep, "cpu") if h else b)
+        fit_t.append(t[keep])
+        if h:
+            held_x.append(_rows(b, out, "cpu"))
+            held_t.append(t[out])
+    return fit_x, fit_t, held_x, held_t
+
+
+def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, steps: int,
+            lr: float = 3e-4, batch_size: int = 32, temperature: float = 2.0, train: str = "mlp",
+            seed: int = 0, progress: bool = False,
+            cached: Sequence[torch.Tensor] | None = None, heldout: float = 0.1,
+            checks: int = 10) -> DistillResult:
+    """Train `pruned` in place for `steps` steps to reproduce `teacher` on unlabeled `inputs`.
+
+    A `heldout` share of the inputs is not trained on: the loss there is measured before the
+    first step and `checks` times during training, and the weights of the best check are kept,
+    so distillation never leaves the model further from the teacher on unseen inputs than
+    one-shot pruning did.
+
+    Args:
+        teacher: the unpruned model (left unchanged), or None when `cached` holds its outputs.
+        inputs: batches of pixel values, or of tokenized sentences (dicts with input_ids and
+            attention_mask), on any device (rows move to the student's device per step).
+        cached: the teacher's outputs per input batch (:func:`teacher_outputs`), if already known.
+        train: which parameters learn (see :func:`trainable_parameters`).
+    Returns:
+        DistillResult with the loss of every step. The student ends in eval mode with
+        requires_grad off.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not inputs:
+        raise ValueError("distill needs at least one batch of unlabeled inputs")
+    kind = "kl" if resolve(pruned).has_classifier else "cosine"
+    targets = list(cached) if cached is not None else teacher_outputs(teacher, inputs)
+    inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
+    params = trainable_parameters(pruned, train)
+    for p in pruned.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, int(WARMUP * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))))
+    sizes = torch.tensor([_batch_len(b) for b in inputs], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    result = DistillResult(steps, 0.0, train, lr, batch_size, temperature, kind,
+                           trainable_params=sum(p.numel() for p in params))
+    device = _device(pruned)
+    t0 = time.perf_counter()
+    pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs
+    bar = tqdm(range(steps), desc=f"distill ({train})", disable=not progress, leave=False)
+    running = None
+    check_at = {round(steps * (c + 1) / checks) for c in range(checks)} if held_x else set()
+    best = None  # (held-out loss, step, copy of the trainable parameters then)
+    if held_x:
+        result.heldout[0] = _heldout_loss(pruned, held_x, held_t, kind, temperature, device)
+        best = (result.heldout[0], 0, [p.detach().clone() for p in params])
+    try:
+        for step in bar:
+            k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
+            n = _batch_len(inputs[k])
+            idx = torch.randperm(n, generator=gen)[:batch_size]
+            loss = distill_loss(_forward(pruned, _rows(inputs[k], idx, device)),
+                                targets[k][idx].to(device), kind, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
+            result.losses.append(value)
+            bar.set_postfix(loss=f"{running:.4g}")
+            if step + 1 in check_at:
+                loss_now = _heldout_loss(pruned, held_x, held_t, kind, temperature, device)
+                result.heldout[step + 1] = loss_now
+                if loss_now < best[0]:
+                    best = (loss_now, step + 1, [p.detach().clone() for p in params])
+        if best is not None:
+            result.kept_step = best[1]
+            with torch.no_grad():
+                for p, saved in zip(params, best[2]):
+                    p.copy_(saved)
+        else:
+            result.kept_step = steps
+    finally:
+        pruned.eval()
+        for p in pruned.parameters():
+            p.requires_grad_(False)
+        result.seconds = time.perf_counter() - t0
+    if steps:
+        log.info("distilled %d steps (%s, lr %g) in %.1f s: loss %.4g -> %.4g; kept step %d "
+                 "(held-out loss %s)", steps, train, lr, result.seconds, result.losses[0], running,
+                 result.kept_step, ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
+    return result
+
+
+def snapshot(model: nn.Module) -> nn.Module:
+    """A frozen copy of the unpruned model to distill from."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,107 @@
+"""Recovery by distillation: label-free, the teacher never changes, the chosen parameters
+alone learn, it helps where pruning hurt, and the CLI reports it (and leaves nothing
+half-written when interrupted)."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTForImageClassification
+
+from conftest import tiny_config
+from vit_pruning import PruneConfig, prune_2ssp
+from vit_pruning.cli import main
+from vit_pruning.distill import distill, teacher_outputs, trainable_parameters
+from vit_pruning.measure import collect_outputs, kl_divergence, mean_cosine
+
+
+def _vit_pair():
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(tiny_config()).eval()
+    gen = torch.Generator().manual_seed(1)
+    train = [torch.randn(64, 3, 16, 16, generator=gen) for _ in range(2)]
+    held = [torch.randn(32, 3, 16, 16, generator=gen)]
+    student = copy.deepcopy(teacher)
+    prune_2ssp(student, 0.5, train[:1], PruneConfig(min_remaining=8, split=1, align=1))
+    return teacher, student, train, held
+
+
+def test_distillation_brings_the_student_closer_and_leaves_the_teacher_alone():
+    teacher, student, train, held = _vit_pair()
+    before_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ref = collect_outputs(teacher, held)
+    kl0 = kl_divergence(collect_outputs(student, held), ref)
+    res = distill(student, teacher, train, steps=80, lr=1e-3, batch_size=32, train="all")
+    kl1 = kl_divergence(collect_outputs(student, held), ref)
+    assert kl1 < 0.5 * kl0, (kl0, kl1)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_state.items())
+    assert res.loss == "kl" and len(res.losses) == 80 and res.seconds > 0
+    assert not any(p.requires_grad for p in student.parameters()) and not student.training
+
+
+@pytest.mark.parametrize("train", ["fc2", "norms", "mlp"])
+def test_only_the_chosen_parameters_learn(train):
+    teacher, student, data, _ = _vit_pair()
+    chosen = {id(p) for p in trainable_parameters(student, train)}
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    distill(student, None, data, steps=5, lr=1e-2, cached=teacher_outputs(teacher, data), train=train, heldout=0)
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]) != (id(p) in chosen), n
+
+
+def test_text_encoder_learns_the_teachers_embeddings():
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=40), add_pooling_layer=False).eval()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 99, (96, 12), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    held = {"input_ids": torch.randint(1, 99, (32, 12), generator=gen)}
+    held["attention_mask"] = torch.ones_like(held["input_ids"])
+    student = copy.deepcopy(teacher)
+    prune_2ssp(student, 0.3, [ids[:32]], PruneConfig(min_remaining=8, split=1, align=1, compensation="none",
+                                                     selection="score"))
+    ref = teacher_outputs(teacher, [held])[0]
+    cos0 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    res = distill(student, teacher, [batch], steps=60, lr=3e-4, batch_size=32, train="all")
+    cos1 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    assert res.loss == "cosine" and 1 - cos1 < 0.5 * (1 - cos0), (cos0, cos1)
+
+
+def _run(tmp, *args, target="0.6"):
+    return main(["--model", "embedded", "--target", target, "--cifar-test-pct", "1", "--eval-batches", "2",
+                 "--calib-size", "32", "--reports-dir", str(tmp / "r"), "--pruned-output-dir", str(tmp / "p"),
+                 "--artifacts-dir", str(tmp / "a"), "--quiet", "--latency-repeats", "2", *args])
+
+
+def test_cli_distilled_stage_and_report(tmp_path):
+    assert _run(tmp_path, "--distill-steps", "100", "--distill-size", "256", "--cifar-train-pct", "1",
+                "--run-id", "d", target="0.7") == 0
+    rep = json.loads((tmp_path / "r" / "report-d.json").read_text())
+    st = {s["name"]: s for s in rep["stages"]}
+    assert list(st) == ["baseline", "stage1", "stage2", "distilled"]
+    assert st["distilled"]["params"] == st["stage2"]["params"]
+    assert st["distilled"]["kl_to_baseline"] < st["stage2"]["kl_to_baseline"]
+    d = rep["distillation"]
+    assert d["steps"] == 100 and len(d["losses"]) == 100 and d["inputs"] == 256 and d["train"] == "mlp"
+    assert 0 < d["kept_step"] <= 100 and d["heldout"]["0"] > d["heldout"][str(d["kept_step"])]
+    assert "## Distillation" in (tmp_path / "r" / "report-d.md").read_text()
+
+
+@pytest.mark.parametrize("args,flag", [(["--distill-steps", "-1"], "--distill-steps"),
+                                       (["--distill-steps", "5", "--distill-lr", "0"], "--distill-lr"),
+                                       (["--distill-steps", "5", "--distill-batch-size", "0"], "--distill-batch-size")])
+def test_cli_bad_distillation_flags_exit_2(tmp_path, capsys, args, flag):
+    assert _run(tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and not (tmp_path / "r").exists()
+
+
+def test_interrupted_distillation_writes_nothing(tmp_path, monkeypatch, capsys):
+    import vit_pruning.distill as d
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(d, "distill", interrupted)
+    assert _run(tmp_path, "--distill-steps", "10", "--save-pruned-model", "--run-id", "x") == 130
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()

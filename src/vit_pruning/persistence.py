@@ -100,6 +100,9 @@ def saved_config(model: nn.Module, metadata: dict | None = None):
                        "bert" if anatomy.layout == "bert" else "v4",
                        "saved_as": "plain" if plain else "remote-code",
                        "loader": "vit_pruning.load_pruned_model",
+                       # the attention kernel the pruned model ran with (sdpa and eager differ in
+                       # the last bits): load_pruned_model rebuilds it the same way
+                       "attn_implementation": getattr(model.config, "_attn_implementation", None),
                        **({"metadata": metadata} if metadata else {})}
     if plain:
         cfg.architectures = [stock.__name__]
@@ -204,6 +207,11 @@ def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> n
     stock = by_pruned.get(arch, arch)
     if stock not in PRUNED_CLASSES:
         raise ValueError(f"{path}: architecture {arch!r} is not one of {SUPPORTED_CLASSES}")
+    if info.get("attn_implementation"):
+        try:
+            config._attn_implementation = info["attn_implementation"]
+        except (AttributeError, ValueError):
+            pass  # an implementation this transformers does not have: its default
     model = PRUNED_CLASSES[stock][0](config)
     state = load_file(str(path / "model.safetensors"))
     layout = resolve(model).layout

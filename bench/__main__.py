@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import cost, fidelity, gpu, onnx_speed, speed, target_error, text
+from . import cost, distillation, fidelity, gpu, onnx_speed, speed, target_error, text
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
-PARTS = ("target_error", "fidelity", "speed", "onnx", "gpu", "cost", "text")
+PARTS = ("target_error", "fidelity", "distill", "speed", "onnx", "gpu", "cost", "text")
 
 
 def machine() -> str:
@@ -58,6 +58,16 @@ def run_speed(smoke: bool) -> str:
                       "### MLP width alignment", "", speed.width_alignment(repeats=3 if smoke else 12), ""])
 
 
+def run_distill(smoke: bool) -> str:
+    steps = 30 if smoke else 1000
+    digits = distillation.run_digits((0.7,) if smoke else (0.3, 0.4, 0.5, 0.6, 0.7), steps,
+                                     {"mlp": distillation.VARIANTS["mlp"]} if smoke else distillation.VARIANTS)
+    pool = 64 if smoke else 4000
+    text_rows = distillation.run_text((0.3,) if smoke else (0.1, 0.2, 0.3, 0.4), steps, pool, smoke=smoke)
+    return "\n".join(["## Recovery by distillation", "", distillation.__doc__.strip(), "",
+                      distillation.tables(digits, text_rows, steps, pool), ""])
+
+
 def run_onnx(smoke: bool) -> str:
     res = onnx_speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
                          shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
@@ -90,17 +100,35 @@ def run_text(smoke: bool) -> str:
                       text.goals(res), "", text.tables(res), ""])
 
 
-RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "speed": run_speed,
+RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "distill": run_distill,
+           "speed": run_speed,
            "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks
 
 Every table below was produced by the command in its first line (`python -m bench` runs them
-all, about 45 minutes on a 2-core CPU: fidelity 5, speed 4, cost 12, text 22; it assembles
-this file from `docs/bench/*.md`; `pip install -r bench/requirements.txt -r
-bench/requirements-text.txt` first). `python -m bench --smoke` is the seconds-long version CI
-runs (its text part uses a tiny random BERT and needs no download).
+all, about an hour on a 2-core CPU; it assembles this file from `docs/bench/*.md`;
+`pip install -r bench/requirements.txt -r bench/requirements-text.txt` first).
+`python -m bench --smoke` is the seconds-long version CI runs (its text part uses a tiny random
+BERT and needs no download). Each section names the machine and the library versions it ran with.
+
+## Legend: what each row is
+
+| row | what it is |
+|---|---|
+| `ours` | this tool's defaults: `vit_pruning.prune_2ssp` with `PruneConfig()` = whole-block depth unit, greedy depth selection by output KL (cosine for encoders), split between stages searched on held-out calibration images, uniform neurons per block, neuron selection `auto` (2SSP activation score or least-squares cost, whichever is better on held-out calibration images), least-squares refit of each pruned fc2 toward the unpruned model's block outputs, MLP widths aligned (`align="auto"`: 8, or 4 on the embedded model) with one width for every block when that misses the target by at most 0.1 pp |
+| `ours (...)` | the same with the one named option changed (e.g. `ours (attention unit)` = `unit="attention"`, `ours (no compensation)` = `compensation="none"`, `ours (align 1)` = `align=1`, exact to one neuron) |
+| `ours --align 1`, `ours default, align N` | planner rows of the target-error table: exact planning vs the default alignment |
+| `ours + distill (...)` | `ours`, then `vit_pruning.distill` (label-free, teacher = the unpruned model) training the named parameters |
+| `seed` | the seed system's recipe as ANCHORS.md describes it: uniform K MLP neurons per block by the activation L2 score, attention bypass of the N blocks whose individual bypass costs least top-1 (a model copy per candidate), N = round(B * s ** (P_mlp / (1.5 * P_attn))); K set so the parameter count matches the other rows |
+| `2ssp-paper` | the 2SSP paper (Sandri et al. 2025): uniform K by the 2SSP activation score, attention sublayers removed greedily by calibration cross-entropy, N from the paper's alpha formula (alpha 1.5) |
+| `tp-magnitude`, `tp-taylor` | Torch-Pruning 1.6.1 (`torch-pruning==1.6.1`) MetaPruner on the MLP hidden channels only (fc1 outputs and the coupled fc2 inputs), `GroupMagnitudeImportance` (L2) or `GroupTaylorImportance` (gradients of calibration cross-entropy; for text encoders of an unsupervised SimCSE loss); no depth stage |
+| `random` | our planner's counts (alpha split), random neurons and random blocks |
+| `seed head re-tune` | the seed's recovery (`--recover`): one epoch of head-only fine-tuning with labels |
+
+Library versions are stated per section (torch, transformers, datasets, vit_pruning); the
+benchmark environment pins torch 2.13.0+cpu and transformers 5.24.0 (`requirements.txt`).
 """
 
 

@@ -200,6 +200,7 @@ METHODS: dict[str, Callable] = {
     "ours (refit own MLP, not model)": ours(refit_target="block"),
     "ours (2SSP score selection)": ours(selection="score"),
     "ours (least-squares selection)": ours(selection="lsq"),
+    "ours (align 1)": ours(align=1, width_policy="per-block"),
     "seed": seed_recipe,
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),

@@ -62,10 +62,10 @@ def run_distill(smoke: bool) -> str:
     steps = 30 if smoke else 1000
     digits = distillation.run_digits((0.7,) if smoke else (0.3, 0.4, 0.5, 0.6, 0.7), steps,
                                      {"mlp": distillation.VARIANTS["mlp"]} if smoke else distillation.VARIANTS)
-    pool = 64 if smoke else 4000
-    text_rows = distillation.run_text((0.3,) if smoke else (0.1, 0.2, 0.3, 0.4), steps, pool, smoke=smoke)
+    pool, text_steps = (64, 30) if smoke else (3000, 600)
+    text_rows = distillation.run_text((0.3,) if smoke else (0.1, 0.2, 0.3, 0.4), text_steps, pool, smoke=smoke)
     return "\n".join(["## Recovery by distillation", "", distillation.__doc__.strip(), "",
-                      distillation.tables(digits, text_rows, steps, pool), ""])
+                      distillation.tables(digits, text_rows, steps, text_steps, pool), ""])
 
 
 def run_onnx(smoke: bool) -> str:

@@ -102,13 +102,13 @@ def run_text(targets=(0.1, 0.2, 0.3, 0.4), steps: int = 1000, pool_size: int = 4
     return rows
 
 
-def tables(digits: list[dict], text_rows: list[dict], steps: int, pool: int) -> str:
+def tables(digits: list[dict], text_rows: list[dict], steps: int, text_steps: int, pool: int) -> str:
     out = [f"Digits ({steps} steps, batch 64):", "",
            md_table(["target", "method", "KL to unpruned", "top-1", "seconds", "kept step"],
                     [[r["target"], r["method"], f"{r['kl']:.4g}", f"{r['top1']:.4f}", f"{r['seconds']:.1f}",
                       r.get("kept", "")] for r in digits]), ""]
     if text_rows:
-        out += [f"all-MiniLM-L6-v2 ({steps} steps, batch 32, {pool} docstring sentences):", "",
+        out += [f"Text encoder ({text_steps} steps, batch 32, {pool} docstring sentences):", "",
                 md_table(["target", "method", "embedding cosine", "neighbour agreement", "seconds", "kept step"],
                          [[r["target"], r["method"], f"{r['cosine']:.4f}", f"{100 * r['agreement']:.1f}%",
                            f"{r['seconds']:.0f}", r.get("kept", "")] for r in text_rows]), ""]

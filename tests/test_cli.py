@@ -221,3 +221,36 @@ def test_min_remaining_default_keeps_seed_value_on_wide_mlps(tmp_path, capsys):
     assert "min_remaining 512 (seed default 512)" in capsys.readouterr().out
     assert main(["--model", "embedded", "--target", "0.2", "--dry-run"]) == 0
     assert "min_remaining 96 (default capped to width/4)" in capsys.readouterr().out
+
+
+def test_dry_run_states_alignment_and_error(capsys, tmp_path):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "aligned to multiples of 4" in out and "pp; align 4" in out
+    assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run", "--align", "1") == 0
+    assert "pp; align 1" in capsys.readouterr().out
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "x"])
+def test_bad_align_exits_2(capsys, tmp_path, value):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--align", value) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--align" in err
+
+
+def test_align_1_lands_within_one_neuron(tmp_path):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--align", "1", "--run-id", "a1",
+               "--cifar-test-pct", "1.0", "--eval-batches", "1", "--calib-size", "16") == 0
+    rep = json.loads((tmp_path / "reports" / "report-a1.json").read_text())
+    assert rep["alignment"]["align"] == 1 and rep["target_error"] <= rep["one_neuron_sparsity"]
+
+
+def test_export_onnx_writes_model_and_records_the_difference(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--export-onnx", "--run-id", "o",
+               "--cifar-test-pct", "1.0", "--eval-batches", "1", "--calib-size", "16") == 0
+    rep = json.loads((tmp_path / "reports" / "report-o.json").read_text())
+    onnx = rep["artifacts"]["onnx"]
+    assert onnx["max_abs_diff"] < 1e-4 and (tmp_path / "pruned" / "o" / "model.onnx").is_file()
+    assert rep["artifacts"]["pruned_model_format"] in ("plain", "remote-code")

@@ -81,3 +81,55 @@ def test_infeasible_target_names_maximum(tiny_vit):
 
 def test_plan_is_deterministic(tiny_vit):
     assert plan_2ssp_allocation(tiny_vit, 0.3, 8) == plan_2ssp_allocation(tiny_vit, 0.3, 8)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("align", [8, 64])
+def test_aligned_plans_keep_widths_aligned_and_land_within_half_a_group(name, unit, align):
+    hidden, layers, heads, mlp = SHAPES[name]
+    mr = min(512, mlp // 4)
+    shape = model_shape(meta_model(*SHAPES[name]))
+    group = align * (2 * hidden + 1) / shape.total_params
+    top = make_plan(shape, 0.01, unit, mr, align=align).max_feasible_target
+    for target in np.arange(0.05, top, 0.05):
+        plan = make_plan(shape, float(target), unit, mr, align=align, width_policy="per-block")
+        kept = [w - n for w, n in zip(shape.widths, plan.neurons_to_prune)]
+        assert all(k % align == 0 or n == 0 for k, n in zip(kept, plan.neurons_to_prune)), kept
+        assert abs(plan.predicted_sparsity - target) <= group / 2 + 1e-12, (target, plan.target_error)
+        auto = make_plan(shape, float(target), unit, mr, align=align, width_policy="auto")
+        assert auto.target_error <= max(1e-3, plan.target_error) + 1e-12
+        if auto.uniform_width is not None:  # one width for every surviving block
+            gone = set(auto.depth_indices) if unit == "block" else set()
+            assert {w - n for i, (w, n) in enumerate(zip(shape.widths, auto.neurons_to_prune))
+                    if i not in gone} == {auto.uniform_width}
+
+
+def test_uniform_policy_on_vit_b_is_plain_and_within_a_tenth_of_a_point():
+    shape = model_shape(meta_model(*SHAPES["vit-b16"]))
+    for target in (0.1, 0.2, 0.3, 0.4, 0.5):
+        for depth in range(0, 6):  # whatever depth count the split search picks
+            try:
+                plan = make_plan(shape, target, "block", 512, depth=depth, align=8, width_policy="auto")
+            except ValueError:
+                continue
+            assert plan.uniform_width is not None and plan.uniform_width % 8 == 0
+            assert plan.target_error <= 1e-3
+
+
+def test_default_align_is_8_on_vit_and_4_on_the_embedded_model():
+    from vit_pruning.cli import EMBEDDED
+    from vit_pruning.planner import default_align
+    assert default_align(model_shape(meta_model(*SHAPES["vit-b16"]))) == 8
+    emb = ViTForImageClassification.from_pretrained(EMBEDDED)
+    assert default_align(model_shape(emb)) == 4
+
+
+def test_global_allocation_keeps_alignment():
+    from vit_pruning.width import global_allocation
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(64, generator=gen) for _ in range(3)]
+    counts = global_allocation(scores, 48, 16, align=8)
+    assert sum(counts) == 48 and all(c % 8 == 0 for c in counts)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        global_allocation([torch.rand(60)], 8, 16, align=8)

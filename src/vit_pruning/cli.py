@@ -618,7 +618,7 @@ class Evaluator:
         self.size = {"seq_len": data.seq_len} if loaded.text else {}
         self.reference = None  # the baseline's outputs
 
-    def __call__(self, name: str, model) -> "StageMetrics":
+    def __call__(self, name: str, model):  # -> report.StageMetrics
         from .measure import collect_outputs, count_flops, count_total_params, kl_divergence, \
             mean_cosine, retrieval_agreement
         from .report import StageMetrics
@@ -673,9 +673,10 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
         log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
             len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))
         cached = teacher_outputs(snapshots["baseline"], data.distill_inputs)
-        distilled = distill(model, None, data.distill_inputs, args.distill_steps, args.distill_lr,
-                            args.distill_batch_size, args.distill_temperature, args.distill_train,
-                            args.seed, not args.quiet, cached=cached)
+        distilled = distill(model, snapshots["baseline"], data.distill_inputs, args.distill_steps,
+                            args.distill_lr, args.distill_batch_size, args.distill_temperature,
+                            args.distill_train, args.seed, not args.quiet, cached=cached,
+                            check_inputs=data.calib_inputs)  # never trained on; drawn like the test
         stages.append(evaluate("distilled", model))
     if args.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)
@@ -714,13 +715,11 @@ def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
                                                 data.head_cfg["kind"], meta))
     if args.save_pruned_model or args.export_onnx:
         out = Path(args.pruned_output_dir) / ch.run_id
-        onnx = None
-        if args.export_onnx:
+        def onnx(folder: Path) -> dict:  # written into the folder before it appears
             from .export import export_onnx
-
-            def onnx(folder: Path) -> dict:
-                return export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
-        saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed}, extra=onnx)
+            return export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
+        saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed},
+                                  extra=onnx if args.export_onnx else None)
         artifacts["pruned_model"] = str(saved.path)
         artifacts["pruned_model_format"] = saved.format
         if saved.extra is not None:

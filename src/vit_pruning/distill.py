@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import mean_pool, resolve
-from .measure import output_tensor
+from .measure import forward_output
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "mlp", "norms", "fc2")
@@ -75,12 +75,12 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
 
 
 def _forward(model: nn.Module, batch) -> torch.Tensor:
-    """Logits (classifier), mean-pooled embedding (text: a dict with attention_mask), or the
-    last hidden state (headless ViT)."""
+    """Logits (classifier), mean-pooled embedding (text: a padded dict with attention_mask, or
+    padding-free token ids), or the last hidden state (headless ViT)."""
     if isinstance(batch, dict):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
-    return output_tensor(model(pixel_values=batch))
+    return forward_output(model, batch)
 
 
 def _rows(batch, idx: torch.Tensor, device: torch.device):
@@ -161,13 +161,14 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             lr: float = 3e-4, batch_size: int = 32, temperature: float = 2.0, train: str = "mlp",
             seed: int = 0, progress: bool = False,
             cached: Sequence[torch.Tensor] | None = None, heldout: float = 0.1,
-            checks: int = 10) -> DistillResult:
+            checks: int = 10, check_inputs: Sequence | None = None) -> DistillResult:
     """Train `pruned` in place for `steps` steps to reproduce `teacher` on unlabeled `inputs`.
 
-    A `heldout` share of the inputs is not trained on: the loss there is measured before the
-    first step and `checks` times during training, and the weights of the best check are kept,
-    so distillation never leaves the model further from the teacher on unseen inputs than
-    one-shot pruning did.
+    The loss on inputs it does not train on is measured before the first step and `checks`
+    times during training, and the weights of the best check are kept, so distillation never
+    leaves the model further from the teacher there than one-shot pruning did. Those inputs
+    are `check_inputs` if given (best: drawn like the inputs the model will be judged on, e.g.
+    the calibration images or sentences; needs `teacher`), else a `heldout` share of `inputs`.
 
     Args:
         teacher: the unpruned model (left unchanged), or None when `cached` holds its outputs.
@@ -185,7 +186,12 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
         raise ValueError("distill needs at least one batch of unlabeled inputs")
     kind = "kl" if resolve(pruned).has_classifier else "cosine"
     targets = list(cached) if cached is not None else teacher_outputs(teacher, inputs)
-    inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
+    if check_inputs:
+        if teacher is None:
+            raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
+        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs)
+    else:
+        inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
     params = trainable_parameters(pruned, train)
     for p in pruned.parameters():
         p.requires_grad_(False)

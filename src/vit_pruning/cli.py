@@ -493,22 +493,39 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
 
 
 def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
-    """Dataset, head (replace / adapter / load), loaders, calibration inputs, head fine-tune,
-    and the evaluation batches, all on the run's device."""
-    from .data import DataError, calibration_subset, default_workers, fingerprint, load_splits, make_loader
-    from .heads import AdapterFileError, build_head, finetune, install_head, load_adapter
-    from .anatomy import resolve
-    from .batches import batch_labels, batch_pixels, iter_limited, take_inputs
-    from .text import PYTHON_DOCS, tokenize
-    model, device = loaded.model, ch.device
+    """Dataset and head, calibration (and distillation) inputs, the head fine-tune, and the
+    evaluation batches, all on the run's device."""
+    from .text import PYTHON_DOCS
     dataset = args.dataset or ("cifar10" if args.load_cifar else ("digits" if args.model == "embedded" else None))
     if loaded.text:
         dataset = args.text_file or PYTHON_DOCS
     data = Data(dataset=dataset, calib_info={"dataset": None, "split": None, "count": 0,
                                              "fingerprint": None, "seed": args.seed})
-    if dataset and not loaded.text:
+    head_step(args, loaded, ch, data)
+    test_loader = (text_inputs if loaded.text else image_inputs)(args, loaded, ch, data)
+    data.ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
+    if args.do_finetune:
+        from .heads import finetune
+        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, data.ft_lr)
+        finetune(loaded.model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone,
+                 ch.device, not args.quiet)
+    loaded.model.eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    evaluation_batches(args, loaded, ch, data, test_loader)
+    return data
+
+
+def head_step(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data) -> None:
+    """Load the labelled splits; install a fresh head, an adapter or a saved one; refuse flags
+    that need what the run does not have."""
+    from .anatomy import resolve
+    from .data import DataError, load_splits
+    from .heads import AdapterFileError, build_head, install_head, load_adapter
+    model = loaded.model
+    if data.dataset and not loaded.text:
         try:
-            data.splits = load_splits(dataset, args.cifar_train_pct, args.cifar_test_pct,
+            data.splits = load_splits(data.dataset, args.cifar_train_pct, args.cifar_test_pct,
                                       args.image_column, args.label_column)
         except DataError as exc:
             raise UsageError(str(exc)) from exc
@@ -519,7 +536,7 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
             raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset or --load-cifar")
         kind = "adapter" if args.use_adapter else "linear"
         install_head(model, build_head(kind, resolve(model).hidden_size, splits.num_labels,
-                                       args.adapter_reduction).to(device), splits.label_names)
+                                       args.adapter_reduction).to(ch.device), splits.label_names)
         data.head_cfg["kind"] = kind
     elif args.load_adapter:
         try:
@@ -527,12 +544,12 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
                                    splits.label_names if splits else None)
         except AdapterFileError as exc:
             raise UsageError(str(exc)) from exc
-        model.to(device)
+        model.to(ch.device)
         data.head_cfg["kind"] = payload["classifier_type"]
     data.has_head = resolve(model).has_classifier
     if splits is not None and data.has_head and model.config.num_labels != splits.num_labels:
-        raise UsageError(f"--dataset {dataset} has {splits.num_labels} classes but the model's head has "
-                         f"{model.config.num_labels}: add --replace-classifier or --use-adapter")
+        raise UsageError(f"--dataset {data.dataset} has {splits.num_labels} classes but the model's head "
+                         f"has {model.config.num_labels}: add --replace-classifier or --use-adapter")
     if args.distill_steps and splits is None and not loaded.text:
         raise UsageError("--distill-steps needs unlabeled images: add --dataset or --load-cifar")
     if args.do_finetune and splits is None:
@@ -541,53 +558,64 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
         raise UsageError("--recover needs labelled data and a classifier head: add --dataset or --load-cifar")
     if args.save_adapter and data.head_cfg["kind"] is None:
         raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
-    test_loader = None
-    if splits is not None:
-        workers = default_workers()
-        data.train_loader = make_loader(splits.train, loaded.processor, splits, args.batch_size, True,
-                                        args.seed, workers)
-        test_loader = make_loader(splits.test, loaded.processor, splits, args.batch_size, False,
-                                  args.seed, workers)
-        calib_ds, _ = calibration_subset(splits.train, ch.calib_size, args.seed)
-        data.calib_inputs = take_inputs(make_loader(calib_ds, loaded.processor, splits, args.batch_size),
-                                        None, device)
-        data.calib_info = {"dataset": dataset, "count": len(calib_ds), "seed": args.seed,
-                           "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
-                           "fingerprint": fingerprint(data.calib_inputs)}
-    if splits is not None and args.distill_steps:
-        pool, _ = calibration_subset(splits.train, min(args.distill_size or DISTILL_IMAGES, len(splits.train)),
-                                     args.seed + 1)
+
+
+def image_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data):
+    """Train/test loaders, calibration images (device) and distillation images (host); returns
+    the test loader (None without a dataset)."""
+    from .batches import take_inputs
+    from .data import calibration_subset, default_workers, fingerprint, make_loader
+    splits = data.splits
+    if splits is None:
+        return None
+    workers = default_workers()
+    data.train_loader = make_loader(splits.train, loaded.processor, splits, args.batch_size, True,
+                                    args.seed, workers)
+    calib_ds, _ = calibration_subset(splits.train, ch.calib_size, args.seed)
+    data.calib_inputs = take_inputs(make_loader(calib_ds, loaded.processor, splits, args.batch_size),
+                                    None, ch.device)
+    data.calib_info = {"dataset": data.dataset, "count": len(calib_ds), "seed": args.seed,
+                       "split": f"train[:{args.cifar_train_pct * 100:g}%] (random {len(calib_ds)})",
+                       "fingerprint": fingerprint(data.calib_inputs)}
+    if args.distill_steps:
+        size = min(args.distill_size or DISTILL_IMAGES, len(splits.train))
+        pool, _ = calibration_subset(splits.train, size, args.seed + 1)
         data.distill_inputs = take_inputs(make_loader(pool, loaded.processor, splits, 256), None, "cpu")
-    if loaded.text:
-        text_split = load_text(args, ch.calib_size)
-        if args.distill_steps:
-            from .text import python_docstring_sentences
-            used = set(text_split.calibration) | set(text_split.evaluation)
-            rest = [t for t in all_sentences(args) if t not in used]
-            if not args.text_file:  # never overlaps the documentation topics (evaluation)
-                rest += list(python_docstring_sentences())
-            if args.distill_size is not None:
-                import random
-                rest = random.Random(args.seed).sample(rest, min(args.distill_size, len(rest)))
-            if not rest:
-                raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
-                                 "give a longer --text-file or lower --calib-size/--eval-batches")
-            data.distill_inputs = tokenize(loaded.processor, rest, 256)
-        data.calib_inputs = take_inputs(tokenize(loaded.processor, text_split.calibration, args.batch_size),
-                                        None, device)
-        test_loader = tokenize(loaded.processor, text_split.evaluation, args.batch_size)
-        data.calib_info = {"dataset": dataset, "count": len(text_split.calibration), "seed": args.seed,
-                           "split": "sentences not used for evaluation (random "
-                                    f"{len(text_split.calibration)})",
-                           "fingerprint": fingerprint(data.calib_inputs)}
-    data.ft_lr = args.ft_lr or (1e-3 if args.freeze_backbone else 1e-4)
-    if args.do_finetune:
-        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, data.ft_lr)
-        finetune(model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone, device,
-                 not args.quiet)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return make_loader(splits.test, loaded.processor, splits, args.batch_size, False, args.seed, workers)
+
+
+def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data):
+    """Calibration sentences (device), distillation sentences (host: neither calibration nor
+    evaluation); returns the tokenized evaluation sentences."""
+    import random
+
+    from .batches import take_inputs
+    from .data import fingerprint
+    from .text import python_docstring_sentences, tokenize
+    split = load_text(args, ch.calib_size)
+    if args.distill_steps:
+        used = set(split.calibration) | set(split.evaluation)
+        rest = [t for t in all_sentences(args) if t not in used]
+        if not args.text_file:  # never overlaps the documentation topics (evaluation)
+            rest += list(python_docstring_sentences())
+        if args.distill_size is not None:
+            rest = random.Random(args.seed).sample(rest, min(args.distill_size, len(rest)))
+        if not rest:
+            raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
+                             "give a longer --text-file or lower --calib-size/--eval-batches")
+        data.distill_inputs = tokenize(loaded.processor, rest, 256)
+    data.calib_inputs = take_inputs(tokenize(loaded.processor, split.calibration, args.batch_size),
+                                    None, ch.device)
+    data.calib_info = {"dataset": data.dataset, "count": len(split.calibration), "seed": args.seed,
+                       "split": f"sentences not used for evaluation (random {len(split.calibration)})",
+                       "fingerprint": fingerprint(data.calib_inputs)}
+    return tokenize(loaded.processor, split.evaluation, args.batch_size)
+
+
+def evaluation_batches(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data,
+                       test_loader) -> None:
+    """The first --eval-batches test batches (on the device), and what accuracy means here."""
+    from .batches import batch_labels, batch_pixels, iter_limited
     data.eval_batches = list(iter_limited(test_loader, args.eval_batches)) if test_loader else []
     if loaded.text:
         lengths = torch.cat([b["attention_mask"].sum(1) for b in data.eval_batches])
@@ -596,16 +624,15 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
             f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence embeddings "
             f"to the unpruned model's and nearest-neighbour agreement, on "
             f"{sum(len(b['input_ids']) for b in data.eval_batches)} evaluation sentences from "
-            f"{dataset}; FLOPs and latency at {data.seq_len} tokens (their mean length)")
-    else:
-        data.eval_pixels = [batch_pixels(b).to(device) for b in data.eval_batches]
-        if data.eval_batches:
-            data.eval_labels = torch.cat([batch_labels(b) for b in data.eval_batches]).to(device)
-        data.accuracy_note = (
-            f"top-1 on the first {args.eval_batches} test batches of {dataset} "
-            f"({sum(len(x) for x in data.eval_pixels)} images)" if data.eval_pixels and data.has_head
-            else "not applicable (no labelled data or headless model)")
-    return data
+            f"{data.dataset}; FLOPs and latency at {data.seq_len} tokens (their mean length)")
+        return
+    data.eval_pixels = [batch_pixels(b).to(ch.device) for b in data.eval_batches]
+    if data.eval_batches:
+        data.eval_labels = torch.cat([batch_labels(b) for b in data.eval_batches]).to(ch.device)
+    data.accuracy_note = (
+        f"top-1 on the first {args.eval_batches} test batches of {data.dataset} "
+        f"({sum(len(x) for x in data.eval_pixels)} images)" if data.eval_pixels and data.has_head
+        else "not applicable (no labelled data or headless model)")
 
 
 class Evaluator:

@@ -368,6 +368,7 @@ class Data:
     eval_batches: list = field(default_factory=list)  # text: tokenized sentence batches
     eval_pixels: list = field(default_factory=list)
     distill_inputs: list = field(default_factory=list)  # unlabeled batches, host memory
+    distill_checks: list | None = None  # where distillation checks itself (None: 10% held out)
     eval_labels: Any = None
     seq_len: int | None = None
     accuracy_note: str = ""
@@ -596,8 +597,10 @@ def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Dat
     if args.distill_steps:
         used = set(split.calibration) | set(split.evaluation)
         rest = [t for t in all_sentences(args) if t not in used]
-        if not args.text_file:  # never overlaps the documentation topics (evaluation)
-            rest += list(python_docstring_sentences())
+        if not args.text_file and rest:  # train on the standard library's docstrings, check on the
+            # topic sentences neither pruning nor evaluation uses (drawn like the evaluation ones)
+            data.distill_checks = tokenize(loaded.processor, rest, args.batch_size)
+            rest = list(python_docstring_sentences())
         if args.distill_size is not None:
             rest = random.Random(args.seed).sample(rest, min(args.distill_size, len(rest)))
         if not rest:
@@ -703,7 +706,7 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
         distilled = distill(model, snapshots["baseline"], data.distill_inputs, args.distill_steps,
                             args.distill_lr, args.distill_batch_size, args.distill_temperature,
                             args.distill_train, args.seed, not args.quiet, cached=cached,
-                            check_inputs=data.calib_inputs)  # never trained on; drawn like the test
+                            check_inputs=data.distill_checks)
         stages.append(evaluate("distilled", model))
     if args.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 
-from vit_pruning.distill import distill
+from vit_pruning.distillation import distill
 from vit_pruning.measure import collect_outputs, mean_cosine, retrieval_agreement
 
 from .common import batches, calibration, digits_tensors, embedded_model, evaluate, md_table, retune_head

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel, ViTForImageClassification
 from conftest import tiny_config
 from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning.cli import main
-from vit_pruning.distill import distill, teacher_outputs, trainable_parameters
+from vit_pruning.distillation import distill, teacher_outputs, trainable_parameters
 from vit_pruning.measure import collect_outputs, kl_divergence, mean_cosine
 
 
@@ -98,7 +98,7 @@ def test_cli_bad_distillation_flags_exit_2(tmp_path, capsys, args, flag):
 
 
 def test_interrupted_distillation_writes_nothing(tmp_path, monkeypatch, capsys):
-    import vit_pruning.distill as d
+    import vit_pruning.distillation as d
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

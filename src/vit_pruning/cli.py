@@ -698,7 +698,7 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
     stages.append(evaluate("stage2", model))
     distilled = None
     if args.distill_steps:
-        from .distill import distill, teacher_outputs
+        from .distillation import distill, teacher_outputs
         snapshots["stage2"] = copy.deepcopy(model)
         log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
             len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))

@@ -14,7 +14,6 @@ a linear warm-up and cosine decay, dropout off; the teacher is never modified.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -253,10 +252,3 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
                  result.kept_step, ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
     return result
 
-
-def snapshot(model: nn.Module) -> nn.Module:
-    """A frozen copy of the unpruned model to distill from."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher

@@ -167,40 +167,41 @@ def _pooler(config, args: tuple, kwargs: dict) -> dict:
     return kwargs
 
 
-class PrunedViTModel(ViTModel):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
-        apply_pruned_structure(self, getattr(config, "vit_pruning", None))
+class _Pruned:
+    """Mixin of every ``Pruned*`` class: build the stock model from the prepared config, then
+    give it the structure the config's ``vit_pruning`` entry describes."""
 
+    _headless = False  # headless models take add_pooling_layer
 
-class PrunedViTForImageClassification(ViTForImageClassification):
     def __init__(self, config, *args, **kwargs):
+        if self._headless:
+            kwargs = _pooler(config, args, kwargs)
         super().__init__(_prepared(config), *args, **kwargs)
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
-class PrunedDeiTModel(DeiTModel):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
-        apply_pruned_structure(self, getattr(config, "vit_pruning", None))
+class PrunedViTModel(_Pruned, ViTModel):
+    _headless = True
 
 
-class PrunedDeiTForImageClassification(DeiTForImageClassification):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **kwargs)
-        apply_pruned_structure(self, getattr(config, "vit_pruning", None))
+class PrunedViTForImageClassification(_Pruned, ViTForImageClassification):
+    pass
 
 
-class PrunedBertModel(BertModel):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
-        apply_pruned_structure(self, getattr(config, "vit_pruning", None))
+class PrunedDeiTModel(_Pruned, DeiTModel):
+    _headless = True
 
 
-class PrunedRobertaModel(RobertaModel):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(_prepared(config), *args, **_pooler(config, args, kwargs))
-        apply_pruned_structure(self, getattr(config, "vit_pruning", None))
+class PrunedDeiTForImageClassification(_Pruned, DeiTForImageClassification):
+    pass
+
+
+class PrunedBertModel(_Pruned, BertModel):
+    _headless = True
+
+
+class PrunedRobertaModel(_Pruned, RobertaModel):
+    _headless = True
 
 
 # stock class name -> (pruned class, the Auto classes that load it)

@@ -1,13 +1,25 @@
-"""Model anatomy: find the transformer blocks of a ViT-family model (or a BERT-family text
-encoder), once, by structure.
+"""Model anatomy: find the transformer blocks of a supported model, once, by structure.
 
-transformers 5.x lays a ViT out as ``vit.layers[i].{attention.{q,k,v,o}_proj, mlp.{fc1,fc2}}``;
-4.x as ``vit.encoder.layer[i].{attention.attention.{query,key,value}, attention.output.dense,
-intermediate.dense, output.dense}``. A BERT encoder (both majors) is
-``encoder.layer[i].{attention.self.{query,key,value}, attention.output.{dense,LayerNorm},
-intermediate.dense, output.{dense,LayerNorm}}`` and is *post*-LayerNorm: each sublayer's
-LayerNorm sits on the residual stream after the sum. Everything else in this package goes
-through :func:`resolve`, so no other module knows which layout it is looking at.
+Supported are the model classes in :data:`SUPPORTED_CLASSES`, nothing else: a class whose blocks
+merely look familiar is refused by name, because a family's extras (layer scale, relative
+position bias, pooling heads) change what pruning must preserve. Within a family the blocks
+are found by structure, so both transformers majors work:
+
+- ViT / DeiT / ViTMAE: 5.x ``layers[i].{attention.{q,k,v,o}_proj, mlp.{fc1,fc2}}``, 4.x
+  ``encoder.layer[i].{attention.attention.{query,key,value}, intermediate.dense, output.dense}``.
+- DINOv2: ``encoder.layer[i].{norm1, attention, layer_scale1, norm2, mlp, layer_scale2}``; the
+  MLP is ``fc1/fc2`` or SwiGLU (5.x ``gate_proj/up_proj/down_proj``, 4.x ``weights_in`` holding
+  gate and up stacked, ``weights_out``).
+- BEiT / Data2Vec-vision: ViT-like blocks whose sublayer outputs are scaled by ``lambda_1`` /
+  ``lambda_2`` (layer scale), with an optional relative position bias.
+- CLIP / SigLIP vision towers: ``vision_model.encoder.layers[i].{layer_norm1, self_attn,
+  layer_norm2, mlp.{fc1,fc2}}``, alone or inside the dual ``CLIPModel`` / ``SiglipModel``
+  (the text tower is left untouched).
+- BERT-family text encoders (``encoder.layer[i]``, *post*-LayerNorm: each sublayer's LayerNorm
+  sits on the residual stream after the sum).
+
+Everything else in this package goes through :func:`resolve`, so no other module knows which
+family or layout it is looking at.
 
 A resolved model can also be run *in segments* (embed -> block i -> ... -> head), which is what
 calibration and greedy depth selection use to reuse the hidden states that stay the same.
@@ -16,19 +28,45 @@ padding-free first (:func:`vit_pruning.batches.take_inputs` groups sentences by 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Collection
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .modeling_vit_pruning import (AttentionBypass, PostNormAttentionBypass,
-                                   attention_returns_tuple)
+from .modeling_vit_pruning import (ATTENTION, NORM_AFTER, NORM_BEFORE, AttentionBypass,
+                                   PostNormAttentionBypass, attention_returns_tuple,
+                                   attention_scale_attr, first_attr, is_post_norm, mlp_slots,
+                                   tower, tower_config)
 
-SUPPORTED = (
-    "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification "
-    "(transformers 4.x and 5.x layouts), and headless BERT-family text encoders (BertModel, "
-    "RobertaModel)"
-)
+# model class -> (family, what its forward gives for fidelity: "logits", "hidden" (the last
+# hidden state), "pooled" (the tower's image embedding, pooler_output), "image_embeds" (a dual
+# model's projected image embedding) or "text" (mean-pooled token states))
+SUPPORTED_CLASSES: dict[str, tuple[str, str]] = {
+    "ViTModel": ("vit", "hidden"),
+    "ViTForImageClassification": ("vit", "logits"),
+    "DeiTModel": ("vit", "hidden"),
+    "DeiTForImageClassification": ("vit", "logits"),
+    "ViTMAEModel": ("vitmae", "hidden"),
+    "Dinov2Model": ("dinov2", "hidden"),
+    "Dinov2ForImageClassification": ("dinov2", "logits"),
+    "BeitModel": ("beit", "hidden"),
+    "BeitForImageClassification": ("beit", "logits"),
+    "Data2VecVisionModel": ("beit", "hidden"),
+    "Data2VecVisionForImageClassification": ("beit", "logits"),
+    "CLIPVisionModel": ("clip", "pooled"),
+    "CLIPModel": ("clip", "image_embeds"),
+    "CLIPForImageClassification": ("clip", "logits"),
+    "SiglipVisionModel": ("siglip", "pooled"),
+    "SiglipModel": ("siglip", "image_embeds"),
+    "SiglipForImageClassification": ("siglip", "logits"),
+    "BertModel": ("bert", "text"),
+    "RobertaModel": ("bert", "text"),
+}
+SUPPORTED = ", ".join(SUPPORTED_CLASSES)
+DUAL_CLASSES = ("CLIPModel", "SiglipModel")  # image and text towers; only the image one is pruned
 TEXT_BACKBONE_PARTS = {"embeddings", "encoder", "pooler"}
 
 
@@ -47,12 +85,53 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def supported_class(model: nn.Module) -> str:
+    """The supported transformers class `model` is (a ``Pruned*`` subclass counts as its stock
+    class), or ValueError naming the class and what is supported."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED_CLASSES:
+            return cls.__name__
+    raise ValueError(f"unsupported model class {type(model).__name__}: vit_pruning supports "
+                     f"{SUPPORTED}")
+
+
+def output_kind(model: nn.Module) -> str:
+    """What :func:`vit_pruning.measure.forward_output` returns for this model (see
+    :data:`SUPPORTED_CLASSES`); a SigLIP tower without its pooling head gives hidden states."""
+    kind = SUPPORTED_CLASSES[supported_class(model)][1]
+    if kind in ("pooled", "image_embeds") and not getattr(tower(model), "use_head", True):
+        return "hidden"
+    return kind
+
+
+def mae_noise(model: nn.Module, batch: int) -> torch.Tensor | None:
+    """ViTMAE shuffles (and masks) patches by random noise: a fixed ascending noise keeps them in
+    order, so the same images always give the same tokens (None for other models)."""
+    emb = getattr(tower(model), "embeddings", None)
+    if type(emb).__name__ != "ViTMAEEmbeddings":
+        return None
+    n = emb.patch_embeddings.num_patches
+    dev = emb.patch_embeddings.projection.weight.device
+    return torch.arange(n, device=dev, dtype=torch.float32).expand(batch, n)
+
+
+def _scale(block: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
+    """A layer-scale vector (DINOv2 ``layer_scale*.lambda1``, BEiT ``lambda_*``), or None."""
+    for name in names:
+        val = getattr(block, name, None)
+        if isinstance(val, nn.Module) and isinstance(getattr(val, "lambda1", None), torch.Tensor):
+            return val.lambda1
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
 @dataclass(frozen=True)
 class BlockParts:
     """The prunable pieces of one transformer block."""
 
     block: nn.Module
-    fc1: nn.Linear  # hidden -> intermediate
+    fc1: nn.Linear  # hidden -> intermediate (SwiGLU: up_proj; 4.x DINOv2: gate and up fused)
     fc2: nn.Linear  # intermediate -> hidden
     attention: nn.Module  # the attention sublayer (projections included)
     attention_owner: nn.Module  # module holding `attention` as attribute `attention_attr`
@@ -64,22 +143,48 @@ class BlockParts:
     act_fn: Callable[[torch.Tensor], torch.Tensor]  # the MLP nonlinearity
     post_norm: bool = False  # BERT-style: y = LN(x + sublayer(x))
     attention_returns_tuple: bool = True  # what the attention module returns
+    gate: nn.Linear | None = None  # SwiGLU gate_proj (5.x)
+    fused: bool = False  # fc1 holds [gate; up] (4.x SwiGLU): neuron j is rows j and j + width
+    mlp_scale: torch.Tensor | None = None  # layer scale on the MLP's output (DINOv2, BEiT)
+
+    def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's hidden activations (fc2's input) for the MLP's input `x`."""
+        if self.fused:
+            gate, up = self.fc1(x).chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        if self.gate is not None:
+            return self.act_fn(self.gate(x)) * self.fc1(x)
+        return self.act_fn(self.fc1(x))
+
+    def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP sublayer adds to the stream for its input `x` (layer scale included)."""
+        out = self.fc2(self.hidden_act(x))
+        return out if self.mlp_scale is None else self.mlp_scale * out
 
     def mlp_residual(self, x_mid: torch.Tensor) -> torch.Tensor:
         """The block's second half from the stream after attention: x + MLP(LN(x)) pre-norm,
         LN(x + MLP(x)) post-norm."""
         if self.post_norm:
-            return self.norm_after(x_mid + self.fc2(self.act_fn(self.fc1(x_mid))))
-        return x_mid + self.fc2(self.act_fn(self.fc1(self.norm_after(x_mid))))
+            return self.norm_after(x_mid + self.mlp_out(x_mid))
+        return x_mid + self.mlp_out(self.norm_after(x_mid))
 
-    def attention_stream(self, x: torch.Tensor) -> torch.Tensor:
-        """The stream after the attention sublayer: x + attn(LN(x)) pre-norm, LN(x + attn(x))
-        post-norm."""
-        if self.post_norm:
-            out = self.attention(x)
-            return out[0] if isinstance(out, tuple) else out
-        out = self.attention(self.norm_before(x))
-        return x + (out[0] if isinstance(out, tuple) else out)
+    @property
+    def in_projections(self) -> tuple[nn.Linear, ...]:
+        """The linears with one row (two when fused) per hidden neuron."""
+        return (self.fc1,) if self.gate is None else (self.fc1, self.gate)
+
+    @property
+    def in_weights(self) -> list[torch.Tensor]:
+        """(width, hidden) weight matrices, one per input projection (fused ones split)."""
+        if self.fused:
+            return list(self.fc1.weight.chunk(2, dim=0))
+        return [fc.weight for fc in self.in_projections]
+
+    @property
+    def neuron_params(self) -> int:
+        """Parameters one hidden neuron holds: its input rows (+ biases) and its fc2 column."""
+        rows = sum(fc.in_features + (fc.bias is not None) for fc in self.in_projections)
+        return rows * (2 if self.fused else 1) + self.fc2.out_features
 
     @property
     def sum_module(self) -> nn.Module | None:
@@ -89,16 +194,28 @@ class BlockParts:
 
     @property
     def attention_params(self) -> int:
-        """Parameters that removing the attention sublayer frees (0 if already removed)."""
+        """Parameters that removing the attention sublayer frees (0 if already removed): its
+        projections, pre-norm, layer scale and per-block relative position bias."""
         if self.attention_removed:
             return 0
         att = sum(p.numel() for p in self.attention.parameters())
         norm = sum(p.numel() for p in self.norm_before.parameters())
-        return att - norm if self.post_norm else att + norm
+        if self.post_norm:
+            return att - norm
+        extra = 0
+        scale = attention_scale_attr(self.block)
+        if scale is not None:
+            val = getattr(self.block, scale)
+            extra += sum(p.numel() for p in val.parameters()) if isinstance(val, nn.Module) \
+                else val.numel()
+        bias = getattr(self.block, "relative_position_bias", None)
+        if isinstance(bias, nn.Module):
+            extra += sum(p.numel() for p in bias.parameters())
+        return att + norm + extra
 
     @property
     def intermediate_size(self) -> int:
-        return self.fc1.out_features
+        return self.fc2.in_features
 
 
 @dataclass(frozen=True)
@@ -106,15 +223,18 @@ class Anatomy:
     """Where things are in one model. Re-resolve after any surgery."""
 
     model: nn.Module
-    backbone: nn.Module  # ViTModel / DeiTModel
+    backbone: nn.Module  # the tower holding embeddings and blocks (ViTModel, vision_model, ...)
     blocks: nn.ModuleList
     blocks_owner: nn.Module  # holds `blocks` as attribute `blocks_attr`
     blocks_attr: str
     parts: tuple[BlockParts, ...]
     hidden_size: int
     num_heads: int
-    layout: str  # "v5" or "v4" (ViT/DeiT), "bert" (text encoders, same in both majors)
+    layout: str  # "v5" or "v4" (ViT/DeiT), "bert" (text encoders), else the family name
     has_classifier: bool
+    family: str = "vit"
+    output: str = "logits"  # see SUPPORTED_CLASSES
+    image_size: int = 224
 
     @property
     def is_text(self) -> bool:
@@ -126,70 +246,112 @@ class Anatomy:
         emb = self.backbone.embeddings
         if self.is_text:
             return emb(input_ids=inputs)
-        dtype = emb.patch_embeddings.projection.weight.dtype
-        return emb(inputs.to(dtype))
+        proj = getattr(emb, "patch_embeddings", None)
+        conv = getattr(proj, "projection", None) or getattr(emb, "patch_embedding", None)
+        x = inputs.to(conv.weight.dtype)
+        if self.family == "vitmae":
+            return emb(x, noise=mae_noise(self.model, len(x)))[0]
+        out = emb(x)
+        out = out[0] if isinstance(out, tuple) else out  # 4.x BEiT: (embeddings, patch grid)
+        pre = getattr(self.backbone, "pre_layrnorm", None)  # CLIP's LayerNorm before block 0
+        return pre(out) if pre is not None else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output of the last block -> logits (classifiers), final normed hidden states
-        (headless ViT), or the mean-pooled sentence embedding (text encoders)."""
+        """Output of the last block -> what the model's forward gives (see
+        :data:`SUPPORTED_CLASSES`): logits, final hidden states, image or sentence embedding."""
         if self.is_text:
             return mean_pool(hidden)
-        out = self.backbone.layernorm(hidden)
-        if self.has_classifier:
-            return self.model.classifier(out[:, 0, :])
-        return out
+        model, tw = self.model, self.backbone
+        if self.family in ("clip", "siglip"):
+            post = tw.post_layernorm
+            if self.family == "clip":
+                if self.output == "logits":
+                    return model.classifier(hidden[:, 1:].mean(1))
+                pooled = post(hidden[:, 0])
+                return model.visual_projection(pooled) if self.output == "image_embeds" else pooled
+            out = post(hidden)
+            if self.output == "logits":
+                return model.classifier(out.mean(1))
+            return out if self.output == "hidden" else tw.head(out)
+        out = tw.layernorm(hidden)
+        if self.output != "logits":
+            return out
+        if self.family == "dinov2":
+            return model.classifier(torch.cat([out[:, 0], out[:, 1:].mean(1)], dim=-1))
+        if self.family == "beit":
+            return model.classifier(tw.pooler(out))
+        return model.classifier(out[:, 0, :])
+
+    def _block_kwargs(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        """The extra arguments the family's encoder passes each block."""
+        params = list(inspect.signature(type(self.blocks[0]).forward).parameters.values())[2:]
+        # arguments without a default (CLIP / SigLIP attention masks): None, images have none
+        args = tuple(None for p in params if p.default is inspect.Parameter.empty
+                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if self.family != "beit":
+            return args, {}
+        size = (self.image_size, self.image_size)
+        kwargs: dict = {"resolution": size}
+        names = {p.name for p in params}
+        shared = getattr(self.backbone, "shared_position_bias", None)  # 5.x
+        if shared is None and getattr(getattr(self.backbone, "encoder", None),
+                                      "has_relative_position_bias", False):
+            shared = self.backbone.encoder.relative_position_bias  # 4.x
+        if shared is not None:
+            patch = int(tower_config(self.model.config).patch_size)
+            bias = shared((size[0] // patch, size[1] // patch), interpolate_pos_encoding=False,
+                          dim_size=hidden.shape[1])
+            kwargs["attention_mask" if "attention_mask" in names else "relative_position_bias"] = bias
+        return args, kwargs
 
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None,
                    skip: Collection[int] = ()) -> torch.Tensor:
         """Run blocks[start:stop] on `hidden`, leaving the blocks in `skip` out."""
         stop = len(self.blocks) if stop is None else stop
+        args, kwargs = self._block_kwargs(hidden)
         for i in range(start, stop):
             if i in skip:
                 continue
-            out = self.blocks[i](hidden)
+            out = self.blocks[i](hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-
-def _backbone(model: nn.Module) -> tuple[nn.Module, bool]:
-    """(backbone, has_classifier). A wrapper must have exactly one `classifier` on the [CLS]
-    token: other heads (DeiT's distillation pair, masked-image decoders) would make the
-    segmented forward disagree with the model's own, so they are rejected."""
-    for attr in ("vit", "deit"):
-        sub = getattr(model, attr, None)
-        if isinstance(sub, nn.Module) and hasattr(sub, "embeddings"):
-            if isinstance(getattr(model, "classifier", None), nn.Module):
-                return sub, True
-            break
-    else:
-        if hasattr(model, "embeddings") and hasattr(model, "layernorm"):
-            return model, False
-        if hasattr(getattr(model, "embeddings", None), "word_embeddings"):
-            extra = sorted(set(n for n, _ in model.named_children()) - TEXT_BACKBONE_PARTS)
-            if not extra:
-                return model, False  # a headless text encoder (BertModel, RobertaModel)
-            raise ValueError(
-                f"unsupported model class {type(model).__name__}: a text model with "
-                f"{', '.join(extra)} besides embeddings -> encoder (heads and embedding "
-                f"projections are not supported); vit_pruning supports {SUPPORTED}")
-    raise ValueError(
-        f"unsupported model class {type(model).__name__}: vit_pruning supports {SUPPORTED}"
-    )
+    def attention_stream(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual stream after block `index`'s attention sublayer, for block input
+        `hidden` (pre-norm: the MLP's LayerNorm input; post-norm: its attention output)."""
+        parts = self.parts[index]
+        if parts.post_norm:
+            out = parts.attention(hidden)
+            return out[0] if isinstance(out, tuple) else out
+        seen: list[torch.Tensor] = []
+        handle = parts.norm_after.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+        try:
+            self.run_blocks(hidden, index, index + 1)
+        finally:
+            handle.remove()
+        return seen[0]
 
 
-def _bert_block_parts(block: nn.Module) -> BlockParts | None:
-    """A post-LayerNorm BERT block, or None if `block` is not one."""
+def _text_backbone(model: nn.Module) -> None:
+    extra = sorted(set(n for n, _ in model.named_children()) - TEXT_BACKBONE_PARTS)
+    if extra:
+        raise ValueError(
+            f"unsupported model class {type(model).__name__}: a text model with "
+            f"{', '.join(extra)} besides embeddings -> encoder (heads and embedding "
+            f"projections are not supported); vit_pruning supports {SUPPORTED}")
+
+
+def _bert_block_parts(block: nn.Module) -> BlockParts:
+    """A post-LayerNorm BERT block."""
     att, out = getattr(block, "attention", None), getattr(block, "output", None)
     inter = getattr(block, "intermediate", None)
-    if not (isinstance(getattr(out, "LayerNorm", None), nn.Module) and inter is not None
-            and isinstance(getattr(out, "dense", None), nn.Linear) and att is not None):
-        return None
     if getattr(block, "crossattention", None) is not None:
         raise ValueError(f"unsupported block class {type(block).__name__}: blocks with "
                          f"cross-attention (decoders) are not supported; supported: {SUPPORTED}")
     norm = getattr(getattr(att, "output", None), "LayerNorm", None)
-    if not isinstance(norm, nn.Module) or not (isinstance(att, PostNormAttentionBypass)
-                                               or hasattr(att, "self")):
+    if not (isinstance(norm, nn.Module) and isinstance(getattr(out, "LayerNorm", None), nn.Module)
+            and hasattr(inter, "dense") and (isinstance(att, PostNormAttentionBypass)
+                                             or hasattr(att, "self"))):
         raise ValueError(f"unsupported block class {type(block).__name__}: no "
                          f"attention.self/attention.output.LayerNorm; supported: {SUPPORTED}")
     return BlockParts(
@@ -200,62 +362,71 @@ def _bert_block_parts(block: nn.Module) -> BlockParts | None:
     )
 
 
-def _block_parts(block: nn.Module) -> tuple[BlockParts, str]:
-    if not hasattr(block, "layernorm_before"):
-        bert = _bert_block_parts(block)
-        if bert is not None:
-            return bert, "bert"
-    att = getattr(block, "attention", None)
-    norm = getattr(block, "layernorm_before", None)
+def _act_fn(block: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    if fused:
+        return F.silu  # transformers 4.x Dinov2SwiGLUFFN applies silu functionally
     mlp = getattr(block, "mlp", None)
-    if mlp is not None and hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
-        layout, fc1, fc2, act_fn = "v5", mlp.fc1, mlp.fc2, mlp.activation_fn
-    elif hasattr(block, "intermediate") and hasattr(block, "output"):
-        layout, fc1, fc2 = "v4", block.intermediate.dense, block.output.dense
-        act_fn = block.intermediate.intermediate_act_fn
-    else:
-        raise ValueError(
-            f"unsupported block class {type(block).__name__}: expected an MLP as mlp.fc1/mlp.fc2 "
-            f"(transformers 5.x) or intermediate.dense/output.dense (4.x); supported: {SUPPORTED}"
-        )
-    if att is None or norm is None:
-        raise ValueError(
-            f"unsupported block class {type(block).__name__}: no attention/layernorm_before; "
-            f"supported: {SUPPORTED}"
-        )
-    parts = BlockParts(
-        block=block, fc1=fc1, fc2=fc2, attention=att, attention_owner=block,
-        attention_attr="attention", norm_before=norm,
+    for owner, name in ((mlp, "activation_fn"), (mlp, "act_fn"), (mlp, "activation"),
+                        (getattr(block, "intermediate", None), "intermediate_act_fn")):
+        if callable(getattr(owner, name, None)):
+            return getattr(owner, name)
+    raise ValueError(f"unsupported block class {type(block).__name__}: no MLP activation found")
+
+
+def _block_parts(block: nn.Module) -> BlockParts:
+    if is_post_norm(block):
+        return _bert_block_parts(block)
+    ins, (own2, n2), fused = mlp_slots(block)
+    att_attr, norm_attr = first_attr(block, ATTENTION), first_attr(block, NORM_BEFORE)
+    after_attr = first_attr(block, NORM_AFTER)
+    if att_attr is None or norm_attr is None or after_attr is None:
+        raise ValueError(f"unsupported block class {type(block).__name__}: expected an attention "
+                         f"sublayer and two LayerNorms ({'/'.join(NORM_BEFORE)}, "
+                         f"{'/'.join(NORM_AFTER)}); supported: {SUPPORTED}")
+    att = getattr(block, att_attr)
+    return BlockParts(
+        block=block, fc1=getattr(*ins[0]), fc2=getattr(own2, n2), attention=att,
+        attention_owner=block, attention_attr=att_attr, norm_before=getattr(block, norm_attr),
         attention_removed=isinstance(att, AttentionBypass),
-        norm_after=block.layernorm_after, act_fn=act_fn,
+        norm_after=getattr(block, after_attr), act_fn=_act_fn(block, fused),
         attention_returns_tuple=attention_returns_tuple(block),
+        gate=getattr(*ins[1]) if len(ins) > 1 else None, fused=fused,
+        mlp_scale=_scale(block, ("layer_scale2", "lambda_2")),
     )
-    return parts, layout
 
 
 def resolve(model: nn.Module) -> Anatomy:
     """Resolve the anatomy of a supported model, or raise ValueError naming what is supported."""
-    backbone, has_classifier = _backbone(model)
-    if isinstance(getattr(backbone, "layers", None), nn.ModuleList):
-        owner, attr = backbone, "layers"
-    elif isinstance(getattr(getattr(backbone, "encoder", None), "layer", None), nn.ModuleList):
-        owner, attr = backbone.encoder, "layer"
-    else:
-        raise ValueError(
-            f"unsupported model class {type(model).__name__}: no block list found; "
-            f"vit_pruning supports {SUPPORTED}"
-        )
+    name = supported_class(model)
+    family = SUPPORTED_CLASSES[name][0]
+    backbone = tower(model)
+    if family == "bert":
+        _text_backbone(model)
+    owner, attr = None, None
+    for cand_owner, cand_attr in ((backbone, "layers"), (getattr(backbone, "encoder", None), "layer"),
+                                  (getattr(backbone, "encoder", None), "layers")):
+        if isinstance(getattr(cand_owner, cand_attr, None), nn.ModuleList):
+            owner, attr = cand_owner, cand_attr
+            break
+    if owner is None:
+        raise ValueError(f"unsupported model class {type(model).__name__}: no block list found; "
+                         f"vit_pruning supports {SUPPORTED}")
     blocks = getattr(owner, attr)
-    resolved = [_block_parts(b) for b in blocks]
-    if not resolved:
+    parts = tuple(_block_parts(b) for b in blocks)
+    if not parts:
         raise ValueError(f"model {type(model).__name__} has no transformer blocks left")
-    layouts = {lay for _, lay in resolved}
-    cfg = model.config
+    if family == "vit":
+        layout = "v5" if attr == "layers" else "v4"
+    else:
+        layout = family
+    cfg = tower_config(model.config)
+    size = getattr(cfg, "image_size", 224)
+    kind = output_kind(model)
     return Anatomy(
         model=model, backbone=backbone, blocks=blocks, blocks_owner=owner, blocks_attr=attr,
-        parts=tuple(p for p, _ in resolved), hidden_size=int(cfg.hidden_size),
-        num_heads=int(cfg.num_attention_heads), layout=layouts.pop(),
-        has_classifier=has_classifier,
+        parts=parts, hidden_size=int(cfg.hidden_size), num_heads=int(cfg.num_attention_heads),
+        layout=layout, has_classifier=kind == "logits", family=family, output=kind,
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
     )
 
 

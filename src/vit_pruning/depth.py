@@ -111,9 +111,9 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
     try:
         for x in pixel_batches:
             h = an.embed(x)
-            for i, parts in enumerate(an.parts):
+            for i in range(len(an.parts)):
                 out = an.run_blocks(h, i, i + 1)
-                ref = out if unit == "block" else parts.attention_stream(h)
+                ref = out if unit == "block" else an.attention_stream(i, h)
                 total[i] += (1 - F.cosine_similarity(h.double(), ref.double(), dim=-1).mean()) * len(x)
                 h = out
     finally:

@@ -52,7 +52,7 @@ class DistillResult:
 
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
-    """The parameters `train` names: "all", "mlp" (every block's fc1 and fc2), "norms"
+    """The parameters `train` names: "all", "mlp" (every block's fc1, SwiGLU gate and fc2), "norms"
     (LayerNorms) or "fc2" (every block's fc2: what the least-squares refit wrote)."""
     if train not in TRAINABLE:
         raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
@@ -63,7 +63,7 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
         mods = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     else:
         mods = [m for parts in anatomy.parts
-                for m in ((parts.fc2,) if train == "fc2" else (parts.fc1, parts.fc2))]
+                for m in ((parts.fc2,) if train == "fc2" else (*parts.in_projections, parts.fc2))]
     seen, out = set(), []
     for m in mods:
         for p in m.parameters():

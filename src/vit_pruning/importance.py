@@ -24,7 +24,8 @@ class MLPStats:
     score_sum: torch.Tensor  # (I,) sum over images of the L2 norm over tokens
     images: int
     gram: torch.Tensor | None  # (I+1, I+1) Gram of [activation, 1] over all tokens (float32)
-    cross: torch.Tensor | None  # (I+1, H) [activation, 1]^T @ (what fc2 should output)
+    cross: torch.Tensor | None  # (I+1, H) [activation, 1]^T @ (what the MLP sublayer should add
+    # to the residual stream: fc2's output times the layer scale, where there is one)
 
     @property
     def score(self) -> torch.Tensor:
@@ -100,6 +101,9 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
     """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs, and
     residual streams after attention (the MLP's input side, for re-running only the MLP).
 
+    The fit targets are what the MLP sublayer adds to the stream (fc2's output times the layer
+    scale): :func:`vit_pruning.width.refit_fc2` divides the scale out of the solution.
+
     refit: None (scores only); "block" (fc2 should reproduce its own current output); "model"
         (the block's residual sum should reproduce `targets`, the unpruned model's residual sums
         from :func:`block_output_and_sum`, so the refit also absorbs error from earlier pruning).
@@ -107,21 +111,25 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
     """
     stats: MLPStats | None = None
     outputs, mids = [], []
-    fc2 = anatomy.parts[index].fc2
-    post_norm = anatomy.parts[index].post_norm
+    parts = anatomy.parts[index]
+    # pre-norm: the stream after attention is the MLP LayerNorm's input; post-norm it is the
+    # residual sum less what fc2 added
+    capture = [parts.fc2] if parts.post_norm else [parts.fc2, parts.norm_after]
+    scale = 1.0 if parts.mlp_scale is None else parts.mlp_scale
     for b, h in enumerate(inputs):
-        out, total, [(act, fc2_out)] = block_output_and_sum(anatomy, index, h, [fc2])
+        out, total, seen = block_output_and_sum(anatomy, index, h, capture)
+        act, fc2_out = seen[0]
         outputs.append(out)
-        mids.append(total - fc2_out)  # fc2's output is added to the residual stream as is
+        mids.append(total - fc2_out if parts.post_norm else seen[1][0])
         if fit is not None and b >= fit:
             continue
         target = None
         if refit == "block":
-            target = fc2_out
+            target = scale * fc2_out  # what the MLP sublayer adds to the stream
         elif refit == "model":
-            target = targets[b] - mids[-1]  # what fc2 must add to the residual stream
+            target = targets[b] - mids[-1]  # what the MLP sublayer must add to the stream
         weight = None
-        if target is not None and post_norm:  # the closing LayerNorm divides each token's
+        if target is not None and parts.post_norm:  # the closing LayerNorm divides each token's
             # error by that token's spread: weight the fit the same way
             weight = 1.0 / (targets[b] if refit == "model" else total).std(-1, unbiased=False).clamp_min(1e-6)
         stats = accumulate(stats, act, target, weight)
@@ -144,7 +152,7 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
         hidden = [anatomy.embed(x) for x in pixel_batches]
         for i, parts in enumerate(anatomy.parts):
             if i in skip:
-                scores.append(torch.zeros(parts.intermediate_size, device=parts.fc1.weight.device))
+                scores.append(torch.zeros(parts.intermediate_size, device=parts.fc2.weight.device))
                 continue
             stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
             scores.append(stats.score)
@@ -155,8 +163,15 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
 
 @torch.no_grad()
 def magnitude_scores(anatomy: Anatomy) -> list[torch.Tensor]:
-    """Data-free fallback: L1 norm of each neuron's fc1 row times L1 of its fc2 column."""
-    return [p.fc1.weight.abs().sum(1) * p.fc2.weight.abs().sum(0) for p in anatomy.parts]
+    """Data-free fallback: L1 norm of each neuron's fc1 row(s) (SwiGLU: gate and up rows
+    multiplied) times L1 of its fc2 column."""
+    out = []
+    for p in anatomy.parts:
+        score = p.fc2.weight.abs().sum(0)
+        for w in p.in_weights:
+            score = score * w.abs().sum(1)
+        out.append(score)
+    return out
 
 
 def normalized(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .anatomy import is_text_config, mean_pool, resolve
+from .anatomy import (DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve,
+                      supported_class)
+from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
 
 
@@ -24,16 +26,40 @@ def output_tensor(out) -> torch.Tensor:
 
 
 def forward_output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits for a classifier, last hidden state for a headless backbone, and the mean-pooled
+    """What fidelity is measured on (see :data:`vit_pruning.anatomy.SUPPORTED_CLASSES`): logits
+    for a classifier, the last hidden state for a headless backbone, the image embedding for
+    CLIP / SigLIP (towers and dual models: only the image path runs), and the mean-pooled
     sentence embedding for a text encoder (`inputs`: padding-free token ids)."""
     if not inputs.is_floating_point():
         return mean_pool(output_tensor(model(input_ids=inputs)))
-    return output_tensor(model(pixel_values=inputs))
+    kind = output_kind(model)
+    if kind == "image_embeds":
+        out = model.get_image_features(pixel_values=inputs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # 5.x: an output object
+    noise = mae_noise(model, len(inputs))
+    out = model(pixel_values=inputs, **({} if noise is None else {"noise": noise}))
+    if kind == "pooled":
+        return out.pooler_output
+    return output_tensor(out)
 
 
 def count_total_params(model: nn.Module) -> int:
-    """All parameters of the model as passed (embeddings, blocks, norms, head), shared ones once."""
+    """All parameters of the model as passed (embeddings, blocks, norms, head), shared ones
+    once; for a dual CLIP / SigLIP model those of its image path (vision tower and projection),
+    the part pruning and fidelity concern."""
+    if _is_supported(model) and supported_class(model) in DUAL_CLASSES:
+        parts = [model.vision_model] + [getattr(model, a) for a in ("visual_projection",)
+                                        if isinstance(getattr(model, a, None), nn.Module)]
+        return sum(p.numel() for m in parts for p in m.parameters())
     return sum(p.numel() for p in model.parameters())
+
+
+def _is_supported(model: nn.Module) -> bool:
+    try:
+        supported_class(model)
+    except ValueError:
+        return False
+    return True
 
 
 def count_block_params(model: nn.Module) -> list[int]:
@@ -57,7 +83,7 @@ def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None
     """A deterministic random input batch for the model: images of `image_size` (default: the
     config's), or `seq_len` token ids for a text encoder."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
+    cfg = tower_config(model.config)
     if is_text_config(cfg):
         ids = torch.randint(1, int(cfg.vocab_size), (batch_size, seq_len), generator=gen)
         return {"input_ids": ids.to(_device_of(model))}
@@ -65,6 +91,12 @@ def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None
     channels = int(getattr(cfg, "num_channels", 3))
     x = torch.randn(batch_size, channels, size, size, generator=gen)
     return {"pixel_values": x.to(_device_of(model))}
+
+
+def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward on :func:`example_inputs`, the path :func:`forward_output` measures (a dual
+    CLIP / SigLIP model runs its image path only)."""
+    return forward_output(model, next(iter(inputs.values())))
 
 
 @torch.no_grad()
@@ -76,7 +108,7 @@ def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(**x)
+            run_model(model, x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -92,12 +124,12 @@ def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | Non
     sync = torch.cuda.synchronize if next(iter(x.values())).is_cuda else (lambda: None)
     try:
         for _ in range(warmup):
-            model(**x)
+            run_model(model, x)
         times = []
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
-            model(**x)
+            run_model(model, x)
             sync()
             times.append(time.perf_counter() - t0)
     finally:
@@ -159,20 +191,20 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
         with autocast_context(device, dtype):
             for _ in range(warmup):
                 for m in models.values():
-                    m(**x)
+                    run_model(m, x)
             for r in range(repeats):
                 order = names[r % len(names):] + names[:r % len(names)]
                 for n in order:
                     if cuda:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         start.record()
-                        models[n](**x)
+                        run_model(models[n], x)
                         end.record()
                         end.synchronize()
                         times[n].append(start.elapsed_time(end) / 1e3)
                     else:
                         t0 = time.perf_counter()
-                        models[n](**x)
+                        run_model(models[n], x)
                         times[n].append(time.perf_counter() - t0)
     finally:
         for n, m in models.items():

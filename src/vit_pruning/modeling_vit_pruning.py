@@ -15,23 +15,26 @@ with both transformers majors (4.x ``encoder.layer[i].intermediate.dense``, 5.x
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
-from transformers import (BertModel, DeiTForImageClassification, DeiTModel, RobertaModel,
-                          ViTForImageClassification, ViTModel)
 
 _TF_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
 
+# 4.x layers that, from 4.56 to the last 4.x, take a tensor from their attention module (older
+# 4.x versions index ``[0]``, 5.x unpacks a pair, and every other family indexes or unpacks)
+_TENSOR_ATTENTION_4X = {"ViTLayer", "DeiTLayer", "ViTMAELayer", "Dinov2Layer"}
+
 
 def attention_returns_tuple(block: nn.Module) -> bool:
-    """What a block expects its attention module to return. transformers 5.x layers unpack
-    ``hidden, _ = self.attention(...)``; post-LayerNorm (BERT) blocks index ``[0]`` in every
-    version; 4.x ViT layers index ``[0]`` up to 4.55 and take a tensor from 4.56 on."""
-    if hasattr(block, "mlp") or not hasattr(block, "layernorm_before"):
-        return True
-    return _TF_VERSION < (4, 56)
+    """What a block expects its attention module to return: a tuple (hidden, weights) or, for
+    the ViT-derived 4.x layers from 4.56 on, a tensor."""
+    if type(block).__name__ in _TENSOR_ATTENTION_4X:
+        return not ((4, 56) <= _TF_VERSION < (5, 0))
+    return True
 
 
 class AttentionBypass(nn.Module):
@@ -81,43 +84,136 @@ class AdapterHead(nn.Module):
         return self.head(x + self.up(F.gelu(self.down(x))))
 
 
+# where each family keeps its vision tower / encoder (the model itself when headless)
+TOWER_ATTRS = ("vit", "deit", "dinov2", "beit", "data2vec_vision", "vision_model")
+NORM_BEFORE = ("layernorm_before", "norm1", "layer_norm1")  # the attention sublayer's pre-norm
+NORM_AFTER = ("layernorm_after", "norm2", "layer_norm2")  # the MLP sublayer's pre-norm
+ATTENTION = ("attention", "self_attn")
+
+
+def tower(model: nn.Module) -> nn.Module:
+    """The module holding embeddings and blocks: ``model.vit``, ``model.vision_model``, ...
+    or the model itself."""
+    return next((getattr(model, a) for a in TOWER_ATTRS
+                 if isinstance(getattr(model, a, None), nn.Module)), model)
+
+
+def tower_config(config):
+    """The config describing the pruned tower (CLIP/SigLIP dual models nest it)."""
+    return getattr(config, "vision_config", None) or config
+
+
 def block_list(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a ViT/DeiT (either layout) or BERT-family model."""
-    base = next((getattr(model, a) for a in ("vit", "deit") if hasattr(model, a)), model)
-    if isinstance(getattr(base, "layers", None), nn.ModuleList):
-        return base.layers
-    return base.encoder.layer
+    """The transformer blocks: ``layers`` (5.x ViT-likes), ``encoder.layer`` (4.x, BERT, DINOv2)
+    or ``encoder.layers`` (CLIP, SigLIP)."""
+    base = tower(model)
+    for owner, attr in ((base, "layers"), (getattr(base, "encoder", None), "layer"),
+                        (getattr(base, "encoder", None), "layers")):
+        if isinstance(getattr(owner, attr, None), nn.ModuleList):
+            return getattr(owner, attr)
+    raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
 
 
-def mlp_slots(block: nn.Module) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-    """(owner, attribute) of a block's fc1 and fc2."""
-    if hasattr(block, "mlp"):
-        return (block.mlp, "fc1"), (block.mlp, "fc2")
-    return (block.intermediate, "dense"), (block.output, "dense")
+def first_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The first of `names` that `module` has as a submodule."""
+    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def mlp_slots(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str], bool]:
+    """Where a block's MLP linears are: (input projections, output projection, fused).
+
+    Each input projection has one row per hidden neuron (``fc1``; SwiGLU ``up_proj`` and
+    ``gate_proj``) and the output projection one column (``fc2``, ``down_proj``). ``fused``:
+    one input projection holds gate and up stacked (transformers 4.x DINOv2 ``weights_in``), so
+    neuron j is its rows j and j + width.
+    """
+    mlp = getattr(block, "mlp", None)
+    if mlp is not None and hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
+        return [(mlp, "fc1")], (mlp, "fc2"), False
+    if mlp is not None and hasattr(mlp, "gate_proj") and hasattr(mlp, "down_proj"):
+        return [(mlp, "up_proj"), (mlp, "gate_proj")], (mlp, "down_proj"), False
+    if mlp is not None and hasattr(mlp, "weights_in") and hasattr(mlp, "weights_out"):
+        return [(mlp, "weights_in")], (mlp, "weights_out"), True
+    inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if hasattr(inter, "dense") and hasattr(out, "dense"):
+        return [(inter, "dense")], (out, "dense"), False
+    raise ValueError(f"unsupported block class {type(block).__name__}: no MLP found (mlp.fc1/fc2, "
+                     f"mlp.gate_proj/up_proj/down_proj, mlp.weights_in/weights_out or "
+                     f"intermediate.dense/output.dense)")
+
+
+def neuron_rows(keep: torch.Tensor, width: int, fused: bool) -> torch.Tensor:
+    """Rows of an input projection that hold neurons `keep` (both halves when fused)."""
+    return torch.cat([keep, keep + width]) if fused else keep
 
 
 def is_post_norm(block: nn.Module) -> bool:
-    return not hasattr(block, "layernorm_before")
+    """BERT-style blocks: each sublayer's LayerNorm sits on the stream after the sum."""
+    return first_attr(block, NORM_BEFORE) is None and hasattr(block, "output")
 
 
-def bypass_attention(block: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Replace a block's attention sublayer by a bypass; return the originals (attention, norm).
-    Pre-norm (ViT): the sublayer and its LayerNorm go. Post-norm (BERT): q/k/v/o go, the
-    LayerNorm stays on the stream."""
-    old_att = block.attention
+def attention_scale_attr(block: nn.Module) -> str | None:
+    """The attention sublayer's layer scale: DINOv2 ``layer_scale1`` (a module), BEiT /
+    Data2Vec ``lambda_1`` (a parameter; a float when the model has none)."""
+    if isinstance(getattr(block, "layer_scale1", None), nn.Module):
+        return "layer_scale1"
+    if isinstance(getattr(block, "lambda_1", None), torch.Tensor):
+        return "lambda_1"
+    return None
+
+
+def _swap(owner: nn.Module, attr: str, new, saved: list) -> None:
+    saved.append((owner, attr, getattr(owner, attr)))
+    delattr(owner, attr)  # a parameter or module slot may get a plain value, and back
+    setattr(owner, attr, new)
+
+
+def restore_swapped(saved: list) -> None:
+    """Undo :func:`bypass_attention`."""
+    for owner, attr, old in reversed(saved):
+        delattr(owner, attr)
+        setattr(owner, attr, old)
+
+
+def bypass_attention(block: nn.Module) -> list:
+    """Remove a block's attention sublayer; return what :func:`restore_swapped` puts back.
+
+    Pre-norm blocks lose the attention module, its LayerNorm, its layer scale and a per-block
+    relative position bias (BEiT): the block computes ``x + MLP(LN(x))``. Post-norm (BERT):
+    q/k/v/o go, the LayerNorm stays on the stream: ``LN1(x + attn(x))`` becomes ``LN1(x)``.
+    """
+    saved: list = []
+    att_attr = first_attr(block, ATTENTION)
     if is_post_norm(block):
-        old_norm = old_att.output.LayerNorm
-        block.attention = PostNormAttentionBypass(old_norm)
-    else:
-        old_norm = block.layernorm_before
-        block.attention = AttentionBypass(attention_returns_tuple(block))
-        block.layernorm_before = nn.Identity()
-    return old_att, old_norm
+        _swap(block, att_attr, PostNormAttentionBypass(block.attention.output.LayerNorm), saved)
+        return saved
+    _swap(block, att_attr, AttentionBypass(attention_returns_tuple(block)), saved)
+    _swap(block, first_attr(block, NORM_BEFORE), nn.Identity(), saved)
+    scale = attention_scale_attr(block)
+    if scale == "layer_scale1":
+        _swap(block, scale, nn.Identity(), saved)
+    elif scale == "lambda_1":
+        _swap(block, scale, 1.0, saved)
+    if isinstance(getattr(block, "relative_position_bias", None), nn.Module):
+        _swap(block, "relative_position_bias", None, saved)
+    return saved
 
 
 def _resized(layer: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=layer.bias is not None,
                      device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def resize_mlp(block: nn.Module, width: int) -> None:
+    """Give a block's MLP `width` hidden neurons (fresh weights, loaded afterwards)."""
+    ins, (own2, n2), fused = mlp_slots(block)
+    fc2 = getattr(own2, n2)
+    if fc2.in_features == width:
+        return
+    for owner, name in ins:
+        fc = getattr(owner, name)
+        setattr(owner, name, _resized(fc, fc.in_features, width * (2 if fused else 1)))
+    setattr(own2, n2, _resized(fc2, width, fc2.out_features))
 
 
 def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
@@ -131,11 +227,7 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
         raise ValueError(f"config: vit_pruning.intermediate_sizes has {len(widths)} entries for "
                          f"{len(blocks)} blocks (num_hidden_layers)")
     for block, width in zip(blocks, widths):
-        (own1, n1), (own2, n2) = mlp_slots(block)
-        fc1, fc2 = getattr(own1, n1), getattr(own2, n2)
-        if fc1.out_features != width:
-            setattr(own1, n1, _resized(fc1, fc1.in_features, width))
-            setattr(own2, n2, _resized(fc2, width, fc2.out_features))
+        resize_mlp(block, int(width))
     for i in info.get("attention_removed") or []:
         if not 0 <= int(i) < len(blocks):
             raise ValueError(f"config: vit_pruning.attention_removed names block {i}, the model "
@@ -143,9 +235,29 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
         bypass_attention(blocks[int(i)])
     head = info.get("head") or {}
     if head.get("kind") == "adapter":
-        model.classifier = AdapterHead(model.config.hidden_size, head["num_labels"],
-                                       bottleneck=head["bottleneck"])
+        model.classifier = AdapterHead(head.get("in_features") or model.config.hidden_size,
+                                       head["num_labels"], bottleneck=head["bottleneck"])
     return model
+
+
+def set_config_width(config, width: int) -> bool:
+    """Make `config` build MLPs `width` wide; False if it cannot say so exactly (DINOv2 states
+    a ratio, and its SwiGLU rounds to multiples of 8)."""
+    cfg = tower_config(config)
+    if hasattr(cfg, "mlp_ratio") and not hasattr(cfg, "intermediate_size"):
+        hidden = int(cfg.hidden_size)
+        swiglu = bool(getattr(cfg, "use_swiglu_ffn", False))
+        inner = -(-width * 3 // 2) if swiglu else width  # the width before SwiGLU's 2/3
+        ratio = inner / hidden
+        while int(hidden * ratio) < inner:
+            ratio = math.nextafter(ratio, math.inf)
+        cfg.mlp_ratio = ratio
+        built = int(hidden * ratio)
+        if swiglu:
+            built = (int(built * 2 / 3) + 7) // 8 * 8
+        return built == width
+    cfg.intermediate_size = width
+    return True
 
 
 def _prepared(config):
@@ -154,8 +266,8 @@ def _prepared(config):
     info = getattr(config, "vit_pruning", None) or {}
     widths = info.get("intermediate_sizes")
     if widths:
-        config.num_hidden_layers = len(widths)
-        config.intermediate_size = max(widths)
+        tower_config(config).num_hidden_layers = len(widths)
+        set_config_width(config, max(widths))
     return config
 
 
@@ -180,44 +292,43 @@ class _Pruned:
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
-class PrunedViTModel(_Pruned, ViTModel):
-    _headless = True
+def _pruned_class(stock: type, headless: bool) -> type:
+    return type(f"Pruned{stock.__name__}", (_Pruned, stock),
+                {"_headless": headless, "__module__": __name__,
+                 "__doc__": f"{stock.__name__} with the structure its config's vit_pruning entry "
+                            f"describes (see the module docstring)."})
 
 
-class PrunedViTForImageClassification(_Pruned, ViTForImageClassification):
-    pass
-
-
-class PrunedDeiTModel(_Pruned, DeiTModel):
-    _headless = True
-
-
-class PrunedDeiTForImageClassification(_Pruned, DeiTForImageClassification):
-    pass
-
-
-class PrunedBertModel(_Pruned, BertModel):
-    _headless = True
-
-
-class PrunedRobertaModel(_Pruned, RobertaModel):
-    _headless = True
-
-
-# stock class name -> (pruned class, the Auto classes that load it)
-PRUNED_CLASSES = {
-    "ViTModel": (PrunedViTModel, ("AutoModel",)),
-    "ViTForImageClassification": (PrunedViTForImageClassification,
-                                  ("AutoModelForImageClassification",)),
-    "DeiTModel": (PrunedDeiTModel, ("AutoModel",)),
-    "DeiTForImageClassification": (PrunedDeiTForImageClassification,
-                                   ("AutoModelForImageClassification",)),
-    "BertModel": (PrunedBertModel, ("AutoModel",)),
-    "RobertaModel": (PrunedRobertaModel, ("AutoModel",)),
+# stock class -> (takes add_pooling_layer, the Auto class that loads it)
+_STOCK = {
+    "ViTModel": (True, "AutoModel"),
+    "ViTForImageClassification": (False, "AutoModelForImageClassification"),
+    "DeiTModel": (True, "AutoModel"),
+    "DeiTForImageClassification": (False, "AutoModelForImageClassification"),
+    "ViTMAEModel": (False, "AutoModel"),
+    "Dinov2Model": (False, "AutoModel"),
+    "Dinov2ForImageClassification": (False, "AutoModelForImageClassification"),
+    "BeitModel": (True, "AutoModel"),
+    "BeitForImageClassification": (False, "AutoModelForImageClassification"),
+    "Data2VecVisionModel": (True, "AutoModel"),
+    "Data2VecVisionForImageClassification": (False, "AutoModelForImageClassification"),
+    "CLIPVisionModel": (False, "AutoModel"),
+    "CLIPModel": (False, "AutoModel"),
+    "CLIPForImageClassification": (False, "AutoModelForImageClassification"),
+    "SiglipVisionModel": (False, "AutoModel"),
+    "SiglipModel": (False, "AutoModel"),
+    "SiglipForImageClassification": (False, "AutoModelForImageClassification"),
+    "BertModel": (True, "AutoModel"),
+    "RobertaModel": (True, "AutoModel"),
 }
 
-for _pruned, _autos in PRUNED_CLASSES.values():
-    _pruned._auto_class = _autos[0]  # model.save_pretrained copies this file and writes auto_map
+# stock class name -> (pruned class, the Auto classes that load it)
+PRUNED_CLASSES = {}
+for _name, (_headless, _auto) in _STOCK.items():
+    _pruned = _pruned_class(getattr(transformers, _name), _headless)
+    _pruned._auto_class = _auto  # model.save_pretrained copies this file and writes auto_map
+    globals()[_pruned.__name__] = _pruned  # importable by name (auto_map, pickling)
+    PRUNED_CLASSES[_name] = (_pruned, (_auto,))
 
 
 def _register_key_renames() -> None:
@@ -229,7 +340,8 @@ def _register_key_renames() -> None:
                                                      register_checkpoint_conversion_mapping)
     except ImportError:
         return  # transformers 4.x: the 4.x names are its own
-    for pruned in (PrunedViTModel, PrunedDeiTModel):
+    for stock in ("ViTModel", "DeiTModel"):
+        pruned = PRUNED_CLASSES[stock][0]
         mapping = get_checkpoint_conversion_mapping("ViTModel")
         if mapping:
             register_checkpoint_conversion_mapping(pruned.__name__, mapping, overwrite=True)

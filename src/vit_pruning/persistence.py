@@ -84,7 +84,8 @@ class SavedModel:
 
 
 def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as saved: contiguous tensors, ViT/DeiT block names in the 4.x layout."""
+    """The state dict as saved: contiguous tensors, ViT/DeiT block names in the 4.x layout (other
+    families keep the names of the transformers that saved them)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return translate_keys(state, "v4") if resolve(model).layout == "v5" else state
 
@@ -97,7 +98,7 @@ def saved_config(model: nn.Module, metadata: dict | None = None):
     cfg = copy.deepcopy(model.config)
     plain = is_plain(anatomy)
     cfg.vit_pruning = {**cfg.vit_pruning, "format": FORMAT_VERSION, "layout":
-                       "bert" if anatomy.layout == "bert" else "v4",
+                       "v4" if anatomy.layout in ("v4", "v5") else anatomy.layout,
                        "saved_as": "plain" if plain else "remote-code",
                        "loader": "vit_pruning.load_pruned_model",
                        # the attention kernel the pruned model ran with (sdpa and eager differ in
@@ -179,11 +180,14 @@ def check_saved_folder(path: str | Path) -> None:
     if info and arch not in SUPPORTED_CLASSES and arch not in {c.__name__ for c, _ in PRUNED_CLASSES.values()}:
         raise ValueError(f"{path}: architecture {arch!r} is not one vit_pruning saves "
                          f"({', '.join(SUPPORTED_CLASSES)})")
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("text_model.")}  # CLIP/SigLIP
+    # text towers are never pruned; their blocks are not the ones the config entry describes
     blocks = {int(m.group(1)) for k in shapes for m in [_BLOCK.search(k)] if m}
     if not blocks:
         return  # not a block-structured model: transformers decides
-    depth = raw.get("num_hidden_layers")
-    widths = info.get("intermediate_sizes") or [raw.get("intermediate_size")] * len(blocks)
+    tower_raw = raw.get("vision_config") or raw
+    depth = tower_raw.get("num_hidden_layers")
+    widths = info.get("intermediate_sizes") or [tower_raw.get("intermediate_size")] * len(blocks)
     if depth is not None and (len(blocks) != depth or len(widths) != depth):
         raise ValueError(f"{path}: config says {depth} blocks (num_hidden_layers), the weights "
                          f"hold {len(blocks)}")
@@ -215,7 +219,7 @@ def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> n
     model = PRUNED_CLASSES[stock][0](config)
     state = load_file(str(path / "model.safetensors"))
     layout = resolve(model).layout
-    if layout != "bert" and any(".layers." in "." + k for k in state) != (layout == "v5"):
+    if layout in ("v4", "v5") and any(".layers." in "." + k for k in state) != (layout == "v5"):
         state = translate_keys(state, to=layout)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -122,8 +122,13 @@ def model_shape(model: nn.Module) -> ModelShape:
     def n(mod: nn.Module) -> int:
         return sum(p.numel() for p in mod.parameters())
 
+    per_neuron = {p.neuron_params for p in an.parts}
+    if len(per_neuron) != 1:
+        raise ValueError(f"{type(model).__name__}: blocks differ in parameters per MLP neuron "
+                         f"({sorted(per_neuron)}); the planner needs one")
     return ModelShape(
         total_params=count_total_params(model), hidden_size=an.hidden_size,
+        params_per_neuron=per_neuron.pop(),
         widths=tuple(p.intermediate_size for p in an.parts),
         block_params=tuple(n(p.block) for p in an.parts),
         attention_params=tuple(p.attention_params for p in an.parts),

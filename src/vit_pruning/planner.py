@@ -4,7 +4,8 @@ Pure arithmetic on a :class:`ModelShape` (integers in, a frozen :class:`PruningP
 
 Sparsity is ``1 - params_after / params_before`` over the whole model as passed (embeddings,
 blocks, norms and head included). Removing ``n`` neurons from a block removes exactly
-``n * (2 * hidden + 1)`` parameters (a row + bias of fc1, a column of fc2), so after choosing the
+``n * (2 * hidden + 1)`` parameters (a row + bias of fc1, a column of fc2; SwiGLU adds a gate
+row: :attr:`ModelShape.neuron_params`), so after choosing the
 depth units the neuron count is the rounded remainder and the plan misses the target by at most
 half a neuron's parameters.
 
@@ -39,6 +40,8 @@ class ModelShape:
     widths: tuple[int, ...]  # MLP hidden width of each block
     block_params: tuple[int, ...]  # all parameters of each block
     attention_params: tuple[int, ...]  # attention sublayer + its pre-norm (0 if already removed)
+    params_per_neuron: int | None = None  # parameters one MLP neuron holds; None: 2 * hidden + 1
+    # (an fc1 row with its bias and an fc2 column; SwiGLU MLPs hold a gate row too)
 
     @property
     def num_blocks(self) -> int:
@@ -46,7 +49,7 @@ class ModelShape:
 
     @property
     def neuron_params(self) -> int:
-        return 2 * self.hidden_size + 1
+        return self.params_per_neuron or 2 * self.hidden_size + 1
 
 
 @dataclass(frozen=True)

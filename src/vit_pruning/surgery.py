@@ -5,13 +5,15 @@ new, smaller ``nn.Linear`` layers from the kept indices and keep the config trut
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .anatomy import Anatomy, BlockParts, resolve
-from .modeling_vit_pruning import PRUNED_CLASSES, AdapterHead
+from .anatomy import Anatomy, BlockParts, resolve, supported_class
+from .modeling_vit_pruning import (PRUNED_CLASSES, AdapterHead, mlp_slots, neuron_rows,
+                                   restore_swapped, set_config_width, tower_config)
 from .modeling_vit_pruning import bypass_attention as _bypass_block
 
 
@@ -34,58 +36,38 @@ def prune_linear(layer: nn.Linear, keep_idx: torch.Tensor, dim: int) -> nn.Linea
     return new
 
 
-def _set_child(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
-    for name, child in root.named_children():
-        if child is target:
-            setattr(root, name, new)
-            return
-    raise RuntimeError(f"{type(target).__name__} is not a direct child of {type(root).__name__}")
-
-
-def _mlp_owners(parts: BlockParts) -> tuple[nn.Module, nn.Module]:
-    """Modules that hold fc1 and fc2 as direct children (mlp in 5.x; intermediate/output in 4.x)."""
-    owners = []
-    for fc in (parts.fc1, parts.fc2):
-        for mod in parts.block.modules():
-            if any(c is fc for c in mod.children()):
-                owners.append(mod)
-                break
-    return owners[0], owners[1]
-
-
 def prune_mlp_neurons(parts: BlockParts, keep_idx: torch.Tensor,
                       fc2_weight: torch.Tensor | None = None,
                       fc2_bias: torch.Tensor | None = None) -> None:
-    """Keep only MLP hidden neurons `keep_idx` of one block (rows of fc1, columns of fc2).
+    """Keep only MLP hidden neurons `keep_idx` of one block (rows of fc1 and of a SwiGLU gate,
+    columns of fc2).
 
     `fc2_weight`/`fc2_bias`, if given, replace the pruned fc2's parameters (compensation).
     """
     keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).sort().values
-    width = parts.fc1.out_features
+    width = parts.intermediate_size
     if keep_idx.numel() == 0 or keep_idx.min() < 0 or keep_idx.max() >= width:
         raise ValueError(f"keep_idx must be non-empty indices in [0, {width}), got {keep_idx.tolist()[:8]}...")
     if keep_idx.unique().numel() != keep_idx.numel():
         raise ValueError("keep_idx contains duplicates")
-    own1, own2 = _mlp_owners(parts)
-    new_fc1 = prune_linear(parts.fc1, keep_idx, dim=0)
+    ins, (own2, n2), fused = mlp_slots(parts.block)
+    rows = neuron_rows(keep_idx, width, fused)
     new_fc2 = prune_linear(parts.fc2, keep_idx, dim=1)
     with torch.no_grad():
         if fc2_weight is not None:
             new_fc2.weight.copy_(fc2_weight)
-        if fc2_bias is not None:
+        if fc2_bias is not None and new_fc2.bias is not None:
             new_fc2.bias.copy_(fc2_bias)
-    _set_child(own1, parts.fc1, new_fc1)
-    _set_child(own2, parts.fc2, new_fc2)
+    for owner, name in ins:
+        setattr(owner, name, prune_linear(getattr(owner, name), rows, dim=0))
+    setattr(own2, n2, new_fc2)
 
 
 def mlp_refs(parts: BlockParts) -> list[tuple[nn.Module, str, nn.Module]]:
-    """References to a block's fc1/fc2 as (owner, attribute, module). Surgery replaces these
+    """References to a block's MLP linears as (owner, attribute, module). Surgery replaces these
     modules rather than editing them, so putting the references back undoes width pruning."""
-    refs = []
-    for owner, fc in zip(_mlp_owners(parts), (parts.fc1, parts.fc2)):
-        name = next(n for n, c in owner.named_children() if c is fc)
-        refs.append((owner, name, fc))
-    return refs
+    ins, out, _ = mlp_slots(parts.block)
+    return [(owner, name, getattr(owner, name)) for owner, name in [*ins, out]]
 
 
 def restore_refs(refs: list[tuple[nn.Module, str, nn.Module]]) -> None:
@@ -99,25 +81,24 @@ def head_info(model: nn.Module) -> dict | None:
     head = getattr(model, "classifier", None)
     if isinstance(head, AdapterHead):
         return {"kind": "adapter", "bottleneck": head.down.out_features,
-                "num_labels": head.head.out_features}
+                "num_labels": head.head.out_features, "in_features": head.down.in_features}
     return None
 
 
 def is_plain(anatomy: Anatomy) -> bool:
     """Whether plain transformers can rebuild the model from its config: one MLP width in every
-    block, every attention sublayer in place, no adapter head."""
-    return (len({p.intermediate_size for p in anatomy.parts}) == 1
+    block that the config can state exactly, every attention sublayer in place, no adapter
+    head."""
+    widths = {p.intermediate_size for p in anatomy.parts}
+    return (len(widths) == 1 and set_config_width(copy.deepcopy(anatomy.model.config), widths.pop())
             and not any(p.attention_removed for p in anatomy.parts)
             and head_info(anatomy.model) is None)
 
 
 def stock_class(model: nn.Module) -> type:
     """The transformers class a (possibly class-swapped) pruned model is an instance of."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in PRUNED_CLASSES:
-            return cls
-    raise ValueError(f"unsupported model class {type(model).__name__}: saving supports "
-                     f"{', '.join(PRUNED_CLASSES)}")
+    name = supported_class(model)
+    return next(cls for cls in type(model).__mro__ if cls.__name__ == name)
 
 
 def sync_config(anatomy: Anatomy) -> None:
@@ -128,8 +109,8 @@ def sync_config(anatomy: Anatomy) -> None:
     model = anatomy.model
     cfg = model.config
     widths = [p.intermediate_size for p in anatomy.parts]
-    cfg.num_hidden_layers = len(anatomy.parts)
-    cfg.intermediate_size = max(widths)
+    tower_config(cfg).num_hidden_layers = len(anatomy.parts)
+    set_config_width(cfg, max(widths))
     cfg.vit_pruning = {
         **(getattr(cfg, "vit_pruning", None) or {}),
         "intermediate_sizes": widths,
@@ -137,10 +118,7 @@ def sync_config(anatomy: Anatomy) -> None:
         "head": head_info(model),
         **({"pooler": model.pooler is not None} if hasattr(model, "pooler") else {}),
     }
-    try:
-        stock = stock_class(model)
-    except ValueError:
-        return  # not a class this package saves (resolve() accepted it by structure)
+    stock = stock_class(model)
     model.__class__ = stock if is_plain(anatomy) else PRUNED_CLASSES[stock.__name__][0]
 
 
@@ -160,20 +138,19 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     return model
 
 
-def bypass_attention(parts: BlockParts) -> tuple[nn.Module, nn.Module]:
-    """Swap a block's attention sublayer for a bypass; return the originals (attention, norm).
+def bypass_attention(parts: BlockParts) -> list:
+    """Remove a block's attention sublayer in place; return what :func:`restore_attention` needs.
 
-    Pre-norm (ViT): the sublayer and its LayerNorm go, the block computes x + MLP(LN(x)).
-    Post-norm (BERT): q/k/v/o go, the LayerNorm stays on the stream: LN1(x + attn(x)) -> LN1(x).
+    Pre-norm (ViT): the sublayer, its LayerNorm, its layer scale and a per-block relative
+    position bias go; the block computes x + MLP(LN(x)). Post-norm (BERT): q/k/v/o go, the
+    LayerNorm stays on the stream: LN1(x + attn(x)) -> LN1(x).
     """
     return _bypass_block(parts.block)
 
 
-def restore_attention(parts: BlockParts, attention: nn.Module, norm: nn.Module) -> None:
+def restore_attention(saved: list) -> None:
     """Undo :func:`bypass_attention` (used while scoring candidates, no model copies)."""
-    setattr(parts.attention_owner, parts.attention_attr, attention)
-    if not parts.post_norm:
-        parts.block.layernorm_before = norm
+    restore_swapped(saved)
 
 
 class TemporaryBypass:
@@ -187,14 +164,14 @@ class TemporaryBypass:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._saved: dict[int, tuple[nn.Module, nn.Module]] = {}
+        self._saved: dict[int, list] = {}
 
     def add(self, index: int) -> None:
         anatomy = resolve(self.model)
         self._saved[index] = bypass_attention(anatomy.parts[index])
 
     def undo(self, index: int) -> None:
-        restore_attention(resolve(self.model).parts[index], *self._saved.pop(index))
+        restore_attention(self._saved.pop(index))
 
     def __enter__(self) -> "TemporaryBypass":
         return self

@@ -136,7 +136,8 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
             originals = mlp_refs(parts)
             weight = bias = None
             if refit is not None:
-                weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge)
+                weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge,
+                                         parts.mlp_scale)
             prune_mlp_neurons(parts, keep, weight, bias)
             parts = resolve(model).parts[i]
             outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
@@ -158,14 +159,20 @@ def damped_gram(stats: MLPStats, ridge: float) -> torch.Tensor:
 
 
 def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
-              ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+              ridge: float = 1e-3, scale: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New (weight, bias) of a pruned fc2 from calibration statistics.
 
     "lsq": ridge-regularized least squares over the kept neurons plus bias, fitting
-    ``stats.cross`` (the output fc2 should produce); "bias": fold the dropped neurons' mean
+    ``stats.cross`` (what the MLP sublayer should add to the stream). With a layer scale
+    (the sublayer adds ``scale * fc2(a)``) the fit is of ``scale * fc2`` and the scale is
+    divided out afterwards: each output channel is its own least-squares problem, so this is
+    the exact optimum of the scaled output. "bias": fold the dropped neurons' mean
     contribution into the bias, keep the weights.
     """
     width = fc2.in_features
+    if mode == "bias" and fc2.bias is None:
+        raise ValueError("compensation='bias' needs an fc2 with a bias; use 'lsq' or 'none'")
     if mode == "bias":
         gram = stats.gram
         dropped = torch.ones(width, dtype=torch.bool, device=gram.device)
@@ -174,9 +181,16 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
         bias = fc2.bias.double() + fc2.weight.double()[:, dropped] @ mean_act[dropped]
         return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
     gram = stats.gram
-    k = torch.cat([keep.to(gram.device, torch.long), torch.tensor([width], device=gram.device)])
+    k = keep.to(gram.device, torch.long)
+    if fc2.bias is not None:  # the constant column of [activation, 1] fits the bias
+        k = torch.cat([k, torch.tensor([width], device=gram.device)])
     g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
     sol = torch.linalg.solve(g_kk, stats.cross[k].double())  # (|k|, H)
+    if scale is not None:  # channels a zero scale silences keep any weights: give them zeros
+        s = scale.detach().double().to(sol.device)
+        sol = torch.where(s.abs() > 0, sol / torch.where(s.abs() > 0, s, 1.0), 0.0)
+    if fc2.bias is None:
+        return sol.T.to(fc2.weight.dtype), None
     return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import cost, distillation, fidelity, gpu, onnx_speed, speed, target_error, text
+from . import cost, distillation, families, fidelity, gpu, onnx_speed, speed, target_error, text
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
-PARTS = ("target_error", "fidelity", "distill", "speed", "onnx", "gpu", "cost", "text")
+PARTS = ("target_error", "fidelity", "families", "distill", "speed", "onnx", "gpu", "cost", "text")
 
 
 def machine() -> str:
@@ -33,7 +33,8 @@ def machine() -> str:
 
 def run_target_error(smoke: bool) -> str:
     res = target_error.run([0.05, 0.25, 0.5] if smoke else None,
-                           ("vit-b16",) if smoke else ("vit-s16", "vit-b16", "vit-l16", "embedded"))
+                           ("vit-b16", "dinov2-b14") if smoke
+                           else ("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "embedded"))
     return "\n".join(["## Target error (planner)", "", target_error.__doc__.strip(), "",
                       target_error.table(res), ""])
 
@@ -50,12 +51,22 @@ def run_fidelity(smoke: bool) -> str:
 
 
 def run_speed(smoke: bool) -> str:
-    res = speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
-                    shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
-                    repeats=2 if smoke else 10)
-    return "\n".join(["## Speed (ViT-B/16 shape, CPU)", "", speed.__doc__.strip(), "",
-                      f"Threads: {res['threads']}, rounds: {res['repeats']}.", "", speed.table(res), "",
+    kw = dict(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
+              batches=(1,) if smoke else (1, 8), repeats=2 if smoke else 10)
+    res = speed.run(shape="tiny" if smoke else "vit-b16", **kw)
+    dino = speed.run(shape="tiny" if smoke else "dinov2-b14", **kw)
+    return "\n".join(["## Speed (ViT-B/16 and DINOv2-B/14 shapes, CPU)", "", speed.__doc__.strip(), "",
+                      f"Threads: {res['threads']}, rounds: {res['repeats']}.", "", "### ViT-B/16", "",
+                      speed.table(res), "", "### DINOv2-B/14 (Dinov2Model, 224 px, layer scale)", "",
+                      speed.table(dino), "",
                       "### MLP width alignment", "", speed.width_alignment(repeats=3 if smoke else 12), ""])
+
+
+def run_families(smoke: bool) -> str:
+    res = families.run(targets=(0.2,) if smoke else (0.2, 0.4),
+                       names=list(families.FAMILIES)[:3] if smoke else None)
+    return "\n".join(["## Model families: the refit on each", "", families.__doc__.strip(), "",
+                      families.tables(res), ""])
 
 
 def run_distill(smoke: bool) -> str:
@@ -100,7 +111,8 @@ def run_text(smoke: bool) -> str:
                       text.goals(res), "", text.tables(res), ""])
 
 
-RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "distill": run_distill,
+RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families": run_families,
+           "distill": run_distill,
            "speed": run_speed,
            "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "text": run_text}
 DOC = Path("docs/benchmarks.md")

@@ -8,7 +8,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+from transformers import (AutoImageProcessor, Dinov2Config, Dinov2Model, ViTConfig,
+                          ViTForImageClassification)
 
 from vit_pruning.cli import EMBEDDED
 from vit_pruning.data import load_splits
@@ -70,19 +71,26 @@ def retune_head(model, d: Digits, seed: int) -> None:
     finetune(model, loader, epochs=1, lr=1e-3, freeze_backbone=True, progress=False)
 
 
-def vit_shape(name: str, meta: bool = False) -> ViTForImageClassification:
-    """ViT-S/16, ViT-B/16, ViT-L/16 (or "tiny", for smoke runs) with random weights (or on the
-    meta device: no memory)."""
-    hidden, layers, heads, mlp = {"vit-s16": (384, 12, 6, 1536), "vit-b16": (768, 12, 12, 3072),
-                                  "vit-l16": (1024, 24, 16, 4096), "tiny": (64, 4, 4, 256)}[name]
-    extra = {"image_size": 32, "patch_size": 8} if name == "tiny" else {}
-    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    intermediate_size=mlp, num_labels=1000, **extra)
+def vit_shape(name: str, meta: bool = False) -> torch.nn.Module:
+    """ViT-S/16, ViT-B/16, ViT-L/16 classifiers, the DINOv2-B/14 backbone at 224 px (hub
+    facebook/dinov2-base's shape: LayerScale, MLP ratio 4; 257 tokens), or "tiny" (smoke runs),
+    with random weights (or on the meta device: no memory)."""
+    if name == "dinov2-b14":
+        cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           mlp_ratio=4, patch_size=14, image_size=224)
+        build = lambda: Dinov2Model(cfg)  # noqa: E731
+    else:
+        hidden, layers, heads, mlp = {"vit-s16": (384, 12, 6, 1536), "vit-b16": (768, 12, 12, 3072),
+                                      "vit-l16": (1024, 24, 16, 4096), "tiny": (64, 4, 4, 256)}[name]
+        extra = {"image_size": 32, "patch_size": 8} if name == "tiny" else {}
+        cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=mlp, num_labels=1000, **extra)
+        build = lambda: ViTForImageClassification(cfg)  # noqa: E731
     if meta:
         with torch.device("meta"):
-            return ViTForImageClassification(cfg)
+            return build()
     torch.manual_seed(0)
-    return ViTForImageClassification(cfg).eval()
+    return build().eval()
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

@@ -13,6 +13,7 @@ import torch
 
 from vit_pruning import PruneConfig, count_flops, count_total_params, prune_2ssp
 from vit_pruning.measure import interleaved_latency
+from vit_pruning.pipeline import model_shape
 
 from .common import md_table, vit_shape
 
@@ -33,7 +34,7 @@ def run(targets=(0.1, 0.2, 0.3, 0.4, 0.5), units=("block", "attention"), shape="
         for t in targets:
             model = copy.deepcopy(base)
             # data-free plan (weights are random): the shapes, not the choices, set the speed
-            mr = min(512, max(model.config.intermediate_size // 6, 1))
+            mr = min(512, max(max(model_shape(model).widths) // 6, 1))
             prune_2ssp(model, t, None, PruneConfig(unit=unit, min_remaining=mr))
             row = {"unit": unit, "target": t, "params": count_total_params(model) / base_params,
                    "flops": count_flops(model) / base_flops}

@@ -1,18 +1,22 @@
-"""Target error |achieved - target| over targets 0.01..0.80 on ViT-S/16, ViT-B/16, ViT-L/16
-shapes (meta device: exact counts, no memory) and the embedded digits ViT, ours vs the seed's
-formula planner. `ours default` is the tool's default: widths aligned to `--align auto` (8 on
+"""Target error |achieved - target| over targets 0.01..0.80 on ViT-S/16, ViT-B/16, ViT-L/16 and
+DINOv2-B/14 shapes (meta device: exact counts, no memory) and the embedded digits ViT, ours vs
+the seed's formula planner. `ours default` is the tool's default: widths aligned to `--align auto` (8 on
 the ViT shapes, 4 on the embedded model) with `--width-policy auto` (one width for every
 surviving block when that misses by at most 0.1 pp); `ours --align 1` is exact to one neuron.
 "plain" is the share of targets whose pruned model saves as a plain transformers folder (one
-MLP width, no attention removed: block unit only).
+MLP width that the config can state, no attention removed: block unit only; DINOv2 states its
+width as an integer `mlp_ratio` in transformers 5.x, so a pruned DINOv2 never saves plain there).
 
 The seed's planner as ANCHORS.md describes it: N = round(B * s ** (P_mlp / (alpha * P_attn)))
 attention sublayers (alpha = 1.5, s = target), then one uniform K for every block from the
 remaining budget, clamped to [0, I - min_remaining], plus a local search of K +- 3."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
+from vit_pruning.modeling_vit_pruning import set_config_width
 from vit_pruning.pipeline import model_shape
 from vit_pruning.planner import default_align, make_plan, max_feasible_target
 
@@ -38,15 +42,16 @@ def seed_planner_params_after(shape, target: float, alpha: float = 1.5) -> int:
     return shape.total_params - best
 
 
-def _shape(name: str):
-    return model_shape(embedded_model() if name == "embedded" else vit_shape(name, meta=True))
+def _model(name: str):
+    return embedded_model() if name == "embedded" else vit_shape(name, meta=True)
 
 
-def run(targets=None, names=("vit-s16", "vit-b16", "vit-l16", "embedded")) -> dict:
+def run(targets=None, names=("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "embedded")) -> dict:
     targets = targets if targets is not None else [round(t, 2) for t in np.arange(0.01, 0.805, 0.01)]
     out = {}
     for name in names:
-        shape = _shape(name)
+        model = _model(name)
+        shape = model_shape(model)
         mr = min(MIN_REMAINING, max(shape.widths) // 4)
         align = default_align(shape)
         variants = {f"ours default, align {align} ({u})": (u, align, "auto") for u in ("block", "attention")}
@@ -58,7 +63,9 @@ def run(targets=None, names=("vit-s16", "vit-b16", "vit-l16", "embedded")) -> di
                 if t <= max_feasible_target(shape, unit, mr, a):
                     plan = make_plan(shape, t, unit, mr, align=a, width_policy=policy)
                     errs[key].append(abs(plan.predicted_sparsity - t))
-                    plain[key] += plan.uniform_width is not None and (unit == "block" or not plan.blocks_to_prune)
+                    plain[key] += (plan.uniform_width is not None
+                                   and (unit == "block" or not plan.blocks_to_prune)
+                                   and set_config_width(copy.deepcopy(model.config), plan.uniform_width))
         if name != "embedded":
             errs["seed planner"] = [abs(1 - seed_planner_params_after(shape, t) / shape.total_params - t)
                                     for t in targets]

@@ -21,24 +21,6 @@ def files(tmp: Path) -> list[str]:
     return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
 
 
-@pytest.fixture(scope="module")
-def cifar_like(tmp_path_factory) -> Path:
-    """A DatasetDict on disk with the CIFAR-10 schema ("img", "label"), 32x32 RGB."""
-    import datasets
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    feats = datasets.Features({"img": datasets.Image(),
-                               "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])})
-
-    def split(n):
-        return datasets.Dataset.from_dict(
-            {"img": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)],
-             "label": [i % 10 for i in range(n)]}, features=feats)
-    path = tmp_path_factory.mktemp("data") / "cifar_like"
-    datasets.DatasetDict({"train": split(48), "test": split(24)}).save_to_disk(str(path))
-    return path
-
-
 def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "r1",
                "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32") == 0

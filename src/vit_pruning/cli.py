@@ -191,12 +191,20 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
 
 
-def load_model(name: str):
+# pre-training wrappers whose encoder is what gets pruned
+PRETRAINING_ENCODERS = {"ViTMAEForPreTraining": "ViTMAEModel"}
+
+
+def load_model(name: str, want_head: bool = False):
     """(model, processor, source) from 'embedded', a local folder (pruned or not) or a hub id;
-    the processor is an image processor, or a tokenizer for a text encoder."""
+    the processor is an image processor, or a tokenizer for a text encoder.
+
+    An image model is built as the supported class its config names (a headless backbone stays
+    headless, a dual CLIP / SigLIP model keeps its text tower); `want_head` (a head is to be
+    installed) or a config naming no supported class builds the image-classification class."""
     import transformers
 
-    from .anatomy import is_text_config, resolve
+    from .anatomy import SUPPORTED_CLASSES, is_text_config, resolve
     from .persistence import load_pruned_model
     from .persistence import check_saved_folder
     path = EMBEDDED if name == "embedded" else Path(name)
@@ -214,7 +222,13 @@ def load_model(name: str):
         elif text:
             model = transformers.AutoModel.from_pretrained(source)
         else:
-            model = transformers.AutoModelForImageClassification.from_pretrained(source)
+            arch = (getattr(config, "architectures", None) or [""])[0]
+            arch = PRETRAINING_ENCODERS.get(arch, arch)
+            headless = SUPPORTED_CLASSES.get(arch, ("", ""))[1] != "logits"
+            if arch in SUPPORTED_CLASSES and not (want_head and headless):
+                model = getattr(transformers, arch).from_pretrained(source)
+            else:
+                model = transformers.AutoModelForImageClassification.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
         if path.exists() or name == "embedded":
             raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}: "
@@ -227,6 +241,10 @@ def load_model(name: str):
         resolve(model)
     except ValueError as exc:
         raise UsageError(f"--model: {exc}") from exc
+    if getattr(model.config, "mask_ratio", 0):  # ViTMAE: prune the encoder as a backbone
+        log.info("%s: patch masking off (mask_ratio %s -> 0): the encoder is pruned and measured "
+                 "on every patch", type(model).__name__, model.config.mask_ratio)
+        model.config.mask_ratio = 0.0
     try:
         if text:
             processor = transformers.AutoTokenizer.from_pretrained(source)
@@ -407,7 +425,8 @@ def load_step(args: argparse.Namespace) -> Loaded:
     """Load the model and its processor; refuse flags that do not fit its kind."""
     from .anatomy import resolve
     from .pipeline import model_shape
-    model, processor, model_id = load_model(args.model)
+    model, processor, model_id = load_model(
+        args.model, bool(args.replace_classifier or args.use_adapter or args.load_adapter))
     anatomy = resolve(model)
     if anatomy.is_text:
         check_text_flags(args)
@@ -522,7 +541,7 @@ def head_step(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data)
     that need what the run does not have."""
     from .anatomy import resolve
     from .data import DataError, load_splits
-    from .heads import AdapterFileError, build_head, install_head, load_adapter
+    from .heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
     model = loaded.model
     if data.dataset and not loaded.text:
         try:
@@ -536,7 +555,7 @@ def head_step(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data)
         if splits is None:
             raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset or --load-cifar")
         kind = "adapter" if args.use_adapter else "linear"
-        install_head(model, build_head(kind, resolve(model).hidden_size, splits.num_labels,
+        install_head(model, build_head(kind, head_in_features(model), splits.num_labels,
                                        args.adapter_reduction).to(ch.device), splits.label_names)
         data.head_cfg["kind"] = kind
     elif args.load_adapter:
@@ -759,6 +778,7 @@ def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
 
 def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, result, latency,
                  artifacts, distilled=None) -> dict:
+    from .anatomy import supported_class
     from .report import stage_dicts, summarize, versions
     shape, plan = loaded.shape, result.plan
     one_group = ch.align * shape.neuron_params / shape.total_params
@@ -766,7 +786,7 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
         "run_id": ch.run_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": ["vit-2ssp", *argv],
-        "model": {"id": loaded.model_id, "class": type(loaded.model).__name__, "layout": loaded.layout,
+        "model": {"id": loaded.model_id, "class": supported_class(loaded.model), "layout": loaded.layout,
                   "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size,
                   "intermediate_size": max(shape.widths)},
         "config": {**vars(args), "device": str(ch.device), "ft_lr": data.ft_lr, "calib_size": ch.calib_size},

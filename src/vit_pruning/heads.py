@@ -35,6 +35,17 @@ def build_head(kind: str, hidden_size: int, num_labels: int, reduction: int = 4)
     raise ValueError(f"head kind must be one of {HEAD_TYPES}, got {kind!r}")
 
 
+def head_in_features(model: nn.Module) -> int:
+    """What the classifier takes: the hidden size, or twice it for DINOv2's ([CLS], mean patch)
+    pair."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, AdapterHead):
+        return head.down.in_features
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    return resolve(model).hidden_size
+
+
 def install_head(model: nn.Module, head: nn.Module, label_names: list[str] | None = None) -> None:
     """Put `head` in place of model.classifier and keep the config's label count truthful."""
     if not resolve(model).has_classifier:
@@ -90,7 +101,7 @@ def save_adapter(model: nn.Module, path: str | Path, classifier_type: str, metad
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "classifier_type": classifier_type,
         "num_labels": int(model.config.num_labels),
-        "hidden_size": int(model.config.hidden_size),
+        "hidden_size": head_in_features(model),  # the classifier's input size
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "metadata": metadata,
     }
@@ -111,9 +122,9 @@ def load_adapter(model: nn.Module, path: str | Path, num_labels: int | None = No
     except Exception as exc:
         raise AdapterFileError(f"--load-adapter: cannot read {path} as an adapter file "
                                f"({type(exc).__name__})") from exc
-    if hidden != model.config.hidden_size:
+    if hidden != head_in_features(model):
         raise AdapterFileError(f"--load-adapter: {path} was trained for hidden size {hidden}, "
-                               f"the model has {model.config.hidden_size}")
+                               f"the model's classifier takes {head_in_features(model)}")
     if num_labels is not None and labels != num_labels:
         raise AdapterFileError(f"--load-adapter: {path} has {labels} classes, the dataset {num_labels}")
     reduction = int(payload.get("metadata", {}).get("head", {}).get("adapter_reduction", 4))
@@ -144,6 +155,6 @@ def save_cifar_adapter(model: nn.Module, path: str | Path | None = None, metadat
         run_id = run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         path = Path(artifacts_dir) / run_id / "adapter.pt"
     meta = {"head": {"kind": kind, "adapter_reduction": (
-        model.config.hidden_size // head.down.out_features if kind == "adapter" else None)},
+        head.down.in_features // head.down.out_features if kind == "adapter" else None)},
         **(metadata or {})}
     return save_adapter(model, path, kind, meta)

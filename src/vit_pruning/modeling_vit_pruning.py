@@ -240,9 +240,21 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
     return model
 
 
+def set_config_depth(config, depth: int) -> None:
+    """Make `config` say `depth` blocks; a backbone-capable config (DINOv2) also gets stage names
+    for that depth, its output stage moved to the last one."""
+    cfg = tower_config(config)
+    cfg.num_hidden_layers = depth
+    if getattr(cfg, "stage_names", None):
+        cfg.stage_names = ["stem"] + [f"stage{i}" for i in range(1, depth + 1)]
+        cfg._out_features, cfg._out_indices = [cfg.stage_names[-1]], [depth]
+
+
 def set_config_width(config, width: int) -> bool:
     """Make `config` build MLPs `width` wide; False if it cannot say so exactly (DINOv2 states
-    a ratio, and its SwiGLU rounds to multiples of 8)."""
+    a ratio, an int in transformers 5.x, and its SwiGLU rounds to multiples of 8; SigLIP's
+    pooling head shares ``intermediate_size``): the model is then built with the config's
+    width and its blocks narrowed by :func:`apply_pruned_structure`."""
     cfg = tower_config(config)
     if hasattr(cfg, "mlp_ratio") and not hasattr(cfg, "intermediate_size"):
         hidden = int(cfg.hidden_size)
@@ -251,11 +263,18 @@ def set_config_width(config, width: int) -> bool:
         ratio = inner / hidden
         while int(hidden * ratio) < inner:
             ratio = math.nextafter(ratio, math.inf)
-        cfg.mlp_ratio = ratio
+        if ratio == int(ratio):
+            ratio = int(ratio)
+        try:
+            cfg.mlp_ratio = ratio
+        except Exception:  # noqa: BLE001 - transformers 5.x types mlp_ratio as int (strictly)
+            return False
         built = int(hidden * ratio)
         if swiglu:
             built = (int(built * 2 / 3) + 7) // 8 * 8
         return built == width
+    if getattr(cfg, "vision_use_head", False):  # SigLIP's pooling head takes its MLP width
+        return cfg.intermediate_size == width  # from intermediate_size too: leave it alone
     cfg.intermediate_size = width
     return True
 
@@ -266,7 +285,7 @@ def _prepared(config):
     info = getattr(config, "vit_pruning", None) or {}
     widths = info.get("intermediate_sizes")
     if widths:
-        tower_config(config).num_hidden_layers = len(widths)
+        set_config_depth(config, len(widths))
         set_config_width(config, max(widths))
     return config
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .anatomy import Anatomy, BlockParts, resolve, supported_class
 from .modeling_vit_pruning import (PRUNED_CLASSES, AdapterHead, mlp_slots, neuron_rows,
-                                   restore_swapped, set_config_width, tower_config)
+                                   restore_swapped, set_config_depth, set_config_width)
 from .modeling_vit_pruning import bypass_attention as _bypass_block
 
 
@@ -109,7 +109,7 @@ def sync_config(anatomy: Anatomy) -> None:
     model = anatomy.model
     cfg = model.config
     widths = [p.intermediate_size for p in anatomy.parts]
-    tower_config(cfg).num_hidden_layers = len(anatomy.parts)
+    set_config_depth(cfg, len(anatomy.parts))
     set_config_width(cfg, max(widths))
     cfg.vit_pruning = {
         **(getattr(cfg, "vit_pruning", None) or {}),

@@ -5,7 +5,8 @@ the ViT shapes, 4 on the embedded model) with `--width-policy auto` (one width f
 surviving block when that misses by at most 0.1 pp); `ours --align 1` is exact to one neuron.
 "plain" is the share of targets whose pruned model saves as a plain transformers folder (one
 MLP width that the config can state, no attention removed: block unit only; DINOv2 states its
-width as an integer `mlp_ratio` in transformers 5.x, so a pruned DINOv2 never saves plain there).
+width as an integer `mlp_ratio` in transformers 5.x, so a DINOv2 saves plain there only when its
+MLPs keep their width).
 
 The seed's planner as ANCHORS.md describes it: N = round(B * s ** (P_mlp / (alpha * P_attn)))
 attention sublayers (alpha = 1.5, s = target), then one uniform K for every block from the

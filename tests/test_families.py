@@ -189,7 +189,8 @@ def test_saved_model_reloads_identically(name, unit, tmp_path):
     auto = getattr(tf, FAMILIES[name][0]).__name__
     remote = (tf.AutoModelForImageClassification if "ForImage" in auto else tf.AutoModel
               ).from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
-    assert torch.equal(out(remote, x), ref)
+    # from_pretrained may pick another attention kernel (sdpa / eager): equal to the last bits
+    torch.testing.assert_close(out(remote, x), ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["beit", "data2vec-vision", "clip", "clip-vision", "vitmae"])

@@ -294,9 +294,8 @@ class Anatomy:
         kwargs: dict = {"resolution": size}
         names = {p.name for p in params}
         shared = getattr(self.backbone, "shared_position_bias", None)  # 5.x
-        if shared is None and getattr(getattr(self.backbone, "encoder", None),
-                                      "has_relative_position_bias", False):
-            shared = self.backbone.encoder.relative_position_bias  # 4.x
+        if shared is None:  # 4.x: on the encoder
+            shared = getattr(getattr(self.backbone, "encoder", None), "relative_position_bias", None)
         if shared is not None:
             patch = int(tower_config(self.model.config).patch_size)
             bias = shared((size[0] // patch, size[1] // patch), interpolate_pos_encoding=False,

@@ -273,7 +273,8 @@ def set_config_width(config, width: int) -> bool:
         if swiglu:
             built = (int(built * 2 / 3) + 7) // 8 * 8
         return built == width
-    if getattr(cfg, "vision_use_head", False):  # SigLIP's pooling head takes its MLP width
+    if getattr(cfg, "model_type", "") == "siglip_vision_model" and getattr(
+            cfg, "vision_use_head", True):  # SigLIP's pooling head takes its MLP width
         return cfg.intermediate_size == width  # from intermediate_size too: leave it alone
     cfg.intermediate_size = width
     return True

@@ -99,10 +99,10 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def swin_folder(tmp_path_factory) -> Path:
-    from transformers import SwinConfig, SwinForImageClassification
-    path = tmp_path_factory.mktemp("swin") / "swin"
-    SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
-                                          num_heads=[2, 2], window_size=2)).save_pretrained(path)
+    from transformers import Swinv2Config, Swinv2ForImageClassification
+    path = tmp_path_factory.mktemp("swin") / "swinv2"
+    Swinv2ForImageClassification(Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                              num_heads=[2, 2], window_size=2)).save_pretrained(path)
     return path
 
 
@@ -150,7 +150,7 @@ def test_bad_columns_and_models(tmp_path, capsys, cifar_like, swin_folder):
         (["--dataset", str(cifar_like), "--label-column", "nope"], "--label-column: column 'nope'"),
         (["--load-adapter", bad_adapter(tmp_path / "..")], "--load-adapter: cannot read"),
         (["--load-adapter", wrong_adapter(tmp_path / ".."), "--dataset", "digits"], "hidden size 768"),
-        (["--model", str(swin_folder)], "unsupported model class SwinForImageClassification"),
+        (["--model", str(swin_folder)], "unsupported model class Swinv2ForImageClassification"),
     ]
     for args, msg in cases:
         if "--model" not in args:

@@ -21,6 +21,8 @@ V = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediat
          image_size=16, patch_size=4)
 DINO = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2,
             image_size=16, patch_size=4, layerscale_value=0.5)
+SWIN = dict(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+            window_size=4)
 TXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
            vocab_size=99, max_position_embeddings=16)
 
@@ -46,6 +48,9 @@ FAMILIES = {
     "siglip-cls": ("SiglipForImageClassification",
                    lambda: tf.SiglipConfig(vision_config=V, text_config=TXT, num_labels=5)),
     "vitmae": ("ViTMAEModel", lambda: tf.ViTMAEConfig(**V, mask_ratio=0.0)),
+    # two stages (8x8 then 4x4 tokens), windows of 4: stage 0 shifts every second block
+    "swin": ("SwinForImageClassification", lambda: tf.SwinConfig(**SWIN, num_labels=5)),
+    "swin-headless": ("SwinModel", lambda: tf.SwinConfig(**SWIN)),
 }
 
 
@@ -109,7 +114,8 @@ def test_removing_dead_neurons_changes_nothing(name):
     for b, idx in dead.items():
         width = an.parts[b].intermediate_size
         prune_mlp_neurons(an.parts[b], torch.tensor([j for j in range(width) if j not in idx]))
-    assert count_total_params(model) == before - 5 * an.parts[0].neuron_params
+    assert count_total_params(model) == before - sum(len(idx) * an.parts[b].neuron_params
+                                                     for b, idx in dead.items())
     torch.testing.assert_close(out(model, x), ref, rtol=0, atol=1e-5)
 
 
@@ -258,15 +264,15 @@ def test_refit_is_not_hurt_by_small_layer_scale(name):
 
 
 def test_unknown_classes_are_refused_by_name():
-    for cls, cfg in [("SwinModel", tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16,
-                                                 depths=[1, 1], num_heads=[2, 2], window_size=2)),
+    for cls, cfg in [("Swinv2Model", tf.Swinv2Config(image_size=32, patch_size=4, embed_dim=16,
+                                                     depths=[1, 1], num_heads=[2, 2], window_size=2)),
                      ("ViTMAEForPreTraining", tf.ViTMAEConfig(**V)),
                      ("BeitForMaskedImageModeling", tf.BeitConfig(**V)),
                      ("Dinov2Backbone", tf.Dinov2Config(**DINO))]:
         model = getattr(tf, cls)(cfg)
         with pytest.raises(ValueError, match=f"unsupported model class {cls}: vit_pruning supports ViTModel"):
             resolve(model)
-    assert len(SUPPORTED_CLASSES) == 19
+    assert len(SUPPORTED_CLASSES) == 21
 
 
 def _folder(tmp: Path, name: str) -> Path:
@@ -277,6 +283,7 @@ def _folder(tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("name,head,cls", [
+    ("swin", "--replace-classifier", None),
     ("dinov2-swiglu", "--replace-classifier", None),  # its head takes ([CLS], mean patch)
     ("beit", "--use-adapter", None),
     ("clip", "--replace-classifier", "CLIPForImageClassification"),  # a head asked of a dual model
@@ -300,3 +307,32 @@ def test_cli_end_to_end_on_a_saved_folder(name, head, cls, tmp_path, cifar_like,
     assert rep["model"]["class"] == (cls or FAMILIES[name][0])
     again = load_pruned_model(tmp_path / "p" / "x")
     assert count_total_params(again) == rep["params_final"]
+
+
+@pytest.mark.parametrize("drop,plain", [(1, True), (0, False)])
+def test_swin_block_removal_keeps_window_shifts(drop, plain, tmp_path):
+    """Stage 0 alternates unshifted / shifted windows. Removing its second block leaves the
+    stock pattern (plain folder); removing its first leaves a shifted block first, which the
+    stock class would rebuild unshifted: the folder then records each block's shift."""
+    model, x = build("swin"), images(8)
+    shifts = [int(b.shift_size) for b in resolve(model).blocks]
+    assert shifts[:2] == [0, 2]
+    remove_blocks(model, [drop])
+    assert model.config.depths == [1, 2]
+    assert int(resolve(model).blocks[0].shift_size) == shifts[1 - drop]
+    ref = out(model, x)
+    saved = save_pruned_model(model, tmp_path / "m")
+    assert (saved.format == "plain") == plain
+    again = (tf.SwinForImageClassification.from_pretrained(tmp_path / "m") if plain
+             else load_pruned_model(tmp_path / "m"))
+    torch.testing.assert_close(out(again.eval(), x), ref, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot remove every block of stage 0"):
+        remove_blocks(model, [0])
+
+
+def test_swin_depth_selection_keeps_a_block_per_stage():
+    from vit_pruning.depth import select_depth
+    model, x = build("swin"), images(8)
+    order, _ = select_depth(model, 3, "block", [x])
+    stages = resolve(model).stage_of
+    assert len(order) == 2 and {stages[i] for i in order} == {0, 1}  # one of each stage's two

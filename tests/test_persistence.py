@@ -163,7 +163,13 @@ def _missing(folder: Path) -> None:
 
 def _other_arch(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["SwinForImageClassification"]
+    cfg["architectures"] = ["Swinv2ForImageClassification"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _mismatched_arch(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["BeitForImageClassification"]  # supported, but this is a ViT config
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
@@ -171,7 +177,8 @@ def _other_arch(folder: Path) -> None:
     (_truncate, "model.safetensors is truncated or unreadable"),
     (_wrong_width, "config says block 0 has MLP width"),
     (_missing, "no model.safetensors"),
-    (_other_arch, "architecture 'SwinForImageClassification' is not one vit_pruning saves"),
+    (_other_arch, "architecture 'Swinv2ForImageClassification' is not one vit_pruning saves"),
+    (_mismatched_arch, "architecture 'BeitForImageClassification' does not match model_type 'vit'"),
 ])
 def test_bad_saved_folders_exit_2_in_one_line(tmp_path, capsys, spoil, message):
     folder = _saved(tmp_path)

@@ -15,6 +15,9 @@ are found by structure, so both transformers majors work:
 - CLIP / SigLIP vision towers: ``vision_model.encoder.layers[i].{layer_norm1, self_attn,
   layer_norm2, mlp.{fc1,fc2}}``, alone or inside the dual ``CLIPModel`` / ``SiglipModel``
   (the text tower is left untouched).
+- Swin: ``encoder.layers[stage].blocks[j]`` (ViT-like blocks on windows), stages of different
+  widths joined by patch merging (``downsample``). Blocks are numbered across stages; running
+  the last block of a stage is followed by its patch merging (:meth:`Anatomy.transition`).
 - BERT-family text encoders (``encoder.layer[i]``, *post*-LayerNorm: each sublayer's LayerNorm
   sits on the residual stream after the sum).
 
@@ -62,6 +65,8 @@ SUPPORTED_CLASSES: dict[str, tuple[str, str]] = {
     "SiglipVisionModel": ("siglip", "pooled"),
     "SiglipModel": ("siglip", "image_embeds"),
     "SiglipForImageClassification": ("siglip", "logits"),
+    "SwinModel": ("swin", "hidden"),
+    "SwinForImageClassification": ("swin", "logits"),
     "BertModel": ("bert", "text"),
     "RobertaModel": ("bert", "text"),
 }
@@ -235,6 +240,9 @@ class Anatomy:
     family: str = "vit"
     output: str = "logits"  # see SUPPORTED_CLASSES
     image_size: int = 224
+    stage_of: tuple[int, ...] | None = None  # Swin: the stage of each block (None: one stage)
+    stages: tuple[nn.Module, ...] = ()  # Swin: the stages (each with .blocks, .downsample)
+    stage_dims: tuple[tuple[int, int], ...] = ()  # Swin: each stage's token grid (height, width)
 
     @property
     def is_text(self) -> bool:
@@ -276,6 +284,8 @@ class Anatomy:
         out = tw.layernorm(hidden)
         if self.output != "logits":
             return out
+        if self.family == "swin":
+            return model.classifier(tw.pooler(out.transpose(1, 2)).flatten(1))
         if self.family == "dinov2":
             return model.classifier(torch.cat([out[:, 0], out[:, 1:].mean(1)], dim=-1))
         if self.family == "beit":
@@ -303,16 +313,46 @@ class Anatomy:
             kwargs["attention_mask" if "attention_mask" in names else "relative_position_bias"] = bias
         return args, kwargs
 
+    def block_forward(self, index: int, hidden: torch.Tensor,
+                      call: tuple[tuple, dict] | None = None) -> torch.Tensor:
+        """Block `index` alone on `hidden` (no patch merging after it)."""
+        if self.stage_of is not None:
+            out = self.blocks[index](hidden, self.stage_dims[self.stage_of[index]])
+        else:
+            args, kwargs = call if call is not None else self._block_kwargs(hidden)
+            out = self.blocks[index](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def transition(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What follows block `index` before the next block: Swin's patch merging after the last
+        block of a stage, else nothing. It runs whether or not block `index` itself ran."""
+        if self.stage_of is None:
+            return hidden
+        stage = self.stage_of[index]
+        if index + 1 < len(self.stage_of) and self.stage_of[index + 1] == stage:
+            return hidden
+        merge = getattr(self.stages[stage], "downsample", None)
+        return hidden if merge is None else merge(hidden, self.stage_dims[stage])
+
+    def stage_blocks(self) -> list[list[int]]:
+        """Block indices per stage ([all blocks] for single-stage models)."""
+        if self.stage_of is None:
+            return [list(range(len(self.blocks)))]
+        out: list[list[int]] = [[] for _ in self.stages]
+        for i, st in enumerate(self.stage_of):
+            out[st].append(i)
+        return out
+
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None,
                    skip: Collection[int] = ()) -> torch.Tensor:
-        """Run blocks[start:stop] on `hidden`, leaving the blocks in `skip` out."""
+        """Run blocks[start:stop] on `hidden`, leaving the blocks in `skip` out (Swin's patch
+        merging still runs at the end of each stage)."""
         stop = len(self.blocks) if stop is None else stop
-        args, kwargs = self._block_kwargs(hidden)
+        call = self._block_kwargs(hidden) if self.stage_of is None else None
         for i in range(start, stop):
-            if i in skip:
-                continue
-            out = self.blocks[i](hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+            if i not in skip:
+                hidden = self.block_forward(i, hidden, call)
+            hidden = self.transition(i, hidden)
         return hidden
 
     def attention_stream(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -325,7 +365,7 @@ class Anatomy:
         seen: list[torch.Tensor] = []
         handle = parts.norm_after.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
         try:
-            self.run_blocks(hidden, index, index + 1)
+            self.block_forward(index, hidden)
         finally:
             handle.remove()
         return seen[0]
@@ -402,15 +442,20 @@ def resolve(model: nn.Module) -> Anatomy:
     if family == "bert":
         _text_backbone(model)
     owner, attr = None, None
-    for cand_owner, cand_attr in ((backbone, "layers"), (getattr(backbone, "encoder", None), "layer"),
-                                  (getattr(backbone, "encoder", None), "layers")):
-        if isinstance(getattr(cand_owner, cand_attr, None), nn.ModuleList):
-            owner, attr = cand_owner, cand_attr
-            break
-    if owner is None:
-        raise ValueError(f"unsupported model class {type(model).__name__}: no block list found; "
-                         f"vit_pruning supports {SUPPORTED}")
-    blocks = getattr(owner, attr)
+    stage_info: dict = {}
+    if family == "swin":
+        blocks, stage_info = _swin_stages(model, backbone)
+    else:
+        for cand_owner, cand_attr in ((backbone, "layers"),
+                                      (getattr(backbone, "encoder", None), "layer"),
+                                      (getattr(backbone, "encoder", None), "layers")):
+            if isinstance(getattr(cand_owner, cand_attr, None), nn.ModuleList):
+                owner, attr = cand_owner, cand_attr
+                break
+        if owner is None:
+            raise ValueError(f"unsupported model class {type(model).__name__}: no block list "
+                             f"found; vit_pruning supports {SUPPORTED}")
+        blocks = getattr(owner, attr)
     parts = tuple(_block_parts(b) for b in blocks)
     if not parts:
         raise ValueError(f"model {type(model).__name__} has no transformer blocks left")
@@ -419,14 +464,37 @@ def resolve(model: nn.Module) -> Anatomy:
     else:
         layout = family
     cfg = tower_config(model.config)
-    size = getattr(cfg, "image_size", 224)
     kind = output_kind(model)
+    heads = cfg.num_attention_heads
     return Anatomy(
         model=model, backbone=backbone, blocks=blocks, blocks_owner=owner, blocks_attr=attr,
-        parts=parts, hidden_size=int(cfg.hidden_size), num_heads=int(cfg.num_attention_heads),
+        parts=parts, hidden_size=int(cfg.hidden_size),
+        num_heads=int(max(heads) if isinstance(heads, (list, tuple)) else heads),
         layout=layout, has_classifier=kind == "logits", family=family, output=kind,
-        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        image_size=_image_size(cfg), **stage_info,
     )
+
+
+def _image_size(cfg) -> int:
+    size = getattr(cfg, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _swin_stages(model: nn.Module, backbone: nn.Module) -> tuple[nn.ModuleList, dict]:
+    """Swin's blocks numbered across stages, each block's stage, and each stage's token grid
+    (patch grid at the config's image size, halved, rounding up, by each patch merging)."""
+    stages = tuple(backbone.encoder.layers)
+    blocks = nn.ModuleList([b for st in stages for b in st.blocks])  # a view: owns nothing new
+    stage_of = tuple(k for k, st in enumerate(stages) for _ in st.blocks)
+    cfg = tower_config(model.config)
+    patch = int(cfg.patch_size if not isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size[0])
+    h = w = -(-_image_size(cfg) // patch)
+    dims = []
+    for st in stages:
+        dims.append((h, w))
+        if getattr(st, "downsample", None) is not None:
+            h, w = (h + 1) // 2, (w + 1) // 2
+    return blocks, {"stage_of": stage_of, "stages": stages, "stage_dims": tuple(dims)}
 
 
 class _EncoderView:

@@ -35,17 +35,45 @@ def _inputs_per_block(an: Anatomy, hidden: torch.Tensor, skip: set[int]) -> list
     inputs = []
     for i in range(len(an.blocks)):
         inputs.append(hidden)
-        if i not in skip:
-            hidden = an.run_blocks(hidden, i, i + 1)
+        hidden = an.run_blocks(hidden, i, i + 1, skip)
     return inputs
+
+
+def _allowed(an: Anatomy, unit: str, removed: Sequence[int], cand: int,
+             budget: float | None, sizes: dict[int, int]) -> bool:
+    """Whether `cand` may go next: a stage (Swin) keeps at least one block, and the units
+    removed stay within `budget` parameters (when blocks differ in size)."""
+    if unit == "block" and an.stage_of is not None:
+        stage = an.stage_of[cand]
+        if sum(1 for i, st in enumerate(an.stage_of) if st == stage and i not in removed) <= 1:
+            return False
+    return budget is None or sum(sizes[i] for i in removed) + sizes[cand] <= budget
+
+
+def unit_sizes(an: Anatomy, unit: str) -> dict[int, int]:
+    """Parameters each depth unit holds."""
+    return {i: (sum(q.numel() for q in p.block.parameters()) if unit == "block"
+                else p.attention_params) for i, p in enumerate(an.parts)}
+
+
+def _ranked(an: Anatomy, unit: str, scores: dict[int, float], count: int,
+            budget: float | None) -> list[int]:
+    """The `count` lowest-scored units that :func:`_allowed` lets go, in order."""
+    sizes, out = unit_sizes(an, unit), []
+    for c in sorted(scores, key=lambda k: (scores[k], k)):
+        if len(out) < count and _allowed(an, unit, out, c, budget, sizes):
+            out.append(c)
+    return out
 
 
 @torch.no_grad()
 def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
                  unit: str = "block", reference: torch.Tensor | None = None,
                  progress: bool = False, rescore: int | None = None,
-                 ) -> tuple[list[int], list[dict[int, float]]]:
-    """Greedy removal order of `count` depth units; returns (indices, per-step candidate scores).
+                 budget: float | None = None) -> tuple[list[int], list[dict[int, float]]]:
+    """Greedy removal order of up to `count` depth units; returns (indices, per-step candidate
+    scores). Swin stages keep one block each; with `budget` the removed units hold at most that
+    many parameters (fewer units come back when nothing else fits).
 
     After the first step, `rescore` (if set) limits each step to the candidates that scored
     best in the previous step (lazy greedy); the rest keep their previous scores.
@@ -65,10 +93,14 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                 reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
             refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
             cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
+            sizes = unit_sizes(an, unit)
             for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
                           disable=not progress, leave=False):
                 skip = _state_skip(unit, removed)
-                live = [c for c in cands if c not in removed]
+                live = [c for c in cands if c not in removed
+                        and _allowed(an, unit, removed, c, budget, sizes)]
+                if not live:
+                    break
                 if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
                     prev = step_scores[-1]
                     live = sorted(live, key=lambda c: (prev[c], c))[:rescore]
@@ -77,7 +109,7 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                     inputs = _inputs_per_block(an, an.embed(x), skip)
                     for c in live:
                         if unit == "block":
-                            out = an.head(an.run_blocks(inputs[c], c + 1, skip=skip))
+                            out = an.head(an.run_blocks(inputs[c], c, skip=skip | {c}))
                         else:
                             bypass.add(c)
                             try:
@@ -87,7 +119,8 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                         totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
                 n = sum(len(x) for x in pixel_batches)
                 scores = {c: step_scores[-1][c] for c in cands
-                          if step_scores and c not in removed and c not in totals}
+                          if step_scores and c not in removed and c not in totals
+                          and _allowed(an, unit, removed, c, budget, sizes)}
                 scores.update({c: v / n for c, v in totals.items()})
                 best = min(scores, key=lambda k: (scores[k], k))
                 removed.append(best)
@@ -112,10 +145,10 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
         for x in pixel_batches:
             h = an.embed(x)
             for i in range(len(an.parts)):
-                out = an.run_blocks(h, i, i + 1)
+                out = an.block_forward(i, h)
                 ref = out if unit == "block" else an.attention_stream(i, h)
                 total[i] += (1 - F.cosine_similarity(h.double(), ref.double(), dim=-1).mean()) * len(x)
-                h = out
+                h = an.transition(i, out)
     finally:
         model.train(was_training)
     n = sum(len(x) for x in pixel_batches)
@@ -141,19 +174,22 @@ def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
 def select_depth(model: nn.Module, count: int, unit: str = "block",
                  pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
                  reference: torch.Tensor | None = None, progress: bool = False,
-                 rescore: int | None = None) -> tuple[list[int], dict]:
-    """Choose `count` units to remove; returns (indices in removal order, scores)."""
+                 rescore: int | None = None, budget: float | None = None) -> tuple[list[int], dict]:
+    """Choose up to `count` units to remove (Swin stages keep a block each; removed units hold
+    at most `budget` parameters if given); returns (indices in removal order, scores)."""
     if method not in METHODS:
         raise ValueError(f"depth method must be one of {METHODS}, got {method!r}")
     if count == 0:
         return [], {}
+    an = resolve(model)
     if not pixel_batches:
         scores = weight_proxy(model, unit)
-        return sorted(scores, key=lambda k: (scores[k], k))[:count], {"weight_proxy": scores}
+        return _ranked(an, unit, scores, count, budget), {"weight_proxy": scores}
     if method == "bi":
         scores = block_influence(model, pixel_batches, unit)
-        return sorted(scores, key=lambda k: (scores[k], k))[:count], {"block_influence": scores}
-    order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress, rescore)
+        return _ranked(an, unit, scores, count, budget), {"block_influence": scores}
+    order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress, rescore,
+                                budget)
     return order, {"greedy_steps": [{str(k): v for k, v in s.items()} for s in steps]}
 
 
@@ -201,7 +237,7 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
             if not 0 <= sparsity < 1:
                 raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
             num_to_prune = int(round(sparsity * n))
-        limit = n - 1 if unit == "block" else n
+        limit = n - len(an.stage_blocks()) if unit == "block" else n
         if not 0 <= num_to_prune <= limit:
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
         device = device if device is not None else next(model.parameters()).device

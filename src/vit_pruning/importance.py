@@ -69,13 +69,14 @@ def accumulate(stats: MLPStats | None, act: torch.Tensor,
 @torch.no_grad()
 def run_block_capture(anatomy: Anatomy, index: int, hidden: torch.Tensor,
                       modules: Sequence[nn.Module]) -> tuple[torch.Tensor, list[tuple]]:
-    """Run block `index` on `hidden`, returning its output and (input, output) of each module."""
+    """Run block `index` on `hidden`, returning its output (before any Swin patch merging) and
+    (input, output) of each module."""
     seen: list[list] = [[] for _ in modules]
     handles = [m.register_forward_hook(
         lambda _m, i, o, k=k: seen[k].append((i[0].detach(), o.detach())))
         for k, m in enumerate(modules)]
     try:
-        out = anatomy.run_blocks(hidden, index, index + 1)
+        out = anatomy.block_forward(index, hidden)
     finally:
         for h in handles:
             h.remove()
@@ -98,7 +99,8 @@ def block_output_and_sum(anatomy: Anatomy, index: int, hidden: torch.Tensor,
 def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
                     refit: str | None = None, targets: Sequence[torch.Tensor] | None = None,
                     fit: int | None = None) -> tuple[MLPStats, list[torch.Tensor], list[torch.Tensor]]:
-    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs, and
+    """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs (before
+    any Swin patch merging: :meth:`Anatomy.transition` gives the next block's input), and
     residual streams after attention (the MLP's input side, for re-running only the MLP).
 
     The fit targets are what the MLP sublayer adds to the stream (fc2's output times the layer
@@ -153,9 +155,10 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
         for i, parts in enumerate(anatomy.parts):
             if i in skip:
                 scores.append(torch.zeros(parts.intermediate_size, device=parts.fc2.weight.device))
-                continue
-            stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
-            scores.append(stats.score)
+            else:
+                stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
+                scores.append(stats.score)
+            hidden = [anatomy.transition(i, h) for h in hidden]
     finally:
         model.train(was_training)
     return scores

@@ -85,7 +85,7 @@ class AdapterHead(nn.Module):
 
 
 # where each family keeps its vision tower / encoder (the model itself when headless)
-TOWER_ATTRS = ("vit", "deit", "dinov2", "beit", "data2vec_vision", "vision_model")
+TOWER_ATTRS = ("vit", "deit", "dinov2", "beit", "data2vec_vision", "vision_model", "swin")
 NORM_BEFORE = ("layernorm_before", "norm1", "layer_norm1")  # the attention sublayer's pre-norm
 NORM_AFTER = ("layernorm_after", "norm2", "layer_norm2")  # the MLP sublayer's pre-norm
 ATTENTION = ("attention", "self_attn")
@@ -104,13 +104,17 @@ def tower_config(config):
 
 
 def block_list(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: ``layers`` (5.x ViT-likes), ``encoder.layer`` (4.x, BERT, DINOv2)
-    or ``encoder.layers`` (CLIP, SigLIP)."""
+    """The transformer blocks: ``layers`` (5.x ViT-likes), ``encoder.layer`` (4.x, BERT, DINOv2),
+    ``encoder.layers`` (CLIP, SigLIP), or Swin's ``encoder.layers[stage].blocks`` numbered
+    across stages."""
     base = tower(model)
     for owner, attr in ((base, "layers"), (getattr(base, "encoder", None), "layer"),
                         (getattr(base, "encoder", None), "layers")):
         if isinstance(getattr(owner, attr, None), nn.ModuleList):
-            return getattr(owner, attr)
+            found = getattr(owner, attr)
+            if all(isinstance(getattr(st, "blocks", None), nn.ModuleList) for st in found):
+                return nn.ModuleList([b for st in found for b in st.blocks])  # Swin: stages
+            return found
     raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
 
 
@@ -228,6 +232,8 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
                          f"{len(blocks)} blocks (num_hidden_layers)")
     for block, width in zip(blocks, widths):
         resize_mlp(block, int(width))
+    for block, shift in zip(blocks, info.get("shift_sizes") or []):
+        block.shift_size = int(shift)  # Swin: a kept block keeps its (un)shifted windows
     for i in info.get("attention_removed") or []:
         if not 0 <= int(i) < len(blocks):
             raise ValueError(f"config: vit_pruning.attention_removed names block {i}, the model "
@@ -240,10 +246,14 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
     return model
 
 
-def set_config_depth(config, depth: int) -> None:
-    """Make `config` say `depth` blocks; a backbone-capable config (DINOv2) also gets stage names
-    for that depth, its output stage moved to the last one."""
+def set_config_depth(config, depth: int, stage_depths: list[int] | None = None) -> None:
+    """Make `config` say `depth` blocks (Swin: `stage_depths` blocks per stage); a
+    backbone-capable config (DINOv2) also gets stage names for that depth, its output stage
+    moved to the last one."""
     cfg = tower_config(config)
+    if stage_depths is not None:
+        cfg.depths = [int(d) for d in stage_depths]
+        return
     cfg.num_hidden_layers = depth
     if getattr(cfg, "stage_names", None):
         cfg.stage_names = ["stem"] + [f"stage{i}" for i in range(1, depth + 1)]
@@ -256,6 +266,8 @@ def set_config_width(config, width: int) -> bool:
     pooling head shares ``intermediate_size``): the model is then built with the config's
     width and its blocks narrowed by :func:`apply_pruned_structure`."""
     cfg = tower_config(config)
+    if hasattr(cfg, "depths"):  # Swin: mlp_ratio times each stage's width, never one width
+        return False
     if hasattr(cfg, "mlp_ratio") and not hasattr(cfg, "intermediate_size"):
         hidden = int(cfg.hidden_size)
         swiglu = bool(getattr(cfg, "use_swiglu_ffn", False))
@@ -286,7 +298,7 @@ def _prepared(config):
     info = getattr(config, "vit_pruning", None) or {}
     widths = info.get("intermediate_sizes")
     if widths:
-        set_config_depth(config, len(widths))
+        set_config_depth(config, len(widths), info.get("depths"))
         set_config_width(config, max(widths))
     return config
 
@@ -338,6 +350,8 @@ _STOCK = {
     "SiglipVisionModel": (False, "AutoModel"),
     "SiglipModel": (False, "AutoModel"),
     "SiglipForImageClassification": (False, "AutoModelForImageClassification"),
+    "SwinModel": (True, "AutoModel"),
+    "SwinForImageClassification": (False, "AutoModelForImageClassification"),
     "BertModel": (True, "AutoModel"),
     "RobertaModel": (True, "AutoModel"),
 }

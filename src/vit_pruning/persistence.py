@@ -180,6 +180,12 @@ def check_saved_folder(path: str | Path) -> None:
     if info and arch not in SUPPORTED_CLASSES and arch not in {c.__name__ for c, _ in PRUNED_CLASSES.values()}:
         raise ValueError(f"{path}: architecture {arch!r} is not one vit_pruning saves "
                          f"({', '.join(SUPPORTED_CLASSES)})")
+    if info and arch:
+        stock = arch[len("Pruned"):] if arch.startswith("Pruned") else arch
+        expected = getattr(getattr(transformers, stock, None), "config_class", None)
+        if expected is not None and raw.get("model_type") != expected.model_type:
+            raise ValueError(f"{path}: architecture {arch!r} does not match model_type "
+                             f"{raw.get('model_type')!r} in config.json")
     shapes = {k: v for k, v in shapes.items() if not k.startswith("text_model.")}  # CLIP/SigLIP
     # text towers are never pruned; their blocks are not the ones the config entry describes
     blocks = {int(m.group(1)) for k in shapes for m in [_BLOCK.search(k)] if m}

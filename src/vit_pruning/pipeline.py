@@ -21,7 +21,8 @@ from .batches import take_inputs
 from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, default_align, depth_only_plan,
-                      feasible_depths, make_plan, validate_target, width_only_max)
+                      feasible_depths, indices_feasible, make_plan, validate_target,
+                      width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .width import SELECTIONS as WIDTH_SELECTIONS
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
@@ -122,13 +123,11 @@ def model_shape(model: nn.Module) -> ModelShape:
     def n(mod: nn.Module) -> int:
         return sum(p.numel() for p in mod.parameters())
 
-    per_neuron = {p.neuron_params for p in an.parts}
-    if len(per_neuron) != 1:
-        raise ValueError(f"{type(model).__name__}: blocks differ in parameters per MLP neuron "
-                         f"({sorted(per_neuron)}); the planner needs one")
+    costs = tuple(p.neuron_params for p in an.parts)
     return ModelShape(
         total_params=count_total_params(model), hidden_size=an.hidden_size,
-        params_per_neuron=per_neuron.pop(),
+        params_per_neuron=costs[0], neuron_costs=costs if len(set(costs)) > 1 else None,
+        stages=an.stage_of,
         widths=tuple(p.intermediate_size for p in an.parts),
         block_params=tuple(n(p.block) for p in an.parts),
         attention_params=tuple(p.attention_params for p in an.parts),
@@ -333,8 +332,18 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
         candidates = [probe.blocks_to_prune]
     else:
         candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
+    budget = None
+    if shape.heterogeneous:  # blocks differ in size: never pick units that overshoot the target
+        budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
-                                       cfg.depth_method, reference, progress, cfg.greedy_rescore)
+                                       cfg.depth_method, reference, progress, cfg.greedy_rescore,
+                                       budget)
+    if shape.heterogeneous:  # the counts were judged on placeholder units: check the chosen ones
+        candidates = [d for d in candidates if d <= len(order) and indices_feasible(
+            shape, target, cfg.unit, order[:d], cfg.min_remaining, int(cfg.align))]
+        if not candidates:
+            raise ValueError(f"target {target}: no choice of {cfg.unit} units with the remaining "
+                             f"neurons meets it (min_remaining={cfg.min_remaining})")
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
         trial_cfg = replace(cfg, selection="score")

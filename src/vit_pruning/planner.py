@@ -42,6 +42,8 @@ class ModelShape:
     attention_params: tuple[int, ...]  # attention sublayer + its pre-norm (0 if already removed)
     params_per_neuron: int | None = None  # parameters one MLP neuron holds; None: 2 * hidden + 1
     # (an fc1 row with its bias and an fc2 column; SwiGLU MLPs hold a gate row too)
+    neuron_costs: tuple[int, ...] | None = None  # per block, where blocks differ (Swin stages)
+    stages: tuple[int, ...] | None = None  # stage of each block; every stage keeps one block
 
     @property
     def num_blocks(self) -> int:
@@ -49,7 +51,21 @@ class ModelShape:
 
     @property
     def neuron_params(self) -> int:
+        """Parameters of one neuron (of the largest, where blocks differ)."""
+        if self.neuron_costs:
+            return max(self.neuron_costs)
         return self.params_per_neuron or 2 * self.hidden_size + 1
+
+    @property
+    def costs(self) -> tuple[int, ...]:
+        """Parameters of one neuron of each block."""
+        return self.neuron_costs or (self.neuron_params,) * self.num_blocks
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Blocks whose neurons hold different parameter counts (Swin): the planner then
+        spreads removal in proportion to width and lands within half the smallest group."""
+        return len(set(self.costs)) > 1
 
 
 @dataclass(frozen=True)
@@ -119,9 +135,20 @@ def _capacity(shape: ModelShape, survivors: Sequence[int], min_remaining: int,
 
 
 def default_depth_indices(shape: ModelShape, unit: str, count: int) -> tuple[int, ...]:
-    """Placeholder indices for a plan made before depth selection: the last `count` candidates."""
+    """Placeholder indices for a plan made before depth selection: the last `count` candidates
+    (a stage's last block is never among them)."""
+    if not count:
+        return ()
     cands = candidates(shape, unit)
-    return tuple(sorted(cands[len(cands) - count:])) if count else ()
+    if unit == "block" and shape.stages is not None:
+        left = {st: shape.stages.count(st) for st in set(shape.stages)}
+        picked = []
+        for i in reversed(cands):
+            if len(picked) < count and left[shape.stages[i]] > 1:
+                picked.append(i)
+                left[shape.stages[i]] -= 1
+        return tuple(sorted(picked))
+    return tuple(sorted(cands[len(cands) - count:]))
 
 
 def candidates(shape: ModelShape, unit: str) -> list[int]:
@@ -132,9 +159,32 @@ def candidates(shape: ModelShape, unit: str) -> list[int]:
 
 
 def max_depth_units(shape: ModelShape, unit: str) -> int:
-    """At least one block must remain; every attention sublayer may go."""
+    """At least one block (one per stage) must remain; every attention sublayer may go."""
     n = len(candidates(shape, unit))
-    return n - 1 if unit == "block" else n
+    if unit == "block":
+        return n - (len(set(shape.stages)) if shape.stages is not None else 1)
+    return n
+
+
+def _capacity_params(shape: ModelShape, survivors: Sequence[int], min_remaining: int,
+                     align: int = 1) -> int:
+    """Parameters the surviving blocks' removable neurons hold."""
+    return sum(c * n for c, n in zip(shape.costs, _capacity(shape, survivors, min_remaining, align)))
+
+
+def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Sequence[int],
+                     min_remaining: int, align: int = 1) -> bool:
+    """Whether removing depth units `indices` leaves a width removal that meets the target to
+    within half a group of the smallest neurons."""
+    goal = target * shape.total_params
+    half = align * min(shape.costs) / 2
+    removed = _depth_removed(shape, unit, indices)
+    cap = _capacity_params(shape, _survivors(shape, unit, indices), min_remaining, align)
+    if shape.stages is not None and unit == "block":
+        kept = {shape.stages[i] for i in _survivors(shape, unit, indices)}
+        if kept != set(shape.stages):
+            return False
+    return removed <= goal + half and removed + cap >= goal - half
 
 
 def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1) -> float:
@@ -143,8 +193,8 @@ def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align:
     best = 0
     for d in range(max_depth_units(shape, unit) + 1):
         idx = default_depth_indices(shape, unit, d)
-        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining, align))
-        best = max(best, _depth_removed(shape, unit, idx) + cap * shape.neuron_params)
+        cap = _capacity_params(shape, _survivors(shape, unit, idx), min_remaining, align)
+        best = max(best, _depth_removed(shape, unit, idx) + cap)
     return best / shape.total_params
 
 
@@ -153,16 +203,9 @@ def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: 
     """Depth-unit counts from which the target can be met to within half a neuron (half a
     group of `align` neurons)."""
     _check_unit(unit)
-    goal = target * shape.total_params
-    half = align * shape.neuron_params / 2
-    out = []
-    for d in range(max_depth_units(shape, unit) + 1):
-        idx = default_depth_indices(shape, unit, d)
-        removed = _depth_removed(shape, unit, idx)
-        cap = sum(_capacity(shape, _survivors(shape, unit, idx), min_remaining, align))
-        if removed <= goal + half and removed + cap * shape.neuron_params >= goal - half:
-            out.append(d)
-    return out
+    return [d for d in range(max_depth_units(shape, unit) + 1)
+            if indices_feasible(shape, target, unit, default_depth_indices(shape, unit, d),
+                                min_remaining, align)]
 
 
 def alpha_depth(shape: ModelShape, target: float, unit: str, alpha: float = 1.5) -> int:
@@ -170,7 +213,7 @@ def alpha_depth(shape: ModelShape, target: float, unit: str, alpha: float = 1.5)
     block_total = sum(shape.block_params)
     s = min(1.0, target * shape.total_params / block_total)  # target measured on blocks
     attn = max(shape.attention_params) or 1
-    mlp = max(shape.widths) * shape.neuron_params
+    mlp = max(w * c for w, c in zip(shape.widths, shape.costs))
     return int(round(shape.num_blocks * s ** ((mlp / attn) / alpha)))
 
 
@@ -212,6 +255,40 @@ def _aligned_spread(goal: float, shape: ModelShape, survivors: Sequence[int], mi
         if open_[i] <= floor:
             del open_[i]
     return counts
+
+
+def _param_spread(goal: float, shape: ModelShape, survivors: Sequence[int], min_remaining: int,
+                  align: int) -> list[int]:
+    """Blocks whose neurons differ in size (Swin stages): remove the same fraction of every
+    surviving block's width (in groups of `align`, within capacity), then top up block by block,
+    largest neurons first, so the removed parameters land within half a group of the smallest
+    neurons of `goal` (parameters)."""
+    floor = aligned_floor(min_remaining, align)
+    cap = {i: max(0, shape.widths[i] - floor) // align for i in survivors}  # in groups
+    cost = {i: align * shape.costs[i] for i in survivors}  # parameters per group
+
+    def fill(f: float) -> dict[int, int]:
+        return {i: min(cap[i], int(f * shape.widths[i] / align)) for i in survivors}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # the largest fraction whose removal stays within the goal
+        mid = (lo + hi) / 2
+        if sum(n * cost[i] for i, n in fill(mid).items()) <= goal:
+            lo = mid
+        else:
+            hi = mid
+    groups = fill(lo)
+    left = goal - sum(n * cost[i] for i, n in groups.items())
+    for i in sorted(survivors, key=lambda b: (-cost[b], b)):
+        take = min(cap[i] - groups[i], int(left // cost[i]))
+        groups[i] += take
+        left -= take * cost[i]
+    room = [i for i in survivors if groups[i] < cap[i]]
+    if room:
+        i = min(room, key=lambda b: (cost[b], b))
+        if left > cost[i] / 2:
+            groups[i] += 1
+    return [groups.get(i, 0) * align for i in range(shape.num_blocks)]
 
 
 def _uniform_width(goal: float, shape: ModelShape, survivors: Sequence[int], min_remaining: int,
@@ -277,21 +354,28 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         d, split = depth, "fixed"
     else:
         raise ValueError(f"depth must be an int or 'alpha', got {depth!r}")
-    if d not in options:
-        raise ValueError(f"{d} {unit} units cannot meet target {target}: feasible counts are {options}")
     idx = tuple(sorted(depth_indices)) if depth_indices is not None else \
         default_depth_indices(shape, unit, d)
+    if (d not in options if not shape.heterogeneous else
+            not indices_feasible(shape, target, unit, idx, min_remaining, align)):
+        raise ValueError(f"{d} {unit} units cannot meet target {target}: feasible counts are {options}")
     removed_depth = _depth_removed(shape, unit, idx)
     survivors = _survivors(shape, unit, idx)
     goal = target * shape.total_params
     wanted = max(0.0, goal - removed_depth) / shape.neuron_params  # neurons, not rounded
-    if align == 1:
+    if shape.heterogeneous:
+        counts = _param_spread(max(0.0, goal - removed_depth), shape, survivors, min_remaining, align)
+    elif align == 1:
         capacity = _capacity(shape, survivors, min_remaining)
         counts = _spread(min(int(round(wanted)), sum(capacity)), capacity, survivors)
     else:
         counts = _aligned_spread(wanted, shape, survivors, min_remaining, align)
     uniform = None
-    if width_policy == "uniform" or (width_policy == "auto" and align > 1):
+    if shape.heterogeneous:
+        if width_policy == "uniform":
+            raise ValueError("width_policy 'uniform' needs blocks of one width; this model's "
+                             "blocks differ by stage (use 'per-block' or 'auto')")
+    elif width_policy == "uniform" or (width_policy == "auto" and align > 1):
         w = _uniform_width(wanted, shape, survivors, min_remaining, align)
         if w is not None:
             u_counts = [shape.widths[i] - w if i in survivors else 0 for i in range(shape.num_blocks)]
@@ -304,7 +388,7 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
     if uniform is None and len({shape.widths[i] - counts[i] for i in survivors}) == 1 and survivors:
         uniform = shape.widths[survivors[0]] - counts[survivors[0]]
     n = sum(counts)
-    after = shape.total_params - removed_depth - n * shape.neuron_params
+    after = shape.total_params - removed_depth - sum(c * k for c, k in zip(shape.costs, counts))
     return PruningPlan(
         target=target, unit=unit, blocks_to_prune=d, depth_indices=idx,
         per_block_neurons_to_prune=n // max(1, len(survivors)), neurons_to_prune=tuple(counts),
@@ -316,8 +400,7 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
 
 def width_only_max(shape: ModelShape, min_remaining: int, align: int = 1) -> float:
     """Largest sparsity stage 1 alone can reach."""
-    cap = sum(_capacity(shape, list(range(shape.num_blocks)), min_remaining, align))
-    return cap * shape.neuron_params / shape.total_params
+    return _capacity_params(shape, list(range(shape.num_blocks)), min_remaining, align) / shape.total_params
 
 
 def depth_only_plan(shape: ModelShape, target: float, unit: str,

@@ -13,7 +13,8 @@ from torch import nn
 
 from .anatomy import Anatomy, BlockParts, resolve, supported_class
 from .modeling_vit_pruning import (PRUNED_CLASSES, AdapterHead, mlp_slots, neuron_rows,
-                                   restore_swapped, set_config_depth, set_config_width)
+                                   restore_swapped, set_config_depth, set_config_width,
+                                   tower_config)
 from .modeling_vit_pruning import bypass_attention as _bypass_block
 
 
@@ -89,10 +90,28 @@ def is_plain(anatomy: Anatomy) -> bool:
     """Whether plain transformers can rebuild the model from its config: one MLP width in every
     block that the config can state exactly, every attention sublayer in place, no adapter
     head."""
-    widths = {p.intermediate_size for p in anatomy.parts}
-    return (len(widths) == 1 and set_config_width(copy.deepcopy(anatomy.model.config), widths.pop())
+    return (_config_states_widths(anatomy)
             and not any(p.attention_removed for p in anatomy.parts)
             and head_info(anatomy.model) is None)
+
+
+def _config_states_widths(anatomy: Anatomy) -> bool:
+    """Whether the stock class, built from the config, has these MLP widths (and, Swin, these
+    window shifts)."""
+    if anatomy.stage_of is None:
+        widths = {p.intermediate_size for p in anatomy.parts}
+        return len(widths) == 1 and set_config_width(copy.deepcopy(anatomy.model.config),
+                                                     widths.pop())
+    cfg = tower_config(anatomy.model.config)
+    if any(p.intermediate_size != int(cfg.mlp_ratio * p.fc2.out_features) for p in anatomy.parts):
+        return False
+    for stage, ids in enumerate(anatomy.stage_blocks()):  # a stock stage shifts every 2nd block
+        if min(anatomy.stage_dims[stage]) <= cfg.window_size:
+            continue  # windows cover the whole grid: the block never shifts
+        if any(int(anatomy.blocks[i].shift_size) != (cfg.window_size // 2 if j % 2 else 0)
+               for j, i in enumerate(ids)):
+            return False
+    return True
 
 
 def stock_class(model: nn.Module) -> type:
@@ -109,10 +128,14 @@ def sync_config(anatomy: Anatomy) -> None:
     model = anatomy.model
     cfg = model.config
     widths = [p.intermediate_size for p in anatomy.parts]
-    set_config_depth(cfg, len(anatomy.parts))
+    swin = anatomy.stage_of is not None
+    stage_depths = [len(ids) for ids in anatomy.stage_blocks()] if swin else None
+    set_config_depth(cfg, len(anatomy.parts), stage_depths)
     set_config_width(cfg, max(widths))
     cfg.vit_pruning = {
         **(getattr(cfg, "vit_pruning", None) or {}),
+        **({"depths": stage_depths, "shift_sizes": [int(b.shift_size) for b in anatomy.blocks]}
+           if swin else {}),
         "intermediate_sizes": widths,
         "attention_removed": [i for i, p in enumerate(anatomy.parts) if p.attention_removed],
         "head": head_info(model),
@@ -132,8 +155,17 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
         raise ValueError(f"block indices {bad} out of range [0, {n})")
     if len(drop) >= n:
         raise ValueError(f"cannot remove all {n} blocks")
-    kept = nn.ModuleList([b for i, b in enumerate(anatomy.blocks) if i not in drop])
-    setattr(anatomy.blocks_owner, anatomy.blocks_attr, kept)
+    if anatomy.stage_of is None:
+        kept = nn.ModuleList([b for i, b in enumerate(anatomy.blocks) if i not in drop])
+        setattr(anatomy.blocks_owner, anatomy.blocks_attr, kept)
+    else:  # Swin: per stage; each keeps a block (patch merging needs its input)
+        stage_ids = anatomy.stage_blocks()
+        empty = [k for k, ids in enumerate(stage_ids) if set(ids) <= drop]
+        if empty:
+            raise ValueError(f"cannot remove every block of stage {empty[0]} "
+                             f"(blocks {stage_ids[empty[0]]}): each stage keeps one")
+        for stage, ids in zip(anatomy.stages, stage_ids):
+            stage.blocks = nn.ModuleList([anatomy.blocks[i] for i in ids if i not in drop])
     sync_config(resolve(model))
     return model
 

@@ -119,8 +119,10 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
         if refit == "model":  # the unpruned path: next inputs, and residual sums to refit to
             original, targets = map(list, zip(*[block_output_and_sum(anatomy, i, h)[:2]
                                                  for h in original]))
+            original = [anatomy.transition(i, h) for h in original]
         if i in skip:
             kept.append(list(range(anatomy.parts[i].intermediate_size)))
+            hidden = [anatomy.transition(i, h) for h in hidden]
             continue
         if i in bypass:
             temp.add(i)
@@ -144,7 +146,7 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
             if trial:
                 restore_refs(originals)
         del stats, mids
-        hidden = outputs
+        hidden = [anatomy.transition(i, h) for h in outputs]
         kept.append(keep.tolist())
     return kept, torch.cat([resolve(model).head(h) for h in hidden])
 

@@ -33,8 +33,8 @@ def machine() -> str:
 
 def run_target_error(smoke: bool) -> str:
     res = target_error.run([0.05, 0.25, 0.5] if smoke else None,
-                           ("vit-b16", "dinov2-b14") if smoke
-                           else ("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "embedded"))
+                           ("vit-b16", "dinov2-b14", "swin-t") if smoke
+                           else ("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "swin-t", "embedded"))
     return "\n".join(["## Target error (planner)", "", target_error.__doc__.strip(), "",
                       target_error.table(res), ""])
 
@@ -55,16 +55,20 @@ def run_speed(smoke: bool) -> str:
               batches=(1,) if smoke else (1, 8), repeats=2 if smoke else 10)
     res = speed.run(shape="tiny" if smoke else "vit-b16", **kw)
     dino = speed.run(shape="tiny" if smoke else "dinov2-b14", **kw)
-    return "\n".join(["## Speed (ViT-B/16 and DINOv2-B/14 shapes, CPU)", "", speed.__doc__.strip(), "",
+    swin = speed.run(shape="tiny" if smoke else "swin-t", **kw)
+    return "\n".join(["## Speed (ViT-B/16, DINOv2-B/14 and Swin-T shapes, CPU)", "",
+                      speed.__doc__.strip(), "",
                       f"Threads: {res['threads']}, rounds: {res['repeats']}.", "", "### ViT-B/16", "",
                       speed.table(res), "", "### DINOv2-B/14 (Dinov2Model, 224 px, layer scale)", "",
-                      speed.table(dino), "",
+                      speed.table(dino), "", "### Swin-T (SwinForImageClassification, 224 px)", "",
+                      speed.table(swin), "",
                       "### MLP width alignment", "", speed.width_alignment(repeats=3 if smoke else 12), ""])
 
 
 def run_families(smoke: bool) -> str:
     res = families.run(targets=(0.2,) if smoke else (0.2, 0.4),
                        names=list(families.FAMILIES)[:3] if smoke else None)
+    res["swin"] = families.swin_pairs(epochs=1 if smoke else 30)
     return "\n".join(["## Model families: the refit on each", "", families.__doc__.strip(), "",
                       families.tables(res), ""])
 

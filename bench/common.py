@@ -8,8 +8,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from transformers import (AutoImageProcessor, Dinov2Config, Dinov2Model, ViTConfig,
-                          ViTForImageClassification)
+from transformers import (AutoImageProcessor, Dinov2Config, Dinov2Model, SwinConfig,
+                          SwinForImageClassification, ViTConfig, ViTForImageClassification)
 
 from vit_pruning.cli import EMBEDDED
 from vit_pruning.data import load_splits
@@ -73,9 +73,14 @@ def retune_head(model, d: Digits, seed: int) -> None:
 
 def vit_shape(name: str, meta: bool = False) -> torch.nn.Module:
     """ViT-S/16, ViT-B/16, ViT-L/16 classifiers, the DINOv2-B/14 backbone at 224 px (hub
-    facebook/dinov2-base's shape: LayerScale, MLP ratio 4; 257 tokens), or "tiny" (smoke runs),
-    with random weights (or on the meta device: no memory)."""
-    if name == "dinov2-b14":
+    facebook/dinov2-base's shape: LayerScale, MLP ratio 4; 257 tokens), the Swin-T classifier
+    (microsoft/swin-tiny-patch4-window7-224's shape), or "tiny" (smoke runs), with random weights
+    (or on the meta device: no memory)."""
+    if name == "swin-t":
+        cfg = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                         image_size=224, patch_size=4, num_labels=1000)
+        build = lambda: SwinForImageClassification(cfg)  # noqa: E731
+    elif name == "dinov2-b14":
         cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                            mlp_ratio=4, patch_size=14, image_size=224)
         build = lambda: Dinov2Model(cfg)  # noqa: E731

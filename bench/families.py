@@ -8,7 +8,12 @@ SigLIP, the last hidden state, flattened, for other backbones).
 
 Layer scale: the same BEiT and DINOv2 with every layer scale set to 1.0, then to 0.1, pruned
 to 0.2 with the refit (and without). Before the refit fitted the scaled output, BEiT kept
-cosine 0.9992 at scale 1.0 but 0.9963 at 0.1 (issue 12)."""
+cosine 0.9992 at scale 1.0 but 0.9963 at 0.1 (issue 12).
+
+Swin's shifted-window pairs: a small Swin (16 px digits, patch 2, two stages of 2 blocks on 8x8
+then 4x4 tokens, windows of 4, so stage 0 alternates unshifted and shifted windows) trained on
+scikit-learn digits (seed 0, 30 epochs, AdamW 1e-3), then each block removed alone, without any
+refit: top-1 and KL to the unpruned logits on the 360 held-out digits."""
 from __future__ import annotations
 
 import copy
@@ -18,9 +23,12 @@ import transformers as tf
 from torch.nn import functional as F
 
 from vit_pruning import PruneConfig, prune_2ssp
+from vit_pruning.anatomy import resolve
+from vit_pruning.heads import finetune
 from vit_pruning.measure import collect_outputs
+from vit_pruning.surgery import remove_blocks
 
-from .common import md_table
+from .common import batches, digits_tensors, evaluate, md_table
 
 V = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
          image_size=32, patch_size=8)
@@ -42,6 +50,9 @@ FAMILIES = {
                                                                        projection_dim=32)),
     "SigLIP vision tower (SiglipVisionModel)": ("SiglipVisionModel", lambda: tf.SiglipVisionConfig(**V)),
     "ViTMAE encoder (ViTMAEModel)": ("ViTMAEModel", lambda: tf.ViTMAEConfig(**V, mask_ratio=0.0)),
+    "Swin (SwinForImageClassification)": ("SwinForImageClassification", lambda: tf.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
+        window_size=4, num_labels=10)),
 }
 
 
@@ -96,6 +107,30 @@ def run(targets=(0.2, 0.4), names=None, n_calib: int = 64, n_held: int = 64) -> 
     return {"rows": rows, "scale": scale_rows}
 
 
+def swin_pairs(epochs: int = 30) -> dict:
+    """Top-1 and KL after removing each block of a digits-trained Swin alone."""
+    d = digits_tensors()
+    cfg = tf.SwinConfig(image_size=16, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                        window_size=4, num_labels=10)
+    torch.manual_seed(0)
+    model = tf.SwinForImageClassification(cfg)
+    order = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(0))
+    loader = [(d.x_train[i], d.y_train[i]) for i in torch.split(order, 32)]
+    finetune(model, loader, epochs=epochs, lr=1e-3, freeze_backbone=False, progress=False)
+    model.eval()
+    ref = collect_outputs(model, batches(d.x_test))
+    base_top1 = float((ref.argmax(-1) == d.y_test).float().mean())
+    an = resolve(model)
+    rows = []
+    for i, block in enumerate(an.blocks):
+        pruned = copy.deepcopy(model)
+        remove_blocks(pruned, [i])
+        kl, top1 = evaluate(pruned, d, ref)
+        rows.append({"block": i, "stage": an.stage_of[i], "shift": int(block.shift_size),
+                     "grid": an.stage_dims[an.stage_of[i]], "kl": kl, "top1": top1})
+    return {"base_top1": base_top1, "rows": rows, "epochs": epochs}
+
+
 def tables(res: dict) -> str:
     rows = [[r["family"], r["target"], f"{r['none']:.4f}", f"{r['lsq']:.4f}",
              "yes" if r["lsq"] > r["none"] else "**no**"] for r in res["rows"]]
@@ -110,4 +145,11 @@ def tables(res: dict) -> str:
     out += ["Layer scale (target 0.2; goal: the refit keeps at least as much at scale 0.1 as at 1.0):",
             "", md_table(["family", "refit, scale 1.0", "refit, scale 0.1", "goal",
                           "no compensation, 1.0", "no compensation, 0.1"], srows)]
+    if res.get("swin"):
+        sw = res["swin"]
+        rows = [[r["block"], r["stage"], f"{r['grid'][0]}x{r['grid'][1]}",
+                 f"shifted by {r['shift']}" if r["shift"] else "unshifted", f"{r['top1']:.4f}",
+                 f"{r['kl']:.4f}"] for r in sw["rows"]]
+        out += ["", f"Swin, one block removed (unpruned top-1 {sw['base_top1']:.4f}):", "",
+                md_table(["block", "stage", "tokens", "windows", "top-1", "KL to unpruned"], rows)]
     return "\n".join(out)

@@ -1,5 +1,5 @@
-"""Does the parameter cut turn into speed? On the ViT-B/16 shape (random weights), both depth
-units, targets 0.1..0.5: parameter, FLOP and CPU latency ratios at batch 1 and 8 (baseline and
+"""Does the parameter cut turn into speed? On the ViT-B/16, DINOv2-B/14 and Swin-T shapes
+(random weights), both depth units, targets 0.1..0.5: parameter, FLOP and CPU latency ratios at batch 1 and 8 (baseline and
 pruned timed back to back in one process; the ratio is the median over rounds of
 t(pruned) / t(baseline)), and realization = latency reduction / FLOP reduction.
 Plus the MLP-width alignment check: time of one MLP at odd vs aligned widths."""

@@ -1,6 +1,8 @@
-"""Target error |achieved - target| over targets 0.01..0.80 on ViT-S/16, ViT-B/16, ViT-L/16 and
-DINOv2-B/14 shapes (meta device: exact counts, no memory) and the embedded digits ViT, ours vs
-the seed's formula planner. `ours default` is the tool's default: widths aligned to `--align auto` (8 on
+"""Target error |achieved - target| over targets 0.01..0.80 on ViT-S/16, ViT-B/16, ViT-L/16,
+DINOv2-B/14 and Swin-T shapes (meta device: exact counts, no memory) and the embedded digits
+ViT, ours vs the seed's formula planner. Swin's neurons differ in size by stage (193 to 1537
+parameters on Swin-T): its plans land within half a group of the smallest neurons that still
+have room, at most half of the largest ("one neuron" is the largest). `ours default` is the tool's default: widths aligned to `--align auto` (8 on
 the ViT shapes, 4 on the embedded model) with `--width-policy auto` (one width for every
 surviving block when that misses by at most 0.1 pp); `ours --align 1` is exact to one neuron.
 "plain" is the share of targets whose pruned model saves as a plain transformers folder (one
@@ -47,7 +49,7 @@ def _model(name: str):
     return embedded_model() if name == "embedded" else vit_shape(name, meta=True)
 
 
-def run(targets=None, names=("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "embedded")) -> dict:
+def run(targets=None, names=("vit-s16", "vit-b16", "vit-l16", "dinov2-b14", "swin-t", "embedded")) -> dict:
     targets = targets if targets is not None else [round(t, 2) for t in np.arange(0.01, 0.805, 0.01)]
     out = {}
     for name in names:

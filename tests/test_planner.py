@@ -5,7 +5,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from src.vit_pruning import (count_total_params, model_shape, plan_2ssp_allocation,
                              prune_vit_attention_blocks, prune_vit_mlp_width)
-from vit_pruning.planner import make_plan
+from vit_pruning.planner import default_depth_indices, make_plan, max_depth_units
 
 SHAPES = {  # name: (hidden, layers, heads, mlp)
     "vit-s16": (384, 12, 6, 1536),
@@ -133,3 +133,40 @@ def test_global_allocation_keeps_alignment():
     assert sum(counts) == 48 and all(c % 8 == 0 for c in counts)
     with pytest.raises(ValueError, match="multiples of 8"):
         global_allocation([torch.rand(60)], 8, 16, align=8)
+
+
+def swin_t_shape():
+    """Swin-T's shape (meta device): 4 stages of width 96..768, neurons of 193..1537 parameters."""
+    from transformers import SwinConfig, SwinForImageClassification
+    cfg = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                     num_labels=1000)
+    with torch.device("meta"):
+        return model_shape(SwinForImageClassification(cfg))
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("align", [1, 8])
+def test_swin_plans_land_within_half_a_group_of_the_smallest_neurons_with_room(unit, align):
+    shape = swin_t_shape()
+    assert shape.heterogeneous and sorted(set(shape.costs)) == [193, 385, 769, 1537]
+    for target in np.arange(0.05, 0.61, 0.05):
+        plan = make_plan(shape, float(target), unit, 128, align=align, width_policy="auto")
+        kept = [w - n for w, n in zip(shape.widths, plan.neurons_to_prune)]
+        survivors = [i for i in range(shape.num_blocks)
+                     if not (unit == "block" and i in plan.depth_indices)]
+        room = [shape.costs[i] for i in survivors if kept[i] - align >= 128]
+        error = abs(plan.params_after - (1 - target) * shape.total_params)
+        assert error <= align * min(room or shape.costs) / 2 + 1e-6, (target, error)
+        assert all(k % align == 0 or k == w for k, w in zip(kept, shape.widths))
+        # stage 0 (width 384) and stage 3 (width 3072) lose the same share, to a group
+        first, last = survivors[0], survivors[-1]
+        assert abs(plan.neurons_to_prune[first] / 384 - plan.neurons_to_prune[last] / 3072) < 0.05
+
+
+def test_swin_keeps_a_block_per_stage_and_refuses_uniform_width():
+    shape = swin_t_shape()
+    assert max_depth_units(shape, "block") == 12 - 4
+    assert {shape.stages[i] for i in range(12)} - {shape.stages[i] for i in range(12)
+                                                  if i not in default_depth_indices(shape, "block", 8)} == set()
+    with pytest.raises(ValueError, match="width_policy 'uniform' needs blocks of one width"):
+        make_plan(shape, 0.3, "block", 128, align=8, width_policy="uniform")

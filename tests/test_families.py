@@ -336,3 +336,28 @@ def test_swin_depth_selection_keeps_a_block_per_stage():
     order, _ = select_depth(model, 3, "block", [x])
     stages = resolve(model).stage_of
     assert len(order) == 2 and {stages[i] for i in order} == {0, 1}  # one of each stage's two
+
+
+ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
+@pytest.mark.skipif(not ONNX, reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed")
+@pytest.mark.parametrize("name", ["dinov2-swiglu", "beit", "clip", "siglip-vision", "vitmae", "swin"])
+def test_pruned_family_exports_to_onnx(name, tmp_path):
+    from vit_pruning.export import export_onnx
+    model, x = build(name), images(16)
+    prune_2ssp(model, 0.3, [x], PruneConfig(unit="attention", align=1, min_remaining=4, split=1))
+    record = export_onnx(model, tmp_path / "m.onnx")
+    assert record["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").is_file()
+
+
+def test_blocks_narrower_than_min_remaining_are_left_whole():
+    """Swin's first stage (MLP 32 wide here) sits under min_remaining=48: it keeps its width, the
+    wider stage is pruned, and the plan still lands within one neuron."""
+    model, x = build("swin"), images(16)
+    widths = [p.intermediate_size for p in resolve(model).parts]
+    before = count_total_params(model)
+    prune_2ssp(model, 0.2, [x], PruneConfig(align=1, min_remaining=48, split=0))
+    after = [p.intermediate_size for p in resolve(model).parts]
+    assert widths[:2] == after[:2] == [32, 32] and all(a < w for a, w in zip(after[2:], widths[2:]))
+    assert abs(before - count_total_params(model) - 0.2 * before) <= resolve(model).parts[2].neuron_params

@@ -258,7 +258,7 @@ class Anatomy:
         conv = getattr(proj, "projection", None) or getattr(emb, "patch_embedding", None)
         x = inputs.to(conv.weight.dtype)
         if self.family == "vitmae":
-            return emb(x, noise=mae_noise(self.model, len(x)))[0]
+            return emb(x, noise=mae_noise(self.model, x.shape[0]))[0]
         out = emb(x)
         out = out[0] if isinstance(out, tuple) else out  # 4.x BEiT: (embeddings, patch grid)
         pre = getattr(self.backbone, "pre_layrnorm", None)  # CLIP's LayerNorm before block 0

@@ -2,7 +2,9 @@
 
 The exported graph takes ``pixel_values`` (images) or ``input_ids`` + ``attention_mask``
 (text encoders) with a dynamic batch axis (and a dynamic sequence axis for text), and returns
-the model's main output: logits for a classifier, the last hidden state otherwise. onnx,
+what fidelity is measured on (:func:`vit_pruning.measure.forward_output`): logits for a
+classifier, the image embedding for CLIP / SigLIP (a dual model exports its image path), the
+last hidden state for other backbones; text encoders return their last hidden state. onnx,
 onnxscript and onnxruntime are the optional extra ``vit-2ssp[export]``.
 """
 from __future__ import annotations
@@ -15,9 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .anatomy import is_text_config
 from .atomic import atomic_write
-from .measure import example_inputs, output_tensor
+from .measure import example_inputs, forward_output, output_tensor
 
 log = logging.getLogger(__name__)
 CHECK_BATCH = 3  # onnxruntime is checked at another batch size than the export's
@@ -36,15 +37,15 @@ def require_onnx() -> None:
 
 
 class _ImageOutput(nn.Module):
-    """The model with named inputs and its output reduced to one tensor (logits or last hidden
-    state), as torch.export wants them."""
+    """The model with named inputs and its output reduced to one tensor (see
+    :func:`vit_pruning.measure.forward_output`), as torch.export wants them."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return output_tensor(self.model(pixel_values=pixel_values))
+        return forward_output(self.model, pixel_values)
 
 
 class _TextOutput(_ImageOutput):
@@ -54,7 +55,7 @@ class _TextOutput(_ImageOutput):
 
 def _inputs(model: nn.Module, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     x = example_inputs(model, batch, seq_len=seq_len, seed=batch)
-    if is_text_config(model.config):
+    if "input_ids" in x:
         x["attention_mask"] = torch.ones_like(x["input_ids"])
     return x
 
@@ -69,7 +70,7 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 16) -> dict:
 
     path = Path(path)
     cpu = copy.deepcopy(model).float().cpu().eval()
-    text = is_text_config(cpu.config)
+    text = "input_ids" in example_inputs(cpu, 1, seq_len=2)
     wrapped = (_TextOutput if text else _ImageOutput)(cpu).eval()
     x = _inputs(cpu, 2, seq_len)
     batch = torch.export.Dim("batch", min=1)

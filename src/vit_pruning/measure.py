@@ -36,7 +36,7 @@ def forward_output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     if kind == "image_embeds":
         out = model.get_image_features(pixel_values=inputs)
         return out if isinstance(out, torch.Tensor) else out.pooler_output  # 5.x: an output object
-    noise = mae_noise(model, len(inputs))
+    noise = mae_noise(model, inputs.shape[0])  # shape[0], not len(): stays symbolic in export
     out = model(pixel_values=inputs, **({} if noise is None else {"noise": noise}))
     if kind == "pooled":
         return out.pooler_output

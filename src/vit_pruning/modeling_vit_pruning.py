@@ -1,17 +1,19 @@
-"""Pruned ViT / DeiT / BERT-family models as transformers classes.
+"""Pruned models of every supported family as transformers classes.
 
-A pruned model whose blocks all keep one MLP width and their attention is a plain transformers
-model (``intermediate_size`` and ``num_hidden_layers`` say it all). Any other pruned structure
-(per-block widths, attention sublayers removed, an adapter head) is described by the config's
-``vit_pruning`` entry and rebuilt by the classes below: the stock class is built, then
-:func:`apply_pruned_structure` resizes each block's MLP, bypasses the removed attention
-sublayers and installs the adapter head; the weights are loaded afterwards, strictly.
+A pruned model whose blocks keep MLP widths its config can state and all their attention is a
+plain transformers model (``intermediate_size`` / ``mlp_ratio`` and the depth say it all). Any
+other pruned structure (per-block widths, attention sublayers removed, an adapter head, Swin
+blocks whose window shifts are no longer the stock alternation) is described by the config's
+``vit_pruning`` entry and rebuilt by the ``Pruned*`` classes below: the stock class is built,
+then :func:`apply_pruned_structure` resizes each block's MLP, bypasses the removed attention
+sublayers, restores window shifts and installs the adapter head; the weights are loaded
+afterwards, strictly.
 
 This file is copied into every saved folder that needs it, with ``auto_map`` in its config, so
 that ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` loads the model where
 vit_pruning is not installed. It therefore imports only torch and transformers, and works
 with both transformers majors (4.x ``encoder.layer[i].intermediate.dense``, 5.x
-``layers[i].mlp.fc1``).
+``layers[i].mlp.fc1``; see :func:`mlp_slots` for the MLP kinds).
 """
 from __future__ import annotations
 

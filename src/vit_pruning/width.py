@@ -34,7 +34,8 @@ def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -
         raise ValueError(f"n_to_prune_per_block has {len(counts)} entries, model has "
                          f"{len(anatomy.parts)} blocks")
     for i, (n, p) in enumerate(zip(counts, anatomy.parts)):
-        if n < 0 or p.intermediate_size - n < min_remaining:
+        if n < 0 or (n > 0 and p.intermediate_size - n < min_remaining):  # a block already
+            # narrower than min_remaining (an early Swin stage) is left whole
             raise ValueError(
                 f"block {i}: cannot remove {n} of {p.intermediate_size} neurons with "
                 f"min_remaining={min_remaining} (allowed 0..{max(0, p.intermediate_size - min_remaining)})")

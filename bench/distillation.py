@@ -92,10 +92,12 @@ def run_text(targets=(0.1, 0.2, 0.3, 0.4), steps: int = 1000, pool_size: int = 4
         rows.append({"target": t, "method": "ours (one-shot)", "cosine": mean_cosine(emb, ref),
                      "agreement": retrieval_agreement(emb, ref), "seconds": 0.0})
         for name in variants:
-            train, lr = VARIANTS[name]
+            match = "tokens" if name.endswith(" tokens") else "output"
+            train, lr = VARIANTS[name.split()[0]]
             model = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            res = distill(model, base, inputs, steps, lr=lr, batch_size=32, train=train, check_inputs=checks)
+            res = distill(model, base, inputs, steps, lr=lr, batch_size=32, train=train,
+                          check_inputs=checks, match=match)
             seconds = time.perf_counter() - t0
             emb = sentence_embeddings(model, evaluation)
             rows.append({"target": t, "method": f"ours + distill ({name})", "cosine": mean_cosine(emb, ref),

@@ -5,7 +5,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from src.vit_pruning import (count_total_params, model_shape, plan_2ssp_allocation,
                              prune_vit_attention_blocks, prune_vit_mlp_width)
-from vit_pruning.planner import default_depth_indices, make_plan, max_depth_units
+from vit_pruning.planner import (best_feasible_units, default_depth_indices, indices_feasible,
+                                 make_plan, max_depth_units)
 
 SHAPES = {  # name: (hidden, layers, heads, mlp)
     "vit-s16": (384, 12, 6, 1536),
@@ -170,3 +171,18 @@ def test_swin_keeps_a_block_per_stage_and_refuses_uniform_width():
                                                   if i not in default_depth_indices(shape, "block", 8)} == set()
     with pytest.raises(ValueError, match="width_policy 'uniform' needs blocks of one width"):
         make_plan(shape, 0.3, "block", 128, align=8, width_policy="uniform")
+
+
+def test_swin_picks_a_feasible_set_when_the_best_scored_units_are_too_small():
+    """The lowest-scored attention sublayers (stage 0 and 1: small) cannot reach 0.5 with the
+    neurons min_remaining=512 leaves; the lowest-scored set that can is chosen instead."""
+    from itertools import combinations
+    shape = swin_t_shape()
+    scores = {i: float(shape.stages[i]) + i / 100 for i in range(12)}
+    ranked = sorted(scores, key=scores.get)
+    assert not indices_feasible(shape, 0.5, "attention", ranked[:5], 512, 8)
+    units = best_feasible_units(shape, 0.5, "attention", 5, scores, 512, 8)
+    assert units is not None and indices_feasible(shape, 0.5, "attention", units, 512, 8)
+    best = min(sum(scores[i] for i in c) for c in combinations(range(12), 5)
+               if indices_feasible(shape, 0.5, "attention", c, 512, 8))
+    assert sum(scores[i] for i in units) == pytest.approx(best)

@@ -30,6 +30,7 @@ from .measure import forward_output
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("all", "mlp", "norms", "fc2")
+MATCHES = ("output", "tokens")
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
 
 
@@ -41,7 +42,8 @@ class DistillResult:
     lr: float
     batch_size: int
     temperature: float
-    loss: str  # "kl" (classifier logits) or "cosine" (embeddings / hidden states)
+    loss: str  # "kl" (classifier logits), "cosine" (embeddings / hidden states) or "tokens"
+    # (a text encoder's every token and their mean)
     losses: list[float] = field(default_factory=list)  # the training loss, one value per step
     trainable_params: int = 0
     heldout: dict[int, float] = field(default_factory=dict)  # step -> loss on the held-out inputs
@@ -73,12 +75,21 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     return out
 
 
-def _forward(model: nn.Module, batch) -> torch.Tensor:
-    """Logits (classifier), mean-pooled embedding (text: a padded dict with attention_mask, or
-    padding-free token ids), or the last hidden state (headless ViT)."""
+def _text_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask) of a text batch: a padded dict, or padding-free token ids."""
     if isinstance(batch, dict):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return mean_pool(out.last_hidden_state, batch["attention_mask"])
+        return batch["input_ids"], batch["attention_mask"]
+    return batch, None
+
+
+def _forward(model: nn.Module, batch, match: str = "output") -> torch.Tensor:
+    """Logits (classifier), mean-pooled embedding (text: a padded dict with attention_mask, or
+    padding-free token ids), or the last hidden state (headless ViT). With match="tokens" a text
+    encoder gives every token's final hidden state (B, T, H) instead of their mean."""
+    if isinstance(batch, dict) or (match == "tokens" and not batch.is_floating_point()):
+        ids, mask = _text_batch(batch)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden if match == "tokens" else mean_pool(hidden, mask)
     return forward_output(model, batch)
 
 
@@ -98,19 +109,33 @@ def _batch_len(batch) -> int:
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """KL at a temperature for logits, mean cosine distance for embeddings/hidden states."""
+                 temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL at a temperature for logits, mean cosine distance for embeddings/hidden states;
+    "tokens": the cosine distance of every real token's hidden state (`mask`) plus that of the
+    mean-pooled embedding."""
     if kind == "kl":
         t = temperature
         return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
                         reduction="batchmean", log_target=True) * t * t
+    if kind == "tokens":
+        s, t = student.float(), teacher.float()
+        m = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
+        per_token = (1 - F.cosine_similarity(s, t, dim=-1)) * m
+        pooled = 1 - F.cosine_similarity(mean_pool(s, m), mean_pool(t, m), dim=-1)
+        return per_token.sum() / m.sum().clamp_min(1) + pooled.mean()
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
+def _mask(batch, idx: torch.Tensor | None = None) -> torch.Tensor | None:
+    mask = _text_batch(batch)[1] if isinstance(batch, dict) else None
+    return mask if mask is None or idx is None else mask[idx]
+
+
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64) -> list[torch.Tensor]:
+def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
+                    match: str = "output") -> list[torch.Tensor]:
     """The teacher's output for every input batch (computed once, in eval mode, kept on the
-    host)."""
+    host): what the student learns (every token's hidden state with match="tokens")."""
     was = teacher.training
     teacher.eval()
     device = _device(teacher)
@@ -118,8 +143,8 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64) -> li
         out = []
         for b in inputs:
             n = _batch_len(b)
-            parts = [_forward(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device)).float().cpu()
-                     for i in range(0, n, micro)]
+            parts = [_forward(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device),
+                              match).float().cpu() for i in range(0, n, micro)]
             out.append(torch.cat(parts))
         return out
     finally:
@@ -130,12 +155,14 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64) -> li
 def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Tensor], kind: str,
                   temperature: float, device: torch.device) -> float:
     total = count = 0.0
+    match = "tokens" if kind == "tokens" else "output"
     for b, t in zip(inputs, targets):
         n = _batch_len(b)
         for i in range(0, n, 64):
             idx = torch.arange(i, min(n, i + 64))
-            total += float(distill_loss(_forward(model, _rows(b, idx, device)), t[idx].to(device),
-                                        kind, temperature)) * len(idx)
+            total += float(distill_loss(_forward(model, _rows(b, idx, device), match),
+                                        t[idx].to(device), kind, temperature,
+                                        _mask(b, idx))) * len(idx)
             count += len(idx)
     return total / max(1.0, count)
 
@@ -160,7 +187,8 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             lr: float = 3e-4, batch_size: int = 32, temperature: float = 2.0, train: str = "mlp",
             seed: int = 0, progress: bool = False,
             cached: Sequence[torch.Tensor] | None = None, heldout: float = 0.1,
-            checks: int = 10, check_inputs: Sequence | None = None) -> DistillResult:
+            checks: int = 10, check_inputs: Sequence | None = None,
+            match: str = "output") -> DistillResult:
     """Train `pruned` in place for `steps` steps to reproduce `teacher` on unlabeled `inputs`.
 
     The loss on inputs it does not train on is measured before the first step and `checks`
@@ -175,6 +203,9 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             attention_mask), on any device (rows move to the student's device per step).
         cached: the teacher's outputs per input batch (:func:`teacher_outputs`), if already known.
         train: which parameters learn (see :func:`trainable_parameters`).
+        match: "output" (what fidelity is measured on: logits, the sentence embedding, hidden
+            states) or, for a text encoder, "tokens": every token's final hidden state as well
+            as their mean (T times the signal per sentence; see :data:`MATCHES`).
     Returns:
         DistillResult with the loss of every step. The student ends in eval mode with
         requires_grad off.
@@ -183,12 +214,18 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not inputs:
         raise ValueError("distill needs at least one batch of unlabeled inputs")
-    kind = "kl" if resolve(pruned).has_classifier else "cosine"
-    targets = list(cached) if cached is not None else teacher_outputs(teacher, inputs)
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    anatomy = resolve(pruned)
+    if match == "tokens" and not anatomy.is_text:
+        raise ValueError("match='tokens' is for text encoders (a headless ViT already matches "
+                         "every token's hidden state)")
+    kind = "kl" if anatomy.has_classifier else ("tokens" if match == "tokens" else "cosine")
+    targets = list(cached) if cached is not None else teacher_outputs(teacher, inputs, match=match)
     if check_inputs:
         if teacher is None:
             raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
-        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs)
+        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs, match=match)
     else:
         inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
     params = trainable_parameters(pruned, train)
@@ -219,8 +256,9 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
             n = _batch_len(inputs[k])
             idx = torch.randperm(n, generator=gen)[:batch_size]
-            loss = distill_loss(_forward(pruned, _rows(inputs[k], idx, device)),
-                                targets[k][idx].to(device), kind, temperature)
+            loss = distill_loss(_forward(pruned, _rows(inputs[k], idx, device), match),
+                                targets[k][idx].to(device), kind, temperature,
+                                _mask(inputs[k], idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

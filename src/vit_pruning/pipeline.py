@@ -20,9 +20,9 @@ from .anatomy import resolve
 from .batches import take_inputs
 from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
-from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, default_align, depth_only_plan,
-                      feasible_depths, indices_feasible, make_plan, validate_target,
-                      width_only_max)
+from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
+                      default_align, depth_only_plan, feasible_depths, indices_feasible,
+                      make_plan, validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .width import SELECTIONS as WIDTH_SELECTIONS
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
@@ -338,24 +338,45 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore,
                                        budget)
+    orders = {d: list(order[:d]) for d in candidates}
     if shape.heterogeneous:  # the counts were judged on placeholder units: check the chosen ones
-        candidates = [d for d in candidates if d <= len(order) and indices_feasible(
-            shape, target, cfg.unit, order[:d], cfg.min_remaining, int(cfg.align))]
-        if not candidates:
-            raise ValueError(f"target {target}: no choice of {cfg.unit} units with the remaining "
-                             f"neurons meets it (min_remaining={cfg.min_remaining})")
+        orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
+        candidates = sorted(orders)
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
         trial_cfg = replace(cfg, selection="score")
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
-            plan = cfg.plan(shape, target, depth_indices=order[:d])
+            plan = cfg.plan(shape, target, depth_indices=orders[d])
             search[str(d)] = _trial_distance(model, plan, trial_cfg, holdout)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
                      cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
-    plan = cfg.plan(shape, target, depth_indices=order[:best])
+    plan = cfg.plan(shape, target, depth_indices=orders[best])
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
-    return replace(plan, split=label), order[:best], search, depth_scores
+    return replace(plan, split=label), orders[best], search, depth_scores
+
+
+def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:
+    """Depth units differ in size (Swin): for each count, the selection's own first units if
+    they can meet the target, else the lowest-scored set that can (scores of the selection's
+    first step); counts with neither are dropped."""
+    scores = (depth_scores.get("greedy_steps") or [None])[0] or depth_scores.get(
+        "weight_proxy") or depth_scores.get("block_influence") or {}
+    scores = {int(k): float(v) for k, v in scores.items()}
+    out = {}
+    for d in counts:
+        if d <= len(order) and indices_feasible(shape, target, cfg.unit, order[:d],
+                                                cfg.min_remaining, int(cfg.align)):
+            out[d] = list(order[:d])
+            continue
+        alt = best_feasible_units(shape, target, cfg.unit, d, scores, cfg.min_remaining,
+                                  int(cfg.align))
+        if alt is not None:
+            out[d] = list(alt)
+    if not out:
+        raise ValueError(f"target {target}: no choice of {cfg.unit} units with the remaining "
+                         f"neurons meets it (min_remaining={cfg.min_remaining})")
+    return out
 
 
 def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1):

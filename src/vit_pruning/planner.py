@@ -23,6 +23,7 @@ override it with a search by calibration fidelity (:func:`feasible_depths` lists
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -185,6 +186,35 @@ def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Seque
         if kept != set(shape.stages):
             return False
     return removed <= goal + half and removed + cap >= goal - half
+
+
+def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
+                        scores: dict[int, float], min_remaining: int,
+                        align: int = 1) -> tuple[int, ...] | None:
+    """Where depth units differ in size (Swin stages): the `count` units with the lowest total
+    score among the sets that can still meet the target (:func:`indices_feasible`), or None.
+    Units of one stage are alike, so a set is judged by how many it takes from each stage, and
+    from each stage it takes the lowest-scored: every split of `count` over the stages is tried."""
+    groups: dict[int, list[int]] = {}
+    stage = shape.stages or tuple(shape.costs)
+    for i in candidates(shape, unit):
+        if i in scores:
+            groups.setdefault(stage[i], []).append(i)
+    keys = sorted(groups)
+    for k in keys:
+        groups[k].sort(key=lambda i: (scores[i], i))
+    keep_one = unit == "block" and shape.stages is not None
+    limits = [min(count, len(groups[k]) - (1 if keep_one else 0)) for k in keys]
+    best: tuple[float, tuple[int, ...]] | None = None
+    for split in itertools.product(*[range(m + 1) for m in limits]):
+        if sum(split) != count:
+            continue
+        chosen = [i for k, n in zip(keys, split) for i in groups[k][:n]]
+        if indices_feasible(shape, target, unit, chosen, min_remaining, align):
+            total = sum(scores[i] for i in chosen)
+            if best is None or total < best[0]:
+                best = (total, tuple(sorted(chosen, key=lambda i: (scores[i], i))))
+    return None if best is None else best[1]
 
 
 def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1) -> float:

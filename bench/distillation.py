@@ -109,13 +109,46 @@ def run_text(targets=(0.1, 0.2, 0.3, 0.4), steps: int = 1000, pool_size: int = 4
 
 
 def tables(digits: list[dict], text_rows: list[dict], steps: int, text_steps: int, pool: int) -> str:
-    out = [f"Digits ({steps} steps, batch 64):", "",
-           md_table(["target", "method", "KL to unpruned", "top-1", "seconds", "kept step"],
-                    [[r["target"], r["method"], f"{r['kl']:.4g}", f"{r['top1']:.4f}", f"{r['seconds']:.1f}",
-                      r.get("kept", "")] for r in digits]), ""]
+    out = []
+    if digits:
+        out += [f"Digits ({steps} steps, batch 64):", "",
+                md_table(["target", "method", "KL to unpruned", "top-1", "seconds", "kept step"],
+                         [[r["target"], r["method"], f"{r['kl']:.4g}", f"{r['top1']:.4f}",
+                           f"{r['seconds']:.1f}", r.get("kept", "")] for r in digits]), ""]
     if text_rows:
         out += [f"Text encoder ({text_steps} steps, batch 32, {pool} docstring sentences):", "",
                 md_table(["target", "method", "embedding cosine", "neighbour agreement", "seconds", "kept step"],
                          [[r["target"], r["method"], f"{r['cosine']:.4f}", f"{100 * r['agreement']:.1f}%",
                            f"{r['seconds']:.0f}", r.get("kept", "")] for r in text_rows]), ""]
     return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    """One text-encoder distillation experiment, printed as the table's rows:
+
+        python -m bench.distillation --targets 0.3 --steps 3000 --pool 8000 \\
+            --variants "mlp tokens,all tokens" --lr mlp=1e-3
+    """
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="0.3", help="comma-separated sparsity targets")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--pool", type=int, default=3000, help="docstring sentences distilled on")
+    ap.add_argument("--variants", default="mlp,mlp tokens",
+                    help="comma-separated rows: a VARIANTS key, ' tokens' to match every token")
+    ap.add_argument("--lr", action="append", default=[], help="VARIANT=LR, overriding its rate")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("vit_pruning").setLevel(logging.WARNING)
+    for item in args.lr:
+        name, lr = item.split("=")
+        VARIANTS[name] = (VARIANTS[name][0], float(lr))
+    rows = run_text(tuple(float(t) for t in args.targets.split(",")), args.steps, args.pool,
+                    tuple(args.variants.split(",")))
+    print(tables([], rows, 0, args.steps, args.pool))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

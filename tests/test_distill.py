@@ -68,6 +68,33 @@ def test_text_encoder_learns_the_teachers_embeddings():
     assert res.loss == "cosine" and 1 - cos1 < 0.5 * (1 - cos0), (cos0, cos1)
 
 
+def test_text_encoder_can_learn_every_token():
+    """match="tokens": the student learns each real token's final hidden state (padding masked)
+    and their mean; the cached targets are (B, T, H); an image model refuses it."""
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=40), add_pooling_layer=False).eval()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 99, (96, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::2, 9:] = 0  # half the sentences end early: padding must not count
+    batch = {"input_ids": ids, "attention_mask": mask}
+    held = {"input_ids": torch.randint(1, 99, (32, 12), generator=gen)}
+    held["attention_mask"] = torch.ones_like(held["input_ids"])
+    student = copy.deepcopy(teacher)
+    prune_2ssp(student, 0.3, [ids[:32]], PruneConfig(min_remaining=8, split=1, align=1, compensation="none",
+                                                     selection="score"))
+    assert teacher_outputs(teacher, [batch], match="tokens")[0].shape == (96, 12, 32)
+    ref = teacher_outputs(teacher, [held])[0]
+    cos0 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    res = distill(student, teacher, [batch], steps=60, lr=3e-4, batch_size=32, train="all", match="tokens")
+    cos1 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    assert res.loss == "tokens" and res.match == "tokens" and 1 - cos1 < 0.5 * (1 - cos0), (cos0, cos1)
+    vit_teacher, vit_student = _vit_pair()[:2]
+    with pytest.raises(ValueError, match="match='tokens' is for text encoders"):
+        distill(vit_student, vit_teacher, [torch.zeros(2, 3, 16, 16)], steps=1, match="tokens")
+
+
 def _run(tmp, *args, target="0.6"):
     return main(["--model", "embedded", "--target", target, "--cifar-test-pct", "1", "--eval-batches", "2",
                  "--calib-size", "32", "--reports-dir", str(tmp / "r"), "--pruned-output-dir", str(tmp / "p"),
@@ -90,7 +117,8 @@ def test_cli_distilled_stage_and_report(tmp_path):
 
 @pytest.mark.parametrize("args,flag", [(["--distill-steps", "-1"], "--distill-steps"),
                                        (["--distill-steps", "5", "--distill-lr", "0"], "--distill-lr"),
-                                       (["--distill-steps", "5", "--distill-batch-size", "0"], "--distill-batch-size")])
+                                       (["--distill-steps", "5", "--distill-batch-size", "0"], "--distill-batch-size"),
+                                       (["--distill-steps", "5", "--distill-match", "tokens"], "--distill-match")])
 def test_cli_bad_distillation_flags_exit_2(tmp_path, capsys, args, flag):
     assert _run(tmp_path, *args) == 2
     err = capsys.readouterr().err.strip()

@@ -36,6 +36,7 @@ SEED_MIN_REMAINING = 512
 NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
 IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
 DISTILL_LR, DISTILL_TRAIN = 3e-4, "mlp"  # what the distillation table rewarded
+DISTILL_TEXT_MATCH = "tokens"  # text encoders learn every token's state (the table rewarded it)
 DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
 
 
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--distill-train", choices=("all", "mlp", "norms", "fc2"), default=DISTILL_TRAIN,
                    help=f"which parameters learn: all, the blocks' MLPs, the LayerNorms, or the fc2s "
                         f"(default {DISTILL_TRAIN}: what the benchmarks rewarded)")
+    r.add_argument("--distill-match", choices=("auto", "output", "tokens"), default="auto",
+                   help=f"what the student learns: the output fidelity is measured on (logits, "
+                        f"embedding), or for a text encoder every token's final hidden state and "
+                        f"their mean (auto: {DISTILL_TEXT_MATCH} for text encoders, output otherwise)")
     r.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softmax temperature of the KL for classifiers (2)")
     r.add_argument("--distill-size", type=int, default=None,
@@ -432,6 +437,9 @@ def load_step(args: argparse.Namespace) -> Loaded:
         check_text_flags(args)
     elif args.text_file:
         raise UsageError("--text-file is for text encoders; this model takes images (use --dataset)")
+    if not anatomy.is_text and args.distill_match == "tokens":
+        raise UsageError("--distill-match tokens is for text encoders; an image model learns its "
+                         "output (use auto or output)")
     return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)
 
 
@@ -721,11 +729,14 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
         snapshots["stage2"] = copy.deepcopy(model)
         log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
             len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))
-        cached = teacher_outputs(snapshots["baseline"], data.distill_inputs)
+        match = args.distill_match
+        if match == "auto":
+            match = DISTILL_TEXT_MATCH if loaded.text else "output"
+        cached = teacher_outputs(snapshots["baseline"], data.distill_inputs, match=match)
         distilled = distill(model, snapshots["baseline"], data.distill_inputs, args.distill_steps,
                             args.distill_lr, args.distill_batch_size, args.distill_temperature,
                             args.distill_train, args.seed, not args.quiet, cached=cached,
-                            check_inputs=data.distill_checks)
+                            check_inputs=data.distill_checks, match=match)
         stages.append(evaluate("distilled", model))
     if args.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)

@@ -4,10 +4,13 @@ on unlabeled inputs, without labels.
 - a classifier learns the teacher's logits by KL divergence at a temperature (Hinton et al.
   2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``);
 - a headless encoder learns the teacher's output by cosine distance: the mean-pooled sentence
-  embedding for a text encoder, every token's final hidden state for a headless ViT.
+  embedding for a text encoder, every token's final hidden state for a headless ViT; with
+  ``match="tokens"`` a text encoder learns every real token's final hidden state as well as
+  their mean (one target per token instead of one per sentence).
 
 The teacher's outputs are computed once and cached (they never change, and for the inputs this
-tool distills on they are small: one row of logits or one embedding per input), so each step
+tool distills on they are small: one row of logits or one embedding per input, or with
+``match="tokens"`` one hidden state per token, about 150 MB for 3,000 sentences), so each step
 runs only the student. Which of the student's parameters train is ``train``: all of them, the
 MLPs (fc1 and fc2 of every block), the LayerNorms, or only the fc2s the refit wrote. AdamW with
 a linear warm-up and cosine decay, dropout off; the teacher is never modified.
@@ -48,6 +51,7 @@ class DistillResult:
     trainable_params: int = 0
     heldout: dict[int, float] = field(default_factory=dict)  # step -> loss on the held-out inputs
     kept_step: int = 0  # the step whose weights were kept (0: the one-shot model was best)
+    match: str = "output"  # what the student learned (see distill)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -240,7 +244,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     sizes = torch.tensor([_batch_len(b) for b in inputs], dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     result = DistillResult(steps, 0.0, train, lr, batch_size, temperature, kind,
-                           trainable_params=sum(p.numel() for p in params))
+                           trainable_params=sum(p.numel() for p in params), match=match)
     device = _device(pruned)
     t0 = time.perf_counter()
     pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs

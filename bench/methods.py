@@ -116,9 +116,9 @@ def paper_recipe(model, target, calib_x, calib_y, eval_batches, mr, seed):
         for i, parts in enumerate(an.parts):
             if parts.attention_removed:
                 continue
-            att, norm = bypass_attention(parts)
+            saved = bypass_attention(parts)
             losses[i] = _calibration_loss(model, calib_x, calib_y, ref)
-            restore_attention(parts, att, norm)
+            restore_attention(saved)
         best = min(losses, key=lambda k: (losses[k], k))
         remove_attention(model, [best])
         removed.append(best)

@@ -273,6 +273,9 @@ def test_unknown_classes_are_refused_by_name():
         with pytest.raises(ValueError, match=f"unsupported model class {cls}: vit_pruning supports ViTModel"):
             resolve(model)
     assert len(SUPPORTED_CLASSES) == 21
+    # the standalone modeling file keeps its own list (saved folders import nothing else): the same
+    from vit_pruning.modeling_vit_pruning import PRUNED_CLASSES
+    assert set(PRUNED_CLASSES) == set(SUPPORTED_CLASSES)
 
 
 def _folder(tmp: Path, name: str) -> Path:

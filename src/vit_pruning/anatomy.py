@@ -41,7 +41,8 @@ from torch.nn import functional as F
 
 from .modeling_vit_pruning import (ATTENTION, NORM_AFTER, NORM_BEFORE, AttentionBypass,
                                    PostNormAttentionBypass, attention_returns_tuple,
-                                   attention_scale_attr, first_attr, is_post_norm, mlp_slots,
+                                   attention_scale_attr, block_slot, first_attr, is_post_norm,
+                                   mlp_slots,
                                    tower, tower_config)
 
 # model class -> (family, what its forward gives for fidelity: "logits", "hidden" (the last
@@ -446,15 +447,11 @@ def resolve(model: nn.Module) -> Anatomy:
     if family == "swin":
         blocks, stage_info = _swin_stages(model, backbone)
     else:
-        for cand_owner, cand_attr in ((backbone, "layers"),
-                                      (getattr(backbone, "encoder", None), "layer"),
-                                      (getattr(backbone, "encoder", None), "layers")):
-            if isinstance(getattr(cand_owner, cand_attr, None), nn.ModuleList):
-                owner, attr = cand_owner, cand_attr
-                break
-        if owner is None:
+        slot = block_slot(backbone)
+        if slot is None:
             raise ValueError(f"unsupported model class {type(model).__name__}: no block list "
                              f"found; vit_pruning supports {SUPPORTED}")
+        owner, attr = slot
         blocks = getattr(owner, attr)
     parts = tuple(_block_parts(b) for b in blocks)
     if not parts:

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .anatomy import (DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve,
-                      supported_class)
+from .anatomy import DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve
 from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
 
@@ -47,19 +46,11 @@ def count_total_params(model: nn.Module) -> int:
     """All parameters of the model as passed (embeddings, blocks, norms, head), shared ones
     once; for a dual CLIP / SigLIP model those of its image path (vision tower and projection),
     the part pruning and fidelity concern."""
-    if _is_supported(model) and supported_class(model) in DUAL_CLASSES:
+    if any(cls.__name__ in DUAL_CLASSES for cls in type(model).__mro__):
         parts = [model.vision_model] + [getattr(model, a) for a in ("visual_projection",)
                                         if isinstance(getattr(model, a, None), nn.Module)]
         return sum(p.numel() for m in parts for p in m.parameters())
     return sum(p.numel() for p in model.parameters())
-
-
-def _is_supported(model: nn.Module) -> bool:
-    try:
-        supported_class(model)
-    except ValueError:
-        return False
-    return True
 
 
 def count_block_params(model: nn.Module) -> list[int]:

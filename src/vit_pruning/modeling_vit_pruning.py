@@ -105,19 +105,26 @@ def tower_config(config):
     return getattr(config, "vision_config", None) or config
 
 
-def block_list(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: ``layers`` (5.x ViT-likes), ``encoder.layer`` (4.x, BERT, DINOv2),
-    ``encoder.layers`` (CLIP, SigLIP), or Swin's ``encoder.layers[stage].blocks`` numbered
-    across stages."""
-    base = tower(model)
-    for owner, attr in ((base, "layers"), (getattr(base, "encoder", None), "layer"),
-                        (getattr(base, "encoder", None), "layers")):
+def block_slot(base: nn.Module) -> tuple[nn.Module, str] | None:
+    """(owner, attribute) of a tower's list of blocks: ``layers`` (5.x ViT-likes),
+    ``encoder.layer`` (4.x, BERT, DINOv2) or ``encoder.layers`` (CLIP, SigLIP; Swin's stages)."""
+    encoder = getattr(base, "encoder", None)
+    for owner, attr in ((base, "layers"), (encoder, "layer"), (encoder, "layers")):
         if isinstance(getattr(owner, attr, None), nn.ModuleList):
-            found = getattr(owner, attr)
-            if all(isinstance(getattr(st, "blocks", None), nn.ModuleList) for st in found):
-                return nn.ModuleList([b for st in found for b in st.blocks])  # Swin: stages
-            return found
-    raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
+            return owner, attr
+    return None
+
+
+def block_list(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks (see :func:`block_slot`), Swin's ``encoder.layers[stage].blocks``
+    numbered across stages."""
+    slot = block_slot(tower(model))
+    if slot is None:
+        raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
+    found = getattr(*slot)
+    if all(isinstance(getattr(st, "blocks", None), nn.ModuleList) for st in found):
+        return nn.ModuleList([b for st in found for b in st.blocks])  # Swin: stages
+    return found
 
 
 def first_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:

@@ -3,6 +3,7 @@ alone learn, it helps where pruning hurt, and the CLI reports it (and leaves not
 half-written when interrupted)."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import BertConfig, BertModel, ViTForImageClassification
 from conftest import tiny_config
 from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning.cli import main
-from vit_pruning.distillation import distill, teacher_outputs, trainable_parameters
+from vit_pruning.distillation import (block_outputs, distill, layer_loss, pruned_layers, teacher_layers, teacher_outputs,
+                                      trainable_parameters)
 from vit_pruning.measure import collect_outputs, kl_divergence, mean_cosine
 
 
@@ -39,7 +41,7 @@ def test_distillation_brings_the_student_closer_and_leaves_the_teacher_alone():
     assert not any(p.requires_grad for p in student.parameters()) and not student.training
 
 
-@pytest.mark.parametrize("train", ["fc2", "norms", "mlp"])
+@pytest.mark.parametrize("train", ["fc2", "norms", "mlp", "blocks"])
 def test_only_the_chosen_parameters_learn(train):
     teacher, student, data, _ = _vit_pair()
     chosen = {id(p) for p in trainable_parameters(student, train)}
@@ -49,15 +51,24 @@ def test_only_the_chosen_parameters_learn(train):
         assert torch.equal(p, before[n]) != (id(p) in chosen), n
 
 
-def test_text_encoder_learns_the_teachers_embeddings():
+def _bert_data(padding: bool):
+    """A 4-block BERT teacher, 96 training sentences (half padded after 9 tokens if `padding`)
+    and 32 held-out ones, as token ids."""
     torch.manual_seed(0)
     teacher = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=64, max_position_embeddings=40), add_pooling_layer=False).eval()
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 99, (96, 12), generator=gen)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[::2, 9:] = 0  # half the sentences end early: padding must not count
     held = {"input_ids": torch.randint(1, 99, (32, 12), generator=gen)}
     held["attention_mask"] = torch.ones_like(held["input_ids"])
+    return teacher, ids, {"input_ids": ids, "attention_mask": mask}, held
+
+
+def test_text_encoder_learns_the_teachers_embeddings():
+    teacher, ids, batch, held = _bert_data(padding=False)
     student = copy.deepcopy(teacher)
     prune_2ssp(student, 0.3, [ids[:32]], PruneConfig(min_remaining=8, split=1, align=1, compensation="none",
                                                      selection="score"))
@@ -71,16 +82,7 @@ def test_text_encoder_learns_the_teachers_embeddings():
 def test_text_encoder_can_learn_every_token():
     """match="tokens": the student learns each real token's final hidden state (padding masked)
     and their mean; the cached targets are (B, T, H); an image model refuses it."""
-    torch.manual_seed(0)
-    teacher = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=40), add_pooling_layer=False).eval()
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, 99, (96, 12), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[::2, 9:] = 0  # half the sentences end early: padding must not count
-    batch = {"input_ids": ids, "attention_mask": mask}
-    held = {"input_ids": torch.randint(1, 99, (32, 12), generator=gen)}
-    held["attention_mask"] = torch.ones_like(held["input_ids"])
+    teacher, ids, batch, held = _bert_data(padding=True)
     student = copy.deepcopy(teacher)
     prune_2ssp(student, 0.3, [ids[:32]], PruneConfig(min_remaining=8, split=1, align=1, compensation="none",
                                                      selection="score"))
@@ -93,6 +95,97 @@ def test_text_encoder_can_learn_every_token():
     vit_teacher, vit_student = _vit_pair()[:2]
     with pytest.raises(ValueError, match="match='tokens' is for text encoders"):
         distill(vit_student, vit_teacher, [torch.zeros(2, 3, 16, 16)], steps=1, match="tokens")
+
+
+def test_blocks_trains_every_block_and_nothing_else():
+    _, student, _, _ = _vit_pair()
+    chosen = {id(p) for p in trainable_parameters(student, "blocks")}
+    in_blocks = {id(p) for n, p in student.named_parameters() if re.search(r"\.layers?\.\d", n)}  # 4.x, 5.x
+    assert chosen == in_blocks
+    assert not chosen & {id(p) for p in student.vit.embeddings.parameters()}
+    assert not chosen & {id(p) for p in student.classifier.parameters()}
+
+
+def test_teacher_layers_maps_each_kept_block_to_the_last_block_it_stands_for():
+    assert teacher_layers(6, [1, 2, 3]) == [3, 4, 5]
+    assert teacher_layers(6) == [0, 1, 2, 3, 4, 5]
+    assert teacher_layers(4, [0]) == [1, 2, 3]  # nothing precedes block 1: it learns its own output
+    assert teacher_layers(4, [3]) == [0, 1, 3]  # the last kept block learns the teacher's last
+    with pytest.raises(ValueError, match="do not leave a block"):
+        teacher_layers(2, [0, 1])
+    with pytest.raises(ValueError, match="do not leave a block"):
+        teacher_layers(2, [5])
+
+
+def _block_pruned_pair():
+    """A 4-block ViT pruned to 0.45 with one whole block removed, and its PruneResult."""
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(tiny_config(num_hidden_layers=4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    train = [torch.randn(64, 3, 16, 16, generator=gen) for _ in range(2)]
+    held = [torch.randn(32, 3, 16, 16, generator=gen)]
+    student = copy.deepcopy(teacher)
+    _, res = prune_2ssp(student, 0.45, train[:1], PruneConfig(min_remaining=8, split=1, align=1,
+                                                              unit="block"))
+    return teacher, student, train, held, res
+
+
+def test_layer_matching_learns_every_kept_blocks_teacher_state():
+    """match="layers": each kept block's output moves towards the teacher block the map names,
+    the output too; the map comes from the PruneResult; cached and on-the-fly teacher agree."""
+    teacher, student, train, held, res = _block_pruned_pair()
+    layers = pruned_layers(res)
+    assert len(res.depth_order) == 1 and layers == teacher_layers(4, res.depth_order) and len(layers) == 3
+    with block_outputs(teacher) as t_out:
+        ref = collect_outputs(teacher, held)
+    with block_outputs(student) as s_out:
+        kl0 = kl_divergence(collect_outputs(student, held), ref)
+    gap0 = [1 - mean_cosine(s_out[i].flatten(0, 1), t_out[j].flatten(0, 1)) for i, j in enumerate(layers)]
+    twin = copy.deepcopy(student)
+    res1 = distill(student, teacher, train, steps=60, lr=1e-3, batch_size=32, train="blocks",
+                   match="layers", layers=layers)
+    with block_outputs(student) as s_out:
+        kl1 = kl_divergence(collect_outputs(student, held), ref)
+    gap1 = [1 - mean_cosine(s_out[i].flatten(0, 1), t_out[j].flatten(0, 1)) for i, j in enumerate(layers)]
+    assert kl1 < 0.5 * kl0, (kl0, kl1)
+    assert all(b < a for a, b in zip(gap0, gap1)), (gap0, gap1)
+    assert res1.match == "layers" and res1.layers == layers and res1.teacher_cached
+    res2 = distill(twin, teacher, train, steps=60, lr=1e-3, batch_size=32, train="blocks",
+                   match="layers", layers=layers, cache_limit=0)  # teacher at every step
+    assert not res2.teacher_cached
+    assert res2.losses == pytest.approx(res1.losses, rel=2e-2)  # half-precision cache vs fp32
+
+
+def test_layer_matching_needs_a_map_that_fits():
+    teacher, student, train, _, _ = _block_pruned_pair()
+    with pytest.raises(ValueError, match="pass layers=pruned_layers"):
+        distill(student, teacher, train, steps=1, match="layers")
+    with pytest.raises(ValueError, match="names 2 teacher blocks for 3 student blocks"):
+        distill(student, teacher, train, steps=1, match="layers", layers=[2, 3])
+    with pytest.raises(ValueError, match="name a block the teacher"):
+        distill(student, teacher, train, steps=1, match="layers", layers=[0, 2, 7])
+
+
+def test_text_encoder_layer_matching_masks_padding():
+    teacher, ids, batch, held = _bert_data(padding=True)
+    student = copy.deepcopy(teacher)
+    _, res = prune_2ssp(student, 0.3, [ids[:32]], PruneConfig(min_remaining=8, split=1, align=1,
+                                                              unit="block"))
+    cached = teacher_outputs(teacher, [batch], match="layers", layers=pruned_layers(res))[0]
+    assert [tuple(t.shape) for t in cached] == [(96, 12, 32)] * 4  # output, then 3 kept blocks
+    assert cached[1].dtype == torch.float16 and cached[0].dtype == torch.float32
+    ref = teacher_outputs(teacher, [held])[0]
+    cos0 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    out = distill(student, teacher, [batch], steps=60, lr=1e-3, batch_size=32, train="blocks",
+                  match="layers", layers=pruned_layers(res))
+    cos1 = mean_cosine(teacher_outputs(student, [held])[0], ref)
+    assert out.loss == "tokens" and 1 - cos1 < 0.5 * (1 - cos0), (cos0, cos1)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    m = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    s2, t2 = s.clone(), t.clone()
+    s2[0, 3:], t2[0, 3:] = 9.0, -9.0  # what padded positions hold does not count
+    assert torch.equal(layer_loss([s], [t], m), layer_loss([s2], [t2], m))
+    assert not torch.equal(layer_loss([s], [t]), layer_loss([s2], [t2]))
 
 
 def _run(tmp, *args, target="0.6"):
@@ -110,9 +203,23 @@ def test_cli_distilled_stage_and_report(tmp_path):
     assert st["distilled"]["params"] == st["stage2"]["params"]
     assert st["distilled"]["kl_to_baseline"] < st["stage2"]["kl_to_baseline"]
     d = rep["distillation"]
-    assert d["steps"] == 100 and len(d["losses"]) == 100 and d["inputs"] == 256 and d["train"] == "mlp"
+    assert d["steps"] == 100 and len(d["losses"]) == 100 and d["inputs"] == 256 and d["train"] == "blocks"
+    assert d["match"] == "layers" and d["layers"] == teacher_layers(rep["model"]["num_blocks"], rep["plan"]["removed_indices"])
     assert 0 < d["kept_step"] <= 100 and d["heldout"]["0"] > d["heldout"][str(d["kept_step"])]
     assert "## Distillation" in (tmp_path / "r" / "report-d.md").read_text()
+
+
+def test_cli_layer_matching_uses_the_plans_block_map(tmp_path):
+    assert _run(tmp_path, "--distill-steps", "60", "--distill-size", "256", "--cifar-train-pct", "1",
+                "--distill-match", "layers", "--distill-train", "blocks", "--run-id", "l", target="0.7") == 0
+    rep = json.loads((tmp_path / "r" / "report-l.json").read_text())
+    st = {s["name"]: s for s in rep["stages"]}
+    d = rep["distillation"]
+    removed = rep["plan"]["removed_indices"]
+    assert rep["depth_unit"] == "block" and removed
+    assert d["match"] == "layers" and d["train"] == "blocks" and d["teacher_cached"]
+    assert d["layers"] == teacher_layers(rep["model"]["num_blocks"], removed)
+    assert st["distilled"]["kl_to_baseline"] < st["stage2"]["kl_to_baseline"]
 
 
 @pytest.mark.parametrize("args,flag", [(["--distill-steps", "-1"], "--distill-steps"),

@@ -267,3 +267,26 @@ def test_other_text_models_are_refused_by_name(name):
         cfg = transformers.BertConfig(**small)
     with pytest.raises(ValueError, match=f"unsupported model class {name}"):
         resolve(getattr(transformers, name)(cfg))
+
+
+def test_cli_distills_a_text_encoder_block_by_block(tmp_path):
+    """--distill-steps on a text encoder: sentences of the text file that are neither calibration
+    nor evaluation are the inputs, every kept block learns the teacher block it stands for."""
+    import json
+    from vit_pruning.distillation import teacher_layers
+    folder = bert_folder(tmp_path)
+    lines = tmp_path / "lines.txt"
+    words = "pruning removes blocks neurons while distillation recovers what the model lost".split()
+    lines.write_text("\n".join(f"case {i}: " + " ".join(words[(i * 7 + j) % len(words)] for j in range(4 + i % 5))
+                               + "." for i in range(200)))
+    assert cli(tmp_path, "--model", str(folder), "--target", "0.35", "--text-file", str(lines),
+               "--calib-size", "48", "--eval-batches", "2", "--batch-size", "16", "--min-remaining", "32",
+               "--distill-steps", "60", "--depth-unit", "block", "--run-id", "d") == 0
+    rep = json.loads((tmp_path / "r" / "report-d.json").read_text())
+    st = {s["name"]: s for s in rep["stages"]}
+    d = rep["distillation"]
+    removed = rep["plan"]["removed_indices"]
+    assert removed and d["match"] == "layers" and d["loss"] == "tokens" and d["train"] == "blocks"
+    assert d["layers"] == teacher_layers(4, removed) and d["inputs"] == 200 - 48 - 32
+    assert st["distilled"]["params"] == st["stage2"]["params"]
+    assert st["distilled"]["cosine"] > st["stage2"]["cosine"], (st["stage2"]["cosine"], st["distilled"]["cosine"])

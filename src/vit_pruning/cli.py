@@ -35,8 +35,8 @@ EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
 SEED_MIN_REMAINING = 512
 NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
 IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
-DISTILL_LR, DISTILL_TRAIN = 3e-4, "mlp"  # what the distillation table rewarded
-DISTILL_TEXT_MATCH = "tokens"  # text encoders learn every token's state (the table rewarded it)
+DISTILL_LR, DISTILL_TRAIN = 1e-3, "blocks"  # what the distillation table rewarded
+DISTILL_MATCH = "layers"  # every kept block's hidden states too (the table rewarded it)
 DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
 
 
@@ -117,13 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps (0 = off, default); reported as stage 'distilled'")
     r.add_argument("--distill-lr", type=float, default=DISTILL_LR, help=f"learning rate ({DISTILL_LR:g})")
     r.add_argument("--distill-batch-size", type=int, default=32, help="inputs per step (32)")
-    r.add_argument("--distill-train", choices=("all", "mlp", "norms", "fc2"), default=DISTILL_TRAIN,
-                   help=f"which parameters learn: all, the blocks' MLPs, the LayerNorms, or the fc2s "
-                        f"(default {DISTILL_TRAIN}: what the benchmarks rewarded)")
-    r.add_argument("--distill-match", choices=("auto", "output", "tokens"), default="auto",
+    r.add_argument("--distill-train", choices=("all", "blocks", "mlp", "norms", "fc2"), default=DISTILL_TRAIN,
+                   help=f"which parameters learn: all, every block (attention, MLP, LayerNorms), the "
+                        f"blocks' MLPs, the LayerNorms, or the fc2s (default {DISTILL_TRAIN}: what the "
+                        f"benchmarks rewarded)")
+    r.add_argument("--distill-match", choices=("auto", "output", "tokens", "layers"), default="auto",
                    help=f"what the student learns: the output fidelity is measured on (logits, "
-                        f"embedding), or for a text encoder every token's final hidden state and "
-                        f"their mean (auto: {DISTILL_TEXT_MATCH} for text encoders, output otherwise)")
+                        f"embedding); for a text encoder every token's final hidden state and their "
+                        f"mean (tokens); or that and every kept block's hidden states, each against "
+                        f"the teacher block whose place it takes (layers; a text encoder's every "
+                        f"token). auto: {DISTILL_MATCH}")
     r.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softmax temperature of the KL for classifiers (2)")
     r.add_argument("--distill-size", type=int, default=None,
@@ -725,18 +728,18 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
     stages.append(evaluate("stage2", model))
     distilled = None
     if args.distill_steps:
-        from .distillation import distill, teacher_outputs
+        from .distillation import distill, pruned_layers
         snapshots["stage2"] = copy.deepcopy(model)
         log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
             len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))
         match = args.distill_match
         if match == "auto":
-            match = DISTILL_TEXT_MATCH if loaded.text else "output"
-        cached = teacher_outputs(snapshots["baseline"], data.distill_inputs, match=match)
+            match = DISTILL_MATCH
         distilled = distill(model, snapshots["baseline"], data.distill_inputs, args.distill_steps,
                             args.distill_lr, args.distill_batch_size, args.distill_temperature,
-                            args.distill_train, args.seed, not args.quiet, cached=cached,
-                            check_inputs=data.distill_checks, match=match)
+                            args.distill_train, args.seed, not args.quiet,
+                            check_inputs=data.distill_checks, match=match,
+                            layers=pruned_layers(result) if match == "layers" else None)
         stages.append(evaluate("distilled", model))
     if args.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)

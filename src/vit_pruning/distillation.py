@@ -6,22 +6,30 @@ on unlabeled inputs, without labels.
 - a headless encoder learns the teacher's output by cosine distance: the mean-pooled sentence
   embedding for a text encoder, every token's final hidden state for a headless ViT; with
   ``match="tokens"`` a text encoder learns every real token's final hidden state as well as
-  their mean (one target per token instead of one per sentence).
+  their mean (one target per token instead of one per sentence);
+- with ``match="layers"`` every block the student kept also learns, token by token, the hidden
+  state the teacher has where that block's output goes: the output of the teacher block just
+  before the next kept block (see :func:`teacher_layers`), so a kept block learns to stand in for
+  the removed blocks after it (layer-wise distillation, as in TinyBERT, Jiao et al. 2020).
 
 The teacher's outputs are computed once and cached (they never change, and for the inputs this
 tool distills on they are small: one row of logits or one embedding per input, or with
 ``match="tokens"`` one hidden state per token, about 150 MB for 3,000 sentences), so each step
-runs only the student. Which of the student's parameters train is ``train``: all of them, the
-MLPs (fc1 and fc2 of every block), the LayerNorms, or only the fc2s the refit wrote. AdamW with
-a linear warm-up and cosine decay, dropout off; the teacher is never modified.
+runs only the student. Layer targets are cached in half precision while they fit in
+``cache_limit`` bytes; beyond that the teacher runs beside the student at every step. Which of
+the student's parameters train is ``train``: all of them, every block (attention, MLP and
+LayerNorms; the embeddings and the head stay), the MLPs (fc1 and fc2 of every block), the
+LayerNorms, or only the fc2s the refit wrote. AdamW with a linear warm-up and cosine decay,
+dropout off; the teacher is never modified.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +40,10 @@ from .anatomy import mean_pool, resolve
 from .measure import forward_output
 
 log = logging.getLogger(__name__)
-TRAINABLE = ("all", "mlp", "norms", "fc2")
-MATCHES = ("output", "tokens")
+TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")
+MATCHES = ("output", "tokens", "layers")
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
+CACHE_LIMIT = 2 << 30  # bytes of cached layer targets beyond which the teacher runs every step
 
 
 @dataclass
@@ -52,20 +61,26 @@ class DistillResult:
     heldout: dict[int, float] = field(default_factory=dict)  # step -> loss on the held-out inputs
     kept_step: int = 0  # the step whose weights were kept (0: the one-shot model was best)
     match: str = "output"  # what the student learned (see distill)
+    layers: list[int] | None = None  # match="layers": the teacher block each kept block learned
+    teacher_cached: bool = True  # False: the teacher ran at every step (targets over cache_limit)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
-    """The parameters `train` names: "all", "mlp" (every block's fc1, SwiGLU gate and fc2), "norms"
-    (LayerNorms) or "fc2" (every block's fc2: what the least-squares refit wrote)."""
+    """The parameters `train` names: "all", "blocks" (every parameter of every block: attention,
+    MLP, LayerNorms, layer scales; not the embeddings, final norm or head), "mlp" (every block's
+    fc1, SwiGLU gate and fc2), "norms" (LayerNorms) or "fc2" (every block's fc2: what the
+    least-squares refit wrote)."""
     if train not in TRAINABLE:
         raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
     if train == "all":
         return [p for p in model.parameters()]
     anatomy = resolve(model)
-    if train == "norms":
+    if train == "blocks":
+        mods = list(anatomy.blocks)
+    elif train == "norms":
         mods = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     else:
         mods = [m for parts in anatomy.parts
@@ -77,6 +92,42 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def teacher_layers(num_blocks: int, removed: Iterable[int] = ()) -> list[int]:
+    """For each block a pruned model kept, in order, the teacher block whose output it learns
+    with match="layers": the block just before the next kept one (the kept block stands in for
+    itself and the removed blocks after it), and the teacher's last block for the last kept one.
+    `removed`: the blocks depth pruning removed (original numbering); none when it removed
+    attention sublayers only, which leaves every block in place."""
+    gone = set(removed)
+    kept = [i for i in range(num_blocks) if i not in gone]
+    if not kept or not gone <= set(range(num_blocks)):
+        raise ValueError(f"removed blocks {sorted(gone)} do not leave a block of {num_blocks}")
+    return [nxt - 1 for nxt in kept[1:]] + [num_blocks - 1]
+
+
+def pruned_layers(result) -> list[int]:
+    """:func:`teacher_layers` of what :func:`vit_pruning.prune_2ssp` did (its PruneResult)."""
+    removed = result.depth_order if result.plan.unit == "block" else ()
+    return teacher_layers(len(result.neurons_removed), removed)
+
+
+@contextmanager
+def block_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the hidden states every block of `model` outputs during the forward passes run
+    inside the context (in block order), by forward hooks removed on exit."""
+    outs: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        outs.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    hooks = [b.register_forward_hook(keep) for b in resolve(model).blocks]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _text_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,26 +181,61 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
+def layer_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over blocks of the mean cosine distance of every (real, `mask`) token's hidden state."""
+    total = torch.zeros(())
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.to(s.device).float()
+        m = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
+        total = total.to(s.device) + ((1 - F.cosine_similarity(s, t, dim=-1)) * m).sum() / m.sum().clamp_min(1)
+    return total
+
+
 def _mask(batch, idx: torch.Tensor | None = None) -> torch.Tensor | None:
     mask = _text_batch(batch)[1] if isinstance(batch, dict) else None
     return mask if mask is None or idx is None else mask[idx]
 
 
+def _outputs(model: nn.Module, batch, match: str,
+             layers: Sequence[int] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output `distill_loss` compares, and the outputs of the blocks `layers` (none if None)."""
+    if layers is None:
+        return _forward(model, batch, match), []
+    with block_outputs(model) as outs:
+        final = _forward(model, batch, match)
+    return final, [outs[i] for i in layers]
+
+
+def _take(target, idx: torch.Tensor, device: torch.device | str = "cpu"):
+    """Rows `idx` of a cached target: a tensor, or [output, *block outputs] with match="layers"."""
+    if isinstance(target, list):
+        return [t[idx].to(device) for t in target]
+    return target[idx].to(device)
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
-                    match: str = "output") -> list[torch.Tensor]:
+                    match: str = "output", layers: Sequence[int] | None = None) -> list:
     """The teacher's output for every input batch (computed once, in eval mode, kept on the
-    host): what the student learns (every token's hidden state with match="tokens")."""
+    host): what the student learns (every token's hidden state with match="tokens"). With
+    `layers` (teacher block indices), each batch's entry is [output, *those blocks' outputs],
+    the block outputs in half precision."""
     was = teacher.training
     teacher.eval()
     device = _device(teacher)
+    final = "tokens" if match in ("tokens", "layers") else "output"
     try:
         out = []
         for b in inputs:
             n = _batch_len(b)
-            parts = [_forward(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device),
-                              match).float().cpu() for i in range(0, n, micro)]
-            out.append(torch.cat(parts))
+            parts = []
+            for i in range(0, n, micro):
+                y, hs = _outputs(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device),
+                                 final, layers)
+                parts.append([y.float().cpu()] + [h.half().cpu() for h in hs])
+            cols = [torch.cat(c) for c in zip(*parts)]
+            out.append(cols if layers is not None else cols[0])
         return out
     finally:
         teacher.train(was)
@@ -171,28 +257,60 @@ def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Te
     return total / max(1.0, count)
 
 
-def _split_heldout(inputs: Sequence, targets: Sequence[torch.Tensor], share: float):
+def _split_heldout(inputs: Sequence, targets: Sequence, share: float):
     """The last `share` of the rows of every batch (at least one row, none if a batch has one)
-    are held out to choose which step's weights to keep."""
+    are held out to choose which step's weights to keep (their targets: the output only)."""
     fit_x, fit_t, held_x, held_t = [], [], [], []
     for b, t in zip(inputs, targets):
         n = _batch_len(b)
         h = min(n - 1, max(1, int(round(share * n)))) if share > 0 else 0
         keep, out = torch.arange(n - h), torch.arange(n - h, n)
         fit_x.append(_rows(b, keep, "cpu") if h else b)
-        fit_t.append(t[keep])
+        fit_t.append(_take(t, keep))
         if h:
             held_x.append(_rows(b, out, "cpu"))
-            held_t.append(t[out])
+            held_t.append((t[0] if isinstance(t, list) else t)[out])
     return fit_x, fit_t, held_x, held_t
+
+
+def _resolve_layers(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
+                    layers: Sequence[int] | None) -> list[int]:
+    """Check (or default to identity) the teacher block of every student block."""
+    n_student = len(resolve(pruned).blocks)
+    n_teacher = len(resolve(teacher).blocks) if teacher is not None else None
+    if layers is None:
+        if n_teacher is not None and n_teacher != n_student:
+            raise ValueError(f"match='layers': the student has {n_student} blocks and the teacher "
+                             f"{n_teacher}; pass layers=pruned_layers(result) (which teacher block "
+                             "each kept block learns)")
+        layers = list(range(n_student))
+    layers = [int(i) for i in layers]
+    if len(layers) != n_student:
+        raise ValueError(f"layers names {len(layers)} teacher blocks for {n_student} student blocks")
+    if n_teacher is not None and not all(0 <= i < n_teacher for i in layers):
+        raise ValueError(f"layers {layers} name a block the teacher (of {n_teacher}) lacks")
+    return layers
+
+
+def _layer_bytes(teacher: nn.Module, inputs: Sequence, layers: Sequence[int], match: str) -> int:
+    """Host bytes the half-precision block targets of every input would take (one probe row)."""
+    b0 = inputs[0]
+    probe = teacher_outputs(teacher, [_rows(b0, torch.arange(1), "cpu")], match=match,
+                            layers=layers)[0][1:]
+    row = sum(h.numel() for h in probe) * 2
+    if isinstance(b0, dict):  # text: proportional to each batch's padded length
+        t0 = b0["input_ids"].shape[1]
+        return int(sum(_batch_len(b) * row * b["input_ids"].shape[1] / t0 for b in inputs))
+    return row * sum(_batch_len(b) for b in inputs)
 
 
 def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, steps: int,
             lr: float = 3e-4, batch_size: int = 32, temperature: float = 2.0, train: str = "mlp",
             seed: int = 0, progress: bool = False,
-            cached: Sequence[torch.Tensor] | None = None, heldout: float = 0.1,
+            cached: Sequence | None = None, heldout: float = 0.1,
             checks: int = 10, check_inputs: Sequence | None = None,
-            match: str = "output") -> DistillResult:
+            match: str = "output", layers: Sequence[int] | None = None,
+            cache_limit: int = CACHE_LIMIT) -> DistillResult:
     """Train `pruned` in place for `steps` steps to reproduce `teacher` on unlabeled `inputs`.
 
     The loss on inputs it does not train on is measured before the first step and `checks`
@@ -200,16 +318,25 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     leaves the model further from the teacher there than one-shot pruning did. Those inputs
     are `check_inputs` if given (best: drawn like the inputs the model will be judged on, e.g.
     the calibration images or sentences; needs `teacher`), else a `heldout` share of `inputs`.
+    The checks compare the output only (what fidelity is measured on), whatever `match` trains.
 
     Args:
         teacher: the unpruned model (left unchanged), or None when `cached` holds its outputs.
         inputs: batches of pixel values, or of tokenized sentences (dicts with input_ids and
             attention_mask), on any device (rows move to the student's device per step).
-        cached: the teacher's outputs per input batch (:func:`teacher_outputs`), if already known.
+        cached: the teacher's outputs per input batch (:func:`teacher_outputs`, with the same
+            `match` and `layers`), if already known.
         train: which parameters learn (see :func:`trainable_parameters`).
         match: "output" (what fidelity is measured on: logits, the sentence embedding, hidden
-            states) or, for a text encoder, "tokens": every token's final hidden state as well
-            as their mean (T times the signal per sentence; see :data:`MATCHES`).
+            states); for a text encoder "tokens": every token's final hidden state as well as
+            their mean (T times the signal per sentence; see :data:`MATCHES`); "layers": the
+            output (every token's, for a text encoder) and every block's hidden states, each
+            kept block against teacher block `layers[i]`.
+        layers: match="layers": the teacher block each student block learns, in order
+            (:func:`pruned_layers` of the PruneResult); default: the same block, when the
+            student kept every block.
+        cache_limit: bytes of half-precision block targets cached on the host at most; beyond
+            it the teacher runs on each step's batch instead (on the student's device).
     Returns:
         DistillResult with the loss of every step. The student ends in eval mode with
         requires_grad off.
@@ -224,12 +351,30 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     if match == "tokens" and not anatomy.is_text:
         raise ValueError("match='tokens' is for text encoders (a headless ViT already matches "
                          "every token's hidden state)")
-    kind = "kl" if anatomy.has_classifier else ("tokens" if match == "tokens" else "cosine")
-    targets = list(cached) if cached is not None else teacher_outputs(teacher, inputs, match=match)
+    text_tokens = anatomy.is_text and match != "output"
+    kind = "kl" if anatomy.has_classifier else ("tokens" if text_tokens else "cosine")
+    final = "tokens" if text_tokens else "output"
+    student_layers = teacher_at = None
+    on_the_fly = False
+    if match == "layers":
+        teacher_at = _resolve_layers(pruned, teacher, inputs, layers)
+        student_layers = list(range(len(teacher_at)))
+        on_the_fly = (cached is None and teacher is not None
+                      and _layer_bytes(teacher, inputs, teacher_at, match) > cache_limit)
+    if on_the_fly:
+        targets = None
+    elif cached is not None:
+        targets = list(cached)
+    else:
+        targets = teacher_outputs(teacher, inputs, match=match, layers=teacher_at)
     if check_inputs:
         if teacher is None:
             raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
-        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs, match=match)
+        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs, match=final)
+    elif targets is None:  # targets come per step: hold out the last rows, their output cached
+        fit = [_rows(b, torch.arange(_batch_len(b)), "cpu") for b in inputs]
+        outs = teacher_outputs(teacher, fit, match=final)
+        inputs, _, held_x, held_t = _split_heldout(fit, outs, heldout)
     else:
         inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
     params = trainable_parameters(pruned, train)
@@ -244,10 +389,13 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     sizes = torch.tensor([_batch_len(b) for b in inputs], dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     result = DistillResult(steps, 0.0, train, lr, batch_size, temperature, kind,
-                           trainable_params=sum(p.numel() for p in params), match=match)
+                           trainable_params=sum(p.numel() for p in params), match=match,
+                           layers=teacher_at, teacher_cached=not on_the_fly)
     device = _device(pruned)
     t0 = time.perf_counter()
     pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs
+    if teacher is not None:
+        teacher.eval()
     bar = tqdm(range(steps), desc=f"distill ({train})", disable=not progress, leave=False)
     running = None
     check_at = {round(steps * (c + 1) / checks) for c in range(checks)} if held_x else set()
@@ -260,9 +408,19 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
             n = _batch_len(inputs[k])
             idx = torch.randperm(n, generator=gen)[:batch_size]
-            loss = distill_loss(_forward(pruned, _rows(inputs[k], idx, device), match),
-                                targets[k][idx].to(device), kind, temperature,
-                                _mask(inputs[k], idx))
+            x, mask = _rows(inputs[k], idx, device), _mask(inputs[k], idx)
+            if targets is None:
+                with torch.no_grad():
+                    y, hs = _outputs(teacher, x, final, teacher_at)
+                target = [y, *hs] if teacher_at is not None else y
+            else:
+                target = _take(targets[k], idx, device)
+            out, hs = _outputs(pruned, x, final, student_layers)
+            if student_layers is None:
+                loss = distill_loss(out, target, kind, temperature, mask)
+            else:
+                loss = (distill_loss(out, target[0], kind, temperature, mask)
+                        + layer_loss(hs, target[1:], mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -289,8 +447,8 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             p.requires_grad_(False)
         result.seconds = time.perf_counter() - t0
     if steps:
-        log.info("distilled %d steps (%s, lr %g) in %.1f s: loss %.4g -> %.4g; kept step %d "
-                 "(held-out loss %s)", steps, train, lr, result.seconds, result.losses[0], running,
-                 result.kept_step, ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
+        log.info("distilled %d steps (%s, %s, lr %g) in %.1f s: loss %.4g -> %.4g; kept step %d "
+                 "(held-out loss %s)", steps, train, match, lr, result.seconds, result.losses[0],
+                 running, result.kept_step,
+                 ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
     return result
-

@@ -40,3 +40,18 @@ def test_cli_end_to_end_on_cuda(tmp_path):
     x = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.no_grad():
         assert back(pixel_values=x).logits.is_cuda
+
+
+@pytest.mark.parametrize("cache_limit", [None, 0])  # targets cached on the host / teacher every step
+def test_layer_distillation_on_cuda(cache_limit):
+    from vit_pruning.distillation import CACHE_LIMIT, distill, pruned_layers
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(tiny_config()).eval().cuda()
+    student = ViTForImageClassification(tiny_config()).eval().cuda()
+    student.load_state_dict(teacher.state_dict())
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    _, result = prune_2ssp(student, 0.45, [x], PruneConfig(unit="block", split=1, min_remaining=8))
+    res = distill(student, teacher, [x.cpu()], 20, lr=1e-3, train="blocks", match="layers",
+                  layers=pruned_layers(result), cache_limit=CACHE_LIMIT if cache_limit is None else 0)
+    assert res.teacher_cached == (cache_limit is None) and len(res.losses) == 20
+    assert all(p.is_cuda for p in student.parameters()) and all(torch.isfinite(torch.tensor(res.losses)))

@@ -206,7 +206,8 @@ def test_cli_distilled_stage_and_report(tmp_path):
     assert d["steps"] == 100 and len(d["losses"]) == 100 and d["inputs"] == 256 and d["train"] == "blocks"
     assert d["match"] == "layers" and d["layers"] == teacher_layers(rep["model"]["num_blocks"], rep["plan"]["removed_indices"])
     assert 0 < d["kept_step"] <= 100 and d["heldout"]["0"] > d["heldout"][str(d["kept_step"])]
-    assert "## Distillation" in (tmp_path / "r" / "report-d.md").read_text()
+    md = (tmp_path / "r" / "report-d.md").read_text()
+    assert "## Distillation" in md and f"- learned: layers; kept block i learns teacher block {d['layers']}[i]" in md
 
 
 def test_cli_layer_matching_uses_the_plans_block_map(tmp_path):

@@ -8,7 +8,7 @@ from .depth import prune_vit_attention_blocks, select_depth
 from .measure import (collect_outputs, compute_actual_sparsity, count_block_params, count_flops,
                       count_total_params, evaluate_top1, interleaved_latency, kl_divergence,
                       measure_latency)
-from .distillation import DistillResult, distill
+from .distillation import DistillResult, distill, pruned_layers
 from .export import export_onnx
 from .heads import load_adapter, save_cifar_adapter
 from .persistence import SavedModel, check_saved_folder, load_pruned_model, save_pruned_model
@@ -25,7 +25,7 @@ __all__ = [
     "count_flops", "count_total_params", "evaluate_top1", "kl_divergence", "load_pruned_model",
     "measure_latency", "save_pruned_model", "SavedModel", "check_saved_folder", "export_onnx",
     "load_adapter", "save_cifar_adapter", "save_report", "interleaved_latency", "distill",
-    "DistillResult",
+    "DistillResult", "pruned_layers",
     "model_shape", "plan_2ssp_allocation", "prune_2ssp", "prune_vit_attention_blocks",
     "prune_vit_mlp_width", "resolve", "select_depth",
 ]

@@ -174,22 +174,31 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
                         reduction="batchmean", log_target=True) * t * t
     if kind == "tokens":
         s, t = student.float(), teacher.float()
-        m = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
-        per_token = (1 - F.cosine_similarity(s, t, dim=-1)) * m
+        m = _token_mask(s, mask)
         pooled = 1 - F.cosine_similarity(mean_pool(s, m), mean_pool(t, m), dim=-1)
-        return per_token.sum() / m.sum().clamp_min(1) + pooled.mean()
+        return _token_distance(s, t, m) + pooled.mean()
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def _token_mask(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) float weights of the real tokens of `hidden` (B, T, H): `mask`, or all ones."""
+    if mask is None:
+        return torch.ones(hidden.shape[:2], device=hidden.device)
+    return mask.to(hidden.device).float()
+
+
+def _token_distance(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance of the real tokens' hidden states (weights `m`, (B, T))."""
+    return ((1 - F.cosine_similarity(s, t, dim=-1)) * m).sum() / m.sum().clamp_min(1)
 
 
 def layer_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over blocks of the mean cosine distance of every (real, `mask`) token's hidden state."""
-    total = torch.zeros(())
-    for s, t in zip(student, teacher):
-        s, t = s.float(), t.to(s.device).float()
-        m = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
-        total = total.to(s.device) + ((1 - F.cosine_similarity(s, t, dim=-1)) * m).sum() / m.sum().clamp_min(1)
-    return total
+    if not student:
+        raise ValueError("layer_loss needs at least one block's hidden states")
+    return sum(_token_distance(s.float(), t.to(s.device).float(), _token_mask(s, mask))
+               for s, t in zip(student, teacher))
 
 
 def _mask(batch, idx: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -305,7 +314,7 @@ def _layer_bytes(teacher: nn.Module, inputs: Sequence, layers: Sequence[int], ma
 
 
 def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, steps: int,
-            lr: float = 3e-4, batch_size: int = 32, temperature: float = 2.0, train: str = "mlp",
+            lr: float = 1e-3, batch_size: int = 32, temperature: float = 2.0, train: str = "blocks",
             seed: int = 0, progress: bool = False,
             cached: Sequence | None = None, heldout: float = 0.1,
             checks: int = 10, check_inputs: Sequence | None = None,

@@ -135,6 +135,11 @@ def markdown(rep: dict) -> str:
                   f"loss {dist['loss']}" + (f" at temperature {dist['temperature']:g}" if dist["loss"] == "kl" else "")
                   + f"; trained: {dist['train']} ({dist['trainable_params']:,} parameters), lr {dist['lr']:g}, "
                   f"batch {dist['batch_size']}",
+                  f"- learned: {dist.get('match', 'output')}" + (
+                      f"; kept block i learns teacher block {dist['layers']}[i]"
+                      + ("" if dist.get("teacher_cached", True) else
+                         " (targets over the cache limit: the teacher ran at every step)")
+                      if dist.get("layers") is not None else ""),
                   f"- loss: first step {losses[0]:.4g}, mean of the last 5% of steps "
                   f"{sum(losses[-max(1, len(losses) // 20):]) / max(1, len(losses) // 20):.4g}"
                   if losses else "- no steps",

@@ -26,11 +26,11 @@ import logging
 import random
 import time
 
-from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning.distillation import distill, pruned_layers
 from vit_pruning.measure import collect_outputs, mean_cosine, retrieval_agreement
 
 from .common import batches, calibration, digits_tensors, embedded_model, evaluate, md_table, retune_head
+from .methods import prune_ours
 
 log = logging.getLogger("bench.distillation")
 MIN_REMAINING = 96
@@ -64,7 +64,7 @@ def _distill_row(pruned, base, inputs, steps, name, result, **kw) -> tuple:
 
 
 def run_digits(targets=(0.3, 0.4, 0.5, 0.6, 0.7), steps: int = 1000,
-               variants=None) -> list[dict]:
+               variants=DIGIT_ROWS) -> list[dict]:
     d = digits_tensors()
     base = embedded_model()
     ref = collect_outputs(base, batches(d.x_test))
@@ -73,10 +73,10 @@ def run_digits(targets=(0.3, 0.4, 0.5, 0.6, 0.7), steps: int = 1000,
     for t in targets:
         cx, _ = calibration(d, 0)
         pruned = embedded_model()
-        _, result = prune_2ssp(pruned, t, cx, PruneConfig(min_remaining=MIN_REMAINING))  # = "ours"
+        result = prune_ours(pruned, t, cx, MIN_REMAINING)
         kl, top1 = evaluate(pruned, d, ref)
         rows.append({"target": t, "method": "ours (one-shot)", "kl": kl, "top1": top1, "seconds": 0.0})
-        for name in variants or DIGIT_ROWS:
+        for name in variants:
             model, res, seconds, lr = _distill_row(pruned, base, inputs, steps, name, result, batch_size=64)
             kl, top1 = evaluate(model, d, ref)
             rows.append({"target": t, "method": f"ours + distill ({name})", "kl": kl, "top1": top1,
@@ -113,7 +113,7 @@ def run_text(targets=(0.1, 0.2, 0.3, 0.4), steps: int = 1000, pool_size: int = 4
     rows = []
     for t in targets:
         pruned = copy.deepcopy(base)
-        _, result = prune_2ssp(pruned, t, calib, PruneConfig(min_remaining=mr, unit=unit))  # "ours"
+        result = prune_ours(pruned, t, calib, mr, unit=unit)
         emb = sentence_embeddings(pruned, evaluation)
         if one_shot:
             rows.append({"target": t, "method": "ours (one-shot)", "cosine": mean_cosine(emb, ref),

@@ -49,9 +49,14 @@ def _nearest_feasible(shape, target, unit, mr, wanted: int) -> int:
     return min(options, key=lambda o: (abs(o - wanted), o))
 
 
+def prune_ours(model, target, calib_x, mr, **options):
+    """`ours` in place; returns the PruneResult (which blocks went, for distillation's map)."""
+    return prune_2ssp(model, target, calib_x, PruneConfig(min_remaining=mr, **options))[1]
+
+
 def ours(**options) -> Callable:
     def run(model, target, calib_x, calib_y, eval_batches, mr, seed):
-        prune_2ssp(model, target, calib_x, PruneConfig(min_remaining=mr, **options))
+        prune_ours(model, target, calib_x, mr, **options)
         return model
     return run
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .distillation import MATCHES, TRAINABLE
+
 log = logging.getLogger("vit_pruning")
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
@@ -117,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps (0 = off, default); reported as stage 'distilled'")
     r.add_argument("--distill-lr", type=float, default=DISTILL_LR, help=f"learning rate ({DISTILL_LR:g})")
     r.add_argument("--distill-batch-size", type=int, default=32, help="inputs per step (32)")
-    r.add_argument("--distill-train", choices=("all", "blocks", "mlp", "norms", "fc2"), default=DISTILL_TRAIN,
+    r.add_argument("--distill-train", choices=TRAINABLE, default=DISTILL_TRAIN,
                    help=f"which parameters learn: all, every block (attention, MLP, LayerNorms), the "
                         f"blocks' MLPs, the LayerNorms, or the fc2s (default {DISTILL_TRAIN}: what the "
                         f"benchmarks rewarded)")
-    r.add_argument("--distill-match", choices=("auto", "output", "tokens", "layers"), default="auto",
+    r.add_argument("--distill-match", choices=("auto", *MATCHES), default="auto",
                    help=f"what the student learns: the output fidelity is measured on (logits, "
                         f"embedding); for a text encoder every token's final hidden state and their "
                         f"mean (tokens); or that and every kept block's hidden states, each against "

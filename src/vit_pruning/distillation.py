@@ -266,23 +266,26 @@ def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Te
     return total / max(1.0, count)
 
 
-def _split_heldout(inputs: Sequence, targets: Sequence, share: float):
+def _split_heldout(inputs: Sequence, targets: Sequence | None, share: float):
     """The last `share` of the rows of every batch (at least one row, none if a batch has one)
-    are held out to choose which step's weights to keep (their targets: the output only)."""
+    are held out to choose which step's weights to keep (their targets: the output only; none
+    without `targets`, when the teacher runs every step)."""
     fit_x, fit_t, held_x, held_t = [], [], [], []
-    for b, t in zip(inputs, targets):
+    for b, t in zip(inputs, targets if targets is not None else [None] * len(inputs)):
         n = _batch_len(b)
         h = min(n - 1, max(1, int(round(share * n)))) if share > 0 else 0
         keep, out = torch.arange(n - h), torch.arange(n - h, n)
         fit_x.append(_rows(b, keep, "cpu") if h else b)
-        fit_t.append(_take(t, keep))
+        if t is not None:
+            fit_t.append(_take(t, keep))
         if h:
             held_x.append(_rows(b, out, "cpu"))
-            held_t.append((t[0] if isinstance(t, list) else t)[out])
+            if t is not None:
+                held_t.append((t[0] if isinstance(t, list) else t)[out])
     return fit_x, fit_t, held_x, held_t
 
 
-def _resolve_layers(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
+def _resolve_layers(pruned: nn.Module, teacher: nn.Module | None,
                     layers: Sequence[int] | None) -> list[int]:
     """Check (or default to identity) the teacher block of every student block."""
     n_student = len(resolve(pruned).blocks)
@@ -366,7 +369,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     student_layers = teacher_at = None
     on_the_fly = False
     if match == "layers":
-        teacher_at = _resolve_layers(pruned, teacher, inputs, layers)
+        teacher_at = _resolve_layers(pruned, teacher, layers)
         student_layers = list(range(len(teacher_at)))
         on_the_fly = (cached is None and teacher is not None
                       and _layer_bytes(teacher, inputs, teacher_at, match) > cache_limit)
@@ -380,10 +383,9 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
         if teacher is None:
             raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
         held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs, match=final)
-    elif targets is None:  # targets come per step: hold out the last rows, their output cached
-        fit = [_rows(b, torch.arange(_batch_len(b)), "cpu") for b in inputs]
-        outs = teacher_outputs(teacher, fit, match=final)
-        inputs, _, held_x, held_t = _split_heldout(fit, outs, heldout)
+    elif targets is None:  # targets come per step: only the held-out rows' output is computed
+        inputs, _, held_x, _ = _split_heldout(inputs, None, heldout)
+        held_t = teacher_outputs(teacher, held_x, match=final)
     else:
         inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
     params = trainable_parameters(pruned, train)
@@ -403,8 +405,9 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
     device = _device(pruned)
     t0 = time.perf_counter()
     pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs
-    if teacher is not None:
-        teacher.eval()
+    teacher_was = teacher.training if on_the_fly else False
+    if on_the_fly:
+        teacher.eval()  # it runs every step (teacher_outputs sets and restores its own mode)
     bar = tqdm(range(steps), desc=f"distill ({train})", disable=not progress, leave=False)
     running = None
     check_at = {round(steps * (c + 1) / checks) for c in range(checks)} if held_x else set()
@@ -452,6 +455,8 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, step
             result.kept_step = steps
     finally:
         pruned.eval()
+        if on_the_fly:
+            teacher.train(teacher_was)
         for p in pruned.parameters():
             p.requires_grad_(False)
         result.seconds = time.perf_counter() - t0

@@ -132,6 +132,10 @@ def _scale(block: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
     return None
 
 
+class _StreamCaptured(Exception):
+    """Raised by a hook to stop a block's forward once the stream after attention is seen."""
+
+
 @dataclass(frozen=True)
 class BlockParts:
     """The prunable pieces of one transformer block."""
@@ -364,9 +368,16 @@ class Anatomy:
             out = parts.attention(hidden)
             return out[0] if isinstance(out, tuple) else out
         seen: list[torch.Tensor] = []
-        handle = parts.norm_after.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+
+        def stop(_module, args):  # the MLP's input is all we need: skip the MLP itself
+            seen.append(args[0])
+            raise _StreamCaptured
+
+        handle = parts.norm_after.register_forward_pre_hook(stop)
         try:
             self.block_forward(index, hidden)
+        except _StreamCaptured:
+            pass
         finally:
             handle.remove()
         return seen[0]

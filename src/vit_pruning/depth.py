@@ -21,6 +21,7 @@ from .anatomy import Anatomy, resolve
 from .batches import take_inputs
 from .measure import output_distance
 from .surgery import TemporaryBypass, remove_attention, remove_blocks
+from .trace import UnprunedTrace
 
 METHODS = ("greedy", "bi")
 
@@ -30,12 +31,13 @@ def _state_skip(unit: str, removed: Sequence[int]) -> set[int]:
 
 
 @torch.no_grad()
-def _inputs_per_block(an: Anatomy, hidden: torch.Tensor, skip: set[int]) -> list[torch.Tensor]:
-    """inputs[i] = input of block i for one batch under the current state (blocks in `skip` left out)."""
-    inputs = []
-    for i in range(len(an.blocks)):
-        inputs.append(hidden)
-        hidden = an.run_blocks(hidden, i, i + 1, skip)
+def _inputs_per_block(an: Anatomy, known: list[torch.Tensor], skip: set[int],
+                      upto: int) -> list[torch.Tensor]:
+    """inputs[i] = input of block i for one batch under the current state (blocks in `skip`
+    left out), for i = 0..upto; `known` holds the first ones already (at least the embedding)."""
+    inputs = list(known[:upto + 1])
+    for i in range(len(inputs) - 1, upto):
+        inputs.append(an.run_blocks(inputs[i], i, i + 1, skip))
     return inputs
 
 
@@ -70,17 +72,22 @@ def _ranked(an: Anatomy, unit: str, scores: dict[int, float], count: int,
 def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
                  unit: str = "block", reference: torch.Tensor | None = None,
                  progress: bool = False, rescore: int | None = None,
-                 budget: float | None = None) -> tuple[list[int], list[dict[int, float]]]:
+                 budget: float | None = None, unpruned: UnprunedTrace | None = None
+                 ) -> tuple[list[int], list[dict[int, float]]]:
     """Greedy removal order of up to `count` depth units; returns (indices, per-step candidate
     scores). Swin stages keep one block each; with `budget` the removed units hold at most that
     many parameters (fewer units come back when nothing else fits).
 
-    After the first step, `rescore` (if set) limits each step to the candidates that scored
-    best in the previous step (lazy greedy); the rest keep their previous scores.
+    With `rescore` (if set), the first step scores every candidate on the first half of the
+    calibration batches and only the `rescore` best on the rest (the others keep their
+    half-sample score); each later step rescores only the `rescore` candidates that scored
+    best in the previous step (lazy greedy), the rest keeping their previous scores.
 
     Each step streams the calibration batches: one pass caches every block's input for the
     batch, then candidate ``c`` is scored by running only blocks ``c..B-1`` from its cached
-    input. Memory holds one batch's block inputs; the model is left unchanged.
+    input. Memory holds one batch's block inputs; the model is left unchanged. With the
+    unpruned model's trace over `pixel_batches` (:func:`vit_pruning.trace.trace_unpruned`),
+    the inputs of blocks up to the first removed unit and the reference come from it.
     """
     an = resolve(model)
     was_training = model.training
@@ -90,23 +97,22 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     try:
         with TemporaryBypass(model) as bypass:  # attention units chosen so far stay bypassed
             if reference is None:
-                reference = torch.cat([an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
+                reference = unpruned.outputs if unpruned is not None else torch.cat(
+                    [an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
             refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
             cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
             sizes = unit_sizes(an, unit)
-            for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
-                          disable=not progress, leave=False):
+
+            def score(live: list[int], batches: range) -> dict[int, float]:
+                """Summed distance of each candidate in `live` over the batches `batches`."""
                 skip = _state_skip(unit, removed)
-                live = [c for c in cands if c not in removed
-                        and _allowed(an, unit, removed, c, budget, sizes)]
-                if not live:
-                    break
-                if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
-                    prev = step_scores[-1]
-                    live = sorted(live, key=lambda c: (prev[c], c))[:rescore]
                 totals = {c: 0.0 for c in live}
-                for x, ref in zip(pixel_batches, refs):
-                    inputs = _inputs_per_block(an, an.embed(x), skip)
+                unchanged = min(removed, default=len(an.blocks) - 1)  # inputs up to it are
+                # the unpruned model's
+                for b in batches:
+                    known = (unpruned.batch_inputs(b, unchanged) if unpruned is not None
+                             else [an.embed(pixel_batches[b])])
+                    inputs = _inputs_per_block(an, known, skip, max(live))
                     for c in live:
                         if unit == "block":
                             out = an.head(an.run_blocks(inputs[c], c, skip=skip | {c}))
@@ -116,13 +122,34 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                                 out = an.head(an.run_blocks(inputs[c], c, skip=skip))
                             finally:
                                 bypass.undo(c)
-                        totals[c] += output_distance(out, ref, an.has_classifier) * len(x)
-                n = sum(len(x) for x in pixel_batches)
-                scores = {c: step_scores[-1][c] for c in cands
-                          if step_scores and c not in removed and c not in totals
-                          and _allowed(an, unit, removed, c, budget, sizes)}
-                scores.update({c: v / n for c, v in totals.items()})
-                best = min(scores, key=lambda k: (scores[k], k))
+                        totals[c] += output_distance(out, refs[b], an.has_classifier) * len(out)
+                return totals
+
+            n = sum(len(x) for x in pixel_batches)
+            half, everything = len(pixel_batches) // 2, range(len(pixel_batches))
+            for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
+                          disable=not progress, leave=False):
+                live = [c for c in cands if c not in removed
+                        and _allowed(an, unit, removed, c, budget, sizes)]
+                if not live:
+                    break
+                scores = {c: step_scores[-1][c] for c in live if step_scores}
+                contenders = scores  # the winner is the lowest of these
+                if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
+                    live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
+                    scores.update({c: v / n for c, v in score(live, everything).items()})
+                elif rescore and half and len(live) > rescore:  # first step: screen every
+                    # candidate on half the batches, finish the `rescore` best on the rest
+                    first = score(live, range(half))
+                    scores = {c: v / sum(len(x) for x in pixel_batches[:half])
+                              for c, v in first.items()}
+                    live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
+                    rest = score(live, range(half, len(pixel_batches)))
+                    contenders = {c: (first[c] + rest[c]) / n for c in live}
+                    scores.update(contenders)
+                else:
+                    scores = contenders = {c: v / n for c, v in score(live, everything).items()}
+                best = min(contenders, key=lambda k: (contenders[k], k))
                 removed.append(best)
                 step_scores.append(scores)
                 if unit == "attention":
@@ -174,9 +201,11 @@ def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
 def select_depth(model: nn.Module, count: int, unit: str = "block",
                  pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
                  reference: torch.Tensor | None = None, progress: bool = False,
-                 rescore: int | None = None, budget: float | None = None) -> tuple[list[int], dict]:
+                 rescore: int | None = None, budget: float | None = None,
+                 unpruned: UnprunedTrace | None = None) -> tuple[list[int], dict]:
     """Choose up to `count` units to remove (Swin stages keep a block each; removed units hold
-    at most `budget` parameters if given); returns (indices in removal order, scores)."""
+    at most `budget` parameters if given); returns (indices in removal order, scores).
+    `unpruned`: the unpruned model's trace over `pixel_batches`, if there is one (greedy)."""
     if method not in METHODS:
         raise ValueError(f"depth method must be one of {METHODS}, got {method!r}")
     if count == 0:
@@ -189,7 +218,7 @@ def select_depth(model: nn.Module, count: int, unit: str = "block",
         scores = block_influence(model, pixel_batches, unit)
         return _ranked(an, unit, scores, count, budget), {"block_influence": scores}
     order, steps = greedy_order(model, pixel_batches, count, unit, reference, progress, rescore,
-                                budget)
+                                budget, unpruned)
     return order, {"greedy_steps": [{str(k): v for k, v in s.items()} for s in steps]}
 
 

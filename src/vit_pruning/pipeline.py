@@ -24,6 +24,7 @@ from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_uni
                       default_align, depth_only_plan, feasible_depths, indices_feasible,
                       make_plan, validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
+from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
 from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("auto", "alpha", "search")
 SELECTIONS = ("auto",) + WIDTH_SELECTIONS
 MICRO_BATCH = 16  # calibration images per forward inside the pipeline
+TRACE_LIMIT = 4 * 2**30  # bytes: the unpruned trace is kept below this (ViT-L/16 with 128
+# images takes 2.6 GB in fp32), recomputed per phase above it
 STAGES = ("both", "s1", "s2")
 
 
@@ -148,17 +151,19 @@ def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 5
 
 def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor] | None,
                  cfg: PruneConfig, progress: bool, trial: bool = False,
-                 fit_batches: int | None = None) -> dict:
+                 fit_batches: int | None = None, unpruned: UnprunedTrace | None = None) -> dict:
     """Stage 1 of `plan` in place, calibrated as if stage 2 had already removed its units.
     With `trial` the model is left unchanged (only the outputs it would give are returned);
-    `fit_batches` holds the batches after the first `fit_batches` out of the fit."""
+    `fit_batches` holds the batches after the first `fit_batches` out of the fit; `unpruned`
+    is the unpruned model's trace over inputs whose first rows are `batches`'."""
     skip = plan.depth_indices if plan.unit == "block" else ()
     bypass = plan.depth_indices if plan.unit == "attention" else ()
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
                                       cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
-                                      progress, trial, cfg.selection, fit_batches, int(cfg.align))
+                                      progress, trial, cfg.selection, fit_batches, int(cfg.align),
+                                      unpruned)
     fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
@@ -209,13 +214,16 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     if cfg.stages not in STAGES:
         raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
     clock = _Clock()
-    reference = collect_outputs(model, batches) if batches else None
-    clock.lap("reference outputs")
+    trace = _trace(model, batches)
+    reference = (trace.outputs if trace is not None else
+                 collect_outputs(model, batches) if batches else None)
+    clock.lap("unpruned trace" if trace is not None else "reference outputs")
     if cfg.stages == "s2":
         if cfg.unit == "auto":
             raise ValueError("unit 'auto' compares whole splits; for stage 2 alone choose "
                              "'block' or 'attention'")
-        return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1)
+        return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1,
+                           trace)
     if cfg.stages == "s1":
         top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
         validate_target(target, top, "for width pruning alone (stages='s1')")
@@ -223,9 +231,10 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
     if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
         units = ("block",)  # nothing to compare without data; s1 removes no depth units
-    holdout = _holdout(model, batches, reference, cfg) if batches else None
+    holdout = _holdout(model, batches, reference, cfg, trace) if batches else None
     choices = [_choose_depth(model, shape, target, replace(cfg, unit=u), split, batches,
-                             reference, holdout, progress, score_single=len(units) > 1)
+                             reference, holdout, progress, score_single=len(units) > 1,
+                             trace=trace)
                for u in units]
     plan, order, search, depth_scores = min(
         choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
@@ -235,7 +244,9 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     clock.lap("depth selection and split search")
     selection, selection_search = _choose_selection(model, plan, holdout, cfg, known)
     clock.lap("neuron selection choice")
-    info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress)
+    info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress,
+                        unpruned=trace)
+    del trace, holdout  # the model is pruned from here on: release the unpruned activations
     stage1 = count_total_params(model)
     clock.lap("stage 1 (width)")
     if after_stage1 is not None:
@@ -269,20 +280,36 @@ class _Clock:
         self._t = now
 
 
+def _trace(model: nn.Module, batches: list[torch.Tensor] | None) -> UnprunedTrace | None:
+    """The unpruned model's trace over the calibration batches when it fits in TRACE_LIMIT
+    bytes (else every phase re-runs the unpruned model where it needs it)."""
+    if not batches:
+        return None
+    an = resolve(model)
+    size = trace_bytes(an, batches)
+    if size > TRACE_LIMIT:
+        log.info("unpruned trace would take %.1f GiB (> %.1f GiB): phases re-run the unpruned "
+                 "model instead", size / 2**30, TRACE_LIMIT / 2**30)
+        return None
+    return trace_unpruned(an, batches)
+
+
 @dataclass(frozen=True)
 class _Holdout:
     """The calibration images of every trial (split search, selection choice), split once:
     `batches` holds the fitted images first (`fit_batches` batches, `start` images), then the
-    held-out ones, whose unpruned outputs are `reference`."""
+    held-out ones, whose unpruned outputs are `reference`; they are the first calibration
+    images, so `trace` (the unpruned trace over all of them) serves the trials too."""
 
     batches: list[torch.Tensor]
     fit_batches: int
     start: int
     reference: torch.Tensor
+    trace: UnprunedTrace | None = None
 
 
 def _holdout(model: nn.Module, batches: list[torch.Tensor], reference: torch.Tensor,
-             cfg: PruneConfig) -> _Holdout:
+             cfg: PruneConfig, trace: UnprunedTrace | None = None) -> _Holdout:
     """Fit on up to `cfg.search_tokens` tokens (default 4x the widest MLP), score on as many
     other images (:func:`search_split`)."""
     an = resolve(model)
@@ -292,13 +319,13 @@ def _holdout(model: nn.Module, batches: list[torch.Tensor], reference: torch.Ten
     start = sum(len(x) for x in fit)
     held_start = 0 if held is fit else start  # a single image: scored on itself
     held_ref = reference[held_start:held_start + sum(len(x) for x in held)]
-    return _Holdout(fit + held, len(fit), start, held_ref)
+    return _Holdout(fit + held, len(fit), start, held_ref, trace)
 
 
 def _trial_distance(model, plan, cfg, holdout: _Holdout) -> float:
     """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged)."""
     out = _width_stage(model, plan, holdout.batches, cfg, progress=False, trial=True,
-                       fit_batches=holdout.fit_batches)["outputs"]
+                       fit_batches=holdout.fit_batches, unpruned=holdout.trace)["outputs"]
     return output_distance(out[holdout.start:], holdout.reference, resolve(model).has_classifier)
 
 
@@ -321,7 +348,8 @@ def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[st
 
 
 def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout, progress,
-                  score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
+                  score_single: bool, trace: UnprunedTrace | None = None
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
     probe = cfg.plan(shape, target, depth="alpha")
@@ -337,7 +365,7 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
         budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore,
-                                       budget)
+                                       budget, trace)
     orders = {d: list(order[:d]) for d in candidates}
     if shape.heterogeneous:  # the counts were judged on placeholder units: check the chosen ones
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
@@ -379,11 +407,11 @@ def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[in
     return out
 
 
-def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1):
+def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1, trace):
     """stages="s2": remove the depth count nearest the target, no width pruning."""
     count = depth_only_plan(shape, target, cfg.unit).blocks_to_prune
     order, depth_scores = select_depth(model, count, cfg.unit, batches, cfg.depth_method,
-                                       reference, progress, cfg.greedy_rescore)
+                                       reference, progress, cfg.greedy_rescore, unpruned=trace)
     plan = depth_only_plan(shape, target, cfg.unit, order)
     if after_stage1 is not None:
         after_stage1(model)

@@ -22,6 +22,7 @@ from .batches import take_inputs
 from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
                          magnitude_scores, normalized)
 from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
+from .trace import UnprunedTrace
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
@@ -106,18 +107,23 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
 
 def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, refit, ridge,
                      progress, trial, temp: TemporaryBypass, selection: str,
-                     fit: int | None) -> tuple[list[list[int]], torch.Tensor]:
+                     fit: int | None, unpruned: UnprunedTrace | None
+                     ) -> tuple[list[list[int]], torch.Tensor]:
     """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
     anatomy = resolve(model)
     hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
-    original = list(hidden[:fit])  # the unpruned model's path (refit_target="model"), needed
-    # only where the refit is fit: held-out batches just run the pruned path
+    sizes = [len(x) for x in pixel_batches[:fit]]
+    original = None if unpruned is not None else list(hidden[:fit])  # the unpruned model's
+    # path (refit_target="model"), needed only where the refit is fit: held-out batches just
+    # run the pruned path; traced already when `unpruned` is given
     kept: list[list[int]] = []
     for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
                   leave=False):
         anatomy = resolve(model)
         targets = None
-        if refit == "model":  # the unpruned path: next inputs, and residual sums to refit to
+        if refit == "model" and unpruned is not None:
+            targets = unpruned.sums_for(i, sizes)
+        elif refit == "model":  # the unpruned path: next inputs, and residual sums to refit to
             original, targets = map(list, zip(*[block_output_and_sum(anatomy, i, h)[:2]
                                                  for h in original]))
             original = [anatomy.transition(i, h) for h in original]
@@ -146,6 +152,8 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
             outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
             if trial:
                 restore_refs(originals)
+        else:  # unchanged block: held-out batches ran its attention only
+            outputs = [o if o is not None else parts.mlp_residual(m) for o, m in zip(outputs, mids)]
         del stats, mids
         hidden = [anatomy.transition(i, h) for h in outputs]
         kept.append(keep.tolist())
@@ -188,7 +196,10 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     if fc2.bias is not None:  # the constant column of [activation, 1] fits the bias
         k = torch.cat([k, torch.tensor([width], device=gram.device)])
     g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
-    sol = torch.linalg.solve(g_kk, stats.cross[k].double())  # (|k|, H)
+    rhs = stats.cross[k].double()
+    chol, info = torch.linalg.cholesky_ex(g_kk)  # damped Gram: positive definite, unless
+    # neurons are exactly collinear (then the LU solve below copes)
+    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(g_kk, rhs)
     if scale is not None:  # channels a zero scale silences keep any weights: give them zeros
         s = scale.detach().double().to(sol.device)
         sol = torch.where(s.abs() > 0, sol / torch.where(s.abs() > 0, s, 1.0), 0.0)
@@ -250,7 +261,7 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            refit_target: str = "model", ridge: float = 1e-3,
                            progress: bool = False, trial: bool = False,
                            selection: str = "score", fit_batches: int | None = None,
-                           align: int = 1) -> dict:
+                           align: int = 1, unpruned: UnprunedTrace | None = None) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
@@ -267,6 +278,9 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             multiples of it; the counts given are assumed aligned already).
         fit_batches: only the first `fit_batches` calibration batches are fit (scores,
             refit); the rest are held out, only run (their outputs measure generalization).
+        unpruned: the unpruned model's trace (:func:`vit_pruning.trace.trace_unpruned`) over
+            calibration inputs whose first rows are the fitted ones here, in the same order:
+            the refit targets are read from it instead of re-running the unpruned model.
         trial: compute everything (counts, kept indices, outputs) but leave the model as it
             was: each block's original MLP is put back once its outputs are computed, so a
             trial never holds more than one pruned block.
@@ -299,7 +313,7 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
             kept, final = _sequential_pass(model, counts, pixel_batches, compensation, skip,
                                            bypass, refit, ridge, progress, trial, temp, selection,
-                                           fit_batches)
+                                           fit_batches, unpruned)
     finally:
         model.train(was_training)
     sync_config(resolve(model))

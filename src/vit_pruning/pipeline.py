@@ -4,7 +4,8 @@ Order of decisions: the depth units are *selected* first (on the unpruned model)
 width is planned and calibrated only on blocks that survive; then stage 1 removes neurons and
 stage 2 removes the selected units. With calibration data and ``split="search"`` every feasible
 depth count is tried (width pruned, scored, then undone: no model copies) and the one with the
-best calibration fidelity wins.
+best calibration fidelity wins. The unpruned model runs once over the calibration data
+(:mod:`vit_pruning.trace`): its outputs, block inputs and residual sums serve every phase.
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ class PruneConfig:
     # calibration fidelity is used (split trials themselves rank by the score: cheaper)
     sequential: bool = True  # calibrate each block on the already-pruned model's activations
     max_search: int = 6  # most depth counts tried by split="search"
-    greedy_rescore: int | None = 3  # greedy steps after the first rescore only the 3 best (lazy)
+    greedy_rescore: int | None = 3  # the first greedy step screens every unit on half the
+    # calibration batches and finishes the 3 best on all; later steps rescore only the 3 best
+    # (lazy); None: every candidate on every batch at every step
     search_tokens: int | None = None  # calibration tokens fit per split trial (None: 4x the
     # widest MLP), at most half the calibration images; as many other images score the trial.
     # The final stage 1 always fits every calibration image

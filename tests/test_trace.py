@@ -99,6 +99,26 @@ def test_attention_stream_is_the_stream_the_block_feeds_its_mlp(name):
         torch.testing.assert_close(parts.mlp_residual(an.attention_stream(0, h)), out)
 
 
+def test_attention_stream_of_a_bypassed_attention_is_the_block_input():
+    from vit_pruning.surgery import TemporaryBypass
+    model, batches = _model_and_batches("vit")
+    h = resolve(model).embed(batches[0])
+    with TemporaryBypass(model) as bypass, torch.no_grad():
+        bypass.add(1)
+        an = resolve(model)
+        torch.testing.assert_close(an.attention_stream(1, h), h)
+        torch.testing.assert_close(an.parts[1].mlp_residual(an.attention_stream(1, h)),
+                                   an.block_forward(1, h))
+
+
+def test_first_half_counts_rows_not_batches():
+    from vit_pruning.depth import _first_half
+    sizes = lambda *n: [torch.zeros(k, 2) for k in n]
+    assert _first_half(sizes(8, 8, 8, 8)) == 2
+    assert _first_half(sizes(2, 2, 2, 26)) == 3  # 6 of 32 rows: the last batch alone is more
+    assert _first_half(sizes(30, 1, 1)) == 1 and _first_half(sizes(5)) == 0
+
+
 def test_add_gram_is_the_full_product():
     rows = torch.randn(50, 23, generator=torch.Generator().manual_seed(0))
     for panels in (1, 4, 6, 30):

@@ -41,6 +41,19 @@ def _inputs_per_block(an: Anatomy, known: list[torch.Tensor], skip: set[int],
     return inputs
 
 
+def _first_half(batches: Sequence[torch.Tensor]) -> int:
+    """How many leading batches hold at most half the rows (at least one, never all; 0 for a
+    single batch): the screening sample of the greedy first step."""
+    if len(batches) < 2:
+        return 0
+    total, rows, count = sum(len(x) for x in batches), 0, 0
+    for x in batches:
+        if rows + len(x) > total / 2:
+            break
+        rows, count = rows + len(x), count + 1
+    return min(max(count, 1), len(batches) - 1)
+
+
 def _allowed(an: Anatomy, unit: str, removed: Sequence[int], cand: int,
              budget: float | None, sizes: dict[int, int]) -> bool:
     """Whether `cand` may go next: a stage (Swin) keeps at least one block, and the units
@@ -78,8 +91,8 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     scores). Swin stages keep one block each; with `budget` the removed units hold at most that
     many parameters (fewer units come back when nothing else fits).
 
-    With `rescore` (if set), the first step scores every candidate on the first half of the
-    calibration batches and only the `rescore` best on the rest (the others keep their
+    With `rescore` (if set), the first step scores every candidate on the leading batches that
+    hold half the calibration rows and only the `rescore` best on the rest (the others keep their
     half-sample score); each later step rescores only the `rescore` candidates that scored
     best in the previous step (lazy greedy), the rest keeping their previous scores.
 
@@ -126,7 +139,8 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                 return totals
 
             n = sum(len(x) for x in pixel_batches)
-            half, everything = len(pixel_batches) // 2, range(len(pixel_batches))
+            everything = range(len(pixel_batches))
+            half = _first_half(pixel_batches)
             for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
                           disable=not progress, leave=False):
                 live = [c for c in cands if c not in removed

@@ -236,8 +236,7 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
         units = ("block",)  # nothing to compare without data; s1 removes no depth units
     holdout = _holdout(model, batches, reference, cfg, trace) if batches else None
     choices = [_choose_depth(model, shape, target, replace(cfg, unit=u), split, batches,
-                             reference, holdout, progress, score_single=len(units) > 1,
-                             trace=trace)
+                             reference, holdout, progress, score_single=len(units) > 1)
                for u in units]
     plan, order, search, depth_scores = min(
         choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
@@ -351,8 +350,7 @@ def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[st
 
 
 def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout, progress,
-                  score_single: bool, trace: UnprunedTrace | None = None
-                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
+                  score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
     probe = cfg.plan(shape, target, depth="alpha")
@@ -368,7 +366,7 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
         budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore,
-                                       budget, trace)
+                                       budget, holdout.trace if holdout else None)
     orders = {d: list(order[:d]) for d in candidates}
     if shape.heterogeneous:  # the counts were judged on placeholder units: check the chosen ones
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)

@@ -227,7 +227,9 @@ def test_cli_layer_matching_uses_the_plans_block_map(tmp_path):
 @pytest.mark.parametrize("args,flag", [(["--distill-steps", "-1"], "--distill-steps"),
                                        (["--distill-steps", "5", "--distill-lr", "0"], "--distill-lr"),
                                        (["--distill-steps", "5", "--distill-batch-size", "0"], "--distill-batch-size"),
-                                       (["--distill-steps", "5", "--distill-match", "tokens"], "--distill-match")])
+                                       (["--distill-steps", "5", "--distill-match", "tokens"], "--distill-match"),
+                                       (["--distill-steps", "5", "--distill-augment", "-1"], "--distill-augment"),
+                                       (["--distill-steps", "5", "--distill-augment", "4"], "--distill-augment")])
 def test_cli_bad_distillation_flags_exit_2(tmp_path, capsys, args, flag):
     assert _run(tmp_path, *args) == 2
     err = capsys.readouterr().err.strip()

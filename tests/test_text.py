@@ -281,12 +281,45 @@ def test_cli_distills_a_text_encoder_block_by_block(tmp_path):
                                + "." for i in range(200)))
     assert cli(tmp_path, "--model", str(folder), "--target", "0.35", "--text-file", str(lines),
                "--calib-size", "48", "--eval-batches", "2", "--batch-size", "16", "--min-remaining", "32",
-               "--distill-steps", "60", "--depth-unit", "block", "--run-id", "d") == 0
+               "--distill-steps", "60", "--depth-unit", "block", "--distill-augment", "2",
+               "--run-id", "d") == 0
     rep = json.loads((tmp_path / "r" / "report-d.json").read_text())
     st = {s["name"]: s for s in rep["stages"]}
     d = rep["distillation"]
     removed = rep["plan"]["removed_indices"]
     assert removed and d["match"] == "layers" and d["loss"] == "tokens" and d["train"] == "blocks"
-    assert d["layers"] == teacher_layers(4, removed) and d["inputs"] == 200 - 48 - 32
+    assert d["layers"] == teacher_layers(4, removed)
+    # the other sentences, and 2 variants of each calibration sentence (none an evaluation one)
+    assert d["augmented"] == 2 * 48 and d["inputs"] == 200 - 48 - 32 + d["augmented"]
+    assert f"{d['augmented']} of them variants of calibration sentences" in (tmp_path / "r" / "report-d.md").read_text()
     assert st["distilled"]["params"] == st["stage2"]["params"]
     assert st["distilled"]["cosine"] > st["stage2"]["cosine"], (st["stage2"]["cosine"], st["distilled"]["cosine"])
+
+
+def test_augment_sentences_is_deterministic_and_draws_only_their_words():
+    from vit_pruning.text import augment_sentences
+    sents = [f"sentence {i} says the pruned encoder keeps {i % 7} blocks of its teacher." for i in range(40)]
+    a = augment_sentences(sents, 3, seed=1)
+    assert a == augment_sentences(sents, 3, seed=1) and a != augment_sentences(sents, 3, seed=2)
+    assert len(a) == 3 * len(sents) and augment_sentences(sents, 0) == []
+    vocabulary = {w for s in sents for w in s.split()}
+    assert all(t and set(t.split()) <= vocabulary for t in a)
+    assert sum(t not in sents for t in a) > 0.8 * len(a)  # almost every variant is a new sentence
+    with pytest.raises(ValueError, match="copies must be >= 0"):
+        augment_sentences(sents, -1)
+
+
+def test_tokenize_by_length_orders_sentences_by_token_count_and_keeps_them_all(tmp_path):
+    from transformers import AutoTokenizer
+    from vit_pruning.text import tokenize
+    tok = AutoTokenizer.from_pretrained(bert_folder(tmp_path))
+    texts = [("word " * (1 + (7 * i) % 13)).strip() + f" {i}." for i in range(40)]
+    plain, ordered = tokenize(tok, texts, 8), tokenize(tok, texts, 8, by_length=True)
+
+    def rows(batches):
+        return [tuple(int(t) for t, m in zip(ids, mask) if m)
+                for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert sorted(rows(plain)) == sorted(rows(ordered))  # the same sentences, reordered
+    counts = [len(r) for r in rows(ordered)]
+    assert counts == sorted(counts)
+    assert sum(b["input_ids"].numel() for b in ordered) < sum(b["input_ids"].numel() for b in plain)

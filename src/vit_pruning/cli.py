@@ -40,6 +40,7 @@ IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
 DISTILL_LR, DISTILL_TRAIN = 1e-3, "blocks"  # what the distillation table rewarded
 DISTILL_MATCH = "layers"  # every kept block's hidden states too (the table rewarded it)
 DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
+DISTILL_AUGMENT = 32  # default variants of each calibration sentence a text encoder distills on
 
 
 class UsageError(Exception):
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "2048, held in host memory), or sentences for a text encoder (default: every "
                         "--text-file sentence that is neither calibration nor evaluation; with Python's "
                         "docs, also the standard library's docstrings)")
+    r.add_argument("--distill-augment", type=int, default=None, metavar="K",
+                   help=f"text encoders: also distill on K word-level variants of every calibration "
+                        f"sentence (words dropped, cropped, replaced or spliced; the teacher labels "
+                        f"them), in-domain inputs the sentence pool lacks (default {DISTILL_AUGMENT}: "
+                        f"what the distillation table rewarded; 0 = off)")
     o = ap.add_argument_group("output and run")
     o.add_argument("--save-pruned-model", action="store_true", help="save the pruned model (off by default)")
     o.add_argument("--pruned-output-dir", default="experiments/vit_pruning/pruned_models")
@@ -170,6 +176,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.load_adapter and (args.replace_classifier or args.use_adapter):
         raise UsageError("--load-adapter brings its own head: drop --replace-classifier/--use-adapter")
     for flag, low in (("distill_steps", 0), ("distill_batch_size", 1), ("distill_size", 1),
+                      ("distill_augment", 0),
                       ("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
                       ("ft_epochs", 1), ("adapter_reduction", 1), ("latency_batch_size", 1),
                       ("latency_repeats", 1)):
@@ -397,6 +404,7 @@ class Data:
     eval_pixels: list = field(default_factory=list)
     distill_inputs: list = field(default_factory=list)  # unlabeled batches, host memory
     distill_checks: list | None = None  # where distillation checks itself (None: 10% held out)
+    distill_augmented: int = 0  # of the distillation sentences, variants of calibration sentences
     eval_labels: Any = None
     seq_len: int | None = None
     accuracy_note: str = ""
@@ -445,6 +453,9 @@ def load_step(args: argparse.Namespace) -> Loaded:
     if not anatomy.is_text and args.distill_match == "tokens":
         raise UsageError("--distill-match tokens is for text encoders; an image model learns its "
                          "output (use auto or output)")
+    if not anatomy.is_text and args.distill_augment:
+        raise UsageError("--distill-augment is for text encoders; an image model distills on "
+                         "train-split images (see --distill-size)")
     return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)
 
 
@@ -619,12 +630,13 @@ def image_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Da
 
 def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data):
     """Calibration sentences (device), distillation sentences (host: neither calibration nor
-    evaluation); returns the tokenized evaluation sentences."""
+    evaluation, plus --distill-augment variants of the calibration sentences); returns the
+    tokenized evaluation sentences."""
     import random
 
     from .batches import take_inputs
     from .data import fingerprint
-    from .text import python_docstring_sentences, tokenize
+    from .text import augment_sentences, python_docstring_sentences, tokenize
     split = load_text(args, ch.calib_size)
     if args.distill_steps:
         used = set(split.calibration) | set(split.evaluation)
@@ -638,7 +650,12 @@ def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Dat
         if not rest:
             raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
                              "give a longer --text-file or lower --calib-size/--eval-batches")
-        data.distill_inputs = tokenize(loaded.processor, rest, 256)
+        copies = DISTILL_AUGMENT if args.distill_augment is None else args.distill_augment
+        unseen = set(split.evaluation)
+        variants = [t for t in augment_sentences(split.calibration, copies, args.seed)
+                    if t not in unseen]
+        data.distill_augmented = len(variants)
+        data.distill_inputs = tokenize(loaded.processor, [*rest, *variants], 256, by_length=True)
     data.calib_inputs = take_inputs(tokenize(loaded.processor, split.calibration, args.batch_size),
                                     None, ch.device)
     data.calib_info = {"dataset": data.dataset, "count": len(split.calibration), "seed": args.seed,
@@ -838,7 +855,8 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
         "calibration": data.calib_info,
         "distillation": None if distilled is None else {
             **distilled.to_dict(), "inputs": sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
-                                                 for b in data.distill_inputs)},
+                                                 for b in data.distill_inputs),
+            "augmented": data.distill_augmented},
         "versions": versions(),
         "artifacts": artifacts,
     }

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")
 MATCHES = ("output", "tokens", "layers")
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
-CACHE_LIMIT = 2 << 30  # bytes of cached layer targets beyond which the teacher runs every step
+CACHE_LIMIT = 4 << 30  # bytes of cached layer targets beyond which the teacher runs every step
 
 
 @dataclass

@@ -131,7 +131,9 @@ def markdown(rep: dict) -> str:
     if dist:
         losses = dist["losses"]
         lines += ["", "## Distillation", "",
-                  f"- {dist['steps']} steps on {dist['inputs']} unlabeled inputs, {dist['seconds']:.1f} s; "
+                  f"- {dist['steps']} steps on {dist['inputs']} unlabeled inputs"
+                  + (f" ({dist['augmented']} of them variants of calibration sentences)"
+                     if dist.get("augmented") else "") + f", {dist['seconds']:.1f} s; "
                   f"loss {dist['loss']}" + (f" at temperature {dist['temperature']:g}" if dist["loss"] == "kl" else "")
                   + f"; trained: {dist['train']} ({dist['trainable_params']:,} parameters), lr {dist['lr']:g}, "
                   f"batch {dist['batch_size']}",

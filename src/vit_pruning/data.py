@@ -7,7 +7,7 @@ Calibration images always come from the train split; accuracy is measured on the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Splits:
     label_column: str
     num_labels: int
     label_names: list[str] | None
+    skipped: list[str] = field(default_factory=list)  # unusable images left out (--skip-bad-images)
 
 
 def _digits_split():
@@ -109,8 +110,10 @@ def _load_local(path: Path, train_pct: float, test_pct: float):
 
 
 def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
-                image_column: str | None = None, label_column: str | None = None) -> Splits:
-    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced."""
+                image_column: str | None = None, label_column: str | None = None,
+                skip_bad_images: bool = False) -> Splits:
+    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced; every
+    image is checked (:func:`check_images`) before it is used."""
     import datasets
 
     if name == "digits":
@@ -141,10 +144,77 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--dataset: the {split_name} split is empty")
         if img not in ds.column_names or lab not in ds.column_names:
             raise DataError(f"--dataset: {split_name} split lacks column {img!r} or {lab!r}")
+    skipped: list[str] = []
+    if name != "digits":  # built here from arrays: nothing to check
+        train, bad_train = check_images(train, img, "train", skip_bad_images)
+        test, bad_test = check_images(test, img, "test", skip_bad_images)
+        skipped = bad_train + bad_test
     feat = train.features.get(lab)
     names = list(feat.names) if hasattr(feat, "names") else None
     num = len(names) if names else int(max(max(train[lab]), max(test[lab]))) + 1
-    return Splits(name, train, test, img, lab, num, names)
+    return Splits(name, train, test, img, lab, num, names, skipped)
+
+
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+
+def _image_problem(value) -> str | None:
+    """Why one undecoded dataset image cannot be used (None if it can): unreadable, not an
+    image, truncated, or larger than MAX_PIXELS. Decodes PNGs' checksums only and JPEGs at
+    reduced size, so a whole split is checked in seconds."""
+    import io
+    import warnings
+
+    from PIL import Image
+    if isinstance(value, Image.Image):
+        return None
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+    try:
+        source = io.BytesIO(data) if data is not None else path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    return f"{w}x{h} pixels, over the limit of {MAX_PIXELS:,}"
+                if im.format == "PNG":
+                    im.verify()
+                else:
+                    im.draft("RGB", (64, 64))
+                    im.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        return f"too large ({str(exc).split('.')[0]})"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad files
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else 'unreadable'}"
+    return None
+
+
+def check_images(ds, image_column: str, split: str, skip: bool):
+    """Check every image of a split before any work: returns (the split, the names of the
+    images dropped). An unusable image raises DataError naming it, or with `skip` is dropped
+    (and named)."""
+    import datasets
+    feature = ds.features.get(image_column)
+    raw = ds.cast_column(image_column, datasets.Image(decode=False)) \
+        if isinstance(feature, datasets.Image) else ds
+    bad: list[tuple[int, str, str]] = []
+    for i, value in enumerate(raw[image_column]):
+        problem = _image_problem(value)
+        if problem is not None:
+            name = (value.get("path") or f"row {i}") if isinstance(value, dict) else f"row {i}"
+            bad.append((i, f"{split}: {name}", problem))
+    if not bad:
+        return ds, []
+    if not skip:
+        i, name, problem = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"--dataset: image {name} cannot be used ({problem}){more}; fix or remove "
+                        f"it, or pass --skip-bad-images to leave such images out")
+    drop = {i for i, _, _ in bad}
+    kept = ds.select([i for i in range(len(ds)) if i not in drop])
+    if len(kept) == 0:
+        raise DataError(f"--dataset: every image of the {split} split is unusable ({bad[0][2]})")
+    return kept, [f"{name} ({problem})" for _, name, problem in bad]
 
 
 class ImageCollator:

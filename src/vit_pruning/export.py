@@ -101,6 +101,5 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 16) -> dict:
     import onnx
     opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                   if o.domain in ("", "ai.onnx")), None)
-    log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e", path, diff)
     return {"path": str(path), "max_abs_diff": diff, "check_batch": CHECK_BATCH, "opset": opset,
             "onnxruntime": ort.__version__}

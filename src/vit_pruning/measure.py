@@ -151,7 +151,28 @@ class LatencyComparison:
     dtype: str
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "warnings": self.warnings()}
+
+    def warnings(self) -> list[str]:
+        """Why a ratio is not to be trusted: per-round ratios spread too wide (interquartile
+        range over SPREAD_LIMIT of the median), or the ratio of the medians of the separate
+        times disagreeing with it by more than that (the machine's speed changed mid-run)."""
+        out = []
+        for n in self.names[1:]:
+            r, q1, q3 = self.ratio[n], self.ratio_q1[n], self.ratio_q3[n]
+            of_medians = self.median_ms[n] / self.median_ms[self.names[0]]
+            if q3 - q1 > SPREAD_LIMIT * r:
+                out.append(f"{n}: per-round latency ratios spread from {q1:.3f} to {q3:.3f} "
+                           f"(quartiles) around {r:.3f}: too wide to trust; rerun on an idle "
+                           f"machine or raise --latency-repeats")
+            elif abs(of_medians - r) > SPREAD_LIMIT * r:
+                out.append(f"{n}: the ratio of median times ({of_medians:.3f}) and the median "
+                           f"per-round ratio ({r:.3f}) disagree: the machine's speed changed "
+                           f"during timing; rerun on an idle machine")
+        return out
+
+
+SPREAD_LIMIT = 0.25  # a latency ratio is flagged when its quartiles span more than 25% of it
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -294,7 +294,7 @@ def set_config_width(config, width: int) -> bool:
         if swiglu:
             built = (int(built * 2 / 3) + 7) // 8 * 8
         return built == width
-    if getattr(cfg, "model_type", "") == "siglip_vision_model" and getattr(
+    if getattr(cfg, "model_type", "").endswith("siglip_vision_model") and getattr(
             cfg, "vision_use_head", True):  # SigLIP's pooling head takes its MLP width
         return cfg.intermediate_size == width  # from intermediate_size too: leave it alone
     cfg.intermediate_size = width
@@ -333,9 +333,19 @@ class _Pruned:
         apply_pruned_structure(self, getattr(config, "vit_pruning", None))
 
 
-def _pruned_class(stock: type, headless: bool) -> type:
+def _pruned_config_class(stock: type) -> type:
+    """The stock config class under a model type of its own (``pruned_vit``, ...): transformers
+    does not know it, so plain ``from_pretrained`` without ``trust_remote_code`` refuses a folder
+    that needs this file instead of building the stock class with random attention weights."""
+    return type(f"Pruned{stock.__name__}", (stock,),
+                {"model_type": f"{PRUNED_PREFIX}{stock.model_type}", "_auto_class": "AutoConfig",
+                 "__module__": __name__,
+                 "__doc__": f"{stock.__name__} of a pruned structure (see _pruned_config_class)."})
+
+
+def _pruned_class(stock: type, headless: bool, config_class: type) -> type:
     return type(f"Pruned{stock.__name__}", (_Pruned, stock),
-                {"_headless": headless, "__module__": __name__,
+                {"_headless": headless, "__module__": __name__, "config_class": config_class,
                  "__doc__": f"{stock.__name__} with the structure its config's vit_pruning entry "
                             f"describes (see the module docstring)."})
 
@@ -365,10 +375,17 @@ _STOCK = {
     "RobertaModel": (True, "AutoModel"),
 }
 
+PRUNED_PREFIX = "pruned_"  # model_type of a folder that needs this file: pruned_<stock type>
+# stock config class name -> its pruned twin
+PRUNED_CONFIGS = {}
 # stock class name -> (pruned class, the Auto classes that load it)
 PRUNED_CLASSES = {}
 for _name, (_headless, _auto) in _STOCK.items():
-    _pruned = _pruned_class(getattr(transformers, _name), _headless)
+    _stock_cfg = getattr(transformers, _name).config_class
+    if _stock_cfg.__name__ not in PRUNED_CONFIGS:
+        PRUNED_CONFIGS[_stock_cfg.__name__] = _pruned_config_class(_stock_cfg)
+        globals()[PRUNED_CONFIGS[_stock_cfg.__name__].__name__] = PRUNED_CONFIGS[_stock_cfg.__name__]
+    _pruned = _pruned_class(getattr(transformers, _name), _headless, PRUNED_CONFIGS[_stock_cfg.__name__])
     _pruned._auto_class = _auto  # model.save_pretrained copies this file and writes auto_map
     globals()[_pruned.__name__] = _pruned  # importable by name (auto_map, pickling)
     PRUNED_CLASSES[_name] = (_pruned, (_auto,))
@@ -376,18 +393,20 @@ for _name, (_headless, _auto) in _STOCK.items():
 
 def _register_key_renames() -> None:
     """Saved folders use the 4.x weight names. transformers 5.x renames them at load time for
-    its own classes, and for a remote-code class only if the class is registered: the headless
-    ones need it (the classifiers' backbones are stock classes and are renamed anyway)."""
+    its own classes (by class name or model type), and for a remote-code class or model type
+    only if it is registered: each pruned class and pruned model type gets its stock twin's
+    renames."""
     try:
         from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                                      register_checkpoint_conversion_mapping)
     except ImportError:
         return  # transformers 4.x: the 4.x names are its own
-    for stock in ("ViTModel", "DeiTModel"):
-        pruned = PRUNED_CLASSES[stock][0]
-        mapping = get_checkpoint_conversion_mapping("ViTModel")
-        if mapping:
-            register_checkpoint_conversion_mapping(pruned.__name__, mapping, overwrite=True)
+    for stock, (pruned, _) in PRUNED_CLASSES.items():
+        stock_type = getattr(transformers, stock).config_class.model_type
+        for name, mapping in ((pruned.__name__, get_checkpoint_conversion_mapping(stock)),
+                              (PRUNED_PREFIX + stock_type, get_checkpoint_conversion_mapping(stock_type))):
+            if mapping:
+                register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 _register_key_renames()

@@ -34,11 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import modeling_vit_pruning
+from .atomic import current_umask, partial_prefix
 from .anatomy import resolve
-from .modeling_vit_pruning import PRUNED_CLASSES
+from .modeling_vit_pruning import PRUNED_CLASSES, PRUNED_CONFIGS, PRUNED_PREFIX
 from .surgery import is_plain, stock_class, sync_config
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: remote-code folders have model_type pruned_<type>
 SUPPORTED_CLASSES = tuple(PRUNED_CLASSES)
 MODELING_FILE = Path(modeling_vit_pruning.__file__).name
 
@@ -112,7 +113,10 @@ def saved_config(model: nn.Module, metadata: dict | None = None):
     else:
         pruned, autos = PRUNED_CLASSES[stock.__name__]
         cfg.architectures = [pruned.__name__]
-        cfg.auto_map = {a: f"{Path(MODELING_FILE).stem}.{pruned.__name__}" for a in autos}
+        # its own model type (pruned_<type>, see sync_config) with its config class in this
+        # file: plain from_pretrained refuses the folder instead of building the stock class
+        cfg.auto_map = {a: f"{Path(MODELING_FILE).stem}.{c}" for a, c in
+                        (("AutoConfig", type(cfg).__name__), *((a, pruned.__name__) for a in autos))}
     return cfg
 
 
@@ -127,20 +131,35 @@ def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
         raise FileExistsError(f"{out_dir} already exists; choose another --run-id or folder")
     cfg = saved_config(model, metadata)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir.name), dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: readable like any folder the user makes
         cfg.save_pretrained(tmp)
-        save_file(saved_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_weights(saved_state(model), tmp / "model.safetensors")
         if cfg.vit_pruning["saved_as"] == "remote-code":
             shutil.copyfile(modeling_vit_pruning.__file__, tmp / MODELING_FILE)
         if processor is not None:  # image processor or tokenizer: the folder stays usable
             processor.save_pretrained(tmp)
         record = extra(tmp) if extra is not None else None
+        for f in tmp.iterdir():  # safetensors writes 0600: readable like any file the user makes
+            os.chmod(f, 0o666 & ~current_umask())
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SavedModel(out_dir, cfg.vit_pruning["saved_as"], record)
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(state, str(path), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors raises its own error type
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 _MLP_IN = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.(?:mlp\.fc1|intermediate\.dense)\.weight$")
@@ -183,7 +202,8 @@ def check_saved_folder(path: str | Path) -> None:
     if info and arch:
         stock = arch[len("Pruned"):] if arch.startswith("Pruned") else arch
         expected = getattr(getattr(transformers, stock, None), "config_class", None)
-        if expected is not None and raw.get("model_type") != expected.model_type:
+        if expected is not None and raw.get("model_type") not in (
+                expected.model_type, PRUNED_PREFIX + expected.model_type):
             raise ValueError(f"{path}: architecture {arch!r} does not match model_type "
                              f"{raw.get('model_type')!r} in config.json")
     shapes = {k: v for k, v in shapes.items() if not k.startswith("text_model.")}  # CLIP/SigLIP
@@ -204,19 +224,32 @@ def check_saved_folder(path: str | Path) -> None:
                              f"{widths[int(m.group(1))]}, the weights have {shape[0]}")
 
 
+def is_pruned_folder(path: str | Path) -> bool:
+    """Whether a folder's config.json carries this package's ``vit_pruning`` entry."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and bool(raw.get("vit_pruning"))
+
+
 def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a folder saved by :func:`save_pruned_model` (plain or remote code, either
     transformers major) with this package's classes; raises ValueError naming the folder and
     what is wrong with it."""
     path = Path(path)
     check_saved_folder(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    info = getattr(config, "vit_pruning", None) or {}
-    arch = (getattr(config, "architectures", None) or [None])[0]
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    arch = (raw.get("architectures") or [None])[0]
     by_pruned = {c.__name__: stock for stock, (c, _) in PRUNED_CLASSES.items()}
     stock = by_pruned.get(arch, arch)
     if stock not in PRUNED_CLASSES:
         raise ValueError(f"{path}: architecture {arch!r} is not one of {SUPPORTED_CLASSES}")
+    stock_cfg = getattr(transformers, stock).config_class  # the model type decides the class:
+    # pruned_<type> (format 3) or the stock type (plain folders; format 2 remote-code folders)
+    config = (PRUNED_CONFIGS[stock_cfg.__name__] if str(raw.get("model_type", "")).startswith(
+        PRUNED_PREFIX) else stock_cfg).from_pretrained(path)
+    info = getattr(config, "vit_pruning", None) or {}
     if info.get("attn_implementation"):
         try:
             config._attn_implementation = info["attn_implementation"]

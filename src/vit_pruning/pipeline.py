@@ -23,7 +23,7 @@ from .depth import apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_total_params, output_distance
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
                       default_align, depth_only_plan, feasible_depths, indices_feasible,
-                      make_plan, validate_target, width_only_max)
+                      make_plan, target_bound, validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
@@ -260,12 +260,25 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     if after != plan.params_after:
         raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
                            f"pruning left {after:,}")
+    check_achieved(shape, plan, target, after, cfg.width_policy)
     return model, PruneResult(
         plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
         params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
         kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
         timings=clock.laps, selection=selection, selection_search=selection_search,
     )
+
+
+def check_achieved(shape: ModelShape, plan: PruningPlan, target: float, params_after: int,
+                   width_policy: str) -> None:
+    """Raise ValueError if the pruned model misses `target` by more than the planner's stated
+    bound (:func:`vit_pruning.planner.target_bound`): the result is compared with what was
+    asked, not only with the plan."""
+    achieved = 1 - params_after / shape.total_params
+    bound = target_bound(shape, plan, width_policy)
+    if abs(achieved - target) > bound + 1e-12:
+        raise ValueError(f"target {target} missed: pruning reached {achieved:.4f}, beyond the "
+                         f"planner's bound of {bound:.2e}")
 
 
 class _Clock:
@@ -362,13 +375,13 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
     else:
         candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
     budget = None
-    if shape.heterogeneous:  # blocks differ in size: never pick units that overshoot the target
+    if shape.units_differ(cfg.unit):  # units differ in size: never pick ones that overshoot
         budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
     order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
                                        cfg.depth_method, reference, progress, cfg.greedy_rescore,
                                        budget, holdout.trace if holdout else None)
     orders = {d: list(order[:d]) for d in candidates}
-    if shape.heterogeneous:  # the counts were judged on placeholder units: check the chosen ones
+    if shape.units_differ(cfg.unit):  # counts were judged on placeholders: check the chosen units
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
         candidates = sorted(orders)
     search: dict[str, float] = {}
@@ -386,7 +399,7 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:
-    """Depth units differ in size (Swin): for each count, the selection's own first units if
+    """Depth units differ (Swin, or a model pruned before): for each count, the selection's own first units if
     they can meet the target, else the lowest-scored set that can (scores of the selection's
     first step); counts with neither are dropped."""
     scores = (depth_scores.get("greedy_steps") or [None])[0] or depth_scores.get(

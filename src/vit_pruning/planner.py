@@ -68,6 +68,18 @@ class ModelShape:
         spreads removal in proportion to width and lands within half the smallest group."""
         return len(set(self.costs)) > 1
 
+    def units_differ(self, unit: str) -> bool:
+        """Whether which depth units go changes the arithmetic, not only how many: neurons of
+        different sizes (Swin), or units of different sizes or MLP widths (a model pruned
+        before, with per-block widths or some attention already removed). The planner then
+        judges the chosen units themselves, never a count on placeholder units."""
+        if self.heterogeneous:
+            return True
+        cands = candidates(self, unit)
+        sizes = self.block_params if unit == "block" else self.attention_params
+        return (len({sizes[i] for i in cands}) > 1 or
+                (unit == "block" and len({self.widths[i] for i in cands}) > 1))
+
 
 @dataclass(frozen=True)
 class PruningPlan:
@@ -195,11 +207,15 @@ def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
     score among the sets that can still meet the target (:func:`indices_feasible`), or None.
     Units of one stage are alike, so a set is judged by how many it takes from each stage, and
     from each stage it takes the lowest-scored: every split of `count` over the stages is tried."""
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     stage = shape.stages or tuple(shape.costs)
+    # alike units: one stage (Swin), and for blocks whether their attention is still there (a
+    # model pruned before); widths may still differ a little within a group
+    kind = shape.attention_params if unit == "attention" else \
+        tuple(a > 0 for a in shape.attention_params)
     for i in candidates(shape, unit):
         if i in scores:
-            groups.setdefault(stage[i], []).append(i)
+            groups.setdefault((stage[i], kind[i]), []).append(i)
     keys = sorted(groups)
     for k in keys:
         groups[k].sort(key=lambda i: (scores[i], i))
@@ -222,10 +238,26 @@ def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align:
     _check_unit(unit)
     best = 0
     for d in range(max_depth_units(shape, unit) + 1):
-        idx = default_depth_indices(shape, unit, d)
-        cap = _capacity_params(shape, _survivors(shape, unit, idx), min_remaining, align)
-        best = max(best, _depth_removed(shape, unit, idx) + cap)
+        for idx in _extreme_units(shape, unit, d, min_remaining, align):
+            cap = _capacity_params(shape, _survivors(shape, unit, idx), min_remaining, align)
+            best = max(best, _depth_removed(shape, unit, idx) + cap)
     return best / shape.total_params
+
+
+def _extreme_units(shape: ModelShape, unit: str, count: int, min_remaining: int,
+                   align: int) -> list[tuple[int, ...]]:
+    """Placeholder units, and where units differ (:meth:`ModelShape.units_differ`, Swin
+    excepted: its stages keep their own rule) the `count` units that remove the least and the
+    ones that reach the most (their parameters beyond the MLP capacity they take along)."""
+    out = [default_depth_indices(shape, unit, count)]
+    if shape.stages is None and shape.units_differ(unit) and count:
+        full = _capacity(shape, list(range(shape.num_blocks)), min_remaining, align)
+        per = shape.block_params if unit == "block" else shape.attention_params
+        gain = {i: per[i] - (shape.costs[i] * full[i] if unit == "block" else 0)
+                for i in candidates(shape, unit)}
+        out.append(tuple(sorted(sorted(gain, key=lambda i: (per[i], i))[:count])))
+        out.append(tuple(sorted(sorted(gain, key=lambda i: (-gain[i], i))[:count])))
+    return out
 
 
 def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: int,
@@ -233,6 +265,18 @@ def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: 
     """Depth-unit counts from which the target can be met to within half a neuron (half a
     group of `align` neurons)."""
     _check_unit(unit)
+    if shape.stages is None and shape.units_differ(unit):
+        # units differ: a count is kept if the units that remove least do not overshoot and
+        # the ones that reach most get there (the pipeline then checks the units it chose)
+        goal, half = target * shape.total_params, align * min(shape.costs) / 2
+        out = []
+        for d in range(max_depth_units(shape, unit) + 1):
+            _, least, most = _extreme_units(shape, unit, d, min_remaining, align) if d else [()] * 3
+            reach = _depth_removed(shape, unit, most) + _capacity_params(
+                shape, _survivors(shape, unit, most), min_remaining, align)
+            if _depth_removed(shape, unit, least) <= goal + half and reach >= goal - half:
+                out.append(d)
+        return out
     return [d for d in range(max_depth_units(shape, unit) + 1)
             if indices_feasible(shape, target, unit, default_depth_indices(shape, unit, d),
                                 min_remaining, align)]
@@ -386,9 +430,14 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         raise ValueError(f"depth must be an int or 'alpha', got {depth!r}")
     idx = tuple(sorted(depth_indices)) if depth_indices is not None else \
         default_depth_indices(shape, unit, d)
-    if (d not in options if not shape.heterogeneous else
-            not indices_feasible(shape, target, unit, idx, min_remaining, align)):
-        raise ValueError(f"{d} {unit} units cannot meet target {target}: feasible counts are {options}")
+    if depth_indices is None and shape.units_differ(unit) and not indices_feasible(
+            shape, target, unit, idx, min_remaining, align):  # placeholders that can meet it
+        idx = best_feasible_units(shape, target, unit, d, {i: -i for i in range(shape.num_blocks)},
+                                  min_remaining, align) or idx
+    if d not in options and not shape.units_differ(unit) or not indices_feasible(
+            shape, target, unit, idx, min_remaining, align):
+        raise ValueError(f"{d} {unit} units {'at ' + str(list(idx)) + ' ' if depth_indices is not None else ''}"
+                         f"cannot meet target {target}: feasible counts are {options}")
     removed_depth = _depth_removed(shape, unit, idx)
     survivors = _survivors(shape, unit, idx)
     goal = target * shape.total_params
@@ -426,6 +475,20 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
         split=split, notes=tuple(notes), align=align, uniform_width=uniform,
     )
+
+
+def target_bound(shape: ModelShape, plan: PruningPlan, width_policy: str = "per-block") -> float:
+    """The most (in sparsity) a plan of this shape may miss its target by, as this module
+    promises: half a group of `align` of the largest neurons; with an automatically chosen
+    single width, UNIFORM_TOLERANCE; with width_policy "uniform", half a width step taken in
+    every surviving block."""
+    group = plan.align * max(shape.costs) / 2
+    if plan.uniform_width is not None and width_policy == "uniform":
+        survivors = len(_survivors(shape, plan.unit, plan.depth_indices))
+        return max(group, survivors * group) / shape.total_params
+    if plan.uniform_width is not None and width_policy == "auto":
+        return max(group / shape.total_params, UNIFORM_TOLERANCE)
+    return group / shape.total_params
 
 
 def width_only_max(shape: ModelShape, min_remaining: int, align: int = 1) -> float:

@@ -60,7 +60,10 @@ def summarize(stages: list[StageMetrics]) -> dict:
             out["fidelity"][s.name] = {"embedding_cosine": s.cosine, "neighbour_agreement": s.agreement}
         if s is not base:
             out["parameters"][f"{s.name}_reduction_vs_previous_pct"] = _removed_pct(s.params, prev.params)
-            out["latency"][f"{s.name}_delta_vs_baseline_pct"] = _pct(s.latency_ms, base.latency_ms)
+            # one definition of a latency change everywhere: the median per-round ratio
+            out["latency"][f"{s.name}_delta_vs_baseline_pct"] = (
+                100.0 * (s.latency_ratio - 1) if s.latency_ratio is not None
+                else _pct(s.latency_ms, base.latency_ms))
             out["flops"][f"{s.name}_ratio_to_baseline"] = s.flops / base.flops if base.flops else None
             if s.top1 is not None and base.top1 is not None:
                 out["accuracy"][f"{s.name}_drop"] = base.top1 - s.top1
@@ -73,27 +76,37 @@ def summarize(stages: list[StageMetrics]) -> dict:
 def markdown(rep: dict) -> str:
     """Render a report dict as Markdown."""
     st = rep["stages"]
+    al = rep.get("alignment") or {}
+    bound = rep.get("target_bound")
     lines = [f"# vit-2ssp report `{rep['run_id']}`", "",
              f"- model: `{rep['model']['id']}` ({rep['model']['class']}, {rep['model']['num_blocks']} blocks, "
              f"hidden {rep['model']['hidden_size']}, MLP {rep['model']['intermediate_size']})",
              f"- target sparsity: **{rep['target']:.4f}**, achieved **{rep['achieved_sparsity']:.4f}** "
-             f"(error {rep['target_error']:.2e}; at most one MLP neuron = {rep['one_neuron_sparsity']:.2e})",
+             f"(error {rep['target_error']:.2e}" + (
+                 f"; the planner's bound {bound:.2e}: {rep.get('target_bound_why', '')})" if bound
+                 is not None else f"; one MLP neuron = {rep['one_neuron_sparsity']:.2e})"),
              f"- depth unit: **{rep['depth_unit']}**, stages run: {rep['config']['stage']}, seed {rep['seed']}",
-             f"- min_remaining used: {rep['min_remaining']} ({rep['min_remaining_source']})",
-             f"- accuracy: {rep['accuracy_note']}", "",
-             "## Stages", "",
-             "| stage | params | params vs previous | FLOPs (G) | latency (ms) | latency vs baseline | top-1 | top-1 drop | KL to baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"- min_remaining used: {rep['min_remaining']} ({rep['min_remaining_source']})"]
+    if al:
+        lines.append(f"- alignment: kept MLP widths are multiples of {al['align']} ({al['source']}); "
+                     f"width policy {al['width_policy']}" + (
+                         f"; one width for every block, {al['uniform_width']}"
+                         if al.get("uniform_width") is not None else "; widths per block"))
+    lines += [f"- accuracy: {rep['accuracy_note']}"]
+    lines += [f"- note: {n}" for n in rep.get("notes", [])]
+    lines += ["", "## Stages", "",
+              "| stage | params | params vs previous | FLOPs (G) | latency (ms, median) | latency ratio [quartiles] | top-1 | top-1 drop | KL to baseline |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     text = any(s.get("cosine") is not None for s in st)
     if text:  # a text encoder: fidelity of sentence embeddings instead of accuracy
-        lines[-2:] = ["| stage | params | params vs previous | FLOPs (G) | latency (ms) | latency vs baseline "
-                      "| top-1 | embedding cosine | neighbour agreement |",
+        lines[-2:] = ["| stage | params | params vs previous | FLOPs (G) | latency (ms, median) | latency "
+                      "ratio [quartiles] | top-1 | embedding cosine | neighbour agreement |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = st[0]
     prev = base
     for s in st:
         dparams = "" if s is base else f"{_removed_pct(s['params'], prev['params']):.2f}% removed"
-        dlat = "" if s is base else f"{_pct(s['latency_ms'], base['latency_ms']):+.1f}%"
+        dlat = "1" if s is base else _ratio_text(s)
         top1 = "n/a" if s["top1"] is None else f"{s['top1']:.4f}"
         drop = "" if s is base or s["top1"] is None or base["top1"] is None else f"{base['top1'] - s['top1']:+.4f}"
         kl = "" if s["kl_to_baseline"] is None else f"{s['kl_to_baseline']:.4g}"
@@ -105,16 +118,21 @@ def markdown(rep: dict) -> str:
         if s is not base:
             prev = s
     p = rep["plan"]
+    ls = rep["latency_setup"]
     lines += ["", f"Final: P0 {base['params']:,} -> P2 {rep['params_final']:,} "
                   f"({rep['summary']['parameters']['final_reduction_pct']:.2f}% removed).", "",
-              f"Latency: median of {rep['latency_setup']['repeats']} timed forwards after "
-              f"{rep['latency_setup']['warmup']} warm-up, batch {rep['latency_setup']['batch_size']}, "
-              f"{rep['latency_setup']['threads']} threads, device {rep['latency_setup']['device']}.", "",
-              "## Plan", "",
+              f"Latency: every stage timed back to back in {ls['repeats']} interleaved rounds after "
+              f"{ls['warmup']} warm-up, batch {ls['batch_size']}, {ls.get('dtype', 'float32')}, "
+              f"{ls['threads']} threads, device {ls['device']}. The ratio is the median over rounds of "
+              f"t(stage) / t(baseline), with its quartiles; the milliseconds are each stage's "
+              f"median time."]
+    lines += [f"- **warning**: {w}" for w in ls.get("warnings", [])]
+    widths = p.get("kept_widths")
+    lines += ["", "## Plan", "",
               f"- split between stages: {p['split']}; {p['unit']} units removed: {p['blocks_to_prune']} "
               f"at indices {p['removed_indices']} (greedy order {p['removal_order']})",
-              f"- MLP neurons removed per block: {p['neurons_removed_per_block']} "
-              f"(uniform count {p['per_block_neurons_to_prune']})",
+              f"- MLP neurons removed per block: {p['neurons_removed_per_block']}"
+              + (f"; kept widths {widths} (0: block removed)" if widths else ""),
               f"- estimated removal: {p['estimated_params_removed']:,} parameters; achieved: "
               f"{p['achieved_params_removed']:,}"]
     for note in p.get("notes", []):
@@ -152,9 +170,17 @@ def markdown(rep: dict) -> str:
     what = "sentences" if text else "images"
     lines += ["", "## Calibration", "",
               f"- {c['count']} {what} from {c['dataset']} ({c['split']}), fingerprint `{c['fingerprint']}`"
-              if c["count"] else "- none (weight-magnitude width scores, weight-norm depth proxy)",
-              "", "## Artifacts", ""]
+              if c["count"] else "- none (weight-magnitude width scores, weight-norm depth proxy)"]
+    skipped = rep.get("skipped_images") or []
+    if skipped:
+        lines += [f"- {len(skipped)} unusable images left out (--skip-bad-images): "
+                  + "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else "")]
+    lines += ["", "## Artifacts", ""]
     for k, v in rep["artifacts"].items():
+        if isinstance(v, dict) and "path" in v:  # the ONNX export's record
+            v = (f"{v['path']} (onnxruntime {v.get('onnxruntime')}, opset {v.get('opset')}: max "
+                 f"|difference| to torch {v.get('max_abs_diff', float('nan')):.2e} at batch "
+                 f"{v.get('check_batch')})")
         lines.append(f"- {k}: {v if v else 'not written'}")
     if rep["artifacts"].get("plot"):
         lines += ["", f"![stages]({Path(rep['artifacts']['plot']).name})"]
@@ -162,35 +188,60 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(stages: list[dict], path: Path, losses: list[float] | None = None) -> Path:
-    """Bar charts of parameters, latency and top-1 by stage, and the distillation loss curve
-    when there is one (PNG), written atomically."""
+def _ratio_text(stage: dict) -> str:
+    r, iqr = stage.get("latency_ratio"), stage.get("latency_ratio_iqr")
+    if r is None:
+        return ""
+    return f"{r:.3f}" + (f" [{iqr[0]:.3f}, {iqr[1]:.3f}]" if iqr else "")
+
+
+def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
+         title: str | None = None, kept_step: int | None = None) -> Path:
+    """Bar charts of parameters, latency ratio (with its quartiles), top-1 and embedding cosine
+    by stage (fidelity axes zoomed to the values, so drops show), and the distillation loss
+    curve with the kept step marked when there is one (PNG), written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [s["name"] for s in stages]
-    panels = [("parameters (M)", [s["params"] / 1e6 for s in stages]),
-              ("latency (ms)", [s["latency_ms"] for s in stages])]
+    ratios = [s.get("latency_ratio") or 1.0 for s in stages]
+    iqr = [s.get("latency_ratio_iqr") or (r, r) for s, r in zip(stages, ratios)]
+    panels = [("parameters (M)", [s["params"] / 1e6 for s in stages], "%.3g", None),
+              ("latency ratio to baseline\n(median of rounds, quartiles)", ratios, "%.3f",
+               [[r - q[0] for r, q in zip(ratios, iqr)], [q[1] - r for r, q in zip(ratios, iqr)]])]
     if all(s["top1"] is not None for s in stages):
-        panels.append(("top-1", [s["top1"] for s in stages]))
+        panels.append(("top-1", [s["top1"] for s in stages], "%.4f", None))
     if all(s.get("cosine") is not None for s in stages[1:]) and len(stages) > 1:
-        panels.append(("embedding cosine to baseline", [1.0] + [s["cosine"] for s in stages[1:]]))
-    fig, axes = plt.subplots(1, len(panels) + bool(losses), figsize=(4 * (len(panels) + bool(losses)), 3.2))
+        panels.append(("embedding cosine to baseline", [1.0] + [s["cosine"] for s in stages[1:]],
+                       "%.4f", None))
+    n = len(panels) + bool(losses)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4))
     if losses:
         ax = axes[-1]
         ax.plot(range(1, len(losses) + 1), losses, color="#bbb", lw=0.6)
         k = max(1, len(losses) // 50)  # a moving average over ~2% of the steps
         smooth = [sum(losses[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(losses))]
         ax.plot(range(1, len(losses) + 1), smooth, color="#3a7")
+        if kept_step is not None:
+            ax.axvline(max(kept_step, 0.5), color="#c33", ls="--", lw=1)
+            ax.text(max(kept_step, 0.5), ax.get_ylim()[1], f" kept: step {kept_step}",
+                    color="#c33", va="top", fontsize=8)
         ax.set_yscale("log")
         ax.set_title("distillation loss")
         ax.set_xlabel("step")
-    for ax, (title, vals) in zip(axes, panels):
-        bars = ax.bar(names, vals, color=["#777"] + ["#3a7"] * (len(vals) - 1))
-        ax.set_title(title)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    for ax, (name, vals, fmt, err) in zip(axes, panels):
+        bars = ax.bar(names, vals, yerr=err, capsize=3 if err else 0,
+                      color=["#777"] + ["#3a7"] * (len(vals) - 1))
+        ax.set_title(name, fontsize=10)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
+        if fmt == "%.4f":  # fidelity: zoom to the values (from 0 a drop of 1% is invisible)
+            lo, hi = min(vals), max(vals)
+            pad = max(hi - lo, 1e-3) * 0.6
+            ax.set_ylim(max(0.0, lo - pad), min(1.0, hi) + pad)
         ax.tick_params(axis="x", labelrotation=20)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:
         return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
@@ -198,16 +249,23 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None) -> P
         plt.close(fig)
 
 
-def write_report(rep: dict, reports_dir: Path) -> tuple[Path, Path]:
-    """Write report-<run_id>.json/.md (+ .png); refuses to overwrite an existing report."""
+def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write report-<run_id>.json/.md (+ .png); refuses to overwrite an existing report.
+    `final_dir`: where the files will be once moved (the CLI writes into a staging folder), as
+    the report names its plot."""
     run_id = rep["run_id"]
+    reports_dir = Path(reports_dir)
     json_path = reports_dir / f"report-{run_id}.json"
     md_path = reports_dir / f"report-{run_id}.md"
     for p in (json_path, md_path):
         if p.exists():
             raise FileExistsError(f"{p} already exists; choose another --run-id")
     png = reports_dir / f"report-{run_id}.png"
-    rep["artifacts"]["plot"] = str(plot(rep["stages"], png, (rep.get("distillation") or {}).get("losses")))
+    dist = rep.get("distillation") or {}
+    title = (f"{run_id}: target {rep['target']:.4f}, achieved {rep['achieved_sparsity']:.4f}"
+             if "target" in rep and "achieved_sparsity" in rep else run_id)
+    plot(rep["stages"], png, dist.get("losses"), title, dist.get("kept_step"))
+    rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)
     atomic_write_json(json_path, rep)
     atomic_write_text(md_path, markdown(rep))
     return json_path, md_path

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy, BlockParts, resolve, supported_class
-from .modeling_vit_pruning import (PRUNED_CLASSES, AdapterHead, mlp_slots, neuron_rows,
+from .modeling_vit_pruning import (PRUNED_CLASSES, PRUNED_CONFIGS, AdapterHead, mlp_slots, neuron_rows,
                                    restore_swapped, set_config_depth, set_config_width,
                                    tower_config)
 from .modeling_vit_pruning import bypass_attention as _bypass_block
@@ -142,7 +142,14 @@ def sync_config(anatomy: Anatomy) -> None:
         **({"pooler": model.pooler is not None} if hasattr(model, "pooler") else {}),
     }
     stock = stock_class(model)
-    model.__class__ = stock if is_plain(anatomy) else PRUNED_CLASSES[stock.__name__][0]
+    plain = is_plain(anatomy)
+    model.__class__ = stock if plain else PRUNED_CLASSES[stock.__name__][0]
+    # the config's model type follows: a pruned structure's (pruned_<type>) is one plain
+    # transformers refuses to build as the stock class
+    stock_cfg = stock.config_class
+    twin = PRUNED_CONFIGS[stock_cfg.__name__]
+    if type(cfg) in (stock_cfg, twin):
+        cfg.__class__ = stock_cfg if plain else twin
 
 
 def remove_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:

@@ -100,10 +100,34 @@ def augment_sentences(sentences: list[str] | tuple[str, ...], copies: int, seed:
     return [t for t in out if t not in excluded]
 
 
-def read_sentences(path: str | Path) -> tuple[str, ...]:
-    """Non-empty lines of a UTF-8 text file, one sentence (or passage) per line."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return tuple(s.strip() for s in lines if s.strip())
+MAX_TEXT_BYTES = 64 * 2**20  # a --text-file larger than this is refused (read in bounded chunks)
+
+
+def read_sentences(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, ...]:
+    """The distinct non-empty lines of a UTF-8 text file, one sentence (or passage) per line,
+    in first-seen order (see :func:`read_sentences_counted`)."""
+    return read_sentences_counted(path, max_bytes)[0]
+
+
+def read_sentences_counted(path: str | Path, max_bytes: int = MAX_TEXT_BYTES
+                           ) -> tuple[tuple[str, ...], int]:
+    """(distinct non-empty lines, how many repeated lines were dropped). Repeats are dropped
+    before any split, so no evaluation sentence can also be a calibration sentence. Reads at
+    most `max_bytes` (ValueError beyond: ``/dev/zero`` or a runaway file never fills memory)."""
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes // 2**20} MiB, the limit; pass a "
+                         f"smaller file (a sample of your sentences)")
+    lines = data.decode("utf-8").splitlines()
+    seen: dict[str, None] = {}
+    total = 0
+    for line in lines:
+        line = line.strip()
+        if line:
+            total += 1
+            seen.setdefault(line, None)
+    return tuple(seen), total - len(seen)
 
 
 @dataclass

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU check of a session, in one run on a CUDA machine, from the repository root:
+#   bash scripts/gpu_checks.sh [OUT_DIR]
+# 1. tests/test_cuda.py (library, CLI end to end on cuda, layer distillation);
+# 2. the whole test suite with CUDA present: the CLI tests' --device auto then runs on the GPU
+#    and times in bf16, paths the CPU-only CI never takes;
+# 3. the CLI on the embedded model on cuda: a remote-code save that plain transformers must
+#    refuse, re-pruning that folder, the report's latency ratio and its warnings;
+# 4. a small speed table (ViT-B/16 shape, target 0.3, widths aligned to 1 and 8, fp32 and bf16
+#    at batch 1 and 64): whether a pruned model runs faster than its parent.
+# Tried on the CPU first with DEVICE=cpu (steps 1 and 4 then only show they run).
+set -u
+OUT=${1:-${OUT:-/tmp/gpu-checks}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD:${PYTHONPATH:-}"
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+WORKERS=${WORKERS:-8}
+$PY - <<'EOF'
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+
+echo "== 1. tests/test_cuda.py"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -20
+
+echo "== 2. whole suite with CUDA present"
+xdist=""
+$PY -c "import xdist" 2>/dev/null && xdist="-n $WORKERS"
+[ "${SKIP_SUITE:-0}" = 1 ] || timeout 240 $PY -m pytest -q -p no:cacheprovider $xdist tests/ 2>&1 | tee "$OUT/suite.log" | tail -30
+
+echo "== 3. CLI on $DEVICE"
+tmp=$(mktemp -d)
+$PY -m vit_pruning --model embedded --target 0.5 --depth-unit attention --width-policy uniform \
+    --save-pruned-model --run-id attu --device "$DEVICE" --reports-dir "$tmp/r" \
+    --pruned-output-dir "$tmp/p" --quiet 2>&1 | tail -6
+$PY - "$tmp" <<'EOF'
+import json, sys
+from transformers import AutoModelForImageClassification
+tmp = sys.argv[1]
+try:
+    AutoModelForImageClassification.from_pretrained(f"{tmp}/p/attu")
+    print("PLAIN LOAD SUCCEEDED: the folder loads as the stock class (bad)")
+except Exception as exc:
+    print("plain load refused:", type(exc).__name__, str(exc).splitlines()[0][:120])
+rep = json.load(open(f"{tmp}/r/report-attu.json"))
+ls = rep["latency_setup"]
+print("latency:", ls["timer"], ls["dtype"], {s["name"]: (round(s["latency_ratio"], 3), [round(q, 3) for q in s["latency_ratio_iqr"]]) for s in rep["stages"]})
+print("warnings:", ls.get("warnings"))
+EOF
+for t in 0.2 0.4; do
+  $PY -m vit_pruning --model "$tmp/p/attu" --target $t --calib-size 32 --device "$DEVICE" \
+      --reports-dir "$tmp/r" --run-id "re$t" --quiet 2>&1 | head -2
+done
+rm -rf "$tmp"
+
+echo "== 4. speed table"
+timeout 120 $PY - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/speed.md"
+import sys
+from bench import gpu
+dev = sys.argv[1]
+res = gpu.run(shapes=("vit-b16",) if dev == "cuda" else ("tiny",), targets=(0.3,), aligns=(1, 8),
+              batches=(1, 64) if dev == "cuda" else (1,), repeats=30 if dev == "cuda" else 3, device=dev)
+print(gpu.header(res))
+print(gpu.table(res))
+EOF
+echo "== done"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForImageClassification, BertConfig,
-                          BertForSequenceClassification, Dinov2Backbone, Dinov2Config, ViTConfig,
+                          BertForSequenceClassification, Dinov2Backbone, Dinov2Config,
                           ViTForImageClassification, ViTForMaskedImageModeling, ViTImageProcessor)
 
 from conftest import tiny_config
@@ -385,9 +385,28 @@ def test_two_runs_with_one_run_id(tmp_path):
 
 # 6f. a terminated run leaves nothing; a killed run's leftovers are removed by the next
 
+def claimed(path: Path) -> bool:
+    """Whether a run holds the lock on the output `path`."""
+    import fcntl
+    from vit_pruning.outputs import _lock_path
+    lock = _lock_path(path)
+    if not lock.exists():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def test_sigterm_leaves_nothing(tmp_path):
     proc = cli_process(tmp_path, "t", "--latency-repeats", "100000")
-    time.sleep(12)  # loaded and pruning or timing by now
+    deadline = time.time() + 120
+    while not claimed(tmp_path / "r" / "report-t.json") and time.time() < deadline:
+        time.sleep(0.2)  # the run has started its work (its handler is installed) once it claims
+    time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=60)
     err = proc.stderr.read().strip().splitlines()
@@ -494,10 +513,8 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys, name):
 
 
 def test_empty_text_file_is_named(tmp_path, capsys):
-    from transformers import BertModel
-    folder = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(folder)
+    from test_text import bert_folder
+    folder = bert_folder(tmp_path)
     (tmp_path / "empty.txt").write_text("\n\n  \n")
     assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
                "--text-file", str(tmp_path / "empty.txt")) == 2
@@ -530,3 +547,32 @@ def test_export_is_quiet_under_quiet(tmp_path):
     assert proc.wait(timeout=300) == 0
     err = proc.stderr.read()
     assert "INFO" not in err and len(err.strip().splitlines()) <= 3, err[-2000:]
+
+
+# what a layer does with its attention's output is read off its own code, whatever the release
+
+class _UnpacksPair:
+    def forward(self, hidden_states):
+        hidden_states, _ = self.attention(hidden_states)
+        return hidden_states
+
+
+class _IndexesLater:
+    def forward(self, hidden_states):
+        outputs = self.attention(
+            hidden_states,
+        )
+        return outputs[0] + hidden_states
+
+
+class _AddsTensor:  # DINOv2's layer in transformers 5.17, ViT's in 4.56-4.57
+    def forward(self, hidden_states):
+        attention_output = self.attention(hidden_states)
+        return attention_output + hidden_states
+
+
+def test_attention_output_kind_is_read_from_the_layer():
+    from vit_pruning.modeling_vit_pruning import _forward_takes_tuple
+    assert _forward_takes_tuple(_UnpacksPair) is True
+    assert _forward_takes_tuple(_IndexesLater) is True
+    assert _forward_takes_tuple(_AddsTensor) is False

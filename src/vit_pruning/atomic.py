@@ -50,8 +50,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: boo
         if overwrite:
             os.replace(tmp, path)
         else:  # link fails if the name was taken meanwhile: never over another writer's file
-            os.link(tmp, path)
-            os.unlink(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} already exists; not overwriting it") from None
+            except OSError:  # a file system without hard links: checked, then renamed
+                if path.exists():
+                    raise FileExistsError(f"{path} already exists; not overwriting it") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

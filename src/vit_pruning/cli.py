@@ -331,7 +331,8 @@ def load_model(name: str, want_head: bool = False):
             processor = transformers.AutoTokenizer.from_pretrained(source)
         else:
             processor = transformers.AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, or an ImportError of a
+        # library a fallback tokenizer needs (protobuf, sentencepiece)
         what = "tokenizer files" if text else "image processor config (preprocessor_config.json)"
         raise UsageError(f"--model: {source} has no usable {what}") from exc
     return model.eval(), processor, source

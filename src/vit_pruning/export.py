@@ -20,7 +20,6 @@ from torch import nn
 from .atomic import atomic_write
 from .measure import example_inputs, forward_output, output_tensor
 
-log = logging.getLogger(__name__)
 CHECK_BATCH = 3  # onnxruntime is checked at another batch size than the export's
 
 

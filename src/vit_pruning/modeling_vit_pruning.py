@@ -17,7 +17,10 @@ with both transformers majors (4.x ``encoder.layer[i].intermediate.dense``, 5.x
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 
 import torch
 import transformers
@@ -27,13 +30,44 @@ from torch.nn import functional as F
 _TF_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
 
 # 4.x layers that, from 4.56 to the last 4.x, take a tensor from their attention module (older
-# 4.x versions index ``[0]``, 5.x unpacks a pair, and every other family indexes or unpacks)
+# 4.x versions index ``[0]``, 5.x unpacks a pair, and every other family indexes or unpacks);
+# the fallback where a layer's source cannot be read
 _TENSOR_ATTENTION_4X = {"ViTLayer", "DeiTLayer", "ViTMAELayer", "Dinov2Layer"}
+_ATTENTION_CALL = re.compile(r"^[ \t]*([\w \t,]+?)\s*=\s*self\.(?:attention|self_attn)\(", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_tuple(layer_class: type) -> bool | None:
+    """Read off a layer class's own forward whether it unpacks or indexes what its attention
+    module returns (``x, _ = self.attention(...)``, ``out = self.attention(...)`` then
+    ``out[0]``) or uses it as a tensor; None if the source cannot be read or the call not found.
+    The layouts moved between releases (DINOv2's layer took a tensor in 5.17 and unpacks a pair
+    in 5.24), so the code that runs decides, not a version table."""
+    try:
+        source = inspect.getsource(layer_class.forward)
+    except (OSError, TypeError):
+        return None
+    call = _ATTENTION_CALL.search(source)
+    if call is None:
+        return None
+    target = call.group(1).strip()
+    if "," in target:
+        return True
+    rest = source[call.end():]
+    return bool(re.search(rf"\b{re.escape(target)}\s*\[", rest) or
+                re.match(r"[^\n]*\)\s*\[\s*0\s*\]", rest))
 
 
 def attention_returns_tuple(block: nn.Module) -> bool:
-    """What a block expects its attention module to return: a tuple (hidden, weights) or, for
-    the ViT-derived 4.x layers from 4.56 on, a tensor."""
+    """What a block expects its attention module to return: a tuple (hidden, weights) or a
+    tensor, as the block's forward uses it (:func:`_forward_takes_tuple`); where that cannot be
+    read, a tensor for the ViT-derived 4.x layers from 4.56 on, else a tuple."""
+    for cls in type(block).__mro__:
+        if "forward" in vars(cls):
+            found = _forward_takes_tuple(cls)
+            if found is not None:
+                return found
+            break
     if type(block).__name__ in _TENSOR_ATTENTION_4X:
         return not ((4, 56) <= _TF_VERSION < (5, 0))
     return True

@@ -89,10 +89,21 @@ def check_outputs(outputs: list[Output]) -> None:
 
 
 def _lock_path(path: Path) -> Path:
+    """The lock file of an output: in a shared folder of the system's temporary directory (sticky
+    and world-writable, so every user's runs see each other), else in one of this user's."""
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20]
-    folder = Path(tempfile.gettempdir()) / "vit-2ssp-locks"
-    folder.mkdir(mode=0o1777, exist_ok=True)
-    return folder / f"{key}.lock"
+    shared = Path(tempfile.gettempdir()) / "vit-2ssp-locks"
+    try:
+        shared.mkdir(exist_ok=True)
+        if shared.stat().st_uid == os.getuid():
+            shared.chmod(0o1777)
+        if os.access(shared, os.W_OK | os.X_OK):
+            return shared / f"{key}.lock"
+    except OSError:
+        pass
+    own = Path(tempfile.gettempdir()) / f"vit-2ssp-locks-{os.getuid()}"
+    own.mkdir(mode=0o700, exist_ok=True)
+    return own / f"{key}.lock"
 
 
 @dataclass
@@ -114,7 +125,7 @@ class RunOutputs:
     def __enter__(self) -> "RunOutputs":
         try:
             for out in sorted(self.outputs, key=lambda o: str(o.path)):
-                fd = os.open(_lock_path(out.path), os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(_lock_path(out.path), os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import cost, distillation, families, fidelity, gpu, onnx_speed, speed, target_error, text
+from . import cost, distillation, families, fidelity, gpu, onnx_speed, speed, sweep, target_error, text
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
 PARTS = ("target_error", "fidelity", "families", "distill", "distill_budget", "speed", "onnx", "gpu",
-         "cost", "text")
+         "cost", "sweep", "text")
 
 
 def machine() -> str:
@@ -123,6 +123,12 @@ def run_cost(smoke: bool) -> str:
     return "\n".join(["## Cost of pruning", "", cost.__doc__.strip(), "", cost.table(res), ""])
 
 
+def run_sweep(smoke: bool) -> str:
+    res = sweep.run(smoke=smoke)
+    return "\n".join(["## Several targets in one run (sweep)", "", sweep.__doc__.strip(), "",
+                      sweep.tables(res), ""])
+
+
 def run_text(smoke: bool) -> str:
     if smoke:
         res = text.run(targets=(0.1, 0.3), methods=("ours", "seed", "tp-magnitude", "random"),
@@ -137,7 +143,7 @@ def run_text(smoke: bool) -> str:
 RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families": run_families,
            "distill": run_distill, "distill_budget": run_distill_budget,
            "speed": run_speed,
-           "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "text": run_text}
+           "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks

@@ -516,6 +516,7 @@ def test_empty_text_file_is_named(tmp_path, capsys):
     from test_text import bert_folder
     folder = bert_folder(tmp_path)
     (tmp_path / "empty.txt").write_text("\n\n  \n")
+    capsys.readouterr()  # the folder's own save progress bar
     assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
                "--text-file", str(tmp_path / "empty.txt")) == 2
     assert "holds no sentences" in one_line_error(capsys)
@@ -576,3 +577,31 @@ def test_attention_output_kind_is_read_from_the_layer():
     assert _forward_takes_tuple(_UnpacksPair) is True
     assert _forward_takes_tuple(_IndexesLater) is True
     assert _forward_takes_tuple(_AddsTensor) is False
+
+
+def test_each_kind_of_unusable_image_is_named(tmp_path, monkeypatch):
+    import io
+    from PIL import Image
+    import vit_pruning.data as data
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(png, "PNG")
+    good = png.getvalue()
+    assert data._image_problem({"bytes": good, "path": None}) is None
+    assert "Unidentified" in data._image_problem({"bytes": b"", "path": "zero.png"})
+    assert "Unidentified" in data._image_problem({"bytes": b"just some text\n" * 9, "path": "t.png"})
+    assert "Truncated" in data._image_problem({"bytes": good[:len(good) // 2], "path": "half.png"})
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)  # a 20,000 x 20,000 image, scaled down
+    assert "over the limit" in data._image_problem({"bytes": good, "path": "huge.png"})
+
+
+def test_text_distillation_inputs_are_bounded(tmp_path, monkeypatch):
+    import vit_pruning.cli as cli
+    from test_text import bert_folder
+    monkeypatch.setattr(cli, "DISTILL_SENTENCES", 20)
+    folder = bert_folder(tmp_path)
+    (tmp_path / "t.txt").write_text("\n".join(f"sentence {i} of many, plain words." for i in range(300)))
+    assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
+               "--text-file", str(tmp_path / "t.txt"), "--calib-size", "32", "--eval-batches", "1",
+               "--distill-steps", "1", "--distill-augment", "0", "--run-id", "d") == 0
+    rep = json.loads((tmp_path / "reports" / "report-d.json").read_text())
+    assert rep["distillation"]["inputs"] == 20

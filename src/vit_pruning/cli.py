@@ -37,8 +37,6 @@ log = logging.getLogger("vit_pruning")
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
-SEED_MIN_REMAINING = 512
-NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
 IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
 DISTILL_LR, DISTILL_TRAIN = 1e-3, "blocks"  # what the distillation table rewarded
 DISTILL_MATCH = "layers"  # every kept block's hidden states too (the table rewarded it)
@@ -55,8 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="vit-2ssp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("what to prune")
-    g.add_argument("--target", type=float, required=True,
-                   help="global parameter sparsity in (0, 1): fraction of ALL model parameters to remove")
+    g.add_argument("--target", default=None,
+                   help="global parameter sparsity in (0, 1): fraction of ALL model parameters to "
+                        "remove; a comma list (0.1,0.2,0.3) prunes the unpruned model to each, "
+                        "sharing every step that does not depend on the target, and reports the "
+                        "trade-off")
+    b = ap.add_argument_group("budgets instead of a target: the largest target that keeps one")
+    b.add_argument("--max-accuracy-drop", type=float, default=None, metavar="P",
+                   help="top-1 percentage points the pruned model may lose against the baseline "
+                        "(needs labelled data)")
+    b.add_argument("--max-kl", type=float, default=None, metavar="X",
+                   help="largest mean KL of the logits to the unpruned model's (classifiers, "
+                        "label-free)")
+    b.add_argument("--min-cosine", type=float, default=None, metavar="X",
+                   help="smallest mean cosine of the outputs to the unpruned model's, in (0, 1] "
+                        "(backbones and text encoders, label-free)")
+    b.add_argument("--target-resolution", type=float, default=0.01, metavar="R",
+                   help="grid of the budget search: targets R, 2R, ... up to the largest feasible "
+                        "(default 0.01); bisection prunes about log2(grid size) + 1 times")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id, local model folder, or 'embedded' (offline digits ViT); default {DEFAULT_MODEL}")
     g.add_argument("--stage", choices=("both", "s1", "s2"), default="both",
@@ -174,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no model; each failure names the flag and the allowed range."""
-    if not 0 < args.target < 1:
-        raise UsageError(f"--target must be in (0, 1), got {args.target}")
+    args.targets = parse_targets(args)
     for flag in ("cifar_train_pct", "cifar_test_pct"):
         v = getattr(args, flag)
         if not 0 < v <= 1:
@@ -233,6 +246,65 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--export-onnx: {exc}") from exc
     if args.latency_dtype == "float16" and args.device == "cpu":
         raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
+
+
+BUDGETS = {"max_accuracy_drop": "--max-accuracy-drop", "max_kl": "--max-kl",
+           "min_cosine": "--min-cosine"}
+
+
+def budget_of(args: argparse.Namespace) -> tuple[str, float] | None:
+    """(budget name, value) of a budget run, else None."""
+    given = [(k, getattr(args, k)) for k in BUDGETS if getattr(args, k, None) is not None]
+    return given[0] if given else None
+
+
+def parse_targets(args: argparse.Namespace) -> list[float]:
+    """--target as a list of floats (one for a plain run, several for a sweep, none with a
+    budget); every malformed or conflicting value is a UsageError naming the flag. Sets
+    `args.target` to the one target of a plain run (None otherwise)."""
+    budgets = [f for k, f in BUDGETS.items() if getattr(args, k) is not None]
+    if len(budgets) > 1:
+        raise UsageError(f"{budgets[0]} and {budgets[1]} are two budgets: give one")
+    if budgets and args.target is not None:
+        raise UsageError(f"{budgets[0]} finds the target itself: drop --target")
+    if args.max_accuracy_drop is not None and not 0 < args.max_accuracy_drop < 100:
+        raise UsageError(f"--max-accuracy-drop must be in (0, 100) percentage points, got "
+                         f"{args.max_accuracy_drop}")
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise UsageError(f"--max-kl must be > 0, got {args.max_kl}")
+    if args.min_cosine is not None and not 0 < args.min_cosine <= 1:
+        raise UsageError(f"--min-cosine must be in (0, 1], got {args.min_cosine}")
+    if not 0 < args.target_resolution <= 0.1:
+        raise UsageError(f"--target-resolution must be in (0, 0.1], got {args.target_resolution}")
+    if budgets:
+        args.target = None
+        return []
+    if args.target is None:
+        raise UsageError("give --target (one value or a comma list) or a budget "
+                         "(--max-accuracy-drop, --max-kl or --min-cosine)")
+    parts = [p.strip() for p in str(args.target).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--target must be a number or a comma list of numbers in (0, 1), got "
+                         f"{args.target!r}") from None
+    bad = [v for v in values if not 0 < v < 1]
+    if bad:
+        raise UsageError(f"--target must be in (0, 1), got {bad[0]:g}")
+    from .sweep import check_targets
+    try:
+        values = check_targets(values)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from exc
+    if len(values) > 1:
+        for flag in ("distill_steps", "recover", "export_onnx", "save_adapter"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies to one model: with several "
+                                 f"targets give one --target, or a budget, to go on with")
+        if args.stage != "both":
+            raise UsageError("several targets take --stage both (the default)")
+    args.target = values[0] if len(values) == 1 else None
+    return values
 
 
 def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
@@ -407,7 +479,7 @@ def load_text(args: argparse.Namespace, calib_size: int, sentences: tuple[str, .
                          f"in {args.text_file or 'the default text'})") from exc
 
 
-def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
+def print_dry_run(model, model_id, shape, probes, args, ch: "Choices", target: float) -> None:
     """Show the plan (and its predicted FLOPs, measured on a scratch copy); the model is untouched."""
     import copy
 
@@ -421,7 +493,7 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices") -> None:
           f"{'sentence of 128 tokens' if resolve(model).is_text else 'image'}")
     dataset = resolve(model).is_text or args.dataset or args.load_cifar or args.model == "embedded"
     searched = bool(dataset) and args.split == "auto" and args.stage == "both"
-    print(f"target {args.target}: min_remaining {ch.min_remaining} ({ch.min_remaining_source}); "
+    print(f"target {target}: min_remaining {ch.min_remaining} ({ch.min_remaining_source}); "
           f"MLP widths aligned to multiples of {ch.align} ({ch.align_source}); width policy "
           f"{ch.width_policy}; split "
           f"{'searched on calibration data when pruning (shown: 2SSP alpha formula)' if searched else args.split}")
@@ -554,23 +626,45 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.dry_run:
             loaded = load_step(args)
             ch = choose(args, loaded, run_id)
-            print_dry_run(loaded.model, loaded.model_id, loaded.shape,
-                          plan_probes(args, loaded, ch), args, ch)
+            probes = {t: plan_probes(args, loaded, ch, t) for t in args.targets}
+            if not args.targets:
+                print_budget_dry_run(args, loaded, ch)
+            for t, p in probes.items():
+                print_dry_run(loaded.model, loaded.model_id, loaded.shape, p, args, ch, t)
             return 0
         with outputs:  # claims the names: a second run with this --run-id stops here
             loaded = load_step(args)
             ch = choose(args, loaded, run_id)
-            plan_probes(args, loaded, ch)
+            for t in args.targets:
+                plan_probes(args, loaded, ch, t)
             loaded.model.to(ch.device)
             data = data_step(args, loaded, ch)
+            check_budget(args, loaded, data)
             evaluator = Evaluator(args, loaded, data, ch)
-            stages, snapshots, result, distilled = prune_step(args, loaded, data, ch, evaluator)
+            if len(args.targets) > 1:
+                from .tradeoff import sweep_run
+                return sweep_run(args, argv, loaded, data, ch, evaluator, outputs)
+            search = None
+            if budget_of(args):
+                from .tradeoff import budget_search
+                search = budget_search(args, argv, loaded, data, ch, evaluator, outputs)
+            stages, snapshots, result, distilled = prune_step(args, loaded, data, ch, evaluator,
+                                                              search)
             latency = latency_step(args, loaded, data, ch, stages, snapshots)
             del snapshots
             try:  # every output is written beside its place, then all renamed into place
                 artifacts = save_step(args, loaded, data, ch, outputs)
                 rep = build_report(args, argv, loaded, data, ch, stages, result, latency,
                                    artifacts, distilled)
+                if search is not None:
+                    from .report import tradeoff_plot
+                    from .tradeoff import search_section
+                    rep["budget_search"] = section = search_section(args, search)
+                    b = {"flag": section["budget"], "value": section["value"],
+                         "measure": section["measure"]}
+                    tradeoff_plot(section["points"], outputs.stage("tradeoff"), b, section["chosen"],
+                                  stages[0].top1, f"{run_id}: budget {b['flag']} {b['value']:g}")
+                    rep["artifacts"]["tradeoff_plot"] = str(outputs.by_role("tradeoff").path)
                 from .report import write_report
                 write_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
                 outputs.commit()
@@ -594,6 +688,9 @@ def run_outputs(args: argparse.Namespace, run_id: str):
         outs.append(Output("model", Path(args.pruned_output_dir) / run_id, "--pruned-output-dir", True))
     if args.save_adapter:
         outs.append(Output("adapter", Path(args.artifacts_dir) / run_id / "adapter.pt", "--artifacts-dir"))
+    if budget_of(args):  # the search's trade-off plot beside the stages' plot
+        outs.append(Output("tradeoff", Path(args.reports_dir) / f"report-{run_id}.tradeoff.png",
+                           "--reports-dir"))
     outs += [Output(kind, Path(args.reports_dir) / f"report-{run_id}.{kind}", "--reports-dir")
              for kind in ("png", "md", "json")]
     return RunOutputs(run_id, outs)
@@ -631,14 +728,13 @@ def choose(args: argparse.Namespace, loaded: Loaded, run_id: str) -> Choices:
         dtype = getattr(torch, args.latency_dtype)
         if dtype == torch.float16 and device.type != "cuda":
             raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16")
+    from .pipeline import default_min_remaining
     shape = loaded.shape
     width = max(shape.widths)
     if args.min_remaining is not None:
         mr, mr_source = args.min_remaining, "--min-remaining"
-    elif width > SEED_MIN_REMAINING:
-        mr, mr_source = SEED_MIN_REMAINING, "seed default 512"
     else:
-        mr, mr_source = max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
+        mr, mr_source = default_min_remaining(shape)
     if mr >= width:
         raise UsageError(f"--min-remaining must be below the MLP width {width}, got {mr}")
     if args.align == "auto":
@@ -652,6 +748,38 @@ def choose(args: argparse.Namespace, loaded: Loaded, run_id: str) -> Choices:
     return Choices(device, dtype, run_id, mr, mr_source, align, align_source, args.width_policy, calib)
 
 
+def check_budget(args: argparse.Namespace, loaded: Loaded, data: Data) -> None:
+    """A budget needs what it is measured on: labels and a head, logits, or outputs to compare."""
+    budget = budget_of(args)
+    if budget is None:
+        return
+    name = budget[0]
+    if name == "max_accuracy_drop" and (data.eval_labels is None or not data.has_head):
+        raise UsageError("--max-accuracy-drop needs labelled data and a classifier head: add "
+                         "--dataset (or --load-cifar), or use --max-kl / --min-cosine")
+    if name == "max_kl" and (loaded.text or not data.has_head):
+        raise UsageError("--max-kl needs a model with logits (a classifier head); for a backbone "
+                         "or text encoder use --min-cosine")
+    if name == "max_kl" and not data.eval_pixels:
+        raise UsageError("--max-kl needs evaluation images: add --dataset (labels are not used)")
+    if name == "min_cosine" and not loaded.text and data.has_head:
+        raise UsageError("--min-cosine is for backbones and text encoders; a classifier is "
+                         "judged by --max-kl or --max-accuracy-drop")
+    if name == "min_cosine" and not loaded.text and not data.eval_pixels:
+        raise UsageError("--min-cosine needs evaluation images: add --dataset (labels are not used)")
+
+
+def print_budget_dry_run(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> None:
+    from .planner import max_feasible_target
+    flag, value = BUDGETS[budget_of(args)[0]], budget_of(args)[1]
+    units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
+    top = max(max_feasible_target(loaded.shape, u, ch.min_remaining, ch.align) for u in units)
+    print(f"budget {flag} {value:g}: the run searches targets {args.target_resolution:g} to "
+          f"{top:.4f} in steps of {args.target_resolution:g} by bisection (pruning each tried "
+          f"target, measuring it on the evaluation inputs), then goes on with the largest that "
+          f"keeps the budget")
+
+
 def prune_config(args: argparse.Namespace, ch: Choices):
     from .pipeline import PruneConfig
     return PruneConfig(unit=args.depth_unit, min_remaining=ch.min_remaining,
@@ -661,8 +789,8 @@ def prune_config(args: argparse.Namespace, ch: Choices):
                        stages=args.stage, align=ch.align, width_policy=ch.width_policy)
 
 
-def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
-    """Plans with the alpha split for each depth unit: validates --target before any work and
+def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: float) -> dict:
+    """Plans with the alpha split for each depth unit: validates a target before any work and
     is what --dry-run shows."""
     from .planner import depth_only_plan, max_feasible_target, validate_target, width_only_max
     from .planner import max_depth_units
@@ -677,18 +805,18 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> dict:
     flag = "--split/--target" if args.split.isdigit() else "--target"
     try:
         if args.stage == "s1":
-            validate_target(args.target, width_only_max(shape, ch.min_remaining, ch.align),
+            validate_target(target, width_only_max(shape, ch.min_remaining, ch.align),
                             "for width pruning alone (--stage s1)")
             units, depth = units[:1], 0
         elif args.stage == "s2":
-            depth_only_plan(shape, args.target, args.depth_unit)
-        validate_target(args.target, max(max_feasible_target(shape, u, ch.min_remaining, ch.align)
+            depth_only_plan(shape, target, args.depth_unit)
+        validate_target(target, max(max_feasible_target(shape, u, ch.min_remaining, ch.align)
                                          for u in units))
         probes = {}
         for u in units:
             try:
-                probes[u] = (depth_only_plan(shape, args.target, u) if args.stage == "s2" else
-                             cfg.plan(shape, args.target, u, depth=depth))
+                probes[u] = (depth_only_plan(shape, target, u) if args.stage == "s2" else
+                             cfg.plan(shape, target, u, depth=depth))
             except ValueError:
                 if len(units) == 1:
                     raise
@@ -899,6 +1027,9 @@ class Evaluator:
                 top1 = int((out.argmax(-1) == data.eval_labels).sum()) / len(data.eval_labels)
                 if self.reference is not None:
                     kl = kl_divergence(out, self.reference)
+            elif data.eval_pixels and self.reference is not None:  # a backbone: its outputs
+                cos = mean_cosine(out.flatten(1), self.reference.flatten(1))
+                agree = retrieval_agreement(out.flatten(1), self.reference.flatten(1))
         if self.reference is None:
             if out is not None and not torch.isfinite(out).all():
                 raise UsageError("--model: the unpruned model's outputs hold NaN or Inf on the "
@@ -912,26 +1043,36 @@ class Evaluator:
         return m
 
 
-def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluator):
+def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluator, search=None):
     """Baseline, stage 1, stage 2 (and the head re-tune with --recover), each measured; keeps a
-    copy of the model after each stage so that latency can be timed back to back at the end."""
+    copy of the model after each stage so that latency can be timed back to back at the end.
+    After a budget search (`search`, a tradeoff.BudgetRun) its chosen model is stage 2."""
     import copy
 
     from .heads import finetune
     from .pipeline import prune_2ssp
     model = loaded.model
-    stages = [evaluate("baseline", model)]
-    snapshots = {"baseline": copy.deepcopy(model)}
+    if search is not None:  # the search pruned copies: the loaded model is still the baseline
+        stages = [search.baseline] + ([search.stage1] if search.stage1 is not None else [])
+        snapshots = {"baseline": model}
+        if search.stage1_model is not None:
+            snapshots["stage1"] = search.stage1_model
+        model, result = search.search.model, search.search.result
+        loaded.model = model
+    else:
+        stages = [evaluate("baseline", model)]
+        snapshots = {"baseline": copy.deepcopy(model)}
 
-    def after_stage1(m):
-        stages.append(evaluate("stage1", m))
-        snapshots["stage1"] = copy.deepcopy(m)
+        def after_stage1(m):
+            stages.append(evaluate("stage1", m))
+            snapshots["stage1"] = copy.deepcopy(m)
 
-    try:
-        model, result = prune_2ssp(model, args.target, data.calib_inputs, prune_config(args, ch),
-                                   device=ch.device, progress=not args.quiet, after_stage1=after_stage1)
-    except ValueError as exc:
-        raise UsageError(f"--target: {exc}") from exc
+        try:
+            model, result = prune_2ssp(model, args.target, data.calib_inputs, prune_config(args, ch),
+                                       device=ch.device, progress=not args.quiet,
+                                       after_stage1=after_stage1)
+        except ValueError as exc:
+            raise UsageError(f"--target: {exc}") from exc
     stages.append(evaluate("stage2", model))
     distilled = None
     if args.distill_steps:
@@ -1107,6 +1248,10 @@ def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Pat
           f"latency ratio {final.latency_ratio:.3f} [quartiles {q1:.3f}, {q3:.3f}] (median of "
           f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "
           f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")
+    if rep.get("budget_search"):
+        b = rep["budget_search"]
+        print(f"budget {b['budget']} {b['value']:g}: target {b['chosen']:g} chosen after "
+              f"{b['prunings']} prunings (first over budget: {b['first_rejected']})")
     for note in rep.get("notes", []):
         print(f"note: {note}")
     for warning in rep["latency_setup"].get("warnings", []):

@@ -46,7 +46,8 @@ class PruneConfig:
 
     unit: str = "block"  # "block" (whole blocks, seed docs), "attention" (2SSP paper), or
     # "auto": try both and keep the one with the better calibration fidelity
-    min_remaining: int = 512  # seed default; capped for narrow MLPs by the CLI
+    min_remaining: int | None = None  # fewest MLP neurons a block keeps; None: the seed's 512
+    # where the MLP is wider than 512, else a quarter of its width (default_min_remaining)
     split: str = "auto"  # "search" with calibration data, "alpha" without; or an int count
     alpha: float = 1.5  # 2SSP paper's split exponent
     depth_method: str = "greedy"  # "greedy" (output fidelity) or "bi" (Block Influence)
@@ -76,19 +77,41 @@ class PruneConfig:
 
     def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
         """make_plan with this config's unit, min_remaining, alpha, align and width policy
-        (`align` must be resolved to an int first, see :func:`resolved`)."""
-        return make_plan(shape, target, unit or self.unit, self.min_remaining, alpha=self.alpha,
-                         align=int(self.align), width_policy=self.width_policy, **kw)
+        (resolved for `shape` first, see :meth:`resolved`)."""
+        cfg = self.resolved(shape)
+        return make_plan(shape, target, unit or cfg.unit, cfg.min_remaining, alpha=cfg.alpha,
+                         align=int(cfg.align), width_policy=cfg.width_policy, **kw)
 
     def resolved(self, shape: ModelShape) -> "PruneConfig":
-        """This config with align="auto" replaced by the number it means for `shape`."""
+        """This config with align="auto" and min_remaining=None replaced by what they mean for
+        `shape`; ValueError for values no model of this shape can take."""
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
-        if self.align == "auto":
-            return replace(self, align=default_align(shape))
-        if not isinstance(self.align, int) or isinstance(self.align, bool) or self.align < 1:
-            raise ValueError(f"align must be 'auto' or an integer >= 1, got {self.align!r}")
-        return self
+        cfg = self
+        if cfg.min_remaining is None:
+            cfg = replace(cfg, min_remaining=default_min_remaining(shape)[0])
+        widest = max(shape.widths)
+        if not 1 <= cfg.min_remaining < widest:
+            raise ValueError(f"min_remaining must be in [1, {widest}) (below the widest MLP, "
+                             f"{widest} neurons), got {cfg.min_remaining}")
+        if cfg.align == "auto":
+            return replace(cfg, align=default_align(shape))
+        if not isinstance(cfg.align, int) or isinstance(cfg.align, bool) or cfg.align < 1:
+            raise ValueError(f"align must be 'auto' or an integer >= 1, got {cfg.align!r}")
+        return cfg
+
+
+SEED_MIN_REMAINING = 512  # the seed's fewest neurons per block
+NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
+
+
+def default_min_remaining(shape: ModelShape) -> tuple[int, str]:
+    """(min_remaining, where it comes from) for a model of `shape`: the seed's 512 where the
+    widest MLP is wider than that, else a quarter of its width."""
+    width = max(shape.widths)
+    if width > SEED_MIN_REMAINING:
+        return SEED_MIN_REMAINING, "seed default 512"
+    return max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
 
 
 @dataclass
@@ -200,73 +223,123 @@ def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | N
     Returns:
         (model, PruneResult) with counts, indices and per-stage parameter counts.
     """
-    shape = model_shape(model)
-    cfg = (config or PruneConfig()).resolved(shape)
-    params_before = shape.total_params
-    device = device if device is not None else next(model.parameters()).device
-    batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
-    if batches:  # small micro-batches bound the memory of cached activations in every phase
-        batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
-    split = cfg.split
-    if split == "auto":
-        split = "search" if batches else "alpha"
-    if split not in SPLITS and not isinstance(split, int):
-        raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
-    if cfg.selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
-    if cfg.stages not in STAGES:
-        raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
-    clock = _Clock()
-    trace = _trace(model, batches)
-    reference = (trace.outputs if trace is not None else
-                 collect_outputs(model, batches) if batches else None)
-    clock.lap("unpruned trace" if trace is not None else "reference outputs")
-    if cfg.stages == "s2":
-        if cfg.unit == "auto":
+    pruner = Pruner(model, calibration_loader, config, calib_batches, device, progress)
+    return pruner.prune(target, after_stage1=after_stage1)
+
+
+class Pruner:
+    """2SSP's work that does not depend on the target, done once for one unpruned model: the
+    calibration batches, the unpruned model's trace (reference outputs, block inputs, residual
+    sums), the held-out split of the trials, and the greedy depth order of each unit (prefix-
+    stable: computed once to the largest count asked, its first units serve every smaller
+    count). :meth:`prune` then prunes for one target; :func:`prune_2ssp` is one Pruner and one
+    call, :func:`sweep` and :func:`search_target` are one Pruner and many.
+
+    The model given is the unpruned reference and must stay so while the Pruner is used (prune
+    copies of it, or prune it in place last).
+    """
+
+    def __init__(self, model: nn.Module, calibration_loader: Iterable | None = None,
+                 config: PruneConfig | None = None, calib_batches: int | None = None,
+                 device: str | torch.device | None = None, progress: bool = False):
+        self.model = model
+        self.shape = model_shape(model)
+        self.cfg = (config or PruneConfig()).resolved(self.shape)
+        self.progress = progress
+        device = device if device is not None else next(model.parameters()).device
+        batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
+        if batches:  # small micro-batches bound the memory of cached activations in every phase
+            batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
+        self.batches = batches
+        cfg = self.cfg
+        split = cfg.split
+        if split == "auto":
+            split = "search" if batches else "alpha"
+        if split not in SPLITS and not isinstance(split, int):
+            raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
+        if cfg.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+        if cfg.stages not in STAGES:
+            raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
+        if cfg.stages == "s2" and cfg.unit == "auto":
             raise ValueError("unit 'auto' compares whole splits; for stage 2 alone choose "
                              "'block' or 'attention'")
-        return _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1,
-                           trace)
-    if cfg.stages == "s1":
-        top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
-        validate_target(target, top, "for width pruning alone (stages='s1')")
-        split = 0
-    units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
-    if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
-        units = ("block",)  # nothing to compare without data; s1 removes no depth units
-    holdout = _holdout(model, batches, reference, cfg, trace) if batches else None
-    choices = [_choose_depth(model, shape, target, replace(cfg, unit=u), split, batches,
-                             reference, holdout, progress, score_single=len(units) > 1)
-               for u in units]
-    plan, order, search, depth_scores = min(
-        choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
-    known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
-    if len(units) > 1:
-        search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
-    clock.lap("depth selection and split search")
-    selection, selection_search = _choose_selection(model, plan, holdout, cfg, known)
-    clock.lap("neuron selection choice")
-    info = _width_stage(model, plan, batches, replace(cfg, selection=selection), progress,
-                        unpruned=trace)
-    del trace, holdout  # the model is pruned from here on: release the unpruned activations
-    stage1 = count_total_params(model)
-    clock.lap("stage 1 (width)")
-    if after_stage1 is not None:
-        after_stage1(model)
-        clock.lap(None)  # measuring is not pruning
-    apply_depth(model, plan.depth_indices, plan.unit)
-    after = count_total_params(model)
-    clock.lap("stage 2 (depth)")
-    if after != plan.params_after:
-        raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
-                           f"pruning left {after:,}")
-    check_achieved(shape, plan, target, after, cfg.width_policy)
-    return model, PruneResult(
-        plan=plan, config=cfg, params_before=params_before, params_after_stage1=stage1,
-        params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
-        kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
-        timings=clock.laps, selection=selection, selection_search=selection_search,
-    )
+        self.split = 0 if cfg.stages == "s1" else split
+        clock = _Clock()
+        self.trace = _trace(model, batches)
+        self.reference = (self.trace.outputs if self.trace is not None else
+                          collect_outputs(model, batches) if batches else None)
+        clock.lap("unpruned trace" if self.trace is not None else "reference outputs")
+        self.holdout = (_holdout(model, batches, self.reference, cfg, self.trace)
+                        if batches and cfg.stages != "s2" else None)
+        self.timings = dict(clock.laps)  # the shared work's phases
+        self._orders: dict[str, tuple[list[int], dict, int]] = {}  # unit -> order, scores, asked
+
+    def depth_order(self, unit: str, count: int, budget: float | None = None
+                    ) -> tuple[list[int], dict]:
+        """The first `count` depth units in removal order, and the selection's scores. Without
+        a `budget` (units of one size) the order is shared: computed to the largest count asked
+        so far. With one (units differ, so the target decides what fits) it is computed anew."""
+        cfg = self.cfg
+        if budget is not None:
+            return select_depth(self.model, count, unit, self.batches, cfg.depth_method,
+                                self.reference, self.progress, cfg.greedy_rescore, budget,
+                                self.trace)
+        cached = self._orders.get(unit)
+        if cached is None or cached[2] < count:
+            order, scores = select_depth(self.model, count, unit, self.batches, cfg.depth_method,
+                                         self.reference, self.progress, cfg.greedy_rescore,
+                                         None, self.trace)
+            cached = (order, scores, count)
+            self._orders[unit] = cached
+        return list(cached[0][:count]), cached[1]
+
+    def prune(self, target: float, model: nn.Module | None = None,
+              after_stage1: Callable[[nn.Module], None] | None = None
+              ) -> tuple[nn.Module, PruneResult]:
+        """Prune `model` (default: the Pruner's own model, in place) to `target`; `model` must
+        be an unpruned copy of the Pruner's model (same weights, so the shared work holds)."""
+        model = self.model if model is None else model
+        cfg, shape, batches = self.cfg, self.shape, self.batches
+        clock = _Clock()
+        if cfg.stages == "s2":
+            return _depth_only(self, model, target, after_stage1)
+        if cfg.stages == "s1":
+            top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
+            validate_target(target, top, "for width pruning alone (stages='s1')")
+        units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
+        if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
+            units = ("block",)  # nothing to compare without data; s1 removes no depth units
+        choices = [_choose_depth(self, model, target, replace(cfg, unit=u), clock,
+                                 score_single=len(units) > 1) for u in units]
+        plan, order, search, depth_scores = min(
+            choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
+        known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
+        if len(units) > 1:
+            search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
+        selection, selection_search = _choose_selection(model, plan, self.holdout, cfg, known)
+        clock.lap("neuron selection choice")
+        info = _width_stage(model, plan, batches, replace(cfg, selection=selection), self.progress,
+                            unpruned=self.trace)
+        stage1 = count_total_params(model)
+        clock.lap("stage 1 (width)")
+        if after_stage1 is not None:
+            after_stage1(model)
+            clock.lap(None)  # measuring is not pruning
+        apply_depth(model, plan.depth_indices, plan.unit)
+        after = count_total_params(model)
+        clock.lap("stage 2 (depth)")
+        if after != plan.params_after:
+            raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
+                               f"pruning left {after:,}")
+        check_achieved(shape, plan, target, after, cfg.width_policy)
+        return model, PruneResult(
+            plan=plan, config=cfg, params_before=shape.total_params, params_after_stage1=stage1,
+            params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
+            kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
+            timings={**self.timings, **clock.laps}, selection=selection,
+            selection_search=selection_search,
+        )
 
 
 def check_achieved(shape: ModelShape, plan: PruningPlan, target: float, params_after: int,
@@ -362,10 +435,11 @@ def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[st
     return best, tried
 
 
-def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout, progress,
-                  score_single: bool) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
+def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_single: bool
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
+    shape, split = pruner.shape, pruner.split
     probe = cfg.plan(shape, target, depth="alpha")
     options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
     if isinstance(split, int):
@@ -377,9 +451,8 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
     budget = None
     if shape.units_differ(cfg.unit):  # units differ in size: never pick ones that overshoot
         budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
-    order, depth_scores = select_depth(model, max(candidates), cfg.unit, batches,
-                                       cfg.depth_method, reference, progress, cfg.greedy_rescore,
-                                       budget, holdout.trace if holdout else None)
+    order, depth_scores = pruner.depth_order(cfg.unit, max(candidates), budget)
+    clock.lap("depth selection")
     orders = {d: list(order[:d]) for d in candidates}
     if shape.units_differ(cfg.unit):  # counts were judged on placeholders: check the chosen units
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
@@ -389,12 +462,13 @@ def _choose_depth(model, shape, target, cfg, split, batches, reference, holdout,
         trial_cfg = replace(cfg, selection="score")
         for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
             plan = cfg.plan(shape, target, depth_indices=orders[d])
-            search[str(d)] = _trial_distance(model, plan, trial_cfg, holdout)
+            search[str(d)] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
                      cfg.unit, search[str(d)])
     best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
     plan = cfg.plan(shape, target, depth_indices=orders[best])
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
+    clock.lap("split search")
     return replace(plan, split=label), orders[best], search, depth_scores
 
 
@@ -421,11 +495,11 @@ def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[in
     return out
 
 
-def _depth_only(model, shape, target, cfg, batches, reference, progress, after_stage1, trace):
+def _depth_only(pruner: Pruner, model, target, after_stage1):
     """stages="s2": remove the depth count nearest the target, no width pruning."""
+    shape, cfg = pruner.shape, pruner.cfg
     count = depth_only_plan(shape, target, cfg.unit).blocks_to_prune
-    order, depth_scores = select_depth(model, count, cfg.unit, batches, cfg.depth_method,
-                                       reference, progress, cfg.greedy_rescore, unpruned=trace)
+    order, depth_scores = pruner.depth_order(cfg.unit, count)
     plan = depth_only_plan(shape, target, cfg.unit, order)
     if after_stage1 is not None:
         after_stage1(model)
@@ -434,7 +508,8 @@ def _depth_only(model, shape, target, cfg, batches, reference, progress, after_s
     return model, PruneResult(
         plan=plan, config=cfg, params_before=shape.total_params,
         params_after_stage1=shape.total_params, params_after_stage2=after, depth_order=order,
-        neurons_removed=[0] * shape.num_blocks, kept_neurons=None, depth_scores=depth_scores)
+        neurons_removed=[0] * shape.num_blocks, kept_neurons=None, depth_scores=depth_scores,
+        timings=dict(pruner.timings))
 
 
 def first_images(batches: list[torch.Tensor], count: int | None) -> list[torch.Tensor]:

@@ -145,6 +145,21 @@ def markdown(rep: dict) -> str:
     if p.get("split_search"):
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
+    search = rep.get("budget_search")
+    if search:
+        lines += ["", "## Budget search", "",
+                  f"- budget {search['budget']} {search['value']:g}: target **{search['chosen']:g}** "
+                  f"chosen, the largest on a grid of {search['resolution']:g} that kept it (first "
+                  f"target over budget: {search['first_rejected']}); {search['prunings']} prunings "
+                  f"by bisection, each measured on the evaluation inputs:"]
+        for t in search["trials"]:
+            lines.append(f"  - target {t['target']:g}: "
+                         + ("kept" if t["accepted"] else "over budget")
+                         + (" (" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in t["measures"].items()) + ")"
+                            if t["measures"] else ""))
+        if rep["artifacts"].get("tradeoff_plot"):
+            lines += ["", f"![trade-off]({Path(rep['artifacts']['tradeoff_plot']).name})"]
     dist = rep.get("distillation")
     if dist:
         losses = dist["losses"]
@@ -311,4 +326,151 @@ def save_report(report, reports_dir: str | Path = "experiments/vit_pruning/repor
             raise FileExistsError(f"{p} already exists; choose another run_id")
     atomic_write_json(json_path, rep)
     atomic_write_text(md_path, _generic_markdown(rep))
+    return json_path, md_path
+
+
+def _fidelity(point: dict) -> tuple[str, float | None]:
+    """The measure a point is judged by: top-1 where there is one, else cosine, else KL."""
+    for key in ("top1", "cosine", "kl"):
+        if point.get(key) is not None:
+            return key, point[key]
+    return "none", None
+
+
+def point_line(p: dict) -> str:
+    """One trade-off point as a line of the console summary."""
+    name, value = _fidelity(p)
+    fid = "" if value is None else f", {name} {value:.4g}" + (
+        f" (drop {p['top1_drop_pp']:.2f} pp)" if name == "top1" and p.get("top1_drop_pp") is not None else "")
+    iqr = p["latency_ratio_iqr"]
+    return (f"target {p['target']:g}: achieved {p['achieved_sparsity']:.4f}, params "
+            f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f} "
+            f"[{iqr[0]:.3f}, {iqr[1]:.3f}]{fid}")
+
+
+def tradeoff_markdown(rep: dict) -> str:
+    """A sweep or a budget search as Markdown: one row per target."""
+    b = rep.get("budget")
+    lines = [f"# vit-2ssp trade-off `{rep['run_id']}`", "",
+             f"- model: `{rep['model']['id']}` ({rep['model']['class']}, {rep['model']['num_blocks']} "
+             f"blocks, hidden {rep['model']['hidden_size']}, MLP {rep['model']['intermediate_size']})",
+             f"- baseline: {rep['baseline']['params']:,} parameters, "
+             f"{rep['baseline']['flops'] / 1e9:.4f} GFLOPs"
+             + ("" if rep["baseline"]["top1"] is None else f", top-1 {rep['baseline']['top1']:.4f}")]
+    if b:
+        lines.append(f"- budget: {b['flag']} {b['value']:g}; chosen target: "
+                     f"**{rep['chosen'] if rep['chosen'] is not None else 'none (even the smallest breaks it)'}**; "
+                     f"first target that broke it: {rep.get('first_rejected')}; "
+                     f"{len(rep['trials'])} prunings (bisection on a grid of "
+                     f"{rep['config']['target_resolution']:g})")
+    lines += [f"- accuracy: {rep['accuracy_note']}",
+              "- shared work (once for every target): " + ", ".join(
+                  f"{k} {v:.1f} s" for k, v in rep["shared_work_s"].items()), "",
+              "## Points", "",
+              "| target | achieved | params | FLOPs ratio | latency ratio [quartiles] | top-1 | drop (pp) "
+              "| KL | cosine | depth units removed | MLP widths |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+    for p in rep["points"]:
+        mark = " **(chosen)**" if rep.get("chosen") == p["target"] else ""
+        lines.append(
+            f"| {p['target']:g}{mark} | {p['achieved_sparsity']:.4f} | {p['params']:,} | "
+            f"{num(p['flops_ratio'], '.3f')} | {p['latency_ratio']:.3f} [{p['latency_ratio_iqr'][0]:.3f}, "
+            f"{p['latency_ratio_iqr'][1]:.3f}] | {num(p['top1'], '.4f')} | {num(p['top1_drop_pp'], '.2f')} | "
+            f"{num(p['kl'], '.3g')} | {num(p['cosine'], '.4f')} | "
+            f"{p.get('depth_unit', '')} {p.get('depth_removed', '')} | {p.get('kept_widths', '')} |")
+    ls = rep["latency_setup"]
+    lines += ["", f"Latency: every target timed back to back with the baseline in {ls['repeats']} "
+                  f"interleaved rounds, batch {ls['batch_size']}, {ls['dtype']}, {ls['threads']} "
+                  f"threads, device {ls['device']}; the ratio is the median over rounds of "
+                  f"t(target) / t(baseline)."]
+    lines += [f"- **warning**: {w}" for w in ls.get("warnings", [])]
+    if rep.get("trials"):
+        lines += ["", "## Budget search", ""] + [
+            f"- target {t['target']:g}: {'kept the budget' if t['accepted'] else 'broke the budget'}"
+            + (f" ({', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in t['measures'].items())})"
+               if t["measures"] else "") for t in rep["trials"]]
+    lines += ["", "## Artifacts", ""]
+    for k, v in rep["artifacts"].items():
+        if isinstance(v, dict):
+            lines += [f"- {k}:"] + [f"  - {kk}: {vv}" for kk, vv in v.items()]
+        else:
+            lines.append(f"- {k}: {v if v else 'not written'}")
+    if rep["artifacts"].get("plot"):
+        lines += ["", f"![trade-off]({Path(rep['artifacts']['plot']).name})"]
+    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
+                  chosen: float | None = None, baseline_top1: float | None = None,
+                  title: str | None = None) -> Path:
+    """Fidelity against latency ratio (with its quartiles) and against parameters kept, one
+    point per target (labelled), the budget as a line, the chosen target marked (PNG), written
+    atomically. The fidelity is the budget's measure; without a budget top-1 (or cosine), with
+    the KL on a second axis where there is one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("top1", "cosine", "kl") if points and all(p.get(k) is not None for p in points)]
+    if budget is not None:
+        keys = [{"top1_drop_pp": "top1", "kl": "kl", "cosine": "cosine"}[budget["measure"]]]
+    elif "kl" in keys and len(keys) > 1:
+        keys = [keys[0], "kl"]
+    labels = {"top1": "top-1", "cosine": "cosine to the unpruned model",
+              "kl": "KL to the unpruned model"}
+    colours = ["#3a7", "#37a"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, xkey, xlabel in ((axes[0], "latency_ratio", "latency ratio to the unpruned model"),
+                             (axes[1], "params_ratio", "parameters kept (ratio)")):
+        xs = [p[xkey] for p in points]
+        for n, key in enumerate(keys):
+            a = ax if n == 0 else ax.twinx()
+            ys = [p[key] for p in points]
+            a.plot(xs, ys, "-o", color=colours[n], ms=4, label=labels[key])
+            if xkey == "latency_ratio":
+                for p, y in zip(points, ys):
+                    a.plot(p["latency_ratio_iqr"], [y, y], color=colours[n], lw=1, alpha=0.5)
+            for p, x, y in zip(points, xs, ys):
+                if n == 0:
+                    a.annotate(f"{p['target']:g}", (x, y), textcoords="offset points",
+                               xytext=(4, 4), fontsize=7)
+                if n == 0 and chosen is not None and p["target"] == chosen:
+                    a.plot([x], [y], "*", color="#c33", ms=14, label=f"chosen: {chosen:g}")
+            if key == "kl":
+                a.set_yscale("log")
+            a.set_ylabel(labels[key], color=colours[n])
+            if n == 0 and budget is not None:
+                line = budget["value"]
+                if budget["measure"] == "top1_drop_pp":
+                    line = (baseline_top1 or 0) - budget["value"] / 100
+                a.axhline(line, color="#c33", ls="--", lw=1,
+                          label=f"budget {budget['flag']} {budget['value']:g}")
+            if n == 0:
+                a.legend(fontsize=7, loc="lower left")
+        ax.set_xlabel(xlabel)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def write_tradeoff_report(rep: dict, reports_dir: Path, final_dir: Path | None = None
+                          ) -> tuple[Path, Path]:
+    """Write a trade-off report: report-<run_id>.json/.md/.png (see :func:`tradeoff_markdown`)."""
+    run_id = rep["run_id"]
+    reports_dir = Path(reports_dir)
+    png = reports_dir / f"report-{run_id}.png"
+    tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),
+                  rep["baseline"].get("top1"), f"{run_id}: {len(rep['points'])} targets")
+    rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)
+    json_path, md_path = reports_dir / f"report-{run_id}.json", reports_dir / f"report-{run_id}.md"
+    atomic_write_json(json_path, rep)
+    atomic_write_text(md_path, tradeoff_markdown(rep))
     return json_path, md_path

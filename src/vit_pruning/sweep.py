@@ -1,0 +1,149 @@
+"""Many targets from one model: the trade-off curve, and the largest target within a budget.
+
+Both run on one :class:`vit_pruning.pipeline.Pruner`, so what does not depend on the target is
+done once (calibration batches, the unpruned trace, the held-out split, the greedy depth order
+computed to the largest count any target needs), and each target is pruned from an unpruned
+copy of the model, never from another target's result.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .pipeline import PruneConfig, Pruner, PruneResult
+
+log = logging.getLogger(__name__)
+
+
+def check_targets(targets: Sequence[float]) -> list[float]:
+    """The targets as floats, or ValueError: none, a duplicate, or one outside (0, 1)."""
+    values = [float(t) for t in targets]
+    if not values:
+        raise ValueError("no target given")
+    bad = [t for t in values if not 0 < t < 1]
+    if bad:
+        raise ValueError(f"every target must be in (0, 1), got {bad[0]}")
+    if len(set(values)) != len(values):
+        dup = next(t for t in values if values.count(t) > 1)
+        raise ValueError(f"target {dup} is given twice")
+    return values
+
+
+def sweep(model: nn.Module, targets: Sequence[float], calibration_loader: Iterable | None = None,
+          config: PruneConfig | None = None, calib_batches: int | None = None,
+          device: str | torch.device | None = None, progress: bool = False,
+          pruner: Pruner | None = None,
+          after_stage1: Callable[[float, nn.Module], None] | None = None,
+          ) -> list[tuple[nn.Module, PruneResult]]:
+    """Prune a copy of `model` to each target; `model` itself stays unpruned. Returns one
+    (pruned model, PruneResult) per target, in the order given. The largest target is pruned
+    first, so the greedy depth order is computed once, to the largest count any target needs.
+    `after_stage1(target, model)` is called between the stages of each target."""
+    values = check_targets(targets)
+    pruner = pruner or Pruner(model, calibration_loader, config, calib_batches, device, progress)
+    out: dict[float, tuple[nn.Module, PruneResult]] = {}
+    for t in sorted(values, reverse=True):
+        log.info("sweep: target %.4f", t)
+        hook = None if after_stage1 is None else (lambda m, t=t: after_stage1(t, m))
+        out[t] = pruner.prune(t, copy.deepcopy(model), after_stage1=hook)
+    return [out[t] for t in values]
+
+
+@dataclass
+class Trial:
+    """One target a budget search pruned to, and what came of it."""
+
+    target: float
+    accepted: bool
+    achieved_sparsity: float
+    measures: dict = field(default_factory=dict)  # what `accept` recorded (fidelity, ...)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_target` chose: the largest accepted target on the grid (None if even
+    the smallest broke the budget), its pruned model and result, and every trial in order."""
+
+    target: float | None
+    model: nn.Module | None
+    result: PruneResult | None
+    trials: list[Trial]
+    first_rejected: float | None = None  # the smallest target seen to break the budget
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "first_rejected": self.first_rejected,
+                "trials": [t.__dict__ for t in self.trials]}
+
+
+def grid(low: float, high: float, resolution: float) -> list[float]:
+    """Targets from `low` to `high` in steps of `resolution`, rounded to the resolution."""
+    if not 0 < resolution < 1:
+        raise ValueError(f"resolution must be in (0, 1), got {resolution}")
+    digits = max(0, -int(f"{resolution:e}".split("e")[1])) + 2
+    n = int((high - low) / resolution + 1e-9)
+    return [round(low + k * resolution, digits) for k in range(n + 1)]
+
+
+def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[bool, dict]],
+                  calibration_loader: Iterable | None = None, config: PruneConfig | None = None,
+                  resolution: float = 0.01, low: float | None = None, high: float | None = None,
+                  calib_batches: int | None = None, device: str | torch.device | None = None,
+                  progress: bool = False, pruner: Pruner | None = None,
+                  after_stage1: Callable[[float, nn.Module], None] | None = None,
+                  ) -> SearchResult:
+    """The largest target on a grid (`low`, default `resolution`, to `high`, default the largest
+    feasible target, in steps of `resolution`) whose pruned model `accept` takes, by bisection:
+    fidelity falls as the target grows, so about log2(grid size) + 1 prunings suffice (7 for a
+    0.01 grid up to 0.7). `accept(pruned_model)` returns a bool, or (bool, measures) to record
+    what it measured. `model` stays unpruned. Every pruning is from an unpruned copy."""
+    from .planner import max_feasible_target
+    pruner = pruner or Pruner(model, calibration_loader, config, calib_batches, device, progress)
+    cfg = pruner.cfg
+    if high is None:
+        units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
+        high = max(max_feasible_target(pruner.shape, u, cfg.min_remaining, int(cfg.align))
+                   for u in units)
+    low = resolution if low is None else low
+    points = grid(low, min(high, 1 - resolution), resolution)
+    points = [t for t in points if t <= high]
+    if not points:
+        raise ValueError(f"no target between {low} and {high} on a grid of {resolution}")
+    trials: list[Trial] = []
+    kept: dict[float, tuple[nn.Module, PruneResult]] = {}
+
+    def judge(i: int) -> bool:
+        t = points[i]
+        hook = None if after_stage1 is None else (lambda m: after_stage1(t, m))
+        try:
+            pruned, res = pruner.prune(t, copy.deepcopy(model), after_stage1=hook)
+        except ValueError as exc:  # a target the split cannot reach: counts as over budget
+            log.info("search: target %.4f cannot be pruned (%s)", t, exc)
+            trials.append(Trial(t, False, float("nan"), {"error": str(exc)}))
+            return False
+        verdict = accept(pruned)
+        ok, measures = verdict if isinstance(verdict, tuple) else (bool(verdict), {})
+        trials.append(Trial(t, bool(ok), res.achieved_sparsity, dict(measures)))
+        log.info("search: target %.4f -> %s %s", t, "kept" if ok else "over budget", measures)
+        if ok:
+            kept.clear()  # only the best accepted model is held
+            kept[t] = (pruned, res)
+        return bool(ok)
+
+    lo, hi = -1, len(points)  # points[lo] accepted (lo = -1: none known), points[hi] rejected
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if judge(mid):
+            lo = mid
+        else:
+            hi = mid
+    rejected = points[hi] if hi < len(points) else None
+    if lo < 0:
+        return SearchResult(None, None, None, trials, rejected)
+    best = points[lo]
+    pruned, res = kept[best]
+    return SearchResult(best, pruned, res, trials, rejected)

@@ -1,0 +1,246 @@
+"""The CLI's runs over many targets: several targets at once (`--target 0.1,0.2,0.3`) and the
+largest target within a budget (`--max-accuracy-drop`, `--max-kl`, `--min-cosine`).
+
+Both build one :class:`vit_pruning.pipeline.Pruner` on the unpruned model (the shared work),
+measure every target's model on the same evaluation inputs, and time all of them back to back
+with the baseline, interleaved. A sweep writes a trade-off report (table and plot, one point per
+target); a budget run hands its chosen model to the rest of the pipeline and adds the search
+to the usual report.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import (BUDGETS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config)
+from .measure import interleaved_latency
+from .pipeline import Pruner
+from .sweep import SearchResult, search_target, sweep
+
+log = logging.getLogger("vit_pruning")
+
+
+def measure_of(budget: str) -> str:
+    return {"max_accuracy_drop": "top1_drop_pp", "max_kl": "kl", "min_cosine": "cosine"}[budget]
+
+
+def within(budget: str, value: float, metrics, base) -> tuple[bool, dict]:
+    """Whether a pruned model's metrics keep the budget, and the measures recorded."""
+    if budget == "max_accuracy_drop":
+        drop = 100.0 * (base.top1 - metrics.top1)
+        return drop <= value + 1e-9, {"top1": metrics.top1, "top1_drop_pp": drop}
+    if budget == "max_kl":
+        return metrics.kl_to_baseline <= value, {"kl": metrics.kl_to_baseline}
+    return metrics.cosine >= value, {"cosine": metrics.cosine, "agreement": metrics.agreement}
+
+
+@dataclass
+class BudgetRun:
+    """A budget search as the CLI ran it: the search, the baseline's and the chosen model's
+    stage-1 measurements, and every trial's measurements and model (timed for the plot)."""
+
+    search: SearchResult
+    baseline: Any  # report.StageMetrics
+    stage1: Any = None
+    stage1_model: Any = None
+    trial_metrics: dict = field(default_factory=dict)
+    trial_models: dict = field(default_factory=dict)
+    points: list = field(default_factory=list)  # one per trial, timed right after the search
+
+
+def budget_search(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data,
+                  ch: Choices, evaluate: Evaluator, outputs) -> BudgetRun:
+    """Find the largest target that keeps the budget (:func:`vit_pruning.sweep.search_target`);
+    if none does, write the search's report and exit 2 (a UsageError naming the budget)."""
+    name, value = budget_of(args)
+    base = evaluate("baseline", loaded.model)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
+                    progress=not args.quiet)
+    run = BudgetRun(None, base)
+    current: dict = {}
+
+    def after_stage1(target, model):
+        current["target"] = target
+        current["stage1"] = (evaluate("stage1", model), copy.deepcopy(model))
+
+    def accept(model):
+        t = current["target"]
+        metrics = evaluate(f"target {t:g}", model)
+        ok, measures = within(name, value, metrics, base)
+        run.trial_metrics[t] = metrics
+        run.trial_models[t] = model
+        if ok:
+            run.stage1, run.stage1_model = current["stage1"]
+        current.pop("stage1", None)
+        return ok, measures
+
+    try:
+        run.search = search_target(loaded.model, accept, resolution=args.target_resolution,
+                                   pruner=pruner, after_stage1=after_stage1)
+    except ValueError as exc:
+        raise UsageError(f"{BUDGETS[name]}: {exc}") from exc
+    if run.search.target is None:
+        first = run.search.trials[-1]
+        points = tradeoff_points(args, loaded, data, ch, base, run.trial_metrics, run.trial_models,
+                                 {t.target: None for t in run.search.trials})
+        rep = tradeoff_report(args, argv, loaded, data, ch, base, points, pruner, "budget",
+                              search=run.search)
+        _write(rep, outputs, args)
+        raise UsageError(f"{BUDGETS[name]} {value:g}: even the smallest target, {first.target:g}, "
+                         f"breaks it ({_measures_text(first.measures)}); the search's report: "
+                         f"{outputs.by_role('md').path}")
+    log.info("budget %s %g: target %.4f chosen after %d prunings", BUDGETS[name], value,
+             run.search.target, len(run.search.trials))
+    run.points, _ = tradeoff_points(args, loaded, data, ch, base, run.trial_metrics,
+                                    run.trial_models, {run.search.target: run.search.result})
+    run.trial_models.clear()  # timed: only the chosen model goes on
+    args.target = run.search.target
+    return run
+
+
+def _measures_text(measures: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in measures.items())
+
+
+def search_section(args: argparse.Namespace, run: BudgetRun) -> dict:
+    """The report's `budget_search` entry: the budget, each trial with its measures, the
+    chosen target and the first that broke the budget, and one trade-off point per trial."""
+    name, value = budget_of(args)
+    return {"budget": BUDGETS[name], "value": value, "measure": measure_of(name),
+            "resolution": args.target_resolution,
+            "chosen": run.search.target, "first_rejected": run.search.first_rejected,
+            "prunings": len(run.search.trials),
+            "trials": [asdict(t) for t in run.search.trials], "points": run.points}
+
+
+def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics: dict,
+                    models: dict, results: dict) -> list[dict]:
+    """One point per target: its measurements, and its latency ratio timed back to back with
+    the baseline (all targets interleaved in the same rounds)."""
+    size = {"seq_len": data.seq_len} if loaded.text else {}
+    names = {t: f"target {t:g}" for t in models}
+    comp = interleaved_latency({"baseline": loaded.model, **{names[t]: m for t, m in models.items()}},
+                               args.latency_batch_size, args.latency_repeats, warmup=3,
+                               dtype=ch.latency_dtype, **size)
+    for warning in comp.warnings():
+        log.warning("latency: %s", warning)
+    points = []
+    for t in sorted(models):
+        m, res = metrics[t], results.get(t)
+        point = {"target": t, "params": m.params, "params_ratio": m.params / base.params,
+                 "flops": m.flops, "flops_ratio": m.flops / base.flops if base.flops else None,
+                 "achieved_sparsity": 1 - m.params / base.params,
+                 "latency_ratio": comp.ratio[names[t]],
+                 "latency_ratio_iqr": [comp.ratio_q1[names[t]], comp.ratio_q3[names[t]]],
+                 "top1": m.top1, "kl": m.kl_to_baseline, "cosine": m.cosine,
+                 "agreement": m.agreement,
+                 "top1_drop_pp": None if m.top1 is None or base.top1 is None else
+                 100.0 * (base.top1 - m.top1)}
+        if res is not None:
+            gone = set(res.depth_order) if res.plan.unit == "block" else set()
+            shape = loaded.shape
+            point.update({"depth_unit": res.plan.unit, "depth_removed": sorted(res.depth_order),
+                          "kept_widths": [0 if i in gone else w - n for i, (w, n) in
+                                          enumerate(zip(shape.widths, res.neurons_removed))],
+                          "target_error": abs(res.achieved_sparsity - t),
+                          "pruning_time_s": res.timings})
+        points.append(point)
+    return points, comp
+
+
+def tradeoff_report(args, argv, loaded: Loaded, data: Data, ch: Choices, base, points_comp,
+                    pruner: Pruner, kind: str, search: SearchResult | None = None,
+                    artifacts: dict | None = None) -> dict:
+    from .anatomy import supported_class
+    from .report import versions
+    points, comp = points_comp
+    budget = budget_of(args)
+    return {
+        "run_id": ch.run_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["vit-2ssp", *argv],
+        "kind": kind,
+        "model": {"id": loaded.model_id, "class": supported_class(loaded.model),
+                  "layout": loaded.layout, "num_blocks": loaded.shape.num_blocks,
+                  "hidden_size": loaded.shape.hidden_size,
+                  "intermediate_size": max(loaded.shape.widths)},
+        "config": {**vars(args), "device": str(ch.device), "calib_size": ch.calib_size},
+        "prune_config": asdict(pruner.cfg),
+        "seed": args.seed,
+        "budget": None if budget is None else {"flag": BUDGETS[budget[0]], "value": budget[1],
+                                               "measure": measure_of(budget[0])},
+        "chosen": None if search is None else search.target,
+        "first_rejected": None if search is None else search.first_rejected,
+        "trials": [] if search is None else [asdict(t) for t in search.trials],
+        "baseline": {"params": base.params, "flops": base.flops, "top1": base.top1},
+        "points": points,
+        "accuracy_note": data.accuracy_note,
+        "latency_setup": {**comp.to_dict(), "threads": torch.get_num_threads(),
+                          "device": str(ch.device), "seq_len": data.seq_len, "interleaved": True},
+        "shared_work_s": pruner.timings,
+        "calibration": data.calib_info,
+        "versions": versions(),
+        "artifacts": artifacts or {"pruned_models": None, "plot": None},
+    }
+
+
+def _write(rep: dict, outputs, args) -> None:
+    from .report import write_tradeoff_report
+    try:
+        write_tradeoff_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
+        outputs.commit()
+    except OSError as exc:
+        raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
+                         f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept") from exc
+
+
+def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
+              evaluate: Evaluator, outputs) -> int:
+    """--target with several values: one Pruner, one pruned copy per target, each measured and
+    timed against the baseline; saves each model with --save-pruned-model; the trade-off report."""
+    from .persistence import save_pruned_model
+    base = evaluate("baseline", loaded.model)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
+                    progress=not args.quiet)
+    try:
+        pruned = sweep(loaded.model, args.targets, pruner=pruner)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from exc
+    models = {t: m for t, (m, _) in zip(args.targets, pruned)}
+    results = {t: r for t, (_, r) in zip(args.targets, pruned)}
+    metrics = {t: evaluate(f"target {t:g}", m) for t, m in models.items()}
+    points_comp = tradeoff_points(args, loaded, data, ch, base, metrics, models, results)
+    artifacts: dict = {"pruned_models": None, "plot": None}
+    try:
+        if args.save_pruned_model:
+            folder = outputs.stage("model")
+            folder.mkdir()
+            final = outputs.by_role("model").path
+            artifacts["pruned_models"] = {}
+            for t, m in models.items():
+                name = f"target-{t:g}"
+                save_pruned_model(m, folder / name, loaded.processor,
+                                  {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
+                                   "seed": args.seed})
+                artifacts["pruned_models"][str(t)] = str(final / name)
+    except OSError as exc:
+        raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
+                         f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept") from exc
+    rep = tradeoff_report(args, argv, loaded, data, ch, base, points_comp, pruner, "sweep",
+                          artifacts=artifacts)
+    _write(rep, outputs, args)
+    from .report import point_line
+    print(f"vit-2ssp {ch.run_id}: {len(models)} targets pruned from one model "
+          f"(shared work {sum(pruner.timings.values()):.1f} s)")
+    for point in rep["points"]:
+        print("  " + point_line(point))
+    print(f"report: {outputs.by_role('md').path} (json: {outputs.by_role('json').path})")
+    return 0

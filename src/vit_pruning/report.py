@@ -210,6 +210,18 @@ def _ratio_text(stage: dict) -> str:
     return f"{r:.3f}" + (f" [{iqr[0]:.3f}, {iqr[1]:.3f}]" if iqr else "")
 
 
+def _save_figure(fig, path: Path, title: str | None) -> Path:
+    """Title, lay out and write a figure as PNG (atomically), then close it."""
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
          title: str | None = None, kept_step: int | None = None) -> Path:
     """Bar charts of parameters, latency ratio (with its quartiles), top-1 and embedding cosine
@@ -255,13 +267,7 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
             pad = max(hi - lo, 1e-3) * 0.6
             ax.set_ylim(max(0.0, lo - pad), min(1.0, hi) + pad)
         ax.tick_params(axis="x", labelrotation=20)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, title)
 
 
 def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) -> tuple[Path, Path]:
@@ -452,13 +458,7 @@ def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
             if n == 0:
                 a.legend(fontsize=7, loc="lower left")
         ax.set_xlabel(xlabel)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, title)
 
 
 def write_tradeoff_report(rep: dict, reports_dir: Path, final_dir: Path | None = None

@@ -27,7 +27,7 @@ def files(tmp: Path) -> list[str]:
 def tiny():
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_config(num_hidden_layers=6)).eval()
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     return model, x
 
 
@@ -118,8 +118,8 @@ def test_cli_target_list_reports_every_point(tmp_path, capsys):
 
 @pytest.mark.parametrize("budget", [["--max-kl", "1e-3"], ["--max-accuracy-drop", "1.5"]])
 def test_cli_budget_chooses_a_target_and_goes_on(tmp_path, capsys, budget):
-    assert run(tmp_path, "--model", "embedded", *budget, "--run-id", "b", "--calib-size", "32",
-               "--eval-batches", "2", "--target-resolution", "0.05", "--save-pruned-model") == 0
+    assert run(tmp_path, "--model", "embedded", *budget, "--run-id", "b", "--calib-size", "16",
+               "--eval-batches", "2", "--target-resolution", "0.1", "--save-pruned-model") == 0
     rep = json.loads((tmp_path / "reports" / "report-b.json").read_text())
     search = rep["budget_search"]
     assert rep["target"] == search["chosen"] and search["prunings"] <= 8

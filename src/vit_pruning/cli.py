@@ -669,14 +669,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 write_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
                 outputs.commit()
             except OSError as exc:
-                raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
-                                 f"{': ' + str(exc.filename) if exc.filename else ''}); "
-                                 f"nothing was kept") from exc
+                raise write_error(exc) from exc
     except OutputError as exc:
         raise UsageError(str(exc)) from exc
     print_summary(args, rep, stages, result, outputs.by_role("json").path,
                   outputs.by_role("md").path)
     return 0
+
+
+def write_error(exc: OSError) -> UsageError:
+    """A failed write of a run's outputs (a full disk, say) as the one line the user reads;
+    the caller's staging is undone, so nothing was kept."""
+    return UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
+                      f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept")
 
 
 def run_outputs(args: argparse.Namespace, run_id: str):

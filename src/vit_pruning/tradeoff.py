@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .cli import (BUDGETS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config)
+from .cli import (BUDGETS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
+                  write_error)
 from .measure import interleaved_latency
 from .pipeline import Pruner
 from .sweep import SearchResult, search_target, sweep
@@ -198,8 +199,7 @@ def _write(rep: dict, outputs, args) -> None:
         write_tradeoff_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
         outputs.commit()
     except OSError as exc:
-        raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
-                         f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept") from exc
+        raise write_error(exc) from exc
 
 
 def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
@@ -232,8 +232,7 @@ def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: D
                                    "seed": args.seed})
                 artifacts["pruned_models"][str(t)] = str(final / name)
     except OSError as exc:
-        raise UsageError(f"cannot write the outputs ({exc.strerror or type(exc).__name__}"
-                         f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept") from exc
+        raise write_error(exc) from exc
     rep = tradeoff_report(args, argv, loaded, data, ch, base, points_comp, pruner, "sweep",
                           artifacts=artifacts)
     _write(rep, outputs, args)

@@ -297,7 +297,7 @@ class Anatomy:
             return model.classifier(tw.pooler(out))
         return model.classifier(out[:, 0, :])
 
-    def _block_kwargs(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    def block_call(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
         """The extra arguments the family's encoder passes each block."""
         params = list(inspect.signature(type(self.blocks[0]).forward).parameters.values())[2:]
         # arguments without a default (CLIP / SigLIP attention masks): None, images have none
@@ -324,7 +324,7 @@ class Anatomy:
         if self.stage_of is not None:
             out = self.blocks[index](hidden, self.stage_dims[self.stage_of[index]])
         else:
-            args, kwargs = call if call is not None else self._block_kwargs(hidden)
+            args, kwargs = call if call is not None else self.block_call(hidden)
             out = self.blocks[index](hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -353,7 +353,7 @@ class Anatomy:
         """Run blocks[start:stop] on `hidden`, leaving the blocks in `skip` out (Swin's patch
         merging still runs at the end of each stage)."""
         stop = len(self.blocks) if stop is None else stop
-        call = self._block_kwargs(hidden) if self.stage_of is None else None
+        call = self.block_call(hidden) if self.stage_of is None else None
         for i in range(start, stop):
             if i not in skip:
                 hidden = self.block_forward(i, hidden, call)

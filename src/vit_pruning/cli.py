@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "remove; a comma list (0.1,0.2,0.3) prunes the unpruned model to each, "
                         "sharing every step that does not depend on the target, and reports the "
                         "trade-off")
+    g.add_argument("--target-flops", default=None, metavar="R",
+                   help="keep a fraction R in (0, 1) of the model's FLOPs per forward instead of a "
+                        "parameter target (a comma list prunes to each); depth and width are "
+                        "traded by their FLOPs")
+    g.add_argument("--target-latency", default=None, metavar="R",
+                   help="keep a fraction R in (0, 1) of the model's latency on --device at "
+                        "--latency-dtype and --latency-batch-size (a comma list prunes to each): "
+                        "a latency model is measured there first (seconds; cached, see "
+                        "--latency-cache) and the structure planned on it")
     b = ap.add_argument_group("budgets instead of a target: the largest target that keeps one")
     b.add_argument("--max-accuracy-drop", type=float, default=None, metavar="P",
                    help="top-1 percentage points the pruned model may lose against the baseline "
@@ -179,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--latency-batch-size", type=int, default=1, help="batch size of latency timing (1)")
     o.add_argument("--latency-repeats", type=int, default=10,
                    help="timed rounds; each round times every stage once, back to back (10)")
+    o.add_argument("--latency-cache", default=None, metavar="DIR",
+                   help="where measured latency models are kept (default $VIT_2SSP_CACHE, else "
+                        "~/.cache/vit-2ssp; safe to delete); 'none' measures every run")
     o.add_argument("--latency-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="precision of latency timing (autocast): auto = bfloat16 on CUDA, float32 on CPU")
     o.add_argument("--dry-run", action="store_true", help="print the plan and exit; prune nothing, write nothing")
@@ -250,6 +262,8 @@ def validate(args: argparse.Namespace) -> None:
 
 BUDGETS = {"max_accuracy_drop": "--max-accuracy-drop", "max_kl": "--max-kl",
            "min_cosine": "--min-cosine"}
+OBJECTIVE_FLAGS = {"params": "--target", "flops": "--target-flops", "latency": "--target-latency"}
+MIN_LATENCY_REPEATS = 5  # objective.MIN_REPEATS (not imported here: the CLI parses before torch work)
 
 
 def budget_of(args: argparse.Namespace) -> tuple[str, float] | None:
@@ -265,6 +279,21 @@ def parse_targets(args: argparse.Namespace) -> list[float]:
     budgets = [f for k, f in BUDGETS.items() if getattr(args, k) is not None]
     if len(budgets) > 1:
         raise UsageError(f"{budgets[0]} and {budgets[1]} are two budgets: give one")
+    asked = [f for f in OBJECTIVE_FLAGS.values() if getattr(args, f[2:].replace("-", "_")) is not None]
+    if len(asked) > 1:
+        raise UsageError(f"{asked[0]} and {asked[1]} are two targets: give one of --target, "
+                         f"--target-flops, --target-latency")
+    args.objective = next((k for k, f in OBJECTIVE_FLAGS.items() if f in asked), "params")
+    flag = OBJECTIVE_FLAGS[args.objective]
+    if args.objective != "params":
+        if budgets:
+            raise UsageError(f"{budgets[0]} finds a parameter target itself: drop {flag}")
+        if args.objective == "latency" and args.latency_repeats < MIN_LATENCY_REPEATS:
+            raise UsageError(f"--latency-repeats must be >= {MIN_LATENCY_REPEATS} with "
+                             f"--target-latency (fewer rounds cannot measure the latency model), "
+                             f"got {args.latency_repeats}")
+        if args.stage != "both":
+            raise UsageError(f"{flag} plans both stages together: drop --stage")
     if budgets and args.target is not None:
         raise UsageError(f"{budgets[0]} finds the target itself: drop --target")
     if args.max_accuracy_drop is not None and not 0 < args.max_accuracy_drop < 100:
@@ -279,23 +308,28 @@ def parse_targets(args: argparse.Namespace) -> list[float]:
     if budgets:
         args.target = None
         return []
-    if args.target is None:
-        raise UsageError("give --target (one value or a comma list) or a budget "
-                         "(--max-accuracy-drop, --max-kl or --min-cosine)")
-    parts = [p.strip() for p in str(args.target).split(",")]
+    given = getattr(args, flag[2:].replace("-", "_"))
+    if given is None:
+        raise UsageError("give --target (one value or a comma list), --target-flops, "
+                         "--target-latency, or a budget (--max-accuracy-drop, --max-kl or "
+                         "--min-cosine)")
+    parts = [p.strip() for p in str(given).split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise UsageError(f"--target must be a number or a comma list of numbers in (0, 1), got "
-                         f"{args.target!r}") from None
+        raise UsageError(f"{flag} must be a number or a comma list of numbers in (0, 1), got "
+                         f"{given!r}") from None
     bad = [v for v in values if not 0 < v < 1]
     if bad:
-        raise UsageError(f"--target must be in (0, 1), got {bad[0]:g}")
+        raise UsageError(f"{flag} must be in (0, 1), got {bad[0]:g}")
     from .sweep import check_targets
     try:
         values = check_targets(values)
     except ValueError as exc:
-        raise UsageError(f"--target: {exc}") from exc
+        raise UsageError(f"{flag}: {exc}") from exc
+    args.asked_ratios = values if args.objective != "params" else None
+    if args.objective != "params":  # planned as the fraction removed, like a parameter target
+        values = [round(1 - v, 12) for v in values]
     if len(values) > 1:
         for flag in ("distill_steps", "recover", "export_onnx", "save_adapter"):
             if getattr(args, flag):
@@ -485,7 +519,7 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices", target: f
 
     from .anatomy import resolve
     from .depth import apply_depth
-    from .measure import count_flops
+    from .measure import count_flops, count_total_params
     from .width import prune_vit_mlp_width
     flops = count_flops(model)
     print(f"model {model_id}: {shape.num_blocks} blocks, hidden {shape.hidden_size}, MLP "
@@ -501,7 +535,7 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices", target: f
         scratch = copy.deepcopy(model)
         prune_vit_mlp_width(scratch, list(plan.neurons_to_prune), max(1, plan.min_remaining))
         apply_depth(scratch, plan.depth_indices, unit)
-        pred_flops = count_flops(scratch)
+        pred_flops, pred_params = count_flops(scratch), count_total_params(scratch)
         del scratch
         print(f"[{unit}] remove {plan.blocks_to_prune} {unit} unit(s) (chosen from calibration "
               f"data when pruning; weight proxy without data)")
@@ -514,6 +548,21 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices", target: f
                  and not args.use_adapter and not args.load_adapter else
                  f" (one width, {plan.uniform_width}; saved with its modeling file, as "
                  f"{'attention sublayers are removed' if unit == 'attention' else 'it has an adapter head'})"))
+        if ch.objective != "params":
+            what = "FLOPs" if ch.objective == "flops" else "latency"
+            print(f"[{unit}] {OBJECTIVE_FLAGS[ch.objective]} {1 - target:g}: predicted {what} "
+                  f"ratio {1 - plan.predicted_sparsity:.4f}; parameters {pred_params:,} "
+                  f"({pred_params / shape.total_params:.3f}x), FLOPs {pred_flops / 1e9:.4f} G "
+                  f"({pred_flops / flops:.3f}x); smallest reachable {what} ratio "
+                  f"{1 - plan.max_feasible_target:.4f}")
+            if ch.latency_model is not None:
+                lm = ch.latency_model
+                print(f"[{unit}] latency model ({lm.device}, {lm.dtype}, batch {lm.batch_size}): "
+                      f"{1e3 * lm.total_s:.3f} ms per forward, {1e3 * lm.fixed_s:.3f} ms outside "
+                      f"the blocks, a block {1e3 * lm.blocks[0].at(lm.widths[0]):.3f} ms "
+                      f"(attention {1e3 * lm.blocks[0].attention_s:.3f} ms, "
+                      f"{1e6 * lm.blocks[0].slope_s:.3f} us per MLP neuron)")
+            continue
         print(f"[{unit}] predicted parameters {plan.params_after:,} (sparsity "
               f"{plan.predicted_sparsity:.5f}, error {plan.target_error:.2e} = "
               f"{100 * plan.target_error:.3f} pp; align {plan.align}), FLOPs "
@@ -567,6 +616,10 @@ class Choices:
     align_source: str
     width_policy: str
     calib_size: int
+    objective: str = "params"  # what the targets count (see objective_step)
+    seq_len: int = 128  # text: tokens per sentence the FLOPs and latency are counted at
+    cost_shape: Any = None  # planner.ModelShape in the objective's units (None: parameters)
+    latency_model: Any = None  # objective.LatencyModel of a --target-latency run
 
 
 @dataclass
@@ -626,6 +679,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.dry_run:
             loaded = load_step(args)
             ch = choose(args, loaded, run_id)
+            loaded.model.to(ch.device)
+            objective_step(args, loaded, ch, None)
             probes = {t: plan_probes(args, loaded, ch, t) for t in args.targets}
             if not args.targets:
                 print_budget_dry_run(args, loaded, ch)
@@ -635,10 +690,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         with outputs:  # claims the names: a second run with this --run-id stops here
             loaded = load_step(args)
             ch = choose(args, loaded, run_id)
-            for t in args.targets:
-                plan_probes(args, loaded, ch, t)
+            if args.objective == "params":  # FLOP and latency targets are checked once their
+                for t in args.targets:  # cost model is known (objective_step)
+                    plan_probes(args, loaded, ch, t)
             loaded.model.to(ch.device)
             data = data_step(args, loaded, ch)
+            objective_step(args, loaded, ch, data.seq_len)
             check_budget(args, loaded, data)
             evaluator = Evaluator(args, loaded, data, ch)
             if len(args.targets) > 1:
@@ -791,7 +848,9 @@ def prune_config(args: argparse.Namespace, ch: Choices):
                        split=int(args.split) if args.split.isdigit() else args.split,
                        depth_method=args.depth_method, allocation=args.allocation,
                        compensation=args.compensation, selection=args.neuron_selection,
-                       stages=args.stage, align=ch.align, width_policy=ch.width_policy)
+                       stages=args.stage, align=ch.align, width_policy=ch.width_policy,
+                       objective=ch.objective, latency_model=ch.latency_model,
+                       seq_len=ch.seq_len)
 
 
 def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: float) -> dict:
@@ -799,9 +858,11 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: f
     is what --dry-run shows."""
     from .planner import depth_only_plan, max_feasible_target, validate_target, width_only_max
     from .planner import max_depth_units
-    shape, cfg = loaded.shape, prune_config(args, ch)
+    shape, cfg = ch.cost_shape or loaded.shape, prune_config(args, ch)
     units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
     depth = int(args.split) if args.split.isdigit() else "alpha"
+    if ch.objective != "params":
+        return objective_probes(args, ch, shape, cfg, units, target)
     if args.split.isdigit() and args.stage == "both":
         most = max(max_depth_units(shape, u) for u in units)
         if depth > most:
@@ -827,6 +888,53 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: f
                     raise
     except ValueError as exc:
         raise UsageError(f"{flag}: {exc}") from exc
+    return probes
+
+
+def objective_step(args: argparse.Namespace, loaded: Loaded, ch: Choices,
+                   seq_len: int | None) -> None:
+    """For --target-flops / --target-latency: the planner's shape in FLOPs, or the latency model
+    measured on the run's device, dtype and batch size (or found in the cache); then every
+    target is checked against it, before anything is pruned."""
+    if args.objective == "params":
+        return
+    from .objective import default_cache_dir, measure_latency_model, objective_shape
+    ch.objective, ch.seq_len = args.objective, seq_len or 128
+    if args.objective == "latency":
+        cache = (None if args.latency_cache == "none" else
+                 Path(args.latency_cache) if args.latency_cache else default_cache_dir())
+        log.info("measuring the latency model on %s (%s, batch %d)", ch.device,
+                 str(ch.latency_dtype).replace("torch.", ""), args.latency_batch_size)
+        ch.latency_model = measure_latency_model(
+            loaded.model, args.latency_batch_size, ch.latency_dtype, max(20, args.latency_repeats),
+            seq_len=ch.seq_len, align=ch.align, min_remaining=ch.min_remaining, cache_dir=cache)
+    ch.cost_shape = objective_shape(loaded.model, loaded.shape, ch.objective, ch.latency_model,
+                                    ch.seq_len)
+    for t in args.targets:
+        plan_probes(args, loaded, ch, t)
+
+
+def objective_probes(args: argparse.Namespace, ch: Choices, shape, cfg, units, target: float) -> dict:
+    """plan_probes for a FLOP or latency target: the alpha-split plan per depth unit, or one
+    line naming the smallest reachable ratio."""
+    from .planner import max_feasible_target, reachable_target
+    flag = OBJECTIVE_FLAGS[ch.objective]
+    asked = round(1 - target, 12)
+    what = "FLOPs" if ch.objective == "flops" else "latency (predicted)"
+    top = max(max_feasible_target(shape, u, ch.min_remaining, ch.align) for u in units)
+    if target > top:
+        raise UsageError(f"{flag} {asked:g} is below what the deepest feasible pruning reaches: "
+                         f"{1 - top:.4f} of the {what} (min_remaining {ch.min_remaining}, "
+                         f"{' or '.join(units)} units)")
+    probes = {}
+    for u in units:
+        try:
+            t = (reachable_target(shape, target, u, ch.min_remaining, ch.align)
+                 if ch.objective == "latency" else target)
+            probes[u] = cfg.plan(shape, t, u, depth="alpha")
+        except ValueError as exc:
+            if len(units) == 1:
+                raise UsageError(f"{flag} {asked:g}: {exc}") from exc
     return probes
 
 
@@ -1077,7 +1185,7 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
                                        device=ch.device, progress=not args.quiet,
                                        after_stage1=after_stage1)
         except ValueError as exc:
-            raise UsageError(f"--target: {exc}") from exc
+            raise UsageError(f"{OBJECTIVE_FLAGS[ch.objective]}: {exc}") from exc
     stages.append(evaluate("stage2", model))
     distilled = None
     if args.distill_steps:
@@ -1186,8 +1294,10 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
                       "uniform_width": plan.uniform_width,
                       "max_target_error": bound},
         "target": args.target,
+        "objective": objective_section(args, ch, stages, result),
         "achieved_sparsity": result.achieved_sparsity,
-        "target_error": abs(result.achieved_sparsity - args.target),
+        "target_error": (abs(result.achieved_sparsity - args.target) if ch.objective == "params"
+                         else abs(1 - result.objective_ratio - args.target)),
         "target_bound": bound,
         "target_bound_why": why,
         "notes": run_notes(args, ch, result, data),
@@ -1219,6 +1329,27 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
     }
 
 
+def objective_section(args, ch: Choices, stages, result) -> dict:
+    """What the target counted and how close the run came: the asked ratio of the objective, the
+    planner's predicted one, the measured one (FLOPs counted; latency timed back to back with
+    the baseline, with its spread), and the parameter and FLOP ratios that resulted. For a
+    latency target the latency model is included."""
+    by = {s.name: s for s in stages}
+    base, final = by["baseline"], by["stage2"]
+    out = {"objective": ch.objective, "flag": OBJECTIVE_FLAGS[ch.objective],
+           "asked_ratio": 1 - args.target if ch.objective != "params" else None,
+           "planned_ratio": 1 - result.plan.target,
+           "predicted_ratio": result.objective_ratio,
+           "params_ratio": final.params / base.params,
+           "flops_ratio": final.flops / base.flops if base.flops else None,
+           "latency_ratio": final.latency_ratio, "latency_ratio_iqr": final.latency_ratio_iqr}
+    out["measured_ratio"] = {"params": out["params_ratio"], "flops": out["flops_ratio"],
+                             "latency": out["latency_ratio"]}[ch.objective]
+    if ch.latency_model is not None:
+        out["latency_model"] = ch.latency_model.to_dict()
+    return out
+
+
 def run_notes(args, ch: Choices, result, data: Data) -> list[str]:
     """What the run did otherwise than a reader of its command might assume, said where the
     summary and the report show it."""
@@ -1241,6 +1372,10 @@ def run_notes(args, ch: Choices, result, data: Data) -> list[str]:
     return notes
 
 
+def ch_objective(rep: dict) -> str:
+    return (rep.get("objective") or {}).get("objective", "params")
+
+
 def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Path) -> None:
     from .report import markdown
     base, final = stages[0], stages[-1]
@@ -1248,8 +1383,18 @@ def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Pat
     if final.cosine is not None:
         acc = f", embedding cosine {final.cosine:.4f}, neighbour agreement {100 * final.agreement:.1f}%"
     q1, q3 = final.latency_ratio_iqr
+    obj = rep.get("objective") or {}
+    if obj.get("asked_ratio") is not None:
+        what = "FLOPs" if obj["objective"] == "flops" else "latency"
+        print(f"{obj['flag']} {obj['asked_ratio']:g}: {what} ratio predicted "
+              f"{obj['predicted_ratio']:.4f}, measured {obj['measured_ratio']:.4f}"
+              + (f" [quartiles {q1:.3f}, {q3:.3f}]" if obj["objective"] == "latency" else "")
+              + (f" (the structure nearest below the asked ratio: {obj['planned_ratio']:.4f})"
+                 if abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9 else ""))
     print(f"vit-2ssp {rep['run_id']}: params {base.params:,} -> {final.params:,} "
-          f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
+          + (f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
+             if ch_objective(rep) == "params" else
+             f"(parameter sparsity {result.achieved_sparsity:.4f}), ") +
           f"latency ratio {final.latency_ratio:.3f} [quartiles {q1:.3f}, {q3:.3f}] (median of "
           f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "
           f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")

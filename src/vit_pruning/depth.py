@@ -10,7 +10,8 @@ Candidates are bypassed temporarily and restored; the model is never copied.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,29 +55,36 @@ def _first_half(batches: Sequence[torch.Tensor]) -> int:
     return min(max(count, 1), len(batches) - 1)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The most the removed depth units may hold together (`limit`), and what each holds
+    (`sizes`, unit index -> parameters, or FLOPs or time with those objectives): used where units
+    differ in size, so the selection never picks units that overshoot the target."""
+
+    limit: float
+    sizes: Mapping[int, float]
+
+    def fits(self, units: Sequence[int]) -> bool:
+        return sum(self.sizes[i] for i in units) <= self.limit
+
+
 def _allowed(an: Anatomy, unit: str, removed: Sequence[int], cand: int,
-             budget: float | None, sizes: dict[int, int]) -> bool:
+             budget: Budget | None) -> bool:
     """Whether `cand` may go next: a stage (Swin) keeps at least one block, and the units
-    removed stay within `budget` parameters (when blocks differ in size)."""
+    removed stay within the `budget` (when units differ in size)."""
     if unit == "block" and an.stage_of is not None:
         stage = an.stage_of[cand]
         if sum(1 for i, st in enumerate(an.stage_of) if st == stage and i not in removed) <= 1:
             return False
-    return budget is None or sum(sizes[i] for i in removed) + sizes[cand] <= budget
-
-
-def unit_sizes(an: Anatomy, unit: str) -> dict[int, int]:
-    """Parameters each depth unit holds."""
-    return {i: (sum(q.numel() for q in p.block.parameters()) if unit == "block"
-                else p.attention_params) for i, p in enumerate(an.parts)}
+    return budget is None or budget.fits([*removed, cand])
 
 
 def _ranked(an: Anatomy, unit: str, scores: dict[int, float], count: int,
-            budget: float | None) -> list[int]:
+            budget: Budget | None) -> list[int]:
     """The `count` lowest-scored units that :func:`_allowed` lets go, in order."""
-    sizes, out = unit_sizes(an, unit), []
+    out: list[int] = []
     for c in sorted(scores, key=lambda k: (scores[k], k)):
-        if len(out) < count and _allowed(an, unit, out, c, budget, sizes):
+        if len(out) < count and _allowed(an, unit, out, c, budget):
             out.append(c)
     return out
 
@@ -85,7 +93,7 @@ def _ranked(an: Anatomy, unit: str, scores: dict[int, float], count: int,
 def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
                  unit: str = "block", reference: torch.Tensor | None = None,
                  progress: bool = False, rescore: int | None = None,
-                 budget: float | None = None, unpruned: UnprunedTrace | None = None
+                 budget: Budget | None = None, unpruned: UnprunedTrace | None = None
                  ) -> tuple[list[int], list[dict[int, float]]]:
     """Greedy removal order of up to `count` depth units; returns (indices, per-step candidate
     scores). Swin stages keep one block each; with `budget` the removed units hold at most that
@@ -114,7 +122,6 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                     [an.head(an.run_blocks(an.embed(x))) for x in pixel_batches])
             refs = list(torch.split(reference, [len(x) for x in pixel_batches]))
             cands = [i for i, p in enumerate(an.parts) if unit == "block" or not p.attention_removed]
-            sizes = unit_sizes(an, unit)
 
             def score(live: list[int], batches: range) -> dict[int, float]:
                 """Summed distance of each candidate in `live` over the batches `batches`."""
@@ -144,7 +151,7 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
             for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
                           disable=not progress, leave=False):
                 live = [c for c in cands if c not in removed
-                        and _allowed(an, unit, removed, c, budget, sizes)]
+                        and _allowed(an, unit, removed, c, budget)]
                 if not live:
                     break
                 scores = {c: step_scores[-1][c] for c in live if step_scores}
@@ -215,7 +222,7 @@ def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
 def select_depth(model: nn.Module, count: int, unit: str = "block",
                  pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
                  reference: torch.Tensor | None = None, progress: bool = False,
-                 rescore: int | None = None, budget: float | None = None,
+                 rescore: int | None = None, budget: Budget | None = None,
                  unpruned: UnprunedTrace | None = None) -> tuple[list[int], dict]:
     """Choose up to `count` units to remove (Swin stages keep a block each; removed units hold
     at most `budget` parameters if given); returns (indices in removal order, scores).

@@ -5,7 +5,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,33 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 @torch.no_grad()
+def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each call per round: `warmup` untimed rounds, then `repeats` rounds of every
+    call once, the order rotated each round, so that a machine slowing down or speeding up hits
+    all of them alike. CUDA calls are timed with CUDA events."""
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                calls[n]()
+                end.record()
+                end.synchronize()
+                times[n].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                calls[n]()
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
 def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, repeats: int = 10,
                         warmup: int = 3, seq_len: int = 128,
                         dtype: torch.dtype | None = None) -> LatencyComparison:
@@ -194,30 +221,13 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
     first = models[names[0]]
     x = example_inputs(first, batch_size, seq_len=seq_len)
     device = next(iter(x.values())).device
-    cuda = device.type == "cuda"
     states = {n: m.training for n, m in models.items()}
-    times: dict[str, list[float]] = {n: [] for n in names}
     try:
         for m in models.values():
             m.eval()
         with autocast_context(device, dtype):
-            for _ in range(warmup):
-                for m in models.values():
-                    run_model(m, x)
-            for r in range(repeats):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for n in order:
-                    if cuda:
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        run_model(models[n], x)
-                        end.record()
-                        end.synchronize()
-                        times[n].append(start.elapsed_time(end) / 1e3)
-                    else:
-                        t0 = time.perf_counter()
-                        run_model(models[n], x)
-                        times[n].append(time.perf_counter() - t0)
+            times = time_rounds({n: (lambda m=m: run_model(m, x)) for n, m in models.items()},
+                                repeats, warmup, device)
     finally:
         for n, m in models.items():
             m.train(states[n])
@@ -228,7 +238,7 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
         ratio_q1={n: _quantile(ratios[n], 0.25) for n in names},
         ratio_q3={n: _quantile(ratios[n], 0.75) for n in names},
         batch_size=batch_size, repeats=repeats, warmup=warmup,
-        timer="cuda events" if cuda else "perf_counter",
+        timer="cuda events" if device.type == "cuda" else "perf_counter",
         dtype=str(dtype or torch.float32).replace("torch.", ""))
 
 

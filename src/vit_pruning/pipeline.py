@@ -19,11 +19,13 @@ from torch import nn
 
 from .anatomy import resolve
 from .batches import take_inputs
-from .depth import apply_depth, outputs_with_depth, select_depth
-from .measure import collect_outputs, count_total_params, output_distance
+from .depth import Budget, apply_depth, outputs_with_depth, select_depth
+from .measure import collect_outputs, count_flops, count_total_params, output_distance
+from .objective import OBJECTIVES, LatencyModel, measure_latency_model, objective_shape
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
                       default_align, depth_only_plan, feasible_depths, indices_feasible,
-                      make_plan, target_bound, validate_target, width_only_max)
+                      make_plan, reachable_target, target_bound, validate_target,
+                      width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
@@ -74,6 +76,11 @@ class PruneConfig:
     width_policy: str = "auto"  # "uniform": one width for every surviving block (the saved model
     # is plain transformers), "per-block": as even as the target allows, "auto": uniform when
     # align > 1 and it misses the target by at most 0.1 pp
+    objective: str = "params"  # what the target removes a fraction of: "params", "flops" (of
+    # one forward) or "latency" (predicted by `latency_model`, see vit_pruning.objective)
+    latency_model: LatencyModel | None = None  # objective="latency": the measured table to plan
+    # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
+    seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
 
     def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
         """make_plan with this config's unit, min_remaining, alpha, align and width policy
@@ -85,6 +92,8 @@ class PruneConfig:
     def resolved(self, shape: ModelShape) -> "PruneConfig":
         """This config with align="auto" and min_remaining=None replaced by what they mean for
         `shape`; ValueError for values no model of this shape can take."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
         cfg = self
@@ -133,15 +142,28 @@ class PruneResult:
     selection_search: dict[str, float] = field(default_factory=dict)  # selection="auto": held-out
     # calibration distance of each selection on the chosen split
     depth_scores: dict = field(default_factory=dict)
+    objective: str = "params"  # what the target counted (PruneConfig.objective)
+    objective_before: float = 0.0  # the unpruned model's count of it: parameters, FLOPs, or
+    # seconds (the latency model's measured total)
+    objective_after: float = 0.0  # the pruned model's: counted (parameters, FLOPs) or predicted
+    # by the latency model (its measured grid interpolated)
 
     @property
     def achieved_sparsity(self) -> float:
         return 1 - self.params_after_stage2 / self.params_before
 
+    @property
+    def objective_ratio(self) -> float:
+        """What of the objective the pruned model keeps (predicted for latency)."""
+        return self.objective_after / self.objective_before if self.objective_before else 1.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["achieved_sparsity"] = self.achieved_sparsity
+        d["objective_ratio"] = self.objective_ratio
         d.pop("kept_neurons")
+        if self.config.latency_model is not None:  # the table is reported once, on its own
+            d["config"]["latency_model"] = self.config.latency_model.key
         return d
 
 
@@ -243,8 +265,15 @@ class Pruner:
                  config: PruneConfig | None = None, calib_batches: int | None = None,
                  device: str | torch.device | None = None, progress: bool = False):
         self.model = model
-        self.shape = model_shape(model)
-        self.cfg = (config or PruneConfig()).resolved(self.shape)
+        self.param_shape = model_shape(model)
+        cfg = (config or PruneConfig()).resolved(self.param_shape)
+        if cfg.objective == "latency" and cfg.latency_model is None:
+            cfg = replace(cfg, latency_model=measure_latency_model(
+                model, align=int(cfg.align), min_remaining=cfg.min_remaining, seq_len=cfg.seq_len))
+        self.shape = objective_shape(model, self.param_shape, cfg.objective, cfg.latency_model,
+                                     cfg.seq_len)  # what the planner counts
+        self.cfg = replace(config or PruneConfig(), latency_model=cfg.latency_model
+                           ).resolved(self.shape)
         self.progress = progress
         device = device if device is not None else next(model.parameters()).device
         batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
@@ -275,7 +304,7 @@ class Pruner:
         self.timings = dict(clock.laps)  # the shared work's phases
         self._orders: dict[str, tuple[list[int], dict, int]] = {}  # unit -> order, scores, asked
 
-    def depth_order(self, unit: str, count: int, budget: float | None = None
+    def depth_order(self, unit: str, count: int, budget: Budget | None = None
                     ) -> tuple[list[int], dict]:
         """The first `count` depth units in removal order, and the selection's scores. Without
         a `budget` (units of one size) the order is shared: computed to the largest count asked
@@ -310,6 +339,11 @@ class Pruner:
         units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
+        if cfg.objective == "latency":  # time: a target between depth counts is met by more
+            reach = {u: reachable_target(shape, target, u, cfg.min_remaining, int(cfg.align))
+                     for u in units}
+            target = min(reach.values())
+            units = tuple(u for u in units if reach[u] == target)
         choices = [_choose_depth(self, model, target, replace(cfg, unit=u), clock,
                                  score_single=len(units) > 1) for u in units]
         plan, order, search, depth_scores = min(
@@ -329,17 +363,43 @@ class Pruner:
         apply_depth(model, plan.depth_indices, plan.unit)
         after = count_total_params(model)
         clock.lap("stage 2 (depth)")
-        if after != plan.params_after:
-            raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} parameters, "
-                               f"pruning left {after:,}")
-        check_achieved(shape, plan, target, after, cfg.width_policy)
+        counted = self.count(model, plan, info["counts"])
+        if counted != plan.params_after:
+            raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} "
+                               f"{cfg.objective}, pruning left {counted:,}")
+        check_achieved(shape, plan, target, counted, cfg.width_policy)
         return model, PruneResult(
-            plan=plan, config=cfg, params_before=shape.total_params, params_after_stage1=stage1,
+            plan=plan, config=cfg, params_before=self.param_shape.total_params,
+            params_after_stage1=stage1,
             params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
             kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
             timings={**self.timings, **clock.laps}, selection=selection,
-            selection_search=selection_search,
+            selection_search=selection_search, **self.objective_fields(plan, info["counts"], after),
         )
+
+    def count(self, model: nn.Module, plan: PruningPlan, removed: Sequence[int]) -> int:
+        """The pruned model's count of the objective in the planner's units: its parameters or
+        FLOPs, counted; for latency (nothing to count) the plan's own prediction."""
+        objective = self.cfg.objective
+        if objective == "params":
+            return count_total_params(model)
+        if objective == "flops":
+            return count_flops(model, seq_len=self.cfg.seq_len)
+        return plan.params_after
+
+    def objective_fields(self, plan: PruningPlan, removed: Sequence[int], params_after: int) -> dict:
+        """PruneResult's objective, objective_before and objective_after for this pruning."""
+        cfg, shape = self.cfg, self.shape
+        if cfg.objective == "latency":
+            lat = cfg.latency_model
+            widths = [w - r for w, r in zip(shape.widths, removed)]
+            gone = plan.depth_indices if plan.unit == "block" else ()
+            no_att = plan.depth_indices if plan.unit == "attention" else ()
+            return {"objective": "latency", "objective_before": lat.total_s,
+                    "objective_after": lat.predict(widths, gone, no_att)}
+        after = params_after if cfg.objective == "params" else plan.params_after
+        return {"objective": cfg.objective, "objective_before": float(shape.total_params),
+                "objective_after": float(after)}
 
 
 def check_achieved(shape: ModelShape, plan: PruningPlan, target: float, params_after: int,
@@ -450,7 +510,9 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
         candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
     budget = None
     if shape.units_differ(cfg.unit):  # units differ in size: never pick ones that overshoot
-        budget = target * shape.total_params + int(cfg.align) * min(shape.costs) / 2
+        sizes = shape.block_params if cfg.unit == "block" else shape.attention_params
+        budget = Budget(target * shape.total_params + int(cfg.align) * min(shape.costs) / 2,
+                        dict(enumerate(sizes)))
     order, depth_scores = pruner.depth_order(cfg.unit, max(candidates), budget)
     clock.lap("depth selection")
     orders = {d: list(order[:d]) for d in candidates}
@@ -505,11 +567,13 @@ def _depth_only(pruner: Pruner, model, target, after_stage1):
         after_stage1(model)
     apply_depth(model, order, cfg.unit)
     after = count_total_params(model)
+    before = pruner.param_shape.total_params
     return model, PruneResult(
-        plan=plan, config=cfg, params_before=shape.total_params,
-        params_after_stage1=shape.total_params, params_after_stage2=after, depth_order=order,
+        plan=plan, config=cfg, params_before=before,
+        params_after_stage1=before, params_after_stage2=after, depth_order=order,
         neurons_removed=[0] * shape.num_blocks, kept_neurons=None, depth_scores=depth_scores,
-        timings=dict(pruner.timings))
+        timings=dict(pruner.timings),
+        **pruner.objective_fields(plan, [0] * shape.num_blocks, after))
 
 
 def first_images(batches: list[torch.Tensor], count: int | None) -> list[torch.Tensor]:

@@ -282,6 +282,29 @@ def feasible_depths(shape: ModelShape, target: float, unit: str, min_remaining: 
                                 min_remaining, align)]
 
 
+def reachable_target(shape: ModelShape, target: float, unit: str, min_remaining: int,
+                     align: int = 1) -> float:
+    """The smallest target at least `target` that some depth count can meet: `target` itself
+    when one can, else where the next count's units alone begin. For objectives where the MLP
+    width buys little (latency at batch 1), a target between two depth counts is met by removing
+    more, never less. ValueError above the largest feasible target."""
+    _check_unit(unit)
+    maximum = max_feasible_target(shape, unit, min_remaining, align)
+    validate_target(target, maximum, "with this min_remaining, align and depth unit")
+    if feasible_depths(shape, target, unit, min_remaining, align):
+        return target
+    starts = []
+    for d in range(1, max_depth_units(shape, unit) + 1):
+        for idx in _extreme_units(shape, unit, d, min_remaining, align):
+            start = _depth_removed(shape, unit, idx) / shape.total_params
+            if start > target and feasible_depths(shape, start, unit, min_remaining, align):
+                starts.append(start)
+    if not starts:
+        raise ValueError(f"target {target}: no depth count of {unit} units reaches it or more "
+                         f"(min_remaining={min_remaining})")
+    return min(starts)
+
+
 def alpha_depth(shape: ModelShape, target: float, unit: str, alpha: float = 1.5) -> int:
     """The 2SSP paper's depth count: round(B * s ** ((P_mlp / P_attn) / alpha))."""
     block_total = sum(shape.block_params)

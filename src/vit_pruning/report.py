@@ -73,6 +73,28 @@ def summarize(stages: list[StageMetrics]) -> dict:
     return out
 
 
+def _objective_line(rep: dict) -> str | None:
+    """The target line of a FLOP or latency target (None for a parameter target)."""
+    obj = rep.get("objective") or {}
+    if obj.get("asked_ratio") is None:
+        return None
+    what = "FLOPs" if obj["objective"] == "flops" else "latency"
+    line = (f"- objective: **{what}**, {obj['flag']} {obj['asked_ratio']:g}: predicted ratio "
+            f"**{obj['predicted_ratio']:.4f}**, measured **{obj['measured_ratio']:.4f}**")
+    if obj["objective"] == "latency":
+        q1, q3 = obj["latency_ratio_iqr"]
+        lm = obj.get("latency_model") or {}
+        line += (f" [quartiles {q1:.3f}, {q3:.3f}] (the latency model: {lm.get('device')}, "
+                 f"{lm.get('dtype')}, batch {lm.get('batch_size')}, "
+                 f"{1e3 * lm.get('total_s', 0):.3f} ms per forward of which "
+                 f"{1e3 * lm.get('fixed_s', 0):.3f} ms outside the blocks)")
+    if abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9:
+        line += (f"; no structure lands on the asked ratio, so the nearest below it was planned "
+                 f"({obj['planned_ratio']:.4f})")
+    return (line + f"; parameters {obj['params_ratio']:.4f}x, FLOPs {obj['flops_ratio']:.4f}x "
+            f"(parameter sparsity {rep['achieved_sparsity']:.4f})")
+
+
 def markdown(rep: dict) -> str:
     """Render a report dict as Markdown."""
     st = rep["stages"]
@@ -81,6 +103,7 @@ def markdown(rep: dict) -> str:
     lines = [f"# vit-2ssp report `{rep['run_id']}`", "",
              f"- model: `{rep['model']['id']}` ({rep['model']['class']}, {rep['model']['num_blocks']} blocks, "
              f"hidden {rep['model']['hidden_size']}, MLP {rep['model']['intermediate_size']})",
+             _objective_line(rep) or
              f"- target sparsity: **{rep['target']:.4f}**, achieved **{rep['achieved_sparsity']:.4f}** "
              f"(error {rep['target_error']:.2e}" + (
                  f"; the planner's bound {bound:.2e}: {rep.get('target_bound_why', '')})" if bound
@@ -349,7 +372,9 @@ def point_line(p: dict) -> str:
     fid = "" if value is None else f", {name} {value:.4g}" + (
         f" (drop {p['top1_drop_pp']:.2f} pp)" if name == "top1" and p.get("top1_drop_pp") is not None else "")
     iqr = p["latency_ratio_iqr"]
-    return (f"target {p['target']:g}: achieved {p['achieved_sparsity']:.4f}, params "
+    head = (f"target {p['target']:g}: " if p.get("asked_ratio") is None else
+            f"{p['objective']} ratio {p['asked_ratio']:g} (predicted {p['predicted_ratio']:.4f}): ")
+    return (head + f"achieved {p['achieved_sparsity']:.4f}, params "
             f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f} "
             f"[{iqr[0]:.3f}, {iqr[1]:.3f}]{fid}")
 
@@ -381,6 +406,8 @@ def tradeoff_markdown(rep: dict) -> str:
         return "" if v is None else format(v, fmt)
     for p in rep["points"]:
         mark = " **(chosen)**" if rep.get("chosen") == p["target"] else ""
+        if p.get("asked_ratio") is not None:  # a FLOP or latency target: the ratio asked
+            mark += f" ({p['objective']} {p['asked_ratio']:g}, predicted {p['predicted_ratio']:.3f})"
         lines.append(
             f"| {p['target']:g}{mark} | {p['achieved_sparsity']:.4f} | {p['params']:,} | "
             f"{num(p['flops_ratio'], '.3f')} | {p['latency_ratio']:.3f} [{p['latency_ratio_iqr'][0]:.3f}, "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cli import (BUDGETS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
+from .cli import (BUDGETS, OBJECTIVE_FLAGS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
                   write_error)
 from .measure import interleaved_latency
 from .pipeline import Pruner
@@ -151,8 +151,12 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
             point.update({"depth_unit": res.plan.unit, "depth_removed": sorted(res.depth_order),
                           "kept_widths": [0 if i in gone else w - n for i, (w, n) in
                                           enumerate(zip(shape.widths, res.neurons_removed))],
-                          "target_error": abs(res.achieved_sparsity - t),
+                          "target_error": abs((res.achieved_sparsity if res.objective == "params"
+                                               else 1 - res.objective_ratio) - t),
                           "pruning_time_s": res.timings})
+            if res.objective != "params":  # a FLOP or latency target: asked and predicted ratios
+                point.update({"objective": res.objective, "asked_ratio": round(1 - t, 12),
+                              "predicted_ratio": res.objective_ratio})
         points.append(point)
     return points, comp
 
@@ -213,7 +217,7 @@ def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: D
     try:
         pruned = sweep(loaded.model, args.targets, pruner=pruner)
     except ValueError as exc:
-        raise UsageError(f"--target: {exc}") from exc
+        raise UsageError(f"{OBJECTIVE_FLAGS[ch.objective]}: {exc}") from exc
     models = {t: m for t, (m, _) in zip(args.targets, pruned)}
     results = {t: r for t, (_, r) in zip(args.targets, pruned)}
     metrics = {t: evaluate(f"target {t:g}", m) for t, m in models.items()}
@@ -226,7 +230,8 @@ def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: D
             final = outputs.by_role("model").path
             artifacts["pruned_models"] = {}
             for t, m in models.items():
-                name = f"target-{t:g}"
+                name = (f"target-{t:g}" if ch.objective == "params" else
+                        f"{ch.objective}-{1 - t:g}")
                 save_pruned_model(m, folder / name, loaded.processor,
                                   {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
                                    "seed": args.seed})

@@ -1,0 +1,406 @@
+"""What a target counts: parameters (the seed's), FLOPs of one forward, or latency on a device.
+
+The planner (:mod:`vit_pruning.planner`) is arithmetic on a :class:`ModelShape`: a total, what
+each depth unit (block or attention sublayer) holds and what one MLP neuron of each block holds.
+Those numbers can be parameters, FLOPs or seconds: a FLOP or latency target is planned by the
+same arithmetic on a shape whose numbers are FLOPs (:func:`flop_shape`) or time
+(:meth:`LatencyModel.shape`), so it is hit as exactly as the cost model allows.
+
+- FLOPs are counted by ``torch.utils.flop_counter`` on one forward (the report's count): each
+  block's and each attention sublayer's share is read during that forward, and one neuron costs
+  ``2 * tokens * (fc1 inputs + fc2 outputs)`` (a gate row more for SwiGLU), tokens being what
+  the block really sees (Swin's stages see fewer). Removing units and neurons removes exactly
+  those FLOPs, so the plan's prediction is the pruned model's count.
+- Latency is a model measured on the device, dtype and batch it is for
+  (:func:`measure_latency_model`): the time of each distinct block at a grid of MLP widths and
+  without its attention sublayer, and the fixed cost outside the blocks (the whole model's time
+  less its blocks'), each measured as a whole forward. A straight line through each block's
+  grid (time per neuron) is what the planner plans with and what the prediction reports.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .anatomy import resolve
+from .atomic import atomic_write_json
+from .measure import autocast_context, example_inputs, run_model, time_rounds
+from .planner import ModelShape, aligned_floor
+from .surgery import (bypass_attention, mlp_refs, prune_mlp_neurons, remove_blocks,
+                      restore_attention, restore_refs)
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("params", "flops", "latency")
+LATENCY_UNITS = 10**12  # the latency shape counts time in units of total / 1e12: integers for
+# the planner, fine enough that rounding moves no plan
+GRID_POINTS = 5  # MLP widths timed per distinct block, from the narrowest allowed to full
+MIN_REPEATS = 5  # fewer timed rounds than this cannot give a median worth planning on
+MIN_ROUNDS = 20  # rounds of a latency model by default; fast models get more, up to
+MAX_ROUNDS = 200  # this, so that each variant runs for about
+ROUND_SECONDS = 0.5  # seconds in all
+
+
+@torch.no_grad()
+def flop_shape(model: nn.Module, shape: ModelShape, seq_len: int = 128) -> ModelShape:
+    """`shape` (the model's parameter shape) with every number in FLOPs of one forward at batch
+    1 (the model's image size, or `seq_len` tokens of text): total, per block, per attention
+    sublayer and per MLP neuron of each block."""
+    an = resolve(model)
+    x = example_inputs(model, 1, seq_len=seq_len)
+    counter = FlopCounterMode(display=False)
+    spans: dict[tuple[str, int], list[int]] = {}
+    rows: dict[int, int] = {}
+    handles = []
+
+    def enter(key):
+        return lambda *_: spans.setdefault(key, []).append(counter.get_total_flops())
+
+    def leave(key):
+        def hook(*_):
+            spans[key][-1] = counter.get_total_flops() - spans[key][-1]
+        return hook
+
+    def tokens(i):
+        def hook(_module, args):
+            rows[i] = args[0].numel() // args[0].shape[-1]
+        return hook
+
+    for i, p in enumerate(an.parts):
+        handles += [p.block.register_forward_pre_hook(enter(("block", i))),
+                    p.block.register_forward_hook(leave(("block", i))),
+                    p.fc2.register_forward_pre_hook(tokens(i))]
+        if not p.attention_removed:
+            handles += [p.attention.register_forward_pre_hook(enter(("attention", i))),
+                        p.attention.register_forward_hook(leave(("attention", i)))]
+    was_training = model.training
+    model.eval()
+    try:
+        with counter:
+            run_model(model, x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    total = int(counter.get_total_flops())
+    blocks = tuple(int(sum(spans[("block", i)])) for i in range(len(an.parts)))
+    attention = tuple(int(sum(spans.get(("attention", i), [0]))) for i in range(len(an.parts)))
+    costs = tuple(2 * rows[i] * _neuron_matmul_width(p) for i, p in enumerate(an.parts))
+    return _cost_shape(shape, total, blocks, attention, costs)
+
+
+def _neuron_matmul_width(parts) -> int:
+    """Multiply-adds one MLP neuron takes per token: its input rows and its fc2 column."""
+    ins = sum(fc.in_features for fc in parts.in_projections) * (2 if parts.fused else 1)
+    return ins + parts.fc2.out_features
+
+
+def _cost_shape(shape: ModelShape, total: int, blocks: Sequence[int], attention: Sequence[int],
+                costs: Sequence[int]) -> ModelShape:
+    costs = tuple(max(1, int(c)) for c in costs)
+    return replace(shape, total_params=int(total), block_params=tuple(int(b) for b in blocks),
+                   attention_params=tuple(int(a) for a in attention),
+                   params_per_neuron=costs[0],
+                   neuron_costs=costs if len(set(costs)) > 1 else None)
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """Seconds of one block: at each timed MLP width (`grid`, (width, seconds), ascending), and
+    what its attention sublayer takes (0 if it has none). Predictions use the straight line
+    through the grid (:attr:`line`): one neuron costs the same time in any block of a kind,
+    which is what the planner's arithmetic needs, and it averages out the timing noise."""
+
+    grid: tuple[tuple[int, float], ...]
+    attention_s: float
+
+    @property
+    def line(self) -> tuple[float, float]:
+        """(intercept, seconds per neuron) of the least-squares line through the grid; the slope
+        is never below 0 (a block does not get slower as its MLP narrows)."""
+        w = [g[0] for g in self.grid]
+        t = [g[1] for g in self.grid]
+        mw, mt = statistics.fmean(w), statistics.fmean(t)
+        var = sum((a - mw) ** 2 for a in w)
+        slope = max(0.0, sum((a - mw) * (b - mt) for a, b in zip(w, t)) / var) if var else 0.0
+        return mt - slope * mw, slope
+
+    @property
+    def slope_s(self) -> float:
+        return self.line[1]
+
+    def at(self, width: int) -> float:
+        """Seconds at MLP width `width`, on the line (what the planner plans with)."""
+        a, b = self.line
+        return max(0.0, a + b * width)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Measured time of a model's parts on one device, dtype and batch size (see the module
+    docstring). `blocks[i]` is block i's timing (blocks of one kind share one measurement);
+    `total_s` is the whole model's measured time, `fixed_s` what lies outside the blocks."""
+
+    device: str
+    dtype: str
+    batch_size: int
+    key: str  # what it was measured for (see latency_key); a cached model is found by it
+    total_s: float
+    fixed_s: float
+    widths: tuple[int, ...]  # each block's MLP width when measured
+    blocks: tuple[BlockTiming, ...]
+    repeats: int
+
+    def predict(self, widths: Sequence[int], blocks_removed: Sequence[int] = (),
+                attention_removed: Sequence[int] = ()) -> float:
+        """Predicted seconds of the model with these MLP widths, whole blocks removed and
+        attention sublayers removed (block indices of the measured model): the sum the planner's
+        shape (:meth:`shape`) counts, in seconds."""
+        gone, no_att = set(blocks_removed), set(attention_removed)
+        t = self.fixed_s
+        for i, b in enumerate(self.blocks):
+            if i not in gone:
+                t += b.at(widths[i]) - (b.attention_s if i in no_att else 0.0)
+        return t
+
+    def shape(self, shape: ModelShape) -> ModelShape:
+        """`shape` (the parameter shape of the measured model) in time units: total, each
+        block, each attention sublayer, and each block's time per MLP neuron (linear fit)."""
+        if tuple(shape.widths) != self.widths:
+            raise ValueError(f"latency model was measured for MLP widths {list(self.widths)}, "
+                             f"the model has {list(shape.widths)}")
+        unit = LATENCY_UNITS / self.total_s
+        blocks = [b.at(w) * unit for b, w in zip(self.blocks, self.widths)]
+        # integer units, the total made their exact sum so removing everything removes it all
+        total = round(self.fixed_s * unit) + sum(round(b) for b in blocks)
+        return _cost_shape(shape, total, [round(b) for b in blocks],
+                           [round(b.attention_s * unit) for b in self.blocks],
+                           [round(b.slope_s * unit) for b in self.blocks])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        blocks = tuple(BlockTiming(tuple((int(w), float(t)) for w, t in b["grid"]),
+                                   float(b["attention_s"])) for b in d["blocks"])
+        return cls(device=d["device"], dtype=d["dtype"], batch_size=int(d["batch_size"]),
+                   key=d["key"], total_s=float(d["total_s"]), fixed_s=float(d["fixed_s"]),
+                   widths=tuple(int(w) for w in d["widths"]), blocks=blocks,
+                   repeats=int(d["repeats"]))
+
+
+def device_name(device: torch.device) -> str:
+    """What the latency model is for: the GPU's name, or the CPU with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.system()})"
+
+
+def latency_key(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+                batch_size: int, seq_len: int, align: int, min_remaining: int) -> str:
+    """A hash of everything the measured times depend on: device, dtype, batch, the model's
+    class and structure (widths, attention removed, hidden size, heads, input size), the width
+    grid's alignment and floor, and the torch version."""
+    an = resolve(model)
+    cfg = {k: getattr(model.config, k, None) for k in ("image_size", "patch_size", "window_size")}
+    what = {"device": device_name(device), "dtype": str(dtype or torch.float32),
+            "batch": batch_size, "seq_len": seq_len if an.is_text else None,
+            "class": type(model).__name__, "hidden": an.hidden_size, "heads": an.num_heads,
+            "widths": [p.intermediate_size for p in an.parts],
+            "no_attention": [p.attention_removed for p in an.parts], "config": cfg,
+            "align": align, "min_remaining": min_remaining, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    """Where measured latency models are kept: $VIT_2SSP_CACHE, else $XDG_CACHE_HOME/vit-2ssp,
+    else ~/.cache/vit-2ssp (safe to delete: a missing model is measured again)."""
+    if os.environ.get("VIT_2SSP_CACHE"):
+        return Path(os.environ["VIT_2SSP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vit-2ssp"
+
+
+def width_grid(width: int, min_remaining: int, align: int, points: int = GRID_POINTS) -> list[int]:
+    """MLP widths to time for a block of `width`: `points` widths from the narrowest a plan can
+    keep (min_remaining rounded up to `align`) to the full width, multiples of `align`."""
+    low = min(width, aligned_floor(min_remaining, align))
+    out = {width}
+    for k in range(points - 1):
+        w = low + (width - low) * k / max(1, points - 1)
+        out.add(min(width, max(low, int(round(w / align)) * align)))
+    return sorted(out)
+
+
+SAMPLE_BLOCKS = 4  # blocks of one kind changed together in a timed variant (their mean is kept)
+
+
+@torch.no_grad()
+def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dtype | None = None,
+                          repeats: int = MIN_ROUNDS, warmup: int = 3, seq_len: int = 128, align: int = 8,
+                          min_remaining: int = 1, cache_dir: str | Path | None = None
+                          ) -> LatencyModel:
+    """Measure (or, with `cache_dir`, load if measured before) the latency model of `model` on
+    its device. Every time is a whole forward, so each block is timed in the model as it runs
+    (its share of framework overhead included): the model as it is, and per kind of block
+    (width, attention, stage, input shape) the model with up to SAMPLE_BLOCKS blocks of that
+    kind at each grid width, without their attention sublayers, and without the blocks
+    themselves; the differences, divided by the blocks changed, are each block's times. All
+    variants are interleaved over at least `repeats` rounds, more for fast models (until each
+    variant has run about ROUND_SECONDS, at most MAX_ROUNDS), and medians kept. `model` is left
+    as it came (the timing runs on copies)."""
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats must be >= {MIN_REPEATS} to measure a latency model, got {repeats}")
+    device = next(model.parameters()).device
+    key = latency_key(model, device, dtype, batch_size, seq_len, align, min_remaining)
+    path = Path(cache_dir) / "latency" / f"{key}.json" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            found = LatencyModel.from_dict(json.loads(path.read_text()))
+            log.info("latency model: cached %s", path)
+            return found
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("latency model cache %s unreadable (%s): measuring again", path, exc)
+    was_training = model.training
+    work = copy.deepcopy(model).eval()
+    model.train(was_training)
+    an = resolve(work)
+    x = example_inputs(work, batch_size, seq_len=seq_len)
+    kinds = _block_kinds(an, x)
+    calls = {"model": lambda: run_model(work, x)}
+    plans: dict[tuple, dict] = {}
+    for kind, members in kinds.items():
+        sample = members[:SAMPLE_BLOCKS]
+        width = an.parts[sample[0]].intermediate_size
+        grid = [w for w in width_grid(width, min_remaining, align) if w < width]
+        for w in grid:
+            calls[f"{members[0]}:{w}"] = _narrowed_call(work, an, sample, w, x)
+        if not an.parts[sample[0]].attention_removed:
+            calls[f"{members[0]}:no attention"] = _bypassed_call(work, an, sample, x)
+        drop = _droppable(an, members)
+        if drop:
+            lighter = remove_blocks(copy.deepcopy(work), drop)
+            calls[f"{members[0]}:drop"] = lambda m=lighter: run_model(m, x)
+        plans[kind] = {"sample": sample, "grid": grid, "drop": drop, "width": width}
+    with autocast_context(device, dtype):
+        once = time_rounds({"model": calls["model"]}, 3, 1, device)["model"]
+        repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
+        times = time_rounds(calls, repeats, warmup, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = med["model"]
+    timing: dict[int, BlockTiming] = {}
+    for kind, members in kinds.items():
+        pl, first = plans[kind], members[0]
+        saved = {w: (total - med[f"{first}:{w}"]) / len(pl["sample"]) for w in pl["grid"]}
+        att = (max(0.0, (total - med[f"{first}:no attention"]) / len(pl["sample"]))
+               if f"{first}:no attention" in med else 0.0)
+        line = BlockTiming(tuple(sorted([(pl["width"], 0.0), *((w, -s) for w, s in saved.items())])), att)
+        mlp = max(0.0, line.slope_s * pl["width"])  # what the MLP's width costs, at least
+        whole = (total - med[f"{first}:drop"]) / len(pl["drop"]) if pl["drop"] else 0.0
+        whole = max(whole, att + mlp)  # a block holds at least its attention and MLP
+        block = BlockTiming(tuple((w, max(0.0, whole + t)) for w, t in line.grid), att)
+        for i in members:
+            timing[i] = block
+    per_block = tuple(timing[i] for i in range(len(an.parts)))
+    widths = tuple(p.intermediate_size for p in an.parts)
+    fixed = max(0.0, total - sum(b.at(w) for b, w in zip(per_block, widths)))
+    result = LatencyModel(device=device_name(device), dtype=str(dtype or torch.float32).replace(
+        "torch.", ""), batch_size=batch_size, key=key, total_s=total, fixed_s=fixed,
+        widths=widths, blocks=per_block, repeats=repeats)
+    log.info("latency model: %.3f ms per forward (%.3f ms outside the blocks), %d kinds of "
+             "block, %d variants x %d rounds", 1e3 * total, 1e3 * fixed, len(kinds), len(calls),
+             repeats)
+    if path is not None:
+        try:
+            atomic_write_json(path, result.to_dict(), overwrite=True)
+        except OSError as exc:
+            log.warning("latency model not cached (%s)", exc)
+    return result
+
+
+def _block_kinds(an, x: dict) -> dict[tuple, list[int]]:
+    """Blocks grouped by what their time depends on: MLP width, attention kept, stage, the
+    shape of their input, class."""
+    hidden = an.embed(next(iter(x.values())))
+    kinds: dict[tuple, list[int]] = {}
+    for i, p in enumerate(an.parts):
+        kind = (p.intermediate_size, p.attention_removed, an.stage_of[i] if an.stage_of else 0,
+                tuple(hidden.shape), type(p.block).__name__)
+        kinds.setdefault(kind, []).append(i)
+        hidden = an.transition(i, an.block_forward(i, hidden))
+    return kinds
+
+
+def _droppable(an, members: list[int]) -> list[int]:
+    """Up to SAMPLE_BLOCKS of `members` that can be removed together (a stage keeps a block,
+    the model keeps one)."""
+    if an.stage_of is not None:
+        left = {st: an.stage_of.count(st) for st in set(an.stage_of)}
+        out = []
+        for i in members:
+            if len(out) < SAMPLE_BLOCKS and left[an.stage_of[i]] > 1:
+                out.append(i)
+                left[an.stage_of[i]] -= 1
+        return out
+    return members[:min(SAMPLE_BLOCKS, len(an.parts) - 1)]
+
+
+def _narrowed_call(model, an, blocks: list[int], width: int, x: dict):
+    """A whole forward with `blocks` at MLP width `width` (their first neurons kept)."""
+    full = [mlp_refs(an.parts[i]) for i in blocks]
+    narrow = []
+    for i, refs in zip(blocks, full):
+        prune_mlp_neurons(an.parts[i], torch.arange(width))
+        narrow.append(mlp_refs(an.parts[i]))
+        restore_refs(refs)
+
+    def call():
+        for refs in narrow:
+            restore_refs(refs)
+        try:
+            run_model(model, x)
+        finally:
+            for refs in full:
+                restore_refs(refs)
+    return call
+
+
+def _bypassed_call(model, an, blocks: list[int], x: dict):
+    """A whole forward with the attention sublayers of `blocks` bypassed."""
+    def call():
+        saved = [bypass_attention(an.parts[i]) for i in blocks]
+        try:
+            run_model(model, x)
+        finally:
+            for s in saved:
+                restore_attention(s)
+    return call
+
+
+def objective_shape(model: nn.Module, shape: ModelShape, objective: str,
+                    latency: LatencyModel | None = None, seq_len: int = 128) -> ModelShape:
+    """The planner's shape for `objective`: `shape` itself for parameters, FLOPs, or time from
+    `latency` (required for "latency")."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "params":
+        return shape
+    if objective == "flops":
+        return flop_shape(model, shape, seq_len)
+    if latency is None:
+        raise ValueError("objective 'latency' needs a latency model (measure_latency_model)")
+    return latency.shape(shape)

@@ -1,0 +1,203 @@
+"""FLOP and latency targets: the FLOP shape counts exactly what pruning removes, the planner hits
+FLOP targets as exactly as parameter ones (brute force on tiny configs), a latency model from a
+synthetic table gives the structure the table predicts, a measured one is cached and leaves the
+model untouched, and the CLI's --target-flops / --target-latency with every bad input."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from test_families import build, images
+from vit_pruning import PruneConfig, count_total_params, prune_2ssp
+from vit_pruning.anatomy import resolve
+from vit_pruning.cli import main
+from vit_pruning.depth import apply_depth
+from vit_pruning.measure import count_flops
+from vit_pruning.objective import (BlockTiming, LatencyModel, flop_shape, measure_latency_model,
+                                   width_grid)
+from vit_pruning.pipeline import model_shape
+from vit_pruning.surgery import prune_mlp_neurons
+from transformers import ViTForImageClassification
+
+
+def tiny(layers: int = 4):
+    torch.manual_seed(0)
+    return ViTForImageClassification(tiny_config(num_hidden_layers=layers)).eval()
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "dinov2-swiglu", "beit"])
+def test_flop_shape_counts_exactly_what_pruning_removes(name):
+    model = tiny() if name == "vit" else build(name)
+    shape = flop_shape(model, model_shape(model))
+    assert shape.total_params == count_flops(model)
+    an = resolve(model)
+    n = len(an.parts)
+    widths = [p.intermediate_size for p in an.parts]
+    cut = [w // 3 for w in widths]  # neurons removed per block
+    for i, p in enumerate(an.parts):
+        prune_mlp_neurons(p, torch.arange(widths[i] - cut[i]))
+    no_att = [n - 1]
+    apply_depth(model, no_att, "attention")
+    gone = [0] if name != "swin" else []  # Swin's first stage has two blocks: keep the stage
+    if gone:
+        apply_depth(model, gone, "block")
+    predicted = (shape.total_params - sum(shape.costs[i] * cut[i] for i in range(n) if i not in gone)
+                 - sum(shape.attention_params[i] for i in no_att)
+                 - sum(shape.block_params[i] for i in gone))
+    assert count_flops(model) == predicted
+
+
+@pytest.mark.parametrize("target", [0.13, 0.3, 0.52, 0.71])
+def test_flop_target_lands_within_half_a_neuron_of_brute_force(target):
+    model, x = tiny(6), images(8)
+    shape = flop_shape(model, model_shape(model))
+    before = count_flops(model)
+    pruned, res = prune_2ssp(copy.deepcopy(model), target, [x],
+                             PruneConfig(objective="flops", align=1, min_remaining=8,
+                                         width_policy="per-block"))
+    removed = before - count_flops(pruned)
+    goal = target * before
+    # brute force: every count of whole blocks and every total of removed neurons
+    cost, width, block = shape.costs[0], shape.widths[0], shape.block_params[0]
+    best = min(abs(d * block + k * cost - goal) for d in range(6)
+               for k in range((6 - d) * (width - 8) + 1))
+    assert abs(removed - goal) <= best + cost / 2
+    assert abs(removed - goal) <= cost / 2  # within one neuron's FLOPs
+    assert res.objective == "flops" and res.objective_after == count_flops(pruned)
+    assert res.params_before == count_total_params(model)  # parameters are still reported
+
+
+def test_flop_target_on_swin_within_the_planners_bound():
+    model, x = build("swin"), images(8)
+    before = count_flops(model)
+    pruned, res = prune_2ssp(model, 0.3, [x], PruneConfig(objective="flops", align=1, min_remaining=4))
+    shape = flop_shape(build("swin"), model_shape(build("swin")))
+    assert abs(count_flops(pruned) / before - 0.7) <= max(shape.costs) / 2 / before
+
+
+def table(block_s: float, slope_s: float, attention_s: float, fixed_s: float, blocks: int = 4,
+          width: int = 64) -> LatencyModel:
+    """A synthetic latency model: every block the same line."""
+    line = BlockTiming(((width // 2, block_s - slope_s * width / 2), (width, block_s)), attention_s)
+    total = fixed_s + blocks * block_s
+    return LatencyModel("synthetic", "float32", 1, "test", total, fixed_s, (width,) * blocks,
+                        (line,) * blocks, 20)
+
+
+def test_a_table_where_blocks_cost_time_and_neurons_none_removes_blocks_only():
+    model = tiny()
+    lat = table(block_s=1.0, slope_s=0.0, attention_s=0.1, fixed_s=0.0)
+    _, res = prune_2ssp(model, 0.3, None, PruneConfig(objective="latency", latency_model=lat,
+                                                     align=1, min_remaining=8))
+    # 0.3 of the time lies between one block (0.25) and two (0.5): met by more, two blocks
+    assert res.plan.blocks_to_prune == 2 and not any(res.neurons_removed)
+    assert res.objective_ratio == pytest.approx(0.5)
+
+
+def test_a_table_where_neurons_hold_the_time_narrows_every_block():
+    model = tiny()
+    lat = table(block_s=1.0, slope_s=1.0 / 64, attention_s=0.0, fixed_s=1.0)
+    _, res = prune_2ssp(model, 0.2, None, PruneConfig(objective="latency", latency_model=lat,
+                                                     align=1, min_remaining=8, split=0))
+    # 0.2 of 5 s = 1 s = 64 neurons of 1/64 s: 16 from each of the four blocks
+    assert res.plan.blocks_to_prune == 0 and res.neurons_removed == [16, 16, 16, 16]
+    assert res.objective_ratio == pytest.approx(0.8)
+    assert lat.predict([48] * 4) == pytest.approx(4.0)
+
+
+def test_measured_latency_model_is_cached_and_leaves_the_model(tmp_path, monkeypatch):
+    import vit_pruning.objective as objective
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lat = measure_latency_model(model, batch_size=2, repeats=5, align=8, min_remaining=16,
+                                cache_dir=tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.intermediate_size for p in resolve(model).parts] == [64] * 4
+    assert lat.widths == (64,) * 4 and lat.total_s > 0
+    assert [w for w, _ in lat.blocks[0].grid] == width_grid(64, 16, 8) == [16, 32, 40, 48, 64]
+    shape = lat.shape(model_shape(model))
+    assert shape.total_params == round(lat.fixed_s * 1e12 / lat.total_s) + sum(shape.block_params)
+    files = list((tmp_path / "latency").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"] == lat.key
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached latency model was measured again")
+    monkeypatch.setattr(objective, "time_rounds", no_timing)
+    again = measure_latency_model(model, batch_size=2, repeats=5, align=8, min_remaining=16,
+                                  cache_dir=tmp_path)
+    assert again == lat
+    with pytest.raises(AssertionError):  # another batch size is another model
+        measure_latency_model(model, batch_size=3, repeats=5, align=8, min_remaining=16,
+                              cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="repeats must be >= 5"):
+        measure_latency_model(model, repeats=2)
+
+
+def test_latency_model_for_another_shape_is_refused():
+    lat = table(1.0, 0.0, 0.1, 0.0, blocks=3)
+    with pytest.raises(ValueError, match="measured for MLP widths"):
+        prune_2ssp(tiny(), 0.3, None, PruneConfig(objective="latency", latency_model=lat))
+
+
+def run(tmp: Path, *args: str) -> int:
+    return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
+                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "5",
+                 "--latency-cache", str(tmp / "cache")])
+
+
+def report(tmp: Path) -> dict:
+    return json.loads(next((tmp / "reports").glob("*.json")).read_text())
+
+
+def test_cli_flop_target(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target-flops", "0.6", "--run-id", "f",
+               "--calib-size", "32") == 0
+    obj = report(tmp_path)["objective"]
+    assert obj["objective"] == "flops" and obj["asked_ratio"] == pytest.approx(0.6)
+    assert abs(obj["measured_ratio"] - 0.6) <= 1e-3 and obj["predicted_ratio"] == obj["measured_ratio"]
+    out = capsys.readouterr().out
+    assert "--target-flops 0.6: FLOPs ratio predicted" in out
+    assert "objective: **FLOPs**" in (tmp_path / "reports" / "report-f.md").read_text()
+
+
+def test_cli_latency_targets_as_a_list(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.8,0.6", "--run-id", "l",
+               "--calib-size", "32") == 0
+    rep = report(tmp_path)
+    assert [p["asked_ratio"] for p in rep["points"]] == [0.8, 0.6]
+    assert all(p["predicted_ratio"] <= p["asked_ratio"] + 1e-3 for p in rep["points"])
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))  # the latency model, cached
+    assert "latency ratio 0.8 (predicted" in capsys.readouterr().out
+
+
+def test_cli_dry_run_prints_predicted_ratios(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.7", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "--target-latency 0.7: predicted latency ratio" in out and "latency model (" in out
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-flops", "1.5"], "--target-flops must be in (0, 1), got 1.5"),
+    (["--target-latency", "0"], "--target-latency must be in (0, 1), got 0"),
+    (["--target-flops", "a,b"], "--target-flops must be a number or a comma list"),
+    (["--target", "0.3", "--target-flops", "0.7"], "--target and --target-flops are two targets"),
+    (["--target-flops", "0.7", "--target-latency", "0.7"], "are two targets"),
+    (["--target-latency", "0.7", "--latency-repeats", "2"], "--latency-repeats must be >= 5"),
+    (["--target-flops", "0.01"], "--target-flops 0.01 is below what the deepest feasible pruning reaches"),
+    (["--target-flops", "0.7", "--max-kl", "0.01"], "--max-kl finds a parameter target itself"),
+    (["--target-flops", "0.7", "--stage", "s1"], "--target-flops plans both stages together"),
+])
+def test_cli_bad_objective_input(tmp_path, capsys, args, message):
+    argv = ["--model", "embedded", *args, "--reports-dir", str(tmp_path / "reports"),
+            "--artifacts-dir", str(tmp_path / "art"), "--pruned-output-dir", str(tmp_path / "pruned"),
+            "--quiet", "--latency-cache", str(tmp_path / "cache")]
+    if "--latency-repeats" not in args:
+        argv += ["--latency-repeats", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "pruned").exists()

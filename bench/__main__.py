@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import cost, distillation, families, fidelity, gpu, onnx_speed, speed, sweep, target_error, text
+from . import (cost, distillation, families, fidelity, gpu, onnx_speed, speed, speed_target, sweep,
+               target_error, text)
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
 PARTS = ("target_error", "fidelity", "families", "distill", "distill_budget", "speed", "onnx", "gpu",
-         "cost", "sweep", "text")
+         "cost", "sweep", "speed_target", "text")
 
 
 def machine() -> str:
@@ -129,6 +130,13 @@ def run_sweep(smoke: bool) -> str:
                       sweep.tables(res), ""])
 
 
+def run_speed_target(smoke: bool) -> str:
+    res = speed_target.run(smoke=smoke)
+    return "\n".join(["## Asking for speed: FLOP and latency targets (CPU)", "",
+                      speed_target.__doc__.strip(), "", f"Rounds: {res['repeats']}.", "",
+                      speed_target.table(res), ""])
+
+
 def run_text(smoke: bool) -> str:
     if smoke:
         res = text.run(targets=(0.1, 0.3), methods=("ours", "seed", "tp-magnitude", "random"),
@@ -143,7 +151,8 @@ def run_text(smoke: bool) -> str:
 RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families": run_families,
            "distill": run_distill, "distill_budget": run_distill_budget,
            "speed": run_speed,
-           "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep, "text": run_text}
+           "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep,
+           "speed_target": run_speed_target, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks

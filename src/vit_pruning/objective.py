@@ -49,7 +49,7 @@ LATENCY_UNITS = 10**12  # the latency shape counts time in units of total / 1e12
 # the planner, fine enough that rounding moves no plan
 GRID_POINTS = 5  # MLP widths timed per distinct block, from the narrowest allowed to full
 MIN_REPEATS = 5  # fewer timed rounds than this cannot give a median worth planning on
-MIN_ROUNDS = 20  # rounds of a latency model by default; fast models get more, up to
+MIN_ROUNDS = 10  # rounds of a latency model by default; fast models get more, up to
 MAX_ROUNDS = 200  # this, so that each variant runs for about
 ROUND_SECONDS = 0.5  # seconds in all
 

@@ -1,0 +1,157 @@
+"""Asking for speed: FLOP and latency targets against parameter targets, on this machine.
+
+For each model and batch size: the latency model is measured once (`measure_latency_model`, on
+the device and batch it is for); then for each ratio R the model is pruned three ways from the
+unpruned one: `--target-flops R`, `--target-latency R`, and a parameter target with the same
+parameter count as the latency-target model (what a user who asked for parameters would have
+got). All three and the baseline are timed back to back, interleaved; the ratio is the median
+over rounds of t(pruned) / t(baseline), with its quartiles.
+
+Models: the ViT-B/16, DINOv2-B/14 and Swin-T shapes with random weights (data-free pruning:
+the shapes, not the choices, set the speed) and the embedded digits ViT with its 64
+calibration images, whose KL to the unpruned model on the test split is the fidelity column.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+
+from vit_pruning import PruneConfig, count_flops, count_total_params, prune_2ssp
+from vit_pruning.measure import collect_outputs, interleaved_latency, kl_divergence
+from vit_pruning.objective import measure_latency_model
+from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
+
+from .common import digits_tensors, embedded_model, md_table, vit_shape
+
+log = logging.getLogger(__name__)
+
+RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+SHAPES = ("vit-b16", "dinov2-b14", "swin-t", "embedded")
+
+
+def _model(name: str):
+    if name == "embedded":
+        d = digits_tensors()
+        return embedded_model().eval(), list(torch.split(d.x_train[:64], 32)), d.x_test
+    return vit_shape(name), None, None
+
+
+def run_model(name: str, ratios=RATIOS, batches=(1, 8), repeats: int = 10) -> list[dict]:
+    base, calib, x_test = _model(name)
+    ref = collect_outputs(base, [x_test]) if x_test is not None else None
+    flops0, params0 = count_flops(base), count_total_params(base)
+    widths = model_shape(base).widths
+    mr = default_min_remaining(model_shape(base))[0]
+    cfg = PruneConfig(min_remaining=mr)
+    flop_pruner = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="flops"))
+    param_pruner = Pruner(base, calib, cfg)
+    flop_models = {r: flop_pruner.prune(round(1 - r, 12), copy.deepcopy(base)) for r in ratios}
+    rows = []
+    for b in batches:
+        t0 = time.perf_counter()
+        lat = measure_latency_model(base, batch_size=b, align=int(param_pruner.cfg.align),
+                                    min_remaining=mr)
+        lat_s = time.perf_counter() - t0
+        lat_pruner = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="latency",
+                                                     latency_model=lat))
+        for r in ratios:
+            try:
+                lat_model, lat_res = lat_pruner.prune(round(1 - r, 12), copy.deepcopy(base))
+            except ValueError as exc:
+                log.info("%s b%d R=%g: %s", name, b, r, exc)
+                rows.append({"model": name, "batch": b, "asked": r, "error": str(exc)})
+                continue
+            par_model, par_res = param_pruner.prune(lat_res.achieved_sparsity, copy.deepcopy(base))
+            flop_model, flop_res = flop_models[r]
+            comp = interleaved_latency({"base": base, "latency": lat_model, "params": par_model,
+                                        "flops": flop_model}, b, repeats, warmup=2)
+            row = {"model": name, "batch": b, "asked": r, "latency_model_s": lat_s,
+                   "predicted": lat_res.objective_ratio,
+                   "measured": comp.ratio["latency"],
+                   "iqr": (comp.ratio_q1["latency"], comp.ratio_q3["latency"]),
+                   "structure": _structure(lat_res, widths),
+                   "param_ratio": count_total_params(lat_model) / params0,
+                   "flop_ratio": count_flops(lat_model) / flops0,
+                   "params_run": comp.ratio["params"], "params_iqr": (comp.ratio_q1["params"],
+                                                                      comp.ratio_q3["params"]),
+                   "params_structure": _structure(par_res, widths),
+                   "flops_asked_measured": count_flops(flop_model) / flops0,
+                   "flops_run": comp.ratio["flops"]}
+            if ref is not None:
+                row["kl_latency"] = kl_divergence(collect_outputs(lat_model, [x_test]), ref)
+                row["kl_params"] = kl_divergence(collect_outputs(par_model, [x_test]), ref)
+            rows.append(row)
+            log.info("%s b%d R=%g: predicted %.3f measured %.3f (params run %.3f)", name, b, r,
+                     row["predicted"], row["measured"], row["params_run"])
+        if ref is not None:  # fidelity at equal latency: the parameter-target curve at this batch
+            curve = _param_curve(base, param_pruner, b, repeats, x_test, ref)
+            for row in rows:
+                if row["batch"] == b and "measured" in row:
+                    row["kl_params_same_latency"] = _interpolate(curve, row["measured"])
+    return rows
+
+
+PARAM_CURVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def _param_curve(base, pruner, batch: int, repeats: int, x_test, ref) -> list[tuple[float, float]]:
+    """(measured latency ratio, KL) of parameter targets 0.1..0.7, timed interleaved with the
+    baseline at `batch`: the curve a parameter-target user moves along."""
+    models = {t: pruner.prune(t, copy.deepcopy(base))[0] for t in PARAM_CURVE}
+    comp = interleaved_latency({"base": base, **{str(t): m for t, m in models.items()}}, batch,
+                               repeats, warmup=2)
+    return sorted((comp.ratio[str(t)], kl_divergence(collect_outputs(m, [x_test]), ref))
+                  for t, m in models.items())
+
+
+def _interpolate(curve: list[tuple[float, float]], latency: float) -> float | None:
+    """KL of the parameter-target curve at `latency` (linear between its points; None outside)."""
+    for (l0, k0), (l1, k1) in zip(curve, curve[1:]):
+        if l0 <= latency <= l1:
+            return k0 + (k1 - k0) * (latency - l0) / (l1 - l0) if l1 > l0 else k0
+    return None
+
+
+def _structure(res, widths) -> str:
+    """"-2 blocks, MLP 1536": the depth units removed and the kept MLP widths."""
+    gone = set(res.depth_order) if res.plan.unit == "block" else set()
+    kept = sorted({w - n for i, (w, n) in enumerate(zip(widths, res.neurons_removed)) if i not in gone})
+    count = len(res.depth_order)
+    return f"-{count} {res.plan.unit}{'s' if count != 1 else ''}, MLP {'/'.join(map(str, kept))}"
+
+
+def run(smoke: bool = False) -> dict:
+    if smoke:
+        return {"rows": run_model("embedded", (0.8, 0.6), (1,), repeats=2), "repeats": 2}
+    rows = []
+    for name in SHAPES:
+        rows += run_model(name)
+    return {"rows": rows, "repeats": 10}
+
+
+def table(res: dict) -> str:
+    out = []
+    rows = []
+    for r in res["rows"]:
+        if "error" in r:
+            rows.append([r["model"], r["batch"], f"{r['asked']:g}", "", r["error"], "", "", "", "", "", ""])
+            continue
+        same = r.get("kl_params_same_latency")
+        kl = (f"{r['kl_latency']:.3g} / {r['kl_params']:.3g} / "
+              f"{'outside the curve' if same is None else format(same, '.3g')}"
+              if "kl_latency" in r else "")
+        rows.append([r["model"], r["batch"], f"{r['asked']:g}", f"{r['predicted']:.3f}",
+                     f"**{r['measured']:.3f}** [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
+                     f"{abs(r['measured'] - r['asked']):.3f}", r["structure"],
+                     f"{r['param_ratio']:.3f} / {r['flop_ratio']:.3f}",
+                     f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
+                     f"{r['flops_asked_measured']:.4f}: {r['flops_run']:.3f}", kl])
+    out.append(md_table(["model", "batch", "R asked", "predicted", "measured latency ratio [quartiles]",
+                         "miss", "latency-target structure", "its param / FLOP ratio",
+                         "param target, same params: latency", "FLOP target R: FLOP ratio, latency",
+                         "KL: latency target / param target, same params / param target, same "
+                         "latency (interpolated)"], rows))
+    return "\n".join(out)

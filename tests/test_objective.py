@@ -119,7 +119,7 @@ def test_measured_latency_model_is_cached_and_leaves_the_model(tmp_path, monkeyp
     assert lat.widths == (64,) * 4 and lat.total_s > 0
     assert [w for w, _ in lat.blocks[0].grid] == width_grid(64, 16, 8) == [16, 32, 40, 48, 64]
     shape = lat.shape(model_shape(model))
-    assert shape.total_params == round(lat.fixed_s * 1e12 / lat.total_s) + sum(shape.block_params)
+    assert shape.total_params == round(lat.fixed_s * 1e12 / lat.model_s) + sum(shape.block_params)
     files = list((tmp_path / "latency").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["key"] == lat.key
 

@@ -176,13 +176,25 @@ class LatencyModel:
                 t += b.at(widths[i]) - (b.attention_s if i in no_att else 0.0)
         return t
 
+    @property
+    def model_s(self) -> float:
+        """The unpruned model's time as the latency model sums it (the measured total, unless
+        the blocks' own times add up to more, when nothing is left outside them): what
+        predicted ratios are ratios of."""
+        return self.predict(self.widths)
+
+    def ratio(self, widths: Sequence[int], blocks_removed: Sequence[int] = (),
+              attention_removed: Sequence[int] = ()) -> float:
+        """Predicted time of a pruned structure over the unpruned model's (see :meth:`predict`)."""
+        return self.predict(widths, blocks_removed, attention_removed) / self.model_s
+
     def shape(self, shape: ModelShape) -> ModelShape:
         """`shape` (the parameter shape of the measured model) in time units: total, each
         block, each attention sublayer, and each block's time per MLP neuron (linear fit)."""
         if tuple(shape.widths) != self.widths:
             raise ValueError(f"latency model was measured for MLP widths {list(self.widths)}, "
                              f"the model has {list(shape.widths)}")
-        unit = LATENCY_UNITS / self.total_s
+        unit = LATENCY_UNITS / self.model_s
         blocks = [b.at(w) * unit for b, w in zip(self.blocks, self.widths)]
         # integer units, the total made their exact sum so removing everything removes it all
         total = round(self.fixed_s * unit) + sum(round(b) for b in blocks)

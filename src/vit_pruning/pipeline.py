@@ -144,7 +144,7 @@ class PruneResult:
     depth_scores: dict = field(default_factory=dict)
     objective: str = "params"  # what the target counted (PruneConfig.objective)
     objective_before: float = 0.0  # the unpruned model's count of it: parameters, FLOPs, or
-    # seconds (the latency model's measured total)
+    # seconds (as the latency model sums them, LatencyModel.model_s)
     objective_after: float = 0.0  # the pruned model's: counted (parameters, FLOPs) or predicted
     # by the latency model (its measured grid interpolated)
 
@@ -395,7 +395,7 @@ class Pruner:
             widths = [w - r for w, r in zip(shape.widths, removed)]
             gone = plan.depth_indices if plan.unit == "block" else ()
             no_att = plan.depth_indices if plan.unit == "attention" else ()
-            return {"objective": "latency", "objective_before": lat.total_s,
+            return {"objective": "latency", "objective_before": lat.model_s,
                     "objective_after": lat.predict(widths, gone, no_att)}
         after = params_after if cfg.objective == "params" else plan.params_after
         return {"objective": cfg.objective, "objective_before": float(shape.total_params),

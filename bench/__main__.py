@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import (cost, distillation, families, fidelity, gpu, onnx_speed, speed, speed_target, sweep,
-               target_error, text)
+from . import (cost, distill_scale, distillation, families, fidelity, gpu, onnx_speed, speed,
+               speed_target, sweep, target_error, text)
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
 PARTS = ("target_error", "fidelity", "families", "distill", "distill_budget", "speed", "onnx", "gpu",
-         "cost", "sweep", "speed_target", "text")
+         "cost", "sweep", "speed_target", "distill_scale", "text")
 
 
 def machine() -> str:
@@ -137,6 +137,12 @@ def run_speed_target(smoke: bool) -> str:
                       speed_target.table(res), ""])
 
 
+def run_distill_scale(smoke: bool) -> str:
+    res = distill_scale.run(smoke=smoke)
+    return "\n".join(["## Distillation on several processes (CPU)", "",
+                      distill_scale.__doc__.strip(), "", distill_scale.table(res), ""])
+
+
 def run_text(smoke: bool) -> str:
     if smoke:
         res = text.run(targets=(0.1, 0.3), methods=("ours", "seed", "tp-magnitude", "random"),
@@ -152,7 +158,7 @@ RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families
            "distill": run_distill, "distill_budget": run_distill_budget,
            "speed": run_speed,
            "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep,
-           "speed_target": run_speed_target, "text": run_text}
+           "speed_target": run_speed_target, "distill_scale": run_distill_scale, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks
@@ -189,7 +195,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="write the sections to this file instead of docs/ (with --smoke: nothing "
                          "is written unless --out is given)")
+    ap.add_argument("--assemble", action="store_true",
+                    help="only rebuild docs/benchmarks.md from docs/bench/*.md (after copying in a "
+                         "section a run wrote with --out)")
     args = ap.parse_args(argv)
+    if args.assemble:
+        return assemble({})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("vit_pruning").setLevel(logging.WARNING)  # the benchmark's own lines only
     import transformers
@@ -215,6 +226,11 @@ def main(argv=None) -> int:
         args.out.write_text("\n\n".join(sections.values()) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
         return 0
+    return assemble(sections)
+
+
+def assemble(sections: dict[str, str]) -> int:
+    """Write each new section to docs/bench/<part>.md, then docs/benchmarks.md from them all."""
     PARTS_DIR.mkdir(parents=True, exist_ok=True)
     for part, body in sections.items():
         (PARTS_DIR / f"{part}.md").write_text(body + "\n", encoding="utf-8")

@@ -14,15 +14,19 @@ target, and each achieved sparsity against the single run's.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import torch
 
 from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning.measure import collect_outputs, kl_divergence
+from vit_pruning.pipeline import Pruner
 from vit_pruning.sweep import sweep
 
 from .common import digits_tensors, embedded_model, md_table, vit_shape
+
+log = logging.getLogger("bench.sweep")
 
 TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 SINGLE = 0.3
@@ -38,12 +42,24 @@ def cost(shape: str = "vit-b16", calib: int = CALIB, targets=TARGETS) -> dict:
     t0 = time.perf_counter()
     _, single = prune_2ssp(copy.deepcopy(model), SINGLE, x, cfg)
     single_s = time.perf_counter() - t0
+    log.info("cost: one target (%g) in %.1f s: %s", SINGLE, single_s, _phases(single.timings))
     t0 = time.perf_counter()
-    points = sweep(model, targets, x, cfg)
+    pruner = Pruner(model, x, cfg)  # what vit_pruning.sweep runs, target by target (largest
+    phases = {}  # first), to print each as it lands
+    for t in sorted(targets, reverse=True):
+        t1 = time.perf_counter()
+        _, res = pruner.prune(t, copy.deepcopy(model))
+        phases[str(t)] = res.timings
+        log.info("cost: sweep target %g in %.1f s (%.1f s so far): %s", t, time.perf_counter() - t1,
+                 time.perf_counter() - t0, _phases(res.timings))
     sweep_s = time.perf_counter() - t0
     return {"shape": shape, "calib": calib, "targets": list(targets), "single_s": single_s,
             "single_phases": single.timings, "sweep_s": sweep_s,
-            "sweep_phases": {str(t): r.timings for t, (_, r) in zip(targets, points)}}
+            "sweep_phases": {str(t): phases[str(t)] for t in targets}}
+
+
+def _phases(timings: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
 
 
 def fidelity(targets=TARGETS, calib: int = CALIB) -> list[dict]:

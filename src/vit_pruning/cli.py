@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .accel import PRECISIONS
 from .distillation import MATCHES, TRAINABLE
 
 log = logging.getLogger("vit_pruning")
@@ -174,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"sentence (words dropped, cropped, replaced or spliced; the teacher labels "
                         f"them), in-domain inputs the sentence pool lacks (default {DISTILL_AUGMENT}: "
                         f"what the distillation table rewarded; 0 = off)")
+    r.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="precision of distillation and head fine-tuning steps (accelerate): auto = "
+                        "bf16 on a CUDA device that runs it, no (float32) on the CPU")
+    r.add_argument("--grad-accumulation", type=int, default=1, metavar="N",
+                   help="micro-batches of --distill-batch-size accumulated per optimizer step (1)")
+    r.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write the distillation's state every N steps, atomically, to "
+                        "<artifacts-dir>/<run-id>/checkpoint (0 = never); --resume goes on from it")
+    r.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint of --run-id: skips pruning, loads the student, "
+                        "optimizer, schedule and draw state, and distills the remaining steps")
     o = ap.add_argument_group("output and run")
     o.add_argument("--save-pruned-model", action="store_true", help="save the pruned model (off by default)")
     o.add_argument("--pruned-output-dir", default="experiments/vit_pruning/pruned_models")
@@ -209,7 +221,14 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--replace-classifier and --use-adapter are exclusive: choose one head")
     if args.load_adapter and (args.replace_classifier or args.use_adapter):
         raise UsageError("--load-adapter brings its own head: drop --replace-classifier/--use-adapter")
+    if args.checkpoint_every and not args.distill_steps:
+        raise UsageError("--checkpoint-every checkpoints distillation: add --distill-steps")
+    if args.resume and args.run_id is None:
+        raise UsageError("--resume goes on from the checkpoint of a run: give its --run-id")
+    if args.resume and not args.distill_steps:
+        raise UsageError("--resume goes on distilling: give the run's --distill-steps")
     for flag, low in (("distill_steps", 0), ("distill_batch_size", 1), ("distill_size", 1),
+                      ("grad_accumulation", 1), ("checkpoint_every", 0),
                       ("distill_augment", 0),
                       ("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
                       ("ft_epochs", 1), ("adapter_reduction", 1), ("latency_batch_size", 1),
@@ -576,6 +595,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is so that every write in progress is undone."""
 
 
+def _who() -> str:
+    """The name errors are printed under: with the process's rank under a launcher."""
+    from .accel import launched, world
+    if not launched():
+        return "vit-2ssp"
+    rank, count = world()
+    return f"vit-2ssp (rank {rank} of {count})"
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective operation failing because another process of a launched
+    job died (gloo / NCCL connection errors)."""
+    from .accel import launched
+    if not launched():
+        return False
+    backend = getattr(torch.distributed, "DistBackendError", ())
+    text = str(exc).lower()
+    return isinstance(exc, backend) or any(w in text for w in (
+        "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated()
 
@@ -585,18 +625,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if \
         threading.current_thread() is threading.main_thread() else None
+    who = _who()
     try:
         validate(args)
         return run(args, argv)
     except UsageError as exc:
-        print(f"vit-2ssp: error: {exc}", file=sys.stderr)
+        print(f"{who}: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print("vit-2ssp: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
+        print(f"{who}: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("vit-2ssp: interrupted; nothing half-written was kept", file=sys.stderr)
+        print(f"{who}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except (RuntimeError, OSError) as exc:
+        if not _peer_failure(exc):
+            raise
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        print(f"{who}: error: another process of this job stopped ({first}); nothing "
+              f"half-written was kept", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -616,6 +664,7 @@ class Choices:
     align_source: str
     width_policy: str
     calib_size: int
+    mixed_precision: str = "no"  # of training steps (accel.resolve_precision of --mixed-precision)
     objective: str = "params"  # what the targets count (see objective_step)
     seq_len: int = 128  # text: tokens per sentence the FLOPs and latency are counted at
     cost_shape: Any = None  # planner.ModelShape in the objective's units (None: parameters)
@@ -671,9 +720,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
+    from .accel import is_main
+    from .checkpoint import Checkpoint
     from .outputs import OutputError, check_outputs
     run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     outputs = run_outputs(args, run_id)
+    from .accel import launched
+    if launched() and (args.dry_run or len(args.targets) > 1 or budget_of(args)):
+        raise UsageError("several processes distill one model: give one --target and "
+                         "--distill-steps (a dry run, sweep or budget search runs in one process)")
+    if not is_main():  # under a launcher only the main process logs, measures and writes
+        logging.getLogger().setLevel(logging.WARNING)
+        args.quiet = True
+        return helper_run(args, run_id)
+    saved = Checkpoint.of(args.artifacts_dir, run_id)
+    if args.resume and saved.latest is None:
+        raise UsageError(f"--resume: no checkpoint of --run-id {run_id} in {saved.folder}")
+    if not args.resume and saved.latest is not None:
+        raise UsageError(f"--run-id {run_id} has a checkpoint in {saved.folder}: add --resume to go "
+                         f"on from it, or choose another --run-id")
     try:
         check_outputs(outputs.outputs)  # before the model loads: a bad path costs nothing
         if args.dry_run:
@@ -727,10 +792,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 outputs.commit()
             except OSError as exc:
                 raise write_error(exc) from exc
+            if args.checkpoint_every or args.resume:  # the run is whole: its checkpoint is spent
+                saved.remove()
     except OutputError as exc:
         raise UsageError(str(exc)) from exc
     print_summary(args, rep, stages, result, outputs.by_role("json").path,
                   outputs.by_role("md").path)
+    return 0
+
+
+def helper_run(args: argparse.Namespace, run_id: str) -> int:
+    """A process other than the main one under a launcher: the same loading, data and pruning
+    (so the plan is the same everywhere, which distillation checks), its share of the
+    distillation, and nothing written."""
+    loaded = load_step(args)
+    ch = choose(args, loaded, run_id)
+    loaded.model.to(ch.device)
+    data = data_step(args, loaded, ch)
+    objective_step(args, loaded, ch, data.seq_len)
+    prune_step(args, loaded, data, ch, Evaluator(args, loaded, data, ch))
     return 0
 
 
@@ -782,8 +862,16 @@ def load_step(args: argparse.Namespace) -> Loaded:
 def choose(args: argparse.Namespace, loaded: Loaded, run_id: str) -> Choices:
     """Device, timing precision, min_remaining and alignment, decided in one place."""
     from .planner import default_align
+    from .accel import launched, resolve_precision
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if launched() and device.type == "cuda" and device.index is None:  # one GPU per process
+        import os
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        precision = resolve_precision(args.mixed_precision, device)
+    except ValueError as exc:
+        raise UsageError(f"--mixed-precision {args.mixed_precision}: {exc}") from exc
     if args.latency_dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -807,7 +895,8 @@ def choose(args: argparse.Namespace, loaded: Loaded, run_id: str) -> Choices:
     else:
         align, align_source = int(args.align), "--align"
     calib = args.calib_size or (TEXT_CALIB if loaded.text else IMAGE_CALIB)
-    return Choices(device, dtype, run_id, mr, mr_source, align, align_source, args.width_policy, calib)
+    return Choices(device, dtype, run_id, mr, mr_source, align, align_source, args.width_policy, calib,
+                   mixed_precision=precision)
 
 
 def check_budget(args: argparse.Namespace, loaded: Loaded, data: Data) -> None:
@@ -954,7 +1043,7 @@ def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
         from .heads import finetune
         log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", args.ft_epochs, data.ft_lr)
         finetune(loaded.model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone,
-                 ch.device, not args.quiet)
+                 ch.device, not args.quiet, ch.mixed_precision, args.grad_accumulation)
     loaded.model.eval()
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -1165,7 +1254,11 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
     from .heads import finetune
     from .pipeline import prune_2ssp
     model = loaded.model
-    if search is not None:  # the search pruned copies: the loaded model is still the baseline
+    if args.resume:  # pruned and measured before: the checkpoint holds it all
+        stages, snapshots, result, model, state = resume_step(args, loaded, ch, evaluate)
+        loaded.model = model
+    elif search is not None:  # the search pruned copies: the loaded model is still the baseline
+        state = None
         stages = [search.baseline] + ([search.stage1] if search.stage1 is not None else [])
         snapshots = {"baseline": model}
         if search.stage1_model is not None:
@@ -1173,6 +1266,7 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
         model, result = search.search.model, search.search.result
         loaded.model = model
     else:
+        state = None
         stages = [evaluate("baseline", model)]
         snapshots = {"baseline": copy.deepcopy(model)}
 
@@ -1186,30 +1280,83 @@ def prune_step(args, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluato
                                        after_stage1=after_stage1)
         except ValueError as exc:
             raise UsageError(f"{OBJECTIVE_FLAGS[ch.objective]}: {exc}") from exc
-    stages.append(evaluate("stage2", model))
+    if not args.resume:
+        stages.append(evaluate("stage2", model))
     distilled = None
     if args.distill_steps:
-        from .distillation import distill, pruned_layers
-        snapshots["stage2"] = copy.deepcopy(model)
-        log.info("distilling from the unpruned model on %d unlabeled inputs", sum(
-            len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs))
-        match = args.distill_match
-        if match == "auto":
-            match = DISTILL_MATCH
-        distilled = distill(model, snapshots["baseline"], data.distill_inputs, args.distill_steps,
-                            args.distill_lr, args.distill_batch_size, args.distill_temperature,
-                            args.distill_train, args.seed, not args.quiet,
-                            check_inputs=data.distill_checks, match=match,
-                            layers=pruned_layers(result) if match == "layers" else None)
+        snapshots.setdefault("stage2", copy.deepcopy(model))
+        distilled = distill_step(args, loaded, data, ch, model, result, stages, snapshots, state)
         stages.append(evaluate("distilled", model))
     if args.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)
         finetune(model, data.train_loader, args.ft_epochs, data.ft_lr, args.freeze_backbone, ch.device,
-                 not args.quiet)
+                 not args.quiet, ch.mixed_precision, args.grad_accumulation)
         model.eval()
         stages.append(evaluate("recovered", model))
     snapshots[stages[-1].name] = model
     return stages, snapshots, result, distilled
+
+
+def distill_step(args, loaded: Loaded, data: Data, ch: Choices, model, result, stages, snapshots,
+                 state=None):
+    """Distill the pruned `model` from the baseline (on accelerate: every process of a launched
+    job on its own shard, after checking they all pruned the same plan); with
+    --checkpoint-every its state is written every N steps (the main process), and with
+    --resume it goes on from `state`."""
+    from .accel import is_main, make_accelerator, same_everywhere
+    from .checkpoint import Checkpoint, job_of
+    from .distillation import DistillConfig, distill, pruned_layers
+    match = DISTILL_MATCH if args.distill_match == "auto" else args.distill_match
+    cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr,
+                        batch_size=args.distill_batch_size, temperature=args.distill_temperature,
+                        train=args.distill_train, seed=args.seed, match=match,
+                        layers=tuple(pruned_layers(result)) if match == "layers" else None,
+                        mixed_precision=ch.mixed_precision, grad_accumulation=args.grad_accumulation,
+                        checkpoint_every=args.checkpoint_every)
+    acc = make_accelerator(ch.device, cfg.mixed_precision, cfg.grad_accumulation)
+    try:
+        same_everywhere(acc, plan_fingerprint(result), "the pruning plan")
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc
+    hook = None
+    if args.checkpoint_every and is_main():
+        saved = Checkpoint.of(args.artifacts_dir, ch.run_id)
+        saved.write_snapshots({k: snapshots[k] for k in ("stage1", "stage2") if k in snapshots},
+                              loaded.processor)
+        run_record = {"stages": list(stages), "result": result}
+
+        def hook(st):
+            where = saved.write(st.step, model, st, run_record, job_of(args), loaded.processor)
+            log.info("checkpoint: step %d written to %s", st.step, where)
+    log.info("distilling from the unpruned model on %d unlabeled inputs%s", sum(
+        len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs),
+        "" if acc.num_processes == 1 else f", sharded over {acc.num_processes} processes")
+    return distill(model, snapshots["baseline"], data.distill_inputs, config=cfg,
+                   check_inputs=data.distill_checks, progress=not args.quiet, checkpoint=hook,
+                   resume=state)
+
+
+def plan_fingerprint(result) -> str:
+    """What must be the same in every process before they train one model together."""
+    import hashlib
+    text = repr((result.plan.to_dict(), result.depth_order, result.neurons_removed))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resume_step(args, loaded: Loaded, ch: Choices, evaluate):
+    """The checkpoint of --run-id: (stages measured before it, snapshots for the latency table,
+    the PruneResult, the student with its weights then, the distillation state)."""
+    from .checkpoint import Checkpoint, job_of
+    try:
+        student, state, run, snaps = Checkpoint.of(args.artifacts_dir, ch.run_id).load(
+            job_of(args), ch.device)
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}") from exc
+    log.info("resuming run %s from step %d of %d", ch.run_id, state.step, args.distill_steps)
+    base = evaluate("baseline", loaded.model)  # the reference of the stages measured next
+    stages = [base] + [s for s in run["stages"] if s.name != "baseline"]
+    snapshots = {"baseline": loaded.model, **snaps}
+    return stages, snapshots, run["result"], student.eval(), state
 
 
 def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshots) -> dict:

@@ -19,8 +19,14 @@ runs only the student. Layer targets are cached in half precision while they fit
 ``cache_limit`` bytes; beyond that the teacher runs beside the student at every step. Which of
 the student's parameters train is ``train``: all of them, every block (attention, MLP and
 LayerNorms; the embeddings and the head stay), the MLPs (fc1 and fc2 of every block), the
-LayerNorms, or only the fc2s the refit wrote. AdamW with a linear warm-up and cosine decay,
-dropout off; the teacher is never modified.
+LayerNorms, or only the fc2s the refit wrote. AdamW with transformers' linear warm-up and
+cosine decay, dropout off; the teacher is never modified.
+
+The loop runs on Hugging Face ``accelerate`` (:mod:`vit_pruning.accel`): mixed precision,
+gradient accumulation, and under ``accelerate launch`` / ``torchrun`` every process trains on
+its own shard of the inputs (its own slice of the cached teacher outputs) with gradients
+averaged, the held-out checks summed over all processes so each keeps the same step. A
+checkpoint hook receives the whole state (:class:`DistillState`) to resume from exactly.
 """
 from __future__ import annotations
 
@@ -28,14 +34,17 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from transformers import get_cosine_schedule_with_warmup
+
+from .accel import make_accelerator, reduce_sum, shard_rows, train_device
 from .anatomy import mean_pool, resolve
 from .measure import forward_output
 
@@ -63,6 +72,9 @@ class DistillResult:
     match: str = "output"  # what the student learned (see distill)
     layers: list[int] | None = None  # match="layers": the teacher block each kept block learned
     teacher_cached: bool = True  # False: the teacher ran at every step (targets over cache_limit)
+    mixed_precision: str = "no"
+    grad_accumulation: int = 1
+    processes: int = 1  # processes that trained together (each on its shard)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -251,8 +263,9 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
 
 
 @torch.no_grad()
-def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Tensor], kind: str,
-                  temperature: float, device: torch.device) -> float:
+def _heldout_sums(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Tensor], kind: str,
+                  temperature: float, device: torch.device) -> tuple[float, float]:
+    """(summed loss, rows) of the held-out inputs."""
     total = count = 0.0
     match = "tokens" if kind == "tokens" else "output"
     for b, t in zip(inputs, targets):
@@ -263,7 +276,7 @@ def _heldout_loss(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Te
                                         t[idx].to(device), kind, temperature,
                                         _mask(b, idx))) * len(idx)
             count += len(idx)
-    return total / max(1.0, count)
+    return total, count
 
 
 def _split_heldout(inputs: Sequence, targets: Sequence | None, share: float):
@@ -316,153 +329,294 @@ def _layer_bytes(teacher: nn.Module, inputs: Sequence, layers: Sequence[int], ma
     return row * sum(_batch_len(b) for b in inputs)
 
 
-def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence, steps: int,
-            lr: float = 1e-3, batch_size: int = 32, temperature: float = 2.0, train: str = "blocks",
-            seed: int = 0, progress: bool = False,
-            cached: Sequence | None = None, heldout: float = 0.1,
-            checks: int = 10, check_inputs: Sequence | None = None,
-            match: str = "output", layers: Sequence[int] | None = None,
-            cache_limit: int = CACHE_LIMIT) -> DistillResult:
-    """Train `pruned` in place for `steps` steps to reproduce `teacher` on unlabeled `inputs`.
+@dataclass(frozen=True)
+class DistillConfig:
+    """What :func:`distill` does; every field is also a keyword of :func:`distill`."""
 
-    The loss on inputs it does not train on is measured before the first step and `checks`
-    times during training, and the weights of the best check are kept, so distillation never
-    leaves the model further from the teacher there than one-shot pruning did. Those inputs
-    are `check_inputs` if given (best: drawn like the inputs the model will be judged on, e.g.
-    the calibration images or sentences; needs `teacher`), else a `heldout` share of `inputs`.
-    The checks compare the output only (what fidelity is measured on), whatever `match` trains.
+    steps: int  # optimizer steps
+    lr: float = 1e-3
+    batch_size: int = 32  # rows per step and micro-batch, over all processes together
+    temperature: float = 2.0
+    train: str = "blocks"  # which parameters learn (see trainable_parameters)
+    seed: int = 0
+    heldout: float = 0.1  # share of the inputs held out for the checks (without check_inputs)
+    checks: int = 10  # held-out checks over the run; the best check's weights are kept
+    match: str = "output"  # "output", "tokens" (text) or "layers" (see distill)
+    layers: tuple[int, ...] | None = None  # match="layers": the teacher block of each kept block
+    cache_limit: int = CACHE_LIMIT  # bytes of cached half-precision layer targets at most
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accel.resolve_precision for "auto")
+    grad_accumulation: int = 1  # micro-batches of batch_size rows per optimizer step
+    checkpoint_every: int = 0  # optimizer steps between calls of the checkpoint hook (0: none)
+
+    def check(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
+        if self.grad_accumulation < 1:
+            raise ValueError(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass
+class DistillState:
+    """Everything a distillation needs to go on exactly where it stopped (with the student's
+    weights, which the caller saves with the model): the step, the optimizer and schedule, the
+    draw generators, the best check so far and the result so far."""
+
+    step: int
+    optimizer: dict
+    scheduler: dict
+    generators: list[torch.Tensor]
+    best_loss: float | None
+    best_step: int
+    best_params: list[torch.Tensor] | None
+    result: DistillResult
+
+
+@dataclass
+class _Data:
+    """The inputs this process trains on, their cached targets (None: the teacher runs every
+    step), and the held-out inputs and targets of the checks."""
+
+    inputs: list
+    targets: list | None
+    held_x: list
+    held_t: list
+
+
+class _Student(nn.Module):
+    """The student's forward as one module (what a data-parallel wrapper must run): the output
+    `distill_loss` compares and the hidden states of `layers`."""
+
+    def __init__(self, model: nn.Module, final: str, layers: Sequence[int] | None):
+        super().__init__()
+        self.model, self.final, self.layers = model, final, layers
+
+    def forward(self, batch):
+        return _outputs(self.model, batch, self.final, self.layers)
+
+
+def _prepare_data(teacher, inputs, cfg: DistillConfig, cached, check_inputs, final: str,
+                  teacher_at, on_the_fly: bool, rank: int, count: int) -> _Data:
+    """This process's share of the inputs with the teacher's outputs on them, and the held-out
+    inputs of the checks (`check_inputs`, else a `heldout` share of every batch)."""
+    inputs = shard_rows(inputs, rank, count)
+    if on_the_fly:
+        targets = None
+    elif cached is not None:
+        targets = shard_rows(cached, rank, count)
+    else:
+        targets = teacher_outputs(teacher, inputs, match=cfg.match, layers=teacher_at)
+    if check_inputs:
+        if teacher is None:
+            raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
+        held_x = shard_rows(list(check_inputs), rank, count)
+        return _Data(inputs, targets, held_x, teacher_outputs(teacher, held_x, match=final))
+    if targets is None:  # targets come per step: only the held-out rows' output is computed
+        inputs, _, held_x, _ = _split_heldout(inputs, None, cfg.heldout)
+        return _Data(inputs, None, held_x, teacher_outputs(teacher, held_x, match=final))
+    inputs, targets, held_x, held_t = _split_heldout(inputs, targets, cfg.heldout)
+    return _Data(inputs, targets, held_x, held_t)
+
+
+def _freeze(model: nn.Module, train: str) -> list[nn.Parameter]:
+    """Only the parameters `train` names learn."""
+    params = trainable_parameters(model, train)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
+            steps: int | None = None, *, config: DistillConfig | None = None,
+            cached: Sequence | None = None, check_inputs: Sequence | None = None,
+            progress: bool = False, checkpoint: Callable[[DistillState], None] | None = None,
+            resume: DistillState | None = None, **options) -> DistillResult:
+    """Train `pruned` in place for `steps` optimizer steps to reproduce `teacher` on unlabeled
+    `inputs`, on Hugging Face accelerate (one process, or each process of ``accelerate launch``
+    / ``torchrun`` on its own shard of the inputs, gradients averaged; mixed precision and
+    gradient accumulation from `config`).
+
+    The loss on inputs it does not train on is measured before the first step and
+    `config.checks` times during training (summed over every process), and the weights of the
+    best check are kept, so distillation never leaves the model further from the teacher there
+    than one-shot pruning did. Those inputs are `check_inputs` if given (best: drawn like the
+    inputs the model will be judged on, e.g. the calibration images or sentences; needs
+    `teacher`), else a `heldout` share of `inputs`. The checks compare the output only (what
+    fidelity is measured on), whatever `match` trains.
 
     Args:
         teacher: the unpruned model (left unchanged), or None when `cached` holds its outputs.
         inputs: batches of pixel values, or of tokenized sentences (dicts with input_ids and
             attention_mask), on any device (rows move to the student's device per step).
+        steps, config, options: a DistillConfig, or its fields as keywords (`steps`, `lr`,
+            `batch_size`, `temperature`, `train`, `seed`, `heldout`, `checks`, `match`,
+            `layers`, `cache_limit`, `mixed_precision`, `grad_accumulation`,
+            `checkpoint_every`). match: "output" (what fidelity is measured on: logits, the
+            sentence embedding, hidden states); for a text encoder "tokens": every token's final
+            hidden state as well as their mean; "layers": the output (every token's, for a text
+            encoder) and every block's hidden states, each kept block against teacher block
+            `layers[i]` (:func:`pruned_layers` of the PruneResult; default: the same block).
         cached: the teacher's outputs per input batch (:func:`teacher_outputs`, with the same
             `match` and `layers`), if already known.
-        train: which parameters learn (see :func:`trainable_parameters`).
-        match: "output" (what fidelity is measured on: logits, the sentence embedding, hidden
-            states); for a text encoder "tokens": every token's final hidden state as well as
-            their mean (T times the signal per sentence; see :data:`MATCHES`); "layers": the
-            output (every token's, for a text encoder) and every block's hidden states, each
-            kept block against teacher block `layers[i]`.
-        layers: match="layers": the teacher block each student block learns, in order
-            (:func:`pruned_layers` of the PruneResult); default: the same block, when the
-            student kept every block.
-        cache_limit: bytes of half-precision block targets cached on the host at most; beyond
-            it the teacher runs on each step's batch instead (on the student's device).
+        checkpoint: called on the main process with the state every `checkpoint_every` steps
+            (and the student's weights as they are then): save both to go on later.
+        resume: a state `checkpoint` was given, to go on from (the student must hold the
+            weights saved with it).
     Returns:
         DistillResult with the loss of every step. The student ends in eval mode with
         requires_grad off.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if config is None:
+        config = DistillConfig(steps=0 if steps is None else steps, **options)
+    elif steps is not None or options:
+        config = replace(config, **({"steps": steps} if steps is not None else {}), **options)
+    cfg = config
+    if cfg.layers is not None and not isinstance(cfg.layers, tuple):
+        cfg = replace(cfg, layers=tuple(cfg.layers))
+    cfg.check()
     if not inputs:
         raise ValueError("distill needs at least one batch of unlabeled inputs")
-    if match not in MATCHES:
-        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
     anatomy = resolve(pruned)
-    if match == "tokens" and not anatomy.is_text:
+    if cfg.match == "tokens" and not anatomy.is_text:
         raise ValueError("match='tokens' is for text encoders (a headless ViT already matches "
                          "every token's hidden state)")
-    text_tokens = anatomy.is_text and match != "output"
+    text_tokens = anatomy.is_text and cfg.match != "output"
     kind = "kl" if anatomy.has_classifier else ("tokens" if text_tokens else "cosine")
     final = "tokens" if text_tokens else "output"
     student_layers = teacher_at = None
     on_the_fly = False
-    if match == "layers":
-        teacher_at = _resolve_layers(pruned, teacher, layers)
+    if cfg.match == "layers":
+        teacher_at = _resolve_layers(pruned, teacher, cfg.layers)
         student_layers = list(range(len(teacher_at)))
         on_the_fly = (cached is None and teacher is not None
-                      and _layer_bytes(teacher, inputs, teacher_at, match) > cache_limit)
-    if on_the_fly:
-        targets = None
-    elif cached is not None:
-        targets = list(cached)
-    else:
-        targets = teacher_outputs(teacher, inputs, match=match, layers=teacher_at)
-    if check_inputs:
-        if teacher is None:
-            raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
-        held_x, held_t = list(check_inputs), teacher_outputs(teacher, check_inputs, match=final)
-    elif targets is None:  # targets come per step: only the held-out rows' output is computed
-        inputs, _, held_x, _ = _split_heldout(inputs, None, heldout)
-        held_t = teacher_outputs(teacher, held_x, match=final)
-    else:
-        inputs, targets, held_x, held_t = _split_heldout(inputs, targets, heldout)
-    params = trainable_parameters(pruned, train)
-    for p in pruned.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, int(WARMUP * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))))
-    sizes = torch.tensor([_batch_len(b) for b in inputs], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    result = DistillResult(steps, 0.0, train, lr, batch_size, temperature, kind,
-                           trainable_params=sum(p.numel() for p in params), match=match,
-                           layers=teacher_at, teacher_cached=not on_the_fly)
-    device = _device(pruned)
+                      and _layer_bytes(teacher, inputs, teacher_at, cfg.match) > cfg.cache_limit)
+    acc = make_accelerator(_device(pruned), cfg.mixed_precision, cfg.grad_accumulation)
+    rank, count, main = acc.process_index, acc.num_processes, acc.is_main_process
+    device = train_device(acc, pruned)
+    if count > 1:  # each process trains on its own device
+        pruned.to(device)
+        if teacher is not None:
+            teacher.to(device)
+    data = _prepare_data(teacher, inputs, cfg, cached, check_inputs, final, teacher_at,
+                         on_the_fly, rank, count)
+    params = _freeze(pruned, cfg.train)
+    raw_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(raw_opt, max(1, int(WARMUP * cfg.steps)), cfg.steps)
+    student, opt = acc.prepare(_Student(pruned, final, student_layers), raw_opt)
+    sizes = torch.tensor([_batch_len(b) for b in data.inputs], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(cfg.seed)  # which batch: the same on every process
+    rows_gen = gen if count == 1 else torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
+    per = -(-cfg.batch_size // count)  # rows per process and micro-batch
+    result = DistillResult(cfg.steps, 0.0, cfg.train, cfg.lr, cfg.batch_size, cfg.temperature,
+                           kind, trainable_params=sum(p.numel() for p in params), match=cfg.match,
+                           layers=teacher_at, teacher_cached=not on_the_fly,
+                           mixed_precision=cfg.mixed_precision,
+                           grad_accumulation=cfg.grad_accumulation, processes=count)
+    prior = resume.result.seconds if resume is not None else 0.0
     t0 = time.perf_counter()
     pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs
     teacher_was = teacher.training if on_the_fly else False
     if on_the_fly:
         teacher.eval()  # it runs every step (teacher_outputs sets and restores its own mode)
-    bar = tqdm(range(steps), desc=f"distill ({train})", disable=not progress, leave=False)
-    running = None
-    check_at = {round(steps * (c + 1) / checks) for c in range(checks)} if held_x else set()
+    check_at = ({round(cfg.steps * (c + 1) / cfg.checks) for c in range(cfg.checks)}
+                if data.held_x or count > 1 else set())
     best = None  # (held-out loss, step, copy of the trainable parameters then)
-    if held_x:
-        result.heldout[0] = _heldout_loss(pruned, held_x, held_t, kind, temperature, device)
+    start = 0
+
+    def heldout() -> float:
+        total, n = _heldout_sums(pruned, data.held_x, data.held_t, kind, cfg.temperature, device)
+        total, n = reduce_sum(acc, [total, n])
+        return total / max(1.0, n)
+
+    if resume is not None:
+        start = resume.step
+        opt.optimizer.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        gen.set_state(resume.generators[0])
+        rows_gen.set_state(resume.generators[-1])
+        result = resume.result
+        if resume.best_params is not None:
+            best = (resume.best_loss, resume.best_step, [t.to(device) for t in resume.best_params])
+    elif check_at:
+        result.heldout[0] = heldout()
         best = (result.heldout[0], 0, [p.detach().clone() for p in params])
+    bar = tqdm(range(start, cfg.steps), desc=f"distill ({cfg.train})", disable=not (progress and main),
+               leave=False, initial=start, total=cfg.steps)
+    running = result.losses[-1] if result.losses else None
     try:
         for step in bar:
-            k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
-            n = _batch_len(inputs[k])
-            idx = torch.randperm(n, generator=gen)[:batch_size]
-            x, mask = _rows(inputs[k], idx, device), _mask(inputs[k], idx)
-            if targets is None:
-                with torch.no_grad():
-                    y, hs = _outputs(teacher, x, final, teacher_at)
-                target = [y, *hs] if teacher_at is not None else y
-            else:
-                target = _take(targets[k], idx, device)
-            out, hs = _outputs(pruned, x, final, student_layers)
-            if student_layers is None:
-                loss = distill_loss(out, target, kind, temperature, mask)
-            else:
-                loss = (distill_loss(out, target[0], kind, temperature, mask)
-                        + layer_loss(hs, target[1:], mask))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            value = float(loss.detach())
+            value = 0.0
+            for _ in range(cfg.grad_accumulation):
+                k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
+                idx = torch.randperm(_batch_len(data.inputs[k]), generator=rows_gen)[:per]
+                x, mask = _rows(data.inputs[k], idx, device), _mask(data.inputs[k], idx)
+                if data.targets is None:
+                    with torch.no_grad():
+                        y, hs = _outputs(teacher, x, final, teacher_at)
+                    target = [y, *hs] if teacher_at is not None else y
+                else:
+                    target = _take(data.targets[k], idx, device)
+                with acc.accumulate(student):
+                    out, hs = student(x)
+                    if student_layers is None:
+                        loss = distill_loss(out.float(), target, kind, cfg.temperature, mask)
+                    else:
+                        loss = (distill_loss(out.float(), target[0], kind, cfg.temperature, mask)
+                                + layer_loss(hs, target[1:], mask))
+                    acc.backward(loss)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                value += float(loss.detach()) / cfg.grad_accumulation
+            if not acc.optimizer_step_was_skipped:
+                sched.step()
             running = value if running is None else 0.95 * running + 0.05 * value
             result.losses.append(value)
             bar.set_postfix(loss=f"{running:.4g}")
             if step + 1 in check_at:
-                loss_now = _heldout_loss(pruned, held_x, held_t, kind, temperature, device)
+                loss_now = heldout()
                 result.heldout[step + 1] = loss_now
                 if loss_now < best[0]:
                     best = (loss_now, step + 1, [p.detach().clone() for p in params])
+            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                    and step + 1 < cfg.steps:
+                result.seconds = prior + time.perf_counter() - t0
+                state = DistillState(step + 1, opt.optimizer.state_dict(), sched.state_dict(),
+                                     [gen.get_state(), rows_gen.get_state()],
+                                     None if best is None else best[0], 0 if best is None else best[1],
+                                     None if best is None else [t.detach().cpu().clone() for t in best[2]],
+                                     result)
+                if main:
+                    checkpoint(state)
+                acc.wait_for_everyone()
         if best is not None:
             result.kept_step = best[1]
             with torch.no_grad():
                 for p, saved in zip(params, best[2]):
                     p.copy_(saved)
         else:
-            result.kept_step = steps
+            result.kept_step = cfg.steps
     finally:
         pruned.eval()
         if on_the_fly:
             teacher.train(teacher_was)
         for p in pruned.parameters():
             p.requires_grad_(False)
-        result.seconds = time.perf_counter() - t0
-    if steps:
-        log.info("distilled %d steps (%s, %s, lr %g) in %.1f s: loss %.4g -> %.4g; kept step %d "
-                 "(held-out loss %s)", steps, train, match, lr, result.seconds, result.losses[0],
-                 running, result.kept_step,
-                 ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
+        result.seconds = prior + time.perf_counter() - t0
+        acc.free_memory()
+    if cfg.steps and main:
+        log.info("distilled %d steps (%s, %s, lr %g, %s precision, %d process(es)) in %.1f s: loss "
+                 "%.4g -> %.4g; kept step %d (held-out loss %s)", cfg.steps, cfg.train, cfg.match,
+                 cfg.lr, cfg.mixed_precision, count, result.seconds, result.losses[0], running,
+                 result.kept_step, ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
     return result

@@ -61,37 +61,64 @@ def install_head(model: nn.Module, head: nn.Module, label_names: list[str] | Non
 
 def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3,
              freeze_backbone: bool = True, device: str | torch.device = "cpu",
-             progress: bool = True) -> list[float]:
-    """Train the head (and the backbone unless frozen) with cross-entropy; returns epoch losses."""
+             progress: bool = True, mixed_precision: str = "no",
+             grad_accumulation: int = 1) -> list[float]:
+    """Train the head (and the backbone unless frozen) with cross-entropy; returns epoch losses.
+    On accelerate (:mod:`vit_pruning.accel`): mixed precision, gradient accumulation, and under
+    a launcher every process takes every n-th batch with gradients averaged (the remainder that
+    does not divide among the processes is left out, so they all take as many steps)."""
+    from .accel import make_accelerator, reduce_sum, train_device
     params = list(model.classifier.parameters()) if freeze_backbone else list(model.parameters())
     for p in model.parameters():
         p.requires_grad_(not freeze_backbone)
     for p in model.classifier.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    acc = make_accelerator(torch.device(device), mixed_precision, grad_accumulation)
+    device = train_device(acc, model)
+    model.to(device)
+    net, opt = acc.prepare(_Logits(model), torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    rank, count = acc.process_index, acc.num_processes
     losses = []
     model.train()
     try:
         for epoch in range(epochs):
-            total = count = 0.0
-            bar = tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress,
-                       leave=False)
+            total = count_rows = 0.0
+            batches = list(loader) if count > 1 else loader
+            if count > 1:
+                batches = batches[:len(batches) - len(batches) % count][rank::count]
+            bar = tqdm(batches, desc=f"fine-tune epoch {epoch + 1}/{epochs}",
+                       disable=not (progress and acc.is_main_process), leave=False)
             for batch in bar:
-                logits = forward_output(model, batch_pixels(batch).to(device))
-                loss = F.cross_entropy(logits, batch_labels(batch).to(device))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                with acc.accumulate(net):
+                    logits = net(batch_pixels(batch).to(device))
+                    loss = F.cross_entropy(logits.float(), batch_labels(batch).to(device))
+                    acc.backward(loss)
+                    opt.step()
+                    opt.zero_grad()
                 total += float(loss.detach()) * len(logits)
-                count += len(logits)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            losses.append(total / max(1, count))
-            log.info("fine-tune epoch %d: loss %.4f", epoch + 1, losses[-1])
+                count_rows += len(logits)
+                bar.set_postfix(loss=f"{total / count_rows:.4f}")
+            total, count_rows = reduce_sum(acc, [total, count_rows])
+            losses.append(total / max(1, count_rows))
+            if acc.is_main_process:
+                log.info("fine-tune epoch %d: loss %.4f", epoch + 1, losses[-1])
     finally:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        acc.free_memory()
     return losses
+
+
+class _Logits(nn.Module):
+    """A classifier's logits as one module (what a data-parallel wrapper runs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return forward_output(self.model, pixels)
 
 
 def save_adapter(model: nn.Module, path: str | Path, classifier_type: str, metadata: dict) -> Path:

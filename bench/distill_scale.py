@@ -1,0 +1,115 @@
+"""Distillation on several processes: what data parallelism costs on this CPU.
+
+One distillation run three ways on the same global batch (32 rows per step): one process with 2
+torch threads, and two processes of one thread each under `torchrun` (gloo), each on its own
+shard of the inputs with gradients averaged (`vit_pruning.distill` on accelerate). Samples per
+second count the rows of every process over the distillation's wall time (teacher outputs
+included); the held-out loss is the distillation loss on the checks (summed over processes) at
+the last step. Rows: the embedded digits ViT at target 0.7 (`blocks`, 1,437 train images, the
+calibration images as checks), all-MiniLM-L6-v2 at 0.3 (`blocks layers`, 3,000 docstring
+sentences, 512 documentation sentences as checks).
+
+Each run is `python -m bench.distill_scale <model> <steps>` in a fresh process (under torchrun
+for two), so thread settings and process start-up are what a user gets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+STEPS = {"digits": 300, "minilm": 150}
+
+
+def _inputs(name: str):
+    """(teacher, pruned student, distill inputs, check inputs, DistillConfig options)."""
+    import copy
+    import random
+
+    import torch
+
+    from .common import calibration, digits_tensors, embedded_model
+    from .methods import prune_ours
+    if name == "digits":
+        d = digits_tensors()
+        base = embedded_model()
+        calib, _ = calibration(d, 0)
+        pruned = copy.deepcopy(base)
+        result = prune_ours(pruned, 0.7, calib, 96)
+        return base, pruned, list(torch.split(d.x_train, 256)), calib, {"train": "blocks", "lr": 1e-3}, result
+    from vit_pruning.batches import take_inputs
+    from vit_pruning.text import python_docstring_sentences, tokenize
+
+    from . import text, text_data
+    (base, tok), split = text._minilm(), text_data.split(512, 512)
+    calib = take_inputs(tokenize(tok, split.calibration))
+    used = set(split.calibration) | set(split.evaluation)
+    pool = random.Random(0).sample(python_docstring_sentences(), 3000)
+    checks = take_inputs(tokenize(tok, [t for t in text_data.sentences() if t not in used][:512]))
+    pruned = copy.deepcopy(base)
+    result = prune_ours(pruned, 0.3, calib, text.MIN_REMAINING)
+    return (base, pruned, tokenize(tok, pool, 64, by_length=True), checks,
+            {"train": "blocks", "lr": 1e-3, "match": "layers"}, result)
+
+
+def worker(name: str, steps: int) -> None:
+    """One run (one process of it under torchrun); the main process prints one JSON line."""
+    from vit_pruning.accel import is_main
+    from vit_pruning.distillation import DistillConfig, distill, pruned_layers
+    base, pruned, inputs, checks, kw, result = _inputs(name)
+    if kw.get("match") == "layers":
+        kw["layers"] = tuple(pruned_layers(result))
+    res = distill(pruned, base, inputs, config=DistillConfig(steps=steps, batch_size=32, **kw),
+                  check_inputs=checks)
+    if is_main():
+        print(json.dumps({"seconds": res.seconds, "rows": steps * 32, "processes": res.processes,
+                          "heldout": res.heldout, "kept": res.kept_step}))
+
+
+def _run(name: str, steps: int, processes: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "bench.distill_scale", name, str(steps)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "-m", "bench.distill_scale", name, str(steps)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    rec = json.loads(line)
+    rec.update(name=name, procs=processes, threads=2 // processes, wall=time.perf_counter() - t0,
+               rate=rec["rows"] / rec["seconds"])
+    return rec
+
+
+def run(smoke: bool = False) -> dict:
+    names = ("digits",) if smoke else ("digits", "minilm")
+    rows = []
+    for name in names:
+        steps = 20 if smoke else STEPS[name]
+        rows += [_run(name, steps, 1), _run(name, steps, 2)]
+    return {"rows": rows}
+
+
+def table(res: dict) -> str:
+    from .common import md_table
+    out, by = [], {}
+    for r in res["rows"]:
+        by.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, (one, two) in by.items():
+        last1, last2 = (r["heldout"][max(r["heldout"], key=int)] for r in (one, two))
+        for r, last in ((one, last1), (two, last2)):
+            rows.append([name, f"{r['procs']} x {r['threads']} thread(s)", r["rows"] // 32,
+                         f"{r['seconds']:.1f}", f"{r['rate']:.1f}",
+                         f"{r['rate'] / one['rate']:.2f}", f"{last:.4g}",
+                         f"{100 * (last - last1) / last1:+.1f}%"])
+    out.append(md_table(["model", "processes", "steps", "distill seconds", "samples/s",
+                         "x one process", "held-out loss, last check", "vs one process"], rows))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], int(sys.argv[2]))

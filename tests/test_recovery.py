@@ -1,0 +1,211 @@
+"""Recovery at scale: distillation on accelerate (config object, mixed precision, gradient
+accumulation), checkpoints that resume to exactly the same weights, several processes under
+torchrun (one report, one model, the same held-out losses as one process), a dead rank, and the
+bad inputs of the new flags."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ViTForImageClassification
+
+from conftest import tiny_config
+from vit_pruning import DistillConfig, PruneConfig, distill, load_pruned_model, prune_2ssp
+from vit_pruning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pair():
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(tiny_config(num_hidden_layers=4)).eval()
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    student, _ = prune_2ssp(copy.deepcopy(teacher), 0.4, [x[:16]],
+                            PruneConfig(min_remaining=8, align=1, split=1))
+    return teacher, student, x
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_and_keywords_are_one_distillation():
+    teacher, student, x = pair()
+    twin = copy.deepcopy(student)
+    r1 = distill(student, teacher, [x], 12, lr=1e-3, batch_size=16)
+    r2 = distill(twin, teacher, [x], config=DistillConfig(steps=12, lr=1e-3, batch_size=16))
+    assert same(weights(student), weights(twin)) and r1.losses == r2.losses
+
+
+def test_accumulation_and_bf16_run_and_are_recorded():
+    teacher, student, x = pair()
+    res = distill(student, teacher, [x], 6, batch_size=8, grad_accumulation=2,
+                  mixed_precision="bf16")
+    assert res.grad_accumulation == 2 and res.mixed_precision == "bf16"
+    assert len(res.losses) == 6 and all(torch.isfinite(torch.tensor(res.losses)))
+    with pytest.raises(ValueError, match="grad_accumulation must be >= 1"):
+        distill(student, teacher, [x], 2, grad_accumulation=0)
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        distill(student, teacher, [x], 2, mixed_precision="fp8")
+
+
+def test_interrupted_and_resumed_distillation_ends_with_the_same_weights():
+    teacher, student, x = pair()
+    whole = copy.deepcopy(student)
+    distill(whole, teacher, [x], 24, batch_size=16, checks=4)
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(state):  # what the CLI writes to disk: the student's weights and the state
+        saved["weights"] = weights(student)
+        saved["state"] = copy.deepcopy(state)
+        raise Stop
+    with pytest.raises(Stop):
+        distill(student, teacher, [x], 24, batch_size=16, checks=4, checkpoint_every=10,
+                checkpoint=hook)
+    assert saved["state"].step == 10
+    _, fresh, _ = pair()
+    fresh.load_state_dict(saved["weights"])
+    res = distill(fresh, teacher, [x], 24, batch_size=16, checks=4, checkpoint_every=10,
+                  resume=saved["state"])
+    assert same(weights(fresh), weights(whole))
+    assert len(res.losses) == 24 and sorted(res.heldout) == [0, 6, 12, 18, 24]
+
+
+def cli(tmp: Path, *args: str) -> int:
+    return main(["--model", "embedded", "--target", "0.5", "--calib-size", "32",
+                 "--distill-size", "256", "--reports-dir", str(tmp / "reports"),
+                 "--artifacts-dir", str(tmp / "art"), "--pruned-output-dir", str(tmp / "pruned"),
+                 "--quiet", "--latency-repeats", "2", *args])
+
+
+def test_cli_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    from vit_pruning import checkpoint as ckpt
+    steps = ["--distill-steps", "30", "--distill-batch-size", "16", "--save-pruned-model"]
+    assert cli(tmp_path / "a", *steps, "--run-id", "whole") == 0
+    real = ckpt.Checkpoint.write
+
+    def write_then_die(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt  # killed right after the first checkpoint landed
+    monkeypatch.setattr(ckpt.Checkpoint, "write", write_then_die)
+    b = tmp_path / "b"
+    assert cli(b, *steps, "--checkpoint-every", "10", "--run-id", "r") == 130
+    assert (b / "art" / "r" / "checkpoint" / "latest.json").exists()
+    assert not (b / "reports").exists() or not list((b / "reports").glob("*.json"))
+    monkeypatch.setattr(ckpt.Checkpoint, "write", real)
+    capsys.readouterr()
+    assert cli(b, *steps, "--checkpoint-every", "10", "--run-id", "r") == 2  # not without --resume
+    assert "add --resume" in capsys.readouterr().err
+    assert cli(b, *steps, "--checkpoint-every", "10", "--run-id", "r", "--resume") == 0
+    w1 = load_file(str(tmp_path / "a" / "pruned" / "whole" / "model.safetensors"))
+    w2 = load_file(str(b / "pruned" / "r" / "model.safetensors"))
+    assert same(w1, w2)
+    rep = json.loads((b / "reports" / "report-r.json").read_text())
+    assert [s["name"] for s in rep["stages"]] == ["baseline", "stage1", "stage2", "distilled"]
+    assert not (b / "art" / "r" / "checkpoint").exists()  # spent once the run is whole
+
+
+def test_a_checkpoint_of_another_job_is_refused(tmp_path, monkeypatch, capsys):
+    from vit_pruning import checkpoint as ckpt
+    real = ckpt.Checkpoint.write
+
+    def write_then_die(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt.Checkpoint, "write", write_then_die)
+    assert cli(tmp_path, "--distill-steps", "20", "--checkpoint-every", "5", "--run-id", "j") == 130
+    monkeypatch.setattr(ckpt.Checkpoint, "write", real)
+    capsys.readouterr()
+    argv = ["--model", "embedded", "--target", "0.4", "--calib-size", "32", "--distill-size", "256",
+            "--reports-dir", str(tmp_path / "reports"), "--artifacts-dir", str(tmp_path / "art"),
+            "--quiet", "--distill-steps", "20", "--checkpoint-every", "5", "--run-id", "j", "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "made for another job (--target was 0.5 there, 0.4 now)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--distill-steps", "5", "--grad-accumulation", "0"], "--grad-accumulation must be >= 1, got 0"),
+    (["--checkpoint-every", "5"], "--checkpoint-every checkpoints distillation: add --distill-steps"),
+    (["--distill-steps", "5", "--resume"], "--resume goes on from the checkpoint of a run: give its --run-id"),
+    (["--distill-steps", "5", "--resume", "--run-id", "none"], "--resume: no checkpoint of --run-id none"),
+    (["--distill-steps", "5", "--mixed-precision", "fp16", "--device", "cpu"],
+     "--mixed-precision fp16: fp16 needs a CUDA device"),
+])
+def test_bad_recovery_flags(tmp_path, capsys, args, message):
+    assert cli(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "pruned").exists()
+
+
+def torchrun(tmp: Path, nproc: int, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    entry = [script] if script else ["-m", "vit_pruning"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + os.getpid() % 1000), *entry,
+           "--model", "embedded", "--target", "0.5", "--calib-size", "32", "--distill-size", "512",
+           "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
+           "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_distill_one_model_like_one_process(tmp_path):
+    args = ["--distill-steps", "40", "--distill-batch-size", "32", "--save-pruned-model", "--run-id", "ddp"]
+    two = torchrun(tmp_path / "two", 2, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = torchrun(tmp_path / "one", 1, *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reports = list((tmp_path / "two" / "reports").glob("*.json"))
+    assert len(reports) == 1 and len(list((tmp_path / "two" / "pruned").iterdir())) == 1
+    r2, r1 = (json.loads(next((tmp_path / d / "reports").glob("*.json")).read_text())["distillation"]
+              for d in ("two", "one"))
+    assert r2["processes"] == 2 and r1["processes"] == 1
+    assert r1["heldout"].keys() == r2["heldout"].keys()
+    for step, loss in r1["heldout"].items():
+        assert abs(r2["heldout"][step] - loss) <= 0.02 * loss, (step, loss, r2["heldout"][step])
+    model = load_pruned_model(tmp_path / "two" / "pruned" / "ddp")
+    assert model(pixel_values=torch.zeros(1, 3, 16, 16)).logits.isfinite().all()
+
+
+DIE = """
+import os, sys
+import vit_pruning.distillation as d
+if os.environ.get("RANK") == "1":  # this process dies in the middle of distillation
+    real, calls = d.distill_loss, [0]
+    def dying(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            os._exit(9)
+        return real(*a, **k)
+    d.distill_loss = dying
+from vit_pruning.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_dead_rank_stops_the_job_in_one_line(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    out = torchrun(tmp_path, 2, "--distill-steps", "200", "--checkpoint-every", "2", "--run-id", "dead",
+                   script=str(script))
+    assert out.returncode != 0
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("vit-2ssp (rank 0 of 2)")]
+    assert len(lines) == 1 and ("another process of this job stopped" in lines[0]
+                                or "terminated" in lines[0]), out.stderr[-3000:]
+    assert "Traceback" not in "\n".join(ln for ln in out.stderr.splitlines() if "rank 0" in ln)
+    assert not (tmp_path / "reports").exists() or not list((tmp_path / "reports").glob("*.json"))
+    assert (tmp_path / "art" / "dead" / "checkpoint" / "latest.json").exists()  # the last survives

@@ -406,19 +406,40 @@ class _Student(nn.Module):
 
 def _prepare_data(teacher, inputs, cfg: DistillConfig, cached, check_inputs, final: str,
                   teacher_at, on_the_fly: bool, rank: int, count: int) -> _Data:
-    """This process's share of the inputs with the teacher's outputs on them, and the held-out
-    inputs of the checks (`check_inputs`, else a `heldout` share of every batch)."""
-    inputs = shard_rows(inputs, rank, count)
+    """The inputs this process trains on with the teacher's outputs on them, and the held-out
+    inputs of the checks (`check_inputs`, else a `heldout` share of every batch). With several
+    processes the held-out rows are split off first, then every batch is sharded (rows rank,
+    rank + count, ...), and each process computes the teacher's outputs on its shard only."""
+    if count > 1:
+        if cached is not None:
+            inputs, fit_t, held_x, held_t = _split_heldout(inputs, list(cached), 0 if check_inputs
+                                                             else cfg.heldout)
+        else:
+            inputs, _, held_x, _ = _split_heldout(inputs, None, 0 if check_inputs else cfg.heldout)
+            fit_t = held_t = None
+        inputs = shard_rows(inputs, rank, count)
+        if check_inputs:
+            if teacher is None:
+                raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
+            held_x, held_t = shard_rows(list(check_inputs), rank, count), None
+        else:
+            held_x = shard_rows(held_x, rank, count)
+            held_t = shard_rows(held_t, rank, count) if held_t is not None else None
+        if held_t is None:
+            held_t = teacher_outputs(teacher, held_x, match=final)
+        targets = (None if on_the_fly else shard_rows(fit_t, rank, count) if fit_t is not None
+                   else teacher_outputs(teacher, inputs, match=cfg.match, layers=teacher_at))
+        return _Data(inputs, targets, held_x, held_t)
     if on_the_fly:
         targets = None
     elif cached is not None:
-        targets = shard_rows(cached, rank, count)
+        targets = list(cached)
     else:
         targets = teacher_outputs(teacher, inputs, match=cfg.match, layers=teacher_at)
     if check_inputs:
         if teacher is None:
             raise ValueError("check_inputs needs the teacher model (its outputs there are not cached)")
-        held_x = shard_rows(list(check_inputs), rank, count)
+        held_x = list(check_inputs)
         return _Data(inputs, targets, held_x, teacher_outputs(teacher, held_x, match=final))
     if targets is None:  # targets come per step: only the held-out rows' output is computed
         inputs, _, held_x, _ = _split_heldout(inputs, None, cfg.heldout)
@@ -514,10 +535,12 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
     raw_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(raw_opt, max(1, int(WARMUP * cfg.steps)), cfg.steps)
     student, opt = acc.prepare(_Student(pruned, final, student_layers), raw_opt)
-    sizes = torch.tensor([_batch_len(b) for b in data.inputs], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(cfg.seed)  # which batch: the same on every process
-    rows_gen = gen if count == 1 else torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
-    per = -(-cfg.batch_size // count)  # rows per process and micro-batch
+    # every process draws the same global rows (the draw of one process); each trains on those
+    # in its shard, its loss weighted by its share, so the averaged gradient is one process's
+    full = [_batch_len(b) for b in data.inputs] if count == 1 else reduce_sum(
+        acc, [_batch_len(b) for b in data.inputs])
+    sizes = torch.tensor(full, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(cfg.seed)
     result = DistillResult(cfg.steps, 0.0, cfg.train, cfg.lr, cfg.batch_size, cfg.temperature,
                            kind, trainable_params=sum(p.numel() for p in params), match=cfg.match,
                            layers=teacher_at, teacher_cached=not on_the_fly,
@@ -544,7 +567,6 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
         opt.optimizer.load_state_dict(resume.optimizer)
         sched.load_state_dict(resume.scheduler)
         gen.set_state(resume.generators[0])
-        rows_gen.set_state(resume.generators[-1])
         result = resume.result
         if resume.best_params is not None:
             best = (resume.best_loss, resume.best_step, [t.to(device) for t in resume.best_params])
@@ -559,7 +581,12 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
             value = 0.0
             for _ in range(cfg.grad_accumulation):
                 k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
-                idx = torch.randperm(_batch_len(data.inputs[k]), generator=rows_gen)[:per]
+                idx = torch.randperm(int(full[k]), generator=gen)[:cfg.batch_size]
+                mine = idx[idx % count == rank] // count  # rows of this process's shard
+                share = len(mine) * count / len(idx)
+                if not len(mine):  # none drawn here: one row, weighted 0, keeps DDP in step
+                    mine, share = torch.zeros(1, dtype=torch.long), 0.0
+                idx = mine
                 x, mask = _rows(data.inputs[k], idx, device), _mask(data.inputs[k], idx)
                 if data.targets is None:
                     with torch.no_grad():
@@ -574,10 +601,14 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                     else:
                         loss = (distill_loss(out.float(), target[0], kind, cfg.temperature, mask)
                                 + layer_loss(hs, target[1:], mask))
+                    if count > 1:
+                        loss = loss * share
                     acc.backward(loss)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 value += float(loss.detach()) / cfg.grad_accumulation
+            if count > 1:  # the step's loss over every process's rows
+                value = reduce_sum(acc, [value])[0] / count
             if not acc.optimizer_step_was_skipped:
                 sched.step()
             running = value if running is None else 0.95 * running + 0.05 * value
@@ -592,7 +623,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                     and step + 1 < cfg.steps:
                 result.seconds = prior + time.perf_counter() - t0
                 state = DistillState(step + 1, opt.optimizer.state_dict(), sched.state_dict(),
-                                     [gen.get_state(), rows_gen.get_state()],
+                                     [gen.get_state()],
                                      None if best is None else best[0], 0 if best is None else best[1],
                                      None if best is None else [t.detach().cpu().clone() for t in best[2]],
                                      result)

@@ -201,3 +201,31 @@ def test_cli_bad_objective_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "reports").exists() and not (tmp_path / "pruned").exists()
+
+
+def test_prune_to_measured_plans_again_when_the_measurement_misses():
+    from vit_pruning.pipeline import Pruner
+    from vit_pruning.sweep import prune_to_measured
+    model = tiny()
+    lat = table(block_s=1.0, slope_s=1.0 / 64, attention_s=0.0, fixed_s=1.0)
+    pruner = Pruner(model, None, PruneConfig(objective="latency", latency_model=lat, align=1,
+                                             min_remaining=8, split=0))
+    total = count_total_params(model)
+
+    def measure(m):  # a "measurement" the latency model does not predict: parameters kept
+        return count_total_params(m) / total
+    pruned, res, tries = prune_to_measured(pruner, 0.8, measure, tolerance=0.002)
+    assert len(tries) == 2 and tries[0].measures["predicted_ratio"] == pytest.approx(0.8, abs=1e-3)
+    first, second = (abs(t.measures["measured_ratio"] - 0.8) for t in tries)
+    assert second < first and abs(measure(pruned) - 0.8) == min(first, second)
+    assert [t.measures.get("chosen", False) for t in tries] == [False, True]
+    assert count_total_params(model) == total  # the Pruner's model stays unpruned
+
+
+def test_cli_single_latency_target_records_its_attempts(tmp_path):
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "one",
+               "--calib-size", "32") == 0
+    obj = report(tmp_path)["objective"]
+    assert obj["objective"] == "latency" and obj["attempts"]
+    assert sum(bool(a.get("chosen")) for a in obj["attempts"]) == 1
+    assert obj["measured_ratio"] == report(tmp_path)["stages"][-1]["latency_ratio"]

@@ -88,7 +88,14 @@ def _objective_line(rep: dict) -> str | None:
                  f"{lm.get('dtype')}, batch {lm.get('batch_size')}, "
                  f"{1e3 * lm.get('total_s', 0):.3f} ms per forward of which "
                  f"{1e3 * lm.get('fixed_s', 0):.3f} ms outside the blocks)")
-    if abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9:
+    attempts = obj.get("attempts") or []
+    if len(attempts) > 1:
+        first = attempts[0]
+        line += (f"; the first plan (predicted {first['predicted_ratio']:.4f}) measured "
+                 f"{first['measured_ratio']:.4f}, so it was planned again at "
+                 f"{attempts[1]['planned_ratio']:.4f} (measured {attempts[1]['measured_ratio']:.4f}); "
+                 f"the closer one was kept")
+    elif abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9:
         line += (f"; no structure lands on the asked ratio, so the nearest below it was planned "
                  f"({obj['planned_ratio']:.4f})")
     return (line + f"; parameters {obj['params_ratio']:.4f}x, FLOPs {obj['flops_ratio']:.4f}x "

@@ -147,3 +147,39 @@ def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[b
     best = points[lo]
     pruned, res = kept[best]
     return SearchResult(best, pruned, res, trials, rejected)
+
+
+def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module], float],
+                      tolerance: float = 0.01, corrections: int = 1,
+                      after_stage1: Callable[[float, nn.Module], None] | None = None,
+                      ) -> tuple[nn.Module, PruneResult, list[Trial]]:
+    """Prune a copy of the Pruner's model to keep `ratio` of what `measure(pruned) -> ratio`
+    measures (e.g. latency timed against the unpruned model): first at the target the cost
+    model plans (1 - ratio), then, while the measured ratio misses by more than `tolerance`, up
+    to `corrections` times at the target corrected by the miss (what is removed taken as
+    proportional to the target); the attempt closest to `ratio` is returned, with every attempt
+    (Trial.measures: planned, predicted and measured ratios)."""
+    from .planner import max_feasible_target
+    cfg = pruner.cfg
+    units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
+    top = max(max_feasible_target(pruner.shape, u, cfg.min_remaining, int(cfg.align)) for u in units)
+    target, tries = 1 - ratio, []
+    for attempt in range(corrections + 1):
+        hook = None if after_stage1 is None else (lambda m, t=target: after_stage1(t, m))
+        model, res = pruner.prune(target, copy.deepcopy(pruner.model), after_stage1=hook)
+        got = measure(model)
+        tries.append((abs(got - ratio), attempt, target, model, res,
+                      Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
+                            {"planned_ratio": 1 - res.plan.target,
+                             "predicted_ratio": res.objective_ratio, "measured_ratio": got})))
+        log.info("measured target: planned %.4f, predicted %.4f, measured %.4f (asked %.4f)",
+                 1 - res.plan.target, res.objective_ratio, got, ratio)
+        if abs(got - ratio) <= tolerance or got >= 1:
+            break
+        corrected = min(top, max(1e-3, res.plan.target * (1 - ratio) / (1 - got)))
+        if abs(corrected - target) < 1e-4:
+            break
+        target = corrected
+    best = min(tries, key=lambda t: (t[0], t[1]))
+    best[5].measures["chosen"] = True
+    return best[3], best[4], [t[5] for t in tries]

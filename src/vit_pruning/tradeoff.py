@@ -106,6 +106,41 @@ def budget_search(args: argparse.Namespace, argv: list[str], loaded: Loaded, dat
     return run
 
 
+LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans once when the measured ratio misses
+# the asked one by more than this (the latency model is a prediction; the timing is not)
+
+
+def latency_run(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices,
+                evaluate: Evaluator) -> BudgetRun:
+    """--target-latency R (one R): prune on the latency model, time the result back to back with
+    the baseline, and when it misses R by more than LATENCY_TOLERANCE prune once more at the
+    target corrected by the miss (:func:`vit_pruning.sweep.prune_to_measured`); the closer model
+    goes on through the rest of the pipeline, every attempt is in the report."""
+    from .sweep import prune_to_measured
+    base = evaluate("baseline", loaded.model)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
+                    progress=not args.quiet)
+    size = {"seq_len": data.seq_len} if loaded.text else {}
+    stage1: dict = {}
+
+    def after_stage1(target, model):
+        stage1[target] = (evaluate("stage1", model), copy.deepcopy(model))
+
+    def measure(model) -> float:
+        return interleaved_latency({"baseline": loaded.model, "pruned": model},
+                                   args.latency_batch_size, args.latency_repeats, warmup=2,
+                                   dtype=ch.latency_dtype, **size).ratio["pruned"]
+    try:
+        model, res, tries = prune_to_measured(pruner, 1 - args.target, measure, LATENCY_TOLERANCE,
+                                              after_stage1=after_stage1)
+    except ValueError as exc:
+        raise UsageError(f"--target-latency: {exc}") from exc
+    chosen = next(t for t in tries if t.measures.get("chosen"))
+    metrics, snapshot = stage1.get(chosen.target, (None, None))
+    search = SearchResult(chosen.target, model, res, tries)
+    return BudgetRun(search, base, metrics, snapshot)
+
+
 def _measures_text(measures: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in measures.items())

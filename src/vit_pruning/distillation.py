@@ -250,6 +250,9 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
         out = []
         for b in inputs:
             n = _batch_len(b)
+            if not n:  # a process's empty shard of a small batch: never drawn from
+                out.append(None)
+                continue
             parts = []
             for i in range(0, n, micro):
                 y, hs = _outputs(teacher, _rows(b, torch.arange(i, min(n, i + micro)), device),
@@ -425,10 +428,15 @@ def _prepare_data(teacher, inputs, cfg: DistillConfig, cached, check_inputs, fin
         else:
             held_x = shard_rows(held_x, rank, count)
             held_t = shard_rows(held_t, rank, count) if held_t is not None else None
+        keep = [i for i, b in enumerate(held_x) if _batch_len(b)]  # a shard can be empty
+        held_x = [held_x[i] for i in keep]
         if held_t is None:
             held_t = teacher_outputs(teacher, held_x, match=final)
+        else:
+            held_t = [held_t[i] for i in keep]
         targets = (None if on_the_fly else shard_rows(fit_t, rank, count) if fit_t is not None
                    else teacher_outputs(teacher, inputs, match=cfg.match, layers=teacher_at))
+        # (a shard of a small batch can be empty: teacher_outputs gives it empty targets)
         return _Data(inputs, targets, held_x, held_t)
     if on_the_fly:
         targets = None
@@ -540,6 +548,10 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
     full = [_batch_len(b) for b in data.inputs] if count == 1 else reduce_sum(
         acc, [_batch_len(b) for b in data.inputs])
     sizes = torch.tensor(full, dtype=torch.float64)
+    spare = next((i for i, b in enumerate(data.inputs) if _batch_len(b)), None)
+    if spare is None:
+        raise ValueError(f"process {rank} of {count} has no distillation inputs: give more "
+                         f"inputs than processes")
     gen = torch.Generator().manual_seed(cfg.seed)
     result = DistillResult(cfg.steps, 0.0, cfg.train, cfg.lr, cfg.batch_size, cfg.temperature,
                            kind, trainable_params=sum(p.numel() for p in params), match=cfg.match,
@@ -585,7 +597,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                 mine = idx[idx % count == rank] // count  # rows of this process's shard
                 share = len(mine) * count / len(idx)
                 if not len(mine):  # none drawn here: one row, weighted 0, keeps DDP in step
-                    mine, share = torch.zeros(1, dtype=torch.long), 0.0
+                    k, mine, share = spare, torch.zeros(1, dtype=torch.long), 0.0
                 idx = mine
                 x, mask = _rows(data.inputs[k], idx, device), _mask(data.inputs[k], idx)
                 if data.targets is None:

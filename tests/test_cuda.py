@@ -55,3 +55,38 @@ def test_layer_distillation_on_cuda(cache_limit):
                   layers=pruned_layers(result), cache_limit=CACHE_LIMIT if cache_limit is None else 0)
     assert res.teacher_cached == (cache_limit is None) and len(res.losses) == 20
     assert all(p.is_cuda for p in student.parameters()) and all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def test_bf16_distillation_on_cuda_learns_and_stays_on_the_gpu():
+    """accelerate's bf16 autocast on a GPU: finite losses, the student stays on CUDA in float32
+    weights, and the held-out loss is not worse than before the first step (best check kept)."""
+    from vit_pruning import distill
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU cannot run bf16")
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(tiny_config()).eval().cuda()
+    x = torch.randn(128, 3, 16, 16, device="cuda")
+    student = ViTForImageClassification(tiny_config()).eval().cuda()
+    student.load_state_dict(teacher.state_dict())
+    student, _ = prune_2ssp(student, 0.3, [x[:32]], PruneConfig(min_remaining=8))
+    res = distill(student, teacher, [x.cpu()], 30, lr=1e-3, mixed_precision="bf16")
+    assert res.mixed_precision == "bf16" and all(torch.isfinite(torch.tensor(res.losses)))
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in student.parameters())
+    assert res.heldout[res.kept_step] <= res.heldout[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_distillation_under_torchrun(tmp_path):
+    """NCCL: two processes, one GPU each, distill one model; one report, one saved model."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vit_pruning",
+           "--model", "embedded", "--target", "0.5", "--distill-steps", "40", "--save-pruned-model",
+           "--reports-dir", str(tmp_path / "r"), "--pruned-output-dir", str(tmp_path / "p"),
+           "--artifacts-dir", str(tmp_path / "a"), "--quiet", "--latency-repeats", "2", "--run-id", "nccl"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = json.loads((tmp_path / "r" / "report-nccl.json").read_text())
+    assert rep["distillation"]["processes"] == 2 and rep["distillation"]["mixed_precision"] == "bf16"
+    assert len(list((tmp_path / "p").iterdir())) == 1

@@ -466,6 +466,16 @@ def _freeze(model: nn.Module, train: str) -> list[nn.Parameter]:
     return params
 
 
+def _sum_losses(acc, result: DistillResult, synced: int) -> int:
+    """With several processes each records its own share-weighted step losses; summed over the
+    processes (one exchange for all the steps since the last, not one per step) they are the
+    steps' losses over every row. Returns how many losses are summed now."""
+    if acc.num_processes > 1 and len(result.losses) > synced:
+        total = reduce_sum(acc, result.losses[synced:])
+        result.losses[synced:] = [v / acc.num_processes for v in total]
+    return len(result.losses)
+
+
 def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
             steps: int | None = None, *, config: DistillConfig | None = None,
             cached: Sequence | None = None, check_inputs: Sequence | None = None,
@@ -588,6 +598,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
     bar = tqdm(range(start, cfg.steps), desc=f"distill ({cfg.train})", disable=not (progress and main),
                leave=False, initial=start, total=cfg.steps)
     running = result.losses[-1] if result.losses else None
+    synced = len(result.losses)  # losses before this are over every process (see _sum_losses)
     try:
         for step in bar:
             value = 0.0
@@ -619,8 +630,6 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 value += float(loss.detach()) / cfg.grad_accumulation
-            if count > 1:  # the step's loss over every process's rows
-                value = reduce_sum(acc, [value])[0] / count
             if not acc.optimizer_step_was_skipped:
                 sched.step()
             running = value if running is None else 0.95 * running + 0.05 * value
@@ -633,6 +642,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                     best = (loss_now, step + 1, [p.detach().clone() for p in params])
             if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                     and step + 1 < cfg.steps:
+                synced = _sum_losses(acc, result, synced)
                 result.seconds = prior + time.perf_counter() - t0
                 state = DistillState(step + 1, opt.optimizer.state_dict(), sched.state_dict(),
                                      [gen.get_state()],
@@ -642,6 +652,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                 if main:
                     checkpoint(state)
                 acc.wait_for_everyone()
+        synced = _sum_losses(acc, result, synced)
         if best is not None:
             result.kept_step = best[1]
             with torch.no_grad():

@@ -162,7 +162,9 @@ def table(res: dict) -> str:
                      f"{r['param_ratio']:.3f} / {r['flop_ratio']:.3f}",
                      f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
                      f"{r['flops_asked_measured']:.4f}: {r['flops_run']:.3f}", kl])
-    out.append(md_table(["model", "batch", "R asked", "first plan: predicted: measured (then the second plan's prediction)",
+    out.append(md_table(["model", "batch", "R asked",
+                         'first plan: predicted: measured ("again": planned once more; the kept '
+                         "plan's prediction)",
                          "measured latency ratio of the model kept [quartiles]",
                          "miss", "latency-target structure", "its param / FLOP ratio",
                          "param target, same params: latency", "FLOP target R: FLOP ratio, latency",

@@ -209,3 +209,18 @@ def test_a_dead_rank_stops_the_job_in_one_line(tmp_path):
     assert "Traceback" not in "\n".join(ln for ln in out.stderr.splitlines() if "rank 0" in ln)
     assert not (tmp_path / "reports").exists() or not list((tmp_path / "reports").glob("*.json"))
     assert (tmp_path / "art" / "dead" / "checkpoint" / "latest.json").exists()  # the last survives
+
+
+@pytest.mark.parametrize("target, message", [
+    (["--target", "0.3,0.5"], "several processes distill one model"),
+    (["--target-latency", "0.7"], "--target-latency plans on timings that every process"),
+])
+def test_a_launched_job_refuses_what_one_process_must_do(tmp_path, monkeypatch, capsys, target, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["--model", "embedded", *target, "--reports-dir", str(tmp_path / "r"), "--quiet",
+            "--artifacts-dir", str(tmp_path / "a"), "--latency-repeats", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("vit-2ssp (rank 0 of 2): error:")
+    assert not (tmp_path / "r").exists()

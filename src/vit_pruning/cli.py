@@ -729,6 +729,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if launched() and (args.dry_run or len(args.targets) > 1 or budget_of(args)):
         raise UsageError("several processes distill one model: give one --target and "
                          "--distill-steps (a dry run, sweep or budget search runs in one process)")
+    if launched() and args.objective == "latency":
+        raise UsageError("--target-latency plans on timings that every process would measure "
+                         "differently: plan it in one process (or use --target-flops here)")
     if not is_main():  # under a launcher only the main process logs, measures and writes
         logging.getLogger().setLevel(logging.WARNING)
         args.quiet = True

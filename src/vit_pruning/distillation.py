@@ -640,8 +640,9 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                 result.heldout[step + 1] = loss_now
                 if loss_now < best[0]:
                     best = (loss_now, step + 1, [p.detach().clone() for p in params])
-            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                    and step + 1 < cfg.steps:
+            # every process enters (the loss exchange and the barrier are collective); only
+            # the main one is given the hook
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 synced = _sum_losses(acc, result, synced)
                 result.seconds = prior + time.perf_counter() - t0
                 state = DistillState(step + 1, opt.optimizer.state_dict(), sched.state_dict(),
@@ -649,7 +650,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
                                      None if best is None else best[0], 0 if best is None else best[1],
                                      None if best is None else [t.detach().cpu().clone() for t in best[2]],
                                      result)
-                if main:
+                if main and checkpoint is not None:
                     checkpoint(state)
                 acc.wait_for_everyone()
         synced = _sum_losses(acc, result, synced)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from vit_pruning import PruneConfig, count_flops, count_total_params, prune_2ssp
+from vit_pruning import PruneConfig, count_flops, count_total_params
 from vit_pruning.measure import collect_outputs, interleaved_latency, kl_divergence
 from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape

@@ -8,21 +8,18 @@ writes and logs (:func:`is_main`).
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Sequence
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
-
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 def launched() -> bool:
     """Whether this process is one of several started by a launcher (torchrun, accelerate)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world()[1] > 1
 
 
 def world() -> tuple[int, int]:

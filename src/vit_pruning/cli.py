@@ -282,7 +282,6 @@ def validate(args: argparse.Namespace) -> None:
 BUDGETS = {"max_accuracy_drop": "--max-accuracy-drop", "max_kl": "--max-kl",
            "min_cosine": "--min-cosine"}
 OBJECTIVE_FLAGS = {"params": "--target", "flops": "--target-flops", "latency": "--target-latency"}
-MIN_LATENCY_REPEATS = 5  # objective.MIN_REPEATS (not imported here: the CLI parses before torch work)
 
 
 def budget_of(args: argparse.Namespace) -> tuple[str, float] | None:
@@ -307,8 +306,9 @@ def parse_targets(args: argparse.Namespace) -> list[float]:
     if args.objective != "params":
         if budgets:
             raise UsageError(f"{budgets[0]} finds a parameter target itself: drop {flag}")
-        if args.objective == "latency" and args.latency_repeats < MIN_LATENCY_REPEATS:
-            raise UsageError(f"--latency-repeats must be >= {MIN_LATENCY_REPEATS} with "
+        from .objective import MIN_REPEATS
+        if args.objective == "latency" and args.latency_repeats < MIN_REPEATS:
+            raise UsageError(f"--latency-repeats must be >= {MIN_REPEATS} with "
                              f"--target-latency (fewer rounds cannot measure the latency model), "
                              f"got {args.latency_repeats}")
         if args.stage != "both":
@@ -346,13 +346,12 @@ def parse_targets(args: argparse.Namespace) -> list[float]:
         values = check_targets(values)
     except ValueError as exc:
         raise UsageError(f"{flag}: {exc}") from exc
-    args.asked_ratios = values if args.objective != "params" else None
     if args.objective != "params":  # planned as the fraction removed, like a parameter target
         values = [round(1 - v, 12) for v in values]
     if len(values) > 1:
-        for flag in ("distill_steps", "recover", "export_onnx", "save_adapter"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} applies to one model: with several "
+        for one in ("distill_steps", "recover", "export_onnx", "save_adapter"):
+            if getattr(args, one):
+                raise UsageError(f"--{one.replace('_', '-')} applies to one model: with several "
                                  f"targets give one --target, or a budget, to go on with")
         if args.stage != "both":
             raise UsageError("several targets take --stage both (the default)")
@@ -720,12 +719,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
-    from .accel import is_main
+    from .accel import is_main, launched
     from .checkpoint import Checkpoint
     from .outputs import OutputError, check_outputs
     run_id = args.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     outputs = run_outputs(args, run_id)
-    from .accel import launched
     if launched() and (args.dry_run or len(args.targets) > 1 or budget_of(args)):
         raise UsageError("several processes distill one model: give one --target and "
                          "--distill-steps (a dry run, sweep or budget search runs in one process)")
@@ -929,10 +927,9 @@ def check_budget(args: argparse.Namespace, loaded: Loaded, data: Data) -> None:
 
 
 def print_budget_dry_run(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> None:
-    from .planner import max_feasible_target
+    from .planner import max_target_over, units_of
     flag, value = BUDGETS[budget_of(args)[0]], budget_of(args)[1]
-    units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
-    top = max(max_feasible_target(loaded.shape, u, ch.min_remaining, ch.align) for u in units)
+    top = max_target_over(loaded.shape, units_of(args.depth_unit), ch.min_remaining, ch.align)
     print(f"budget {flag} {value:g}: the run searches targets {args.target_resolution:g} to "
           f"{top:.4f} in steps of {args.target_resolution:g} by bisection (pruning each tried "
           f"target, measuring it on the evaluation inputs), then goes on with the largest that "
@@ -953,10 +950,10 @@ def prune_config(args: argparse.Namespace, ch: Choices):
 def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: float) -> dict:
     """Plans with the alpha split for each depth unit: validates a target before any work and
     is what --dry-run shows."""
-    from .planner import depth_only_plan, max_feasible_target, validate_target, width_only_max
-    from .planner import max_depth_units
+    from .planner import (depth_only_plan, max_depth_units, max_target_over, units_of,
+                          validate_target, width_only_max)
     shape, cfg = ch.cost_shape or loaded.shape, prune_config(args, ch)
-    units = ("block", "attention") if args.depth_unit == "auto" else (args.depth_unit,)
+    units = units_of(args.depth_unit)
     depth = int(args.split) if args.split.isdigit() else "alpha"
     if ch.objective != "params":
         return objective_probes(args, ch, shape, cfg, units, target)
@@ -973,8 +970,7 @@ def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: f
             units, depth = units[:1], 0
         elif args.stage == "s2":
             depth_only_plan(shape, target, args.depth_unit)
-        validate_target(target, max(max_feasible_target(shape, u, ch.min_remaining, ch.align)
-                                         for u in units))
+        validate_target(target, max_target_over(shape, units, ch.min_remaining, ch.align))
         probes = {}
         for u in units:
             try:
@@ -1014,11 +1010,11 @@ def objective_step(args: argparse.Namespace, loaded: Loaded, ch: Choices,
 def objective_probes(args: argparse.Namespace, ch: Choices, shape, cfg, units, target: float) -> dict:
     """plan_probes for a FLOP or latency target: the alpha-split plan per depth unit, or one
     line naming the smallest reachable ratio."""
-    from .planner import max_feasible_target, reachable_target
+    from .planner import max_target_over, reachable_target
     flag = OBJECTIVE_FLAGS[ch.objective]
     asked = round(1 - target, 12)
     what = "FLOPs" if ch.objective == "flops" else "latency (predicted)"
-    top = max(max_feasible_target(shape, u, ch.min_remaining, ch.align) for u in units)
+    top = max_target_over(shape, units, ch.min_remaining, ch.align)
     if target > top:
         raise UsageError(f"{flag} {asked:g} is below what the deepest feasible pruning reaches: "
                          f"{1 - top:.4f} of the {what} (min_remaining {ch.min_remaining}, "
@@ -1527,10 +1523,6 @@ def run_notes(args, ch: Choices, result, data: Data) -> list[str]:
     return notes
 
 
-def ch_objective(rep: dict) -> str:
-    return (rep.get("objective") or {}).get("objective", "params")
-
-
 def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Path) -> None:
     from .report import markdown
     base, final = stages[0], stages[-1]
@@ -1550,7 +1542,7 @@ def print_summary(args, rep: dict, stages, result, json_path: Path, md_path: Pat
                  if abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9 else ""))
     print(f"vit-2ssp {rep['run_id']}: params {base.params:,} -> {final.params:,} "
           + (f"(target {args.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
-             if ch_objective(rep) == "params" else
+             if obj.get("objective", "params") == "params" else
              f"(parameter sparsity {result.achieved_sparsity:.4f}), ") +
           f"latency ratio {final.latency_ratio:.3f} [quartiles {q1:.3f}, {q3:.3f}] (median of "
           f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "

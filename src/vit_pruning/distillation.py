@@ -31,7 +31,6 @@ checkpoint hook receives the whole state (:class:`DistillState`) to resume from 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -644,14 +643,13 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
             # the main one is given the hook
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 synced = _sum_losses(acc, result, synced)
-                result.seconds = prior + time.perf_counter() - t0
-                state = DistillState(step + 1, opt.optimizer.state_dict(), sched.state_dict(),
-                                     [gen.get_state()],
-                                     None if best is None else best[0], 0 if best is None else best[1],
-                                     None if best is None else [t.detach().cpu().clone() for t in best[2]],
-                                     result)
-                if main and checkpoint is not None:
-                    checkpoint(state)
+                if main and checkpoint is not None:  # the state only where it is written
+                    result.seconds = prior + time.perf_counter() - t0
+                    checkpoint(DistillState(
+                        step + 1, opt.optimizer.state_dict(), sched.state_dict(), [gen.get_state()],
+                        None if best is None else best[0], 0 if best is None else best[1],
+                        None if best is None else [t.detach().cpu().clone() for t in best[2]],
+                        result))
                 acc.wait_for_everyone()
         synced = _sum_losses(acc, result, synced)
         if best is not None:

@@ -183,11 +183,6 @@ class LatencyModel:
         predicted ratios are ratios of."""
         return self.predict(self.widths)
 
-    def ratio(self, widths: Sequence[int], blocks_removed: Sequence[int] = (),
-              attention_removed: Sequence[int] = ()) -> float:
-        """Predicted time of a pruned structure over the unpruned model's (see :meth:`predict`)."""
-        return self.predict(widths, blocks_removed, attention_removed) / self.model_s
-
     def shape(self, shape: ModelShape) -> ModelShape:
         """`shape` (the parameter shape of the measured model) in time units: total, each
         block, each attention sublayer, and each block's time per MLP neuron (linear fit)."""
@@ -287,9 +282,7 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
             return found
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("latency model cache %s unreadable (%s): measuring again", path, exc)
-    was_training = model.training
     work = copy.deepcopy(model).eval()
-    model.train(was_training)
     an = resolve(work)
     x = example_inputs(work, batch_size, seq_len=seq_len)
     kinds = _block_kinds(an, x)

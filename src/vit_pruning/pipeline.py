@@ -24,8 +24,8 @@ from .measure import collect_outputs, count_flops, count_total_params, output_di
 from .objective import OBJECTIVES, LatencyModel, measure_latency_model, objective_shape
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
                       default_align, depth_only_plan, feasible_depths, indices_feasible,
-                      make_plan, reachable_target, target_bound, validate_target,
-                      width_only_max)
+                      make_plan, max_target_over, reachable_target, target_bound, units_of,
+                      validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
@@ -146,7 +146,7 @@ class PruneResult:
     objective_before: float = 0.0  # the unpruned model's count of it: parameters, FLOPs, or
     # seconds (as the latency model sums them, LatencyModel.model_s)
     objective_after: float = 0.0  # the pruned model's: counted (parameters, FLOPs) or predicted
-    # by the latency model (its measured grid interpolated)
+    # by the latency model (LatencyModel.predict)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -304,6 +304,11 @@ class Pruner:
         self.timings = dict(clock.laps)  # the shared work's phases
         self._orders: dict[str, tuple[list[int], dict, int]] = {}  # unit -> order, scores, asked
 
+    def max_target(self) -> float:
+        """The largest target this model can be pruned to with the config's depth unit(s)."""
+        cfg = self.cfg
+        return max_target_over(self.shape, units_of(cfg.unit), cfg.min_remaining, int(cfg.align))
+
     def depth_order(self, unit: str, count: int, budget: Budget | None = None
                     ) -> tuple[list[int], dict]:
         """The first `count` depth units in removal order, and the selection's scores. Without
@@ -336,7 +341,7 @@ class Pruner:
         if cfg.stages == "s1":
             top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
             validate_target(target, top, "for width pruning alone (stages='s1')")
-        units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
+        units = units_of(cfg.unit)
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
         if cfg.objective == "latency":  # time: a target between depth counts is met by more
@@ -363,7 +368,7 @@ class Pruner:
         apply_depth(model, plan.depth_indices, plan.unit)
         after = count_total_params(model)
         clock.lap("stage 2 (depth)")
-        counted = self.count(model, plan, info["counts"])
+        counted = self.count(model, plan)
         if counted != plan.params_after:
             raise RuntimeError(f"internal error: plan predicted {plan.params_after:,} "
                                f"{cfg.objective}, pruning left {counted:,}")
@@ -377,7 +382,7 @@ class Pruner:
             selection_search=selection_search, **self.objective_fields(plan, info["counts"], after),
         )
 
-    def count(self, model: nn.Module, plan: PruningPlan, removed: Sequence[int]) -> int:
+    def count(self, model: nn.Module, plan: PruningPlan) -> int:
         """The pruned model's count of the objective in the planner's units: its parameters or
         FLOPs, counted; for latency (nothing to count) the plan's own prediction."""
         objective = self.cfg.objective

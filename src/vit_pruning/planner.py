@@ -233,6 +233,17 @@ def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
     return None if best is None else best[1]
 
 
+def units_of(unit: str) -> tuple[str, ...]:
+    """The depth units a unit option tries: both for "auto", else the one named."""
+    return UNITS if unit == "auto" else (unit,)
+
+
+def max_target_over(shape: ModelShape, units: Sequence[str], min_remaining: int,
+                    align: int = 1) -> float:
+    """The largest feasible target with any of `units` (:func:`max_feasible_target`)."""
+    return max(max_feasible_target(shape, u, min_remaining, align) for u in units)
+
+
 def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1) -> float:
     """Largest sparsity reachable with this unit and `min_remaining` neurons per surviving block."""
     _check_unit(unit)

@@ -101,13 +101,9 @@ def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[b
     fidelity falls as the target grows, so about log2(grid size) + 1 prunings suffice (7 for a
     0.01 grid up to 0.7). `accept(pruned_model)` returns a bool, or (bool, measures) to record
     what it measured. `model` stays unpruned. Every pruning is from an unpruned copy."""
-    from .planner import max_feasible_target
     pruner = pruner or Pruner(model, calibration_loader, config, calib_batches, device, progress)
-    cfg = pruner.cfg
     if high is None:
-        units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
-        high = max(max_feasible_target(pruner.shape, u, cfg.min_remaining, int(cfg.align))
-                   for u in units)
+        high = pruner.max_target()
     low = resolution if low is None else low
     points = grid(low, min(high, 1 - resolution), resolution)
     points = [t for t in points if t <= high]
@@ -159,19 +155,16 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
     to `corrections` times at the target corrected by the miss (what is removed taken as
     proportional to the target); the attempt closest to `ratio` is returned, with every attempt
     (Trial.measures: planned, predicted and measured ratios)."""
-    from .planner import max_feasible_target
-    cfg = pruner.cfg
-    units = ("block", "attention") if cfg.unit == "auto" else (cfg.unit,)
-    top = max(max_feasible_target(pruner.shape, u, cfg.min_remaining, int(cfg.align)) for u in units)
-    target, tries = 1 - ratio, []
-    for attempt in range(corrections + 1):
+    top = pruner.max_target()
+    target, tries = 1 - ratio, []  # (model, result, Trial) of every attempt
+    for _ in range(corrections + 1):
         hook = None if after_stage1 is None else (lambda m, t=target: after_stage1(t, m))
         model, res = pruner.prune(target, copy.deepcopy(pruner.model), after_stage1=hook)
         got = measure(model)
-        tries.append((abs(got - ratio), attempt, target, model, res,
-                      Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
-                            {"planned_ratio": 1 - res.plan.target,
-                             "predicted_ratio": res.objective_ratio, "measured_ratio": got})))
+        tries.append((model, res, Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
+                                        {"planned_ratio": 1 - res.plan.target,
+                                         "predicted_ratio": res.objective_ratio,
+                                         "measured_ratio": got})))
         log.info("measured target: planned %.4f, predicted %.4f, measured %.4f (asked %.4f)",
                  1 - res.plan.target, res.objective_ratio, got, ratio)
         if abs(got - ratio) <= tolerance or got >= 1:
@@ -180,6 +173,6 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
         if abs(corrected - target) < 1e-4:
             break
         target = corrected
-    best = min(tries, key=lambda t: (t[0], t[1]))
-    best[5].measures["chosen"] = True
-    return best[3], best[4], [t[5] for t in tries]
+    model, res, trial = min(tries, key=lambda t: abs(t[2].measures["measured_ratio"] - ratio))
+    trial.measures["chosen"] = True
+    return model, res, [t[2] for t in tries]

@@ -224,3 +224,14 @@ def test_a_launched_job_refuses_what_one_process_must_do(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert message in err and err.startswith("vit-2ssp (rank 0 of 2): error:")
     assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_place_is_checked_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["--model", "embedded", "--target", "0.5", "--distill-steps", "5", "--checkpoint-every",
+            "2", "--reports-dir", str(tmp_path / "r"), "--artifacts-dir", str(blocker), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--artifacts-dir" in err and "not a directory" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and blocker.read_text() == "not a folder"

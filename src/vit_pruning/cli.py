@@ -742,6 +742,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                          f"on from it, or choose another --run-id")
     try:
         check_outputs(outputs.outputs)  # before the model loads: a bad path costs nothing
+        if args.checkpoint_every:  # written during the run, not staged: its place checked too
+            from .outputs import Output
+            check_outputs([Output("checkpoint", saved.folder / "latest.json.probe", "--artifacts-dir")])
         if args.dry_run:
             loaded = load_step(args)
             ch = choose(args, loaded, run_id)

@@ -10,7 +10,10 @@ calibration images as checks), all-MiniLM-L6-v2 at 0.3 (`blocks layers`, 3,000 d
 sentences, 512 documentation sentences as checks).
 
 Each run is `python -m bench.distill_scale <model> <steps>` in a fresh process (under torchrun
-for two), so thread settings and process start-up are what a user gets.
+for two), so thread settings and process start-up are what a user gets. This machine's speed
+drifts by up to 30% between minutes, so the two settings run in 3 interleaved pairs (one, two;
+two, one; one, two): the table gives each setting's median and the median of the 3 pairs'
+ratios, with their range.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import sys
 import time
 
 STEPS = {"digits": 300, "minilm": 150}
+PAIRS = 3
 
 
 def _inputs(name: str):
@@ -89,26 +93,41 @@ def run(smoke: bool = False) -> dict:
     rows = []
     for name in names:
         steps = 20 if smoke else STEPS[name]
-        rows += [_run(name, steps, 1), _run(name, steps, 2)]
+        for k in range(1 if smoke else PAIRS):
+            pair = [_run(name, steps, p) for p in ((1, 2) if k % 2 == 0 else (2, 1))]
+            for r in pair:
+                r["pair"] = k
+            rows += pair
     return {"rows": rows}
 
 
 def table(res: dict) -> str:
     from .common import md_table
-    out, by = [], {}
+    from statistics import median
+    by: dict = {}
     for r in res["rows"]:
-        by.setdefault(r["name"], []).append(r)
+        by.setdefault(r["name"], {}).setdefault(r["procs"], []).append(r)
     rows = []
-    for name, (one, two) in by.items():
-        last1, last2 = (r["heldout"][max(r["heldout"], key=int)] for r in (one, two))
-        for r, last in ((one, last1), (two, last2)):
-            rows.append([name, f"{r['procs']} x {r['threads']} thread(s)", r["rows"] // 32,
-                         f"{r['seconds']:.1f}", f"{r['rate']:.1f}",
-                         f"{r['rate'] / one['rate']:.2f}", f"{last:.4g}",
+    for name, runs in by.items():
+        ones = {r.get("pair", 0): r for r in runs[1]}
+        ratios = [r["rate"] / ones[r.get("pair", 0)]["rate"] for r in runs[2]]
+        last1 = median(_last(r) for r in runs[1])
+        for procs, rs in sorted(runs.items()):
+            last = median(_last(r) for r in rs)
+            spread = (f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                      if procs == 2 else "1.00")
+            rows.append([name, f"{procs} x {rs[0]['threads']} thread(s)", rs[0]["rows"] // 32,
+                         f"{median(r['seconds'] for r in rs):.1f}",
+                         f"{median(r['rate'] for r in rs):.1f}", spread, f"{last:.4g}",
                          f"{100 * (last - last1) / last1:+.1f}%"])
-    out.append(md_table(["model", "processes", "steps", "distill seconds", "samples/s",
-                         "x one process", "held-out loss, last check", "vs one process"], rows))
-    return "\n".join(out)
+    return md_table(["model", "processes", "steps", "distill seconds (median)",
+                     "samples/s (median)", "x one process (median of pairs, range)",
+                     "held-out loss, last check (median)", "vs one process"], rows)
+
+
+def _last(run: dict) -> float:
+    """The held-out loss at a run's last check."""
+    return run["heldout"][max(run["heldout"], key=int)]
 
 
 if __name__ == "__main__":

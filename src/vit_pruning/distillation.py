@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from transformers import get_cosine_schedule_with_warmup
 
-from .accel import make_accelerator, reduce_sum, shard_rows, train_device
+from .accel import adamw, make_accelerator, reduce_sum, shard_rows, train_device
 from .anatomy import mean_pool, resolve
 from .measure import forward_output
 
@@ -549,7 +549,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
     data = _prepare_data(teacher, inputs, cfg, cached, check_inputs, final, teacher_at,
                          on_the_fly, rank, count)
     params = _freeze(pruned, cfg.train)
-    raw_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    raw_opt = adamw(params, cfg.lr)
     sched = get_cosine_schedule_with_warmup(raw_opt, max(1, int(WARMUP * cfg.steps)), cfg.steps)
     student, opt = acc.prepare(_Student(pruned, final, student_layers), raw_opt)
     # every process draws the same global rows (the draw of one process); each trains on those

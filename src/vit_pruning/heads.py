@@ -67,7 +67,7 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
     On accelerate (:mod:`vit_pruning.accel`): mixed precision, gradient accumulation, and under
     a launcher every process takes every n-th batch with gradients averaged (the remainder that
     does not divide among the processes is left out, so they all take as many steps)."""
-    from .accel import make_accelerator, reduce_sum, train_device
+    from .accel import adamw, make_accelerator, reduce_sum, train_device
     params = list(model.classifier.parameters()) if freeze_backbone else list(model.parameters())
     for p in model.parameters():
         p.requires_grad_(not freeze_backbone)
@@ -76,7 +76,7 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
     acc = make_accelerator(torch.device(device), mixed_precision, grad_accumulation)
     device = train_device(acc, model)
     model.to(device)
-    net, opt = acc.prepare(_Logits(model), torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    net, opt = acc.prepare(_Logits(model), adamw(params, lr))
     rank, count = acc.process_index, acc.num_processes
     losses = []
     model.train()

@@ -190,6 +190,10 @@ def main(argv=None) -> int:
 
         python -m bench.distillation --targets 0.3 --steps 3000 --pool 8000 \\
             --variants "mlp tokens,all tokens" --lr mlp=1e-3
+
+    or, with --digits, the digits table's rows at the targets given (every variant):
+
+        python -m bench.distillation --digits --targets 0.7 --steps 1000
     """
     import argparse
     ap = argparse.ArgumentParser(description=main.__doc__,
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
                     help=f"of the pruning (default: the text table's 512; the recipe: "
                          f"{RECIPE_MIN_REMAINING})")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--digits", action="store_true",
+                    help="the digits rows (embedded ViT, every variant) instead of the text encoder")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -218,6 +224,10 @@ def main(argv=None) -> int:
     for item in args.lr:
         name, lr = item.split("=")
         VARIANTS[name] = float(lr)
+    if args.digits:
+        print(tables(run_digits(tuple(float(t) for t in args.targets.split(",")), args.steps), [],
+                     args.steps))
+        return 0
     rows = run_text(tuple(float(t) for t in args.targets.split(",")), args.steps, args.pool,
                     tuple(args.variants.split(",")), unit=args.unit, augment=args.augment,
                     min_remaining=args.min_remaining)

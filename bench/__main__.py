@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import (cost, distill_scale, distillation, families, fidelity, gpu, onnx_speed, speed,
-               speed_target, sweep, target_error, text)
+from . import (cost, distill_scale, distillation, families, fidelity, gpu, latency_choice,
+               onnx_speed, speed, speed_target, sweep, target_error, text)
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
 PARTS = ("target_error", "fidelity", "families", "distill", "distill_budget", "speed", "onnx", "gpu",
-         "cost", "sweep", "speed_target", "distill_scale", "text")
+         "cost", "sweep", "speed_target", "latency_choice", "distill_scale", "text")
 
 
 def machine() -> str:
@@ -137,6 +137,12 @@ def run_speed_target(smoke: bool) -> str:
                       speed_target.table(res), ""])
 
 
+def run_latency_choice(smoke: bool) -> str:
+    res = latency_choice.run(smoke=smoke, repeats=2 if smoke else 10)
+    return "\n".join(["## Fidelity at equal latency: what a latency target chooses from", "",
+                      latency_choice.__doc__.strip(), "", latency_choice.table(res), ""])
+
+
 def run_distill_scale(smoke: bool) -> str:
     res = distill_scale.run(smoke=smoke)
     return "\n".join(["## Distillation on several processes (CPU)", "",
@@ -158,7 +164,7 @@ RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families
            "distill": run_distill, "distill_budget": run_distill_budget,
            "speed": run_speed,
            "onnx": run_onnx, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep,
-           "speed_target": run_speed_target, "distill_scale": run_distill_scale, "text": run_text}
+           "speed_target": run_speed_target, "latency_choice": run_latency_choice, "distill_scale": run_distill_scale, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")
 HEADER = """# Benchmarks

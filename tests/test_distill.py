@@ -12,8 +12,10 @@ from transformers import BertConfig, BertModel, ViTForImageClassification
 from conftest import tiny_config
 from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning.cli import main
-from vit_pruning.distillation import (block_outputs, distill, layer_loss, pruned_layers, teacher_layers, teacher_outputs,
-                                      trainable_parameters)
+from vit_pruning.accel import adamw
+from vit_pruning.distillation import (WARMUP, block_outputs, distill, layer_loss, pruned_layers,
+                                      teacher_layers, teacher_outputs, trainable_parameters,
+                                      warmup_cosine)
 from vit_pruning.measure import collect_outputs, kl_divergence, mean_cosine
 
 
@@ -244,3 +246,41 @@ def test_interrupted_distillation_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(d, "distill", interrupted)
     assert _run(tmp_path, "--distill-steps", "10", "--save-pruned-model", "--run-id", "x") == 130
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20, 1000])
+def test_schedule_warms_up_from_the_first_step_and_decays_to_zero(steps):
+    """The first step already trains (1/warm of the rate, never 0: a zero-rate step still moves
+    Adam's moments), the rate peaks after the warm-up and the last step's is the smallest."""
+    warm = max(1, int(WARMUP * steps))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warm, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(1 / warm)
+    assert max(rates) == pytest.approx(1.0)
+    assert min(rates) > 0
+    if steps > warm:
+        assert rates[warm] == pytest.approx(1.0)
+        assert rates[-1] == min(rates) < 0.01 + (steps <= 3)
+        assert all(a >= b for a, b in zip(rates[warm:], rates[warm + 1:]))
+
+
+def test_adamw_is_fused_on_the_cpu_and_keeps_plain_semantics():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    fused = adamw(ps, 1e-2)
+    assert fused.defaults["fused"] is True and fused.defaults["weight_decay"] == 0.0
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.0)
+    for _ in range(5):
+        for group in (ps, plain):
+            for p in group:
+                p.grad = torch.ones_like(p) * p.detach().sum()
+        fused.step()
+        ref.step()
+    for a, b in zip(ps, plain):
+        torch.testing.assert_close(a, b)

@@ -19,8 +19,8 @@ runs only the student. Layer targets are cached in half precision while they fit
 ``cache_limit`` bytes; beyond that the teacher runs beside the student at every step. Which of
 the student's parameters train is ``train``: all of them, every block (attention, MLP and
 LayerNorms; the embeddings and the head stay), the MLPs (fc1 and fc2 of every block), the
-LayerNorms, or only the fc2s the refit wrote. AdamW with transformers' linear warm-up and
-cosine decay, dropout off; the teacher is never modified.
+LayerNorms, or only the fc2s the refit wrote. AdamW (fused) with torch's linear warm-up and
+cosine decay (:func:`warmup_cosine`), dropout off; the teacher is never modified.
 
 The loop runs on Hugging Face ``accelerate`` (:mod:`vit_pruning.accel`): mixed precision,
 gradient accumulation, and under ``accelerate launch`` / ``torchrun`` every process trains on

@@ -29,17 +29,12 @@ from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
 
 from .common import digits_tensors, embedded_model, md_table
+from .speed_target import _structure
 
 log = logging.getLogger(__name__)
 
 PARAM_TARGETS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 NEAR = 0.05  # parameter targets kept when predicted within this of R
-
-
-def _structure(res, widths) -> tuple[int, str]:
-    gone = set(res.depth_order) if res.plan.unit == "block" else set()
-    kept = sorted({w - n for i, (w, n) in enumerate(zip(widths, res.neurons_removed)) if i not in gone})
-    return len(res.depth_order), "/".join(map(str, kept))
 
 
 def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = False) -> dict:
@@ -65,10 +60,10 @@ def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = Fal
     rows, models = [], {}
 
     def add(label, objective, asked, model, res, distance, chosen_here):
-        count, kept = _structure(res, widths)
         models[label] = model
-        rows.append({"label": label, "objective": objective, "asked": asked, "unit": res.plan.unit,
-                     "count": count, "widths": kept, "params": count_total_params(model) / params0,
+        rows.append({"label": label, "objective": objective, "asked": asked,
+                     "structure": _structure(res, widths),
+                     "params": count_total_params(model) / params0,
                      "predicted": predicted(res), "distance": distance, "chosen": chosen_here,
                      "kl": kl_divergence(collect_outputs(model, [x_test]), ref)})
 
@@ -102,14 +97,13 @@ def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = Fal
 
 
 def table(res: dict) -> str:
-    rows = [[r["objective"], f"{r['asked']:g}", f"-{r['count']} {r['unit']}" + ("s" if r["count"] != 1 else ""),
-             r["widths"], f"{r['params']:.3f}", f"{r['predicted']:.3f}",
+    rows = [[r["objective"], f"{r['asked']:g}", r["structure"], f"{r['params']:.3f}", f"{r['predicted']:.3f}",
              f"{r['measured']:.3f} [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
              "" if r["distance"] is None else f"{r['distance']:.3g}", f"{r['kl']:.3g}",
              "**chosen**" if r["chosen"] else ""] for r in res["rows"]]
     out = [f"Embedded digits ViT, batch {res['batch']}, latency ratio R = {res['ratio']:g}, "
            f"{res['repeats']} rounds:", "",
-           md_table(["objective", "asked", "depth units removed", "kept MLP widths", "param ratio",
+           md_table(["objective", "asked", "depth units removed, kept MLP widths", "param ratio",
                      "predicted latency ratio", "measured latency ratio [quartiles]",
                      "held-out calibration distance", "test KL", "the latency target's choice"],
                     rows), ""]
@@ -139,8 +133,7 @@ def summary(res: dict) -> str:
     if near:
         p = min(near, key=lambda r: r["kl"])
         parts.append(f". Parameter targets timed within 0.02 of it: best {p['label']} at "
-                     f"{p['measured']:.3f} (test KL {p['kl']:.3g}, -{p['count']} {p['unit']}, "
-                     f"MLP {p['widths']})")
+                     f"{p['measured']:.3f} (test KL {p['kl']:.3g}, {p['structure']})")
         if p["kl"] < chosen["kl"] and p["params"] > chosen["params"]:
             parts.append(f", which keeps more parameters ({p['params']:.3f} against "
                          f"{chosen['params']:.3f}) in the same measured time: the latency model "

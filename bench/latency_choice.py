@@ -93,6 +93,7 @@ def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = Fal
         r["measured"] = timing.ratio[r["label"]]
         r["iqr"] = (timing.ratio_q1[r["label"]], timing.ratio_q3[r["label"]])
     del chosen_model
+    log.info("latency_choice rows: %s", rows)
     return {"batch": batch, "ratio": ratio, "repeats": repeats, "rows": rows}
 
 
@@ -111,6 +112,10 @@ def table(res: dict) -> str:
     return "\n".join(out)
 
 
+def _g(value: float | None) -> str:
+    return "none (a single candidate: no trial)" if value is None else f"{value:.3g}"
+
+
 def summary(res: dict) -> str:
     """One measured sentence: where the latency target's choice stands among its own candidates
     and against the parameter targets timed within its quartiles."""
@@ -123,10 +128,10 @@ def summary(res: dict) -> str:
     near = [r for r in res["rows"] if r["objective"] == "params"
             and min(lo, chosen["measured"] - 0.02) <= r["measured"] <= max(hi, chosen["measured"] + 0.02)]
     parts = [f"The split search chose {chosen['label']} (held-out distance "
-             f"{chosen['distance']:.3g}, test KL {chosen['kl']:.3g})"]
+             f"{_g(chosen['distance'])}, test KL {chosen['kl']:.3g})"]
     if best is not chosen:
         parts.append(f"; by test KL the best of its candidates is {best['label']} ({best['kl']:.3g}, "
-                     f"held-out distance {best['distance']:.3g}): the calibration distance ranks "
+                     f"held-out distance {_g(best['distance'])}): the calibration distance ranks "
                      f"them the other way")
     else:
         parts.append("; it is also the best of its candidates by test KL")

@@ -27,6 +27,7 @@ from vit_pruning import PruneConfig, count_total_params
 from vit_pruning.measure import collect_outputs, interleaved_latency, kl_divergence
 from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
+from vit_pruning.tradeoff import LATENCY_TOLERANCE as TOLERANCE
 
 from .common import digits_tensors, embedded_model, md_table
 from .speed_target import _structure
@@ -139,7 +140,12 @@ def summary(res: dict) -> str:
         p = min(near, key=lambda r: r["kl"])
         parts.append(f". Parameter targets timed within 0.02 of it: best {p['label']} at "
                      f"{p['measured']:.3f} (test KL {p['kl']:.3g}, {p['structure']})")
-        if p["kl"] < chosen["kl"] and p["params"] > chosen["params"]:
+        if p["kl"] < chosen["kl"] and p["predicted"] > res["ratio"] + TOLERANCE:
+            parts.append(f", which the latency model predicted at {p['predicted']:.3f} (measured "
+                         f"{p['measured']:.3f}): off by {p['predicted'] - p['measured']:+.3f}, it "
+                         f"could not be among the latency target's candidates, which must meet "
+                         f"{res['ratio']:g} as predicted")
+        elif p["kl"] < chosen["kl"] and p["params"] > chosen["params"]:
             parts.append(f", which keeps more parameters ({p['params']:.3f} against "
                          f"{chosen['params']:.3f}) in the same measured time: the latency model "
                          f"predicts it {p['predicted'] - chosen['predicted']:+.3f} slower, a "

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-
 from .accel import adamw, make_accelerator, reduce_sum, shard_rows, train_device
 from .anatomy import mean_pool, resolve
 from .measure import forward_output

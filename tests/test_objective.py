@@ -136,6 +136,24 @@ def test_measured_latency_model_is_cached_and_leaves_the_model(tmp_path, monkeyp
         measure_latency_model(model, repeats=2)
 
 
+def test_latency_model_narrows_every_block_of_a_kind_and_drops_a_sample(monkeypatch):
+    """Grid widths and attention bypass change every block of a kind at once (what a plan does,
+    and the largest difference to time); blocks are dropped SAMPLE_BLOCKS at most."""
+    import vit_pruning.objective as objective
+    seen: dict[str, list] = {"narrow": [], "bypass": [], "drop": []}
+    narrow, bypass, remove = objective._narrowed_call, objective._bypassed_call, objective.remove_blocks
+    monkeypatch.setattr(objective, "_narrowed_call", lambda m, an, blocks, w, x: (
+        seen["narrow"].append(list(blocks)), narrow(m, an, blocks, w, x))[1])
+    monkeypatch.setattr(objective, "_bypassed_call", lambda m, an, blocks, x: (
+        seen["bypass"].append(list(blocks)), bypass(m, an, blocks, x))[1])
+    monkeypatch.setattr(objective, "remove_blocks", lambda m, blocks: (
+        seen["drop"].append(list(blocks)), remove(m, blocks))[1])
+    lat = measure_latency_model(tiny(6), batch_size=2, repeats=5, align=8, min_remaining=16)
+    assert seen["narrow"] == [list(range(6))] * 4 and seen["bypass"] == [list(range(6))]
+    assert seen["drop"] == [list(range(objective.SAMPLE_BLOCKS))]
+    assert len(lat.blocks) == 6 and len(set(lat.blocks)) == 1  # one kind, one timing
+
+
 def test_latency_model_for_another_shape_is_refused():
     lat = table(1.0, 0.0, 0.1, 0.0, blocks=3)
     with pytest.raises(ValueError, match="measured for MLP widths"):

@@ -253,7 +253,7 @@ def width_grid(width: int, min_remaining: int, align: int, points: int = GRID_PO
     return sorted(out)
 
 
-SAMPLE_BLOCKS = 4  # blocks of one kind changed together in a timed variant (their mean is kept)
+SAMPLE_BLOCKS = 4  # blocks of one kind removed together in a timed variant (their mean is kept)
 
 
 @torch.no_grad()
@@ -264,9 +264,11 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     """Measure (or, with `cache_dir`, load if measured before) the latency model of `model` on
     its device. Every time is a whole forward, so each block is timed in the model as it runs
     (its share of framework overhead included): the model as it is, and per kind of block
-    (width, attention, stage, input shape) the model with up to SAMPLE_BLOCKS blocks of that
-    kind at each grid width, without their attention sublayers, and without the blocks
-    themselves; the differences, divided by the blocks changed, are each block's times. All
+    (width, attention, stage, input shape) the model with every block of that kind at each grid
+    width (as a plan narrows them: all alike), without their attention sublayers, and without
+    up to SAMPLE_BLOCKS of the blocks themselves; the differences, divided by the blocks
+    changed, are each block's times (changing every block of a kind makes the difference, and
+    so its share of the timing noise, as large as it can be). All
     variants are interleaved over at least `repeats` rounds, more for fast models (until each
     variant has run about ROUND_SECONDS, at most MAX_ROUNDS), and medians kept. `model` is left
     as it came (the timing runs on copies)."""
@@ -289,18 +291,17 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     calls = {"model": lambda: run_model(work, x)}
     plans: dict[tuple, dict] = {}
     for kind, members in kinds.items():
-        sample = members[:SAMPLE_BLOCKS]
-        width = an.parts[sample[0]].intermediate_size
+        width = an.parts[members[0]].intermediate_size
         grid = [w for w in width_grid(width, min_remaining, align) if w < width]
         for w in grid:
-            calls[f"{members[0]}:{w}"] = _narrowed_call(work, an, sample, w, x)
-        if not an.parts[sample[0]].attention_removed:
-            calls[f"{members[0]}:no attention"] = _bypassed_call(work, an, sample, x)
+            calls[f"{members[0]}:{w}"] = _narrowed_call(work, an, members, w, x)
+        if not an.parts[members[0]].attention_removed:
+            calls[f"{members[0]}:no attention"] = _bypassed_call(work, an, members, x)
         drop = _droppable(an, members)
         if drop:
             lighter = remove_blocks(copy.deepcopy(work), drop)
             calls[f"{members[0]}:drop"] = lambda m=lighter: run_model(m, x)
-        plans[kind] = {"sample": sample, "grid": grid, "drop": drop, "width": width}
+        plans[kind] = {"grid": grid, "drop": drop, "width": width}
     with autocast_context(device, dtype):
         once = time_rounds({"model": calls["model"]}, 3, 1, device)["model"]
         repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
@@ -310,8 +311,8 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     timing: dict[int, BlockTiming] = {}
     for kind, members in kinds.items():
         pl, first = plans[kind], members[0]
-        saved = {w: (total - med[f"{first}:{w}"]) / len(pl["sample"]) for w in pl["grid"]}
-        att = (max(0.0, (total - med[f"{first}:no attention"]) / len(pl["sample"]))
+        saved = {w: (total - med[f"{first}:{w}"]) / len(members) for w in pl["grid"]}
+        att = (max(0.0, (total - med[f"{first}:no attention"]) / len(members))
                if f"{first}:no attention" in med else 0.0)
         line = BlockTiming(tuple(sorted([(pl["width"], 0.0), *((w, -s) for w, s in saved.items())])), att)
         mlp = max(0.0, line.slope_s * pl["width"])  # what the MLP's width costs, at least

@@ -3,8 +3,8 @@
 For each model and batch size: the latency model is measured once (`measure_latency_model`, on
 the device and batch it is for); then for each ratio R the model is pruned three ways from the
 unpruned one: `--target-flops R`; `--target-latency R` as the CLI runs it (planned on the
-latency model, timed against the baseline, and planned once more at the target corrected by the
-miss when it misses R by more than 0.01; the closer is kept: `prune_to_measured`); and a
+latency model, timed against the baseline, and while it misses R by more than 0.01 planned again,
+up to twice, at the target corrected by the misses; the closest is kept: `prune_to_measured`); and a
 parameter target with the same parameter count as the latency-target model (what a user who
 asked for parameters would have got). All three and the baseline are then timed back to back,
 interleaved (a fresh measurement, not the one the correction used); the ratio is the median over
@@ -163,7 +163,7 @@ def table(res: dict) -> str:
                      f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
                      f"{r['flops_asked_measured']:.4f}: {r['flops_run']:.3f}", kl])
     out.append(md_table(["model", "batch", "R asked",
-                         'first plan: predicted: measured ("again": planned once more; the kept '
+                         'first plan: predicted: measured ("again": planned again; the kept '
                          "plan's prediction)",
                          "measured latency ratio of the model kept [quartiles]",
                          "miss", "latency-target structure", "its param / FLOP ratio",

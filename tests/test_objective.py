@@ -240,6 +240,38 @@ def test_prune_to_measured_plans_again_when_the_measurement_misses():
     assert count_total_params(model) == total  # the Pruner's model stays unpruned
 
 
+def test_second_correction_is_the_secant_of_the_first_two_attempts():
+    """A first correction that crosses to another depth count overshoots (DINOv2-B at R = 0.8
+    timed 0.746, then 0.843): the next target interpolates the two attempts."""
+    from types import SimpleNamespace as NS
+    from vit_pruning.pipeline import Pruner
+    from vit_pruning.sweep import Trial, _corrected_target, prune_to_measured
+
+    def attempt(planned, measured):
+        return None, NS(plan=NS(target=planned)), Trial(planned, False, planned,
+                                                         {"measured_ratio": measured})
+    one = [attempt(0.2, 0.746)]
+    assert _corrected_target(one, 0.8) == pytest.approx(0.2 * 0.2 / 0.254)  # proportional
+    two = one + [attempt(0.157, 0.843)]
+    assert _corrected_target(two, 0.8) == pytest.approx(0.157 + 0.043 * 0.043 / 0.097)
+    # saving that falls as the target grows is no line to follow: proportional again
+    assert _corrected_target([attempt(0.2, 0.75), attempt(0.25, 0.8)], 0.7) == pytest.approx(
+        0.25 * 0.3 / 0.2)
+
+    model = tiny()
+    lat = table(block_s=1.0, slope_s=1.0 / 64, attention_s=0.0, fixed_s=1.0)
+    pruner = Pruner(model, None, PruneConfig(objective="latency", latency_model=lat, align=1,
+                                             min_remaining=8, split=0))
+    timed = iter([0.746, 0.843, 0.805])
+    pruned, res, tries = prune_to_measured(pruner, 0.8, lambda m: next(timed), tolerance=0.01)
+    planned = [t.target for t in tries]
+    assert len(tries) == 3 and planned[1] == pytest.approx(planned[0] * 0.2 / 0.254)
+    s1, s2 = 0.254, 0.157
+    assert planned[2] == pytest.approx(planned[1] + (0.2 - s2) * (planned[0] - planned[1]) / (s1 - s2))
+    assert [t.measures.get("chosen", False) for t in tries] == [False, False, True]
+    assert res.plan.target == pytest.approx(planned[2])
+
+
 def test_cli_single_latency_target_records_its_attempts(tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "one",
                "--calib-size", "32") == 0

@@ -91,10 +91,11 @@ def _objective_line(rep: dict) -> str | None:
     attempts = obj.get("attempts") or []
     if len(attempts) > 1:
         first = attempts[0]
+        again = ", then at ".join(f"{a['planned_ratio']:.4f} (measured {a['measured_ratio']:.4f})"
+                                  for a in attempts[1:])
         line += (f"; the first plan (predicted {first['predicted_ratio']:.4f}) measured "
-                 f"{first['measured_ratio']:.4f}, so it was planned again at "
-                 f"{attempts[1]['planned_ratio']:.4f} (measured {attempts[1]['measured_ratio']:.4f}); "
-                 f"the closer one was kept")
+                 f"{first['measured_ratio']:.4f}, so it was planned again at {again}; "
+                 f"the closest one was kept")
     elif abs(obj["planned_ratio"] - obj["asked_ratio"]) > 1e-9:
         line += (f"; no structure lands on the asked ratio, so the nearest below it was planned "
                  f"({obj['planned_ratio']:.4f})")

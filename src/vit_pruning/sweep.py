@@ -146,14 +146,16 @@ def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[b
 
 
 def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module], float],
-                      tolerance: float = 0.01, corrections: int = 1,
+                      tolerance: float = 0.01, corrections: int = 2,
                       after_stage1: Callable[[float, nn.Module], None] | None = None,
                       ) -> tuple[nn.Module, PruneResult, list[Trial]]:
     """Prune a copy of the Pruner's model to keep `ratio` of what `measure(pruned) -> ratio`
     measures (e.g. latency timed against the unpruned model): first at the target the cost
     model plans (1 - ratio), then, while the measured ratio misses by more than `tolerance`, up
-    to `corrections` times at the target corrected by the miss (what is removed taken as
-    proportional to the target); the attempt closest to `ratio` is returned, with every attempt
+    to `corrections` times at a corrected target: after one attempt, what is removed taken as
+    proportional to the target; after two, the secant through the last two (planned target,
+    measured saving), which corrects a first correction that crossed to another depth count
+    and overshot. The attempt closest to `ratio` is returned, with every attempt
     (Trial.measures: planned, predicted and measured ratios)."""
     top = pruner.max_target()
     target, tries = 1 - ratio, []  # (model, result, Trial) of every attempt
@@ -169,10 +171,24 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
                  1 - res.plan.target, res.objective_ratio, got, ratio)
         if abs(got - ratio) <= tolerance or got >= 1:
             break
-        corrected = min(top, max(1e-3, res.plan.target * (1 - ratio) / (1 - got)))
-        if abs(corrected - target) < 1e-4:
-            break
+        corrected = min(top, max(1e-3, _corrected_target(tries, ratio)))
+        if any(abs(corrected - t[2].target) < 1e-4 for t in tries):
+            break  # that plan was timed already
         target = corrected
     model, res, trial = min(tries, key=lambda t: abs(t[2].measures["measured_ratio"] - ratio))
     trial.measures["chosen"] = True
     return model, res, [t[2] for t in tries]
+
+
+def _corrected_target(tries: list, ratio: float) -> float:
+    """The next target of :func:`prune_to_measured`: the secant through the last two attempts'
+    (planned target, measured saving 1 - measured ratio) where they differ, else the last
+    attempt's target scaled by how much more (or less) it had to save."""
+    (*_, last) = tries
+    p2, s2 = last[1].plan.target, 1 - last[2].measures["measured_ratio"]
+    if len(tries) >= 2:
+        prev = tries[-2]
+        p1, s1 = prev[1].plan.target, 1 - prev[2].measures["measured_ratio"]
+        if abs(s1 - s2) > 1e-6 and abs(p1 - p2) > 1e-6 and (s1 - s2) * (p1 - p2) > 0:
+            return p2 + ((1 - ratio) - s2) * (p1 - p2) / (s1 - s2)
+    return p2 * (1 - ratio) / s2

@@ -113,9 +113,9 @@ LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans once when the measur
 def latency_run(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices,
                 evaluate: Evaluator) -> BudgetRun:
     """--target-latency R (one R): prune on the latency model, time the result back to back with
-    the baseline, and when it misses R by more than LATENCY_TOLERANCE prune once more at the
-    target corrected by the miss (:func:`vit_pruning.sweep.prune_to_measured`); the closer model
-    goes on through the rest of the pipeline, every attempt is in the report."""
+    the baseline, and while it misses R by more than LATENCY_TOLERANCE prune again (up to twice)
+    at the target corrected by the misses (:func:`vit_pruning.sweep.prune_to_measured`); the
+    closest model goes on through the rest of the pipeline, every attempt is in the report."""
     from .sweep import prune_to_measured
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,

@@ -169,6 +169,8 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
                                          "measured_ratio": got})))
         log.info("measured target: planned %.4f, predicted %.4f, measured %.4f (asked %.4f)",
                  1 - res.plan.target, res.objective_ratio, got, ratio)
+        best = min(range(len(tries)), key=lambda i: abs(tries[i][2].measures["measured_ratio"] - ratio))
+        tries = [t if i == best else (None, *t[1:]) for i, t in enumerate(tries)]  # one model held
         if abs(got - ratio) <= tolerance or got >= 1:
             break
         corrected = min(top, max(1e-3, _corrected_target(tries, ratio)))

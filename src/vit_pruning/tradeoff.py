@@ -106,8 +106,8 @@ def budget_search(args: argparse.Namespace, argv: list[str], loaded: Loaded, dat
     return run
 
 
-LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans once when the measured ratio misses
-# the asked one by more than this (the latency model is a prediction; the timing is not)
+LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans (up to twice) while the measured ratio
+# misses the asked one by more than this (the latency model is a prediction; the timing is not)
 
 
 def latency_run(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices,

@@ -243,13 +243,11 @@ def test_prune_to_measured_plans_again_when_the_measurement_misses():
 def test_second_correction_is_the_secant_of_the_first_two_attempts():
     """A first correction that crosses to another depth count overshoots (DINOv2-B at R = 0.8
     timed 0.746, then 0.843): the next target interpolates the two attempts."""
-    from types import SimpleNamespace as NS
     from vit_pruning.pipeline import Pruner
-    from vit_pruning.sweep import Trial, _corrected_target, prune_to_measured
+    from vit_pruning.sweep import _corrected_target, prune_to_measured
 
-    def attempt(planned, measured):
-        return None, NS(plan=NS(target=planned)), Trial(planned, False, planned,
-                                                         {"measured_ratio": measured})
+    def attempt(planned, measured):  # (planned target, measured saving)
+        return planned, 1 - measured
     one = [attempt(0.2, 0.746)]
     assert _corrected_target(one, 0.8) == pytest.approx(0.2 * 0.2 / 0.254)  # proportional
     two = one + [attempt(0.157, 0.843)]

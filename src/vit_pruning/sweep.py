@@ -158,39 +158,40 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
     and overshot. The attempt closest to `ratio` is returned, with every attempt
     (Trial.measures: planned, predicted and measured ratios)."""
     top = pruner.max_target()
-    target, tries = 1 - ratio, []  # (model, result, Trial) of every attempt
+    target, trials, points = 1 - ratio, [], []  # every attempt: its Trial, (planned, saving)
+    best = None  # (model, result, Trial) of the attempt closest to `ratio`: the only model held
     for _ in range(corrections + 1):
         hook = None if after_stage1 is None else (lambda m, t=target: after_stage1(t, m))
         model, res = pruner.prune(target, copy.deepcopy(pruner.model), after_stage1=hook)
         got = measure(model)
-        tries.append((model, res, Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
-                                        {"planned_ratio": 1 - res.plan.target,
-                                         "predicted_ratio": res.objective_ratio,
-                                         "measured_ratio": got})))
+        trial = Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
+                      {"planned_ratio": 1 - res.plan.target, "predicted_ratio": res.objective_ratio,
+                       "measured_ratio": got})
+        trials.append(trial)
+        points.append((res.plan.target, 1 - got))
         log.info("measured target: planned %.4f, predicted %.4f, measured %.4f (asked %.4f)",
                  1 - res.plan.target, res.objective_ratio, got, ratio)
-        best = min(range(len(tries)), key=lambda i: abs(tries[i][2].measures["measured_ratio"] - ratio))
-        tries = [t if i == best else (None, *t[1:]) for i, t in enumerate(tries)]  # one model held
+        if best is None or abs(got - ratio) < abs(best[2].measures["measured_ratio"] - ratio):
+            best = (model, res, trial)
+        del model
         if abs(got - ratio) <= tolerance or got >= 1:
             break
-        corrected = min(top, max(1e-3, _corrected_target(tries, ratio)))
-        if any(abs(corrected - t[2].target) < 1e-4 for t in tries):
+        corrected = min(top, max(1e-3, _corrected_target(points, ratio)))
+        if any(abs(corrected - t.target) < 1e-4 for t in trials):
             break  # that plan was timed already
         target = corrected
-    model, res, trial = min(tries, key=lambda t: abs(t[2].measures["measured_ratio"] - ratio))
+    model, res, trial = best
     trial.measures["chosen"] = True
-    return model, res, [t[2] for t in tries]
+    return model, res, trials
 
 
-def _corrected_target(tries: list, ratio: float) -> float:
-    """The next target of :func:`prune_to_measured`: the secant through the last two attempts'
-    (planned target, measured saving 1 - measured ratio) where they differ, else the last
-    attempt's target scaled by how much more (or less) it had to save."""
-    (*_, last) = tries
-    p2, s2 = last[1].plan.target, 1 - last[2].measures["measured_ratio"]
-    if len(tries) >= 2:
-        prev = tries[-2]
-        p1, s1 = prev[1].plan.target, 1 - prev[2].measures["measured_ratio"]
+def _corrected_target(points: list[tuple[float, float]], ratio: float) -> float:
+    """The next target of :func:`prune_to_measured` from its attempts' (planned target, measured
+    saving 1 - measured ratio): the secant through the last two where they differ, else the
+    last target scaled by how much more (or less) it had to save."""
+    p2, s2 = points[-1]
+    if len(points) >= 2:
+        p1, s1 = points[-2]
         if abs(s1 - s2) > 1e-6 and abs(p1 - p2) > 1e-6 and (s1 - s2) * (p1 - p2) > 0:
             return p2 + ((1 - ratio) - s2) * (p1 - p2) / (s1 - s2)
     return p2 * (1 - ratio) / s2

@@ -130,8 +130,9 @@ def _structure(res, widths) -> str:
     """"-2 blocks, MLP 1536": the depth units removed and the kept MLP widths."""
     gone = set(res.depth_order) if res.plan.unit == "block" else set()
     kept = sorted({w - n for i, (w, n) in enumerate(zip(widths, res.neurons_removed)) if i not in gone})
-    count = len(res.depth_order)
-    return f"-{count} {res.plan.unit}{'s' if count != 1 else ''}, MLP {'/'.join(map(str, kept))}"
+    count, att = len(res.depth_order), len(res.plan.attention_indices)
+    mixed = f" -{att} attention" if att else ""
+    return f"-{count} {res.plan.unit}{'s' if count != 1 else ''}{mixed}, MLP {'/'.join(map(str, kept))}"
 
 
 def run(smoke: bool = False) -> dict:

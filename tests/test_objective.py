@@ -91,10 +91,54 @@ def test_a_table_where_blocks_cost_time_and_neurons_none_removes_blocks_only():
     model = tiny()
     lat = table(block_s=1.0, slope_s=0.0, attention_s=0.1, fixed_s=0.0)
     _, res = prune_2ssp(model, 0.3, None, PruneConfig(objective="latency", latency_model=lat,
-                                                     align=1, min_remaining=8))
+                                                     align=1, min_remaining=8, mixed_depth=False))
     # 0.3 of the time lies between one block (0.25) and two (0.5): met by more, two blocks
     assert res.plan.blocks_to_prune == 2 and not any(res.neurons_removed)
+    assert res.plan.attention_indices == ()
     assert res.objective_ratio == pytest.approx(0.5)
+
+
+def test_a_target_between_block_counts_is_met_by_attention_sublayers_of_kept_blocks():
+    """Mixed depth units: blocks cost 0.25 of the time each, an attention sublayer 0.025 and
+    neurons nothing, so 0.3 is one block and two attention sublayers, exactly."""
+    model = tiny()
+    shape = model_shape(model)
+    lat = table(block_s=1.0, slope_s=0.0, attention_s=0.1, fixed_s=0.0)
+    pruned, res = prune_2ssp(model, 0.3, None, PruneConfig(objective="latency", latency_model=lat,
+                                                           align=1, min_remaining=8))
+    plan = res.plan
+    assert plan.unit == "block" and plan.blocks_to_prune == 1 and len(plan.attention_indices) == 2
+    assert not set(plan.attention_indices) & set(plan.depth_indices)
+    assert not any(res.neurons_removed)
+    assert res.objective_ratio == pytest.approx(0.7)
+    an = resolve(pruned)
+    assert len(an.parts) == 3 and sum(p.attention_removed for p in an.parts) == 2
+    gone = shape.block_params[plan.depth_indices[0]] + sum(
+        shape.attention_params[i] for i in plan.attention_indices)
+    assert count_total_params(pruned) == shape.total_params - gone
+
+
+def test_mixed_plans_are_searched_on_calibration_data_and_reload_identically(tmp_path):
+    """With calibration images every block count that mixing can complete is a split trial;
+    the pruned model (blocks and attention sublayers gone, MLPs narrowed) saves and reloads to
+    the same logits."""
+    from vit_pruning.persistence import load_pruned_model, save_pruned_model
+    model = tiny(6)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    # a block 1/6 of the time, an attention sublayer 1/24, every MLP 0.05 of its block: 0.25
+    # lies between one block and two; one block and two sublayers, or five sublayers, meet it
+    lat = table(block_s=1.0, slope_s=0.05 / 64, attention_s=0.25, fixed_s=0.0, blocks=6)
+    cfg = PruneConfig(objective="latency", latency_model=lat, align=1, min_remaining=8)
+    pruned, res = prune_2ssp(model, 0.25, [x], cfg)
+    assert sorted(res.search) == ["0+5 attention", "1+2 attention"]
+    assert res.plan.attention_indices and res.objective_ratio == pytest.approx(0.75, abs=1e-3)
+    assert len(resolve(pruned).parts) == 6 - res.plan.blocks_to_prune
+    saved = save_pruned_model(pruned, tmp_path / "mixed")
+    back = load_pruned_model(saved.path)
+    with torch.no_grad():
+        assert torch.equal(back(pixel_values=x).logits, pruned(pixel_values=x).logits)
+    assert [p.attention_removed for p in resolve(back).parts] == \
+        [p.attention_removed for p in resolve(pruned).parts]
 
 
 def test_a_table_where_neurons_hold_the_time_narrows_every_block():
@@ -141,11 +185,11 @@ def test_latency_model_narrows_every_block_of_a_kind_and_drops_a_sample(monkeypa
     and the largest difference to time); blocks are dropped SAMPLE_BLOCKS at most."""
     import vit_pruning.objective as objective
     seen: dict[str, list] = {"narrow": [], "bypass": [], "drop": []}
-    narrow, bypass, remove = objective._narrowed_call, objective._bypassed_call, objective.remove_blocks
-    monkeypatch.setattr(objective, "_narrowed_call", lambda m, an, blocks, w, x: (
-        seen["narrow"].append(list(blocks)), narrow(m, an, blocks, w, x))[1])
-    monkeypatch.setattr(objective, "_bypassed_call", lambda m, an, blocks, x: (
-        seen["bypass"].append(list(blocks)), bypass(m, an, blocks, x))[1])
+    narrow, bypass, remove = objective._narrowed, objective.remove_attention, objective.remove_blocks
+    monkeypatch.setattr(objective, "_narrowed", lambda m, blocks, w: (
+        seen["narrow"].append(list(blocks)), narrow(m, blocks, w))[1])
+    monkeypatch.setattr(objective, "remove_attention", lambda m, blocks: (
+        seen["bypass"].append(list(blocks)), bypass(m, blocks))[1])
     monkeypatch.setattr(objective, "remove_blocks", lambda m, blocks: (
         seen["drop"].append(list(blocks)), remove(m, blocks))[1])
     lat = measure_latency_model(tiny(6), batch_size=2, repeats=5, align=8, min_remaining=16)
@@ -196,6 +240,41 @@ def test_cli_dry_run_prints_predicted_ratios(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--target-latency 0.7: predicted latency ratio" in out and "latency model (" in out
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.fixture
+def blocks_hold_the_time(monkeypatch):
+    """The embedded model's latency model replaced by a table where its 6 blocks hold all the
+    time and an attention sublayer a quarter of a block: 0.75 lies between one block and two."""
+    import vit_pruning.objective as objective
+    lat = table(block_s=1.0, slope_s=0.01 / 384, attention_s=0.25, fixed_s=0.0, blocks=6,
+                width=384)
+    monkeypatch.setattr(objective, "measure_latency_model", lambda *a, **k: lat)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-mixed-depth"]])
+def test_cli_dry_run_shows_mixed_depth_units(tmp_path, capsys, blocks_hold_the_time, flag):
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--dry-run", *flag) == 0
+    out = capsys.readouterr().out
+    if flag:
+        assert "remove 2 block unit(s) (" in out and "predicted latency ratio 0.6667" in out
+    else:
+        assert "remove 1 block unit(s) and the attention sublayers of 2 kept blocks" in out
+        assert "predicted latency ratio 0.7500" in out
+
+
+def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the_time, monkeypatch):
+    import importlib
+    sweep = importlib.import_module("vit_pruning.sweep")  # (the package exports a sweep function)
+    once = sweep.prune_to_measured  # the plan as made: no correction by this host's timing
+    monkeypatch.setattr(sweep, "prune_to_measured", lambda *a, **k: once(*a, **{**k, "corrections": 0}))
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "mx",
+               "--calib-size", "32", "--latency-batch-size", "1") == 0
+    rep = report(tmp_path)
+    plan = rep["plan"]
+    assert plan["blocks_to_prune"] == 1 and len(plan["attention_indices"]) == 2
+    assert any("attention sublayers of blocks" in n for n in rep["notes"])
+    assert "removed too (mixed depth units)" in (tmp_path / "reports" / "report-mx.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -189,3 +189,25 @@ def test_swin_picks_a_feasible_set_when_the_best_scored_units_are_too_small():
     best = min(sum(scores[i] for i in c) for c in combinations(range(12), 5)
                if indices_feasible(shape, 0.5, "attention", c, 512, 8))
     assert sum(scores[i] for i in units) == pytest.approx(best)
+
+
+def test_mixed_attention_takes_the_fewest_sublayers_in_order_that_let_widths_meet_the_target():
+    from vit_pruning.planner import ModelShape, make_plan, mixed_attention, mixed_options
+    # 4 blocks of 100 (attention 20, 64 neurons of 1), 20 outside: total 420
+    shape = ModelShape(total_params=420, hidden_size=8, widths=(64,) * 4, block_params=(100,) * 4,
+                       attention_params=(20,) * 4, params_per_neuron=1)
+    target = 170 / 420  # one block (100) leaves 70 for three blocks' 3 x 56 neurons: widths alone
+    assert mixed_attention(shape, target, (3,), [0, 1, 2], 8, 1) == ()
+    assert mixed_options(shape, target, 8, 1) == {}  # a count of whole blocks meets it alone
+    target = 330 / 420  # two blocks (200) + two blocks' 112 neurons = 312: one sublayer more
+    got = mixed_attention(shape, target, (2, 3), [3, 1, 0], 8, 1)
+    assert got == (1,)  # block 3 is gone: the order's next, block 1
+    # brute force over every count of sublayers: the fewest that let the widths reach it
+    fewest = min(k for k in range(3) if 200 + 20 * k <= 330.5 and 200 + 20 * k + 112 >= 329.5)
+    assert len(got) == fewest
+    assert mixed_attention(shape, 395 / 420, (1, 2, 3), [0], 8, 1) is None  # the last one cannot
+    plan = make_plan(shape, target, "block", 8, depth_indices=(2, 3), attention_indices=got, align=1)
+    assert plan.params_after == 420 - 200 - 20 - sum(plan.neurons_to_prune)
+    assert abs(plan.params_after - (1 - target) * 420) <= 0.5
+    with pytest.raises(ValueError, match="removed whole"):
+        make_plan(shape, target, "block", 8, depth_indices=(2, 3), attention_indices=(3,), align=1)

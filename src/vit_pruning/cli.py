@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth-unit", choices=("block", "attention", "auto"), default="block",
                    help="stage 2 removes whole blocks (default), only attention sublayers (2SSP "
                         "paper), or auto: try both on calibration data and keep the better")
+    g.add_argument("--no-mixed-depth", action="store_true",
+                   help="with --target-latency: a target between two counts of whole blocks is "
+                        "met by one block more, not by removing attention sublayers of kept "
+                        "blocks too (the default)")
     g.add_argument("--min-remaining", type=int, default=None,
                    help="fewest MLP neurons left in a block (default: the seed's 512 where the MLP is wider "
                         "than 512, else width/4)")
@@ -552,11 +556,14 @@ def print_dry_run(model, model_id, shape, probes, args, ch: "Choices", target: f
     for unit, plan in probes.items():
         scratch = copy.deepcopy(model)
         prune_vit_mlp_width(scratch, list(plan.neurons_to_prune), max(1, plan.min_remaining))
-        apply_depth(scratch, plan.depth_indices, unit)
+        apply_depth(scratch, plan.depth_indices, unit, plan.attention_indices)
         pred_flops, pred_params = count_flops(scratch), count_total_params(scratch)
         del scratch
-        print(f"[{unit}] remove {plan.blocks_to_prune} {unit} unit(s) (chosen from calibration "
-              f"data when pruning; weight proxy without data)")
+        mixed = (f" and the attention sublayers of {len(plan.attention_indices)} kept blocks "
+                 f"(the target lies between two counts of whole blocks; --no-mixed-depth: blocks "
+                 f"only)" if plan.attention_indices else "")
+        print(f"[{unit}] remove {plan.blocks_to_prune} {unit} unit(s){mixed} (chosen from "
+              f"calibration data when pruning; weight proxy without data)")
         gone = set(plan.depth_indices) if unit == "block" else set()
         widths = ["removed" if i in gone else str(w - n)
                   for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
@@ -947,7 +954,7 @@ def prune_config(args: argparse.Namespace, ch: Choices):
                        compensation=args.compensation, selection=args.neuron_selection,
                        stages=args.stage, align=ch.align, width_policy=ch.width_policy,
                        objective=ch.objective, latency_model=ch.latency_model,
-                       seq_len=ch.seq_len)
+                       seq_len=ch.seq_len, mixed_depth=not args.no_mixed_depth)
 
 
 def plan_probes(args: argparse.Namespace, loaded: Loaded, ch: Choices, target: float) -> dict:
@@ -1031,7 +1038,27 @@ def objective_probes(args: argparse.Namespace, ch: Choices, shape, cfg, units, t
         except ValueError as exc:
             if len(units) == 1:
                 raise UsageError(f"{flag} {asked:g}: {exc}") from exc
+    mixed = mixed_probe(shape, cfg, target) if ch.objective == "latency" and "block" in units \
+        and all(p.target > target for p in probes.values()) else None
+    if mixed is not None:
+        probes = {"block": mixed}
     return probes
+
+
+def mixed_probe(shape, cfg, target: float):
+    """The dry run's mixed plan (placeholder units) when a latency target lies between two counts
+    of whole blocks and mixing is on, as the pipeline plans it without data; None otherwise."""
+    from .planner import candidates, default_depth_indices, mixed_attention, mixed_options
+    if not cfg.mixed_depth or shape.units_differ("block") or shape.units_differ("attention"):
+        return None
+    need = mixed_options(shape, target, cfg.min_remaining, int(cfg.align))
+    if not need:
+        return None
+    d = min(need, key=lambda k: (need[k], -k))
+    blocks = default_depth_indices(shape, "block", d)
+    att = mixed_attention(shape, target, blocks, candidates(shape, "attention"), cfg.min_remaining,
+                          int(cfg.align))
+    return cfg.plan(shape, target, "block", depth_indices=blocks, attention_indices=att)
 
 
 def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:
@@ -1521,6 +1548,11 @@ def run_notes(args, ch: Choices, result, data: Data) -> list[str]:
         notes.append("one calibration input: nothing could be held out, so the 'held-out' "
                      "distances of the split and selection searches are measured on the input "
                      "pruning fitted (use --calib-size 2 or more)")
+    if plan.attention_indices:
+        notes.append(f"the {OBJECTIVE_FLAGS[ch.objective]} target lies between two counts of whole "
+                     f"blocks: {plan.blocks_to_prune} block(s) and the attention sublayers of "
+                     f"blocks {list(plan.attention_indices)} were removed (mixed depth units; "
+                     f"--no-mixed-depth removes blocks only)")
     if result.params_after_stage2 == result.params_before:
         notes.append("nothing was removed: the target is below what one unit or neuron group removes")
     return notes

@@ -245,14 +245,15 @@ def select_depth(model: nn.Module, count: int, unit: str = "block",
 
 @torch.no_grad()
 def outputs_with_depth(model: nn.Module, pixel_batches: Sequence[torch.Tensor], unit: str,
-                       indices: Sequence[int]) -> torch.Tensor:
-    """Model outputs as if `indices` were removed (blocks skipped / attention bypassed)."""
+                       indices: Sequence[int], attention: Sequence[int] = ()) -> torch.Tensor:
+    """Model outputs as if `indices` were removed (blocks skipped / attention bypassed), and the
+    attention sublayers of `attention` too (a mixed plan's)."""
     an = resolve(model)
     was_training = model.training
     model.eval()
     try:
         with TemporaryBypass(model) as bypass:
-            for i in indices if unit == "attention" else ():
+            for i in [*(indices if unit == "attention" else ()), *attention]:
                 bypass.add(i)
             skip = set(indices) if unit == "block" else set()
             return torch.cat([an.head(an.run_blocks(an.embed(x), skip=skip)) for x in pixel_batches])
@@ -260,8 +261,13 @@ def outputs_with_depth(model: nn.Module, pixel_batches: Sequence[torch.Tensor], 
         model.train(was_training)
 
 
-def apply_depth(model: nn.Module, indices: Sequence[int], unit: str) -> nn.Module:
-    """Remove the chosen blocks (unit="block") or attention sublayers (unit="attention")."""
+def apply_depth(model: nn.Module, indices: Sequence[int], unit: str,
+                attention: Sequence[int] = ()) -> nn.Module:
+    """Remove the chosen blocks (unit="block") or attention sublayers (unit="attention"); with
+    `attention` (a mixed plan), those kept blocks' attention sublayers as well (removed first:
+    indices are the model's as it comes)."""
+    if attention:
+        remove_attention(model, attention)
     return remove_blocks(model, indices) if unit == "block" else remove_attention(model, indices)
 
 

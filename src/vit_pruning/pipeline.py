@@ -23,9 +23,10 @@ from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_flops, count_total_params, output_distance
 from .objective import OBJECTIVES, LatencyModel, measure_latency_model, objective_shape
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
-                      default_align, depth_only_plan, feasible_depths, indices_feasible,
-                      make_plan, max_target_over, reachable_target, target_bound, units_of,
-                      validate_target, width_only_max)
+                      candidates, default_align, depth_only_plan, feasible_depths,
+                      indices_feasible, make_plan, max_target_over, mixed_attention,
+                      mixed_options, reachable_target, target_bound, units_of, validate_target,
+                      width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
@@ -81,6 +82,10 @@ class PruneConfig:
     latency_model: LatencyModel | None = None  # objective="latency": the measured table to plan
     # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
     seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
+    mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that
+    # falls between two counts of whole blocks (a block costs more time than every MLP width can
+    # make up, as at batch 1) is met by removing attention sublayers of kept blocks as well,
+    # instead of one block more than asked (see planner.mixed_attention)
 
     def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
         """make_plan with this config's unit, min_remaining, alpha, align and width policy
@@ -205,7 +210,7 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     `fit_batches` holds the batches after the first `fit_batches` out of the fit; `unpruned`
     is the unpruned model's trace over inputs whose first rows are `batches`'."""
     skip = plan.depth_indices if plan.unit == "block" else ()
-    bypass = plan.depth_indices if plan.unit == "attention" else ()
+    bypass = (*(plan.depth_indices if plan.unit == "attention" else ()), *plan.attention_indices)
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
@@ -216,7 +221,8 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
         info = _width_stage(model, plan, fit, cfg, progress)
-        info["outputs"] = outputs_with_depth(model, batches, plan.unit, plan.depth_indices)
+        info["outputs"] = outputs_with_depth(model, batches, plan.unit, plan.depth_indices,
+                                             plan.attention_indices)
         restore_refs(snapshot)
         sync_config(resolve(model))
         return info
@@ -344,13 +350,17 @@ class Pruner:
         units = units_of(cfg.unit)
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
+        mixed = None
         if cfg.objective == "latency":  # time: a target between depth counts is met by more
-            reach = {u: reachable_target(shape, target, u, cfg.min_remaining, int(cfg.align))
-                     for u in units}
-            target = min(reach.values())
-            units = tuple(u for u in units if reach[u] == target)
-        choices = [_choose_depth(self, model, target, replace(cfg, unit=u), clock,
-                                 score_single=len(units) > 1) for u in units]
+            reach = _reach(shape, target, units, cfg)
+            if min(reach.values()) > target and cfg.mixed_depth and "block" in units:
+                mixed = _choose_mixed(self, model, target, cfg, clock)  # or by attention too
+            if mixed is None:
+                target = min(reach.values())
+                units = tuple(u for u in units if reach[u] == target)
+        choices = [mixed] if mixed is not None else [
+            _choose_depth(self, model, target, replace(cfg, unit=u), clock,
+                          score_single=len(units) > 1) for u in units]
         plan, order, search, depth_scores = min(
             choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
         known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
@@ -365,7 +375,7 @@ class Pruner:
         if after_stage1 is not None:
             after_stage1(model)
             clock.lap(None)  # measuring is not pruning
-        apply_depth(model, plan.depth_indices, plan.unit)
+        apply_depth(model, plan.depth_indices, plan.unit, plan.attention_indices)
         after = count_total_params(model)
         clock.lap("stage 2 (depth)")
         counted = self.count(model, plan)
@@ -399,7 +409,8 @@ class Pruner:
             lat = cfg.latency_model
             widths = [w - r for w, r in zip(shape.widths, removed)]
             gone = plan.depth_indices if plan.unit == "block" else ()
-            no_att = plan.depth_indices if plan.unit == "attention" else ()
+            no_att = (*(plan.depth_indices if plan.unit == "attention" else ()),
+                      *plan.attention_indices)
             return {"objective": "latency", "objective_before": lat.model_s,
                     "objective_after": lat.predict(widths, gone, no_att)}
         after = params_after if cfg.objective == "params" else plan.params_after
@@ -537,6 +548,69 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
     return replace(plan, split=label), orders[best], search, depth_scores
+
+
+def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneConfig
+           ) -> dict[str, float]:
+    """Per depth unit, the smallest target at least `target` it can meet (reachable_target);
+    units that cannot reach it at all are left out (ValueError if none can)."""
+    reach, errors = {}, []
+    for u in units:
+        try:
+            reach[u] = reachable_target(shape, target, u, cfg.min_remaining, int(cfg.align))
+        except ValueError as exc:
+            errors.append(exc)
+    if not reach:
+        raise errors[0]
+    return reach
+
+
+def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict] | None:
+    """A latency target between two counts of whole blocks: plans that remove d blocks and the
+    attention sublayers of as few kept blocks as let the widths meet `target` exactly
+    (:func:`vit_pruning.planner.mixed_attention`), blocks and sublayers each in their own
+    selection's order; with calibration data the split search picks among the block counts
+    (up to cfg.max_search, fewest sublayers first). None where no count can, or where units
+    differ in size (Swin stages, a model pruned before: those keep the unit's own rule)."""
+    shape, mr, align = pruner.shape, cfg.min_remaining, int(cfg.align)
+    if shape.units_differ("block") or shape.units_differ("attention"):
+        return None
+    cfg = replace(cfg, unit="block")
+    need = mixed_options(shape, target, mr, align)  # block count -> attention sublayers
+    if not need:
+        return None
+    counts = sorted(sorted(need, key=lambda d: (need[d], -d))[:max(1, cfg.max_search)])
+    if pruner.holdout is None:  # nothing to search with: the fewest attention sublayers
+        counts = [min(need, key=lambda d: (need[d], -d)) if isinstance(pruner.split, str) else
+                  min(need, key=lambda d: (abs(d - pruner.split), d))]
+    order, block_scores = pruner.depth_order("block", max(counts))
+    n_att = len(candidates(shape, "attention"))
+    att_order, att_scores = pruner.depth_order(
+        "attention", min(n_att, max(d + need[d] for d in counts)))
+    clock.lap("depth selection")
+    plans = {}
+    for d in counts:
+        att = mixed_attention(shape, target, order[:d], att_order, mr, align)
+        if att:
+            plans[d] = cfg.plan(shape, target, depth_indices=order[:d], attention_indices=att)
+    if not plans:
+        return None
+    search: dict[str, float] = {}
+    if len(plans) > 1:
+        trial_cfg = replace(cfg, selection="score")
+        for d, plan in plans.items():
+            key = f"{d}+{len(plan.attention_indices)} attention"
+            search[key] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+            log.info("split search: %d blocks and %d attention sublayers -> held-out calibration "
+                     "distance %.5f", d, len(plan.attention_indices), search[key])
+    best = (min(plans, key=lambda d: (search[f"{d}+{len(plans[d].attention_indices)} attention"], d))
+            if search else next(iter(plans)))
+    clock.lap("split search")
+    log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and the "
+             "attention sublayers of blocks %s", target, best, list(plans[best].attention_indices))
+    return (replace(plans[best], split="search" if len(plans) > 1 else "mixed"), order[:best],
+            search, {**block_scores, "attention": att_scores})
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:

@@ -100,6 +100,8 @@ class PruningPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     align: int = 1  # kept widths are multiples of this (or the block's full width)
     uniform_width: int | None = None  # the one width of every surviving block, if there is one
+    attention_indices: tuple[int, ...] = ()  # a block plan that also removes the attention
+    # sublayers of these kept blocks (mixed depth units, see mixed_attention)
 
     @property
     def target_error(self) -> float:
@@ -186,12 +188,13 @@ def _capacity_params(shape: ModelShape, survivors: Sequence[int], min_remaining:
 
 
 def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Sequence[int],
-                     min_remaining: int, align: int = 1) -> bool:
-    """Whether removing depth units `indices` leaves a width removal that meets the target to
-    within half a group of the smallest neurons."""
+                     min_remaining: int, align: int = 1, attention: Sequence[int] = ()) -> bool:
+    """Whether removing depth units `indices` (and, with unit "block", the attention sublayers
+    of the kept blocks `attention`) leaves a width removal that meets the target to within half
+    a group of the smallest neurons."""
     goal = target * shape.total_params
     half = align * min(shape.costs) / 2
-    removed = _depth_removed(shape, unit, indices)
+    removed = _depth_removed(shape, unit, indices) + _depth_removed(shape, "attention", attention)
     cap = _capacity_params(shape, _survivors(shape, unit, indices), min_remaining, align)
     if shape.stages is not None and unit == "block":
         kept = {shape.stages[i] for i in _survivors(shape, unit, indices)}
@@ -231,6 +234,44 @@ def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
             if best is None or total < best[0]:
                 best = (total, tuple(sorted(chosen, key=lambda i: (scores[i], i))))
     return None if best is None else best[1]
+
+
+def mixed_attention(shape: ModelShape, target: float, blocks: Sequence[int], order: Sequence[int],
+                    min_remaining: int, align: int = 1) -> tuple[int, ...] | None:
+    """Mixed depth units: the fewest attention sublayers of kept blocks, taken in `order` (the
+    attention selection's removal order), that with the blocks `blocks` removed let the widths
+    meet `target`; () if the blocks alone can, None if no count can (the sublayers overshoot or
+    run out). It fills what lies between two counts of whole blocks where a block costs far more
+    than all the MLP widths can make up (latency at batch 1): blocks, then attention sublayers,
+    then neurons."""
+    goal = target * shape.total_params + align * min(shape.costs) / 2
+    gone = set(blocks)
+    kept = [i for i in order if i not in gone and shape.attention_params[i] > 0]
+    for k in range(len(kept) + 1):
+        att = kept[:k]
+        if indices_feasible(shape, target, "block", blocks, min_remaining, align, att):
+            return tuple(att)
+        if _depth_removed(shape, "block", blocks) + _depth_removed(shape, "attention", att) > goal:
+            return None
+    return None
+
+
+def mixed_options(shape: ModelShape, target: float, min_remaining: int, align: int = 1
+                  ) -> dict[int, int]:
+    """Block counts from which mixed depth units meet `target`, each with the count of attention
+    sublayers it needs (:func:`mixed_attention` on placeholder units: units alike, as the
+    pipeline only mixes them where they are); {} where none can, or where a count of whole
+    blocks meets it alone."""
+    out = {}
+    for d in range(max_depth_units(shape, "block") + 1):
+        blocks = default_depth_indices(shape, "block", d)
+        att = mixed_attention(shape, target, blocks, candidates(shape, "attention"),
+                              min_remaining, align)
+        if att is not None:
+            if not att:
+                return {}
+            out[d] = len(att)
+    return out
 
 
 def units_of(unit: str) -> tuple[str, ...]:
@@ -426,11 +467,14 @@ def validate_target(target: float, maximum: float,
 
 def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,
               depth: int | str = "alpha", depth_indices: Sequence[int] | None = None,
-              alpha: float = 1.5, align: int = 1, width_policy: str = "per-block") -> PruningPlan:
+              alpha: float = 1.5, align: int = 1, width_policy: str = "per-block",
+              attention_indices: Sequence[int] = ()) -> PruningPlan:
     """Plan the removal. `depth` is an int (fixed count) or "alpha" (2SSP formula).
 
     `depth_indices` names which blocks lose their unit (from depth selection); without it the
-    plan uses placeholder indices, which give the same counts on uniform models. `align`: kept
+    plan uses placeholder indices, which give the same counts on uniform models.
+    `attention_indices` (unit "block", with `depth_indices`): kept blocks that lose their
+    attention sublayer as well (mixed depth units, :func:`mixed_attention`). `align`: kept
     widths are multiples of it; `width_policy`: "per-block" (widths as even as the target
     allows, to within half a group), "uniform" (one width for every surviving block), or "auto"
     (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE).
@@ -442,10 +486,19 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         raise ValueError(f"align must be >= 1, got {align}")
     if width_policy not in WIDTH_POLICIES:
         raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {width_policy!r}")
+    att = tuple(sorted(attention_indices))
+    if att:
+        if unit != "block" or depth_indices is None:
+            raise ValueError("attention_indices (mixed depth units) need unit 'block' and "
+                             "depth_indices")
+        bad = [i for i in att if i in set(depth_indices) or i not in candidates(shape, "attention")]
+        if bad or len(set(att)) != len(att):
+            raise ValueError(f"attention_indices {list(att)}: block {bad[0] if bad else att} is "
+                             f"removed whole, has no attention sublayer, or is named twice")
     maximum = max_feasible_target(shape, unit, min_remaining, align)
     validate_target(target, maximum, "with this min_remaining, align and depth unit")
     options = feasible_depths(shape, target, unit, min_remaining, align)
-    if not options:
+    if not options and not att:
         raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
                          f"neurons can reach (min_remaining={min_remaining}); try a lower "
                          f"min_remaining or another target")
@@ -468,11 +521,12 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
             shape, target, unit, idx, min_remaining, align):  # placeholders that can meet it
         idx = best_feasible_units(shape, target, unit, d, {i: -i for i in range(shape.num_blocks)},
                                   min_remaining, align) or idx
-    if d not in options and not shape.units_differ(unit) or not indices_feasible(
-            shape, target, unit, idx, min_remaining, align):
+    if (d not in options and not shape.units_differ(unit) and not att) or not indices_feasible(
+            shape, target, unit, idx, min_remaining, align, att):
         raise ValueError(f"{d} {unit} units {'at ' + str(list(idx)) + ' ' if depth_indices is not None else ''}"
+                         f"{'and attention sublayers at ' + str(list(att)) + ' ' if att else ''}"
                          f"cannot meet target {target}: feasible counts are {options}")
-    removed_depth = _depth_removed(shape, unit, idx)
+    removed_depth = _depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
     survivors = _survivors(shape, unit, idx)
     goal = target * shape.total_params
     wanted = max(0.0, goal - removed_depth) / shape.neuron_params  # neurons, not rounded
@@ -508,6 +562,7 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
         predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
         split=split, notes=tuple(notes), align=align, uniform_width=uniform,
+        attention_indices=att,
     )
 
 

@@ -161,7 +161,9 @@ def markdown(rep: dict) -> str:
     widths = p.get("kept_widths")
     lines += ["", "## Plan", "",
               f"- split between stages: {p['split']}; {p['unit']} units removed: {p['blocks_to_prune']} "
-              f"at indices {p['removed_indices']} (greedy order {p['removal_order']})",
+              f"at indices {p['removed_indices']} (greedy order {p['removal_order']})"
+              + (f"; attention sublayers of kept blocks {p['attention_indices']} removed too "
+                 f"(mixed depth units)" if p.get("attention_indices") else ""),
               f"- MLP neurons removed per block: {p['neurons_removed_per_block']}"
               + (f"; kept widths {widths} (0: block removed)" if widths else ""),
               f"- estimated removal: {p['estimated_params_removed']:,} parameters; achieved: "

@@ -184,6 +184,7 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
             gone = set(res.depth_order) if res.plan.unit == "block" else set()
             shape = loaded.shape
             point.update({"depth_unit": res.plan.unit, "depth_removed": sorted(res.depth_order),
+                          "attention_removed": list(res.plan.attention_indices),
                           "kept_widths": [0 if i in gone else w - n for i, (w, n) in
                                           enumerate(zip(shape.widths, res.neurons_removed))],
                           "target_error": abs((res.achieved_sparsity if res.objective == "params"

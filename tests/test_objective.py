@@ -356,3 +356,20 @@ def test_cli_single_latency_target_records_its_attempts(tmp_path):
     assert obj["objective"] == "latency" and obj["attempts"]
     assert sum(bool(a.get("chosen")) for a in obj["attempts"]) == 1
     assert obj["measured_ratio"] == report(tmp_path)["stages"][-1]["latency_ratio"]
+
+
+def test_a_correction_that_plans_the_same_structure_is_not_timed_again():
+    """Blocks hold all the time and neurons none: a corrected target between the same two block
+    counts plans the same structure, which is not pruned twice into the timing."""
+    from vit_pruning.pipeline import Pruner
+    from vit_pruning.sweep import prune_to_measured
+    lat = table(block_s=1.0, slope_s=0.0, attention_s=0.0, fixed_s=0.0)
+    pruner = Pruner(tiny(), None, PruneConfig(objective="latency", latency_model=lat, align=1,
+                                              min_remaining=8, mixed_depth=False))
+    calls = []
+
+    def measure(m):
+        calls.append(len(resolve(m).parts))
+        return 0.53  # asked 0.6; the plan (two blocks out of four, 0.5) timed 0.53
+    _, res, tries = prune_to_measured(pruner, 0.6, measure, tolerance=0.01)
+    assert calls == [2] and len(tries) == 1 and res.plan.blocks_to_prune == 2

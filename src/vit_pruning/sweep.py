@@ -155,14 +155,22 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
     to `corrections` times at a corrected target: after one attempt, what is removed taken as
     proportional to the target; after two, the secant through the last two (planned target,
     measured saving), which corrects a first correction that crossed to another depth count
-    and overshot. The attempt closest to `ratio` is returned, with every attempt
-    (Trial.measures: planned, predicted and measured ratios)."""
+    and overshot. A corrected target that plans a structure timed already ends the search (a
+    target between two depth counts maps to the same structure). The attempt closest to `ratio`
+    is returned, with every attempt (Trial.measures: planned, predicted and measured ratios)."""
     top = pruner.max_target()
     target, trials, points = 1 - ratio, [], []  # every attempt: its Trial, (planned, saving)
     best = None  # (model, result, Trial) of the attempt closest to `ratio`: the only model held
+    timed: list[tuple] = []  # the structure of every attempt, in order
     for _ in range(corrections + 1):
         hook = None if after_stage1 is None else (lambda m, t=target: after_stage1(t, m))
         model, res = pruner.prune(target, copy.deepcopy(pruner.model), after_stage1=hook)
+        structure = _structure(res)
+        if structure in timed:  # a corrected target that plans a structure timed already
+            log.info("measured target: planned %.4f gives the structure of attempt %d; not "
+                     "timed again", 1 - res.plan.target, timed.index(structure) + 1)
+            break
+        timed.append(structure)
         got = measure(model)
         trial = Trial(target, abs(got - ratio) <= tolerance, res.achieved_sparsity,
                       {"planned_ratio": 1 - res.plan.target, "predicted_ratio": res.objective_ratio,
@@ -183,6 +191,12 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
     model, res, trial = best
     trial.measures["chosen"] = True
     return model, res, trials
+
+
+def _structure(res: PruneResult) -> tuple:
+    """What a pruning removed: blocks, attention sublayers, neurons per block."""
+    return (res.plan.unit, tuple(sorted(res.depth_order)), res.plan.attention_indices,
+            tuple(res.neurons_removed))
 
 
 def _corrected_target(points: list[tuple[float, float]], ratio: float) -> float:

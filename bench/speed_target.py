@@ -4,7 +4,8 @@ For each model and batch size: the latency model is measured once (`measure_late
 the device and batch it is for); then for each ratio R the model is pruned three ways from the
 unpruned one: `--target-flops R`; `--target-latency R` as the CLI runs it (planned on the
 latency model, timed against the baseline, and while it misses R by more than 0.01 planned again,
-up to twice, at the target corrected by the misses; the closest is kept: `prune_to_measured`); and a
+up to twice, at the target corrected by the misses; a timing more than 0.03 from the prediction
+is taken twice more and the median used; the closest is kept: `prune_to_measured`); and a
 parameter target with the same parameter count as the latency-target model (what a user who
 asked for parameters would have got). All three and the baseline are then timed back to back,
 interleaved (a fresh measurement, not the one the correction used); the ratio is the median over

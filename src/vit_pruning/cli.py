@@ -1048,17 +1048,13 @@ def objective_probes(args: argparse.Namespace, ch: Choices, shape, cfg, units, t
 def mixed_probe(shape, cfg, target: float):
     """The dry run's mixed plan (placeholder units) when a latency target lies between two counts
     of whole blocks and mixing is on, as the pipeline plans it without data; None otherwise."""
-    from .planner import candidates, default_depth_indices, mixed_attention, mixed_options
-    if not cfg.mixed_depth or shape.units_differ("block") or shape.units_differ("attention"):
-        return None
-    need = mixed_options(shape, target, cfg.min_remaining, int(cfg.align))
+    from .planner import default_depth_indices, mixed_choice, mixed_options
+    need = mixed_options(shape, target, cfg.min_remaining, int(cfg.align)) if cfg.mixed_depth else {}
     if not need:
         return None
-    d = min(need, key=lambda k: (need[k], -k))
-    blocks = default_depth_indices(shape, "block", d)
-    att = mixed_attention(shape, target, blocks, candidates(shape, "attention"), cfg.min_remaining,
-                          int(cfg.align))
-    return cfg.plan(shape, target, "block", depth_indices=blocks, attention_indices=att)
+    d = mixed_choice(need)
+    return cfg.plan(shape, target, "block", depth_indices=default_depth_indices(shape, "block", d),
+                    attention_indices=need[d])
 
 
 def data_step(args: argparse.Namespace, loaded: Loaded, ch: Choices) -> Data:

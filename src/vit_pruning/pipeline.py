@@ -25,8 +25,8 @@ from .objective import OBJECTIVES, LatencyModel, measure_latency_model, objectiv
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
                       candidates, default_align, depth_only_plan, feasible_depths,
                       indices_feasible, make_plan, max_target_over, mixed_attention,
-                      mixed_options, reachable_target, target_bound, units_of, validate_target,
-                      width_only_max)
+                      mixed_choice, mixed_options, reachable_target, target_bound, units_of,
+                      validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import SELECTIONS as WIDTH_SELECTIONS
@@ -574,20 +574,18 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     (up to cfg.max_search, fewest sublayers first). None where no count can, or where units
     differ in size (Swin stages, a model pruned before: those keep the unit's own rule)."""
     shape, mr, align = pruner.shape, cfg.min_remaining, int(cfg.align)
-    if shape.units_differ("block") or shape.units_differ("attention"):
-        return None
-    cfg = replace(cfg, unit="block")
-    need = mixed_options(shape, target, mr, align)  # block count -> attention sublayers
+    need = mixed_options(shape, target, mr, align)  # block count -> placeholder sublayers
     if not need:
         return None
-    counts = sorted(sorted(need, key=lambda d: (need[d], -d))[:max(1, cfg.max_search)])
-    if pruner.holdout is None:  # nothing to search with: the fewest attention sublayers
-        counts = [min(need, key=lambda d: (need[d], -d)) if isinstance(pruner.split, str) else
+    cfg = replace(cfg, unit="block")
+    counts = sorted(sorted(need, key=lambda d: (len(need[d]), -d))[:max(1, cfg.max_search)])
+    if pruner.holdout is None:  # nothing to search with
+        counts = [mixed_choice(need) if isinstance(pruner.split, str) else
                   min(need, key=lambda d: (abs(d - pruner.split), d))]
     order, block_scores = pruner.depth_order("block", max(counts))
     n_att = len(candidates(shape, "attention"))
     att_order, att_scores = pruner.depth_order(
-        "attention", min(n_att, max(d + need[d] for d in counts)))
+        "attention", min(n_att, max(d + len(need[d]) for d in counts)))
     clock.lap("depth selection")
     plans = {}
     for d in counts:
@@ -596,16 +594,15 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
             plans[d] = cfg.plan(shape, target, depth_indices=order[:d], attention_indices=att)
     if not plans:
         return None
+    keys = {d: f"{d}+{len(plan.attention_indices)} attention" for d, plan in plans.items()}
     search: dict[str, float] = {}
     if len(plans) > 1:
         trial_cfg = replace(cfg, selection="score")
         for d, plan in plans.items():
-            key = f"{d}+{len(plan.attention_indices)} attention"
-            search[key] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+            search[keys[d]] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
             log.info("split search: %d blocks and %d attention sublayers -> held-out calibration "
-                     "distance %.5f", d, len(plan.attention_indices), search[key])
-    best = (min(plans, key=lambda d: (search[f"{d}+{len(plans[d].attention_indices)} attention"], d))
-            if search else next(iter(plans)))
+                     "distance %.5f", d, len(plan.attention_indices), search[keys[d]])
+    best = min(plans, key=lambda d: (search[keys[d]], d)) if search else next(iter(plans))
     clock.lap("split search")
     log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and the "
              "attention sublayers of blocks %s", target, best, list(plans[best].attention_indices))

@@ -257,11 +257,13 @@ def mixed_attention(shape: ModelShape, target: float, blocks: Sequence[int], ord
 
 
 def mixed_options(shape: ModelShape, target: float, min_remaining: int, align: int = 1
-                  ) -> dict[int, int]:
-    """Block counts from which mixed depth units meet `target`, each with the count of attention
-    sublayers it needs (:func:`mixed_attention` on placeholder units: units alike, as the
-    pipeline only mixes them where they are); {} where none can, or where a count of whole
-    blocks meets it alone."""
+                  ) -> dict[int, tuple[int, ...]]:
+    """Block counts from which mixed depth units meet `target`, each with the attention
+    sublayers it needs on placeholder units (:func:`mixed_attention`); {} where none can, where
+    a count of whole blocks meets it alone, or where units differ in size (Swin stages, a model
+    pruned before: those keep the unit's own rule, so placeholders would not stand for them)."""
+    if shape.units_differ("block") or shape.units_differ("attention"):
+        return {}
     out = {}
     for d in range(max_depth_units(shape, "block") + 1):
         blocks = default_depth_indices(shape, "block", d)
@@ -270,8 +272,14 @@ def mixed_options(shape: ModelShape, target: float, min_remaining: int, align: i
         if att is not None:
             if not att:
                 return {}
-            out[d] = len(att)
+            out[d] = att
     return out
+
+
+def mixed_choice(options: dict[int, tuple[int, ...]]) -> int:
+    """The block count of :func:`mixed_options` a plan takes without data to search with: the
+    one that needs the fewest attention sublayers (the most blocks on a tie)."""
+    return min(options, key=lambda d: (len(options[d]), -d))
 
 
 def units_of(unit: str) -> tuple[str, ...]:

@@ -50,9 +50,7 @@ def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = Fal
 
     def predicted(res) -> float:
         w = [a - r for a, r in zip(widths, res.neurons_removed)]
-        gone = res.depth_order if res.plan.unit == "block" else ()
-        no_att = res.depth_order if res.plan.unit == "attention" else ()
-        return lat.predict(w, gone, no_att) / lat.model_s
+        return lat.predict(w, res.plan.removed_blocks, res.plan.removed_attention) / lat.model_s
 
     target = round(1 - ratio, 12)
     rows, models = [], {}
@@ -75,13 +73,15 @@ def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = Fal
         except ValueError as exc:
             log.info("latency %s: %s", unit, exc)
             continue
-        for count in sorted(int(k) for k in searched.search) or [len(searched.depth_order)]:
+        # trial keys: the depth count, or "<blocks>+<sublayers> attention" for mixed units
+        trials = {int(k.split("+")[0]): v for k, v in searched.search.items()}
+        for count in sorted(trials) or [len(searched.depth_order)]:
             forced = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="latency",
                                                      latency_model=lat, unit=unit, split=count))
             model, res = forced.prune(target, copy.deepcopy(base))
             is_chosen = unit == PruneConfig().unit and count == len(searched.depth_order)
-            add(f"latency {unit} {count}", "latency", ratio, model, res,
-                searched.search.get(str(count)), is_chosen)
+            add(f"latency {unit} {count}", "latency", ratio, model, res, trials.get(count),
+                is_chosen)
     param = Pruner(base, calib, PruneConfig(min_remaining=mr))
     for t in (PARAM_TARGETS[2:4] if smoke else PARAM_TARGETS):
         model, res = param.prune(t, copy.deepcopy(base))

@@ -3,6 +3,7 @@ FLOP targets as exactly as parameter ones (brute force on tiny configs), a laten
 synthetic table gives the structure the table predicts, a measured one is cached and leaves the
 model untouched, and the CLI's --target-flops / --target-latency with every bad input."""
 import copy
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def test_mixed_plans_are_searched_on_calibration_data_and_reload_identically(tmp
     cfg = PruneConfig(objective="latency", latency_model=lat, align=1, min_remaining=8)
     pruned, res = prune_2ssp(model, 0.25, [x], cfg)
     assert sorted(res.search) == ["0+5 attention", "1+2 attention"]
+    _, forced = prune_2ssp(tiny(6), 0.25, [x], replace(cfg, split=0))  # a count asked for
+    assert forced.plan.blocks_to_prune == 0 and len(forced.plan.attention_indices) == 5
+    assert forced.search == {}
     assert res.plan.attention_indices and res.objective_ratio == pytest.approx(0.75, abs=1e-3)
     assert len(resolve(pruned).parts) == 6 - res.plan.blocks_to_prune
     saved = save_pruned_model(pruned, tmp_path / "mixed")

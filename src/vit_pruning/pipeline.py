@@ -209,8 +209,7 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     With `trial` the model is left unchanged (only the outputs it would give are returned);
     `fit_batches` holds the batches after the first `fit_batches` out of the fit; `unpruned`
     is the unpruned model's trace over inputs whose first rows are `batches`'."""
-    skip = plan.depth_indices if plan.unit == "block" else ()
-    bypass = (*(plan.depth_indices if plan.unit == "attention" else ()), *plan.attention_indices)
+    skip, bypass = plan.removed_blocks, plan.removed_attention
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
         return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
@@ -408,11 +407,9 @@ class Pruner:
         if cfg.objective == "latency":
             lat = cfg.latency_model
             widths = [w - r for w, r in zip(shape.widths, removed)]
-            gone = plan.depth_indices if plan.unit == "block" else ()
-            no_att = (*(plan.depth_indices if plan.unit == "attention" else ()),
-                      *plan.attention_indices)
             return {"objective": "latency", "objective_before": lat.model_s,
-                    "objective_after": lat.predict(widths, gone, no_att)}
+                    "objective_after": lat.predict(widths, plan.removed_blocks,
+                                                   plan.removed_attention)}
         after = params_after if cfg.objective == "params" else plan.params_after
         return {"objective": cfg.objective, "objective_before": float(shape.total_params),
                 "objective_after": float(after)}
@@ -579,9 +576,10 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
         return None
     cfg = replace(cfg, unit="block")
     counts = sorted(sorted(need, key=lambda d: (len(need[d]), -d))[:max(1, cfg.max_search)])
-    if pruner.holdout is None:  # nothing to search with
-        counts = [mixed_choice(need) if isinstance(pruner.split, str) else
-                  min(need, key=lambda d: (abs(d - pruner.split), d))]
+    if isinstance(pruner.split, int):  # a count asked for: the nearest that mixing completes
+        counts = [min(need, key=lambda d: (abs(d - pruner.split), d))]
+    elif pruner.holdout is None:  # nothing to search with
+        counts = [mixed_choice(need)]
     order, block_scores = pruner.depth_order("block", max(counts))
     n_att = len(candidates(shape, "attention"))
     att_order, att_scores = pruner.depth_order(

@@ -107,6 +107,16 @@ class PruningPlan:
     def target_error(self) -> float:
         return abs(self.predicted_sparsity - self.target)
 
+    @property
+    def removed_blocks(self) -> tuple[int, ...]:
+        """Blocks this plan removes whole."""
+        return self.depth_indices if self.unit == "block" else ()
+
+    @property
+    def removed_attention(self) -> tuple[int, ...]:
+        """Blocks that stay but lose their attention sublayer (its unit's, or a mixed plan's)."""
+        return (*(self.depth_indices if self.unit == "attention" else ()), *self.attention_indices)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -138,8 +138,8 @@ def run_speed_target(smoke: bool) -> str:
 
 
 def run_latency_choice(smoke: bool) -> str:
-    res = latency_choice.run(smoke=smoke, repeats=2 if smoke else 10)
-    return "\n".join(["## Fidelity at equal latency: what a latency target chooses from", "",
+    res = latency_choice.run(smoke=smoke)
+    return "\n".join(["## Fidelity at equal latency: latency targets against the parameter-target curve", "",
                       latency_choice.__doc__.strip(), "", latency_choice.table(res), ""])
 
 

@@ -1,32 +1,41 @@
-"""Fidelity at equal latency: the structures a latency target and a parameter target choose from.
+"""Fidelity at equal latency: latency targets against the parameter-target curve.
 
-The embedded digits ViT (its 64 calibration images; KL of the test-split logits to the unpruned
-model), at one batch size and one latency ratio R. The latency model is measured once; the
-latency target is pruned as the CLI plans it, then once per depth count the planner finds
-feasible for it (`split=<count>`, block and attention units); parameter targets 0.4 to 0.7 are
-pruned as the CLI does. Every model and the baseline are then
-timed back to back, interleaved (median ratio over rounds, quartiles).
+Two real models, each with its own calibration data and fidelity measure: the embedded digits
+ViT (its 64 calibration images; KL of the test-split logits to the unpruned model, lower is
+closer) at batch 1 and 8, and all-MiniLM-L6-v2 (128 calibration sentences; cosine of the
+mean-pooled embeddings of 512 evaluation sentences to the unpruned model's, higher is closer)
+at batch 8 x 32 tokens. Per model and batch the latency model is measured once, then:
+- each latency target R is pruned as `--target-latency R` runs (planned on the latency model,
+  timed against the baseline, planned again while it misses R by more than 0.01, the closest
+  attempt kept: `prune_to_measured`);
+- parameter targets on a grid of 0.025 up to the largest feasible are pruned as `--target t`
+  runs: the curve a user who asks for parameters moves along;
+- every model is then timed against the baseline, back to back, interleaved (median of the
+  per-round ratios, quartiles).
 
-Columns: the depth units removed and the kept MLP widths; the latency model's predicted ratio
-and the measured one; the held-out calibration distance of that depth count (what the split
-search ranks counts by: the latency run's own trial for its counts, the parameter run's for its
-chosen count); the test KL (what the speed table judges fidelity by). Both objectives choose
-among the same kind of structure (a depth count, then the widths that meet the target), so at
-equal latency they differ only where the split search's calibration distances rank two counts
-the other way from the test KL, or where the widths that meet a latency ratio differ from the
-ones that meet the matching parameter count.
+A parameter target *beats* a latency target when it measures no slower (within 0.01, the
+correction's tolerance) and is closer to the unpruned model. Equal latency is judged among the
+models a user can get: the parameter-target family is discrete in depth (its latencies jump
+where one more block is removed), so a line drawn between two of its points is not a model
+anyone can prune to. Where a latency target is beaten the table says why, from the numbers:
+the beating model's latency as the latency model predicted it (a structure predicted slower
+than the latency target's plan was never among its candidates, so the latency model's error is
+the cause), else the split search's ranking (it was a candidate at the same predicted time and
+the held-out calibration distance preferred another).
 """
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 import torch
 
 from vit_pruning import PruneConfig, count_total_params
-from vit_pruning.measure import collect_outputs, interleaved_latency, kl_divergence
+from vit_pruning.measure import collect_outputs, interleaved_latency, kl_divergence, mean_cosine
 from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
+from vit_pruning.sweep import prune_to_measured
 from vit_pruning.tradeoff import LATENCY_TOLERANCE as TOLERANCE
 
 from .common import digits_tensors, embedded_model, md_table
@@ -34,117 +43,185 @@ from .speed_target import _structure
 
 log = logging.getLogger(__name__)
 
-PARAM_TARGETS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+RATIOS = (0.9, 0.8, 0.7, 0.6)
+GRID = 0.025  # parameter targets' step
+SEQ = 32  # text: tokens per sentence timed (bench.text's)
 
 
-def run(batch: int = 8, ratio: float = 0.7, repeats: int = 10, smoke: bool = False) -> dict:
-    d = digits_tensors()
-    base = embedded_model().eval()
-    calib, x_test = list(torch.split(d.x_train[:64], 32)), d.x_test
-    ref = collect_outputs(base, [x_test])
-    shape = model_shape(base)
-    widths, params0 = shape.widths, count_total_params(base)
-    mr = default_min_remaining(shape)[0]
-    lat = measure_latency_model(base, batch_size=batch, align=int(PruneConfig().resolved(shape).align),
-                                min_remaining=mr, **({"repeats": 5} if smoke else {}))
+class Subject:
+    """A model with its calibration inputs and fidelity measure (lower `distance` is closer)."""
+
+    def __init__(self, name: str, smoke: bool):
+        self.name, self.text = name, name != "embedded"
+        if not self.text:
+            d = digits_tensors()
+            self.base = embedded_model().eval()
+            self.calib = list(torch.split(d.x_train[:64], 32))
+            self._x = [d.x_test[:64]] if smoke else [d.x_test]
+            self._ref = collect_outputs(self.base, self._x)
+            self.measure_name = "KL"
+            return
+        from vit_pruning.batches import take_inputs
+        from vit_pruning.text import sentence_embeddings, tokenize
+
+        from . import text, text_data
+        if smoke:
+            self.base, tok, n = text.tiny_bert(), text.byte_tokenizer, 32
+        else:
+            (self.base, tok), n = text._minilm(), 0
+        split = text_data.split(n or 128, n or 512)
+        self.calib = take_inputs(tokenize(tok, split.calibration))
+        self._x = tokenize(tok, split.evaluation)
+        self._embed = sentence_embeddings
+        self._ref = sentence_embeddings(self.base, self._x)
+        self.measure_name = "cosine"
+
+    def fidelity(self, model) -> float:
+        """KL (embedded) or cosine (text) to the unpruned model."""
+        if self.text:
+            return mean_cosine(self._embed(model, self._x), self._ref)
+        return kl_divergence(collect_outputs(model, self._x), self._ref)
+
+    def distance(self, fidelity: float) -> float:
+        return 1 - fidelity if self.text else fidelity
+
+    def size(self) -> dict:
+        return {"seq_len": SEQ} if self.text else {}
+
+
+def run_subject(name: str, batch: int, ratios=RATIOS, repeats: int = 10, final_repeats: int = 30,
+                smoke: bool = False) -> dict:
+    s = Subject(name, smoke)
+    shape = model_shape(s.base)
+    widths, params0 = shape.widths, count_total_params(s.base)
+    mr = 64 if smoke and s.text else default_min_remaining(shape)[0]
+    seq = {"seq_len": SEQ} if s.text else {}
+    cfg = PruneConfig(min_remaining=mr, **seq)
+    lat = measure_latency_model(s.base, batch_size=batch, align=int(cfg.resolved(shape).align),
+                                min_remaining=mr, **seq, **({"repeats": 5} if smoke else {}))
 
     def predicted(res) -> float:
         w = [a - r for a, r in zip(widths, res.neurons_removed)]
         return lat.predict(w, res.plan.removed_blocks, res.plan.removed_attention) / lat.model_s
 
-    target = round(1 - ratio, 12)
+    def measure(model) -> float:  # what a --target-latency run times a plan by
+        return interleaved_latency({"base": s.base, "pruned": model}, batch, repeats, warmup=2,
+                                   **s.size()).ratio["pruned"]
+
     rows, models = [], {}
 
-    def add(label, objective, asked, model, res, distance, chosen_here):
+    def add(label, objective, asked, model, res, **extra):
         models[label] = model
         rows.append({"label": label, "objective": objective, "asked": asked,
                      "structure": _structure(res, widths),
-                     "params": count_total_params(model) / params0,
-                     "predicted": predicted(res), "distance": distance, "chosen": chosen_here,
-                     "kl": kl_divergence(collect_outputs(model, [x_test]), ref)})
+                     "params": count_total_params(model) / params0, "predicted": predicted(res),
+                     "fidelity": s.fidelity(model),
+                     "distance": res.search.get(str(len(res.depth_order))) if res.search else None,
+                     **extra})
 
-    units = ("block",) if smoke else ("block", "attention")
-    for unit in units:
-        pruner = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="latency",
-                                                 latency_model=lat, unit=unit))
-        try:  # the unit's own search: its trials' distances, per depth count; with the
-            # default unit it is what the CLI plans
-            _, searched = pruner.prune(target, copy.deepcopy(base))
+    lat_pruner = Pruner(s.base, s.calib, replace(cfg, objective="latency", latency_model=lat))
+    for r in ratios:
+        try:
+            model, res, tries = prune_to_measured(lat_pruner, r, measure, TOLERANCE)
         except ValueError as exc:
-            log.info("latency %s: %s", unit, exc)
+            log.info("%s b%d latency %g: %s", name, batch, r, exc)
             continue
-        # trial keys: the depth count, or "<blocks>+<sublayers> attention" for mixed units
-        trials = {int(k.split("+")[0]): v for k, v in searched.search.items()}
-        for count in sorted(trials) or [len(searched.depth_order)]:
-            forced = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="latency",
-                                                     latency_model=lat, unit=unit, split=count))
-            model, res = forced.prune(target, copy.deepcopy(base))
-            is_chosen = unit == PruneConfig().unit and count == len(searched.depth_order)
-            add(f"latency {unit} {count}", "latency", ratio, model, res, trials.get(count),
-                is_chosen)
-    param = Pruner(base, calib, PruneConfig(min_remaining=mr))
-    for t in (PARAM_TARGETS[2:4] if smoke else PARAM_TARGETS):
-        model, res = param.prune(t, copy.deepcopy(base))
-        add(f"params {t}", "params", t, model, res, res.search.get(str(len(res.depth_order))), False)
-    timing = interleaved_latency({"base": base, **models}, batch, repeats, warmup=2)
-    for r in rows:
-        r["measured"] = timing.ratio[r["label"]]
-        r["iqr"] = (timing.ratio_q1[r["label"]], timing.ratio_q3[r["label"]])
-    log.info("latency_choice rows: %s", rows)
-    return {"batch": batch, "ratio": ratio, "repeats": repeats, "rows": rows}
+        chosen = next(t for t in tries if t.measures.get("chosen"))
+        add(f"latency {r:g}", "latency", r, model, res, attempts=len(tries),
+            planned=chosen.measures["planned_ratio"], search=dict(res.search))
+    par_pruner = Pruner(s.base, s.calib, cfg)
+    top = par_pruner.max_target()
+    grid = [0.1, 0.3] if smoke else [round(k * GRID, 3) for k in range(2, int(top / GRID) + 1)]
+    for t in grid:
+        model, res = par_pruner.prune(t, copy.deepcopy(s.base))
+        add(f"params {t:g}", "params", t, model, res)
+    timing = interleaved_latency({"base": s.base, **models}, batch, final_repeats, warmup=2,
+                                 **s.size())
+    for row in rows:
+        row["measured"] = timing.ratio[row["label"]]
+        row["iqr"] = (timing.ratio_q1[row["label"]], timing.ratio_q3[row["label"]])
+    log.info("latency_choice %s b%d rows: %s", name, batch, rows)
+    return {"model": "tiny random BERT (smoke)" if smoke and s.text else
+            ("all-MiniLM-L6-v2" if s.text else "embedded digits ViT"), "batch": batch,
+            "measure": s.measure_name, "higher_is_closer": s.text, "rows": rows,
+            "repeats": final_repeats, "grid": grid}
+
+
+def run(smoke: bool = False) -> dict:
+    if smoke:
+        return {"subjects": [run_subject("embedded", 1, (0.8,), repeats=5, final_repeats=3,
+                                         smoke=True),
+                             run_subject("text", 8, (0.8,), repeats=5, final_repeats=3,
+                                         smoke=True)]}
+    return {"subjects": [run_subject("embedded", 1), run_subject("embedded", 8),
+                         run_subject("minilm", 8)]}
+
+
+def verdicts(sub: dict) -> list[dict]:
+    """Per latency target: the parameter targets that beat it (no slower within TOLERANCE and
+    closer), the best of them, and why the latency target did not choose that structure."""
+    better = (lambda a, b: a > b) if sub["higher_is_closer"] else (lambda a, b: a < b)
+    params = [r for r in sub["rows"] if r["objective"] == "params"]
+    out = []
+    for lt in (r for r in sub["rows"] if r["objective"] == "latency"):
+        fast = [p for p in params if p["measured"] <= lt["measured"] + TOLERANCE]
+        beats = [p for p in fast if better(p["fidelity"], lt["fidelity"])]
+        best_fast = (max if sub["higher_is_closer"] else min)(
+            fast, key=lambda p: p["fidelity"]) if fast else None
+        v = {"latency": lt, "best_no_slower": best_fast, "beaten_by": beats}
+        if beats:
+            b = (max if sub["higher_is_closer"] else min)(beats, key=lambda p: p["fidelity"])
+            v["beaten_best"] = b
+            if b["predicted"] > lt["planned"] + 1e-3:
+                v["why"] = (f"the latency model predicted {b['label']} ({b['structure']}) at "
+                            f"{b['predicted']:.3f}, slower than the plan kept ({lt['planned']:.3f}); "
+                            f"it measured {b['measured']:.3f}: the latency model's error")
+            else:
+                v["why"] = (f"{b['label']} ({b['structure']}) was predicted at {b['predicted']:.3f}, "
+                            f"within the plan kept ({lt['planned']:.3f}): the split search ranked "
+                            f"the depth counts by held-out calibration distance "
+                            f"({_search_text(lt.get('search') or {})})")
+        out.append(v)
+    return out
+
+
+def _search_text(search: dict) -> str:
+    return ", ".join(f"{k}: {v:.3g}" for k, v in search.items()) or "a single candidate"
 
 
 def table(res: dict) -> str:
-    rows = [[r["objective"], f"{r['asked']:g}", r["structure"], f"{r['params']:.3f}", f"{r['predicted']:.3f}",
-             f"{r['measured']:.3f} [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
-             "" if r["distance"] is None else f"{r['distance']:.3g}", f"{r['kl']:.3g}",
-             "**chosen**" if r["chosen"] else ""] for r in res["rows"]]
-    out = [f"Embedded digits ViT, batch {res['batch']}, latency ratio R = {res['ratio']:g}, "
-           f"{res['repeats']} rounds:", "",
-           md_table(["objective", "asked", "depth units removed, kept MLP widths", "param ratio",
-                     "predicted latency ratio", "measured latency ratio [quartiles]",
-                     "held-out calibration distance", "test KL", "the latency target's choice"],
-                    rows), ""]
-    out.append(summary(res))
+    out = []
+    summary = []
+    for sub in res["subjects"]:
+        m = sub["measure"]
+        rows = [[r["objective"], f"{r['asked']:g}", r["structure"], f"{r['params']:.3f}",
+                 f"{r['predicted']:.3f}",
+                 f"{r['measured']:.3f} [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
+                 f"{r['fidelity']:.4g}",
+                 (f"{r['attempts']} (kept the plan at {r['planned']:.3f})"
+                  if r["objective"] == "latency" else "")]
+                for r in sorted(sub["rows"], key=lambda r: -r["measured"])]
+        out += [f"### {sub['model']}, batch {sub['batch']} ({m}; {sub['repeats']} rounds against "
+                f"the baseline)", "",
+                md_table(["objective", "asked", "depth units removed, kept MLP widths",
+                          "param ratio", "predicted latency ratio",
+                          "measured latency ratio [quartiles]", m,
+                          "prunings (latency targets)"], rows), ""]
+        for v in verdicts(sub):
+            lt, best = v["latency"], v["best_no_slower"]
+            head = (f"{sub['model']} b{sub['batch']} R = {lt['asked']:g}: measured "
+                    f"{lt['measured']:.3f}, {m} {lt['fidelity']:.4g}")
+            if not v["beaten_by"]:
+                alt = ("no parameter target measures as fast" if best is None else
+                       f"the closest parameter target no slower: {best['label']} "
+                       f"({best['measured']:.3f}, {m} {best['fidelity']:.4g})")
+                summary.append([head, "**as close or closer**", alt])
+            else:
+                b = v["beaten_best"]
+                summary.append([head, f"beaten by {len(v['beaten_by'])}: best {b['label']} "
+                                f"({b['measured']:.3f}, {m} {b['fidelity']:.4g})", v["why"]])
+    out = ["Verdicts (a parameter target beats a latency target when it measures no slower, "
+           f"within {TOLERANCE}, and is closer):", "",
+           md_table(["latency target", "verdict", "the parameter-target model it is judged "
+                     "against, or why it lost"], summary), ""] + out
     return "\n".join(out)
-
-
-def _g(value: float | None) -> str:
-    return "none (a single candidate: no trial)" if value is None else f"{value:.3g}"
-
-
-def summary(res: dict) -> str:
-    """One measured sentence: where the latency target's choice stands among its own candidates
-    and against the parameter targets timed within its quartiles (at least 0.02 either side)."""
-    lat = [r for r in res["rows"] if r["objective"] == "latency"]
-    chosen = next((r for r in lat if r["chosen"]), None)
-    if chosen is None:
-        return "The latency target's choice was not among the forced counts (see the log)."
-    best = min(lat, key=lambda r: r["kl"])
-    lo, hi = chosen["iqr"]
-    near = [r for r in res["rows"] if r["objective"] == "params"
-            and min(lo, chosen["measured"] - 0.02) <= r["measured"] <= max(hi, chosen["measured"] + 0.02)]
-    parts = [f"The split search chose {chosen['label']} (held-out distance "
-             f"{_g(chosen['distance'])}, test KL {chosen['kl']:.3g})"]
-    if best is not chosen:
-        parts.append(f"; by test KL the best of its candidates is {best['label']} ({best['kl']:.3g}, "
-                     f"held-out distance {_g(best['distance'])}): the calibration distance ranks "
-                     f"them the other way")
-    else:
-        parts.append("; it is also the best of its candidates by test KL")
-    if near:
-        p = min(near, key=lambda r: r["kl"])
-        parts.append(f". Parameter targets timed within its quartiles (or 0.02): best {p['label']} at "
-                     f"{p['measured']:.3f} (test KL {p['kl']:.3g}, {p['structure']})")
-        if p["kl"] < chosen["kl"] and p["predicted"] > res["ratio"] + TOLERANCE:
-            parts.append(f", which the latency model predicted at {p['predicted']:.3f} (measured "
-                         f"{p['measured']:.3f}): off by {p['predicted'] - p['measured']:+.3f}, it "
-                         f"could not be among the latency target's candidates, which must meet "
-                         f"{res['ratio']:g} as predicted")
-        elif p["kl"] < chosen["kl"] and p["params"] > chosen["params"]:
-            parts.append(f", which keeps more parameters ({p['params']:.3f} against "
-                         f"{chosen['params']:.3f}) in the same measured time: the latency model "
-                         f"predicts it {p['predicted'] - chosen['predicted']:+.3f} slower, a "
-                         f"difference the timing does not show, so the latency target pays "
-                         f"fidelity for predicted time it does not get")
-    return "".join(parts) + "."

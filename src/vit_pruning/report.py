@@ -376,6 +376,16 @@ def _fidelity(point: dict) -> tuple[str, float | None]:
     return "none", None
 
 
+def _replanned(p: dict) -> str:
+    """For a latency point planned again after its first plan was timed: how (else "")."""
+    attempts = p.get("attempts") or []
+    chosen = next((a for a in attempts if a.get("chosen")), None)
+    if len(attempts) < 2 or chosen is None or chosen is attempts[0]:
+        return ""
+    return (f"first plan measured {attempts[0]['measured_ratio']:.3f}, planned again at "
+            f"{chosen['planned_ratio']:.3f}, ")
+
+
 def point_line(p: dict) -> str:
     """One trade-off point as a line of the console summary."""
     name, value = _fidelity(p)
@@ -383,7 +393,8 @@ def point_line(p: dict) -> str:
         f" (drop {p['top1_drop_pp']:.2f} pp)" if name == "top1" and p.get("top1_drop_pp") is not None else "")
     iqr = p["latency_ratio_iqr"]
     head = (f"target {p['target']:g}: " if p.get("asked_ratio") is None else
-            f"{p['objective']} ratio {p['asked_ratio']:g} (predicted {p['predicted_ratio']:.4f}): ")
+            f"{p['objective']} ratio {p['asked_ratio']:g} ({_replanned(p)}predicted "
+            f"{p['predicted_ratio']:.4f}): ")
     return (head + f"achieved {p['achieved_sparsity']:.4f}, params "
             f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f} "
             f"[{iqr[0]:.3f}, {iqr[1]:.3f}]{fid}")
@@ -417,7 +428,7 @@ def tradeoff_markdown(rep: dict) -> str:
     for p in rep["points"]:
         mark = " **(chosen)**" if rep.get("chosen") == p["target"] else ""
         if p.get("asked_ratio") is not None:  # a FLOP or latency target: the ratio asked
-            mark += f" ({p['objective']} {p['asked_ratio']:g}, predicted {p['predicted_ratio']:.3f})"
+            mark += f" ({p['objective']} {p['asked_ratio']:g}, {_replanned(p)}predicted {p['predicted_ratio']:.3f})"
         lines.append(
             f"| {p['target']:g}{mark} | {p['achieved_sparsity']:.4f} | {p['params']:,} | "
             f"{num(p['flops_ratio'], '.3f')} | {p['latency_ratio']:.3f} [{p['latency_ratio_iqr'][0]:.3f}, "

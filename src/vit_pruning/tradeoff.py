@@ -15,7 +15,7 @@ import datetime as _dt
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,7 +23,7 @@ from .cli import (BUDGETS, OBJECTIVE_FLAGS, Choices, Data, Evaluator, Loaded, Us
                   write_error)
 from .measure import interleaved_latency
 from .pipeline import Pruner
-from .sweep import SearchResult, search_target, sweep
+from .sweep import SearchResult, prune_to_measured, search_target, sweep
 
 log = logging.getLogger("vit_pruning")
 
@@ -110,29 +110,36 @@ LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans (up to twice) while 
 # misses the asked one by more than this (the latency model is a prediction; the timing is not)
 
 
+def latency_measure(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices
+                    ) -> Callable[[torch.nn.Module], float]:
+    """What a --target-latency run measures a pruned model by: its latency ratio to the
+    baseline, the two timed back to back, interleaved, on the run's batch, dtype and rounds."""
+    size = {"seq_len": data.seq_len} if loaded.text else {}
+
+    def measure(model) -> float:
+        return interleaved_latency({"baseline": loaded.model, "pruned": model},
+                                   args.latency_batch_size, args.latency_repeats, warmup=2,
+                                   dtype=ch.latency_dtype, **size).ratio["pruned"]
+    return measure
+
+
 def latency_run(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices,
                 evaluate: Evaluator) -> BudgetRun:
     """--target-latency R (one R): prune on the latency model, time the result back to back with
     the baseline, and while it misses R by more than LATENCY_TOLERANCE prune again (up to twice)
     at the target corrected by the misses (:func:`vit_pruning.sweep.prune_to_measured`); the
     closest model goes on through the rest of the pipeline, every attempt is in the report."""
-    from .sweep import prune_to_measured
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
                     progress=not args.quiet)
-    size = {"seq_len": data.seq_len} if loaded.text else {}
     stage1: dict = {}
 
     def after_stage1(target, model):
         stage1[target] = (evaluate("stage1", model), copy.deepcopy(model))
-
-    def measure(model) -> float:
-        return interleaved_latency({"baseline": loaded.model, "pruned": model},
-                                   args.latency_batch_size, args.latency_repeats, warmup=2,
-                                   dtype=ch.latency_dtype, **size).ratio["pruned"]
     try:
-        model, res, tries = prune_to_measured(pruner, 1 - args.target, measure, LATENCY_TOLERANCE,
-                                              after_stage1=after_stage1)
+        model, res, tries = prune_to_measured(pruner, 1 - args.target,
+                                              latency_measure(args, loaded, data, ch),
+                                              LATENCY_TOLERANCE, after_stage1=after_stage1)
     except ValueError as exc:
         raise UsageError(f"--target-latency: {exc}") from exc
     chosen = next(t for t in tries if t.measures.get("chosen"))
@@ -242,22 +249,42 @@ def _write(rep: dict, outputs, args) -> None:
         raise write_error(exc) from exc
 
 
+def _measured(pruner: Pruner, target: float, measure, attempts: dict) -> tuple:
+    """One latency target of a sweep, pruned as a single --target-latency run is
+    (:func:`vit_pruning.sweep.prune_to_measured`): (model, result); its attempts' measures go
+    in `attempts[target]`."""
+    model, res, tries = prune_to_measured(pruner, 1 - target, measure, LATENCY_TOLERANCE)
+    attempts[target] = [t.measures for t in tries]
+    return model, res
+
+
 def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
-    timed against the baseline; saves each model with --save-pruned-model; the trade-off report."""
+    timed against the baseline (several --target-latency values: each planned, timed and
+    corrected as a single one is, see latency_run); saves each model with --save-pruned-model; the trade-off report."""
     from .persistence import save_pruned_model
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
                     progress=not args.quiet)
+    attempts: dict[float, list[dict]] = {}
     try:
-        pruned = sweep(loaded.model, args.targets, pruner=pruner)
+        if ch.objective == "latency":  # each target as a single one is met: timed, corrected
+            measure = latency_measure(args, loaded, data, ch)
+            done = {t: _measured(pruner, t, measure, attempts)  # largest first, as sweep()
+                    for t in sorted(args.targets, reverse=True)}
+            pruned = [done[t] for t in args.targets]
+        else:
+            pruned = sweep(loaded.model, args.targets, pruner=pruner)
     except ValueError as exc:
         raise UsageError(f"{OBJECTIVE_FLAGS[ch.objective]}: {exc}") from exc
     models = {t: m for t, (m, _) in zip(args.targets, pruned)}
     results = {t: r for t, (_, r) in zip(args.targets, pruned)}
     metrics = {t: evaluate(f"target {t:g}", m) for t, m in models.items()}
     points_comp = tradeoff_points(args, loaded, data, ch, base, metrics, models, results)
+    for point in points_comp[0]:
+        if point["target"] in attempts:
+            point["attempts"] = attempts[point["target"]]
     artifacts: dict = {"pruned_models": None, "plot": None}
     try:
         if args.save_pruned_model:

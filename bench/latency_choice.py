@@ -99,10 +99,9 @@ def run_subject(name: str, batch: int, ratios=RATIOS, repeats: int = 10, final_r
     shape = model_shape(s.base)
     widths, params0 = shape.widths, count_total_params(s.base)
     mr = 64 if smoke and s.text else default_min_remaining(shape)[0]
-    seq = {"seq_len": SEQ} if s.text else {}
-    cfg = PruneConfig(min_remaining=mr, **seq)
+    cfg = PruneConfig(min_remaining=mr, **s.size())
     lat = measure_latency_model(s.base, batch_size=batch, align=int(cfg.resolved(shape).align),
-                                min_remaining=mr, **seq, **({"repeats": 5} if smoke else {}))
+                                min_remaining=mr, **s.size(), **({"repeats": 5} if smoke else {}))
 
     def predicted(res) -> float:
         w = [a - r for a, r in zip(widths, res.neurons_removed)]
@@ -119,9 +118,7 @@ def run_subject(name: str, batch: int, ratios=RATIOS, repeats: int = 10, final_r
         rows.append({"label": label, "objective": objective, "asked": asked,
                      "structure": _structure(res, widths),
                      "params": count_total_params(model) / params0, "predicted": predicted(res),
-                     "fidelity": s.fidelity(model),
-                     "distance": res.search.get(str(len(res.depth_order))) if res.search else None,
-                     **extra})
+                     "fidelity": s.fidelity(model), **extra})
 
     lat_pruner = Pruner(s.base, s.calib, replace(cfg, objective="latency", latency_model=lat))
     for r in ratios:

@@ -129,7 +129,7 @@ def _interpolate(curve: list[tuple[float, float]], latency: float) -> float | No
 
 def _structure(res, widths) -> str:
     """"-2 blocks, MLP 1536": the depth units removed and the kept MLP widths."""
-    gone = set(res.depth_order) if res.plan.unit == "block" else set()
+    gone = set(res.plan.removed_blocks)
     kept = sorted({w - n for i, (w, n) in enumerate(zip(widths, res.neurons_removed)) if i not in gone})
     count, att = len(res.depth_order), len(res.plan.attention_indices)
     mixed = f" -{att} attention" if att else ""

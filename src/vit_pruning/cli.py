@@ -1450,7 +1450,7 @@ def build_report(args, argv, loaded: Loaded, data: Data, ch: Choices, stages, re
                "0.1 pp, as the automatic single width is only taken within it"
                if plan.uniform_width is not None and ch.width_policy == "auto" and bound > one_group / 2
                else f"half a group of {ch.align} MLP neurons" if ch.align > 1 else "half an MLP neuron")
-    gone = set(result.depth_order) if plan.unit == "block" else set()
+    gone = set(plan.removed_blocks)
     kept_widths = [0 if i in gone else w - n for i, (w, n) in
                    enumerate(zip(shape.widths, result.neurons_removed))]
     return {

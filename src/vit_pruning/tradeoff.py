@@ -188,7 +188,7 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
                  "top1_drop_pp": None if m.top1 is None or base.top1 is None else
                  100.0 * (base.top1 - m.top1)}
         if res is not None:
-            gone = set(res.depth_order) if res.plan.unit == "block" else set()
+            gone = set(res.plan.removed_blocks)
             shape = loaded.shape
             point.update({"depth_unit": res.plan.unit, "depth_removed": sorted(res.depth_order),
                           "attention_removed": list(res.plan.attention_indices),
@@ -249,15 +249,6 @@ def _write(rep: dict, outputs, args) -> None:
         raise write_error(exc) from exc
 
 
-def _measured(pruner: Pruner, target: float, measure, attempts: dict) -> tuple:
-    """One latency target of a sweep, pruned as a single --target-latency run is
-    (:func:`vit_pruning.sweep.prune_to_measured`): (model, result); its attempts' measures go
-    in `attempts[target]`."""
-    model, res, tries = prune_to_measured(pruner, 1 - target, measure, LATENCY_TOLERANCE)
-    attempts[target] = [t.measures for t in tries]
-    return model, res
-
-
 def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
@@ -271,9 +262,10 @@ def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: D
     try:
         if ch.objective == "latency":  # each target as a single one is met: timed, corrected
             measure = latency_measure(args, loaded, data, ch)
-            done = {t: _measured(pruner, t, measure, attempts)  # largest first, as sweep()
-                    for t in sorted(args.targets, reverse=True)}
-            pruned = [done[t] for t in args.targets]
+            runs = {t: prune_to_measured(pruner, 1 - t, measure, LATENCY_TOLERANCE)
+                    for t in sorted(args.targets, reverse=True)}  # largest first, as sweep()
+            pruned = [runs[t][:2] for t in args.targets]
+            attempts = {t: [trial.measures for trial in runs[t][2]] for t in args.targets}
         else:
             pruned = sweep(loaded.model, args.targets, pruner=pruner)
     except ValueError as exc:

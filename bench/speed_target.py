@@ -14,7 +14,9 @@ timing.
 
 Models: the ViT-B/16, DINOv2-B/14 and Swin-T shapes with random weights (data-free pruning:
 the shapes, not the choices, set the speed) and the embedded digits ViT with its 64
-calibration images, whose KL to the unpruned model on the test split is the fidelity column.
+calibration images, whose KL to the unpruned model on the test split is the fidelity column
+(fidelity at equal measured latency, against every parameter target a user can prune to, is
+`python -m bench --only latency_choice`).
 """
 from __future__ import annotations
 
@@ -78,10 +80,10 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
             flop_model, flop_res = flop_models[r]
             comp = interleaved_latency({"base": base, "latency": lat_model, "params": par_model,
                                         "flops": flop_model}, b, repeats, warmup=2)
-            first = tries[0].measures
             row = {"model": name, "batch": b, "asked": r, "latency_model_s": lat_s,
-                   "first_predicted": first["predicted_ratio"], "first_measured": first["measured_ratio"],
-                   "attempts": len(tries), "predicted": lat_res.objective_ratio,
+                   "tries": [(t.measures["predicted_ratio"], t.measures["measured_ratio"],
+                              bool(t.measures.get("chosen"))) for t in tries],
+                   "predicted": lat_res.objective_ratio,
                    "measured": comp.ratio["latency"],
                    "iqr": (comp.ratio_q1["latency"], comp.ratio_q3["latency"]),
                    "structure": _structure(lat_res, widths),
@@ -98,33 +100,7 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
             rows.append(row)
             log.info("%s b%d R=%g: predicted %.3f measured %.3f (params run %.3f)", name, b, r,
                      row["predicted"], row["measured"], row["params_run"])
-        if ref is not None:  # fidelity at equal latency: the parameter-target curve at this batch
-            curve = _param_curve(base, param_pruner, b, repeats, x_test, ref)
-            for row in rows:
-                if row["batch"] == b and "measured" in row:
-                    row["kl_params_same_latency"] = _interpolate(curve, row["measured"])
     return rows
-
-
-PARAM_CURVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def _param_curve(base, pruner, batch: int, repeats: int, x_test, ref) -> list[tuple[float, float]]:
-    """(measured latency ratio, KL) of parameter targets 0.1..0.7, timed interleaved with the
-    baseline at `batch`: the curve a parameter-target user moves along."""
-    models = {t: pruner.prune(t, copy.deepcopy(base))[0] for t in PARAM_CURVE}
-    comp = interleaved_latency({"base": base, **{str(t): m for t, m in models.items()}}, batch,
-                               repeats, warmup=2)
-    return sorted((comp.ratio[str(t)], kl_divergence(collect_outputs(m, [x_test]), ref))
-                  for t, m in models.items())
-
-
-def _interpolate(curve: list[tuple[float, float]], latency: float) -> float | None:
-    """KL of the parameter-target curve at `latency` (linear between its points; None outside)."""
-    for (l0, k0), (l1, k1) in zip(curve, curve[1:]):
-        if l0 <= latency <= l1:
-            return k0 + (k1 - k0) * (latency - l0) / (l1 - l0) if l1 > l0 else k0
-    return None
 
 
 def _structure(res, widths) -> str:
@@ -152,24 +128,20 @@ def table(res: dict) -> str:
         if "error" in r:
             rows.append([r["model"], r["batch"], f"{r['asked']:g}", "", r["error"], "", "", "", "", "", ""])
             continue
-        same = r.get("kl_params_same_latency")
-        kl = (f"{r['kl_latency']:.3g} / {r['kl_params']:.3g} / "
-              f"{'outside the curve' if same is None else format(same, '.3g')}"
-              if "kl_latency" in r else "")
+        kl = f"{r['kl_latency']:.3g} / {r['kl_params']:.3g}" if "kl_latency" in r else ""
         rows.append([r["model"], r["batch"], f"{r['asked']:g}",
-                     f"{r['first_predicted']:.3f}: {r['first_measured']:.3f}"
-                     + (f"; again: {r['predicted']:.3f}" if r["attempts"] > 1 else ""),
+                     "; ".join(f"{p:.3f}: {m:.3f}" + (" (kept)" if kept and len(r["tries"]) > 1 else "")
+                               for p, m, kept in r["tries"]),
                      f"**{r['measured']:.3f}** [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
                      f"{abs(r['measured'] - r['asked']):.3f}", r["structure"],
                      f"{r['param_ratio']:.3f} / {r['flop_ratio']:.3f}",
                      f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
                      f"{r['flops_asked_measured']:.4f}: {r['flops_run']:.3f}", kl])
     out.append(md_table(["model", "batch", "R asked",
-                         'first plan: predicted: measured ("again": planned again; the kept '
-                         "plan's prediction)",
+                         "each plan: predicted: measured (timed against the baseline alone; "
+                         "planned again while it missed by more than 0.01)",
                          "measured latency ratio of the model kept [quartiles]",
                          "miss", "latency-target structure", "its param / FLOP ratio",
                          "param target, same params: latency", "FLOP target R: FLOP ratio, latency",
-                         "KL: latency target / param target, same params / param target, same "
-                         "latency (interpolated)"], rows))
+                         "KL: latency target / param target, same params"], rows))
     return "\n".join(out)

@@ -391,6 +391,21 @@ def test_second_correction_is_the_secant_of_the_first_two_attempts():
     assert res.plan.target == pytest.approx(planned[2])
 
 
+def test_a_correction_stays_between_the_closest_attempts_on_either_side():
+    """ViT-B/16 at batch 8 on a 2-core CPU: MLP 2720 timed 0.85 where its neighbours lie on the
+    line near 0.93. After attempts that saved too little (0.16), too much (0.26) and then, by an
+    odd width, far too much (0.35), the next target interpolates the first two, which bracket
+    the goal, not the last two, which do not."""
+    from vit_pruning.sweep import _corrected_target
+    points = [(0.20, 0.16), (0.25, 0.26), (0.23, 0.35)]
+    assert _corrected_target(points, 0.8) == pytest.approx(0.20 + 0.04 * 0.05 / 0.10)
+    # the closest on each side, whatever their order
+    points = [(0.30, 0.32), (0.10, 0.08), (0.22, 0.23), (0.15, 0.14)]
+    assert _corrected_target(points, 0.8) == pytest.approx(0.15 + 0.06 * 0.07 / 0.09)
+    # all on one side: the secant through the last two, as before
+    assert _corrected_target([(0.2, 0.15), (0.23, 0.18)], 0.8) == pytest.approx(0.25)
+
+
 def test_cli_single_latency_target_records_its_attempts(tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "one",
                "--calib-size", "32") == 0

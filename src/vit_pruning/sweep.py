@@ -157,10 +157,11 @@ def prune_to_measured(pruner: Pruner, ratio: float, measure: Callable[[nn.Module
     """Prune a copy of the Pruner's model to keep `ratio` of what `measure(pruned) -> ratio`
     measures (e.g. latency timed against the unpruned model): first at the target the cost
     model plans (1 - ratio), then, while the measured ratio misses by more than `tolerance`, up
-    to `corrections` times at a corrected target: after one attempt, what is removed taken as
-    proportional to the target; after two, the secant through the last two (planned target,
-    measured saving), which corrects a first correction that crossed to another depth count
-    and overshot. A corrected target that plans a structure timed already ends the search (a
+    to `corrections` times at a corrected target (:func:`_corrected_target`): after one
+    attempt, what is removed taken as proportional to the target; after more, the line between
+    the closest attempts on either side of the goal (planned target, measured saving), or the
+    secant through the last two while all lie on one side, which corrects a first correction
+    that crossed to another depth count and overshot. A corrected target that plans a structure timed already ends the search (a
     target between two depth counts maps to the same structure). A measurement more than
     `recheck` tolerances from the cost model's prediction is taken twice more and the median of
     the three used (Trial.measures["takes"]): on a shared machine one spell of a slow baseline
@@ -215,11 +216,22 @@ def _structure(res: PruneResult) -> tuple:
 
 def _corrected_target(points: list[tuple[float, float]], ratio: float) -> float:
     """The next target of :func:`prune_to_measured` from its attempts' (planned target, measured
-    saving 1 - measured ratio): the secant through the last two where they differ, else the
-    last target scaled by how much more (or less) it had to save."""
+    saving 1 - measured ratio). Where attempts lie on both sides of the goal, the line between
+    the closest one on each side (the goal is between them, whatever the attempts after them
+    measured: on a CPU one MLP width can run 0.08 faster than its neighbours, so the last two
+    attempts need not bracket it). Else the secant through the last two where they differ,
+    else the last target scaled by how much more (or less) it had to save."""
+    goal = 1 - ratio
+    short = [pt for pt in points if pt[1] < goal]  # saved too little
+    over = [pt for pt in points if pt[1] > goal]
+    if short and over:
+        p1, s1 = max(short, key=lambda pt: pt[1])
+        p2, s2 = min(over, key=lambda pt: pt[1])
+        if p1 < p2:
+            return p1 + (goal - s1) * (p2 - p1) / (s2 - s1)
     p2, s2 = points[-1]
     if len(points) >= 2:
         p1, s1 = points[-2]
         if abs(s1 - s2) > 1e-6 and abs(p1 - p2) > 1e-6 and (s1 - s2) * (p1 - p2) > 0:
-            return p2 + ((1 - ratio) - s2) * (p1 - p2) / (s1 - s2)
-    return p2 * (1 - ratio) / s2
+            return p2 + (goal - s2) * (p1 - p2) / (s1 - s2)
+    return p2 * goal / s2

@@ -1355,9 +1355,10 @@ def distill_step(args, loaded: Loaded, data: Data, ch: Choices, model, result, s
                               loaded.processor)
         run_record = {"stages": list(stages), "result": result}
 
-        def hook(st):
+        def write(st):
             where = saved.write(st.step, model, st, run_record, job_of(args), loaded.processor)
             log.info("checkpoint: step %d written to %s", st.step, where)
+        hook = write
     log.info("distilling from the unpruned model on %d unlabeled inputs%s", sum(
         len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs),
         "" if acc.num_processes == 1 else f", sharded over {acc.num_processes} processes")

@@ -392,10 +392,10 @@ def test_second_correction_is_the_secant_of_the_first_two_attempts():
 
 
 def test_a_correction_stays_between_the_closest_attempts_on_either_side():
-    """ViT-B/16 at batch 8 on a 2-core CPU: MLP 2720 timed 0.85 where its neighbours lie on the
-    line near 0.93. After attempts that saved too little (0.16), too much (0.26) and then, by an
-    odd width, far too much (0.35), the next target interpolates the first two, which bracket
-    the goal, not the last two, which do not."""
+    """ViT-B/16 at batch 8 on a 2-core CPU, before the allocator was steadied: MLP 2720 timed
+    0.85 where its neighbours lay on the line near 0.93. After attempts that saved too little
+    (0.16), too much (0.26) and then, by such an odd timing, far too much (0.35), the next
+    target interpolates the first two, which bracket the goal, not the last two, which do not."""
     from vit_pruning.sweep import _corrected_target
     points = [(0.20, 0.16), (0.25, 0.26), (0.23, 0.35)]
     assert _corrected_target(points, 0.8) == pytest.approx(0.20 + 0.04 * 0.05 / 0.10)

@@ -218,9 +218,10 @@ def _corrected_target(points: list[tuple[float, float]], ratio: float) -> float:
     """The next target of :func:`prune_to_measured` from its attempts' (planned target, measured
     saving 1 - measured ratio). Where attempts lie on both sides of the goal, the line between
     the closest one on each side (the goal is between them, whatever the attempts after them
-    measured: on a CPU one MLP width can run 0.08 faster than its neighbours, so the last two
-    attempts need not bracket it). Else the secant through the last two where they differ,
-    else the last target scaled by how much more (or less) it had to save."""
+    measured: one odd timing, e.g. 0.08 off its neighbours on a CPU before its allocator was
+    steadied, leaves the last two attempts on one side of it). Else the secant through the last
+    two where they differ, else the last target scaled by how much more (or less) it had to
+    save."""
     goal = 1 - ratio
     short = [pt for pt in points if pt[1] < goal]  # saved too little
     over = [pt for pt in points if pt[1] > goal]

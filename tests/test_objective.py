@@ -468,31 +468,3 @@ def test_cpu_timing_fixes_the_allocator_thresholds_first(monkeypatch):
         assert measure.steady_cpu_allocator() is True
     else:
         assert measure.steady_cpu_allocator() is False
-
-
-def test_steady_allocator_maps_no_block_afresh():
-    """Blocks above glibc's largest mmap threshold (32 MiB: Swin-T's first-stage MLP
-    activations at batch 8) would still be mapped afresh at every forward; after
-    steady_cpu_allocator the heap serves them: mallinfo2's count of mapped blocks does not
-    grow for a 64 MiB tensor."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    from vit_pruning.measure import steady_cpu_allocator
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc before 2.33 has no mallinfo2")
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                    "usmblks", "fsmblks", "uordblks", "fordblks",
-                                                    "keepcost")]
-    libc.mallinfo2.restype = MallInfo2
-    assert steady_cpu_allocator() is True
-    before = libc.mallinfo2().hblks
-    x = torch.empty(16 * 2**20)  # 64 MiB
-    assert libc.mallinfo2().hblks == before
-    del x

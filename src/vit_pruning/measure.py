@@ -22,7 +22,7 @@ from .batches import batch_labels, batch_pixels, iter_limited
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest mmap threshold glibc accepts on 64-bit
 
 
@@ -203,20 +203,15 @@ def steady_cpu_allocator() -> bool:
     sizes the last forwards freed. Timed in a pair with ViT-B/16 at batch 8 on a 2-core CPU, a
     model with every MLP at width 2720 ran at 0.855 of the baseline with the default thresholds
     and at 0.926 with them fixed (0.928 predicted by the latency model); the default let the
-    smaller model's activations reuse the heap while the baseline's were mapped afresh. Blocks
-    above the largest threshold (32 MiB) were still mapped afresh at every call: Swin-T's
-    first-stage MLP activations at batch 8 are 38.5 MB, and on one host its plans predicted at
-    0.900 then timed 0.73 with the thresholds fixed and 0.84 with no block mapped. So no block is
-    mapped (the heap serves them all, and freed memory is kept for the next forward: no
-    trimming), for this process; returns False (and changes nothing) where the C library is not
-    glibc."""
+    smaller model's activations reuse the heap while the baseline's were mapped afresh. Sets the
+    mmap threshold to its maximum (32 MiB) and stops trimming, for this process; returns False
+    (and changes nothing) where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
         ok = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and ok
     except (OSError, AttributeError):
         return False
     if not ok:

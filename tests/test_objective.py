@@ -468,3 +468,11 @@ def test_cpu_timing_fixes_the_allocator_thresholds_first(monkeypatch):
         assert measure.steady_cpu_allocator() is True
     else:
         assert measure.steady_cpu_allocator() is False
+
+
+def test_time_rounds_times_without_autograd():
+    """Timed forwards build no autograd graph, whoever calls time_rounds."""
+    from vit_pruning.measure import time_rounds
+    seen = []
+    time_rounds({"a": lambda: seen.append(torch.is_grad_enabled())}, 2, 1, torch.device("cpu"))
+    assert seen == [False, False, False]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import platform
 import statistics
@@ -122,8 +121,9 @@ def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | Non
     x = example_inputs(model, batch_size, image_size, seq_len)
     was_training = model.training
     model.eval()
-    sync = torch.cuda.synchronize if next(iter(x.values())).is_cuda else (lambda: None)
-    if not next(iter(x.values())).is_cuda:
+    on_cuda = next(iter(x.values())).is_cuda
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    if not on_cuda:
         steady_cpu_allocator()
     try:
         for _ in range(warmup):
@@ -194,7 +194,6 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-@torch.no_grad()
 def steady_cpu_allocator() -> bool:
     """Fix glibc malloc's thresholds so that CPU timings do not depend on which model ran
     before: by default a freed block larger than the mmap threshold raises that threshold to
@@ -209,7 +208,7 @@ def steady_cpu_allocator() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the loaded C library: no ldconfig run (40 ms) at each timing
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
         ok = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
     except (OSError, AttributeError):
@@ -219,6 +218,7 @@ def steady_cpu_allocator() -> bool:
     return ok
 
 
+@torch.no_grad()
 def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
                 device: torch.device) -> dict[str, list[float]]:
     """Seconds of each call per round: `warmup` untimed rounds, then `repeats` rounds of every

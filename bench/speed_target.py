@@ -10,7 +10,8 @@ parameter target with the same parameter count as the latency-target model (what
 asked for parameters would have got). All three and the baseline are then timed back to back,
 interleaved (a fresh measurement, not the one the correction used); the ratio is the median over
 rounds of t(pruned) / t(baseline), with its quartiles. "miss" is |measured - R| of that final
-timing.
+timing. Every timing runs at least 10 rounds and goes on, doubling them up to 100, until each
+ratio's 95% interval is within +-0.01 (the CLI's default --latency-precision).
 
 Models: the ViT-B/16, DINOv2-B/14 and Swin-T shapes with random weights (data-free pruning:
 the shapes, not the choices, set the speed) and the embedded digits ViT with its 64
@@ -38,6 +39,7 @@ from .common import digits_tensors, embedded_model, md_table, vit_shape
 log = logging.getLogger(__name__)
 
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+PRECISION = 0.01  # every timing goes on (up to 10 x its rounds) until its ratios are known to +-0.01
 SHAPES = ("vit-b16", "dinov2-b14", "swin-t", "embedded")
 
 
@@ -67,8 +69,8 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
         lat_pruner = Pruner(base, calib, PruneConfig(min_remaining=mr, objective="latency",
                                                      latency_model=lat))
         def measure(model, b=b) -> float:
-            return interleaved_latency({"base": base, "pruned": model}, b, repeats,
-                                       warmup=2).ratio["pruned"]
+            return interleaved_latency({"base": base, "pruned": model}, b, repeats, warmup=2,
+                                       precision=PRECISION).ratio["pruned"]
         for r in ratios:
             try:  # what a --target-latency run does: plan, time, plan again if it misses
                 lat_model, lat_res, tries = prune_to_measured(lat_pruner, r, measure, LATENCY_TOLERANCE)
@@ -79,13 +81,15 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
             par_model, par_res = param_pruner.prune(lat_res.achieved_sparsity, copy.deepcopy(base))
             flop_model, flop_res = flop_models[r]
             comp = interleaved_latency({"base": base, "latency": lat_model, "params": par_model,
-                                        "flops": flop_model}, b, repeats, warmup=2)
+                                        "flops": flop_model}, b, repeats, warmup=2,
+                                       precision=PRECISION)
             row = {"model": name, "batch": b, "asked": r, "latency_model_s": lat_s,
                    "tries": [(t.measures["predicted_ratio"], t.measures["measured_ratio"],
                               bool(t.measures.get("chosen"))) for t in tries],
                    "predicted": lat_res.objective_ratio,
                    "measured": comp.ratio["latency"],
                    "iqr": (comp.ratio_q1["latency"], comp.ratio_q3["latency"]),
+                   "rounds": comp.repeats,
                    "structure": _structure(lat_res, widths),
                    "param_ratio": count_total_params(lat_model) / params0,
                    "flop_ratio": count_flops(lat_model) / flops0,
@@ -132,7 +136,8 @@ def table(res: dict) -> str:
         rows.append([r["model"], r["batch"], f"{r['asked']:g}",
                      "; ".join(f"{p:.3f}: {m:.3f}" + (" (kept)" if kept and len(r["tries"]) > 1 else "")
                                for p, m, kept in r["tries"]),
-                     f"**{r['measured']:.3f}** [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
+                     f"**{r['measured']:.3f}** [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]"
+                     + (f", {r['rounds']} rounds" if "rounds" in r else ""),
                      f"{abs(r['measured'] - r['asked']):.3f}", r["structure"],
                      f"{r['param_ratio']:.3f} / {r['flop_ratio']:.3f}",
                      f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
@@ -140,7 +145,7 @@ def table(res: dict) -> str:
     out.append(md_table(["model", "batch", "R asked",
                          "each plan: predicted: measured (timed against the baseline alone; "
                          "planned again while it missed by more than 0.01)",
-                         "measured latency ratio of the model kept [quartiles]",
+                         "measured latency ratio of the model kept [quartiles], rounds",
                          "miss", "latency-target structure", "its param / FLOP ratio",
                          "param target, same params: latency", "FLOP target R: FLOP ratio, latency",
                          "KL: latency target / param target, same params"], rows))

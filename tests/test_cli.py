@@ -40,6 +40,11 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     for s in rep["stages"]:  # latency timed back to back, ratio to the baseline with its spread
         assert s["latency_ms"] > 0 and s["latency_ratio_iqr"][0] <= s["latency_ratio"] <= s["latency_ratio_iqr"][1]
     assert rep["stages"][0]["latency_ratio"] == 1.0 and rep["latency_setup"]["interleaved"]
+    ls = rep["latency_setup"]  # timed until known to +-0.01 (the default), or the rounds ran out
+    assert ls["precision"] == 0.01 and 2 <= ls["repeats"] <= ls["max_repeats"] == 20
+    widest = max(hi - lo for lo, hi in ls["ratio_interval"].values())
+    assert widest <= 0.02 or ls["repeats"] == 20 and any("known only to" in w for w in ls["warnings"])
+    assert "within +-0.01, at most 20 rounds" in (tmp_path / "reports" / "report-r1.md").read_text()
     assert st["stage1"]["params"] == p0 - sum(rep["plan"]["neurons_removed_per_block"]) * (2 * 96 + 1)
     assert st["baseline"]["top1"] >= 0.95 and st["stage2"]["kl_to_baseline"] >= 0
     assert rep["calibration"]["count"] == 32 and len(rep["calibration"]["fingerprint"]) == 16
@@ -129,6 +134,10 @@ BAD = {
     "eval-batches": (["--target", "0.2", "--eval-batches", "0"], "--eval-batches must be >= 1"),
     "min-remaining": (["--target", "0.2", "--min-remaining", "0"], "--min-remaining must be >= 1"),
     "offline-model": (["--target", "0.2", "--model", "google/vit-base-patch16-224"], "--model /path/to/folder"),
+    "precision": (["--target", "0.2", "--latency-precision", "-0.01"],
+                  "--latency-precision must be in [0, 1) (0: fixed rounds), got -0.01"),
+    "max-repeats": (["--target", "0.2", "--latency-max-repeats", "1"],
+                    "--latency-max-repeats must be >= --latency-repeats (2), got 1"),
 }
 
 

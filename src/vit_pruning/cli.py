@@ -203,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--save-pruned-model; needs pip install 'vit-2ssp[export]')")
     o.add_argument("--latency-batch-size", type=int, default=1, help="batch size of latency timing (1)")
     o.add_argument("--latency-repeats", type=int, default=10,
-                   help="timed rounds; each round times every stage once, back to back (10)")
+                   help="timed rounds at least; each round times every stage once, back to back (10)")
+    o.add_argument("--latency-precision", type=float, default=0.01,
+                   help="time more rounds (doubling them) until every latency ratio's 95%% "
+                        "interval is within +- this, up to --latency-max-repeats; 0 times "
+                        "exactly --latency-repeats rounds (0.01)")
+    o.add_argument("--latency-max-repeats", type=int, default=None,
+                   help="the most rounds --latency-precision may time (10 x --latency-repeats)")
     o.add_argument("--latency-cache", default=None, metavar="DIR",
                    help="where measured latency models are kept (default $VIT_2SSP_CACHE, else "
                         "~/.cache/vit-2ssp; safe to delete); 'none' measures every run")
@@ -240,6 +246,12 @@ def validate(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    if not 0 <= args.latency_precision < 1:
+        raise UsageError(f"--latency-precision must be in [0, 1) (0: fixed rounds), got "
+                         f"{args.latency_precision}")
+    if args.latency_max_repeats is not None and args.latency_max_repeats < args.latency_repeats:
+        raise UsageError(f"--latency-max-repeats must be >= --latency-repeats "
+                         f"({args.latency_repeats}), got {args.latency_max_repeats}")
     if args.split not in ("auto", "search", "alpha") and not args.split.isdigit():
         raise UsageError(f"--split must be auto, search, alpha or a non-negative integer, got {args.split!r}")
     if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")):
@@ -1390,13 +1402,20 @@ def resume_step(args, loaded: Loaded, ch: Choices, evaluate):
     return stages, snapshots, run["result"], student.eval(), state
 
 
+def timing_rounds(args: argparse.Namespace) -> dict:
+    """interleaved_latency's precision arguments from --latency-precision and
+    --latency-max-repeats."""
+    return {"precision": args.latency_precision or None, "max_repeats": args.latency_max_repeats}
+
+
 def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshots) -> dict:
     """Time every stage's model back to back, interleaved (see measure.interleaved_latency), and
     write each stage's median and its ratio to the baseline into `stages`."""
     from .measure import interleaved_latency
     size = {"seq_len": data.seq_len} if loaded.text else {}
     comp = interleaved_latency({s.name: snapshots[s.name] for s in stages}, args.latency_batch_size,
-                               args.latency_repeats, warmup=3, dtype=ch.latency_dtype, **size)
+                               args.latency_repeats, warmup=3, dtype=ch.latency_dtype,
+                               **timing_rounds(args), **size)
     for s in stages:
         s.latency_ms = comp.median_ms[s.name]
         s.latency_ratio = comp.ratio[s.name]

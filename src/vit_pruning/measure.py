@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +157,14 @@ class LatencyComparison:
     ratio: dict[str, float]  # median over rounds of t(model) / t(first model)
     ratio_q1: dict[str, float]  # 25th percentile of the per-round ratios
     ratio_q3: dict[str, float]  # 75th percentile
+    ratio_interval: dict[str, tuple[float, float]]  # ~95% interval of the median (median_interval)
     batch_size: int
-    repeats: int
+    repeats: int  # rounds timed
     warmup: int
     timer: str  # "cuda events" or "perf_counter"
     dtype: str
+    precision: float | None = None  # asked half-width of every ratio's interval (None: fixed rounds)
+    max_repeats: int | None = None  # the most rounds timed to reach it
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "warnings": self.warnings()}
@@ -173,6 +177,12 @@ class LatencyComparison:
         for n in self.names[1:]:
             r, q1, q3 = self.ratio[n], self.ratio_q1[n], self.ratio_q3[n]
             of_medians = self.median_ms[n] / self.median_ms[self.names[0]]
+            lo, hi = self.ratio_interval[n]
+            if self.precision and (hi - lo) / 2 > self.precision:
+                out.append(f"{n}: latency ratio {r:.3f} known only to [{lo:.3f}, {hi:.3f}] (95%) "
+                           f"after {self.repeats} rounds, not to +-{self.precision:g} as asked: "
+                           f"the machine is noisy; rerun on an idle machine or raise "
+                           f"--latency-max-repeats")
             if q3 - q1 > SPREAD_LIMIT * r:
                 out.append(f"{n}: per-round latency ratios spread from {q1:.3f} to {q3:.3f} "
                            f"(quartiles) around {r:.3f}: too wide to trust; rerun on an idle "
@@ -185,6 +195,18 @@ class LatencyComparison:
 
 
 SPREAD_LIMIT = 0.25  # a latency ratio is flagged when its quartiles span more than 25% of it
+
+
+def median_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of `values` (z = 1.96: about 95%):
+    the order statistics of ranks n/2 - z*sqrt(n)/2 and n/2 + 1 + z*sqrt(n)/2 (normal approximation
+    to the binomial), which bracket the true median with that probability whatever the timings'
+    distribution. With 10 values it is the 2nd and 9th smallest."""
+    ordered, n = sorted(values), len(values)
+    half = z * math.sqrt(n) / 2
+    lo = min(n - 1, max(0, round(n / 2 - half) - 1))
+    hi = max(0, min(n - 1, round(n / 2 + 1 + half) - 1))
+    return ordered[lo], ordered[hi]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -220,11 +242,12 @@ def steady_cpu_allocator() -> bool:
 
 @torch.no_grad()
 def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
-                device: torch.device) -> dict[str, list[float]]:
+                device: torch.device, start: int = 0) -> dict[str, list[float]]:
     """Seconds of each call per round: `warmup` untimed rounds, then `repeats` rounds of every
-    call once, the order rotated each round, so that a machine slowing down or speeding up hits
-    all of them alike. CUDA calls are timed with CUDA events; CPU calls with the allocator's
-    thresholds fixed first (:func:`steady_cpu_allocator`)."""
+    call once, the order rotated each round (from rotation `start`, to go on from earlier
+    rounds), so that a machine slowing down or speeding up hits all of them alike. CUDA calls
+    are timed with CUDA events; CPU calls with the allocator's thresholds fixed first
+    (:func:`steady_cpu_allocator`)."""
     if device.type == "cpu":
         steady_cpu_allocator()
     names = list(calls)
@@ -232,7 +255,7 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
     for _ in range(warmup):
         for fn in calls.values():
             fn()
-    for r in range(repeats):
+    for r in range(start, start + repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -250,35 +273,62 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
 
 @torch.no_grad()
 def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, repeats: int = 10,
-                        warmup: int = 3, seq_len: int = 128,
-                        dtype: torch.dtype | None = None) -> LatencyComparison:
+                        warmup: int = 3, seq_len: int = 128, dtype: torch.dtype | None = None,
+                        precision: float | None = None, max_repeats: int | None = None
+                        ) -> LatencyComparison:
     """Time several models on one input, one forward each per round, rounds interleaved and the
     order rotated each round, so that a machine slowing down or speeding up hits all of them
     alike. The first model is the reference of the ratios. CUDA forwards are timed with CUDA
-    events; `dtype` (bfloat16/float16) times under autocast."""
+    events; `dtype` (bfloat16/float16) times under autocast. With `precision`, rounds go on
+    after the first `repeats` (doubling them each time, up to `max_repeats`, default 10 x
+    `repeats`) until every ratio's ~95% interval (:func:`median_interval`) is at most
+    2 x `precision` wide: on a quiet machine 10 rounds give +-0.01, on a noisy one (per-round
+    ratios with quartiles 0.19 apart) they gave +-0.05, and two timings of one model minutes
+    apart differed by 0.07."""
     names = list(models)
     first = models[names[0]]
     x = example_inputs(first, batch_size, seq_len=seq_len)
     device = next(iter(x.values())).device
+    cap = max(repeats, max_repeats if max_repeats is not None else 10 * repeats)
     states = {n: m.training for n, m in models.items()}
     try:
         for m in models.values():
             m.eval()
+        calls = {n: (lambda m=m: run_model(m, x)) for n, m in models.items()}
         with autocast_context(device, dtype):
-            times = time_rounds({n: (lambda m=m: run_model(m, x)) for n, m in models.items()},
-                                repeats, warmup, device)
+            times = time_rounds(calls, repeats, warmup, device)
+            done = repeats
+            while precision and done < cap and _widest(times, names) > 2 * precision:
+                more = min(cap - done, done)
+                for n, t in time_rounds(calls, more, 0, device, start=done).items():
+                    times[n] += t
+                done += more
     finally:
         for n, m in models.items():
             m.train(states[n])
-    ratios = {n: [a / b for a, b in zip(times[n], times[names[0]])] for n in names}
+    ratios = _ratios(times, names)
     return LatencyComparison(
         names=names, median_ms={n: 1e3 * statistics.median(times[n]) for n in names},
         ratio={n: statistics.median(ratios[n]) for n in names},
         ratio_q1={n: _quantile(ratios[n], 0.25) for n in names},
         ratio_q3={n: _quantile(ratios[n], 0.75) for n in names},
-        batch_size=batch_size, repeats=repeats, warmup=warmup,
+        ratio_interval={n: median_interval(ratios[n]) for n in names},
+        batch_size=batch_size, repeats=done, warmup=warmup,
         timer="cuda events" if device.type == "cuda" else "perf_counter",
-        dtype=str(dtype or torch.float32).replace("torch.", ""))
+        dtype=str(dtype or torch.float32).replace("torch.", ""),
+        precision=precision or None, max_repeats=cap if precision else None)
+
+
+def _ratios(times: Mapping[str, list[float]], names: list[str]) -> dict[str, list[float]]:
+    """Per-round ratios t(model) / t(first model)."""
+    return {n: [a / b for a, b in zip(times[n], times[names[0]])] for n in names}
+
+
+def _widest(times: Mapping[str, list[float]], names: list[str]) -> float:
+    """The widest ~95% interval of the median ratio among the models after the first."""
+    ratios = _ratios(times, names)
+    return max((hi - lo for lo, hi in map(median_interval, (ratios[n] for n in names[1:]))),
+               default=0.0)
 
 
 @torch.no_grad()

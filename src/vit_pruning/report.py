@@ -25,6 +25,16 @@ class StageMetrics:
     latency_ratio_iqr: tuple[float, float] | None = None  # 25th and 75th percentile of that ratio
 
 
+def rounds_text(ls: dict) -> str:
+    """"12 interleaved rounds", and the precision they were timed to if one was asked (a
+    `latency_setup` entry: LatencyComparison.to_dict)."""
+    out = f"{ls['repeats']} interleaved rounds"
+    if ls.get("precision"):
+        out += (f" (timed until every ratio's 95% interval was within +-{ls['precision']:g}, "
+                f"at most {ls['max_repeats']} rounds)")
+    return out
+
+
 def _pct(new: float, old: float) -> float:
     """Relative change in percent (negative = smaller)."""
     return 100.0 * (new - old) / old if old else 0.0
@@ -152,7 +162,7 @@ def markdown(rep: dict) -> str:
     ls = rep["latency_setup"]
     lines += ["", f"Final: P0 {base['params']:,} -> P2 {rep['params_final']:,} "
                   f"({rep['summary']['parameters']['final_reduction_pct']:.2f}% removed).", "",
-              f"Latency: every stage timed back to back in {ls['repeats']} interleaved rounds after "
+              f"Latency: every stage timed back to back in {rounds_text(ls)} after "
               f"{ls['warmup']} warm-up, batch {ls['batch_size']}, {ls.get('dtype', 'float32')}, "
               f"{ls['threads']} threads, device {ls['device']}. The ratio is the median over rounds of "
               f"t(stage) / t(baseline), with its quartiles; the milliseconds are each stage's "
@@ -436,8 +446,8 @@ def tradeoff_markdown(rep: dict) -> str:
             f"{num(p['kl'], '.3g')} | {num(p['cosine'], '.4f')} | "
             f"{p.get('depth_unit', '')} {p.get('depth_removed', '')} | {p.get('kept_widths', '')} |")
     ls = rep["latency_setup"]
-    lines += ["", f"Latency: every target timed back to back with the baseline in {ls['repeats']} "
-                  f"interleaved rounds, batch {ls['batch_size']}, {ls['dtype']}, {ls['threads']} "
+    lines += ["", f"Latency: every target timed back to back with the baseline in {rounds_text(ls)}, "
+                  f"batch {ls['batch_size']}, {ls['dtype']}, {ls['threads']} "
                   f"threads, device {ls['device']}; the ratio is the median over rounds of "
                   f"t(target) / t(baseline)."]
     lines += [f"- **warning**: {w}" for w in ls.get("warnings", [])]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .cli import (BUDGETS, OBJECTIVE_FLAGS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
-                  write_error)
+                  timing_rounds, write_error)
 from .measure import interleaved_latency
 from .pipeline import Pruner
 from .sweep import SearchResult, prune_to_measured, search_target, sweep
@@ -119,7 +119,8 @@ def latency_measure(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Ch
     def measure(model) -> float:
         return interleaved_latency({"baseline": loaded.model, "pruned": model},
                                    args.latency_batch_size, args.latency_repeats, warmup=2,
-                                   dtype=ch.latency_dtype, **size).ratio["pruned"]
+                                   dtype=ch.latency_dtype, **timing_rounds(args),
+                                   **size).ratio["pruned"]
     return measure
 
 
@@ -172,7 +173,7 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
     names = {t: f"target {t:g}" for t in models}
     comp = interleaved_latency({"baseline": loaded.model, **{names[t]: m for t, m in models.items()}},
                                args.latency_batch_size, args.latency_repeats, warmup=3,
-                               dtype=ch.latency_dtype, **size)
+                               dtype=ch.latency_dtype, **timing_rounds(args), **size)
     for warning in comp.warnings():
         log.warning("latency: %s", warning)
     points = []

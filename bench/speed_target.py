@@ -89,7 +89,7 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
                    "predicted": lat_res.objective_ratio,
                    "measured": comp.ratio["latency"],
                    "iqr": (comp.ratio_q1["latency"], comp.ratio_q3["latency"]),
-                   "rounds": comp.repeats,
+                   "rounds": comp.repeats, "interval": comp.ratio_interval["latency"],
                    "structure": _structure(lat_res, widths),
                    "param_ratio": count_total_params(lat_model) / params0,
                    "flop_ratio": count_flops(lat_model) / flops0,
@@ -137,7 +137,8 @@ def table(res: dict) -> str:
                      "; ".join(f"{p:.3f}: {m:.3f}" + (" (kept)" if kept and len(r["tries"]) > 1 else "")
                                for p, m, kept in r["tries"]),
                      f"**{r['measured']:.3f}** [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]"
-                     + (f", {r['rounds']} rounds" if "rounds" in r else ""),
+                     + (f", {r['rounds']} rounds" if "rounds" in r else "")
+                     + (f", +-{(r['interval'][1] - r['interval'][0]) / 2:.3f}" if "interval" in r else ""),
                      f"{abs(r['measured'] - r['asked']):.3f}", r["structure"],
                      f"{r['param_ratio']:.3f} / {r['flop_ratio']:.3f}",
                      f"{r['params_run']:.3f} [{r['params_iqr'][0]:.3f}, {r['params_iqr'][1]:.3f}]",
@@ -145,7 +146,7 @@ def table(res: dict) -> str:
     out.append(md_table(["model", "batch", "R asked",
                          "each plan: predicted: measured (timed against the baseline alone; "
                          "planned again while it missed by more than 0.01)",
-                         "measured latency ratio of the model kept [quartiles], rounds",
+                         "measured latency ratio of the model kept [quartiles], rounds, +- half its 95% interval",
                          "miss", "latency-target structure", "its param / FLOP ratio",
                          "param target, same params: latency", "FLOP target R: FLOP ratio, latency",
                          "KL: latency target / param target, same params"], rows))

@@ -2,6 +2,7 @@
 met or refused on models pruned before, unsupported classes are refused, the report names
 files that exist, and every bad input, file or output location ends in one line and exit 2
 with nothing written (or, once the work is done, all outputs or none)."""
+from dataclasses import replace
 import copy
 import json
 import os
@@ -183,6 +184,12 @@ def test_latency_ratio_is_one_definition_with_a_warning():
                              {"baseline": 1.0, "stage2": 0.8}, {"baseline": 1.0, "stage2": 0.79},
                              {"baseline": 1.0, "stage2": 0.81}, 1, 10, 3, "perf_counter", "float32")
     assert calm.warnings() == []
+    vague = replace(calm, precision=0.01, max_repeats=10,  # timed to +-0.01, reached +-0.03
+                    ratio_interval={"baseline": (1.0, 1.0), "stage2": (0.77, 0.83)})
+    assert vague.warnings() == ["stage2: latency ratio 0.800 known only to [0.770, 0.830] (95%) "
+                                "after 10 rounds, not to +-0.01 as asked: the machine is noisy; "
+                                "rerun on an idle machine or raise --latency-max-repeats"]
+    assert replace(vague, ratio_interval={"stage2": (0.795, 0.805)}).warnings() == []
 
 
 def test_report_and_console_share_the_ratio(tmp_path, capsys):

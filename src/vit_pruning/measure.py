@@ -8,7 +8,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -157,7 +157,6 @@ class LatencyComparison:
     ratio: dict[str, float]  # median over rounds of t(model) / t(first model)
     ratio_q1: dict[str, float]  # 25th percentile of the per-round ratios
     ratio_q3: dict[str, float]  # 75th percentile
-    ratio_interval: dict[str, tuple[float, float]]  # ~95% interval of the median (median_interval)
     batch_size: int
     repeats: int  # rounds timed
     warmup: int
@@ -165,6 +164,8 @@ class LatencyComparison:
     dtype: str
     precision: float | None = None  # asked half-width of every ratio's interval (None: fixed rounds)
     max_repeats: int | None = None  # the most rounds timed to reach it
+    # ~95% interval of each median ratio (median_interval); last, so that positional use stands
+    ratio_interval: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "warnings": self.warnings()}
@@ -177,7 +178,7 @@ class LatencyComparison:
         for n in self.names[1:]:
             r, q1, q3 = self.ratio[n], self.ratio_q1[n], self.ratio_q3[n]
             of_medians = self.median_ms[n] / self.median_ms[self.names[0]]
-            lo, hi = self.ratio_interval[n]
+            lo, hi = self.ratio_interval.get(n, (r, r))
             if self.precision and (hi - lo) / 2 > self.precision:
                 out.append(f"{n}: latency ratio {r:.3f} known only to [{lo:.3f}, {hi:.3f}] (95%) "
                            f"after {self.repeats} rounds, not to +-{self.precision:g} as asked: "

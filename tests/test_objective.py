@@ -523,3 +523,14 @@ def test_interleaved_latency_times_more_rounds_until_the_ratio_is_precise(monkey
                                          precision=0.001, max_repeats=50)
     assert [c[0] for c in chunks] == [10, 10, 20, 10] and capped.repeats == 50
     assert any("known only to" in w and "after 50 rounds" in w for w in capped.warnings())
+
+
+def test_time_rounds_goes_on_with_the_rotation_it_left_off():
+    """Rounds added later continue the order's rotation, so every model keeps its share of
+    first and second places."""
+    from vit_pruning.measure import time_rounds
+    order = []
+    calls = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    time_rounds(calls, 2, 0, torch.device("cpu"))
+    time_rounds(calls, 2, 0, torch.device("cpu"), start=2)
+    assert "".join(order) == "abc" "bca" "cab" "abc"

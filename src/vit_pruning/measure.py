@@ -259,12 +259,12 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
     for r in range(start, start + repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
             if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
                 calls[n]()
                 end.record()
                 end.synchronize()
-                times[n].append(start.elapsed_time(end) / 1e3)
+                times[n].append(begin.elapsed_time(end) / 1e3)
             else:
                 t0 = time.perf_counter()
                 calls[n]()

@@ -10,8 +10,9 @@ parameter target with the same parameter count as the latency-target model (what
 asked for parameters would have got). All three and the baseline are then timed back to back,
 interleaved (a fresh measurement, not the one the correction used); the ratio is the median over
 rounds of t(pruned) / t(baseline), with its quartiles. "miss" is |measured - R| of that final
-timing. Every timing runs at least 10 rounds and goes on, doubling them up to 100, until each
-ratio's 95% interval is within +-0.01 (the CLI's default --latency-precision).
+timing. Every timing runs at least 10 rounds and goes on, doubling them up to 100 (or 10 s of
+rounds for fast models), until each ratio's 95% interval is within +-0.01 (the CLI's default
+--latency-precision).
 
 Models: the ViT-B/16, DINOv2-B/14 and Swin-T shapes with random weights (data-free pruning:
 the shapes, not the choices, set the speed) and the embedded digits ViT with its 64
@@ -39,7 +40,7 @@ from .common import digits_tensors, embedded_model, md_table, vit_shape
 log = logging.getLogger(__name__)
 
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
-PRECISION = 0.01  # every timing goes on (up to 10 x its rounds) until its ratios are known to +-0.01
+PRECISION = 0.01  # every timing goes on (up to 10 x its rounds, or 10 s) until its ratios are known to +-0.01
 SHAPES = ("vit-b16", "dinov2-b14", "swin-t", "embedded")
 
 

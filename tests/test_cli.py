@@ -12,8 +12,10 @@ from vit_pruning.persistence import load_pruned_model
 
 
 def run(tmp: Path, *args: str) -> int:
-    return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2"])
+    """A CLI run into `tmp`, timed in 2 fixed rounds unless `args` say otherwise."""
+    return main(["--latency-repeats", "2", "--latency-precision", "0", *args,
+                 "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
+                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet"])
 
 
 def files(tmp: Path) -> list[str]:
@@ -22,7 +24,8 @@ def files(tmp: Path) -> list[str]:
 
 def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "r1",
-               "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32") == 0
+               "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32",
+               "--latency-precision", "0.01") == 0
     out = capsys.readouterr().out
     assert "report:" in out and "achieved 0.30" in out
     rep = json.loads((tmp_path / "reports" / "report-r1.json").read_text())
@@ -41,10 +44,12 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
         assert s["latency_ms"] > 0 and s["latency_ratio_iqr"][0] <= s["latency_ratio"] <= s["latency_ratio_iqr"][1]
     assert rep["stages"][0]["latency_ratio"] == 1.0 and rep["latency_setup"]["interleaved"]
     ls = rep["latency_setup"]  # timed until known to +-0.01 (the default), or the rounds ran out
-    assert ls["precision"] == 0.01 and 2 <= ls["repeats"] <= ls["max_repeats"] == 20
+    # a 3 ms model may time more than 10 x its 2 rounds: as many as fit in 10 s
+    assert ls["precision"] == 0.01 and 2 <= ls["repeats"] <= ls["max_repeats"] and ls["max_repeats"] > 20
     widest = max(hi - lo for lo, hi in ls["ratio_interval"].values())
-    assert widest <= 0.02 or ls["repeats"] == 20 and any("known only to" in w for w in ls["warnings"])
-    assert "within +-0.01, at most 20 rounds" in (tmp_path / "reports" / "report-r1.md").read_text()
+    assert widest <= 0.02 or ls["repeats"] == ls["max_repeats"] and any("known only to" in w for w in ls["warnings"])
+    assert (f"within +-0.01, at most {ls['max_repeats']} rounds"
+            in (tmp_path / "reports" / "report-r1.md").read_text())
     assert st["stage1"]["params"] == p0 - sum(rep["plan"]["neurons_removed_per_block"]) * (2 * 96 + 1)
     assert st["baseline"]["top1"] >= 0.95 and st["stage2"]["kl_to_baseline"] >= 0
     assert rep["calibration"]["count"] == 32 and len(rep["calibration"]["fingerprint"]) == 16

@@ -194,7 +194,7 @@ def test_text_encoder_layer_matching_masks_padding():
 def _run(tmp, *args, target="0.6"):
     return main(["--model", "embedded", "--target", target, "--cifar-test-pct", "1", "--eval-batches", "2",
                  "--calib-size", "32", "--reports-dir", str(tmp / "r"), "--pruned-output-dir", str(tmp / "p"),
-                 "--artifacts-dir", str(tmp / "a"), "--quiet", "--latency-repeats", "2", *args])
+                 "--artifacts-dir", str(tmp / "a"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0", *args])
 
 
 def test_cli_distilled_stage_and_report(tmp_path):

@@ -325,7 +325,7 @@ def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the
     (["--target-flops", "a,b"], "--target-flops must be a number or a comma list"),
     (["--target", "0.3", "--target-flops", "0.7"], "--target and --target-flops are two targets"),
     (["--target-flops", "0.7", "--target-latency", "0.7"], "are two targets"),
-    (["--target-latency", "0.7", "--latency-repeats", "2"], "--latency-repeats must be >= 5"),
+    (["--target-latency", "0.7", "--latency-repeats", "2", "--latency-precision", "0"], "--latency-repeats must be >= 5"),
     (["--target-flops", "0.01"], "--target-flops 0.01 is below what the deepest feasible pruning reaches"),
     (["--target-flops", "0.7", "--max-kl", "0.01"], "--max-kl finds a parameter target itself"),
     (["--target-flops", "0.7", "--stage", "s1"], "--target-flops plans both stages together"),
@@ -534,3 +534,20 @@ def test_time_rounds_goes_on_with_the_rotation_it_left_off():
     time_rounds(calls, 2, 0, torch.device("cpu"))
     time_rounds(calls, 2, 0, torch.device("cpu"), start=2)
     assert "".join(order) == "abc" "bca" "cab" "abc"
+
+
+def test_fast_models_may_time_more_rounds_than_ten_times_the_asked(monkeypatch):
+    """By default the cap is 10 x the rounds, or the rounds that fit in FAST_SECONDS where that
+    is more: a 1 ms pair whose ratio needs hundreds of rounds gets them."""
+    from vit_pruning import measure
+    gen = torch.Generator().manual_seed(2)
+
+    def fake_rounds(calls, repeats, warmup, device, start=0):
+        noise = (torch.rand(repeats, generator=gen) - 0.5).tolist()
+        return {"a": [1e-3] * repeats, "b": [0.8e-3 * (1 + 0.2 * e) for e in noise]}
+    monkeypatch.setattr(measure, "time_rounds", fake_rounds)
+    model = tiny()
+    comp = measure.interleaved_latency({"a": model, "b": model}, 1, 10, warmup=0, precision=0.003)
+    assert 0.95 < comp.max_repeats / (measure.FAST_SECONDS / 1.8e-3) < 1.05 and comp.repeats > 100
+    lo, hi = comp.ratio_interval["b"]
+    assert (hi - lo) / 2 <= 0.003 and not comp.warnings()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(tmp: Path, *args: str) -> int:
     return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2"])
+                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0"])
 
 
 def files(tmp: Path) -> list[str]:
@@ -329,7 +329,7 @@ def test_full_disk_leaves_nothing_and_one_line(tmp_path, capsys):
         code = main(["--model", "embedded", "--target", "0.3", "--run-id", "f", "--quiet",
                      "--save-pruned-model", "--pruned-output-dir", str(full / "p"),
                      "--reports-dir", str(tmp_path / "r"), "--eval-batches", "1",
-                     "--calib-size", "16", "--latency-repeats", "2"])
+                     "--calib-size", "16", "--latency-repeats", "2", "--latency-precision", "0"])
         assert code == 2
         err = one_line_error(capsys)
         assert "No space left on device" in err and "nothing was kept" in err
@@ -379,7 +379,7 @@ def cli_process(tmp: Path, run_id: str, *extra: str) -> subprocess.Popen:
 
 
 def test_two_runs_with_one_run_id(tmp_path):
-    procs = [cli_process(tmp_path, "same", "--latency-repeats", "2") for _ in range(2)]
+    procs = [cli_process(tmp_path, "same", "--latency-repeats", "2", "--latency-precision", "0") for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(c for c, _ in results)
     assert codes == [0, 2], results
@@ -551,7 +551,7 @@ def test_settings_taken_otherwise_are_said(tmp_path, capsys):
 
 def test_export_is_quiet_under_quiet(tmp_path):
     pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
-    proc = cli_process(tmp_path, "q", "--export-onnx", "--latency-repeats", "2")
+    proc = cli_process(tmp_path, "q", "--export-onnx", "--latency-repeats", "2", "--latency-precision", "0")
     assert proc.wait(timeout=300) == 0
     err = proc.stderr.read()
     assert "INFO" not in err and len(err.strip().splitlines()) <= 3, err[-2000:]

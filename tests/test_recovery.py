@@ -87,7 +87,7 @@ def cli(tmp: Path, *args: str) -> int:
     return main(["--model", "embedded", "--target", "0.5", "--calib-size", "32",
                  "--distill-size", "256", "--reports-dir", str(tmp / "reports"),
                  "--artifacts-dir", str(tmp / "art"), "--pruned-output-dir", str(tmp / "pruned"),
-                 "--quiet", "--latency-repeats", "2", *args])
+                 "--quiet", "--latency-repeats", "2", "--latency-precision", "0", *args])
 
 
 def test_cli_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
@@ -159,7 +159,7 @@ def torchrun(tmp: Path, nproc: int, *args: str, script: str | None = None) -> su
            "--master_port", str(29500 + os.getpid() % 1000), *entry,
            "--model", "embedded", "--target", "0.5", "--calib-size", "32", "--distill-size", "512",
            "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-           "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", *args]
+           "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -186,7 +186,7 @@ def bert_folder(tmp_path) -> Path:
 def cli(tmp_path, *args) -> int:
     from vit_pruning.cli import main
     return main([*args, "--reports-dir", str(tmp_path / "r"), "--artifacts-dir", str(tmp_path / "a"),
-                 "--pruned-output-dir", str(tmp_path / "p"), "--quiet", "--latency-repeats", "2"])
+                 "--pruned-output-dir", str(tmp_path / "p"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0"])
 
 
 def test_cli_prunes_a_text_encoder_and_reports_fidelity(tmp_path):

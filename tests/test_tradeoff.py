@@ -17,7 +17,7 @@ from vit_pruning.sweep import grid, search_target, sweep
 
 def run(tmp: Path, *args: str) -> int:
     return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2"])
+                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0"])
 
 
 def files(tmp: Path) -> list[str]:

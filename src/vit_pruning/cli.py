@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "interval is within +- this, up to --latency-max-repeats; 0 times "
                         "exactly --latency-repeats rounds (0.01)")
     o.add_argument("--latency-max-repeats", type=int, default=None,
-                   help="the most rounds --latency-precision may time (10 x --latency-repeats)")
+                   help="the most rounds --latency-precision may time (10 x --latency-repeats, "
+                        "or as many as fit in 10 s where that is more)")
     o.add_argument("--latency-cache", default=None, metavar="DIR",
                    help="where measured latency models are kept (default $VIT_2SSP_CACHE, else "
                         "~/.cache/vit-2ssp; safe to delete); 'none' measures every run")

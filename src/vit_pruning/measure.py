@@ -196,6 +196,7 @@ class LatencyComparison:
 
 
 SPREAD_LIMIT = 0.25  # a latency ratio is flagged when its quartiles span more than 25% of it
+FAST_SECONDS = 10.0  # fast models may time more than 10 x their rounds, as many as fit in this
 
 
 def median_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
@@ -281,16 +282,16 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
     order rotated each round, so that a machine slowing down or speeding up hits all of them
     alike. The first model is the reference of the ratios. CUDA forwards are timed with CUDA
     events; `dtype` (bfloat16/float16) times under autocast. With `precision`, rounds go on
-    after the first `repeats` (doubling them each time, up to `max_repeats`, default 10 x
-    `repeats`) until every ratio's ~95% interval (:func:`median_interval`) is at most
-    2 x `precision` wide: on a quiet machine 10 rounds give +-0.01, on a noisy one (per-round
-    ratios with quartiles 0.19 apart) they gave +-0.05, and two timings of one model minutes
-    apart differed by 0.07."""
+    after the first `repeats` (doubling them each time, up to `max_repeats`; by default 10 x
+    `repeats`, or as many as fit in FAST_SECONDS where that is more) until every ratio's ~95%
+    interval (:func:`median_interval`) is at most 2 x `precision` wide: on a quiet machine 10
+    rounds give ViT-B at batch 8 +-0.01, on a noisy one (per-round ratios with quartiles 0.19
+    apart) they gave +-0.05, and two timings of one model minutes apart differed by 0.07; a 3 ms
+    forward's ratio needed some 400 rounds (about a second) on a quiet one."""
     names = list(models)
     first = models[names[0]]
     x = example_inputs(first, batch_size, seq_len=seq_len)
     device = next(iter(x.values())).device
-    cap = max(repeats, max_repeats if max_repeats is not None else 10 * repeats)
     states = {n: m.training for n, m in models.items()}
     try:
         for m in models.values():
@@ -299,6 +300,8 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
         with autocast_context(device, dtype):
             times = time_rounds(calls, repeats, warmup, device)
             done = repeats
+            cap = max(repeats, max_repeats if max_repeats is not None else max(
+                10 * repeats, int(FAST_SECONDS / max(1e-9, sum(statistics.median(t) for t in times.values())))))
             while precision and done < cap and _widest(times, names) > 2 * precision:
                 more = min(cap - done, done)
                 for n, t in time_rounds(calls, more, 0, device, start=done).items():

@@ -1403,20 +1403,22 @@ def resume_step(args, loaded: Loaded, ch: Choices, evaluate):
     return stages, snapshots, run["result"], student.eval(), state
 
 
-def timing_rounds(args: argparse.Namespace) -> dict:
-    """interleaved_latency's precision arguments from --latency-precision and
-    --latency-max-repeats."""
-    return {"precision": args.latency_precision or None, "max_repeats": args.latency_max_repeats}
+def timing_options(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices) -> dict:
+    """interleaved_latency's keyword arguments for this run, the same for every timing it does:
+    --latency-batch-size, --latency-repeats, the latency dtype, --latency-precision and
+    --latency-max-repeats, and a text encoder's sequence length."""
+    return {"batch_size": args.latency_batch_size, "repeats": args.latency_repeats,
+            "dtype": ch.latency_dtype, "precision": args.latency_precision or None,
+            "max_repeats": args.latency_max_repeats,
+            **({"seq_len": data.seq_len} if loaded.text else {})}
 
 
 def latency_step(args, loaded: Loaded, data: Data, ch: Choices, stages, snapshots) -> dict:
     """Time every stage's model back to back, interleaved (see measure.interleaved_latency), and
     write each stage's median and its ratio to the baseline into `stages`."""
     from .measure import interleaved_latency
-    size = {"seq_len": data.seq_len} if loaded.text else {}
-    comp = interleaved_latency({s.name: snapshots[s.name] for s in stages}, args.latency_batch_size,
-                               args.latency_repeats, warmup=3, dtype=ch.latency_dtype,
-                               **timing_rounds(args), **size)
+    comp = interleaved_latency({s.name: snapshots[s.name] for s in stages}, warmup=3,
+                               **timing_options(args, loaded, data, ch))
     for s in stages:
         s.latency_ms = comp.median_ms[s.name]
         s.latency_ratio = comp.ratio[s.name]

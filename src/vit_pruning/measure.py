@@ -300,8 +300,7 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
         with autocast_context(device, dtype):
             times = time_rounds(calls, repeats, warmup, device)
             done = repeats
-            cap = max(repeats, max_repeats if max_repeats is not None else max(
-                10 * repeats, int(FAST_SECONDS / max(1e-9, sum(statistics.median(t) for t in times.values())))))
+            cap = _round_cap(times, repeats, max_repeats)
             while precision and done < cap and _widest(times, names) > 2 * precision:
                 more = min(cap - done, done)
                 for n, t in time_rounds(calls, more, 0, device, start=done).items():
@@ -321,6 +320,15 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
         timer="cuda events" if device.type == "cuda" else "perf_counter",
         dtype=str(dtype or torch.float32).replace("torch.", ""),
         precision=precision or None, max_repeats=cap if precision else None)
+
+
+def _round_cap(times: Mapping[str, list[float]], repeats: int, max_repeats: int | None) -> int:
+    """The most rounds a precise timing may run: `max_repeats` if given, else 10 x `repeats` or
+    the rounds that fit in FAST_SECONDS (at the first rounds' median times), whichever is more."""
+    if max_repeats is not None:
+        return max(repeats, max_repeats)
+    round_s = sum(statistics.median(t) for t in times.values())
+    return max(10 * repeats, int(FAST_SECONDS / max(round_s, 1e-9)))
 
 
 def _ratios(times: Mapping[str, list[float]], names: list[str]) -> dict[str, list[float]]:

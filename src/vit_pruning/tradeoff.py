@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .cli import (BUDGETS, OBJECTIVE_FLAGS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
-                  timing_rounds, write_error)
+                  timing_options, write_error)
 from .measure import interleaved_latency
 from .pipeline import Pruner
 from .sweep import SearchResult, prune_to_measured, search_target, sweep
@@ -114,13 +114,11 @@ def latency_measure(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Ch
                     ) -> Callable[[torch.nn.Module], float]:
     """What a --target-latency run measures a pruned model by: its latency ratio to the
     baseline, the two timed back to back, interleaved, on the run's batch, dtype and rounds."""
-    size = {"seq_len": data.seq_len} if loaded.text else {}
+    options = timing_options(args, loaded, data, ch)
 
     def measure(model) -> float:
-        return interleaved_latency({"baseline": loaded.model, "pruned": model},
-                                   args.latency_batch_size, args.latency_repeats, warmup=2,
-                                   dtype=ch.latency_dtype, **timing_rounds(args),
-                                   **size).ratio["pruned"]
+        return interleaved_latency({"baseline": loaded.model, "pruned": model}, warmup=2,
+                                   **options).ratio["pruned"]
     return measure
 
 
@@ -169,11 +167,9 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
                     models: dict, results: dict) -> list[dict]:
     """One point per target: its measurements, and its latency ratio timed back to back with
     the baseline (all targets interleaved in the same rounds)."""
-    size = {"seq_len": data.seq_len} if loaded.text else {}
     names = {t: f"target {t:g}" for t in models}
     comp = interleaved_latency({"baseline": loaded.model, **{names[t]: m for t, m in models.items()}},
-                               args.latency_batch_size, args.latency_repeats, warmup=3,
-                               dtype=ch.latency_dtype, **timing_rounds(args), **size)
+                               warmup=3, **timing_options(args, loaded, data, ch))
     for warning in comp.warnings():
         log.warning("latency: %s", warning)
     points = []

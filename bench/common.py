@@ -11,7 +11,7 @@ import torch
 from transformers import (AutoImageProcessor, Dinov2Config, Dinov2Model, SwinConfig,
                           SwinForImageClassification, ViTConfig, ViTForImageClassification)
 
-from vit_pruning.cli import EMBEDDED
+from vit_pruning.config import EMBEDDED
 from vit_pruning.data import load_splits
 from vit_pruning.heads import finetune
 from vit_pruning.measure import collect_outputs, kl_divergence

@@ -39,7 +39,7 @@ from vit_pruning.measure import collect_outputs, interleaved_latency, kl_diverge
 from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
 from vit_pruning.sweep import prune_to_measured
-from vit_pruning.tradeoff import LATENCY_TOLERANCE as TOLERANCE
+from vit_pruning.config import LATENCY_TOLERANCE as TOLERANCE
 
 from .common import digits_tensors, embedded_model, md_table
 from .speed_target import _structure

@@ -5,8 +5,9 @@ latency targets on it (no correction) and time each plan against its parent in p
     PYTHONPATH=.:src python scripts/allocator_probe.py --allocator default --model swin-t
     PYTHONPATH=.:src python scripts/allocator_probe.py --allocator steady --model swin-t
 
-``default`` keeps glibc's dynamic mmap threshold (timings before the sixth session); ``steady``
-is ``vit_pruning.measure.steady_cpu_allocator`` (what every CPU timing does now). Prints one line
+``default`` keeps glibc's dynamic mmap threshold (a library call's timings; the CLI's with
+--no-steady-allocator); ``steady`` is ``vit_pruning.measure.steady_cpu_allocator`` (what the
+CLI's timings ask for). Prints one line
 per target: predicted ratio, then each pair's median ratio [quartiles].
 """
 import argparse
@@ -30,17 +31,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.allocator == "default":  # every timing steadies the allocator unless told not to
-        measure.steady_cpu_allocator = lambda: False
+    steady = args.allocator == "steady"
     base = vit_shape(args.model)
     mr = default_min_remaining(model_shape(base))[0]
     t0 = time.perf_counter()
-    lat = measure_latency_model(base, batch_size=args.batch_size, align=8, min_remaining=mr)
+    lat = measure_latency_model(base, batch_size=args.batch_size, align=8, min_remaining=mr,
+                                steady_allocator=steady)
     log.info("%s: latency model in %.0f s", args.model, time.perf_counter() - t0)
     pruner = Pruner(base, None, PruneConfig(min_remaining=mr, objective="latency", latency_model=lat))
     for r in (float(x) for x in args.ratios.split(",")):
         model, res = pruner.prune(1 - r, copy.deepcopy(base))
-        pairs = [measure.interleaved_latency({"base": base, "p": model}, args.batch_size, 10, warmup=2)
+        pairs = [measure.interleaved_latency({"base": base, "p": model}, args.batch_size, 10,
+                                             warmup=2, steady_allocator=steady)
                  for _ in range(2)]
         log.info("%s %s R=%g: predicted %.3f, measured %s", args.allocator, args.model, r,
                  res.objective_ratio, " ".join(f"{c.ratio['p']:.3f} [{c.ratio_q1['p']:.3f}, "

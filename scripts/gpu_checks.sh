@@ -4,8 +4,9 @@
 # 1. tests/test_cuda.py (library, CLI end to end on cuda, layer distillation);
 # 2. the whole test suite with CUDA present: the CLI tests' --device auto then runs on the GPU
 #    and times in bf16, paths the CPU-only CI never takes;
-# 3. the CLI on the embedded model on cuda: a remote-code save that plain transformers must
-#    refuse, re-pruning that folder, the report's latency ratio and its warnings;
+# 3. the CLI on the embedded model on cuda: the dry run (the pipeline's preview on the device), a
+#    remote-code save that plain transformers must refuse, re-pruning that folder, the report's
+#    latency ratio and its warnings;
 # 4. a small speed table (ViT-B/16 shape, target 0.3, widths aligned to 1 and 8, fp32 and bf16
 #    at batch 1 and 64): whether a pruned model runs faster than its parent.
 # Tried on the CPU first with DEVICE=cpu (steps 1 and 4 then only show they run).
@@ -32,6 +33,9 @@ $PY -c "import xdist" 2>/dev/null && xdist="-n $WORKERS"
 
 echo "== 3. CLI on $DEVICE"
 tmp=$(mktemp -d)
+# the dry run asks the pipeline (Pruner.preview, and a data-free pruning of a scratch copy) on
+# the device: no CPU-made tensor may meet a CUDA model there
+$PY -m vit_pruning --model embedded --target 0.5 --dry-run --device "$DEVICE" 2>&1 | head -5
 $PY -m vit_pruning --model embedded --target 0.5 --depth-unit attention --width-policy uniform \
     --save-pruned-model --run-id attu --device "$DEVICE" --reports-dir "$tmp/r" \
     --pruned-output-dir "$tmp/p" --quiet 2>&1 | tail -6

@@ -11,17 +11,11 @@ from vit_pruning.measure import evaluate_top1
 from vit_pruning.persistence import load_pruned_model
 
 
-def run(tmp: Path, *args: str) -> int:
-    """A CLI run into `tmp`, timed in 2 fixed rounds unless `args` say otherwise."""
-    return main(["--latency-repeats", "2", "--latency-precision", "0", *args,
-                 "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet"])
+from conftest import cli_run as run
+from conftest import output_files as files
 
 
-def files(tmp: Path) -> list[str]:
-    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-
-
+@pytest.mark.cli
 def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "r1",
                "--cifar-test-pct", "1.0", "--eval-batches", "2", "--calib-size", "32",
@@ -66,6 +60,7 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert [s["top1"] for s in rep2["stages"]] == [s["top1"] for s in rep["stages"]]
 
 
+@pytest.mark.cli
 def test_adapter_roundtrip_and_saved_model(tmp_path, cifar_like):
     common = ["--model", "embedded", "--dataset", str(cifar_like), "--cifar-train-pct", "1",
               "--cifar-test-pct", "1", "--batch-size", "8", "--eval-batches", "3", "--calib-size", "16"]
@@ -91,6 +86,7 @@ def test_adapter_roundtrip_and_saved_model(tmp_path, cifar_like):
     assert sum(p.numel() for p in model.parameters()) == rep_a["params_final"]
 
 
+@pytest.mark.cli
 def test_dry_run_prints_plan_writes_nothing(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run") == 0
     out = capsys.readouterr().out
@@ -98,6 +94,7 @@ def test_dry_run_prints_plan_writes_nothing(tmp_path, capsys):
     assert files(tmp_path) == []
 
 
+@pytest.mark.cli
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "report-x.json").write_text("{}")
@@ -138,7 +135,8 @@ BAD = {
     "dataset": (["--target", "0.2", "--dataset", "no-such-set"], "--dataset: unknown dataset"),
     "eval-batches": (["--target", "0.2", "--eval-batches", "0"], "--eval-batches must be >= 1"),
     "min-remaining": (["--target", "0.2", "--min-remaining", "0"], "--min-remaining must be >= 1"),
-    "offline-model": (["--target", "0.2", "--model", "google/vit-base-patch16-224"], "--model /path/to/folder"),
+    "offline-model": (["--target", "0.2", "--model", "google/vit-base-patch16-224"],
+                      "hf download google/vit-base-patch16-224 --local-dir DIR"),
     "precision": (["--target", "0.2", "--latency-precision", "-0.01"],
                   "--latency-precision must be in [0, 1) (0: fixed rounds), got -0.01"),
     "max-repeats": (["--target", "0.2", "--latency-max-repeats", "1"],
@@ -146,6 +144,7 @@ BAD = {
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_exits_2_one_line(tmp_path, capsys, name):
     args, msg = BAD[name]
@@ -157,6 +156,7 @@ def test_bad_input_exits_2_one_line(tmp_path, capsys, name):
     assert files(tmp_path) == []
 
 
+@pytest.mark.cli
 def test_bad_columns_and_models(tmp_path, capsys, cifar_like, swin_folder):
     cases = [
         (["--dataset", str(cifar_like), "--image-column", "picture"], "--image-column: column 'picture'"),
@@ -179,6 +179,7 @@ def test_bad_columns_and_models(tmp_path, capsys, cifar_like, swin_folder):
     (["--stage", "s2", "--depth-unit", "attention"], "attention", {"baseline", "stage1", "stage2"}),
     (["--depth-unit", "auto", "--recover"], None, {"baseline", "stage1", "stage2", "recovered"}),
 ])
+@pytest.mark.cli
 def test_stage_and_unit_options(tmp_path, extra, unit, stages):
     assert run(tmp_path, "--model", "embedded", "--target", "0.25", "--run-id", "s",
                "--calib-size", "32", "--eval-batches", "2", *extra) == 0
@@ -194,6 +195,7 @@ def test_stage_and_unit_options(tmp_path, extra, unit, stages):
         assert sum(rep["plan"]["neurons_removed_per_block"]) == 0 and rep["plan"]["blocks_to_prune"] >= 1
 
 
+@pytest.mark.cli
 def test_head_dependent_flags_fail_before_any_work(tmp_path, capsys):
     for args, msg in ((["--save-adapter"], "--save-adapter needs a head"),
                       (["--model", "embedded", "--recover", "--dataset", "digits", "--save-adapter"],
@@ -205,6 +207,7 @@ def test_head_dependent_flags_fail_before_any_work(tmp_path, capsys):
     assert files(tmp_path) == []
 
 
+@pytest.mark.cli
 def test_min_remaining_default_keeps_seed_value_on_wide_mlps(tmp_path, capsys):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
     folder = tmp_path / "wide"
@@ -218,6 +221,7 @@ def test_min_remaining_default_keeps_seed_value_on_wide_mlps(tmp_path, capsys):
     assert "min_remaining 96 (default capped to width/4)" in capsys.readouterr().out
 
 
+@pytest.mark.cli
 def test_dry_run_states_alignment_and_error(capsys, tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run") == 0
     out = capsys.readouterr().out
@@ -234,6 +238,7 @@ def test_bad_align_exits_2(capsys, tmp_path, value):
     assert len(err.splitlines()) == 1 and "--align" in err
 
 
+@pytest.mark.cli
 def test_align_1_lands_within_one_neuron(tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--align", "1", "--run-id", "a1",
                "--cifar-test-pct", "1.0", "--eval-batches", "1", "--calib-size", "16") == 0
@@ -241,6 +246,7 @@ def test_align_1_lands_within_one_neuron(tmp_path):
     assert rep["alignment"]["align"] == 1 and rep["target_error"] <= rep["one_neuron_sparsity"]
 
 
+@pytest.mark.cli
 def test_export_onnx_writes_model_and_records_the_difference(tmp_path):
     pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--export-onnx", "--run-id", "o",

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTForImageClassification
 
-from conftest import tiny_config
+from conftest import cli_run, tiny_config
 from vit_pruning import PruneConfig, prune_2ssp
-from vit_pruning.cli import main
 from vit_pruning.accel import adamw
 from vit_pruning.distillation import (WARMUP, block_outputs, distill, layer_loss, pruned_layers,
                                       teacher_layers, teacher_outputs, trainable_parameters,
@@ -192,11 +191,11 @@ def test_text_encoder_layer_matching_masks_padding():
 
 
 def _run(tmp, *args, target="0.6"):
-    return main(["--model", "embedded", "--target", target, "--cifar-test-pct", "1", "--eval-batches", "2",
-                 "--calib-size", "32", "--reports-dir", str(tmp / "r"), "--pruned-output-dir", str(tmp / "p"),
-                 "--artifacts-dir", str(tmp / "a"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0", *args])
+    return cli_run(tmp, "--model", "embedded", "--target", target, "--cifar-test-pct", "1",
+                   "--eval-batches", "2", "--calib-size", "32", *args, dirs=("r", "a", "p"))
 
 
+@pytest.mark.cli
 def test_cli_distilled_stage_and_report(tmp_path):
     assert _run(tmp_path, "--distill-steps", "100", "--distill-size", "256", "--cifar-train-pct", "1",
                 "--run-id", "d", target="0.7") == 0
@@ -213,6 +212,7 @@ def test_cli_distilled_stage_and_report(tmp_path):
     assert "## Distillation" in md and f"- learned: layers; kept block i learns teacher block {d['layers']}[i]" in md
 
 
+@pytest.mark.cli
 def test_cli_layer_matching_uses_the_plans_block_map(tmp_path):
     assert _run(tmp_path, "--distill-steps", "60", "--distill-size", "256", "--cifar-train-pct", "1",
                 "--distill-match", "layers", "--distill-train", "blocks", "--run-id", "l", target="0.7") == 0
@@ -232,19 +232,32 @@ def test_cli_layer_matching_uses_the_plans_block_map(tmp_path):
                                        (["--distill-steps", "5", "--distill-match", "tokens"], "--distill-match"),
                                        (["--distill-steps", "5", "--distill-augment", "-1"], "--distill-augment"),
                                        (["--distill-steps", "5", "--distill-augment", "4"], "--distill-augment")])
+@pytest.mark.cli
 def test_cli_bad_distillation_flags_exit_2(tmp_path, capsys, args, flag):
     assert _run(tmp_path, *args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and not (tmp_path / "r").exists()
 
 
+@pytest.mark.cli
 def test_interrupted_distillation_writes_nothing(tmp_path, monkeypatch, capsys):
     import vit_pruning.distillation as d
+    from vit_pruning.cli import console_main
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(d, "distill", interrupted)
-    assert _run(tmp_path, "--distill-steps", "10", "--save-pruned-model", "--run-id", "x") == 130
+    with pytest.raises(KeyboardInterrupt):  # main() lets it through (a test run stops on Ctrl-C)
+        _run(tmp_path, "--distill-steps", "10", "--save-pruned-model", "--run-id", "x")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+    capsys.readouterr()
+    argv = ["--model", "embedded", "--target", "0.6", "--cifar-test-pct", "1", "--eval-batches", "2",
+            "--calib-size", "32", "--reports-dir", str(tmp_path / "r"), "--pruned-output-dir",
+            str(tmp_path / "p"), "--artifacts-dir", str(tmp_path / "a"), "--quiet",
+            "--latency-repeats", "2", "--latency-precision", "0", "--distill-steps", "10",
+            "--save-pruned-model", "--run-id", "x"]
+    assert console_main(argv) == 130  # the console script: one line, exit 130
+    assert capsys.readouterr().err.strip().endswith("interrupted; nothing half-written was kept")
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
 
 

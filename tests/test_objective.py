@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import cli_run
 from test_families import build, images
 from vit_pruning import PruneConfig, count_total_params, prune_2ssp
 from vit_pruning.anatomy import resolve
@@ -22,12 +22,9 @@ from vit_pruning.objective import (BlockTiming, LatencyModel, flop_shape, measur
                                    width_grid)
 from vit_pruning.pipeline import model_shape
 from vit_pruning.surgery import prune_mlp_neurons
-from transformers import ViTForImageClassification
 
 
-def tiny(layers: int = 4):
-    torch.manual_seed(0)
-    return ViTForImageClassification(tiny_config(num_hidden_layers=layers)).eval()
+from conftest import tiny_model as tiny
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "dinov2-swiglu", "beit"])
@@ -210,15 +207,16 @@ def test_latency_model_for_another_shape_is_refused():
 
 
 def run(tmp: Path, *args: str) -> int:
-    return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "5",
-                 "--latency-cache", str(tmp / "cache")])
+    """A CLI run timed in at least 5 rounds (a latency model's least), its cache under `tmp`."""
+    return cli_run(tmp, *args, "--latency-repeats", "5", "--latency-cache", str(tmp / "cache"),
+                   quick=False)
 
 
 def report(tmp: Path) -> dict:
     return json.loads(next((tmp / "reports").glob("*.json")).read_text())
 
 
+@pytest.mark.cli
 def test_cli_flop_target(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target-flops", "0.6", "--run-id", "f",
                "--calib-size", "32") == 0
@@ -230,6 +228,7 @@ def test_cli_flop_target(tmp_path, capsys):
     assert "objective: **FLOPs**" in (tmp_path / "reports" / "report-f.md").read_text()
 
 
+@pytest.mark.cli
 def test_cli_latency_targets_as_a_list(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.8,0.6", "--run-id", "l",
                "--calib-size", "32") == 0
@@ -244,13 +243,19 @@ def test_cli_latency_targets_as_a_list(tmp_path, capsys):
     assert "latency ratio 0.8 (" in capsys.readouterr().out
 
 
+@pytest.mark.cli
 def test_cli_latency_targets_as_a_list_are_each_corrected_by_measurement(tmp_path, monkeypatch,
                                                                          capsys):
     """Several --target-latency values are met as a single one is: a first plan that misses
     (here the "timing" is the parameter ratio, far from the latency model) is planned again and
     the closest attempt is the point reported."""
-    import vit_pruning.tradeoff as tradeoff
+    import vit_pruning.app.tradeoff as tradeoff
+    import vit_pruning.objective as objective
     timed = []
+    # a fixed latency model (this host's timings would move the plans): the blocks hold most
+    # of the time, the MLP width a share of each block
+    lat = table(block_s=1.0, slope_s=0.5 / 384, attention_s=0.3, fixed_s=0.3, blocks=6, width=384)
+    monkeypatch.setattr(objective, "measure_latency_model", lambda *a, **k: lat)
 
     def fake_measure(args, loaded, data, ch):
         total = count_total_params(loaded.model)
@@ -277,6 +282,7 @@ def test_cli_latency_targets_as_a_list_are_each_corrected_by_measurement(tmp_pat
     assert capsys.readouterr().out.count("planned again at") == 2
 
 
+@pytest.mark.cli
 def test_cli_dry_run_prints_predicted_ratios(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.7", "--dry-run") == 0
     out = capsys.readouterr().out
@@ -294,19 +300,21 @@ def blocks_hold_the_time(monkeypatch):
     monkeypatch.setattr(objective, "measure_latency_model", lambda *a, **k: lat)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("flag", [[], ["--no-mixed-depth"]])
 def test_cli_dry_run_shows_mixed_depth_units(tmp_path, capsys, blocks_hold_the_time, flag):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--dry-run", *flag) == 0
     out = capsys.readouterr().out
     if flag:
-        assert "remove 2 block unit(s) (" in out and "predicted latency ratio 0.6667" in out
+        assert "remove 2 block unit(s):" in out and "predicted latency ratio 0.6667" in out
     else:
         assert "remove 1 block unit(s) and the attention sublayers of 2 kept blocks" in out
         assert "predicted latency ratio 0.7500" in out
 
 
+@pytest.mark.cli
 def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the_time, monkeypatch):
-    import vit_pruning.tradeoff as tradeoff
+    import vit_pruning.app.tradeoff as tradeoff
     once = tradeoff.prune_to_measured  # the plan as made: no correction by this host's timing
     monkeypatch.setattr(tradeoff, "prune_to_measured",
                         lambda *a, **k: once(*a, **{**k, "corrections": 0}))
@@ -330,6 +338,7 @@ def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the
     (["--target-flops", "0.7", "--max-kl", "0.01"], "--max-kl finds a parameter target itself"),
     (["--target-flops", "0.7", "--stage", "s1"], "--target-flops plans both stages together"),
 ])
+@pytest.mark.cli
 def test_cli_bad_objective_input(tmp_path, capsys, args, message):
     argv = ["--model", "embedded", *args, "--reports-dir", str(tmp_path / "reports"),
             "--artifacts-dir", str(tmp_path / "art"), "--pruned-output-dir", str(tmp_path / "pruned"),
@@ -407,6 +416,7 @@ def test_a_correction_stays_between_the_closest_attempts_on_either_side():
     assert _corrected_target([(0.2, 0.15), (0.23, 0.18)], 0.8) == pytest.approx(0.25)
 
 
+@pytest.mark.cli
 def test_cli_single_latency_target_records_its_attempts(tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "one",
                "--calib-size", "32") == 0
@@ -450,10 +460,11 @@ def test_a_measurement_far_from_the_prediction_is_taken_twice_more():
     assert len(tries) == 2 and "takes" not in tries[0].measures
 
 
-def test_cpu_timing_fixes_the_allocator_thresholds_first(monkeypatch):
+def test_cpu_timing_fixes_the_allocator_thresholds_when_asked(monkeypatch):
     """With glibc's default (dynamic) mmap threshold, a pruned ViT-B timed in a pair with its
     parent ran 0.855 where 0.93 was right: its smaller activations reused the heap while the
-    parent's were mapped afresh. Every CPU timing fixes the thresholds first."""
+    parent's were mapped afresh. A timing asked for the steady allocator fixes the thresholds
+    first (the command line asks); a plain library call leaves the process's malloc alone."""
     import platform
 
     from vit_pruning import measure
@@ -461,8 +472,11 @@ def test_cpu_timing_fixes_the_allocator_thresholds_first(monkeypatch):
     monkeypatch.setattr(measure, "steady_cpu_allocator", lambda: calls.append(1) or True)
     model = tiny()
     measure.interleaved_latency({"a": model, "b": model}, 1, 2, warmup=0)
-    assert calls == [1]
     measure.measure_latency(model, 1, warmup=0, repeats=1)
+    assert calls == []
+    measure.interleaved_latency({"a": model, "b": model}, 1, 2, warmup=0, steady_allocator=True)
+    assert calls == [1]
+    measure.measure_latency(model, 1, warmup=0, repeats=1, steady_allocator=True)
     assert calls == [1, 1]
     monkeypatch.undo()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -502,7 +516,7 @@ def test_interleaved_latency_times_more_rounds_until_the_ratio_is_precise(monkey
     gen = torch.Generator().manual_seed(1)
     chunks = []
 
-    def fake_rounds(calls, repeats, warmup, device, start=0):
+    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
         chunks.append((repeats, start))
         noise = (torch.rand(repeats, generator=gen) - 0.5).tolist()  # ratio 0.8 +- 0.1, uniform
         return {"a": [1.0] * repeats, "b": [0.8 + 0.2 * e for e in noise]}
@@ -542,7 +556,7 @@ def test_fast_models_may_time_more_rounds_than_ten_times_the_asked(monkeypatch):
     from vit_pruning import measure
     gen = torch.Generator().manual_seed(2)
 
-    def fake_rounds(calls, repeats, warmup, device, start=0):
+    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
         noise = (torch.rand(repeats, generator=gen) - 0.5).tolist()
         return {"a": [1e-3] * repeats, "b": [0.8e-3 * (1 + 0.2 * e) for e in noise]}
     monkeypatch.setattr(measure, "time_rounds", fake_rounds)

@@ -180,6 +180,7 @@ def _mismatched_arch(folder: Path) -> None:
     (_other_arch, "architecture 'Swinv2ForImageClassification' is not one vit_pruning saves"),
     (_mismatched_arch, "architecture 'BeitForImageClassification' does not match model_type 'vit'"),
 ])
+@pytest.mark.cli
 def test_bad_saved_folders_exit_2_in_one_line(tmp_path, capsys, spoil, message):
     folder = _saved(tmp_path)
     spoil(folder)

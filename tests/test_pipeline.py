@@ -83,13 +83,14 @@ def test_translate_keys_between_layouts(tiny_vit):
 
 def test_width_trial_leaves_model_unchanged_and_predicts_outputs(tiny_vit, pixels):
     from vit_pruning.depth import outputs_with_depth
-    from vit_pruning.width import prune_width_sequential
+    from vit_pruning.width import WidthPass, prune_width_sequential
     before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     counts = [10, 20, 0, 30]
-    trial = prune_width_sequential(tiny_vit, counts, [pixels], 8, skip_blocks=[2], trial=True)
+    cfg = PruneConfig(min_remaining=8, align=1, selection="score")
+    trial = prune_width_sequential(tiny_vit, counts, [pixels], cfg, WidthPass([2], trial=True))
     after = tiny_vit.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    real = prune_width_sequential(tiny_vit, counts, [pixels], 8, skip_blocks=[2])
+    real = prune_width_sequential(tiny_vit, counts, [pixels], cfg, WidthPass([2]))
     assert real["kept"] == trial["kept"]
     torch.testing.assert_close(outputs_with_depth(tiny_vit, [pixels], "block", [2]), trial["outputs"],
                                rtol=0, atol=1e-5)

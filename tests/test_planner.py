@@ -119,7 +119,7 @@ def test_uniform_policy_on_vit_b_is_plain_and_within_a_tenth_of_a_point():
 
 
 def test_default_align_is_8_on_vit_and_4_on_the_embedded_model():
-    from vit_pruning.cli import EMBEDDED
+    from vit_pruning.config import EMBEDDED
     from vit_pruning.planner import default_align
     assert default_align(model_shape(meta_model(*SHAPES["vit-b16"]))) == 8
     emb = ViTForImageClassification.from_pretrained(EMBEDDED)

@@ -4,6 +4,7 @@ torchrun (one report, one model, the same held-out losses as one process), a dea
 bad inputs of the new flags."""
 import copy
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
-from conftest import tiny_config
+from vit_pruning.config import EMBEDDED
+from conftest import cli_run, tiny_config
 from vit_pruning import DistillConfig, PruneConfig, distill, load_pruned_model, prune_2ssp
 from vit_pruning.cli import main
 
@@ -84,12 +86,11 @@ def test_interrupted_and_resumed_distillation_ends_with_the_same_weights():
 
 
 def cli(tmp: Path, *args: str) -> int:
-    return main(["--model", "embedded", "--target", "0.5", "--calib-size", "32",
-                 "--distill-size", "256", "--reports-dir", str(tmp / "reports"),
-                 "--artifacts-dir", str(tmp / "art"), "--pruned-output-dir", str(tmp / "pruned"),
-                 "--quiet", "--latency-repeats", "2", "--latency-precision", "0", *args])
+    return cli_run(tmp, "--model", "embedded", "--target", "0.5", "--calib-size", "32",
+                   "--distill-size", "256", *args)
 
 
+@pytest.mark.cli
 def test_cli_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
     from vit_pruning import checkpoint as ckpt
     steps = ["--distill-steps", "30", "--distill-batch-size", "16", "--save-pruned-model"]
@@ -101,7 +102,8 @@ def test_cli_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, monkeypat
         raise KeyboardInterrupt  # killed right after the first checkpoint landed
     monkeypatch.setattr(ckpt.Checkpoint, "write", write_then_die)
     b = tmp_path / "b"
-    assert cli(b, *steps, "--checkpoint-every", "10", "--run-id", "r") == 130
+    with pytest.raises(KeyboardInterrupt):  # main() lets it through; console_main says 130
+        cli(b, *steps, "--checkpoint-every", "10", "--run-id", "r")
     assert (b / "art" / "r" / "checkpoint" / "latest.json").exists()
     assert not (b / "reports").exists() or not list((b / "reports").glob("*.json"))
     monkeypatch.setattr(ckpt.Checkpoint, "write", real)
@@ -117,6 +119,7 @@ def test_cli_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, monkeypat
     assert not (b / "art" / "r" / "checkpoint").exists()  # spent once the run is whole
 
 
+@pytest.mark.cli
 def test_a_checkpoint_of_another_job_is_refused(tmp_path, monkeypatch, capsys):
     from vit_pruning import checkpoint as ckpt
     real = ckpt.Checkpoint.write
@@ -125,7 +128,8 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path, monkeypatch, capsys):
         real(self, *a, **k)
         raise KeyboardInterrupt
     monkeypatch.setattr(ckpt.Checkpoint, "write", write_then_die)
-    assert cli(tmp_path, "--distill-steps", "20", "--checkpoint-every", "5", "--run-id", "j") == 130
+    with pytest.raises(KeyboardInterrupt):  # main() lets it through; console_main says 130
+        cli(tmp_path, "--distill-steps", "20", "--checkpoint-every", "5", "--run-id", "j")
     monkeypatch.setattr(ckpt.Checkpoint, "write", real)
     capsys.readouterr()
     argv = ["--model", "embedded", "--target", "0.4", "--calib-size", "32", "--distill-size", "256",
@@ -145,6 +149,7 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path, monkeypatch, capsys):
     (["--distill-steps", "5", "--mixed-precision", "fp16", "--device", "cpu"],
      "--mixed-precision fp16: fp16 needs a CUDA device"),
 ])
+@pytest.mark.cli
 def test_bad_recovery_flags(tmp_path, capsys, args, message):
     assert cli(tmp_path, *args) == 2
     err = capsys.readouterr().err
@@ -163,6 +168,7 @@ def torchrun(tmp: Path, nproc: int, *args: str, script: str | None = None) -> su
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.cli
 def test_two_processes_distill_one_model_like_one_process(tmp_path):
     args = ["--distill-steps", "40", "--distill-batch-size", "32", "--save-pruned-model", "--run-id", "ddp"]
     two = torchrun(tmp_path / "two", 2, *args)
@@ -192,11 +198,12 @@ if os.environ.get("RANK") == "1":  # this process dies in the middle of distilla
             os._exit(9)
         return real(*a, **k)
     d.distill_loss = dying
-from vit_pruning.cli import main
-sys.exit(main())
+from vit_pruning.cli import console_main  # a process's entry point: its signal handling
+sys.exit(console_main())
 """
 
 
+@pytest.mark.cli
 def test_a_dead_rank_stops_the_job_in_one_line(tmp_path):
     script = tmp_path / "die.py"
     script.write_text(DIE)
@@ -215,6 +222,7 @@ def test_a_dead_rank_stops_the_job_in_one_line(tmp_path):
     (["--target", "0.3,0.5"], "several processes distill one model"),
     (["--target-latency", "0.7"], "--target-latency plans on timings that every process"),
 ])
+@pytest.mark.cli
 def test_a_launched_job_refuses_what_one_process_must_do(tmp_path, monkeypatch, capsys, target, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -226,6 +234,7 @@ def test_a_launched_job_refuses_what_one_process_must_do(tmp_path, monkeypatch, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.cli
 def test_checkpoint_place_is_checked_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -235,3 +244,80 @@ def test_checkpoint_place_is_checked_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--artifacts-dir" in err and "not a directory" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists() and blocker.read_text() == "not a folder"
+
+
+def fake_checkpoint(tmp: Path, argv: list[str], run_id: str = "r") -> Path:
+    """A checkpoint folder of `run_id` whose job is that of `argv` (what a run killed during
+    distillation leaves), without running one: the checks before any work read only this."""
+    from vit_pruning.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(argv))
+    step = tmp / "art" / run_id / "checkpoint" / "step-000010"
+    step.mkdir(parents=True)
+    torch.save({"format": 1, "job": cfg.job(), "stages": [], "result": None}, step / "run.pt")
+    torch.save({"step": 10}, step / "state.pt")
+    shutil.copytree(EMBEDDED, step / "model")  # a student folder (never trained here)
+    (step.parent / "latest.json").write_text(json.dumps({"folder": step.name, "step": 10}))
+    return step
+
+
+BASE = ["--model", "embedded", "--target", "0.5", "--calib-size", "32", "--distill-size", "256",
+        "--distill-steps", "30", "--checkpoint-every", "10", "--run-id", "r"]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("flag, value, message", [
+    ("--cifar-train-pct", "0.5", "--cifar-train-pct was 0.25 there, 0.5 now"),
+    ("--eval-batches", "2", "--eval-batches was 5 there, 2 now"),
+    ("--skip-bad-images", None, "--skip-bad-images was False there, True now"),
+    ("--image-column", "image", "--image-column was None there, 'image' now"),
+    ("--target", "0.6", "--target was 0.5 there, 0.6 now")])
+def test_a_resume_that_changes_the_job_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                  flag, value, message):
+    import vit_pruning.app.loading as loading
+    fake_checkpoint(tmp_path, BASE)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    argv = [*BASE, "--resume", flag, *([value] if value else [])]
+    assert cli(tmp_path, *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("vit-2ssp: error: --resume:")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("damage", ["state-truncated", "run-truncated", "state-random",
+                                    "latest-garbage", "latest-list", "snapshots-gone"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, damage):
+    step = fake_checkpoint(tmp_path, BASE)
+    latest = step.parent / "latest.json"
+    if damage == "state-truncated":
+        torch.save({"step": 10, "pad": torch.zeros(1000)}, step / "state.pt")
+        data = (step / "state.pt").read_bytes()
+        (step / "state.pt").write_bytes(data[:len(data) // 2])
+        named = "state.pt"
+    elif damage == "run-truncated":
+        (step / "run.pt").write_bytes((step / "run.pt").read_bytes()[:40])
+        named = "run.pt"
+    elif damage == "state-random":
+        (step / "state.pt").write_bytes(bytes(range(256)) * 8)
+        named = "state.pt"
+    elif damage == "latest-garbage":
+        latest.write_text("{garbage")
+        named = "latest.json"
+    elif damage == "latest-list":
+        latest.write_text("[]")
+        named = "latest.json"
+    else:  # the run record names stages whose snapshots are gone
+        from vit_pruning.checkpoint import Checkpoint
+        record = torch.load(step / "run.pt", weights_only=False)
+        from vit_pruning.report import StageMetrics
+        record["stages"] = [StageMetrics("baseline", 1, 1, 0.0, None, None),
+                            StageMetrics("stage1", 1, 1, 0.0, None, None)]
+        torch.save(record, step / "run.pt")
+        assert Checkpoint(step.parent).latest == step
+        named = "snapshots"
+    assert cli(tmp_path, *BASE, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "Traceback" not in err, err
+    if damage.startswith("latest"):  # a plain run with that run id is refused as plainly
+        assert cli(tmp_path, *BASE) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "latest.json" in err and "--run-id r" in err

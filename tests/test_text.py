@@ -13,6 +13,7 @@ from vit_pruning.measure import collect_outputs, count_flops
 from vit_pruning.persistence import save_pruned_model
 from vit_pruning.pipeline import model_shape, plan_2ssp_allocation
 from vit_pruning.surgery import remove_attention, remove_blocks
+from conftest import cli_run
 
 H, I, VOCAB = 32, 128, 100
 
@@ -184,11 +185,10 @@ def bert_folder(tmp_path) -> Path:
 
 
 def cli(tmp_path, *args) -> int:
-    from vit_pruning.cli import main
-    return main([*args, "--reports-dir", str(tmp_path / "r"), "--artifacts-dir", str(tmp_path / "a"),
-                 "--pruned-output-dir", str(tmp_path / "p"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0"])
+    return cli_run(tmp_path, *args, dirs=("r", "a", "p"))
 
 
+@pytest.mark.cli
 def test_cli_prunes_a_text_encoder_and_reports_fidelity(tmp_path):
     import json
     folder = bert_folder(tmp_path)
@@ -213,6 +213,7 @@ def test_cli_prunes_a_text_encoder_and_reports_fidelity(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "p" / "t")("a b")["input_ids"][0] == 2  # [CLS]
 
 
+@pytest.mark.cli
 def test_cli_text_encoder_reads_a_text_file_and_refuses_image_flags(tmp_path, capsys):
     folder = bert_folder(tmp_path)
     lines = tmp_path / "lines.txt"
@@ -269,6 +270,7 @@ def test_other_text_models_are_refused_by_name(name):
         resolve(getattr(transformers, name)(cfg))
 
 
+@pytest.mark.cli
 def test_cli_distills_a_text_encoder_block_by_block(tmp_path):
     """--distill-steps on a text encoder: sentences of the text file that are neither calibration
     nor evaluation are the inputs, every kept block learns the teacher block it stands for."""

@@ -2,7 +2,6 @@
 work and leave the model unpruned; the CLI's --target list and budgets, and their bad inputs."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,25 +9,19 @@ from transformers import AutoModelForImageClassification, ViTForImageClassificat
 
 from conftest import tiny_config
 from vit_pruning import PruneConfig, count_total_params, prune_2ssp
-from vit_pruning.cli import EMBEDDED, main
+from vit_pruning.config import EMBEDDED
 from vit_pruning.pipeline import Pruner
 from vit_pruning.sweep import grid, search_target, sweep
 
 
-def run(tmp: Path, *args: str) -> int:
-    return main([*args, "--reports-dir", str(tmp / "reports"), "--artifacts-dir", str(tmp / "art"),
-                 "--pruned-output-dir", str(tmp / "pruned"), "--quiet", "--latency-repeats", "2", "--latency-precision", "0"])
-
-
-def files(tmp: Path) -> list[str]:
-    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
+from conftest import cli_run as run
+from conftest import output_files as files
+from conftest import tiny_model
 
 
 def tiny():
-    torch.manual_seed(0)
-    model = ViTForImageClassification(tiny_config(num_hidden_layers=6)).eval()
-    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    return model, x
+    """A 6-block tiny ViT and 16 calibration images."""
+    return tiny_model(6), torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 CFG = PruneConfig(min_remaining=8, align=1, width_policy="per-block")
@@ -101,6 +94,7 @@ def test_library_defaults_work_on_the_embedded_model():
                    PruneConfig(min_remaining=384))
 
 
+@pytest.mark.cli
 def test_cli_target_list_reports_every_point(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.1,0.3", "--run-id", "sw",
                "--calib-size", "32", "--eval-batches", "2", "--save-pruned-model") == 0
@@ -116,6 +110,7 @@ def test_cli_target_list_reports_every_point(tmp_path, capsys):
     assert "| 0.1 |" in md and "| 0.3 |" in md and (tmp_path / "reports" / "report-sw.png").is_file()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("budget", [["--max-kl", "1e-3"], ["--max-accuracy-drop", "1.5"]])
 def test_cli_budget_chooses_a_target_and_goes_on(tmp_path, capsys, budget):
     assert run(tmp_path, "--model", "embedded", *budget, "--run-id", "b", "--calib-size", "16",
@@ -132,6 +127,7 @@ def test_cli_budget_chooses_a_target_and_goes_on(tmp_path, capsys, budget):
     assert "Budget search" in (tmp_path / "reports" / "report-b.md").read_text()
 
 
+@pytest.mark.cli
 def test_cli_min_cosine_on_a_text_encoder(tmp_path):
     from test_text import bert_folder
     folder = bert_folder(tmp_path)
@@ -144,6 +140,7 @@ def test_cli_min_cosine_on_a_text_encoder(tmp_path):
     assert trials and all("cosine" in t["measures"] for t in trials if "error" not in t["measures"])
 
 
+@pytest.mark.cli
 def test_a_budget_nothing_keeps_writes_the_search_and_exits_2(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--max-kl", "1e-12", "--run-id", "n",
                "--calib-size", "32", "--eval-batches", "1", "--save-pruned-model",
@@ -183,6 +180,7 @@ def folders(tmp_path_factory):
     return root
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", BAD)
 def test_bad_tradeoff_inputs(tmp_path, capsys, folders, name):
     args, msg = BAD[name]

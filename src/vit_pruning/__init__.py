@@ -19,7 +19,7 @@ from .report import save_report
 from .sweep import SearchResult, search_target, sweep
 from .width import prune_vit_mlp_width
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "Anatomy", "BlockParts", "ModelShape", "PruneConfig", "PruneResult", "PruningPlan",

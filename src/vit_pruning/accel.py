@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+from .config import PRECISIONS  # noqa: E402
 
 
 def launched() -> bool:

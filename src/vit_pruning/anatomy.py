@@ -44,33 +44,13 @@ from .modeling_vit_pruning import (ATTENTION, NORM_AFTER, NORM_BEFORE, Attention
                                    attention_scale_attr, block_slot, first_attr, is_post_norm,
                                    mlp_slots,
                                    tower, tower_config)
+from .modeling_vit_pruning import SUPPORTED as _SUPPORTED_TABLE
 
 # model class -> (family, what its forward gives for fidelity: "logits", "hidden" (the last
 # hidden state), "pooled" (the tower's image embedding, pooler_output), "image_embeds" (a dual
 # model's projected image embedding) or "text" (mean-pooled token states))
-SUPPORTED_CLASSES: dict[str, tuple[str, str]] = {
-    "ViTModel": ("vit", "hidden"),
-    "ViTForImageClassification": ("vit", "logits"),
-    "DeiTModel": ("vit", "hidden"),
-    "DeiTForImageClassification": ("vit", "logits"),
-    "ViTMAEModel": ("vitmae", "hidden"),
-    "Dinov2Model": ("dinov2", "hidden"),
-    "Dinov2ForImageClassification": ("dinov2", "logits"),
-    "BeitModel": ("beit", "hidden"),
-    "BeitForImageClassification": ("beit", "logits"),
-    "Data2VecVisionModel": ("beit", "hidden"),
-    "Data2VecVisionForImageClassification": ("beit", "logits"),
-    "CLIPVisionModel": ("clip", "pooled"),
-    "CLIPModel": ("clip", "image_embeds"),
-    "CLIPForImageClassification": ("clip", "logits"),
-    "SiglipVisionModel": ("siglip", "pooled"),
-    "SiglipModel": ("siglip", "image_embeds"),
-    "SiglipForImageClassification": ("siglip", "logits"),
-    "SwinModel": ("swin", "hidden"),
-    "SwinForImageClassification": ("swin", "logits"),
-    "BertModel": ("bert", "text"),
-    "RobertaModel": ("bert", "text"),
-}
+SUPPORTED_CLASSES: dict[str, tuple[str, str]] = {  # class -> (resolver family, output kind)
+    name: (family, output) for name, (family, output, _, _) in _SUPPORTED_TABLE.items()}
 SUPPORTED = ", ".join(SUPPORTED_CLASSES)
 DUAL_CLASSES = ("CLIPModel", "SiglipModel")  # image and text towers; only the image one is pruned
 TEXT_BACKBONE_PARTS = {"embeddings", "encoder", "pooler"}

@@ -12,8 +12,9 @@ A run's checkpoint lives in ``<artifacts-dir>/<run-id>/checkpoint/``:
   complete; older step folders are removed after). A run killed at any moment leaves the last
   complete checkpoint.
 
-``job`` (the flags that decide the pruning and distillation) is stored with it: a resume that
-asks for another model, target or plan is refused. The files are pickles this tool wrote for
+``job`` (every field of the run config that decides what is computed:
+:meth:`vit_pruning.config.RunConfig.job`) is stored with it: a resume that asks for another
+model, target, data, plan or distillation is refused, naming the flag. The files are pickles this tool wrote for
 itself: resume only from checkpoints you made.
 """
 from __future__ import annotations
@@ -27,29 +28,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import flag
 from .atomic import atomic_write_json, partial_prefix
 from .persistence import load_pruned_model, save_pruned_model
 
 FORMAT = 1
-JOB_FLAGS = ("model", "target", "target_flops", "target_latency", "stage", "depth_unit",
-             "depth_method", "split", "allocation", "compensation", "neuron_selection",
-             "min_remaining", "align", "width_policy", "seed", "calib_size", "dataset",
-             "load_cifar", "text_file", "replace_classifier", "use_adapter", "load_adapter",
-             "do_finetune", "distill_steps", "distill_lr", "distill_batch_size",
-             "distill_temperature", "distill_train", "distill_match", "distill_size",
-             "distill_augment", "grad_accumulation", "mixed_precision", "checkpoint_every")
-
-
-def job_of(args) -> dict:
-    """The flags a checkpoint must agree with to be resumed."""
-    return {k: getattr(args, k, None) for k in JOB_FLAGS}
 
 
 def _differs(saved: dict, now: dict) -> str | None:
-    for k in JOB_FLAGS:
-        if saved.get(k) != now.get(k):
-            return f"--{k.replace('_', '-')} was {saved.get(k)!r} there, {now.get(k)!r} now"
+    """The first field of the job that differs, as one line naming its flag. `now` is
+    :meth:`vit_pruning.config.RunConfig.job`: every field that decides the job, so a flag added
+    later is compared too (a checkpoint written before it existed is refused, naming it)."""
+    for k in now:
+        if k not in saved:
+            return (f"{flag(k)} is not recorded there (the checkpoint was written by an older "
+                    f"version of vit-2ssp)")
+        if saved[k] != now[k]:
+            return f"{flag(k)} was {saved[k]!r} there, {now[k]!r} now"
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}{': ' + text if text else ''}"
+
+
+def _load(path: Path):
+    """torch.load of a file this tool wrote, or ValueError in one line naming it."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a pickle, missing: one line
+        raise ValueError(f"{path} cannot be read ({_first_line(exc)})") from exc
 
 
 @dataclass
@@ -64,11 +73,16 @@ class Checkpoint:
 
     @property
     def latest(self) -> Path | None:
-        """The complete step folder to resume from, or None."""
+        """The complete step folder to resume from, or None; ValueError in one line, naming the
+        file, where the pointer cannot be read."""
         pointer = self.folder / "latest.json"
         if not pointer.exists():
             return None
-        step = self.folder / json.loads(pointer.read_text())["folder"]
+        try:
+            step = self.folder / json.loads(pointer.read_text())["folder"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{pointer} cannot be read ({_first_line(exc)}); it is not a "
+                             f"checkpoint this tool wrote whole: remove {self.folder}") from exc
         return step if (step / "state.pt").exists() else None
 
     def write_snapshots(self, models: dict[str, nn.Module], processor) -> None:
@@ -108,24 +122,44 @@ class Checkpoint:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load(self, job: dict, device: torch.device) -> tuple[nn.Module, object, dict, dict]:
-        """(student, DistillState, run record, snapshot models) of the latest checkpoint;
-        ValueError in one line if there is none or it was made for another job."""
+    def check(self, job: dict) -> tuple[Path, dict]:
+        """(the latest step folder, its run record) if it was made for `job`; ValueError in one
+        line if there is none, it was made for another job, or a file cannot be read."""
         step = self.latest
         if step is None:
             raise ValueError(f"no checkpoint in {self.folder}")
-        run = torch.load(step / "run.pt", weights_only=False)
-        if run.get("format") != FORMAT:
-            raise ValueError(f"{step}: checkpoint format {run.get('format')}, this tool reads {FORMAT}")
+        run = _load(step / "run.pt")
+        if not isinstance(run, dict) or run.get("format") != FORMAT:
+            raise ValueError(f"{step / 'run.pt'}: not a checkpoint record of format {FORMAT}")
         why = _differs(run["job"], job)
         if why:
             raise ValueError(f"the checkpoint in {self.folder} was made for another job ({why})")
-        state = torch.load(step / "state.pt", weights_only=False)
-        student = load_pruned_model(step / "model", device)
-        snaps = {p.name: load_pruned_model(p, device)
-                 for p in sorted((self.folder / "snapshots").iterdir()) if p.is_dir()} \
-            if (self.folder / "snapshots").is_dir() else {}
-        return student, state, run, snaps
+        for path in (step / "state.pt", step / "model", *self._snapshots(run).values()):
+            if not path.exists():
+                raise ValueError(f"{path} is missing: the checkpoint is incomplete (remove "
+                                 f"{self.folder} to start again)")
+        return step, run
+
+    def _snapshots(self, run: dict) -> dict[str, Path]:
+        """The snapshot folders of the stages the run record measured before distilling."""
+        return {s.name: self.folder / "snapshots" / s.name for s in run.get("stages", [])
+                if getattr(s, "name", None) in ("stage1", "stage2")}
+
+    def load(self, job: dict, device: torch.device) -> tuple[nn.Module, object, dict, dict]:
+        """(student, DistillState, run record, snapshot models) of the latest checkpoint;
+        ValueError in one line if there is none, it was made for another job, or a file of it
+        is missing or cannot be read."""
+        step, run = self.check(job)
+        state = _load(step / "state.pt")
+        folders = {"model": step / "model", **self._snapshots(run)}
+        models = {}
+        for name, path in folders.items():
+            try:
+                models[name] = load_pruned_model(path, device)
+            except Exception as exc:  # noqa: BLE001 - a missing or damaged folder, one line
+                raise ValueError(f"{path} cannot be loaded ({_first_line(exc)})") from exc
+        student = models.pop("model")
+        return student, state, run, models
 
     def remove(self) -> None:
         """Drop the checkpoint once the run's outputs are all written."""

@@ -11,7 +11,7 @@ Candidates are bypassed temporarily and restored; the model is never copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, resolve
 from .batches import take_inputs
+from .config import PruneConfig
 from .measure import output_distance
 from .surgery import TemporaryBypass, remove_attention, remove_blocks
 from .trace import UnprunedTrace
+from .modes import eval_mode
 
 METHODS = ("greedy", "bi")
 
@@ -90,6 +92,31 @@ def _ranked(an: Anatomy, unit: str, scores: dict[int, float], count: int,
 
 
 @torch.no_grad()
+def _step_scores(score: Callable[[list[int], range], dict[int, float]], live: list[int],
+                 step_scores: list[dict[int, float]], rescore: int | None, half: int,
+                 rows: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+    """One greedy step's (scores of every live candidate, contenders the winner is the lowest
+    of): lazily rescored after the first step, screened on half the batches (`half`, of `rows`
+    per batch) at the first, or every candidate on every batch."""
+    n, everything = sum(rows), range(len(rows))
+    scores = {c: step_scores[-1][c] for c in live if step_scores}
+    contenders = scores
+    if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
+        live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
+        scores.update({c: v / n for c, v in score(live, everything).items()})
+    elif rescore and half and len(live) > rescore:  # first step: screen every candidate on
+        # half the batches, finish the `rescore` best on the rest
+        first = score(live, range(half))
+        scores = {c: v / sum(rows[:half]) for c, v in first.items()}
+        live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
+        rest = score(live, range(half, len(rows)))
+        contenders = {c: (first[c] + rest[c]) / n for c in live}
+        scores.update(contenders)
+    else:
+        scores = contenders = {c: v / n for c, v in score(live, everything).items()}
+    return scores, contenders
+
+
 def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count: int,
                  unit: str = "block", reference: torch.Tensor | None = None,
                  progress: bool = False, rescore: int | None = None,
@@ -111,11 +138,9 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
     the inputs of blocks up to the first removed unit and the reference come from it.
     """
     an = resolve(model)
-    was_training = model.training
-    model.eval()
     removed: list[int] = []
     step_scores: list[dict[int, float]] = []
-    try:
+    with eval_mode(model):
         with TemporaryBypass(model) as bypass:  # attention units chosen so far stay bypassed
             if reference is None:
                 reference = unpruned.outputs if unpruned is not None else torch.cat(
@@ -145,8 +170,6 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                         totals[c] += output_distance(out, refs[b], an.has_classifier) * len(out)
                 return totals
 
-            n = sum(len(x) for x in pixel_batches)
-            everything = range(len(pixel_batches))
             half = _first_half(pixel_batches)
             for _ in tqdm(range(count), desc=f"stage 2: greedy {unit} selection",
                           disable=not progress, leave=False):
@@ -154,29 +177,13 @@ def greedy_order(model: nn.Module, pixel_batches: Sequence[torch.Tensor], count:
                         and _allowed(an, unit, removed, c, budget)]
                 if not live:
                     break
-                scores = {c: step_scores[-1][c] for c in live if step_scores}
-                contenders = scores  # the winner is the lowest of these
-                if rescore and step_scores:  # lazy: rescore the best, keep the others' last scores
-                    live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
-                    scores.update({c: v / n for c, v in score(live, everything).items()})
-                elif rescore and half and len(live) > rescore:  # first step: screen every
-                    # candidate on half the batches, finish the `rescore` best on the rest
-                    first = score(live, range(half))
-                    scores = {c: v / sum(len(x) for x in pixel_batches[:half])
-                              for c, v in first.items()}
-                    live = sorted(live, key=lambda c: (scores[c], c))[:rescore]
-                    rest = score(live, range(half, len(pixel_batches)))
-                    contenders = {c: (first[c] + rest[c]) / n for c in live}
-                    scores.update(contenders)
-                else:
-                    scores = contenders = {c: v / n for c, v in score(live, everything).items()}
+                scores, contenders = _step_scores(score, live, step_scores, rescore, half,
+                                                  [len(x) for x in pixel_batches])
                 best = min(contenders, key=lambda k: (contenders[k], k))
                 removed.append(best)
                 step_scores.append(scores)
                 if unit == "attention":
                     bypass.add(best)
-    finally:
-        model.train(was_training)
     return removed, step_scores
 
 
@@ -185,11 +192,9 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
                     unit: str = "block") -> dict[int, float]:
     """One-shot Block Influence: 1 - mean cos(input, output) of each block (or attention sublayer)."""
     an = resolve(model)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(len(an.parts), dtype=torch.float64, device=device)
-    try:
+    with eval_mode(model):
         for x in pixel_batches:
             h = an.embed(x)
             for i in range(len(an.parts)):
@@ -197,8 +202,6 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
                 ref = out if unit == "block" else an.attention_stream(i, h)
                 total[i] += (1 - F.cosine_similarity(h.double(), ref.double(), dim=-1).mean()) * len(x)
                 h = an.transition(i, out)
-    finally:
-        model.train(was_training)
     n = sum(len(x) for x in pixel_batches)
     return {i: float(v / n) for i, v in enumerate(total)
             if unit == "block" or not an.parts[i].attention_removed}
@@ -220,13 +223,18 @@ def weight_proxy(model: nn.Module, unit: str = "block") -> dict[int, float]:
 
 
 def select_depth(model: nn.Module, count: int, unit: str = "block",
-                 pixel_batches: Sequence[torch.Tensor] | None = None, method: str = "greedy",
-                 reference: torch.Tensor | None = None, progress: bool = False,
-                 rescore: int | None = None, budget: Budget | None = None,
-                 unpruned: UnprunedTrace | None = None) -> tuple[list[int], dict]:
+                 pixel_batches: Sequence[torch.Tensor] | None = None,
+                 config: PruneConfig | None = None, *, reference: torch.Tensor | None = None,
+                 budget: Budget | None = None, unpruned: UnprunedTrace | None = None,
+                 progress: bool = False) -> tuple[list[int], dict]:
     """Choose up to `count` units to remove (Swin stages keep a block each; removed units hold
-    at most `budget` parameters if given); returns (indices in removal order, scores).
-    `unpruned`: the unpruned model's trace over `pixel_batches`, if there is one (greedy)."""
+    at most `budget` parameters if given); returns (indices in removal order, scores). The
+    config's `depth_method` ("greedy" by output fidelity, "bi" Block Influence) and
+    `greedy_rescore` decide how (default: PruneConfig's); without `pixel_batches`, the weight
+    proxy. `reference`: the unpruned outputs on `pixel_batches`; `unpruned`: the unpruned
+    model's trace over them, if there is one (greedy)."""
+    config = config or PruneConfig()
+    method, rescore = config.depth_method, config.greedy_rescore
     if method not in METHODS:
         raise ValueError(f"depth method must be one of {METHODS}, got {method!r}")
     if count == 0:
@@ -249,16 +257,12 @@ def outputs_with_depth(model: nn.Module, pixel_batches: Sequence[torch.Tensor], 
     """Model outputs as if `indices` were removed (blocks skipped / attention bypassed), and the
     attention sublayers of `attention` too (a mixed plan's)."""
     an = resolve(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with TemporaryBypass(model) as bypass:
             for i in [*(indices if unit == "attention" else ()), *attention]:
                 bypass.add(i)
             skip = set(indices) if unit == "block" else set()
             return torch.cat([an.head(an.run_blocks(an.embed(x), skip=skip)) for x in pixel_batches])
-    finally:
-        model.train(was_training)
 
 
 def apply_depth(model: nn.Module, indices: Sequence[int], unit: str,
@@ -298,7 +302,8 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
         device = device if device is not None else next(model.parameters()).device
         batches = take_inputs(dataloader, batch_limit, device) if dataloader is not None else None
-        order, scores = select_depth(model, num_to_prune, unit, batches, method, progress=progress)
+        order, scores = select_depth(model, num_to_prune, unit, batches,
+                                     PruneConfig(depth_method=method), progress=progress)
     model = apply_depth(model, order, unit)
     return {"model": model, "pruned_indices": sorted(order), "order": order,
             "scores": scores, "unit": unit}

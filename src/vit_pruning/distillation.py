@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 
 from .accel import adamw, make_accelerator, reduce_sum, shard_rows, train_device
 from .anatomy import mean_pool, resolve
+from .config import DISTILL_CACHE_LIMIT, MATCHES, TRAINABLE, DistillConfig  # noqa: F401
 from .measure import forward_output
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
-TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")
-MATCHES = ("output", "tokens", "layers")
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
-CACHE_LIMIT = 4 << 30  # bytes of cached layer targets beyond which the teacher runs every step
+CACHE_LIMIT = DISTILL_CACHE_LIMIT
 
 
 @dataclass
@@ -239,11 +239,9 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
     host): what the student learns (every token's hidden state with match="tokens"). With
     `layers` (teacher block indices), each batch's entry is [output, *those blocks' outputs],
     the block outputs in half precision."""
-    was = teacher.training
-    teacher.eval()
     device = _device(teacher)
     final = "tokens" if match in ("tokens", "layers") else "output"
-    try:
+    with eval_mode(teacher):
         out = []
         for b in inputs:
             n = _batch_len(b)
@@ -258,8 +256,6 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
             cols = [torch.cat(c) for c in zip(*parts)]
             out.append(cols if layers is not None else cols[0])
         return out
-    finally:
-        teacher.train(was)
 
 
 @torch.no_grad()
@@ -327,42 +323,6 @@ def _layer_bytes(teacher: nn.Module, inputs: Sequence, layers: Sequence[int], ma
         t0 = b0["input_ids"].shape[1]
         return int(sum(_batch_len(b) * row * b["input_ids"].shape[1] / t0 for b in inputs))
     return row * sum(_batch_len(b) for b in inputs)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """What :func:`distill` does; every field is also a keyword of :func:`distill`."""
-
-    steps: int  # optimizer steps
-    lr: float = 1e-3
-    batch_size: int = 32  # rows per step and micro-batch, over all processes together
-    temperature: float = 2.0
-    train: str = "blocks"  # which parameters learn (see trainable_parameters)
-    seed: int = 0
-    heldout: float = 0.1  # share of the inputs held out for the checks (without check_inputs)
-    checks: int = 10  # held-out checks over the run; the best check's weights are kept
-    match: str = "output"  # "output", "tokens" (text) or "layers" (see distill)
-    layers: tuple[int, ...] | None = None  # match="layers": the teacher block of each kept block
-    cache_limit: int = CACHE_LIMIT  # bytes of cached half-precision layer targets at most
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accel.resolve_precision for "auto")
-    grad_accumulation: int = 1  # micro-batches of batch_size rows per optimizer step
-    checkpoint_every: int = 0  # optimizer steps between calls of the checkpoint hook (0: none)
-
-    def check(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.match not in MATCHES:
-            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
-        if self.train not in TRAINABLE:
-            raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
-        if self.grad_accumulation < 1:
-            raise ValueError(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -489,7 +449,7 @@ def _sum_losses(acc, result: DistillResult, synced: int) -> int:
 def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
             steps: int | None = None, *, config: DistillConfig | None = None,
             cached: Sequence | None = None, check_inputs: Sequence | None = None,
-            progress: bool = False, checkpoint: Callable[[DistillState], None] | None = None,
+            checkpoint: Callable[[DistillState], None] | None = None,
             resume: DistillState | None = None, **options) -> DistillResult:
     """Train `pruned` in place for `steps` optimizer steps to reproduce `teacher` on unlabeled
     `inputs`, on Hugging Face accelerate (one process, or each process of ``accelerate launch``
@@ -511,7 +471,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
         steps, config, options: a DistillConfig, or its fields as keywords (`steps`, `lr`,
             `batch_size`, `temperature`, `train`, `seed`, `heldout`, `checks`, `match`,
             `layers`, `cache_limit`, `mixed_precision`, `grad_accumulation`,
-            `checkpoint_every`). match: "output" (what fidelity is measured on: logits, the
+            `checkpoint_every`, `progress`). match: "output" (what fidelity is measured on: logits, the
             sentence embedding, hidden states); for a text encoder "tokens": every token's final
             hidden state as well as their mean; "layers": the output (every token's, for a text
             encoder) and every block's hidden states, each kept block against teacher block
@@ -526,161 +486,218 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
         DistillResult with the loss of every step. The student ends in eval mode with
         requires_grad off.
     """
+    cfg = _config(steps, config, options)
+    if not inputs:
+        raise ValueError("distill needs at least one batch of unlabeled inputs")
+    if cfg.match == "tokens" and not resolve(pruned).is_text:
+        raise ValueError("match='tokens' is for text encoders (a headless ViT already matches "
+                         "every token's hidden state)")
+    run = _Run(pruned, teacher, inputs, cfg, cached, check_inputs)
+    start = run.begin(resume)
+    bar = tqdm(range(start, cfg.steps), desc=f"distill ({cfg.train})",
+               disable=not (cfg.progress and run.main), leave=False, initial=start, total=cfg.steps)
+    try:
+        for step in bar:
+            run.step(step)
+            bar.set_postfix(loss=f"{run.running:.4g}")
+            # every process enters (the loss exchange and the barrier are collective); only
+            # the main one is given the hook
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                run.save(step + 1, checkpoint)
+        run.keep_best()
+    finally:
+        run.end()
+    if cfg.steps and run.main:
+        run.log()
+    return run.result
+
+
+def _config(steps: int | None, config: DistillConfig | None, options: dict) -> DistillConfig:
+    """The DistillConfig of distill's arguments, checked."""
     if config is None:
         config = DistillConfig(steps=0 if steps is None else steps, **options)
     elif steps is not None or options:
         config = replace(config, **({"steps": steps} if steps is not None else {}), **options)
-    cfg = config
-    if cfg.layers is not None and not isinstance(cfg.layers, tuple):
-        cfg = replace(cfg, layers=tuple(cfg.layers))
-    cfg.check()
-    if not inputs:
-        raise ValueError("distill needs at least one batch of unlabeled inputs")
-    anatomy = resolve(pruned)
-    if cfg.match == "tokens" and not anatomy.is_text:
-        raise ValueError("match='tokens' is for text encoders (a headless ViT already matches "
-                         "every token's hidden state)")
-    text_tokens = anatomy.is_text and cfg.match != "output"
-    kind = "kl" if anatomy.has_classifier else ("tokens" if text_tokens else "cosine")
-    final = "tokens" if text_tokens else "output"
-    student_layers = teacher_at = None
-    on_the_fly = False
-    if cfg.match == "layers":
-        teacher_at = _resolve_layers(pruned, teacher, cfg.layers)
-        student_layers = list(range(len(teacher_at)))
-        on_the_fly = (cached is None and teacher is not None
-                      and _layer_bytes(teacher, inputs, teacher_at, cfg.match) > cfg.cache_limit)
-    acc = make_accelerator(_device(pruned), cfg.mixed_precision, cfg.grad_accumulation)
-    rank, count, main = acc.process_index, acc.num_processes, acc.is_main_process
-    device = train_device(acc, pruned)
-    if count > 1:  # each process trains on its own device
-        pruned.to(device)
-        if teacher is not None:
-            teacher.to(device)
-    data = _prepare_data(teacher, inputs, cfg, cached, check_inputs, final, teacher_at,
-                         on_the_fly, rank, count)
-    params = _freeze(pruned, cfg.train)
-    raw_opt = adamw(params, cfg.lr)
-    sched = warmup_cosine(raw_opt, max(1, int(WARMUP * cfg.steps)), cfg.steps)
-    student, opt = acc.prepare(_Student(pruned, final, student_layers), raw_opt)
-    # every process draws the same global rows (the draw of one process); each trains on those
-    # in its shard, its loss weighted by its share, so the averaged gradient is one process's
-    full = [_batch_len(b) for b in data.inputs] if count == 1 else reduce_sum(
-        acc, [_batch_len(b) for b in data.inputs])
-    sizes = torch.tensor(full, dtype=torch.float64)
-    spare = next((i for i, b in enumerate(data.inputs) if _batch_len(b)), None)
-    if spare is None:
-        raise ValueError(f"process {rank} of {count} has no distillation inputs: give more "
-                         f"inputs than processes")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    result = DistillResult(cfg.steps, 0.0, cfg.train, cfg.lr, cfg.batch_size, cfg.temperature,
-                           kind, trainable_params=sum(p.numel() for p in params), match=cfg.match,
-                           layers=teacher_at, teacher_cached=not on_the_fly,
-                           mixed_precision=cfg.mixed_precision,
-                           grad_accumulation=cfg.grad_accumulation, processes=count)
-    prior = resume.result.seconds if resume is not None else 0.0
-    t0 = time.perf_counter()
-    pruned.eval()  # no dropout: the student matches the teacher's deterministic outputs
-    teacher_was = teacher.training if on_the_fly else False
-    if on_the_fly:
-        teacher.eval()  # it runs every step (teacher_outputs sets and restores its own mode)
-    check_at = ({round(cfg.steps * (c + 1) / cfg.checks) for c in range(cfg.checks)}
-                if data.held_x or count > 1 else set())
-    best = None  # (held-out loss, step, copy of the trainable parameters then)
-    start = 0
+    if config.layers is not None and not isinstance(config.layers, tuple):
+        config = replace(config, layers=tuple(config.layers))
+    config.check()
+    return config
 
-    def heldout() -> float:
-        total, n = _heldout_sums(pruned, data.held_x, data.held_t, kind, cfg.temperature, device)
-        total, n = reduce_sum(acc, [total, n])
+
+class _Run:
+    """One distillation: the accelerator, the student and its optimizer and schedule, the draw
+    generator, the teacher's targets, the held-out checks and the best weights so far."""
+
+    def __init__(self, pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
+                 cfg: DistillConfig, cached: Sequence | None, check_inputs: Sequence | None):
+        self.pruned, self.teacher, self.cfg = pruned, teacher, cfg
+        anatomy = resolve(pruned)
+        text_tokens = anatomy.is_text and cfg.match != "output"
+        self.kind = "kl" if anatomy.has_classifier else ("tokens" if text_tokens else "cosine")
+        self.final = "tokens" if text_tokens else "output"
+        self.student_layers = self.teacher_at = None
+        self.on_the_fly = False
+        if cfg.match == "layers":
+            self.teacher_at = _resolve_layers(pruned, teacher, cfg.layers)
+            self.student_layers = list(range(len(self.teacher_at)))
+            self.on_the_fly = (cached is None and teacher is not None and _layer_bytes(
+                teacher, inputs, self.teacher_at, cfg.match) > cfg.cache_limit)
+        acc = self.acc = make_accelerator(_device(pruned), cfg.mixed_precision, cfg.grad_accumulation)
+        self.rank, self.count, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.device = train_device(acc, pruned)
+        if self.count > 1:  # each process trains on its own device
+            pruned.to(self.device)
+            if teacher is not None:
+                teacher.to(self.device)
+        self.data = _prepare_data(teacher, inputs, cfg, cached, check_inputs, self.final,
+                                  self.teacher_at, self.on_the_fly, self.rank, self.count)
+        self.params = _freeze(pruned, cfg.train)
+        raw_opt = adamw(self.params, cfg.lr)
+        self.sched = warmup_cosine(raw_opt, max(1, int(WARMUP * cfg.steps)), cfg.steps)
+        self.student, self.opt = acc.prepare(_Student(pruned, self.final, self.student_layers), raw_opt)
+        self._draw_setup()
+        self.result = DistillResult(
+            cfg.steps, 0.0, cfg.train, cfg.lr, cfg.batch_size, cfg.temperature, self.kind,
+            trainable_params=sum(p.numel() for p in self.params), match=cfg.match,
+            layers=self.teacher_at, teacher_cached=not self.on_the_fly,
+            mixed_precision=cfg.mixed_precision, grad_accumulation=cfg.grad_accumulation,
+            processes=self.count)
+
+    def _draw_setup(self) -> None:
+        """Every process draws the same global rows (the draw of one process); each trains on
+        those in its shard, its loss weighted by its share, so the averaged gradient is one
+        process's."""
+        data = self.data
+        self.full = [_batch_len(b) for b in data.inputs] if self.count == 1 else reduce_sum(
+            self.acc, [_batch_len(b) for b in data.inputs])
+        self.sizes = torch.tensor(self.full, dtype=torch.float64)
+        self.spare = next((i for i, b in enumerate(data.inputs) if _batch_len(b)), None)
+        if self.spare is None:
+            raise ValueError(f"process {self.rank} of {self.count} has no distillation inputs: "
+                             f"give more inputs than processes")
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    def begin(self, resume: DistillState | None) -> int:
+        """Eval mode (no dropout: the student matches the teacher's deterministic outputs), the
+        state to go on from or the first held-out check; returns the first step."""
+        cfg, data = self.cfg, self.data
+        self.prior = resume.result.seconds if resume is not None else 0.0
+        self.t0 = time.perf_counter()
+        self.pruned.eval()
+        self.teacher_was = self.teacher.training if self.on_the_fly else False
+        if self.on_the_fly:
+            self.teacher.eval()  # it runs every step (teacher_outputs sets and restores its own mode)
+        self.check_at = ({round(cfg.steps * (c + 1) / cfg.checks) for c in range(cfg.checks)}
+                         if data.held_x or self.count > 1 else set())
+        self.best = None  # (held-out loss, step, copy of the trainable parameters then)
+        start = 0
+        if resume is not None:
+            start = resume.step
+            self.opt.optimizer.load_state_dict(resume.optimizer)
+            self.sched.load_state_dict(resume.scheduler)
+            self.gen.set_state(resume.generators[0])
+            self.result = resume.result
+            if resume.best_params is not None:
+                self.best = (resume.best_loss, resume.best_step,
+                             [t.to(self.device) for t in resume.best_params])
+        elif self.check_at:
+            self.result.heldout[0] = self.heldout()
+            self.best = (self.result.heldout[0], 0, [p.detach().clone() for p in self.params])
+        self.running = self.result.losses[-1] if self.result.losses else None
+        self.synced = len(self.result.losses)  # losses before this are over every process
+        return start
+
+    def heldout(self) -> float:
+        total, n = _heldout_sums(self.pruned, self.data.held_x, self.data.held_t, self.kind,
+                                 self.cfg.temperature, self.device)
+        total, n = reduce_sum(self.acc, [total, n])
         return total / max(1.0, n)
 
-    if resume is not None:
-        start = resume.step
-        opt.optimizer.load_state_dict(resume.optimizer)
-        sched.load_state_dict(resume.scheduler)
-        gen.set_state(resume.generators[0])
-        result = resume.result
-        if resume.best_params is not None:
-            best = (resume.best_loss, resume.best_step, [t.to(device) for t in resume.best_params])
-    elif check_at:
-        result.heldout[0] = heldout()
-        best = (result.heldout[0], 0, [p.detach().clone() for p in params])
-    bar = tqdm(range(start, cfg.steps), desc=f"distill ({cfg.train})", disable=not (progress and main),
-               leave=False, initial=start, total=cfg.steps)
-    running = result.losses[-1] if result.losses else None
-    synced = len(result.losses)  # losses before this are over every process (see _sum_losses)
-    try:
-        for step in bar:
-            value = 0.0
-            for _ in range(cfg.grad_accumulation):
-                k = int(torch.multinomial(sizes, 1, generator=gen))  # a batch, by its size
-                idx = torch.randperm(int(full[k]), generator=gen)[:cfg.batch_size]
-                mine = idx[idx % count == rank] // count  # rows of this process's shard
-                share = len(mine) * count / len(idx)
-                if not len(mine):  # none drawn here: one row, weighted 0, keeps DDP in step
-                    k, mine, share = spare, torch.zeros(1, dtype=torch.long), 0.0
-                idx = mine
-                x, mask = _rows(data.inputs[k], idx, device), _mask(data.inputs[k], idx)
-                if data.targets is None:
-                    with torch.no_grad():
-                        y, hs = _outputs(teacher, x, final, teacher_at)
-                    target = [y, *hs] if teacher_at is not None else y
-                else:
-                    target = _take(data.targets[k], idx, device)
-                with acc.accumulate(student):
-                    out, hs = student(x)
-                    if student_layers is None:
-                        loss = distill_loss(out.float(), target, kind, cfg.temperature, mask)
-                    else:
-                        loss = (distill_loss(out.float(), target[0], kind, cfg.temperature, mask)
-                                + layer_loss(hs, target[1:], mask))
-                    if count > 1:
-                        loss = loss * share
-                    acc.backward(loss)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                value += float(loss.detach()) / cfg.grad_accumulation
-            if not acc.optimizer_step_was_skipped:
-                sched.step()
-            running = value if running is None else 0.95 * running + 0.05 * value
-            result.losses.append(value)
-            bar.set_postfix(loss=f"{running:.4g}")
-            if step + 1 in check_at:
-                loss_now = heldout()
-                result.heldout[step + 1] = loss_now
-                if loss_now < best[0]:
-                    best = (loss_now, step + 1, [p.detach().clone() for p in params])
-            # every process enters (the loss exchange and the barrier are collective); only
-            # the main one is given the hook
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                synced = _sum_losses(acc, result, synced)
-                if main and checkpoint is not None:  # the state only where it is written
-                    result.seconds = prior + time.perf_counter() - t0
-                    checkpoint(DistillState(
-                        step + 1, opt.optimizer.state_dict(), sched.state_dict(), [gen.get_state()],
-                        None if best is None else best[0], 0 if best is None else best[1],
-                        None if best is None else [t.detach().cpu().clone() for t in best[2]],
-                        result))
-                acc.wait_for_everyone()
-        synced = _sum_losses(acc, result, synced)
-        if best is not None:
-            result.kept_step = best[1]
+    def _micro_batch(self) -> float:
+        """Draw one micro-batch, take its gradient step; returns its loss."""
+        cfg, data, count = self.cfg, self.data, self.count
+        k = int(torch.multinomial(self.sizes, 1, generator=self.gen))  # a batch, by its size
+        idx = torch.randperm(int(self.full[k]), generator=self.gen)[:cfg.batch_size]
+        mine = idx[idx % count == self.rank] // count  # rows of this process's shard
+        share = len(mine) * count / len(idx)
+        if not len(mine):  # none drawn here: one row, weighted 0, keeps DDP in step
+            k, mine, share = self.spare, torch.zeros(1, dtype=torch.long), 0.0
+        idx = mine
+        x, mask = _rows(data.inputs[k], idx, self.device), _mask(data.inputs[k], idx)
+        if data.targets is None:
             with torch.no_grad():
-                for p, saved in zip(params, best[2]):
+                y, hs = _outputs(self.teacher, x, self.final, self.teacher_at)
+            target = [y, *hs] if self.teacher_at is not None else y
+        else:
+            target = _take(data.targets[k], idx, self.device)
+        with self.acc.accumulate(self.student):
+            out, hs = self.student(x)
+            if self.student_layers is None:
+                loss = distill_loss(out.float(), target, self.kind, cfg.temperature, mask)
+            else:
+                loss = (distill_loss(out.float(), target[0], self.kind, cfg.temperature, mask)
+                        + layer_loss(hs, target[1:], mask))
+            if count > 1:
+                loss = loss * share
+            self.acc.backward(loss)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def step(self, step: int) -> None:
+        """One optimizer step (its micro-batches), the schedule, and a held-out check where due."""
+        value = 0.0
+        for _ in range(self.cfg.grad_accumulation):
+            value += self._micro_batch() / self.cfg.grad_accumulation
+        if not self.acc.optimizer_step_was_skipped:
+            self.sched.step()
+        self.running = value if self.running is None else 0.95 * self.running + 0.05 * value
+        self.result.losses.append(value)
+        if step + 1 in self.check_at:
+            loss_now = self.heldout()
+            self.result.heldout[step + 1] = loss_now
+            if loss_now < self.best[0]:
+                self.best = (loss_now, step + 1, [p.detach().clone() for p in self.params])
+
+    def save(self, step: int, checkpoint: Callable[[DistillState], None] | None) -> None:
+        """The state after `step` to the checkpoint hook (main process; every process waits)."""
+        self.synced = _sum_losses(self.acc, self.result, self.synced)
+        if self.main and checkpoint is not None:  # the state only where it is written
+            best = self.best
+            self.result.seconds = self.prior + time.perf_counter() - self.t0
+            checkpoint(DistillState(
+                step, self.opt.optimizer.state_dict(), self.sched.state_dict(),
+                [self.gen.get_state()], None if best is None else best[0],
+                0 if best is None else best[1],
+                None if best is None else [t.detach().cpu().clone() for t in best[2]],
+                self.result))
+        self.acc.wait_for_everyone()
+
+    def keep_best(self) -> None:
+        """The losses summed over processes; the best held-out check's weights put back."""
+        self.synced = _sum_losses(self.acc, self.result, self.synced)
+        if self.best is not None:
+            self.result.kept_step = self.best[1]
+            with torch.no_grad():
+                for p, saved in zip(self.params, self.best[2]):
                     p.copy_(saved)
         else:
-            result.kept_step = cfg.steps
-    finally:
-        pruned.eval()
-        if on_the_fly:
-            teacher.train(teacher_was)
-        for p in pruned.parameters():
+            self.result.kept_step = self.cfg.steps
+
+    def end(self) -> None:
+        """Eval mode, no gradients, the teacher's mode back, the accelerator's memory freed."""
+        self.pruned.eval()
+        if self.on_the_fly:
+            self.teacher.train(self.teacher_was)
+        for p in self.pruned.parameters():
             p.requires_grad_(False)
-        result.seconds = prior + time.perf_counter() - t0
-        acc.free_memory()
-    if cfg.steps and main:
+        self.result.seconds = self.prior + time.perf_counter() - self.t0
+        self.acc.free_memory()
+
+    def log(self) -> None:
+        cfg, result = self.cfg, self.result
         log.info("distilled %d steps (%s, %s, lr %g, %s precision, %d process(es)) in %.1f s: loss "
                  "%.4g -> %.4g; kept step %d (held-out loss %s)", cfg.steps, cfg.train, cfg.match,
-                 cfg.lr, cfg.mixed_precision, count, result.seconds, result.losses[0], running,
-                 result.kept_step, ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))
-    return result
+                 cfg.lr, cfg.mixed_precision, self.count, result.seconds, result.losses[0],
+                 self.running, result.kept_step,
+                 ", ".join(f"{k}: {v:.3g}" for k, v in result.heldout.items()))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy
+from .modes import eval_mode
 
 GRAM_CHUNK = 2048  # tokens per chunk when accumulating Gram matrices (bounds memory)
 GRAM_PANELS = 6  # column panels of the Gram's upper triangle (measured fastest on 3,073 columns)
@@ -164,10 +165,8 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
     scores are zeros.
     """
     model = anatomy.model
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
+    with eval_mode(model):
         hidden = [anatomy.embed(x) for x in pixel_batches]
         for i, parts in enumerate(anatomy.parts):
             if i in skip:
@@ -176,8 +175,6 @@ def activation_scores(anatomy: Anatomy, pixel_batches: Sequence[torch.Tensor],
                 stats, hidden, _ = block_mlp_stats(anatomy, i, hidden)
                 scores.append(stats.score)
             hidden = [anatomy.transition(i, h) for h in hidden]
-    finally:
-        model.train(was_training)
     return scores
 
 

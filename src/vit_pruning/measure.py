@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .anatomy import DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve
 from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +105,25 @@ def count_flops(model: nn.Module, image_size: int | None = None, batch_size: int
                 seq_len: int = 128) -> int:
     """FLOPs of one forward pass (torch.utils.flop_counter: 2 per multiply-add, matmuls/convs/attention)."""
     x = example_inputs(model, batch_size, image_size, seq_len)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with FlopCounterMode(display=False) as counter:
             run_model(model, x)
-    finally:
-        model.train(was_training)
     return int(counter.get_total_flops())
 
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | None = None,
-                    warmup: int = 3, repeats: int = 10, seq_len: int = 128) -> float:
+                    warmup: int = 3, repeats: int = 10, seq_len: int = 128,
+                    steady_allocator: bool = False) -> float:
     """Median wall time (seconds) of one forward pass after `warmup` untimed passes (on the
-    CPU with the allocator's thresholds fixed first: :func:`steady_cpu_allocator`)."""
+    CPU, with `steady_allocator`, malloc's thresholds fixed first: :func:`steady_cpu_allocator`,
+    which changes them for the whole process)."""
     x = example_inputs(model, batch_size, image_size, seq_len)
-    was_training = model.training
-    model.eval()
     on_cuda = next(iter(x.values())).is_cuda
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    if not on_cuda:
+    if not on_cuda and steady_allocator:
         steady_cpu_allocator()
-    try:
+    with eval_mode(model):
         for _ in range(warmup):
             run_model(model, x)
         times = []
@@ -136,8 +133,6 @@ def measure_latency(model: nn.Module, batch_size: int = 1, image_size: int | Non
             run_model(model, x)
             sync()
             times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
     return statistics.median(times)
 
 
@@ -227,7 +222,9 @@ def steady_cpu_allocator() -> bool:
     model with every MLP at width 2720 ran at 0.855 of the baseline with the default thresholds
     and at 0.926 with them fixed (0.928 predicted by the latency model); the default let the
     smaller model's activations reuse the heap while the baseline's were mapped afresh. Sets the
-    mmap threshold to its maximum (32 MiB) and stops trimming, for this process; returns False
+    mmap threshold to its maximum (32 MiB) and stops trimming, for the rest of this process
+    (glibc has no call that gives the dynamic thresholds back, so only a caller that owns its
+    process should ask: the command line does, unless --no-steady-allocator); returns False
     (and changes nothing) where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -244,13 +241,15 @@ def steady_cpu_allocator() -> bool:
 
 @torch.no_grad()
 def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
-                device: torch.device, start: int = 0) -> dict[str, list[float]]:
+                device: torch.device, start: int = 0, steady_allocator: bool = False
+                ) -> dict[str, list[float]]:
     """Seconds of each call per round: `warmup` untimed rounds, then `repeats` rounds of every
     call once, the order rotated each round (from rotation `start`, to go on from earlier
     rounds), so that a machine slowing down or speeding up hits all of them alike. CUDA calls
-    are timed with CUDA events; CPU calls with the allocator's thresholds fixed first
-    (:func:`steady_cpu_allocator`)."""
-    if device.type == "cpu":
+    are timed with CUDA events; CPU calls with perf_counter (with `steady_allocator`, after
+    fixing malloc's thresholds for the whole process: :func:`steady_cpu_allocator`; a library
+    call leaves them alone unless asked)."""
+    if device.type == "cpu" and steady_allocator:
         steady_cpu_allocator()
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -276,8 +275,8 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
 @torch.no_grad()
 def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, repeats: int = 10,
                         warmup: int = 3, seq_len: int = 128, dtype: torch.dtype | None = None,
-                        precision: float | None = None, max_repeats: int | None = None
-                        ) -> LatencyComparison:
+                        precision: float | None = None, max_repeats: int | None = None,
+                        steady_allocator: bool = False) -> LatencyComparison:
     """Time several models on one input, one forward each per round, rounds interleaved and the
     order rotated each round, so that a machine slowing down or speeding up hits all of them
     alike. The first model is the reference of the ratios. CUDA forwards are timed with CUDA
@@ -287,28 +286,25 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
     interval (:func:`median_interval`) is at most 2 x `precision` wide: on a quiet machine 10
     rounds give ViT-B at batch 8 +-0.01, on a noisy one (per-round ratios with quartiles 0.19
     apart) they gave +-0.05, and two timings of one model minutes apart differed by 0.07; a 3 ms
-    forward's ratio needed some 400 rounds (about a second) on a quiet one."""
+    forward's ratio needed some 400 rounds (about a second) on a quiet one. `steady_allocator`:
+    see :func:`time_rounds` (the command line asks for it; a library call changes nothing
+    process-wide unless it does)."""
     names = list(models)
     first = models[names[0]]
     x = example_inputs(first, batch_size, seq_len=seq_len)
     device = next(iter(x.values())).device
-    states = {n: m.training for n, m in models.items()}
-    try:
-        for m in models.values():
-            m.eval()
+    with eval_mode(*models.values()):
         calls = {n: (lambda m=m: run_model(m, x)) for n, m in models.items()}
         with autocast_context(device, dtype):
-            times = time_rounds(calls, repeats, warmup, device)
+            times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)
             done = repeats
             cap = _round_cap(times, repeats, max_repeats)
             while precision and done < cap and _widest(times, names) > 2 * precision:
                 more = min(cap - done, done)
-                for n, t in time_rounds(calls, more, 0, device, start=done).items():
+                for n, t in time_rounds(calls, more, 0, device, start=done,
+                                        steady_allocator=steady_allocator).items():
                     times[n] += t
                 done += more
-    finally:
-        for n, m in models.items():
-            m.train(states[n])
     ratios = _ratios(times, names)
     return LatencyComparison(
         names=names, median_ms={n: 1e3 * statistics.median(times[n]) for n in names},
@@ -349,17 +345,13 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device
     """Top-1 accuracy over the first `max_batches` batches of a labelled loader (seed API);
     batches go to `device` (default: the model's)."""
     device = device if device is not None else _device_of(model)
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):
         for batch in iter_limited(loader, max_batches):
             logits = forward_output(model, batch_pixels(batch).to(device))
             labels = batch_labels(batch).to(device)
             correct += int((logits.argmax(-1) == labels).sum())
             total += int(labels.numel())
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate_top1: the loader gave no batches")
     return correct / total
@@ -404,9 +396,5 @@ def retrieval_agreement(emb: torch.Tensor, ref: torch.Tensor) -> float:
 def collect_outputs(model: nn.Module, pixel_batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenated model outputs (see :func:`forward_output`) over a list of input batches
     (model put in eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return torch.cat([forward_output(model, x) for x in pixel_batches])
-    finally:
-        model.train(was_training)

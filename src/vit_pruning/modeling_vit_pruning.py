@@ -384,29 +384,32 @@ def _pruned_class(stock: type, headless: bool, config_class: type) -> type:
                             f"describes (see the module docstring)."})
 
 
-# stock class -> (takes add_pooling_layer, the Auto class that loads it)
-_STOCK = {
-    "ViTModel": (True, "AutoModel"),
-    "ViTForImageClassification": (False, "AutoModelForImageClassification"),
-    "DeiTModel": (True, "AutoModel"),
-    "DeiTForImageClassification": (False, "AutoModelForImageClassification"),
-    "ViTMAEModel": (False, "AutoModel"),
-    "Dinov2Model": (False, "AutoModel"),
-    "Dinov2ForImageClassification": (False, "AutoModelForImageClassification"),
-    "BeitModel": (True, "AutoModel"),
-    "BeitForImageClassification": (False, "AutoModelForImageClassification"),
-    "Data2VecVisionModel": (True, "AutoModel"),
-    "Data2VecVisionForImageClassification": (False, "AutoModelForImageClassification"),
-    "CLIPVisionModel": (False, "AutoModel"),
-    "CLIPModel": (False, "AutoModel"),
-    "CLIPForImageClassification": (False, "AutoModelForImageClassification"),
-    "SiglipVisionModel": (False, "AutoModel"),
-    "SiglipModel": (False, "AutoModel"),
-    "SiglipForImageClassification": (False, "AutoModelForImageClassification"),
-    "SwinModel": (True, "AutoModel"),
-    "SwinForImageClassification": (False, "AutoModelForImageClassification"),
-    "BertModel": (True, "AutoModel"),
-    "RobertaModel": (True, "AutoModel"),
+# Every supported class, the one table (vit_pruning.anatomy reads it; this file stays standalone
+# because saved folders import nothing else): class -> (family of its anatomy resolver, what its
+# output is, whether it takes add_pooling_layer, the Auto class that loads it)
+SUPPORTED = {
+    "ViTModel": ("vit", "hidden", True, "AutoModel"),
+    "ViTForImageClassification": ("vit", "logits", False, "AutoModelForImageClassification"),
+    "DeiTModel": ("vit", "hidden", True, "AutoModel"),
+    "DeiTForImageClassification": ("vit", "logits", False, "AutoModelForImageClassification"),
+    "ViTMAEModel": ("vitmae", "hidden", False, "AutoModel"),
+    "Dinov2Model": ("dinov2", "hidden", False, "AutoModel"),
+    "Dinov2ForImageClassification": ("dinov2", "logits", False, "AutoModelForImageClassification"),
+    "BeitModel": ("beit", "hidden", True, "AutoModel"),
+    "BeitForImageClassification": ("beit", "logits", False, "AutoModelForImageClassification"),
+    "Data2VecVisionModel": ("beit", "hidden", True, "AutoModel"),
+    "Data2VecVisionForImageClassification": ("beit", "logits", False,
+                                             "AutoModelForImageClassification"),
+    "CLIPVisionModel": ("clip", "pooled", False, "AutoModel"),
+    "CLIPModel": ("clip", "image_embeds", False, "AutoModel"),
+    "CLIPForImageClassification": ("clip", "logits", False, "AutoModelForImageClassification"),
+    "SiglipVisionModel": ("siglip", "pooled", False, "AutoModel"),
+    "SiglipModel": ("siglip", "image_embeds", False, "AutoModel"),
+    "SiglipForImageClassification": ("siglip", "logits", False, "AutoModelForImageClassification"),
+    "SwinModel": ("swin", "hidden", True, "AutoModel"),
+    "SwinForImageClassification": ("swin", "logits", False, "AutoModelForImageClassification"),
+    "BertModel": ("bert", "text", True, "AutoModel"),
+    "RobertaModel": ("bert", "text", True, "AutoModel"),
 }
 
 PRUNED_PREFIX = "pruned_"  # model_type of a folder that needs this file: pruned_<stock type>
@@ -414,7 +417,7 @@ PRUNED_PREFIX = "pruned_"  # model_type of a folder that needs this file: pruned
 PRUNED_CONFIGS = {}
 # stock class name -> (pruned class, the Auto classes that load it)
 PRUNED_CLASSES = {}
-for _name, (_headless, _auto) in _STOCK.items():
+for _name, (_, _, _headless, _auto) in SUPPORTED.items():
     _stock_cfg = getattr(transformers, _name).config_class
     if _stock_cfg.__name__ not in PRUNED_CONFIGS:
         PRUNED_CONFIGS[_stock_cfg.__name__] = _pruned_config_class(_stock_cfg)

@@ -37,18 +37,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .anatomy import resolve
 from .atomic import atomic_write_json
+from .config import LATENCY_MIN_REPEATS as MIN_REPEATS
+from .config import LATENCY_MODEL_ROUNDS, OBJECTIVES
 from .measure import autocast_context, example_inputs, run_model, time_rounds
 from .planner import ModelShape, aligned_floor
 from .surgery import prune_mlp_neurons, remove_attention, remove_blocks
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("params", "flops", "latency")
 LATENCY_UNITS = 10**12  # the latency shape counts time in units of total / 1e12: integers for
 # the planner, fine enough that rounding moves no plan
 GRID_POINTS = 5  # MLP widths timed per distinct block, from the narrowest allowed to full
-MIN_REPEATS = 5  # fewer timed rounds than this cannot give a median worth planning on
-MIN_ROUNDS = 10  # rounds of a latency model by default; fast models get more, up to
+MIN_ROUNDS = LATENCY_MODEL_ROUNDS  # rounds of a latency model by default (the command line's
+# too); fast models get more, up to
 MAX_ROUNDS = 200  # this, so that each variant runs for about
 ROUND_SECONDS = 0.5  # seconds in all
 
@@ -85,13 +87,9 @@ def flop_shape(model: nn.Module, shape: ModelShape, seq_len: int = 128) -> Model
         if not p.attention_removed:
             handles += [p.attention.register_forward_pre_hook(enter(("attention", i))),
                         p.attention.register_forward_hook(leave(("attention", i)))]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with counter:
             run_model(model, x)
-    finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     total = int(counter.get_total_flops())
@@ -258,8 +256,8 @@ SAMPLE_BLOCKS = 4  # blocks of one kind removed together in a timed variant (the
 @torch.no_grad()
 def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dtype | None = None,
                           repeats: int = MIN_ROUNDS, warmup: int = 3, seq_len: int = 128, align: int = 8,
-                          min_remaining: int = 1, cache_dir: str | Path | None = None
-                          ) -> LatencyModel:
+                          min_remaining: int = 1, cache_dir: str | Path | None = None,
+                          steady_allocator: bool = False) -> LatencyModel:
     """Measure (or, with `cache_dir`, load if measured before) the latency model of `model` on
     its device. Every time is a whole forward, so each block is timed in the model as it runs
     (its share of framework overhead included): the model as it is, and per kind of block
@@ -272,7 +270,7 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     variant has run about ROUND_SECONDS, at most MAX_ROUNDS), and medians kept. Each variant is
     a copy built before timing (sharing the unchanged weights), so no surgery is timed with it:
     bypassing six attention sublayers inside the timed call added 9% to a 3 ms forward. `model`
-    is left as it came."""
+    is left as it came. `steady_allocator`: see :func:`vit_pruning.measure.time_rounds`."""
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats must be >= {MIN_REPEATS} to measure a latency model, got {repeats}")
     device = next(model.parameters()).device
@@ -289,39 +287,16 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     an = resolve(work)
     x = example_inputs(work, batch_size, seq_len=seq_len)
     kinds = _block_kinds(an, x)
-    variants = {"model": work}
-    plans: dict[tuple, dict] = {}
-    for kind, members in kinds.items():
-        width = an.parts[members[0]].intermediate_size
-        grid = [w for w in width_grid(width, min_remaining, align) if w < width]
-        for w in grid:
-            variants[f"{members[0]}:{w}"] = _narrowed(work, members, w)
-        if not an.parts[members[0]].attention_removed:
-            variants[f"{members[0]}:no attention"] = remove_attention(_shared_copy(work), members)
-        drop = _droppable(an, members)
-        if drop:
-            variants[f"{members[0]}:drop"] = remove_blocks(_shared_copy(work), drop)
-        plans[kind] = {"grid": grid, "drop": drop, "width": width}
+    variants, plans = _variants(work, an, kinds, min_remaining, align)
     calls = {name: (lambda m=m: run_model(m, x)) for name, m in variants.items()}
     with autocast_context(device, dtype):
-        once = time_rounds({"model": calls["model"]}, 3, 1, device)["model"]
+        once = time_rounds({"model": calls["model"]}, 3, 1, device,
+                           steady_allocator=steady_allocator)["model"]
         repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
-        times = time_rounds(calls, repeats, warmup, device)
+        times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)
     med = {k: statistics.median(v) for k, v in times.items()}
     total = med["model"]
-    timing: dict[int, BlockTiming] = {}
-    for kind, members in kinds.items():
-        pl, first = plans[kind], members[0]
-        saved = {w: (total - med[f"{first}:{w}"]) / len(members) for w in pl["grid"]}
-        att = (max(0.0, (total - med[f"{first}:no attention"]) / len(members))
-               if f"{first}:no attention" in med else 0.0)
-        line = BlockTiming(tuple(sorted([(pl["width"], 0.0), *((w, -s) for w, s in saved.items())])), att)
-        mlp = max(0.0, line.slope_s * pl["width"])  # what the MLP's width costs, at least
-        whole = (total - med[f"{first}:drop"]) / len(pl["drop"]) if pl["drop"] else 0.0
-        whole = max(whole, att + mlp)  # a block holds at least its attention and MLP
-        block = BlockTiming(tuple((w, max(0.0, whole + t)) for w, t in line.grid), att)
-        for i in members:
-            timing[i] = block
+    timing = _block_timings(med, kinds, plans)
     per_block = tuple(timing[i] for i in range(len(an.parts)))
     widths = tuple(p.intermediate_size for p in an.parts)
     fixed = max(0.0, total - sum(b.at(w) for b, w in zip(per_block, widths)))
@@ -337,6 +312,48 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
         except OSError as exc:
             log.warning("latency model not cached (%s)", exc)
     return result
+
+
+def _variants(work: nn.Module, an, kinds: dict[tuple, list[int]], min_remaining: int, align: int
+              ) -> tuple[dict[str, nn.Module], dict[tuple, dict]]:
+    """The models timed ("model" as it is, and per kind of block: every block of the kind at
+    each grid width, without their attention sublayers, without up to SAMPLE_BLOCKS of them),
+    and per kind its grid, dropped blocks and width."""
+    variants = {"model": work}
+    plans: dict[tuple, dict] = {}
+    for kind, members in kinds.items():
+        width = an.parts[members[0]].intermediate_size
+        grid = [w for w in width_grid(width, min_remaining, align) if w < width]
+        for w in grid:
+            variants[f"{members[0]}:{w}"] = _narrowed(work, members, w)
+        if not an.parts[members[0]].attention_removed:
+            variants[f"{members[0]}:no attention"] = remove_attention(_shared_copy(work), members)
+        drop = _droppable(an, members)
+        if drop:
+            variants[f"{members[0]}:drop"] = remove_blocks(_shared_copy(work), drop)
+        plans[kind] = {"grid": grid, "drop": drop, "width": width}
+    return variants, plans
+
+
+def _block_timings(med: dict[str, float], kinds: dict[tuple, list[int]], plans: dict[tuple, dict]
+                   ) -> dict[int, BlockTiming]:
+    """Each block's times from the variants' medians: the time saved per block at each width,
+    without its attention, and without the whole block (at least its attention and MLP)."""
+    total = med["model"]
+    timing: dict[int, BlockTiming] = {}
+    for kind, members in kinds.items():
+        pl, first = plans[kind], members[0]
+        saved = {w: (total - med[f"{first}:{w}"]) / len(members) for w in pl["grid"]}
+        att = (max(0.0, (total - med[f"{first}:no attention"]) / len(members))
+               if f"{first}:no attention" in med else 0.0)
+        line = BlockTiming(tuple(sorted([(pl["width"], 0.0), *((w, -s) for w, s in saved.items())])), att)
+        mlp = max(0.0, line.slope_s * pl["width"])  # what the MLP's width costs, at least
+        whole = (total - med[f"{first}:drop"]) / len(pl["drop"]) if pl["drop"] else 0.0
+        whole = max(whole, att + mlp)  # a block holds at least its attention and MLP
+        block = BlockTiming(tuple((w, max(0.0, whole + t)) for w, t in line.grid), att)
+        for i in members:
+            timing[i] = block
+    return timing
 
 
 def _block_kinds(an, x: dict) -> dict[tuple, list[int]]:

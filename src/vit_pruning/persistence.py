@@ -36,11 +36,11 @@ from torch import nn
 from . import modeling_vit_pruning
 from .atomic import current_umask, partial_prefix
 from .anatomy import resolve
-from .modeling_vit_pruning import PRUNED_CLASSES, PRUNED_CONFIGS, PRUNED_PREFIX
+from .modeling_vit_pruning import PRUNED_CLASSES, PRUNED_CONFIGS, PRUNED_PREFIX, SUPPORTED
 from .surgery import is_plain, stock_class, sync_config
 
 FORMAT_VERSION = 3  # 3: remote-code folders have model_type pruned_<type>
-SUPPORTED_CLASSES = tuple(PRUNED_CLASSES)
+SUPPORTED_CLASSES = tuple(SUPPORTED)
 MODELING_FILE = Path(modeling_vit_pruning.__file__).name
 
 

@@ -18,114 +18,27 @@ import torch
 from torch import nn
 
 from .anatomy import resolve
+from .config import (SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
+                     default_min_remaining)  # imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_flops, count_total_params, output_distance
-from .objective import OBJECTIVES, LatencyModel, measure_latency_model, objective_shape
-from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, best_feasible_units,
-                      candidates, default_align, depth_only_plan, feasible_depths,
+from .objective import measure_latency_model, objective_shape
+from .planner import (ModelShape, PruningPlan, best_feasible_units,
+                      candidates, depth_only_plan, feasible_depths,
                       indices_feasible, make_plan, max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound, units_of,
                       validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
-from .width import SELECTIONS as WIDTH_SELECTIONS
-from .width import global_allocation, prune_vit_mlp_width, prune_width_sequential
+from .width import WidthPass, global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("auto", "alpha", "search")
-SELECTIONS = ("auto",) + WIDTH_SELECTIONS
 MICRO_BATCH = 16  # calibration images per forward inside the pipeline
 TRACE_LIMIT = 4 * 2**30  # bytes: the unpruned trace is kept below this (ViT-L/16 with 128
 # images takes 2.6 GB in fp32), recomputed per phase above it
-STAGES = ("both", "s1", "s2")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Options of :func:`prune_2ssp`; each default is what the benchmarks rewarded."""
-
-    unit: str = "block"  # "block" (whole blocks, seed docs), "attention" (2SSP paper), or
-    # "auto": try both and keep the one with the better calibration fidelity
-    min_remaining: int | None = None  # fewest MLP neurons a block keeps; None: the seed's 512
-    # where the MLP is wider than 512, else a quarter of its width (default_min_remaining)
-    split: str = "auto"  # "search" with calibration data, "alpha" without; or an int count
-    alpha: float = 1.5  # 2SSP paper's split exponent
-    depth_method: str = "greedy"  # "greedy" (output fidelity) or "bi" (Block Influence)
-    allocation: str = "uniform"  # "uniform" per block or "global" least-important neurons
-    compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
-    refit_target: str = "model"  # lsq fits the unpruned model's block outputs, or "block" its own MLP
-    ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
-    selection: str = "auto"  # neurons dropped: lowest 2SSP activation "score", lowest
-    # least-squares cost given the refit ("lsq", needs compensation="lsq"), or "auto": after the
-    # split search, both are tried on the chosen split and the one with the better held-out
-    # calibration fidelity is used (split trials themselves rank by the score: cheaper)
-    sequential: bool = True  # calibrate each block on the already-pruned model's activations
-    max_search: int = 6  # most depth counts tried by split="search"
-    greedy_rescore: int | None = 3  # the first greedy step screens every unit on half the
-    # calibration batches and finishes the 3 best on all; later steps rescore only the 3 best
-    # (lazy); None: every candidate on every batch at every step
-    search_tokens: int | None = None  # calibration tokens fit per split trial (None: 4x the
-    # widest MLP), at most half the calibration images; as many other images score the trial.
-    # The final stage 1 always fits every calibration image
-    stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
-    align: int | str = "auto"  # kept MLP widths are multiples of this: bf16/fp16 tensor cores run
-    # a matmul 5x slower when its width is not a multiple of 8 (measured on an H200). "auto": 8,
-    # halved on small models until half a group of neurons is <= 0.1 pp of the parameters
-    width_policy: str = "auto"  # "uniform": one width for every surviving block (the saved model
-    # is plain transformers), "per-block": as even as the target allows, "auto": uniform when
-    # align > 1 and it misses the target by at most 0.1 pp
-    objective: str = "params"  # what the target removes a fraction of: "params", "flops" (of
-    # one forward) or "latency" (predicted by `latency_model`, see vit_pruning.objective)
-    latency_model: LatencyModel | None = None  # objective="latency": the measured table to plan
-    # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
-    seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
-    mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that
-    # falls between two counts of whole blocks (a block costs more time than every MLP width can
-    # make up, as at batch 1) is met by removing attention sublayers of kept blocks as well,
-    # instead of one block more than asked (see planner.mixed_attention)
-
-    def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
-        """make_plan with this config's unit, min_remaining, alpha, align and width policy
-        (resolved for `shape` first, see :meth:`resolved`)."""
-        cfg = self.resolved(shape)
-        return make_plan(shape, target, unit or cfg.unit, cfg.min_remaining, alpha=cfg.alpha,
-                         align=int(cfg.align), width_policy=cfg.width_policy, **kw)
-
-    def resolved(self, shape: ModelShape) -> "PruneConfig":
-        """This config with align="auto" and min_remaining=None replaced by what they mean for
-        `shape`; ValueError for values no model of this shape can take."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.width_policy not in WIDTH_POLICIES:
-            raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
-        cfg = self
-        if cfg.min_remaining is None:
-            cfg = replace(cfg, min_remaining=default_min_remaining(shape)[0])
-        widest = max(shape.widths)
-        if not 1 <= cfg.min_remaining < widest:
-            raise ValueError(f"min_remaining must be in [1, {widest}) (below the widest MLP, "
-                             f"{widest} neurons), got {cfg.min_remaining}")
-        if cfg.align == "auto":
-            return replace(cfg, align=default_align(shape))
-        if not isinstance(cfg.align, int) or isinstance(cfg.align, bool) or cfg.align < 1:
-            raise ValueError(f"align must be 'auto' or an integer >= 1, got {cfg.align!r}")
-        return cfg
-
-
-SEED_MIN_REMAINING = 512  # the seed's fewest neurons per block
-NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
-
-
-def default_min_remaining(shape: ModelShape) -> tuple[int, str]:
-    """(min_remaining, where it comes from) for a model of `shape`: the seed's 512 where the
-    widest MLP is wider than that, else a quarter of its width."""
-    width = max(shape.widths)
-    if width > SEED_MIN_REMAINING:
-        return SEED_MIN_REMAINING, "seed default 512"
-    return max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
 
 
 @dataclass
@@ -190,15 +103,20 @@ def model_shape(model: nn.Module) -> ModelShape:
     )
 
 
-def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int = 512,
+def plan_2ssp_allocation(model: nn.Module, target: float, min_remaining: int | None = None,
                          unit: str = "block", depth: int | str = "alpha",
                          depth_indices: Sequence[int] | None = None,
                          alpha: float = 1.5, align: int = 1,
                          width_policy: str = "per-block") -> PruningPlan:
     """Plan a 2SSP run to global sparsity `target` (1 - params_after/params_before over the whole
     model as passed, head included). Raises ValueError naming the maximum feasible target.
-    The seed's defaults (align=1, per-block widths) land within one neuron of the target."""
-    return make_plan(model_shape(model), target, unit, min_remaining, depth, depth_indices, alpha,
+    `min_remaining` None is the command line's default (:func:`default_min_remaining`: the
+    seed's 512 where the MLP is wider, a quarter of it on narrower MLPs). The seed's other
+    defaults (align=1, per-block widths) land within one neuron of the target."""
+    shape = model_shape(model)
+    if min_remaining is None:
+        min_remaining = default_min_remaining(shape)[0]
+    return make_plan(shape, target, unit, min_remaining, depth, depth_indices, alpha,
                      align, width_policy)
 
 
@@ -209,13 +127,14 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
     With `trial` the model is left unchanged (only the outputs it would give are returned);
     `fit_batches` holds the batches after the first `fit_batches` out of the fit; `unpruned`
     is the unpruned model's trace over inputs whose first rows are `batches`'."""
-    skip, bypass = plan.removed_blocks, plan.removed_attention
+    skip = plan.removed_blocks
     counts = list(plan.neurons_to_prune)
     if batches and cfg.sequential:
-        return prune_width_sequential(model, counts, batches, plan.min_remaining, cfg.compensation,
-                                      cfg.allocation, skip, bypass, cfg.refit_target, cfg.ridge,
-                                      progress, trial, cfg.selection, fit_batches, int(cfg.align),
-                                      unpruned)
+        how = WidthPass(plan.removed_blocks, plan.removed_attention, fit_batches, unpruned, trial,
+                        progress)
+        return prune_width_sequential(model, counts, batches,
+                                      replace(cfg, min_remaining=plan.min_remaining,
+                                              align=int(cfg.align)), how)
     fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
@@ -321,33 +240,32 @@ class Pruner:
         so far. With one (units differ, so the target decides what fits) it is computed anew."""
         cfg = self.cfg
         if budget is not None:
-            return select_depth(self.model, count, unit, self.batches, cfg.depth_method,
-                                self.reference, self.progress, cfg.greedy_rescore, budget,
-                                self.trace)
+            return select_depth(self.model, count, unit, self.batches, cfg,
+                                reference=self.reference, budget=budget, unpruned=self.trace,
+                                progress=self.progress)
         cached = self._orders.get(unit)
         if cached is None or cached[2] < count:
-            order, scores = select_depth(self.model, count, unit, self.batches, cfg.depth_method,
-                                         self.reference, self.progress, cfg.greedy_rescore,
-                                         None, self.trace)
+            order, scores = select_depth(self.model, count, unit, self.batches, cfg,
+                                         reference=self.reference, unpruned=self.trace,
+                                         progress=self.progress)
             cached = (order, scores, count)
             self._orders[unit] = cached
         return list(cached[0][:count]), cached[1]
 
-    def prune(self, target: float, model: nn.Module | None = None,
-              after_stage1: Callable[[nn.Module], None] | None = None
-              ) -> tuple[nn.Module, PruneResult]:
-        """Prune `model` (default: the Pruner's own model, in place) to `target`; `model` must
-        be an unpruned copy of the Pruner's model (same weights, so the shared work holds)."""
+    def decide(self, target: float, model: nn.Module | None = None,
+               units: Sequence[str] | None = None, clock: "_Clock | None" = None) -> "_Decision":
+        """The structure :meth:`prune` makes for `target`, decided without pruning: the depth
+        units (selected on this Pruner's calibration data, or by the weight proxy without any)
+        and the width/depth split (searched on the data: `model` is pruned and restored per
+        trial). `units` narrows the depth units tried (default: the config's)."""
         model = self.model if model is None else model
         cfg, shape, batches = self.cfg, self.shape, self.batches
-        clock = _Clock()
-        if cfg.stages == "s2":
-            return _depth_only(self, model, target, after_stage1)
+        clock = clock if clock is not None else _Clock()
         if cfg.stages == "s1":
             top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
             validate_target(target, top, "for width pruning alone (stages='s1')")
-        units = units_of(cfg.unit)
-        if cfg.unit == "auto" and (not batches or cfg.stages == "s1"):
+        units = tuple(units) if units is not None else units_of(cfg.unit)
+        if cfg.unit == "auto" and (not batches or cfg.stages == "s1") and len(units) > 1:
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
         mixed = None
         if cfg.objective == "latency":  # time: a target between depth counts is met by more
@@ -365,6 +283,33 @@ class Pruner:
         known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
         if len(units) > 1:
             search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
+        return _Decision(target, plan, order, search, depth_scores, known)
+
+    def preview(self, target: float, unit: str | None = None) -> PruningPlan:
+        """The plan :meth:`prune` would make for `target` with this Pruner's data, for one depth
+        unit (default: the config's; with "auto" and no data, "block"), the model untouched. A
+        Pruner without calibration data gives the data-free plan (weight-proxy depth units and
+        the alpha split, or the split asked for): what ``--dry-run`` shows. ValueError where the
+        target cannot be met."""
+        if self.cfg.stages == "s2":
+            count = depth_only_plan(self.shape, target, unit or self.cfg.unit).blocks_to_prune
+            order, _ = self.depth_order(unit or self.cfg.unit, count)
+            return depth_only_plan(self.shape, target, unit or self.cfg.unit, order)
+        return self.decide(target, units=None if unit is None else (unit,)).plan
+
+    def prune(self, target: float, model: nn.Module | None = None,
+              after_stage1: Callable[[nn.Module], None] | None = None
+              ) -> tuple[nn.Module, PruneResult]:
+        """Prune `model` (default: the Pruner's own model, in place) to `target`; `model` must
+        be an unpruned copy of the Pruner's model (same weights, so the shared work holds)."""
+        model = self.model if model is None else model
+        cfg, shape, batches = self.cfg, self.shape, self.batches
+        clock = _Clock()
+        if cfg.stages == "s2":
+            return _depth_only(self, model, target, after_stage1)
+        d = self.decide(target, model, clock=clock)
+        target, plan, order, search, depth_scores = d.target, d.plan, d.order, d.search, d.depth_scores
+        known = d.known
         selection, selection_search = _choose_selection(model, plan, self.holdout, cfg, known)
         clock.lap("neuron selection choice")
         info = _width_stage(model, plan, batches, replace(cfg, selection=selection), self.progress,
@@ -425,6 +370,20 @@ def check_achieved(shape: ModelShape, plan: PruningPlan, target: float, params_a
     if abs(achieved - target) > bound + 1e-12:
         raise ValueError(f"target {target} missed: pruning reached {achieved:.4f}, beyond the "
                          f"planner's bound of {bound:.2e}")
+
+
+@dataclass
+class _Decision:
+    """What :meth:`Pruner.decide` chose: the target met (a latency target may be raised to the
+    nearest reachable one), the plan, the depth units in removal order, the split search's
+    distances, the depth selection's scores, and the winning trial's distance by score."""
+
+    target: float
+    plan: PruningPlan
+    order: list[int]
+    search: dict[str, float]
+    depth_scores: dict
+    known: dict[str, float]
 
 
 class _Clock:

@@ -497,6 +497,37 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
     allows, to within half a group), "uniform" (one width for every surviving block), or "auto"
     (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE).
     """
+    att = _check_plan_args(shape, unit, min_remaining, align, width_policy, depth_indices,
+                           attention_indices)
+    maximum = max_feasible_target(shape, unit, min_remaining, align)
+    validate_target(target, maximum, "with this min_remaining, align and depth unit")
+    options = feasible_depths(shape, target, unit, min_remaining, align)
+    if not options and not att:
+        raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
+                         f"neurons can reach (min_remaining={min_remaining}); try a lower "
+                         f"min_remaining or another target")
+    d, idx, split, notes = _plan_depth(shape, target, unit, min_remaining, align, depth,
+                                       depth_indices, alpha, options, att)
+    removed_depth = _depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
+    survivors = _survivors(shape, unit, idx)
+    counts, uniform = _plan_widths(shape, target, removed_depth, survivors, min_remaining, align,
+                                   width_policy)
+    n = sum(counts)
+    after = shape.total_params - removed_depth - sum(c * k for c, k in zip(shape.costs, counts))
+    return PruningPlan(
+        target=target, unit=unit, blocks_to_prune=d, depth_indices=idx,
+        per_block_neurons_to_prune=n // max(1, len(survivors)), neurons_to_prune=tuple(counts),
+        min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
+        predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
+        split=split, notes=tuple(notes), align=align, uniform_width=uniform,
+        attention_indices=att,
+    )
+
+
+def _check_plan_args(shape: ModelShape, unit: str, min_remaining: int, align: int,
+                     width_policy: str, depth_indices: Sequence[int] | None,
+                     attention_indices: Sequence[int]) -> tuple[int, ...]:
+    """make_plan's arguments checked; returns the attention indices, sorted."""
     _check_unit(unit)
     if min_remaining < 1:
         raise ValueError(f"min_remaining must be >= 1, got {min_remaining}")
@@ -513,13 +544,14 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         if bad or len(set(att)) != len(att):
             raise ValueError(f"attention_indices {list(att)}: block {bad[0] if bad else att} is "
                              f"removed whole, has no attention sublayer, or is named twice")
-    maximum = max_feasible_target(shape, unit, min_remaining, align)
-    validate_target(target, maximum, "with this min_remaining, align and depth unit")
-    options = feasible_depths(shape, target, unit, min_remaining, align)
-    if not options and not att:
-        raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
-                         f"neurons can reach (min_remaining={min_remaining}); try a lower "
-                         f"min_remaining or another target")
+    return att
+
+
+def _plan_depth(shape: ModelShape, target: float, unit: str, min_remaining: int, align: int,
+                depth: int | str, depth_indices: Sequence[int] | None, alpha: float,
+                options: list[int], att: tuple[int, ...]
+                ) -> tuple[int, tuple[int, ...], str, list[str]]:
+    """(depth count, indices, split label, notes) of make_plan."""
     notes: list[str] = []
     if depth_indices is not None:
         d, split = len(depth_indices), "fixed"
@@ -544,8 +576,13 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         raise ValueError(f"{d} {unit} units {'at ' + str(list(idx)) + ' ' if depth_indices is not None else ''}"
                          f"{'and attention sublayers at ' + str(list(att)) + ' ' if att else ''}"
                          f"cannot meet target {target}: feasible counts are {options}")
-    removed_depth = _depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
-    survivors = _survivors(shape, unit, idx)
+    return d, idx, split, notes
+
+
+def _plan_widths(shape: ModelShape, target: float, removed_depth: int, survivors: list[int],
+                 min_remaining: int, align: int, width_policy: str
+                 ) -> tuple[list[int], int | None]:
+    """(neurons removed per block, the one width of every survivor or None) of make_plan."""
     goal = target * shape.total_params
     wanted = max(0.0, goal - removed_depth) / shape.neuron_params  # neurons, not rounded
     if shape.heterogeneous:
@@ -572,16 +609,7 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
                              f"with min_remaining={min_remaining}")
     if uniform is None and len({shape.widths[i] - counts[i] for i in survivors}) == 1 and survivors:
         uniform = shape.widths[survivors[0]] - counts[survivors[0]]
-    n = sum(counts)
-    after = shape.total_params - removed_depth - sum(c * k for c, k in zip(shape.costs, counts))
-    return PruningPlan(
-        target=target, unit=unit, blocks_to_prune=d, depth_indices=idx,
-        per_block_neurons_to_prune=n // max(1, len(survivors)), neurons_to_prune=tuple(counts),
-        min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
-        predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
-        split=split, notes=tuple(notes), align=align, uniform_width=uniform,
-        attention_indices=att,
-    )
+    return counts, uniform
 
 
 def target_bound(shape: ModelShape, plan: PruningPlan, width_policy: str = "per-block") -> float:
@@ -623,3 +651,17 @@ def depth_only_plan(shape: ModelShape, target: float, unit: str,
         predicted_sparsity=1 - after / shape.total_params,
         max_feasible_target=top / shape.total_params, split="depth-only",
         notes=("stage 2 only: whole units cannot hit the target exactly",))
+
+
+def check_targets(targets: Sequence[float]) -> list[float]:
+    """The targets as floats, or ValueError: none, a duplicate, or one outside (0, 1)."""
+    values = [float(t) for t in targets]
+    if not values:
+        raise ValueError("no target given")
+    bad = [t for t in values if not 0 < t < 1]
+    if bad:
+        raise ValueError(f"every target must be in (0, 1), got {bad[0]}")
+    if len(set(values)) != len(values):
+        dup = next(t for t in values if values.count(t) > 1)
+        raise ValueError(f"target {dup} is given twice")
+    return values

@@ -49,7 +49,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
             "vit_pruning": __version__}
@@ -114,8 +114,15 @@ def _objective_line(rep: dict) -> str | None:
 
 
 def markdown(rep: dict) -> str:
-    """Render a report dict as Markdown."""
-    st = rep["stages"]
+    """Render a report dict as Markdown: the header, the stages, the plan, the budget search
+    and the distillation where there are any, the calibration, artifacts and versions."""
+    text = any(s.get("cosine") is not None for s in rep["stages"])
+    lines = (_md_header(rep) + _md_stages(rep, text) + _md_plan(rep) + _md_budget(rep)
+             + _md_distillation(rep) + _md_rest(rep, text))
+    return "\n".join(lines)
+
+
+def _md_header(rep: dict) -> list[str]:
     al = rep.get("alignment") or {}
     bound = rep.get("target_bound")
     lines = [f"# vit-2ssp report `{rep['run_id']}`", "",
@@ -135,10 +142,15 @@ def markdown(rep: dict) -> str:
                          if al.get("uniform_width") is not None else "; widths per block"))
     lines += [f"- accuracy: {rep['accuracy_note']}"]
     lines += [f"- note: {n}" for n in rep.get("notes", [])]
+    return lines
+
+
+def _md_stages(rep: dict, text: bool) -> list[str]:
+    st = rep["stages"]
+    lines: list[str] = []
     lines += ["", "## Stages", "",
               "| stage | params | params vs previous | FLOPs (G) | latency (ms, median) | latency ratio [quartiles] | top-1 | top-1 drop | KL to baseline |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    text = any(s.get("cosine") is not None for s in st)
     if text:  # a text encoder: fidelity of sentence embeddings instead of accuracy
         lines[-2:] = ["| stage | params | params vs previous | FLOPs (G) | latency (ms, median) | latency "
                       "ratio [quartiles] | top-1 | embedding cosine | neighbour agreement |",
@@ -158,6 +170,12 @@ def markdown(rep: dict) -> str:
                      f"{s['latency_ms']:.2f} | {dlat} | {top1} | {drop} | {kl} |")
         if s is not base:
             prev = s
+    return lines
+
+
+def _md_plan(rep: dict) -> list[str]:
+    base = rep["stages"][0]
+    lines: list[str] = []
     p = rep["plan"]
     ls = rep["latency_setup"]
     lines += ["", f"Final: P0 {base['params']:,} -> P2 {rep['params_final']:,} "
@@ -188,6 +206,11 @@ def markdown(rep: dict) -> str:
     if p.get("split_search"):
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
+    return lines
+
+
+def _md_budget(rep: dict) -> list[str]:
+    lines: list[str] = []
     search = rep.get("budget_search")
     if search:
         lines += ["", "## Budget search", "",
@@ -203,6 +226,11 @@ def markdown(rep: dict) -> str:
                             if t["measures"] else ""))
         if rep["artifacts"].get("tradeoff_plot"):
             lines += ["", f"![trade-off]({Path(rep['artifacts']['tradeoff_plot']).name})"]
+    return lines
+
+
+def _md_distillation(rep: dict) -> list[str]:
+    lines: list[str] = []
     dist = rep.get("distillation")
     if dist:
         losses = dist["losses"]
@@ -224,6 +252,11 @@ def markdown(rep: dict) -> str:
                   f"- weights kept from step {dist['kept_step']} (loss on the held-out "
                   f"inputs by step: " + ", ".join(f"{k}: {v:.4g}" for k, v in dist["heldout"].items())
                   + ")" if dist.get("heldout") else "- no held-out inputs: the last step's weights kept"]
+    return lines
+
+
+def _md_rest(rep: dict, text: bool) -> list[str]:
+    lines: list[str] = []
     c = rep["calibration"]
     what = "sentences" if text else "images"
     lines += ["", "## Calibration", "",
@@ -243,7 +276,7 @@ def markdown(rep: dict) -> str:
     if rep["artifacts"].get("plot"):
         lines += ["", f"![stages]({Path(rep['artifacts']['plot']).name})"]
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _ratio_text(stage: dict) -> str:
@@ -314,9 +347,10 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
 
 
 def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write report-<run_id>.json/.md (+ .png); refuses to overwrite an existing report.
-    `final_dir`: where the files will be once moved (the CLI writes into a staging folder), as
-    the report names its plot."""
+    """Write report-<run_id>.json/.md/.png of a single run (its stages) or of several targets
+    (its trade-off points); refuses to overwrite an existing report. `final_dir`: where the
+    files will be once moved (the CLI writes into a staging folder), as the report names its
+    plot."""
     run_id = rep["run_id"]
     reports_dir = Path(reports_dir)
     json_path = reports_dir / f"report-{run_id}.json"
@@ -325,13 +359,19 @@ def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) ->
         if p.exists():
             raise FileExistsError(f"{p} already exists; choose another --run-id")
     png = reports_dir / f"report-{run_id}.png"
-    dist = rep.get("distillation") or {}
-    title = (f"{run_id}: target {rep['target']:.4f}, achieved {rep['achieved_sparsity']:.4f}"
-             if "target" in rep and "achieved_sparsity" in rep else run_id)
-    plot(rep["stages"], png, dist.get("losses"), title, dist.get("kept_step"))
+    if "stages" in rep:
+        dist = rep.get("distillation") or {}
+        title = (f"{run_id}: target {rep['target']:.4f}, achieved {rep['achieved_sparsity']:.4f}"
+                 if "target" in rep and "achieved_sparsity" in rep else run_id)
+        plot(rep["stages"], png, dist.get("losses"), title, dist.get("kept_step"))
+        text = markdown(rep)
+    else:
+        tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),
+                      rep["baseline"].get("top1"), f"{run_id}: {len(rep['points'])} targets")
+        text = tradeoff_markdown(rep)
     rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)
     atomic_write_json(json_path, rep)
-    atomic_write_text(md_path, markdown(rep))
+    atomic_write_text(md_path, text)
     return json_path, md_path
 
 
@@ -517,18 +557,3 @@ def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
                 a.legend(fontsize=7, loc="lower left")
         ax.set_xlabel(xlabel)
     return _save_figure(fig, path, title)
-
-
-def write_tradeoff_report(rep: dict, reports_dir: Path, final_dir: Path | None = None
-                          ) -> tuple[Path, Path]:
-    """Write a trade-off report: report-<run_id>.json/.md/.png (see :func:`tradeoff_markdown`)."""
-    run_id = rep["run_id"]
-    reports_dir = Path(reports_dir)
-    png = reports_dir / f"report-{run_id}.png"
-    tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),
-                  rep["baseline"].get("top1"), f"{run_id}: {len(rep['points'])} targets")
-    rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)
-    json_path, md_path = reports_dir / f"report-{run_id}.json", reports_dir / f"report-{run_id}.md"
-    atomic_write_json(json_path, rep)
-    atomic_write_text(md_path, tradeoff_markdown(rep))
-    return json_path, md_path

@@ -13,40 +13,40 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
-from .pipeline import PruneConfig, Pruner, PruneResult
+from .config import PruneConfig
+from .pipeline import Pruner, PruneResult
+from .planner import check_targets
 
 log = logging.getLogger(__name__)
 
 
-def check_targets(targets: Sequence[float]) -> list[float]:
-    """The targets as floats, or ValueError: none, a duplicate, or one outside (0, 1)."""
-    values = [float(t) for t in targets]
-    if not values:
-        raise ValueError("no target given")
-    bad = [t for t in values if not 0 < t < 1]
-    if bad:
-        raise ValueError(f"every target must be in (0, 1), got {bad[0]}")
-    if len(set(values)) != len(values):
-        dup = next(t for t in values if values.count(t) > 1)
-        raise ValueError(f"target {dup} is given twice")
-    return values
+def _pruner(model: nn.Module, calibration_loader, config, pruner: Pruner | None,
+            options: dict) -> Pruner:
+    """The Pruner given, or one on `model` (`options`: Pruner's calib_batches, device, progress)."""
+    unknown = set(options) - {"calib_batches", "device", "progress"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)} (a Pruner takes "
+                        f"calib_batches, device and progress)")
+    return pruner or Pruner(model, calibration_loader, config, **options)
 
 
 def sweep(model: nn.Module, targets: Sequence[float], calibration_loader: Iterable | None = None,
-          config: PruneConfig | None = None, calib_batches: int | None = None,
-          device: str | torch.device | None = None, progress: bool = False,
-          pruner: Pruner | None = None,
+          config: PruneConfig | None = None, *, pruner: Pruner | None = None,
           after_stage1: Callable[[float, nn.Module], None] | None = None,
-          ) -> list[tuple[nn.Module, PruneResult]]:
+          **pruner_options) -> list[tuple[nn.Module, PruneResult]]:
     """Prune a copy of `model` to each target; `model` itself stays unpruned. Returns one
     (pruned model, PruneResult) per target, in the order given. The largest target is pruned
     first, so the greedy depth order is computed once, to the largest count any target needs.
-    `after_stage1(target, model)` is called between the stages of each target."""
+    `after_stage1(target, model)` is called between the stages of each target. A `pruner` built
+    before is used as it is; else one is built (`pruner_options`: calib_batches, device,
+    progress)."""
+    if isinstance(targets, (int, float, str)):
+        raise ValueError(f"targets must be a sequence of floats in (0, 1), got {targets!r} (for "
+                         f"one target: sweep(model, [{targets!r}]) or prune_2ssp)")
     values = check_targets(targets)
-    pruner = pruner or Pruner(model, calibration_loader, config, calib_batches, device, progress)
+    pruner = _pruner(model, calibration_loader, config, pruner, pruner_options)
     out: dict[float, tuple[nn.Module, PruneResult]] = {}
     for t in sorted(values, reverse=True):
         log.info("sweep: target %.4f", t)
@@ -92,17 +92,25 @@ def grid(low: float, high: float, resolution: float) -> list[float]:
 
 def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[bool, dict]],
                   calibration_loader: Iterable | None = None, config: PruneConfig | None = None,
-                  resolution: float = 0.01, low: float | None = None, high: float | None = None,
-                  calib_batches: int | None = None, device: str | torch.device | None = None,
-                  progress: bool = False, pruner: Pruner | None = None,
+                  *, resolution: float = 0.01, low: float | None = None, high: float | None = None,
+                  pruner: Pruner | None = None,
                   after_stage1: Callable[[float, nn.Module], None] | None = None,
-                  ) -> SearchResult:
+                  **pruner_options) -> SearchResult:
     """The largest target on a grid (`low`, default `resolution`, to `high`, default the largest
     feasible target, in steps of `resolution`) whose pruned model `accept` takes, by bisection:
     fidelity falls as the target grows, so about log2(grid size) + 1 prunings suffice (7 for a
     0.01 grid up to 0.7). `accept(pruned_model)` returns a bool, or (bool, measures) to record
-    what it measured. `model` stays unpruned. Every pruning is from an unpruned copy."""
-    pruner = pruner or Pruner(model, calibration_loader, config, calib_batches, device, progress)
+    what it measured. `model` stays unpruned. Every pruning is from an unpruned copy. A
+    `pruner` built before is used as it is; else one is built (`pruner_options`: calib_batches,
+    device, progress). ValueError names a `resolution`, `low` or `high` outside (0, 1)."""
+    if not 0 < resolution < 0.5:
+        raise ValueError(f"resolution must be in (0, 0.5), got {resolution}")
+    for name, value in (("low", low), ("high", high)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"low ({low}) must not be above high ({high})")
+    pruner = _pruner(model, calibration_loader, config, pruner, pruner_options)
     if high is None:
         high = pruner.max_target()
     low = resolution if low is None else low

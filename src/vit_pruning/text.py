@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 from .anatomy import mean_pool
+from .modes import eval_mode
 
 MAX_LENGTH = 128  # tokens per sentence (sentence encoders are trained at this length or less)
 PYTHON_DOCS = "python-docs"  # the built-in corpus's name in reports
@@ -170,13 +171,9 @@ def sentence_embeddings(model, batches: list[dict[str, torch.Tensor]],
                         device: str | torch.device = "cpu") -> torch.Tensor:
     """Mean-pooled sentence embeddings: the model's own forward with the attention mask, the
     real tokens averaged (sentence-transformers' pooling)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = []
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
         return torch.cat(out)
-    finally:
-        model.train(was_training)

@@ -18,6 +18,7 @@ import torch
 
 from .anatomy import Anatomy
 from .importance import block_output_and_sum
+from .modes import eval_mode
 
 
 @dataclass
@@ -44,9 +45,7 @@ class UnprunedTrace:
 def trace_unpruned(anatomy: Anatomy, batches: Sequence[torch.Tensor]) -> UnprunedTrace:
     """Run the (unpruned) model block by block over `batches`, keeping what is traced."""
     model = anatomy.model
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         hidden = [anatomy.embed(x) for x in batches]
         inputs, sums = [hidden], []
         for i in range(len(anatomy.parts)):
@@ -59,8 +58,6 @@ def trace_unpruned(anatomy: Anatomy, batches: Sequence[torch.Tensor]) -> Unprune
             hidden = nxt
             inputs.append(hidden)
         outputs = torch.cat([anatomy.head(h) for h in hidden])
-    finally:
-        model.train(was_training)
     return UnprunedTrace(inputs, sums, outputs)
 
 

@@ -11,6 +11,7 @@ Two entry points:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -19,15 +20,17 @@ from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, resolve
 from .batches import take_inputs
+from .config import NEURON_SELECTIONS as SELECTIONS
+from .config import PruneConfig
 from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
                          magnitude_scores, normalized)
 from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
 from .trace import UnprunedTrace
+from .modes import eval_mode
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
 REFIT_TARGETS = ("model", "block")
-SELECTIONS = ("score", "lsq")  # (the pipeline adds "auto": choose on held-out images)
 
 
 def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -> None:
@@ -105,11 +108,13 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     return model
 
 
-def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, refit, ridge,
-                     progress, trial, temp: TemporaryBypass, selection: str,
-                     fit: int | None, unpruned: UnprunedTrace | None
-                     ) -> tuple[list[list[int]], torch.Tensor]:
+def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthPass,
+                     temp: TemporaryBypass) -> tuple[list[list[int]], torch.Tensor]:
     """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
+    compensation, ridge, selection = cfg.compensation, cfg.ridge, cfg.selection
+    refit = None if compensation == "none" else ("block" if compensation == "bias" else cfg.refit_target)
+    skip, bypass = set(how.removed_blocks), set(how.removed_attention)
+    fit, unpruned = how.fit_batches, how.unpruned
     anatomy = resolve(model)
     hidden = [anatomy.embed(x) for x in pixel_batches]  # the pruned model's path
     sizes = [len(x) for x in pixel_batches[:fit]]
@@ -117,7 +122,7 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
     # path (refit_target="model"), needed only where the refit is fit: held-out batches just
     # run the pruned path; traced already when `unpruned` is given
     kept: list[list[int]] = []
-    for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not progress,
+    for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not how.progress,
                   leave=False):
         anatomy = resolve(model)
         targets = None
@@ -150,7 +155,7 @@ def _sequential_pass(model, counts, pixel_batches, compensation, skip, bypass, r
             prune_mlp_neurons(parts, keep, weight, bias)
             parts = resolve(model).parts[i]
             outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
-            if trial:
+            if how.trial:
                 restore_refs(originals)
         else:  # unchanged block: held-out batches ran its attention only
             outputs = [o if o is not None else parts.mlp_residual(m) for o, m in zip(outputs, mids)]
@@ -253,29 +258,14 @@ def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 
     return torch.nonzero(alive[:-1]).flatten()
 
 
-@torch.no_grad()
-def prune_width_sequential(model: nn.Module, counts: Sequence[int],
-                           pixel_batches: Sequence[torch.Tensor], min_remaining: int = 512,
-                           compensation: str = "lsq", allocation: str = "uniform",
-                           skip_blocks: Sequence[int] = (), bypass_blocks: Sequence[int] = (),
-                           refit_target: str = "model", ridge: float = 1e-3,
-                           progress: bool = False, trial: bool = False,
-                           selection: str = "score", fit_batches: int | None = None,
-                           align: int = 1, unpruned: UnprunedTrace | None = None) -> dict:
-    """Width pruning block by block on the already-pruned model's calibration activations.
+@dataclass(frozen=True)
+class WidthPass:
+    """How one stage-1 pass runs (what it decides is the PruneConfig's):
 
     Args:
-        counts: neurons to remove per block (with allocation="global" only the sum is used).
-        skip_blocks / bypass_blocks: blocks (or attention sublayers) that stage 2 will remove;
-            they are left out of the calibration pass so later blocks see their final inputs.
-        refit_target: with compensation="lsq", "model" refits each fc2 so the block output
-            matches the unpruned model's (absorbing earlier pruning error, removed blocks
-            included); "block" matches the block's own unpruned MLP on the same input.
-        selection: which neurons go: "score" (lowest 2SSP activation score) or, with
-            compensation="lsq", "lsq" (lowest least-squares cost given the refit, see
-            :func:`lsq_keep`).
-        align: with allocation="global", neurons go in groups of `align` (kept widths stay
-            multiples of it; the counts given are assumed aligned already).
+        removed_blocks / removed_attention: blocks (or attention sublayers) that stage 2 will
+            remove; they are left out of the calibration pass so later blocks see their final
+            inputs.
         fit_batches: only the first `fit_batches` calibration batches are fit (scores,
             refit); the rest are held out, only run (their outputs measure generalization).
         unpruned: the unpruned model's trace (:func:`vit_pruning.trace.trace_unpruned`) over
@@ -284,10 +274,45 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         trial: compute everything (counts, kept indices, outputs) but leave the model as it
             was: each block's original MLP is put back once its outputs are computed, so a
             trial never holds more than one pruned block.
+        progress: a progress bar over the blocks.
+    """
+
+    removed_blocks: Sequence[int] = ()
+    removed_attention: Sequence[int] = ()
+    fit_batches: int | None = None
+    unpruned: UnprunedTrace | None = None
+    trial: bool = False
+    progress: bool = False
+
+
+@torch.no_grad()
+def prune_width_sequential(model: nn.Module, counts: Sequence[int],
+                           pixel_batches: Sequence[torch.Tensor], config: PruneConfig,
+                           how: WidthPass | None = None) -> dict:
+    """Width pruning block by block on the already-pruned model's calibration activations.
+
+    Args:
+        counts: neurons to remove per block (with allocation="global" only the sum is used).
+        config: what is decided, from the PruneConfig (resolved: an int min_remaining and
+            align): `compensation` (with "lsq" and refit_target "model" each fc2 is refit so the
+            block output matches the unpruned model's, absorbing earlier pruning error, removed
+            blocks included; "block" matches the block's own unpruned MLP on the same input),
+            `selection` ("score": lowest 2SSP activation score, or with compensation "lsq",
+            "lsq": lowest least-squares cost given the refit, see :func:`lsq_keep`),
+            `allocation` (with "global", neurons go in groups of `align`; the counts given are
+            assumed aligned already), `ridge` and `min_remaining`.
+        how: how the pass runs (:class:`WidthPass`; default: every batch fit, in place).
     Returns:
         {"counts": per-block removed, "kept": per-block kept indices, "outputs": the pruned
         model's outputs on the calibration batches, as if stage 2 had run}.
     """
+    how = how or WidthPass()
+    compensation, allocation = config.compensation, config.allocation
+    selection, refit_target = config.selection, config.refit_target
+    min_remaining, align = config.min_remaining, config.align
+    if not isinstance(min_remaining, int) or not isinstance(align, int):
+        raise ValueError(f"prune_width_sequential takes a resolved config (PruneConfig.resolved: "
+                         f"an int min_remaining and align), got {min_remaining!r} and {align!r}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     if allocation not in ALLOCATIONS:
@@ -298,23 +323,16 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {refit_target!r}")
     anatomy = resolve(model)
     _check_counts(anatomy, counts, min_remaining)
-    was_training = model.training
-    model.eval()
-    skip, bypass = set(skip_blocks), set(bypass_blocks)
-    refit = None if compensation == "none" else ("block" if compensation == "bias" else refit_target)
-    try:
+    skip, bypass = set(how.removed_blocks), set(how.removed_attention)
+    with eval_mode(model):
         if allocation == "global":
             survivors = [i for i in range(len(anatomy.parts)) if i not in skip]
             with TemporaryBypass(model) as temp:
                 for i in bypass:
                     temp.add(i)
-                scores = activation_scores(resolve(model), pixel_batches[:fit_batches], skip)
+                scores = activation_scores(resolve(model), pixel_batches[:how.fit_batches], skip)
             counts = global_allocation(scores, sum(counts), min_remaining, survivors, align)
         with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
-            kept, final = _sequential_pass(model, counts, pixel_batches, compensation, skip,
-                                           bypass, refit, ridge, progress, trial, temp, selection,
-                                           fit_batches, unpruned)
-    finally:
-        model.train(was_training)
+            kept, final = _sequential_pass(model, counts, pixel_batches, config, how, temp)
     sync_config(resolve(model))
     return {"counts": list(int(c) for c in counts), "kept": kept, "outputs": final}

@@ -9,21 +9,24 @@ to the usual report.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as _dt
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .cli import (BUDGETS, OBJECTIVE_FLAGS, Choices, Data, Evaluator, Loaded, UsageError, budget_of, prune_config,
-                  timing_options, write_error)
-from .measure import interleaved_latency
-from .pipeline import Pruner
-from .sweep import SearchResult, prune_to_measured, search_target, sweep
+from ..config import BUDGETS, LATENCY_TOLERANCE, OBJECTIVE_FLAGS, RunConfig
+from ..errors import UsageError
+from ..measure import interleaved_latency
+from ..pipeline import Pruner
+from ..sweep import SearchResult, prune_to_measured, search_target, sweep
+from .choices import Choices, prune_config
+from .evaluate import Evaluator
+from .inputs import Data
+from .loading import Loaded
+from .reporting import report_head, write_error, write_outputs
+from .steps import latency_setup, timing_options
 
 log = logging.getLogger("vit_pruning")
 
@@ -56,14 +59,14 @@ class BudgetRun:
     points: list = field(default_factory=list)  # one per trial, timed right after the search
 
 
-def budget_search(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data,
+def budget_search(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data,
                   ch: Choices, evaluate: Evaluator, outputs) -> BudgetRun:
     """Find the largest target that keeps the budget (:func:`vit_pruning.sweep.search_target`);
     if none does, write the search's report and exit 2 (a UsageError naming the budget)."""
-    name, value = budget_of(args)
+    name, value = cfg.budget
     base = evaluate("baseline", loaded.model)
-    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
-                    progress=not args.quiet)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,
+                    progress=not cfg.output.quiet)
     run = BudgetRun(None, base)
     current: dict = {}
 
@@ -83,38 +86,34 @@ def budget_search(args: argparse.Namespace, argv: list[str], loaded: Loaded, dat
         return ok, measures
 
     try:
-        run.search = search_target(loaded.model, accept, resolution=args.target_resolution,
+        run.search = search_target(loaded.model, accept, resolution=cfg.targets.target_resolution,
                                    pruner=pruner, after_stage1=after_stage1)
     except ValueError as exc:
         raise UsageError(f"{BUDGETS[name]}: {exc}") from exc
     if run.search.target is None:
         first = run.search.trials[-1]
-        points = tradeoff_points(args, loaded, data, ch, base, run.trial_metrics, run.trial_models,
+        points = tradeoff_points(cfg, loaded, data, ch, base, run.trial_metrics, run.trial_models,
                                  {t.target: None for t in run.search.trials})
-        rep = tradeoff_report(args, argv, loaded, data, ch, base, points, pruner, "budget",
+        rep = tradeoff_report(cfg, argv, loaded, data, ch, base, points, pruner,
                               search=run.search)
-        _write(rep, outputs, args)
+        write_outputs(cfg, rep, outputs)
         raise UsageError(f"{BUDGETS[name]} {value:g}: even the smallest target, {first.target:g}, "
                          f"breaks it ({_measures_text(first.measures)}); the search's report: "
                          f"{outputs.by_role('md').path}")
     log.info("budget %s %g: target %.4f chosen after %d prunings", BUDGETS[name], value,
              run.search.target, len(run.search.trials))
-    run.points, _ = tradeoff_points(args, loaded, data, ch, base, run.trial_metrics,
+    run.points, _ = tradeoff_points(cfg, loaded, data, ch, base, run.trial_metrics,
                                     run.trial_models, {run.search.target: run.search.result})
     run.trial_models.clear()  # timed: only the chosen model goes on
-    args.target = run.search.target
     return run
 
 
-LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans (up to twice) while the measured ratio
-# misses the asked one by more than this (the latency model is a prediction; the timing is not)
 
-
-def latency_measure(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices
+def latency_measure(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices
                     ) -> Callable[[torch.nn.Module], float]:
     """What a --target-latency run measures a pruned model by: its latency ratio to the
     baseline, the two timed back to back, interleaved, on the run's batch, dtype and rounds."""
-    options = timing_options(args, loaded, data, ch)
+    options = timing_options(cfg, loaded, data, ch)
 
     def measure(model) -> float:
         return interleaved_latency({"baseline": loaded.model, "pruned": model}, warmup=2,
@@ -122,22 +121,22 @@ def latency_measure(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Ch
     return measure
 
 
-def latency_run(args: argparse.Namespace, loaded: Loaded, data: Data, ch: Choices,
+def latency_run(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices,
                 evaluate: Evaluator) -> BudgetRun:
     """--target-latency R (one R): prune on the latency model, time the result back to back with
     the baseline, and while it misses R by more than LATENCY_TOLERANCE prune again (up to twice)
     at the target corrected by the misses (:func:`vit_pruning.sweep.prune_to_measured`); the
     closest model goes on through the rest of the pipeline, every attempt is in the report."""
     base = evaluate("baseline", loaded.model)
-    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
-                    progress=not args.quiet)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,
+                    progress=not cfg.output.quiet)
     stage1: dict = {}
 
     def after_stage1(target, model):
         stage1[target] = (evaluate("stage1", model), copy.deepcopy(model))
     try:
-        model, res, tries = prune_to_measured(pruner, 1 - args.target,
-                                              latency_measure(args, loaded, data, ch),
+        model, res, tries = prune_to_measured(pruner, 1 - cfg.targets.target,
+                                              latency_measure(cfg, loaded, data, ch),
                                               LATENCY_TOLERANCE, after_stage1=after_stage1)
     except ValueError as exc:
         raise UsageError(f"--target-latency: {exc}") from exc
@@ -152,24 +151,24 @@ def _measures_text(measures: dict) -> str:
                      for k, v in measures.items())
 
 
-def search_section(args: argparse.Namespace, run: BudgetRun) -> dict:
+def search_section(cfg: RunConfig, run: BudgetRun) -> dict:
     """The report's `budget_search` entry: the budget, each trial with its measures, the
     chosen target and the first that broke the budget, and one trade-off point per trial."""
-    name, value = budget_of(args)
+    name, value = cfg.budget
     return {"budget": BUDGETS[name], "value": value, "measure": measure_of(name),
-            "resolution": args.target_resolution,
+            "resolution": cfg.targets.target_resolution,
             "chosen": run.search.target, "first_rejected": run.search.first_rejected,
             "prunings": len(run.search.trials),
             "trials": [asdict(t) for t in run.search.trials], "points": run.points}
 
 
-def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics: dict,
+def tradeoff_points(cfg, loaded: Loaded, data: Data, ch: Choices, base, metrics: dict,
                     models: dict, results: dict) -> list[dict]:
     """One point per target: its measurements, and its latency ratio timed back to back with
     the baseline (all targets interleaved in the same rounds)."""
     names = {t: f"target {t:g}" for t in models}
     comp = interleaved_latency({"baseline": loaded.model, **{names[t]: m for t, m in models.items()}},
-                               warmup=3, **timing_options(args, loaded, data, ch))
+                               warmup=3, **timing_options(cfg, loaded, data, ch))
     for warning in comp.warnings():
         log.warning("latency: %s", warning)
     points = []
@@ -201,25 +200,17 @@ def tradeoff_points(args, loaded: Loaded, data: Data, ch: Choices, base, metrics
     return points, comp
 
 
-def tradeoff_report(args, argv, loaded: Loaded, data: Data, ch: Choices, base, points_comp,
-                    pruner: Pruner, kind: str, search: SearchResult | None = None,
+def tradeoff_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, base,
+                    points_comp, pruner: Pruner, search: SearchResult | None = None,
                     artifacts: dict | None = None) -> dict:
-    from .anatomy import supported_class
-    from .report import versions
+    """The report of several targets (kind "sweep") or of a budget search that found nothing
+    to go on with (kind "budget", with its `search`)."""
+    from ..report import versions
     points, comp = points_comp
-    budget = budget_of(args)
+    budget = cfg.budget
     return {
-        "run_id": ch.run_id,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["vit-2ssp", *argv],
-        "kind": kind,
-        "model": {"id": loaded.model_id, "class": supported_class(loaded.model),
-                  "layout": loaded.layout, "num_blocks": loaded.shape.num_blocks,
-                  "hidden_size": loaded.shape.hidden_size,
-                  "intermediate_size": max(loaded.shape.widths)},
-        "config": {**vars(args), "device": str(ch.device), "calib_size": ch.calib_size},
-        "prune_config": asdict(pruner.cfg),
-        "seed": args.seed,
+        **report_head(cfg, argv, loaded, ch, pruner.cfg),
+        "kind": "sweep" if search is None else "budget",
         "budget": None if budget is None else {"flag": BUDGETS[budget[0]], "value": budget[1],
                                                "measure": measure_of(budget[0])},
         "chosen": None if search is None else search.target,
@@ -228,8 +219,7 @@ def tradeoff_report(args, argv, loaded: Loaded, data: Data, ch: Choices, base, p
         "baseline": {"params": base.params, "flops": base.flops, "top1": base.top1},
         "points": points,
         "accuracy_note": data.accuracy_note,
-        "latency_setup": {**comp.to_dict(), "threads": torch.get_num_threads(),
-                          "device": str(ch.device), "seq_len": data.seq_len, "interleaved": True},
+        "latency_setup": latency_setup(cfg, data, ch, comp),
         "shared_work_s": pruner.timings,
         "calibration": data.calib_info,
         "versions": versions(),
@@ -237,46 +227,37 @@ def tradeoff_report(args, argv, loaded: Loaded, data: Data, ch: Choices, base, p
     }
 
 
-def _write(rep: dict, outputs, args) -> None:
-    from .report import write_tradeoff_report
-    try:
-        write_tradeoff_report(rep, outputs.stage("json").parent, final_dir=Path(args.reports_dir))
-        outputs.commit()
-    except OSError as exc:
-        raise write_error(exc) from exc
-
-
-def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
+def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
     timed against the baseline (several --target-latency values: each planned, timed and
     corrected as a single one is, see latency_run); saves each model with --save-pruned-model; the trade-off report."""
-    from .persistence import save_pruned_model
+    from ..persistence import save_pruned_model
     base = evaluate("baseline", loaded.model)
-    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(args, ch), device=ch.device,
-                    progress=not args.quiet)
+    pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,
+                    progress=not cfg.output.quiet)
     attempts: dict[float, list[dict]] = {}
     try:
         if ch.objective == "latency":  # each target as a single one is met: timed, corrected
-            measure = latency_measure(args, loaded, data, ch)
+            measure = latency_measure(cfg, loaded, data, ch)
             runs = {t: prune_to_measured(pruner, 1 - t, measure, LATENCY_TOLERANCE)
-                    for t in sorted(args.targets, reverse=True)}  # largest first, as sweep()
-            pruned = [runs[t][:2] for t in args.targets]
-            attempts = {t: [trial.measures for trial in runs[t][2]] for t in args.targets}
+                    for t in sorted(cfg.targets.targets, reverse=True)}  # largest first, as sweep()
+            pruned = [runs[t][:2] for t in cfg.targets.targets]
+            attempts = {t: [trial.measures for trial in runs[t][2]] for t in cfg.targets.targets}
         else:
-            pruned = sweep(loaded.model, args.targets, pruner=pruner)
+            pruned = sweep(loaded.model, cfg.targets.targets, pruner=pruner)
     except ValueError as exc:
         raise UsageError(f"{OBJECTIVE_FLAGS[ch.objective]}: {exc}") from exc
-    models = {t: m for t, (m, _) in zip(args.targets, pruned)}
-    results = {t: r for t, (_, r) in zip(args.targets, pruned)}
+    models = {t: m for t, (m, _) in zip(cfg.targets.targets, pruned)}
+    results = {t: r for t, (_, r) in zip(cfg.targets.targets, pruned)}
     metrics = {t: evaluate(f"target {t:g}", m) for t, m in models.items()}
-    points_comp = tradeoff_points(args, loaded, data, ch, base, metrics, models, results)
+    points_comp = tradeoff_points(cfg, loaded, data, ch, base, metrics, models, results)
     for point in points_comp[0]:
         if point["target"] in attempts:
             point["attempts"] = attempts[point["target"]]
     artifacts: dict = {"pruned_models": None, "plot": None}
     try:
-        if args.save_pruned_model:
+        if cfg.output.save_pruned_model:
             folder = outputs.stage("model")
             folder.mkdir()
             final = outputs.by_role("model").path
@@ -286,14 +267,14 @@ def sweep_run(args: argparse.Namespace, argv: list[str], loaded: Loaded, data: D
                         f"{ch.objective}-{1 - t:g}")
                 save_pruned_model(m, folder / name, loaded.processor,
                                   {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
-                                   "seed": args.seed})
+                                   "seed": cfg.seed})
                 artifacts["pruned_models"][str(t)] = str(final / name)
     except OSError as exc:
         raise write_error(exc) from exc
-    rep = tradeoff_report(args, argv, loaded, data, ch, base, points_comp, pruner, "sweep",
+    rep = tradeoff_report(cfg, argv, loaded, data, ch, base, points_comp, pruner,
                           artifacts=artifacts)
-    _write(rep, outputs, args)
-    from .report import point_line
+    write_outputs(cfg, rep, outputs)
+    from ..report import point_line
     print(f"vit-2ssp {ch.run_id}: {len(models)} targets pruned from one model "
           f"(shared work {sum(pruner.timings.values()):.1f} s)")
     for point in rep["points"]:

@@ -1,0 +1,62 @@
+"""Checks of a run's inputs against this machine, before any work: paths that must lead
+somewhere, a CUDA device that must exist, an optional package that must import. (Ranges and
+combinations of values are checked with the config: :func:`vit_pruning.config.check`.)"""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import UsageError
+
+
+def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
+    """A value that is a path must lead somewhere: a broken link, a link loop or a missing
+    local path is named as such (not taken for a hub id to download). Hub ids (owner/name)
+    and the built-in `names` pass."""
+    if value in names:
+        return
+    path = Path(os.path.expanduser(value))
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+        except (RuntimeError, OSError) as exc:  # RuntimeError or ELOOP: a loop
+            if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+                raise UsageError(f"{flag}: {value} is a symbolic link loop") from exc
+        raise UsageError(f"{flag}: {value} is a broken symbolic link (it points to "
+                         f"{os.readlink(path)}, which does not exist)")
+    try:
+        path.exists()
+    except OSError as exc:  # ELOOP through a directory link, or a name too long
+        raise UsageError(f"{flag}: {value} cannot be reached ({exc.strerror})") from exc
+    local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or \
+        value.endswith(("/", ".json", ".txt", ".pt", ".safetensors"))
+    if local and not path.exists():
+        raise UsageError(f"{flag}: no such {'file' if path.suffix else 'folder'} {value}")
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """The device, the input paths and the ONNX exporter; each failure names the flag."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu",
+                         "device")
+    check_input_path("--model", cfg.model, ("embedded",))
+    if cfg.data.dataset:
+        from ..data import KNOWN
+        check_input_path("--dataset", cfg.data.dataset, ("digits", *KNOWN))
+    for name, value in (("--text-file", cfg.data.text_file), ("--load-adapter", cfg.head.load_adapter)):
+        if value is not None:
+            check_input_path(name, value, ())
+            if not Path(value).exists():
+                raise UsageError(f"{name}: no such file {value}")
+            if Path(value).is_dir():
+                raise UsageError(f"{name}: {value} is a directory, not a file")
+    if cfg.output.export_onnx:
+        from ..export import OnnxUnavailable, require_onnx
+        try:
+            require_onnx()
+        except OnnxUnavailable as exc:
+            raise UsageError(f"--export-onnx: {exc}") from exc

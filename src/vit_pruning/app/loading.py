@@ -1,0 +1,161 @@
+"""Loading the model a run prunes: 'embedded', a local folder (pruned by this tool or not) or a
+hub id, with its image processor or tokenizer; refusing what cannot be pruned or measured."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EMBEDDED, RunConfig
+from ..config import value as flag_value
+from ..errors import UsageError
+
+log = logging.getLogger("vit_pruning")
+
+# pre-training wrappers whose encoder is what gets pruned
+PRETRAINING_ENCODERS = {"ViTMAEForPreTraining": "ViTMAEModel"}
+
+
+def load_model(name: str, want_head: bool = False):
+    """(model, processor, source) from 'embedded', a local folder (pruned or not) or a hub id;
+    the processor is an image processor, or a tokenizer for a text encoder.
+
+    An image model is built as the supported class its config names (a headless backbone stays
+    headless, a dual CLIP / SigLIP model keeps its text tower); `want_head` (a head is to be
+    installed) or a config naming no supported class builds the image-classification class."""
+    import transformers
+
+    from ..anatomy import SUPPORTED_CLASSES, is_text_config, resolve
+    from ..persistence import check_saved_folder, is_pruned_folder, load_pruned_model
+    path = EMBEDDED if name == "embedded" else Path(name)
+    source = str(path) if path.is_dir() else name
+    if path.is_dir():
+        try:
+            check_saved_folder(path)
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from exc
+    try:
+        if path.is_dir() and is_pruned_folder(path):  # this package's folder (its own model
+            model = load_pruned_model(path)  # type when it needs its modeling file)
+            text = is_text_config(model.config)
+        else:
+            config = transformers.AutoConfig.from_pretrained(source)
+            check_config(config, source)
+            text = is_text_config(config)
+            arch = (getattr(config, "architectures", None) or [""])[0]
+            arch = PRETRAINING_ENCODERS.get(arch, arch)
+            if arch and arch not in SUPPORTED_CLASSES:  # never built as another class (a head
+                # dropped or a random one added without a word)
+                raise UsageError(
+                    f"--model: unsupported model class {arch} ({source}); vit_pruning prunes "
+                    f"{', '.join(SUPPORTED_CLASSES)}: save the supported model it contains (e.g. "
+                    f"its encoder) to a folder and pass that")
+            headless = SUPPORTED_CLASSES.get(arch, ("", ""))[1] != "logits"
+            if arch and not (want_head and headless):
+                model = getattr(transformers, arch).from_pretrained(source)
+            elif text:  # a config naming no class: the headless encoder
+                model = transformers.AutoModel.from_pretrained(source)
+            else:
+                model = transformers.AutoModelForImageClassification.from_pretrained(source)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - loading raises many kinds (size mismatch,
+        # unpickling refused, a config transformers cannot build): each is one line here
+        if path.exists() or name == "embedded":
+            detail = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
+            raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}"
+                             f"{': ' + detail if detail else ''})") from exc
+        raise UsageError(
+            f"--model: cannot load {name!r} (offline or unknown id); download it where there is "
+            f"network (hf download {name} --local-dir DIR) and pass --model DIR, or use "
+            f"--model embedded (HF_HUB_OFFLINE=1 skips the download retries)") from exc
+    try:
+        resolve(model)
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from exc
+    if getattr(model.config, "mask_ratio", 0):  # ViTMAE: prune the encoder as a backbone
+        log.info("%s: patch masking off (mask_ratio %s -> 0): the encoder is pruned and measured "
+                 "on every patch", type(model).__name__, model.config.mask_ratio)
+        model.config.mask_ratio = 0.0
+    try:
+        if text:
+            processor = transformers.AutoTokenizer.from_pretrained(source)
+        else:
+            processor = transformers.AutoImageProcessor.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, or an ImportError of a
+        # library a fallback tokenizer needs (protobuf, sentencepiece)
+        what = "tokenizer files" if text else "image processor config (preprocessor_config.json)"
+        raise UsageError(f"--model: {source} has no usable {what}") from exc
+    return model.eval(), processor, source
+
+
+def check_config(config, source: str) -> None:
+    """Refuse a config whose sizes cannot build a model (0, negative, or heads that do not
+    divide the hidden size), naming the field, before transformers fails somewhere inside."""
+    cfg = getattr(config, "vision_config", None) or config
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "image_size", "patch_size", "num_channels"):
+        value = getattr(cfg, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, int) and v > 0 for v in values):
+            raise UsageError(f"--model: {source} has {key} {value!r} in its config; it must be a "
+                             f"positive integer")
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise UsageError(f"--model: {source} has hidden_size {hidden}, not a multiple of "
+                         f"num_attention_heads {heads}")
+
+
+def check_finite(model, what: str) -> None:
+    """Refuse weights holding NaN or Inf (they would run to meaningless numbers or fail deep
+    inside the refit), naming the first such tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"{what}: the weights hold NaN or Inf (first in {name}); the model "
+                             f"cannot be pruned or measured")
+
+
+IMAGE_ONLY_FLAGS = ("dataset", "load_cifar", "replace_classifier", "use_adapter", "load_adapter",
+                    "do_finetune", "recover", "save_adapter")
+
+
+def check_text_flags(cfg: RunConfig) -> None:
+    """Text encoders are headless: refuse the flags about labelled images and heads."""
+    for flag in IMAGE_ONLY_FLAGS:
+        if flag_value(cfg, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to a text encoder (it is "
+                             f"headless and measured by sentence-embedding fidelity); drop it")
+
+
+@dataclass
+class Loaded:
+    model: Any
+    processor: Any
+    model_id: str
+    text: bool
+    shape: Any  # planner.ModelShape of the model as loaded
+    layout: str
+
+
+def load_step(cfg: RunConfig) -> Loaded:
+    """Load the model and its processor; refuse flags that do not fit its kind."""
+    from ..anatomy import resolve
+    from ..pipeline import model_shape
+    model, processor, model_id = load_model(
+        cfg.model, bool(cfg.head.replace_classifier or cfg.head.use_adapter or cfg.head.load_adapter))
+    anatomy = resolve(model)
+    check_finite(model, "--model")
+    if anatomy.is_text:
+        check_text_flags(cfg)
+    elif cfg.data.text_file:
+        raise UsageError("--text-file is for text encoders; this model takes images (use --dataset)")
+    if not anatomy.is_text and cfg.recovery.distill_match == "tokens":
+        raise UsageError("--distill-match tokens is for text encoders; an image model learns its "
+                         "output (use auto or output)")
+    if not anatomy.is_text and cfg.recovery.distill_augment:
+        raise UsageError("--distill-augment is for text encoders; an image model distills on "
+                         "train-split images (see --distill-size)")
+    return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)

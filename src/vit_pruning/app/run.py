@@ -1,0 +1,175 @@
+"""A run of the command line, step by step: claim the outputs, load, choose, prepare the data,
+then one target, several targets, a budget search or a latency target; report."""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import UsageError
+from .choices import choose, objective_step, plan_probes
+from .dryrun import print_budget_dry_run, print_dry_run
+from .evaluate import Evaluator
+from .inputs import check_budget, data_step
+from .loading import load_step
+from .reporting import build_report, print_summary, write_error, write_outputs
+from .steps import latency_step, prune_step, save_step
+
+log = logging.getLogger("vit_pruning")
+
+
+def run(cfg: RunConfig, argv: list[str]) -> int:
+    """A command-line run, in order: the checks that need no model, then a dry run, or the
+    outputs claimed and the run made (:func:`run_claimed`). Process-wide set-up (logging,
+    verbosity, signals) is the caller's (:mod:`vit_pruning.cli`); the seed is set here."""
+    from ..accel import is_main, launched
+    from ..outputs import OutputError, check_outputs
+    torch.manual_seed(cfg.seed)
+    run_id = cfg.output.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    outputs = run_outputs(cfg, run_id)
+    if launched() and (cfg.output.dry_run or len(cfg.targets.targets) > 1 or cfg.budget):
+        raise UsageError("several processes distill one model: give one --target and "
+                         "--distill-steps (a dry run, sweep or budget search runs in one process)")
+    if launched() and cfg.targets.objective == "latency":
+        raise UsageError("--target-latency plans on timings that every process would measure "
+                         "differently: plan it in one process (or use --target-flops here)")
+    if not is_main():  # under a launcher only the main process logs, measures and writes
+        logging.getLogger().setLevel(logging.WARNING)
+        return helper_run(cfg.quieter(), run_id)
+    saved = check_checkpoint(cfg, run_id)
+    if cfg.output.dry_run:  # writes nothing: no output place to check
+        return dry_run(cfg, run_id)
+    try:
+        check_outputs(outputs.outputs)  # before the model loads: a bad path costs nothing
+        if cfg.recovery.checkpoint_every:  # written during the run, not staged: checked too
+            from ..outputs import Output
+            check_outputs([Output("checkpoint", saved.folder / "latest.json.probe", "--artifacts-dir")])
+        with outputs:  # claims the names: a second run with this --run-id stops here
+            return run_claimed(cfg, argv, run_id, outputs, saved)
+    except OutputError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def check_checkpoint(cfg: RunConfig, run_id: str):
+    """The run's checkpoint folder: with --resume, one made for this job (checked before any
+    work); without, none may be there. One UsageError naming the flag or file otherwise."""
+    from ..checkpoint import Checkpoint
+    saved = Checkpoint.of(cfg.output.artifacts_dir, run_id)
+    try:
+        latest = saved.latest
+        if cfg.recovery.resume and latest is not None:
+            saved.check(cfg.job())
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}" if cfg.recovery.resume else
+                         f"--run-id {run_id}: {exc}") from exc
+    if cfg.recovery.resume and latest is None:
+        raise UsageError(f"--resume: no checkpoint of --run-id {run_id} in {saved.folder}")
+    if not cfg.recovery.resume and latest is not None:
+        raise UsageError(f"--run-id {run_id} has a checkpoint in {saved.folder}: add --resume to go "
+                         f"on from it, or choose another --run-id")
+    return saved
+
+
+def dry_run(cfg: RunConfig, run_id: str) -> int:
+    """--dry-run: the plan of every target (or the budget search's range), printed."""
+    loaded = load_step(cfg)
+    ch = choose(cfg, loaded, run_id)
+    loaded.model.to(ch.device)
+    objective_step(cfg, loaded, ch, None)
+    probes = {t: plan_probes(cfg, loaded, ch, t) for t in cfg.targets.targets}
+    if not cfg.targets.targets:
+        print_budget_dry_run(cfg, loaded, ch)
+    for t, p in probes.items():
+        print_dry_run(cfg, loaded, ch, t, p)
+    return 0
+
+
+def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) -> int:
+    """The run once its outputs are claimed: load, choose, data, then several targets (the
+    trade-off report) or one model (a target, a budget's choice or a latency target's) through
+    pruning, recovery, timing, saving and its report."""
+    loaded = load_step(cfg)
+    ch = choose(cfg, loaded, run_id)
+    if cfg.targets.objective == "params":  # FLOP and latency targets are checked once their
+        for t in cfg.targets.targets:  # cost model is known (objective_step)
+            plan_probes(cfg, loaded, ch, t)
+    loaded.model.to(ch.device)
+    data = data_step(cfg, loaded, ch)
+    objective_step(cfg, loaded, ch, data.seq_len)
+    check_budget(cfg, loaded, data)
+    evaluator = Evaluator(cfg, loaded, data, ch)
+    if len(cfg.targets.targets) > 1:
+        from .tradeoff import sweep_run
+        return sweep_run(cfg, argv, loaded, data, ch, evaluator, outputs)
+    search = None
+    if cfg.budget:
+        from .tradeoff import budget_search
+        search = budget_search(cfg, argv, loaded, data, ch, evaluator, outputs)
+        cfg = cfg.with_target(search.search.target)
+    elif ch.objective == "latency" and not cfg.recovery.resume:
+        from .tradeoff import latency_run  # planned, timed, corrected once if it misses
+        search = latency_run(cfg, loaded, data, ch, evaluator)
+    stages, snapshots, result, distilled = prune_step(cfg, loaded, data, ch, evaluator, search)
+    latency = latency_step(cfg, loaded, data, ch, stages, snapshots)
+    del snapshots
+    try:  # every output is written beside its place, then all renamed into place
+        artifacts = save_step(cfg, loaded, data, ch, outputs)
+        rep = build_report(cfg, argv, loaded, data, ch, stages, result, latency, artifacts,
+                           distilled)
+        if search is not None:
+            add_search(cfg, rep, search, outputs, stages[0].top1)
+    except OSError as exc:
+        raise write_error(exc) from exc
+    write_outputs(cfg, rep, outputs)
+    if cfg.recovery.checkpoint_every or cfg.recovery.resume:  # the run is whole: its
+        saved.remove()  # checkpoint is spent
+    print_summary(cfg, rep, stages, result, outputs.by_role("json").path,
+                  outputs.by_role("md").path)
+    return 0
+
+
+def add_search(cfg: RunConfig, rep: dict, search, outputs, base_top1) -> None:
+    """A latency target's attempts, or a budget search's section and trade-off plot, in `rep`."""
+    if not cfg.budget:  # a --target-latency run
+        rep["objective"]["attempts"] = [t.measures for t in search.search.trials]
+        return
+    from ..report import tradeoff_plot
+    from .tradeoff import search_section
+    rep["budget_search"] = section = search_section(cfg, search)
+    b = {"flag": section["budget"], "value": section["value"], "measure": section["measure"]}
+    tradeoff_plot(section["points"], outputs.stage("tradeoff"), b, section["chosen"], base_top1,
+                  f"{rep['run_id']}: budget {b['flag']} {b['value']:g}")
+    rep["artifacts"]["tradeoff_plot"] = str(outputs.by_role("tradeoff").path)
+
+
+def helper_run(cfg: RunConfig, run_id: str) -> int:
+    """A process other than the main one under a launcher: the same loading, data and pruning
+    (so the plan is the same everywhere, which distillation checks), its share of the
+    distillation, and nothing written."""
+    loaded = load_step(cfg)
+    ch = choose(cfg, loaded, run_id)
+    loaded.model.to(ch.device)
+    data = data_step(cfg, loaded, ch)
+    objective_step(cfg, loaded, ch, data.seq_len)
+    prune_step(cfg, loaded, data, ch, Evaluator(cfg, loaded, data, ch))
+    return 0
+
+
+def run_outputs(cfg: RunConfig, run_id: str):
+    """Every file and folder this run will write, with the flag that places it (the JSON
+    report last: its presence means the rest is there)."""
+    from ..outputs import Output, RunOutputs
+    outs = []
+    if cfg.output.save_pruned_model or cfg.output.export_onnx:
+        outs.append(Output("model", Path(cfg.output.pruned_output_dir) / run_id, "--pruned-output-dir", True))
+    if cfg.head.save_adapter:
+        outs.append(Output("adapter", Path(cfg.output.artifacts_dir) / run_id / "adapter.pt", "--artifacts-dir"))
+    if cfg.budget:  # the search's trade-off plot beside the stages' plot
+        outs.append(Output("tradeoff", Path(cfg.output.reports_dir) / f"report-{run_id}.tradeoff.png",
+                           "--reports-dir"))
+    outs += [Output(kind, Path(cfg.output.reports_dir) / f"report-{run_id}.{kind}", "--reports-dir")
+             for kind in ("png", "md", "json")]
+    return RunOutputs(run_id, outs)

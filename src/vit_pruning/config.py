@@ -1,0 +1,584 @@
+"""Every option of a run, and every default, stated once with why.
+
+Two layers:
+
+- the library's configs, what the functions below the command line take: :class:`PruneConfig`
+  (what :func:`vit_pruning.prune_2ssp`, :class:`vit_pruning.Pruner`, :func:`vit_pruning.sweep`
+  and :func:`vit_pruning.search_target` do) and :class:`DistillConfig` (what
+  :func:`vit_pruning.distill` does);
+- the command line's :class:`RunConfig`: one typed section per concern (targets, pruning, data,
+  head, recovery, timing, outputs), each field named as its flag (``cifar_train_pct`` is
+  ``--cifar-train-pct``). The parser reads its defaults and choices from here
+  (:mod:`vit_pruning.cli`), and :meth:`RunConfig.check` is where a value's range is checked
+  (one :class:`UsageError` naming the flag).
+
+A field marked ``job=False`` does not change what a run computes (where it writes, how it is
+timed, how much it says): :meth:`RunConfig.job` is every other field, which a resumed run must
+agree with (:mod:`vit_pruning.checkpoint`), so no new flag can be left out of it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, check_targets, default_align,
+                      make_plan)
+
+# ---- the library's vocabularies (one table each) ----
+OBJECTIVES = ("params", "flops", "latency")  # what a target removes a fraction of
+SPLITS = ("auto", "alpha", "search")
+NEURON_SELECTIONS = ("score", "lsq")  # how width.prune_width_sequential ranks neurons
+SELECTIONS = ("auto", *NEURON_SELECTIONS)  # "auto": both tried on held-out calibration data
+STAGES = ("both", "s1", "s2")
+DEPTH_UNITS = ("block", "attention", "auto")
+TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")  # what distillation trains
+MATCHES = ("output", "tokens", "layers")  # what the student matches
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # of training steps (accelerate)
+LATENCY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+SEED_MIN_REMAINING = 512  # the seed's fewest neurons per block
+NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
+DISTILL_CACHE_LIMIT = 4 << 30  # bytes of cached layer targets beyond which the teacher runs every step
+
+
+def default_min_remaining(shape: ModelShape) -> tuple[int, str]:
+    """(min_remaining, where it comes from) for a model of `shape`: the seed's 512 where the
+    widest MLP is wider than that, else a quarter of its width."""
+    width = max(shape.widths)
+    if width > SEED_MIN_REMAINING:
+        return SEED_MIN_REMAINING, "seed default 512"
+    return max(1, width // NARROW_FRACTION), f"default capped to width/{NARROW_FRACTION}"
+
+
+@dataclass(frozen=True)
+class WidthLimits:
+    """min_remaining and align for one model, and where each came from (the one place that
+    resolves "auto" and None; :meth:`PruneConfig.resolved` and the CLI both ask here)."""
+
+    min_remaining: int
+    min_remaining_source: str
+    align: int
+    align_source: str
+
+
+def width_limits(shape: ModelShape, min_remaining: int | None, align: int | str) -> WidthLimits:
+    """Resolve `min_remaining` (None: :func:`default_min_remaining`) and `align` ("auto":
+    :func:`vit_pruning.planner.default_align`) for `shape`; ValueError for values no model of
+    this shape can take."""
+    if min_remaining is None:
+        mr, mr_source = default_min_remaining(shape)
+    else:
+        mr, mr_source = min_remaining, "--min-remaining"
+    widest = max(shape.widths)
+    if not isinstance(mr, int) or not 1 <= mr < widest:
+        raise ValueError(f"min_remaining must be in [1, {widest}) (below the widest MLP, "
+                         f"{widest} neurons), got {mr}")
+    if align == "auto":
+        a = default_align(shape)
+        a_source = ("auto: 8, what bf16/fp16 tensor cores need" if a == 8 else
+                    f"auto: {a}, as half a group of 8 neurons would exceed 0.1 pp of this "
+                    f"model's parameters")
+        return WidthLimits(mr, mr_source, a, a_source)
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f"align must be 'auto' or an integer >= 1, got {align!r}")
+    return WidthLimits(mr, mr_source, align, "--align")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of :func:`prune_2ssp`; each default is what the benchmarks rewarded."""
+
+    unit: str = "block"  # "block" (whole blocks, seed docs), "attention" (2SSP paper), or
+    # "auto": try both and keep the one with the better calibration fidelity
+    min_remaining: int | None = None  # fewest MLP neurons a block keeps; None: the seed's 512
+    # where the MLP is wider than 512, else a quarter of its width (default_min_remaining)
+    split: str | int = "auto"  # "search" with calibration data, "alpha" without; or an int count
+    alpha: float = 1.5  # 2SSP paper's split exponent
+    depth_method: str = "greedy"  # "greedy" (output fidelity) or "bi" (Block Influence)
+    allocation: str = "uniform"  # "uniform" per block or "global" least-important neurons
+    compensation: str = "lsq"  # refit fc2 by least squares ("lsq"), "bias", or "none"
+    refit_target: str = "model"  # lsq fits the unpruned model's block outputs, or "block" its own MLP
+    ridge: float = 1e-3  # lsq damping, relative to the mean activation energy
+    selection: str = "auto"  # neurons dropped: lowest 2SSP activation "score", lowest
+    # least-squares cost given the refit ("lsq", needs compensation="lsq"), or "auto": after the
+    # split search, both are tried on the chosen split and the one with the better held-out
+    # calibration fidelity is used (split trials themselves rank by the score: cheaper)
+    sequential: bool = True  # calibrate each block on the already-pruned model's activations
+    max_search: int = 6  # most depth counts tried by split="search"
+    greedy_rescore: int | None = 3  # the first greedy step screens every unit on half the
+    # calibration batches and finishes the 3 best on all; later steps rescore only the 3 best
+    # (lazy); None: every candidate on every batch at every step
+    search_tokens: int | None = None  # calibration tokens fit per split trial (None: 4x the
+    # widest MLP), at most half the calibration images; as many other images score the trial.
+    # The final stage 1 always fits every calibration image
+    stages: str = "both"  # "both", "s1" (width only) or "s2" (depth only, nearest count)
+    align: int | str = "auto"  # kept MLP widths are multiples of this: bf16/fp16 tensor cores run
+    # a matmul 5x slower when its width is not a multiple of 8 (measured on an H200). "auto": 8,
+    # halved on small models until half a group of neurons is <= 0.1 pp of the parameters
+    width_policy: str = "auto"  # "uniform": one width for every surviving block (the saved model
+    # is plain transformers), "per-block": as even as the target allows, "auto": uniform when
+    # align > 1 and it misses the target by at most 0.1 pp
+    objective: str = "params"  # what the target removes a fraction of: "params", "flops" (of
+    # one forward) or "latency" (predicted by `latency_model`, see vit_pruning.objective)
+    latency_model: Any = None  # objective="latency": the measured objective.LatencyModel to plan
+    # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
+    seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
+    mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that
+    # falls between two counts of whole blocks (a block costs more time than every MLP width can
+    # make up, as at batch 1) is met by removing attention sublayers of kept blocks as well,
+    # instead of one block more than asked (see planner.mixed_attention)
+
+    def plan(self, shape: ModelShape, target: float, unit: str | None = None, **kw) -> PruningPlan:
+        """make_plan with this config's unit, min_remaining, alpha, align and width policy
+        (resolved for `shape` first, see :meth:`resolved`)."""
+        cfg = self.resolved(shape)
+        return make_plan(shape, target, unit or cfg.unit, cfg.min_remaining, alpha=cfg.alpha,
+                         align=int(cfg.align), width_policy=cfg.width_policy, **kw)
+
+    def resolved(self, shape: ModelShape) -> "PruneConfig":
+        """This config with align="auto" and min_remaining=None replaced by what they mean for
+        `shape` (:func:`width_limits`); ValueError for values no model of this shape can take."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.width_policy not in WIDTH_POLICIES:
+            raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
+        limits = width_limits(shape, self.min_remaining, self.align)
+        return replace(self, min_remaining=limits.min_remaining, align=limits.align)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What :func:`distill` does; every field is also a keyword of :func:`distill`."""
+
+    steps: int  # optimizer steps
+    lr: float = 1e-3  # what the distillation table rewarded (bench distillation)
+    batch_size: int = 32  # rows per step and micro-batch, over all processes together
+    temperature: float = 2.0
+    train: str = "blocks"  # which parameters learn (see distillation.trainable_parameters);
+    # "blocks" is what the benchmarks rewarded
+    seed: int = 0
+    heldout: float = 0.1  # share of the inputs held out for the checks (without check_inputs)
+    checks: int = 10  # held-out checks over the run; the best check's weights are kept
+    match: str = "output"  # "output", "tokens" (text) or "layers" (see distill); the command
+    # line's auto is DISTILL_MATCH, which needs the pruning result to say which teacher block
+    # each kept block stands for
+    layers: tuple[int, ...] | None = None  # match="layers": the teacher block of each kept block
+    # (None: pruned_layers of the result, or the output alone where nothing says which)
+    cache_limit: int = DISTILL_CACHE_LIMIT  # bytes of cached half-precision layer targets at most
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accel.resolve_precision for "auto")
+    grad_accumulation: int = 1  # micro-batches of batch_size rows per optimizer step
+    checkpoint_every: int = 0  # optimizer steps between calls of the checkpoint hook (0: none)
+    progress: bool = False  # a progress bar (on the main process)
+
+    def check(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
+        if self.grad_accumulation < 1:
+            raise ValueError(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+
+# ---- the command line's run config ----
+DEFAULT_MODEL = "google/vit-base-patch16-224"  # the seed's model
+EMBEDDED = Path(__file__).resolve().parent / "embedded" / "vit-tiny-digits"
+IMAGE_CALIB, TEXT_CALIB = 64, 512  # default calibration images / sentences
+DISTILL_IMAGES = 2048  # default unlabeled train images for distillation
+DISTILL_AUGMENT = 32  # default variants of each calibration sentence a text encoder distills on
+# (what the distillation table rewarded)
+DISTILL_MATCH = "layers"  # --distill-match auto: every kept block's hidden states too (the
+# distillation table rewarded it; the CLI knows the pruning result that pairs the blocks)
+DISTILL_SENTENCES = 50_000  # default bound on distillation sentences held (--distill-size)
+LATENCY_TOLERANCE = 0.01  # a --target-latency run re-plans (up to twice) while the measured ratio
+# misses the asked one by more than this (the latency model is a prediction; the timing is not)
+LATENCY_MIN_REPEATS = 5  # fewer timed rounds than this cannot give a median worth planning on
+LATENCY_MODEL_ROUNDS = 20  # a latency model is timed at least this many rounds: it is cached and
+# planned on by every later run with its key, so its medians are worth twice a timing's 10
+BUDGETS = {"max_accuracy_drop": "--max-accuracy-drop", "max_kl": "--max-kl",
+           "min_cosine": "--min-cosine"}
+OBJECTIVE_FLAGS = {"params": "--target", "flops": "--target-flops", "latency": "--target-latency"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+def _opt(default: Any = None, job: bool = True) -> Any:
+    """A field of a run config; job=False where it does not change what the run computes."""
+    return field(default=default, metadata={"job": job})
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What to prune to: one or several targets of one objective, or a budget. `targets` are
+    fractions removed (a FLOP or latency ratio R is planned as 1 - R); `target` is the one
+    target of a single run (None for several, or a budget before its search)."""
+
+    targets: tuple[float, ...] = ()
+    objective: str = "params"
+    target: float | None = None
+    target_flops: str | None = None  # as given (the parsed values are `targets`)
+    target_latency: str | None = None
+    max_accuracy_drop: float | None = None
+    max_kl: float | None = None
+    min_cosine: float | None = None
+    target_resolution: float = 0.01  # budget search grid: 100 targets, about 8 prunings
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """(budget name, value) of a budget run, else None."""
+        return next(((k, getattr(self, k)) for k in BUDGETS if getattr(self, k) is not None), None)
+
+    @property
+    def flag(self) -> str:
+        return OBJECTIVE_FLAGS[self.objective]
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """How the structure is chosen (the CLI's side of :class:`PruneConfig`)."""
+
+    stage: str = "both"
+    depth_unit: str = "block"  # whole blocks (the seed's docs)
+    no_mixed_depth: bool = False
+    min_remaining: int | None = None  # None: default_min_remaining
+    split: str = "auto"
+    allocation: str = "uniform"
+    compensation: str = "lsq"
+    neuron_selection: str = "auto"
+    depth_method: str = "greedy"
+    align: str = "auto"
+    width_policy: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What is calibrated on and measured on."""
+
+    load_cifar: bool = False
+    dataset: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    cifar_train_pct: float = 0.25
+    cifar_test_pct: float = 0.25
+    skip_bad_images: bool = False
+    calib_size: int | None = None  # None: IMAGE_CALIB images or TEXT_CALIB sentences
+    batch_size: int = 32
+    eval_batches: int = 5  # the seed's 5 evaluation batches
+    text_file: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The classifier head: replaced, adapted, loaded, fine-tuned, re-tuned after pruning."""
+
+    replace_classifier: bool = False
+    use_adapter: bool = False
+    adapter_reduction: int = 4
+    load_adapter: str | None = None
+    do_finetune: bool = False
+    freeze_backbone: bool = False
+    ft_epochs: int = 1
+    ft_lr: float | None = None  # None: 1e-3 head only, 1e-4 full
+    recover: bool = False
+    save_adapter: bool = _opt(False, job=False)
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Label-free distillation after pruning (defaults are DistillConfig's)."""
+
+    distill_steps: int = 0
+    distill_lr: float = DistillConfig.lr
+    distill_batch_size: int = DistillConfig.batch_size
+    distill_train: str = DistillConfig.train
+    distill_match: str = "auto"  # auto: DistillConfig.match
+    distill_temperature: float = DistillConfig.temperature
+    distill_size: int | None = None  # None: DISTILL_IMAGES images, or the sentence pool
+    distill_augment: int | None = None  # None: DISTILL_AUGMENT
+    mixed_precision: str = "auto"
+    grad_accumulation: int = DistillConfig.grad_accumulation
+    checkpoint_every: int = DistillConfig.checkpoint_every
+    resume: bool = _opt(False, job=False)
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How latency is timed (never part of the job: a resume times every stage again)."""
+
+    latency_batch_size: int = _opt(1, job=False)
+    latency_repeats: int = _opt(10, job=False)
+    latency_precision: float = _opt(0.01, job=False)  # each ratio's 95% interval within +-0.01
+    latency_max_repeats: int | None = _opt(None, job=False)  # None: measure.round_cap
+    latency_cache: str | None = _opt(None, job=False)
+    latency_dtype: str = _opt("auto", job=False)
+    steady_allocator: bool = _opt(True, job=False)  # CPU timings fix glibc malloc's thresholds
+    # first (measure.steady_cpu_allocator; for the rest of the process: glibc cannot give the
+    # dynamic ones back): a model's time then does not depend on what ran before it
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run writes and how much it says."""
+
+    save_pruned_model: bool = _opt(False, job=False)
+    pruned_output_dir: str = _opt("experiments/vit_pruning/pruned_models", job=False)
+    reports_dir: str = _opt("experiments/vit_pruning/reports", job=False)
+    artifacts_dir: str = _opt("experiments/vit_pruning/artifacts", job=False)
+    run_id: str | None = _opt(None, job=False)
+    export_onnx: bool = _opt(False, job=False)
+    dry_run: bool = _opt(False, job=False)
+    quiet: bool = _opt(False, job=False)
+
+
+SECTIONS = ("targets", "pruning", "data", "head", "recovery", "timing", "output")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the command line: every flag, in its section."""
+
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    device: str = _opt("auto", job=False)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def flat(self) -> dict:
+        """Every flag's value by its field name (the report's `config`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS}
+        for name in SECTIONS:
+            out.update(asdict(getattr(self, name)))
+        return out
+
+    def job(self) -> dict:
+        """What decides the job (every field not marked job=False), by field name: a resume
+        must agree with all of it."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in SECTIONS and f.metadata.get("job", True)}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out.update({f.name: getattr(section, f.name) for f in fields(section)
+                        if f.metadata.get("job", True)})
+        for derived in ("targets", "objective", "target", "target_flops", "target_latency"):
+            out.pop(derived, None)
+        return {**self._asked(), **out}
+
+    def _asked(self) -> dict:
+        """The targets as the user gave them, by flag field (a budget run's are all None: its
+        budget is in the job; the target its search chooses is not)."""
+        t = self.targets
+        values = [round(1 - v, 12) if t.objective != "params" else v for v in t.targets]
+        asked = {"target": None, "target_flops": None, "target_latency": None}
+        if values:
+            field_name = OBJECTIVE_FLAGS[t.objective][2:].replace("-", "_")
+            asked[field_name] = values[0] if len(values) == 1 else values
+        return asked
+
+    def with_target(self, target: float) -> "RunConfig":
+        """This run with one target (what a budget search chose)."""
+        return replace(self, targets=replace(self.targets, target=target))
+
+    def quieter(self) -> "RunConfig":
+        return replace(self, output=replace(self.output, quiet=True))
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        return self.targets.budget
+
+
+# ---- from flags, and the checks that need no model ----
+_CLASSES = {"targets": TargetConfig, "pruning": PruningConfig, "data": DataConfig,
+            "head": HeadConfig, "recovery": RecoveryConfig, "timing": TimingConfig,
+            "output": OutputConfig}
+_AT_LEAST = (("distill_steps", 0), ("distill_batch_size", 1), ("distill_size", 1),
+             ("grad_accumulation", 1), ("checkpoint_every", 0), ("distill_augment", 0),
+             ("eval_batches", 1), ("min_remaining", 1), ("calib_size", 1), ("batch_size", 1),
+             ("ft_epochs", 1), ("adapter_reduction", 1), ("latency_batch_size", 1),
+             ("latency_repeats", 1))
+
+
+def from_flags(values: dict[str, Any]) -> RunConfig:
+    """The run config of parsed command-line values (field name -> value; unknown names are an
+    error), with every check that needs no model done (:func:`check`). The targets are parsed
+    here: `target`, `target_flops` and `target_latency` are given as text."""
+    values = dict(values)
+    raw = {k: values.pop(k, None) for k in ("target",)}
+    sections = {}
+    for name, cls in _CLASSES.items():
+        names = {f.name for f in fields(cls)}
+        sections[name] = cls(**{k: values.pop(k) for k in list(values) if k in names})
+    cfg = RunConfig(**values, **sections)
+    targets, objective, one = parse_targets(cfg, raw["target"])
+    cfg = replace(cfg, targets=replace(cfg.targets, targets=tuple(targets), objective=objective,
+                                       target=one))
+    check(cfg)
+    return cfg
+
+
+def value(cfg: RunConfig, name: str) -> Any:
+    """A field of any section by its name (names are unique across sections: the flag's)."""
+    for section in SECTIONS:
+        part = getattr(cfg, section)
+        if name in {f.name for f in fields(part)}:
+            return getattr(part, name)
+    return getattr(cfg, name)
+
+
+def parse_targets(cfg: RunConfig, target: str | float | None) -> tuple[list[float], str, float | None]:
+    """(targets as fractions removed, objective, the one target of a plain run or None) from
+    --target / --target-flops / --target-latency and the budgets; every malformed or
+    conflicting value is a UsageError naming the flag."""
+    t = cfg.targets
+    budgets = [f for k, f in BUDGETS.items() if getattr(t, k) is not None]
+    if len(budgets) > 1:
+        raise UsageError(f"{budgets[0]} and {budgets[1]} are two budgets: give one")
+    given_by = {"params": target, "flops": t.target_flops, "latency": t.target_latency}
+    asked = [OBJECTIVE_FLAGS[k] for k, v in given_by.items() if v is not None]
+    if len(asked) > 1:
+        raise UsageError(f"{asked[0]} and {asked[1]} are two targets: give one of --target, "
+                         f"--target-flops, --target-latency")
+    objective = next((k for k, f in OBJECTIVE_FLAGS.items() if f in asked), "params")
+    name = OBJECTIVE_FLAGS[objective]
+    if objective != "params":
+        if budgets:
+            raise UsageError(f"{budgets[0]} finds a parameter target itself: drop {name}")
+        if objective == "latency" and cfg.timing.latency_repeats < LATENCY_MIN_REPEATS:
+            raise UsageError(f"--latency-repeats must be >= {LATENCY_MIN_REPEATS} with "
+                             f"--target-latency (fewer rounds cannot measure the latency model), "
+                             f"got {cfg.timing.latency_repeats}", "latency_repeats")
+        if cfg.pruning.stage != "both":
+            raise UsageError(f"{name} plans both stages together: drop --stage", "stage")
+    if budgets and target is not None:
+        raise UsageError(f"{budgets[0]} finds the target itself: drop --target", "target")
+    _check_budgets(t)
+    if budgets:
+        return [], objective, None
+    given = given_by[objective]
+    if given is None:
+        raise UsageError("give --target (one value or a comma list), --target-flops, "
+                         "--target-latency, or a budget (--max-accuracy-drop, --max-kl or "
+                         "--min-cosine)", "target")
+    values = _target_values(name, given)
+    if objective != "params":  # planned as the fraction removed, like a parameter target
+        values = [round(1 - v, 12) for v in values]
+    if len(values) > 1:
+        for one in ("distill_steps", "recover", "export_onnx", "save_adapter"):
+            if value(cfg, one):
+                raise UsageError(f"{flag(one)} applies to one model: with several targets give "
+                                 f"one --target, or a budget, to go on with", one)
+        if cfg.pruning.stage != "both":
+            raise UsageError("several targets take --stage both (the default)", "stage")
+    return values, objective, values[0] if len(values) == 1 else None
+
+
+def _check_budgets(t: TargetConfig) -> None:
+    if t.max_accuracy_drop is not None and not 0 < t.max_accuracy_drop < 100:
+        raise UsageError(f"--max-accuracy-drop must be in (0, 100) percentage points, got "
+                         f"{t.max_accuracy_drop}", "max_accuracy_drop")
+    if t.max_kl is not None and not t.max_kl > 0:
+        raise UsageError(f"--max-kl must be > 0, got {t.max_kl}", "max_kl")
+    if t.min_cosine is not None and not 0 < t.min_cosine <= 1:
+        raise UsageError(f"--min-cosine must be in (0, 1], got {t.min_cosine}", "min_cosine")
+    if not 0 < t.target_resolution <= 0.1:
+        raise UsageError(f"--target-resolution must be in (0, 0.1], got {t.target_resolution}",
+                         "target_resolution")
+
+
+def _target_values(name: str, given: str | float) -> list[float]:
+    """A target flag's comma list as checked floats in (0, 1)."""
+    parts = [p.strip() for p in str(given).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{name} must be a number or a comma list of numbers in (0, 1), got "
+                         f"{given!r}") from None
+    bad = [v for v in values if not 0 < v < 1]
+    if bad:
+        raise UsageError(f"{name} must be in (0, 1), got {bad[0]:g}")
+    try:
+        return check_targets(values)
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from exc
+
+
+def check(cfg: RunConfig) -> None:
+    """Every range and combination that needs no model and no file: one UsageError naming the
+    flag (the field) at the first that fails."""
+    for name in ("cifar_train_pct", "cifar_test_pct"):
+        v = value(cfg, name)
+        if not 0 < v <= 1:
+            raise UsageError(f"{flag(name)} must be in (0, 1], got {v}", name)
+    h, r, p, tm = cfg.head, cfg.recovery, cfg.pruning, cfg.timing
+    if h.replace_classifier and h.use_adapter:
+        raise UsageError("--replace-classifier and --use-adapter are exclusive: choose one head")
+    if h.load_adapter and (h.replace_classifier or h.use_adapter):
+        raise UsageError("--load-adapter brings its own head: drop --replace-classifier/--use-adapter")
+    if r.checkpoint_every and not r.distill_steps:
+        raise UsageError("--checkpoint-every checkpoints distillation: add --distill-steps")
+    if r.resume and cfg.output.run_id is None:
+        raise UsageError("--resume goes on from the checkpoint of a run: give its --run-id")
+    if r.resume and not r.distill_steps:
+        raise UsageError("--resume goes on distilling: give the run's --distill-steps")
+    for name, low in _AT_LEAST:
+        v = value(cfg, name)
+        if v is not None and v < low:
+            raise UsageError(f"{flag(name)} must be >= {low}, got {v}", name)
+    if not 0 <= tm.latency_precision < 1:
+        raise UsageError(f"--latency-precision must be in [0, 1) (0: fixed rounds), got "
+                         f"{tm.latency_precision}", "latency_precision")
+    if tm.latency_max_repeats is not None and tm.latency_max_repeats < tm.latency_repeats:
+        raise UsageError(f"--latency-max-repeats must be >= --latency-repeats "
+                         f"({tm.latency_repeats}), got {tm.latency_max_repeats}",
+                         "latency_max_repeats")
+    _check_structure(cfg)
+    _check_run_id(cfg.output.run_id)
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}", "device")
+    for name in ("distill_lr", "distill_temperature"):
+        if not value(cfg, name) > 0:
+            raise UsageError(f"{flag(name)} must be > 0, got {value(cfg, name)}", name)
+    if p.align != "auto" and not (p.align.isdigit() and int(p.align) >= 1):
+        raise UsageError(f"--align must be auto or an integer >= 1, got {p.align!r}", "align")
+    if tm.latency_dtype == "float16" and cfg.device == "cpu":
+        raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16",
+                         "latency_dtype")
+
+
+def _check_structure(cfg: RunConfig) -> None:
+    p = cfg.pruning
+    if p.split not in ("auto", "search", "alpha") and not p.split.isdigit():
+        raise UsageError(f"--split must be auto, search, alpha or a non-negative integer, got "
+                         f"{p.split!r}", "split")
+    if p.stage == "s2" and p.split != "auto":
+        raise UsageError(f"--split {p.split} does not apply to --stage s2: stage 2 alone removes "
+                         f"the count of depth units nearest the target; drop --split", "split")
+    if p.stage == "s2" and p.depth_unit == "auto":
+        raise UsageError("--depth-unit auto compares whole splits; with --stage s2 choose block "
+                         "or attention", "depth_unit")
+
+
+def _check_run_id(run_id: str | None) -> None:
+    if run_id is None:
+        return
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise UsageError(f"--run-id must be a plain name (no '/', not starting with '.'), got "
+                         f"{run_id!r}", "run_id")
+    if "\0" in run_id:
+        raise UsageError(f"--run-id must be a plain name, got {run_id!r}", "run_id")

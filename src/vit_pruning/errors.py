@@ -1,0 +1,11 @@
+"""The one error type the command line turns into a one-line message and exit code 2."""
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input (a flag, a file, a model, an output path): printed as one line, exit code 2.
+    `field` names the run-config field (and so the flag) when one value is to blame."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

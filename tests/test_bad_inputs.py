@@ -1,0 +1,185 @@
+"""Bad inputs end in one line and exit 2 with nothing written: images that cannot be used,
+broken configs and folders, text files, settings taken otherwise are said; repeated text lines
+never reach both calibration and evaluation."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import (ViTForImageClassification, ViTImageProcessor)
+
+from conftest import cli_run as run
+from conftest import one_line_error, output_files as files, tiny_config, vit_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# 6b. repeated text lines never reach both calibration and evaluation
+
+def test_repeated_lines_are_dropped_before_the_split(tmp_path):
+    from vit_pruning.text import read_sentences_counted, split_sentences
+    lines = [f"Sentence number {i % 40} of a file with repeats." for i in range(400)]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n\n")
+    sentences, repeats = read_sentences_counted(tmp_path / "t.txt")
+    assert len(sentences) == 40 and repeats == 360
+    split = split_sentences(sentences, 20, 16)
+    assert not set(split.calibration) & set(split.evaluation)
+
+
+def test_text_file_is_bounded(tmp_path):
+    from vit_pruning.text import read_sentences_counted
+    (tmp_path / "big.txt").write_text("a sentence of words.\n" * 1000)
+    with pytest.raises(ValueError, match="larger than"):
+        read_sentences_counted(tmp_path / "big.txt", max_bytes=2**10)
+    if Path("/dev/zero").exists():
+        with pytest.raises(ValueError, match="larger than"):
+            read_sentences_counted("/dev/zero", max_bytes=2**20)
+
+
+
+# 7. images that cannot be used are named before the work, or left out when asked
+
+@pytest.fixture
+def folder_with_bad_image(tmp_path) -> Path:
+    from PIL import Image
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            d = root / split / label
+            d.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    good = (root / "train" / "a" / "0.png").read_bytes()
+    (root / "train" / "b" / "truncated.png").write_bytes(good[:len(good) // 2])
+    return root
+
+
+@pytest.mark.cli
+def test_bad_image_is_named_before_the_work(tmp_path, capsys, folder_with_bad_image):
+    model = vit_folder(tmp_path / "m", ViTForImageClassification(tiny_config(num_labels=2)))
+    assert run(tmp_path, "--model", str(model), "--dataset", str(folder_with_bad_image),
+               "--target", "0.2", "--cifar-train-pct", "1", "--cifar-test-pct", "1") == 2
+    err = one_line_error(capsys)
+    assert "truncated.png" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "reports").exists()
+    assert run(tmp_path, "--model", str(model), "--dataset", str(folder_with_bad_image),
+               "--target", "0.2", "--cifar-train-pct", "1", "--cifar-test-pct", "1", "--run-id", "s",
+               "--skip-bad-images", "--calib-size", "8") == 0
+    rep = json.loads((tmp_path / "reports" / "report-s.json").read_text())
+    assert len(rep["skipped_images"]) == 1 and "truncated.png" in rep["skipped_images"][0]
+    assert "truncated.png" in (tmp_path / "reports" / "report-s.md").read_text()
+
+
+# 7b, 9, 10. inputs that ended in tracebacks or were taken without a word
+
+def broken_config(tmp: Path, **kw) -> Path:
+    folder = vit_folder(tmp / "cfg")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(kw)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def pickle_folder(tmp: Path) -> Path:
+    folder = tmp / "pickle"
+    model = ViTForImageClassification(tiny_config())
+    model.config.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    with open(folder / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    return folder
+
+
+BAD_INPUTS = {
+    "image-size-0": (lambda t: ["--model", str(broken_config(t, image_size=0))], "image_size 0"),
+    "heads-0": (lambda t: ["--model", str(broken_config(t, num_attention_heads=0))], "num_attention_heads 0"),
+    "patch-0": (lambda t: ["--model", str(broken_config(t, patch_size=0))], "patch_size 0"),
+    "hidden-mismatch": (lambda t: ["--model", str(broken_config(t, hidden_size=64))], "--model: cannot load"),
+    "pickle": (lambda t: ["--model", str(pickle_folder(t))], "--model: cannot load"),
+    "missing-model": (lambda t: ["--model", "/nonexistent/dir"], "no such folder /nonexistent/dir"),
+    "missing-dataset": (lambda t: ["--model", "embedded", "--dataset", "./nope_ds"], "--dataset: no such folder"),
+    "split-s2": (lambda t: ["--model", "embedded", "--stage", "s2", "--split", "3"], "--split 3 does not apply"),
+    "split-too-big": (lambda t: ["--model", "embedded", "--split", "99"], "--split 99"),
+    "empty-text": (lambda t: ["--model", "embedded", "--text-file", str(t)], "--text-file"),
+}
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_inputs_end_in_one_line(tmp_path, capsys, name):
+    make, msg = BAD_INPUTS[name]
+    args = make(tmp_path)
+    before = files(tmp_path)
+    assert run(tmp_path, *args, "--target", "0.2") == 2
+    assert msg in one_line_error(capsys)
+    assert files(tmp_path) == before
+    if name in ("missing-dataset", "split-too-big"):  # the dry run refuses what the run refuses
+        assert run(tmp_path, *args, "--target", "0.2", "--dry-run") == 2
+        assert msg in one_line_error(capsys)
+
+
+@pytest.mark.cli
+def test_empty_text_file_is_named(tmp_path, capsys):
+    from test_text import bert_folder
+    folder = bert_folder(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    capsys.readouterr()  # the folder's own save progress bar
+    assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
+               "--text-file", str(tmp_path / "empty.txt")) == 2
+    assert "holds no sentences" in one_line_error(capsys)
+
+
+def test_symlink_loop_model_is_named(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert run(tmp_path, "--model", str(tmp_path / "a"), "--target", "0.2") == 2
+    assert "symbolic link loop" in one_line_error(capsys)
+
+
+@pytest.mark.cli
+def test_settings_taken_otherwise_are_said(tmp_path, capsys):
+    assert run(tmp_path, "--model", "embedded", "--target", "0.0001", "--run-id", "n",
+               "--eval-batches", "1", "--calib-size", "1") == 0
+    out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "reports" / "report-n.json").read_text())
+    notes = " ".join(rep["notes"])
+    assert "nothing was removed" in notes and "one calibration input" in notes
+    assert "note: nothing was removed" in out
+    assert "nothing was removed" in (tmp_path / "reports" / "report-n.md").read_text()
+
+
+
+def test_each_kind_of_unusable_image_is_named(tmp_path, monkeypatch):
+    import io
+    from PIL import Image
+    import vit_pruning.data as data
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(png, "PNG")
+    good = png.getvalue()
+    assert data._image_problem({"bytes": good, "path": None}) is None
+    assert "Unidentified" in data._image_problem({"bytes": b"", "path": "zero.png"})
+    assert "Unidentified" in data._image_problem({"bytes": b"just some text\n" * 9, "path": "t.png"})
+    assert "Truncated" in data._image_problem({"bytes": good[:len(good) // 2], "path": "half.png"})
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)  # a 20,000 x 20,000 image, scaled down
+    assert "over the limit" in data._image_problem({"bytes": good, "path": "huge.png"})
+
+
+@pytest.mark.cli
+def test_text_distillation_inputs_are_bounded(tmp_path, monkeypatch):
+    import vit_pruning.app.inputs as inputs
+    from test_text import bert_folder
+    monkeypatch.setattr(inputs, "DISTILL_SENTENCES", 20)
+    folder = bert_folder(tmp_path)
+    (tmp_path / "t.txt").write_text("\n".join(f"sentence {i} of many, plain words." for i in range(300)))
+    assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
+               "--text-file", str(tmp_path / "t.txt"), "--calib-size", "32", "--eval-batches", "1",
+               "--distill-steps", "1", "--distill-augment", "0", "--run-id", "d") == 0
+    rep = json.loads((tmp_path / "reports" / "report-d.json").read_text())
+    assert rep["distillation"]["inputs"] == 20

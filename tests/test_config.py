@@ -1,0 +1,108 @@
+"""The run config: one home for every default, the parser built from it, the checks that need no
+model, and the job a resume must agree with (derived from it, so no flag can be left out)."""
+from dataclasses import fields, replace
+
+import pytest
+
+from conftest import tiny_model
+from vit_pruning.checkpoint import _differs
+from vit_pruning.cli import DEFAULTS, build_parser, config_from_args
+from vit_pruning.config import (SECTIONS, PruneConfig, RunConfig, from_flags, width_limits)
+from vit_pruning.errors import UsageError
+from vit_pruning.pipeline import model_shape
+
+
+def config(*argv: str) -> RunConfig:
+    return config_from_args(build_parser().parse_args(["--target", "0.3", *argv]))
+
+
+def test_every_flag_is_a_config_field_with_the_configs_default():
+    ns = build_parser().parse_args([])
+    given = vars(ns)
+    fields_by_name = {f.name: f for f in fields(RunConfig) if f.name not in SECTIONS}
+    for name in SECTIONS:
+        fields_by_name.update({f.name: f for f in fields(getattr(RunConfig(), name))})
+    for name, value in given.items():
+        assert name in fields_by_name, f"--{name} has no config field"
+        assert value == DEFAULTS[name], name
+    # and every config field a user can set has a flag (derived fields excepted)
+    assert set(fields_by_name) - set(given) == {"targets", "objective"}
+
+
+def test_from_flags_refuses_unknown_names():
+    with pytest.raises(TypeError):
+        from_flags({**vars(build_parser().parse_args(["--target", "0.3"])), "no_such_flag": 1})
+
+
+def test_the_parsed_config_holds_what_was_asked():
+    cfg = config("--cifar-train-pct", "0.5", "--depth-unit", "attention", "--latency-repeats", "7")
+    assert cfg.data.cifar_train_pct == 0.5 and cfg.pruning.depth_unit == "attention"
+    assert cfg.timing.latency_repeats == 7 and cfg.targets.targets == (0.3,)
+    assert cfg.targets.target == 0.3 and cfg.targets.objective == "params"
+    flops = config_from_args(build_parser().parse_args(["--target-flops", "0.6,0.8"]))
+    assert flops.targets.targets == (0.4, 0.2) and flops.targets.target is None
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--cifar-train-pct", "2"], "cifar_train_pct"), (["--eval-batches", "0"], "eval_batches"),
+    (["--latency-precision", "1"], "latency_precision"), (["--align", "x"], "align"),
+    (["--split", "some"], "split"), (["--run-id", ".hidden"], "run_id"),
+    (["--distill-lr", "0"], "distill_lr")])
+def test_a_bad_value_names_its_field_and_flag(argv, field):
+    with pytest.raises(UsageError) as err:
+        config(*argv)
+    assert err.value.field == field
+    assert str(err.value).startswith("--" + field.replace("_", "-"))
+
+
+@pytest.mark.parametrize("flag, value", [("--cifar-train-pct", "0.5"), ("--skip-bad-images", None),
+                                         ("--image-column", "img"), ("--eval-batches", "2"),
+                                         ("--batch-size", "16"), ("--calib-size", "8"),
+                                         ("--model", "other"), ("--distill-lr", "0.01")])
+def test_every_flag_that_changes_the_job_is_in_it(flag, value):
+    before = config("--distill-steps", "5").job()
+    after = config("--distill-steps", "5", flag, *([value] if value else [])).job()
+    why = _differs(before, after)
+    assert why is not None and why.startswith(flag + " was ")
+
+
+@pytest.mark.parametrize("flag, value", [("--reports-dir", "elsewhere"), ("--quiet", None),
+                                         ("--latency-repeats", "20"), ("--device", "cpu"),
+                                         ("--save-pruned-model", None)])
+def test_flags_that_do_not_change_the_job_are_not_in_it(flag, value):
+    before = config("--distill-steps", "5").job()
+    assert _differs(before, config("--distill-steps", "5", flag, *([value] if value else [])).job()) is None
+
+
+def test_a_job_names_the_target_as_given():
+    a = config_from_args(build_parser().parse_args(["--target-flops", "0.6"])).job()
+    b = config_from_args(build_parser().parse_args(["--target-flops", "0.7"])).job()
+    assert a["target_flops"] == 0.6 and _differs(a, b) == "--target-flops was 0.6 there, 0.7 now"
+    old = {k: v for k, v in a.items() if k != "skip_bad_images"}  # written before the flag existed
+    assert _differs(old, a).startswith("--skip-bad-images is not recorded there")
+
+
+def test_a_budget_run_with_its_chosen_target_is_the_same_job():
+    cfg = config_from_args(build_parser().parse_args(["--max-kl", "0.01"]))
+    assert _differs(cfg.job(), cfg.with_target(0.42).job()) is None
+    other = config_from_args(build_parser().parse_args(["--max-kl", "0.02"]))
+    assert _differs(cfg.job(), other.job()) == "--max-kl was 0.01 there, 0.02 now"
+
+
+def test_min_remaining_and_align_are_resolved_in_one_place():
+    shape = model_shape(tiny_model())
+    limits = width_limits(shape, None, "auto")
+    resolved = PruneConfig().resolved(shape)
+    assert (resolved.min_remaining, resolved.align) == (limits.min_remaining, limits.align)
+    assert limits.min_remaining == 16 and "width/4" in limits.min_remaining_source
+    given = width_limits(shape, 8, 2)
+    assert (given.min_remaining, given.align, given.align_source) == (8, 2, "--align")
+    with pytest.raises(ValueError, match="min_remaining must be in"):
+        width_limits(shape, 64, 1)
+
+
+def test_the_config_is_frozen():
+    cfg = config()
+    with pytest.raises(AttributeError):
+        cfg.data.batch_size = 3
+    assert replace(cfg.data, batch_size=3).batch_size == 3 and cfg.data.batch_size == 32

@@ -1,0 +1,53 @@
+"""The library as a user calls it: the command line's defaults, the dry run's preview is the
+plan pruning makes, and bad arguments are errors that name them (never an answer)."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from conftest import tiny_model
+from vit_pruning import PruneConfig, Pruner, plan_2ssp_allocation, search_target, sweep
+from vit_pruning.config import EMBEDDED, default_min_remaining
+from vit_pruning.pipeline import model_shape
+
+
+def test_plan_2ssp_allocation_takes_the_command_lines_min_remaining():
+    model = AutoModelForImageClassification.from_pretrained(EMBEDDED)  # MLP 384: narrower than 512
+    plan = plan_2ssp_allocation(model, 0.25)
+    assert plan.min_remaining == default_min_remaining(model_shape(model))[0] == 96
+    assert abs(plan.predicted_sparsity - 0.25) < 1e-3
+    with pytest.raises(ValueError, match="falls between"):  # the seed's 512 cannot be met here
+        plan_2ssp_allocation(model, 0.25, min_remaining=512)
+
+
+@pytest.mark.parametrize("unit", ["block", "attention"])
+@pytest.mark.parametrize("target", [0.2, 0.45])
+def test_the_preview_is_the_plan_pruning_makes(unit, target):
+    model = tiny_model(6)
+    cfg = PruneConfig(unit=unit, min_remaining=8, align=1)
+    pruner = Pruner(model, None, cfg)
+    preview = pruner.preview(target)
+    before = copy.deepcopy(model.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    _, result = pruner.prune(target, copy.deepcopy(model))
+    assert preview == result.plan
+
+
+def test_search_target_refuses_bad_arguments_by_name():
+    model = tiny_model(4)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    pruner = Pruner(model, [x], PruneConfig(min_remaining=8, align=1))
+    with pytest.raises(ValueError, match="low must be in"):
+        search_target(model, lambda m: True, low=-0.5, resolution=0.25, pruner=pruner)
+    with pytest.raises(ValueError, match="resolution must be in"):
+        search_target(model, lambda m: True, resolution=0, pruner=pruner)
+    with pytest.raises(ValueError, match="must not be above"):
+        search_target(model, lambda m: True, low=0.5, high=0.2, pruner=pruner)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        search_target(model, lambda m: True, [x], devcie="cpu")
+
+
+def test_sweep_refuses_one_number_by_name():
+    with pytest.raises(ValueError, match="targets must be a sequence"):
+        sweep(tiny_model(4), 0.3)

@@ -565,3 +565,46 @@ def test_fast_models_may_time_more_rounds_than_ten_times_the_asked(monkeypatch):
     assert 0.95 < comp.max_repeats / (measure.FAST_SECONDS / 1.8e-3) < 1.05 and comp.repeats > 100
     lo, hi = comp.ratio_interval["b"]
     assert (hi - lo) / 2 <= 0.003 and not comp.warnings()
+
+
+@pytest.fixture
+def timing_stuck_at_095(monkeypatch, blocks_hold_the_time):
+    """Every timing says a pruned model runs at 0.95 of the baseline, whatever was removed: a
+    latency target of 0.7 cannot be met."""
+    from vit_pruning import measure
+
+    def rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
+        return {n: [1.0 if i == 0 else 0.95] * repeats for i, n in enumerate(calls)}
+    monkeypatch.setattr(measure, "time_rounds", rounds)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("accept", [False, True])
+def test_a_missed_latency_target_is_called_a_miss(tmp_path, capsys, timing_stuck_at_095, accept):
+    from vit_pruning.report import _plot_title
+    code = run(tmp_path, "--model", "embedded", "--target-latency", "0.7", "--run-id", "m",
+               "--calib-size", "32", *(["--accept-latency-miss"] if accept else []))
+    assert code == (0 if accept else 3)
+    out, err = capsys.readouterr()
+    assert "--target-latency 0.7: MISSED: latency ratio" in out
+    assert "latency target missed: --target-latency 0.7 asked, measured 0.950" in err
+    assert ("exit 3" in err) != accept
+    rep = report(tmp_path)
+    obj = rep["objective"]
+    assert obj["missed"] is True and obj["asked_ratio"] == 0.7 and obj["tolerance"] == 0.03
+    assert obj["measured_ratio"] == pytest.approx(0.95) and len(obj["measured_interval"]) == 2
+    assert "MISSED" in _plot_title(rep) and "--target-latency 0.7" in _plot_title(rep)
+    md = (tmp_path / "reports" / "report-m.md").read_text()
+    assert "**missed**" in md
+    assert (tmp_path / "reports" / "report-m.png").exists()  # the outputs are written
+
+
+@pytest.mark.cli
+def test_a_latency_target_list_with_a_miss_exits_3(tmp_path, capsys, timing_stuck_at_095):
+    assert run(tmp_path, "--model", "embedded", "--target-latency", "0.96,0.7", "--run-id", "s",
+               "--calib-size", "32") == 3
+    out, err = capsys.readouterr()
+    points = {p["asked_ratio"]: p for p in report(tmp_path)["points"]}
+    assert points[0.7]["missed"] and not points[0.96]["missed"]
+    assert "latency ratio 0.7 (MISSED" in out and "latency ratio 0.96 (met" in out
+    assert err.count("latency target missed") == 1

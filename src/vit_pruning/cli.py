@@ -258,6 +258,12 @@ def _timing_flags(ap) -> None:
                         "~/.cache/vit-2ssp; safe to delete); 'none' measures every run")
     t.add_argument("--latency-dtype", choices=LATENCY_DTYPES, default=DEFAULTS["latency_dtype"],
                    help="precision of latency timing (autocast): auto = bfloat16 on CUDA, float32 on CPU")
+    t.add_argument("--latency-tolerance", type=float, default=DEFAULTS["latency_tolerance"],
+                   metavar="T", help="a --target-latency R is met when the final timing is within "
+                                     "T of R (0.03); otherwise the summary, report and plot say "
+                                     "it was missed and the run exits 3")
+    t.add_argument("--accept-latency-miss", action="store_true",
+                   help="a missed --target-latency still exits 0 (the miss is reported)")
     t.add_argument("--no-steady-allocator", dest="steady_allocator", action="store_false",
                    help="CPU timings leave glibc malloc's thresholds as they are; by default the "
                         "first timing fixes them for the rest of the process, so that a model's "

@@ -323,6 +323,10 @@ class TimingConfig:
     latency_max_repeats: int | None = _opt(None, job=False)  # None: measure.round_cap
     latency_cache: str | None = _opt(None, job=False)
     latency_dtype: str = _opt("auto", job=False)
+    latency_tolerance: float = _opt(0.03, job=False)  # a latency target is met when the final
+    # timing is within this of it (what the speed-target benchmark holds its runs to); else the
+    # run says "missed" in its summary, report and plot, and exits 3
+    accept_latency_miss: bool = _opt(False, job=False)  # a missed latency target exits 0
     steady_allocator: bool = _opt(True, job=False)  # CPU timings fix glibc malloc's thresholds
     # first (measure.steady_cpu_allocator; for the rest of the process: glibc cannot give the
     # dynamic ones back): a model's time then does not depend on what ran before it
@@ -543,6 +547,9 @@ def check(cfg: RunConfig) -> None:
     if not 0 <= tm.latency_precision < 1:
         raise UsageError(f"--latency-precision must be in [0, 1) (0: fixed rounds), got "
                          f"{tm.latency_precision}", "latency_precision")
+    if not 0 < tm.latency_tolerance < 1:
+        raise UsageError(f"--latency-tolerance must be in (0, 1), got {tm.latency_tolerance}",
+                         "latency_tolerance")
     if tm.latency_max_repeats is not None and tm.latency_max_repeats < tm.latency_repeats:
         raise UsageError(f"--latency-max-repeats must be >= --latency-repeats "
                          f"({tm.latency_repeats}), got {tm.latency_max_repeats}",

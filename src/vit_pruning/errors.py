@@ -1,4 +1,5 @@
-"""The one error type the command line turns into a one-line message and exit code 2."""
+"""The one error type the command line turns into a one-line message and exit code 2, and the
+command line's other exit codes."""
 from __future__ import annotations
 
 
@@ -9,3 +10,7 @@ class UsageError(Exception):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+LATENCY_MISSED = 3  # exit code: the run is whole and reported, but its latency target was
+# missed by more than --latency-tolerance (--accept-latency-miss exits 0)

@@ -98,6 +98,12 @@ def _objective_line(rep: dict) -> str | None:
                  f"{lm.get('dtype')}, batch {lm.get('batch_size')}, "
                  f"{1e3 * lm.get('total_s', 0):.3f} ms per forward of which "
                  f"{1e3 * lm.get('fixed_s', 0):.3f} ms outside the blocks)")
+    if "missed" in obj:
+        lo, hi = obj["measured_interval"]
+        line += (f"; **missed**: the measured ratio (95% interval [{lo:.3f}, {hi:.3f}]) is more "
+                 f"than {obj['tolerance']:g} from the asked one" if obj["missed"] else
+                 f"; met: within {obj['tolerance']:g} of the asked ratio (95% interval "
+                 f"[{lo:.3f}, {hi:.3f}])")
     attempts = obj.get("attempts") or []
     if len(attempts) > 1:
         first = attempts[0]
@@ -299,10 +305,12 @@ def _save_figure(fig, path: Path, title: str | None) -> Path:
 
 
 def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
-         title: str | None = None, kept_step: int | None = None) -> Path:
-    """Bar charts of parameters, latency ratio (with its quartiles), top-1 and embedding cosine
-    by stage (fidelity axes zoomed to the values, so drops show), and the distillation loss
-    curve with the kept step marked when there is one (PNG), written atomically."""
+         title: str | None = None, kept_step: int | None = None,
+         asked_latency: float | None = None) -> Path:
+    """Bar charts of parameters, latency ratio (with its quartiles; a latency target's asked
+    ratio drawn across), top-1 and embedding cosine by stage (fidelity axes zoomed to the
+    values, so drops show), and the distillation loss curve with the kept step marked when
+    there is one (PNG), written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -334,16 +342,61 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
         ax.set_title("distillation loss")
         ax.set_xlabel("step")
     for ax, (name, vals, fmt, err) in zip(axes, panels):
-        bars = ax.bar(names, vals, yerr=err, capsize=3 if err else 0,
-                      color=["#777"] + ["#3a7"] * (len(vals) - 1))
         ax.set_title(name, fontsize=10)
-        ax.bar_label(bars, fmt=fmt, fontsize=8)
-        if fmt == "%.4f":  # fidelity: zoom to the values (from 0 a drop of 1% is invisible)
-            lo, hi = min(vals), max(vals)
-            pad = max(hi - lo, 1e-3) * 0.6
-            ax.set_ylim(max(0.0, lo - pad), min(1.0, hi) + pad)
+        if fmt == "%.4f":
+            _fidelity_panel(ax, names, vals, fmt)
+        else:
+            _bar_panel(ax, names, vals, fmt, err)
         ax.tick_params(axis="x", labelrotation=20)
+    if asked_latency is not None:  # the latency panel is the second
+        axes[1].axhline(asked_latency, color="#c33", ls="--", lw=1)
+        axes[1].text(0.99, asked_latency, f"asked {asked_latency:g}", color="#c33", va="bottom",
+                     ha="right", fontsize=8, transform=axes[1].get_yaxis_transform(),
+                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     return _save_figure(fig, path, title)
+
+
+def _bar_panel(ax, names: list[str], vals: list[float], fmt: str, err) -> None:
+    """Bars from zero (parameters, latency ratio), each value written above its error bar."""
+    ax.bar(names, vals, yerr=err, capsize=3 if err else 0,
+           color=["#777"] + ["#3a7"] * (len(vals) - 1))
+    tops = [v + (err[1][i] if err else 0.0) for i, v in enumerate(vals)]
+    for i, (v, top) in enumerate(zip(vals, tops)):
+        ax.annotate(fmt % v, (i, top), textcoords="offset points", xytext=(0, 3), ha="center",
+                    fontsize=8)
+    ax.set_ylim(0, max(tops) * 1.15)
+
+
+def _fidelity_panel(ax, names: list[str], vals: list[float], fmt: str) -> None:
+    """Top-1 or cosine as points on an axis zoomed to them (bars from a cut axis would make one
+    image in 360 look like a collapse), never past 1, each value written beside its point."""
+    ax.plot(names, vals, "o-", color="#3a7", ms=6)
+    ax.plot(names[:1], vals[:1], "o", color="#777", ms=6)
+    lo, hi = min(vals), max(vals)
+    pad = max(hi - lo, 2e-3) * 0.5
+    bottom, top = max(0.0, lo - pad), min(1.0, hi + pad)  # a fraction never reads past 1
+    top = max(top, hi)
+    ax.set_ylim(bottom, top + (top - bottom) * 0.02)
+    for i, v in enumerate(vals):  # labels below points at the top of the axis, else above
+        below = v > top - (top - bottom) * 0.15
+        ax.annotate(fmt % v, (i, v), textcoords="offset points", xytext=(0, -13 if below else 6),
+                    ha="center", fontsize=8)
+    ax.grid(axis="y", color="#eee")
+    ax.margins(x=0.15)
+
+
+def _plot_title(rep: dict) -> str:
+    """What was asked and what came of it: a parameter target and the sparsity achieved, or a
+    FLOP / latency target and the ratio measured (and whether a latency target was missed)."""
+    run_id, obj = rep["run_id"], rep.get("objective") or {}
+    if obj.get("asked_ratio") is not None:
+        what = "FLOPs" if obj["objective"] == "flops" else "latency"
+        verdict = "" if "missed" not in obj else (" MISSED" if obj["missed"] else " (met)")
+        return (f"{run_id}: {obj['flag']} {obj['asked_ratio']:g}, {what} ratio measured "
+                f"{obj['measured_ratio']:.3f}{verdict}")
+    if "target" in rep and "achieved_sparsity" in rep:
+        return f"{run_id}: target {rep['target']:.4f}, achieved {rep['achieved_sparsity']:.4f}"
+    return run_id
 
 
 def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) -> tuple[Path, Path]:
@@ -361,9 +414,9 @@ def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) ->
     png = reports_dir / f"report-{run_id}.png"
     if "stages" in rep:
         dist = rep.get("distillation") or {}
-        title = (f"{run_id}: target {rep['target']:.4f}, achieved {rep['achieved_sparsity']:.4f}"
-                 if "target" in rep and "achieved_sparsity" in rep else run_id)
-        plot(rep["stages"], png, dist.get("losses"), title, dist.get("kept_step"))
+        obj = rep.get("objective") or {}
+        plot(rep["stages"], png, dist.get("losses"), _plot_title(rep), dist.get("kept_step"),
+             obj.get("asked_ratio") if obj.get("objective") == "latency" else None)
         text = markdown(rep)
     else:
         tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),
@@ -442,8 +495,9 @@ def point_line(p: dict) -> str:
     fid = "" if value is None else f", {name} {value:.4g}" + (
         f" (drop {p['top1_drop_pp']:.2f} pp)" if name == "top1" and p.get("top1_drop_pp") is not None else "")
     iqr = p["latency_ratio_iqr"]
+    verdict = "" if "missed" not in p else ("MISSED, " if p["missed"] else "met, ")
     head = (f"target {p['target']:g}: " if p.get("asked_ratio") is None else
-            f"{p['objective']} ratio {p['asked_ratio']:g} ({_replanned(p)}predicted "
+            f"{p['objective']} ratio {p['asked_ratio']:g} ({verdict}{_replanned(p)}predicted "
             f"{p['predicted_ratio']:.4f}): ")
     return (head + f"achieved {p['achieved_sparsity']:.4f}, params "
             f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f} "

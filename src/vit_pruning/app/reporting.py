@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, 
                       "uniform_width": plan.uniform_width,
                       "max_target_error": bound},
         "target": cfg.targets.target,
-        "objective": objective_section(cfg, ch, stages, result),
+        "objective": objective_section(cfg, ch, stages, result, latency),
         "achieved_sparsity": result.achieved_sparsity,
         "target_error": (abs(result.achieved_sparsity - cfg.targets.target) if ch.objective == "params"
                          else abs(1 - result.objective_ratio - cfg.targets.target)),
@@ -117,7 +118,14 @@ def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, 
     }
 
 
-def objective_section(cfg: RunConfig, ch: Choices, stages, result) -> dict:
+def latency_verdict(asked: float, measured: float, interval, tolerance: float) -> dict:
+    """Whether a latency target was met: the measured ratio within `tolerance` of the asked
+    one; with the measurement's 95% interval, so a reader sees how sure the verdict is."""
+    return {"tolerance": tolerance, "measured_interval": list(interval),
+            "missed": abs(measured - asked) > tolerance}
+
+
+def objective_section(cfg: RunConfig, ch: Choices, stages, result, latency: dict) -> dict:
     """What the target counted and how close the run came: the asked ratio of the objective, the
     planner's predicted one, the measured one (FLOPs counted; latency timed back to back with
     the baseline, with its spread), and the parameter and FLOP ratios that resulted. For a
@@ -135,6 +143,10 @@ def objective_section(cfg: RunConfig, ch: Choices, stages, result) -> dict:
                              "latency": out["latency_ratio"]}[ch.objective]
     if ch.latency_model is not None:
         out["latency_model"] = ch.latency_model.to_dict()
+    if ch.objective == "latency":
+        interval = (latency.get("ratio_interval") or {}).get(final.name) or final.latency_ratio_iqr
+        out.update(latency_verdict(out["asked_ratio"], out["measured_ratio"], interval,
+                                   cfg.timing.latency_tolerance))
     return out
 
 
@@ -175,7 +187,9 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
     obj = rep.get("objective") or {}
     if obj.get("asked_ratio") is not None:
         what = "FLOPs" if obj["objective"] == "flops" else "latency"
-        print(f"{obj['flag']} {obj['asked_ratio']:g}: {what} ratio predicted "
+        verdict = "" if "missed" not in obj else (
+            "MISSED: " if obj["missed"] else f"met (within {obj['tolerance']:g}): ")
+        print(f"{obj['flag']} {obj['asked_ratio']:g}: {verdict}{what} ratio predicted "
               f"{obj['predicted_ratio']:.4f}, measured {obj['measured_ratio']:.4f}"
               + (f" [quartiles {q1:.3f}, {q3:.3f}]" if obj["objective"] == "latency" else "")
               + (f" (planned again after the first plan measured "
@@ -200,3 +214,15 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
     print(f"report: {md_path} (json: {json_path})")
     if not cfg.output.quiet:
         print(markdown(rep).split("## Plan")[0].rstrip())
+    if obj.get("missed"):
+        print(miss_line(obj, cfg), file=sys.stderr)
+
+
+def miss_line(obj: dict, cfg: RunConfig) -> str:
+    """The one line that says a latency target was missed, and what exits how."""
+    lo, hi = obj["measured_interval"]
+    return (f"vit-2ssp: latency target missed: {obj['flag']} {obj['asked_ratio']:g} asked, "
+            f"measured {obj['measured_ratio']:.3f} [95% {lo:.3f}, {hi:.3f}], more than "
+            f"{obj['tolerance']:g} away (--latency-tolerance); the outputs are written"
+            + ("" if cfg.timing.accept_latency_miss else
+               "; exit 3 (--accept-latency-miss exits 0)"))

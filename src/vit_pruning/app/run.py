@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..errors import UsageError
+from ..errors import LATENCY_MISSED, UsageError
 from .choices import choose, objective_step, plan_probes
 from .dryrun import print_budget_dry_run, print_dry_run
 from .evaluate import Evaluator
@@ -128,7 +128,7 @@ def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) ->
         saved.remove()  # checkpoint is spent
     print_summary(cfg, rep, stages, result, outputs.by_role("json").path,
                   outputs.by_role("md").path)
-    return 0
+    return LATENCY_MISSED if rep["objective"].get("missed") and not cfg.timing.accept_latency_miss else 0
 
 
 def add_search(cfg: RunConfig, rep: dict, search, outputs, base_top1) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..config import BUDGETS, LATENCY_TOLERANCE, OBJECTIVE_FLAGS, RunConfig
-from ..errors import UsageError
+from ..errors import LATENCY_MISSED, UsageError
 from ..measure import interleaved_latency
 from ..pipeline import Pruner
 from ..sweep import SearchResult, prune_to_measured, search_target, sweep
@@ -25,7 +26,7 @@ from .choices import Choices, prune_config
 from .evaluate import Evaluator
 from .inputs import Data
 from .loading import Loaded
-from .reporting import report_head, write_error, write_outputs
+from .reporting import latency_verdict, report_head, write_error, write_outputs
 from .steps import latency_setup, timing_options
 
 log = logging.getLogger("vit_pruning")
@@ -196,6 +197,10 @@ def tradeoff_points(cfg, loaded: Loaded, data: Data, ch: Choices, base, metrics:
             if res.objective != "params":  # a FLOP or latency target: asked and predicted ratios
                 point.update({"objective": res.objective, "asked_ratio": round(1 - t, 12),
                               "predicted_ratio": res.objective_ratio})
+            if res.objective == "latency":  # and whether the timing met it
+                point.update(latency_verdict(point["asked_ratio"], point["latency_ratio"],
+                                             comp.ratio_interval.get(names[t], point["latency_ratio_iqr"]),
+                                             cfg.timing.latency_tolerance))
         points.append(point)
     return points, comp
 
@@ -280,4 +285,10 @@ def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: C
     for point in rep["points"]:
         print("  " + point_line(point))
     print(f"report: {outputs.by_role('md').path} (json: {outputs.by_role('json').path})")
-    return 0
+    missed = [p for p in rep["points"] if p.get("missed")]
+    for p in missed:
+        lo, hi = p["measured_interval"]
+        print(f"vit-2ssp: latency target missed: --target-latency {p['asked_ratio']:g} asked, "
+              f"measured {p['latency_ratio']:.3f} [95% {lo:.3f}, {hi:.3f}], more than "
+              f"{p['tolerance']:g} away (--latency-tolerance)", file=sys.stderr)
+    return LATENCY_MISSED if missed and not cfg.timing.accept_latency_miss else 0

@@ -608,3 +608,29 @@ def test_a_latency_target_list_with_a_miss_exits_3(tmp_path, capsys, timing_stuc
     assert points[0.7]["missed"] and not points[0.96]["missed"]
     assert "latency ratio 0.7 (MISSED" in out and "latency ratio 0.96 (met" in out
     assert err.count("latency target missed") == 1
+
+
+@pytest.mark.parametrize("narrow_s, cached", [(0.8, True), (1.6, False)])
+def test_an_implausible_latency_model_is_measured_again_and_never_cached(
+        tmp_path, monkeypatch, caplog, narrow_s, cached):
+    """A block that times slower at a narrower MLP (a busy machine) is no latency model to
+    plan on for good: measured again, and if it stays so, used for this run only, uncached."""
+    import vit_pruning.objective as objective
+    rounds = []
+
+    def fake(calls, repeats, warmup, device, start=0, steady_allocator=False):
+        rounds.append(len(calls))
+        times = {"model": 1.0}
+        for name in calls:
+            kind = name.split(":")[-1]
+            times.setdefault(name, {"drop": 0.7, "no attention": 0.9}.get(kind, narrow_s))
+        return {n: [times[n]] * repeats for n in calls}
+    monkeypatch.setattr(objective, "time_rounds", fake)
+    lat = objective.measure_latency_model(tiny(), cache_dir=tmp_path)
+    assert (objective.implausible(lat) is None) == cached
+    assert bool(list((tmp_path / "latency").glob("*.json")) if (tmp_path / "latency").exists()
+                else []) == cached
+    timed = [n for n in rounds if n > 1]  # the variant timings (the first call times one model)
+    assert len(timed) == (1 if cached else objective.MEASURES)
+    if not cached:
+        assert "slower than" in caplog.text and "not cached" in caplog.text

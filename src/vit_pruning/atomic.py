@@ -67,7 +67,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: boo
 
 
 def current_umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where the system says it (Linux's
+    /proc/self/status): setting it to read it back would, for a moment, leave files another
+    thread creates open to everyone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: the briefest change, to the safer side
     os.umask(mask)
     return mask
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .config import flag
-from .atomic import atomic_write_json, partial_prefix
+from .atomic import atomic_write_json, current_umask, partial_prefix
 from .persistence import load_pruned_model, save_pruned_model
 
 FORMAT = 1
@@ -51,6 +51,14 @@ def _differs(saved: dict, now: dict) -> str | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
     return f"{type(exc).__name__}{': ' + text if text else ''}"
+
+
+def _folder(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in `parent` with the permissions of any folder the user makes
+    (mkdtemp's are 0700, which a checkpoint renamed into place would keep)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
 
 
 def _load(path: Path):
@@ -91,7 +99,7 @@ class Checkpoint:
         if target.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix("snapshots"), dir=self.folder))
+        tmp = _folder(self.folder, partial_prefix("snapshots"))
         try:
             for name, model in models.items():
                 save_pruned_model(model, tmp / name, processor)
@@ -104,7 +112,7 @@ class Checkpoint:
         """One complete checkpoint at `step`, then the pointer to it, then older ones removed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(name), dir=self.folder))
+        tmp = _folder(self.folder, partial_prefix(name))
         try:
             save_pruned_model(student, tmp / "model", processor)
             torch.save(state, tmp / "state.pt")

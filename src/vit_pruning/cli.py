@@ -228,9 +228,13 @@ def _output_flags(ap) -> argparse._ArgumentGroup:
     """Where the run writes, its seed and device."""
     o = ap.add_argument_group("output and run")
     o.add_argument("--save-pruned-model", action="store_true", help="save the pruned model (off by default)")
-    o.add_argument("--pruned-output-dir", default=DEFAULTS["pruned_output_dir"])
-    o.add_argument("--reports-dir", default=DEFAULTS["reports_dir"])
-    o.add_argument("--artifacts-dir", default=DEFAULTS["artifacts_dir"])
+    o.add_argument("--pruned-output-dir", default=DEFAULTS["pruned_output_dir"], metavar="DIR",
+                   help="where --save-pruned-model writes <run-id>/ (default %(default)s)")
+    o.add_argument("--reports-dir", default=DEFAULTS["reports_dir"], metavar="DIR",
+                   help="where report-<run-id>.{json,md,png} go (default %(default)s)")
+    o.add_argument("--artifacts-dir", default=DEFAULTS["artifacts_dir"], metavar="DIR",
+                   help="where --save-adapter and --checkpoint-every write <run-id>/ (default "
+                        "%(default)s)")
     o.add_argument("--run-id", default=DEFAULTS["run_id"], help="name of this run (default: UTC timestamp)")
     o.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed for calibration choice, heads and shuffling (0)")
     o.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")

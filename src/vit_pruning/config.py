@@ -346,6 +346,9 @@ class OutputConfig:
     quiet: bool = _opt(False, job=False)
 
 
+MAX_RUN_ID = 150  # bytes: report-<id>.tradeoff.png and its staging name stay below the
+# 255-byte file name limit of common file systems
+
 SECTIONS = ("targets", "pruning", "data", "head", "recovery", "timing", "output")
 
 
@@ -474,6 +477,10 @@ def parse_targets(cfg: RunConfig, target: str | float | None) -> tuple[list[floa
     _check_budgets(t)
     if budgets:
         return [], objective, None
+    if t.target_resolution != TargetConfig.target_resolution:
+        raise UsageError("--target-resolution is the grid of a budget search: give a budget "
+                         "(--max-accuracy-drop, --max-kl or --min-cosine), or drop it",
+                         "target_resolution")
     given = given_by[objective]
     if given is None:
         raise UsageError("give --target (one value or a comma list), --target-flops, "
@@ -589,3 +596,6 @@ def _check_run_id(run_id: str | None) -> None:
                          f"{run_id!r}", "run_id")
     if "\0" in run_id:
         raise UsageError(f"--run-id must be a plain name, got {run_id!r}", "run_id")
+    if len(run_id.encode()) > MAX_RUN_ID:
+        raise UsageError(f"--run-id must be at most {MAX_RUN_ID} bytes (it names files and "
+                         f"folders), got {len(run_id.encode())}", "run_id")

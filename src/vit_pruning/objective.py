@@ -173,6 +173,10 @@ class LatencyModel:
                 t += b.at(widths[i]) - (b.attention_s if i in no_att else 0.0)
         return t
 
+    def blocks_s(self) -> float:
+        """The blocks' own times at the measured widths, summed."""
+        return sum(b.at(w) for b, w in zip(self.blocks, self.widths))
+
     @property
     def model_s(self) -> float:
         """The unpruned model's time as the latency model sums it (the measured total, unless
@@ -292,21 +296,27 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     with autocast_context(device, dtype):
         once = time_rounds({"model": calls["model"]}, 3, 1, device,
                            steady_allocator=steady_allocator)["model"]
-        repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
-        times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    total = med["model"]
-    timing = _block_timings(med, kinds, plans)
-    per_block = tuple(timing[i] for i in range(len(an.parts)))
-    widths = tuple(p.intermediate_size for p in an.parts)
-    fixed = max(0.0, total - sum(b.at(w) for b, w in zip(per_block, widths)))
-    result = LatencyModel(device=device_name(device), dtype=str(dtype or torch.float32).replace(
-        "torch.", ""), batch_size=batch_size, key=key, total_s=total, fixed_s=fixed,
-        widths=widths, blocks=per_block, repeats=repeats)
+    repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
+    for attempt in range(MEASURES):  # an implausible table is measured again, never cached
+        with autocast_context(device, dtype):
+            times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        timing = _block_timings(med, kinds, plans)
+        widths = tuple(p.intermediate_size for p in an.parts)
+        result = LatencyModel(device=device_name(device), dtype=str(dtype or torch.float32).replace(
+            "torch.", ""), batch_size=batch_size, key=key, total_s=med["model"], fixed_s=0.0,
+            widths=widths, blocks=tuple(timing[i] for i in range(len(an.parts))), repeats=repeats)
+        why = implausible(result)
+        result = replace(result, fixed_s=max(0.0, result.total_s - result.blocks_s()))
+        if why is None:
+            break
+        log.warning("latency model implausible (%s): %s", why,
+                    "measuring again" if attempt + 1 < MEASURES else
+                    "not cached; plans on it may miss their target (time on an idle machine)")
     log.info("latency model: %.3f ms per forward (%.3f ms outside the blocks), %d kinds of "
-             "block, %d variants x %d rounds", 1e3 * total, 1e3 * fixed, len(kinds), len(calls),
-             repeats)
-    if path is not None:
+             "block, %d variants x %d rounds", 1e3 * result.total_s, 1e3 * result.fixed_s,
+             len(kinds), len(calls), repeats)
+    if path is not None and why is None:
         try:
             atomic_write_json(path, result.to_dict(), overwrite=True)
         except OSError as exc:
@@ -354,6 +364,27 @@ def _block_timings(med: dict[str, float], kinds: dict[tuple, list[int]], plans: 
         for i in members:
             timing[i] = block
     return timing
+
+
+MEASURES = 2  # times a latency model is measured while it is implausible
+PLAUSIBLE_SLACK = 0.05  # of the whole forward: how far timing noise may bend the table
+
+
+def implausible(lat: LatencyModel) -> str | None:
+    """Why a measured latency model cannot be right, or None: its blocks take more time than
+    the whole forward, or a block is slower at a narrower MLP than at a wider one (beyond
+    PLAUSIBLE_SLACK of the forward). Either comes of a machine busy while it was timed."""
+    total, slack = lat.total_s, PLAUSIBLE_SLACK * lat.total_s
+    blocks = lat.blocks_s()
+    if blocks > total + slack:
+        return (f"its blocks sum to {1e3 * blocks:.3f} ms, more than the whole forward's "
+                f"{1e3 * total:.3f} ms")
+    for i, b in enumerate(lat.blocks):
+        for (w1, t1), (w2, t2) in zip(b.grid, b.grid[1:]):
+            if t1 > t2 + slack:
+                return (f"block {i} timed {1e3 * t1:.3f} ms at MLP width {w1}, slower than "
+                        f"{1e3 * t2:.3f} ms at {w2}")
+    return None
 
 
 def _block_kinds(an, x: dict) -> dict[tuple, list[int]]:

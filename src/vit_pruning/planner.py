@@ -654,7 +654,9 @@ def depth_only_plan(shape: ModelShape, target: float, unit: str,
 
 
 def check_targets(targets: Sequence[float]) -> list[float]:
-    """The targets as floats, or ValueError: none, a duplicate, or one outside (0, 1)."""
+    """The targets as floats, or ValueError: none, one outside (0, 1), or two that are the same
+    or print alike (reports label and save them by ``f"{t:g}"``: 0.3 and 0.3000001 would share
+    a name and a folder)."""
     values = [float(t) for t in targets]
     if not values:
         raise ValueError("no target given")
@@ -664,4 +666,10 @@ def check_targets(targets: Sequence[float]) -> list[float]:
     if len(set(values)) != len(values):
         dup = next(t for t in values if values.count(t) > 1)
         raise ValueError(f"target {dup} is given twice")
+    names: dict[str, float] = {}
+    for t in values:
+        if f"{t:g}" in names:
+            raise ValueError(f"targets {names[f'{t:g}']!r} and {t!r} both print as {t:g}: give "
+                             f"targets that differ in their first 6 digits")
+        names[f"{t:g}"] = t
     return values

@@ -167,7 +167,8 @@ def _md_stages(rep: dict, text: bool) -> list[str]:
         dparams = "" if s is base else f"{_removed_pct(s['params'], prev['params']):.2f}% removed"
         dlat = "1" if s is base else _ratio_text(s)
         top1 = "n/a" if s["top1"] is None else f"{s['top1']:.4f}"
-        drop = "" if s is base or s["top1"] is None or base["top1"] is None else f"{base['top1'] - s['top1']:+.4f}"
+        drop = "" if s is base or s["top1"] is None or base["top1"] is None else \
+            f"{100 * (base['top1'] - s['top1']):.2f} pp"
         kl = "" if s["kl_to_baseline"] is None else f"{s['kl_to_baseline']:.4g}"
         if text:
             drop = "" if s.get("cosine") is None else f"{s['cosine']:.4f}"
@@ -221,9 +222,12 @@ def _md_budget(rep: dict) -> list[str]:
     if search:
         lines += ["", "## Budget search", "",
                   f"- budget {search['budget']} {search['value']:g}: target **{search['chosen']:g}** "
-                  f"chosen, the largest on a grid of {search['resolution']:g} that kept it (first "
-                  f"target over budget: {search['first_rejected']}); {search['prunings']} prunings "
-                  f"by bisection, each measured on the evaluation inputs:"]
+                  f"chosen by bisection on a grid of {search['resolution']:g}, "
+                  f"{search['prunings']} prunings, each measured on the evaluation inputs. "
+                  f"Bisection assumes fidelity falls as the target grows: it ends on a bracket "
+                  f"(this target kept the budget, {search['first_rejected']} next above it did "
+                  f"not), not a proof that no larger target keeps it.",
+                  f"- {search['selection_note']}"]
         for t in search["trials"]:
             lines.append(f"  - target {t['target']:g}: "
                          + ("kept" if t["accepted"] else "over budget")
@@ -516,9 +520,9 @@ def tradeoff_markdown(rep: dict) -> str:
     if b:
         lines.append(f"- budget: {b['flag']} {b['value']:g}; chosen target: "
                      f"**{rep['chosen'] if rep['chosen'] is not None else 'none (even the smallest breaks it)'}**; "
-                     f"first target that broke it: {rep.get('first_rejected')}; "
-                     f"{len(rep['trials'])} prunings (bisection on a grid of "
-                     f"{rep['config']['target_resolution']:g})")
+                     f"the next target above it broke it: {rep.get('first_rejected')} (bisection "
+                     f"on a grid of {rep['config']['target_resolution']:g}, {len(rep['trials'])} "
+                     f"prunings; it assumes fidelity falls as the target grows)")
     lines += [f"- accuracy: {rep['accuracy_note']}",
               "- shared work (once for every target): " + ", ".join(
                   f"{k} {v:.1f} s" for k, v in rep["shared_work_s"].items()), "",

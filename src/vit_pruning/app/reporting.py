@@ -178,7 +178,6 @@ def run_notes(cfg: RunConfig, ch: Choices, result, data: Data) -> list[str]:
 
 
 def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md_path: Path) -> None:
-    from ..report import markdown
     base, final = stages[0], stages[-1]
     acc = "" if base.top1 is None else f", top-1 {base.top1:.4f} -> {final.top1:.4f}"
     if final.cosine is not None:
@@ -205,15 +204,28 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
           f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")
     if rep.get("budget_search"):
         b = rep["budget_search"]
-        print(f"budget {b['budget']} {b['value']:g}: target {b['chosen']:g} chosen after "
-              f"{b['prunings']} prunings (first over budget: {b['first_rejected']})")
+        print(f"budget {b['budget']} {b['value']:g}: target {b['chosen']:g} chosen by bisection "
+              f"after {b['prunings']} prunings (kept it; the next target above, "
+              f"{b['first_rejected']}, did not: a bracket, assuming fidelity falls as the "
+              f"target grows)")
+        print(f"note: {b['selection_note']}")
     for note in rep.get("notes", []):
         print(f"note: {note}")
     for warning in rep["latency_setup"].get("warnings", []):
         log.warning("latency: %s", warning)
+    art = rep.get("artifacts") or {}
+    if art.get("pruned_model"):
+        plain = art.get("pruned_model_format") == "plain"
+        print(f"pruned model: {art['pruned_model']} ("
+              + ("plain transformers: from_pretrained" if plain else
+                 "with its modeling file: from_pretrained(..., trust_remote_code=True), or "
+                 "vit_pruning.load_pruned_model") + ")")
+    if art.get("onnx"):
+        print(f"onnx: {art['onnx']['path']} (onnxruntime within "
+              f"{art['onnx']['max_abs_diff']:.1e} of torch)")
+    if art.get("adapter"):
+        print(f"adapter: {art['adapter']}")
     print(f"report: {md_path} (json: {json_path})")
-    if not cfg.output.quiet:
-        print(markdown(rep).split("## Plan")[0].rstrip())
     if obj.get("missed"):
         print(miss_line(obj, cfg), file=sys.stderr)
 

@@ -32,6 +32,13 @@ from .steps import latency_setup, timing_options
 log = logging.getLogger("vit_pruning")
 
 
+def evaluation_count(data: Data) -> int:
+    """How many evaluation images (or sentences) every measurement uses."""
+    if data.eval_pixels:
+        return sum(len(x) for x in data.eval_pixels)
+    return sum(len(b["input_ids"]) for b in data.eval_batches) if data.eval_batches else 0
+
+
 def measure_of(budget: str) -> str:
     return {"max_accuracy_drop": "top1_drop_pp", "max_kl": "kl", "min_cosine": "cosine"}[budget]
 
@@ -58,6 +65,7 @@ class BudgetRun:
     trial_metrics: dict = field(default_factory=dict)
     trial_models: dict = field(default_factory=dict)
     points: list = field(default_factory=list)  # one per trial, timed right after the search
+    evaluation_inputs: int = 0  # the images or sentences every trial was measured on
 
 
 def budget_search(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data,
@@ -68,7 +76,7 @@ def budget_search(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data,
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,
                     progress=not cfg.output.quiet)
-    run = BudgetRun(None, base)
+    run = BudgetRun(None, base, evaluation_inputs=evaluation_count(data))
     current: dict = {}
 
     def after_stage1(target, model):
@@ -156,10 +164,17 @@ def search_section(cfg: RunConfig, run: BudgetRun) -> dict:
     """The report's `budget_search` entry: the budget, each trial with its measures, the
     chosen target and the first that broke the budget, and one trade-off point per trial."""
     name, value = cfg.budget
+    n = run.evaluation_inputs
+    one = f"one image is {100 / n:.2f} points of top-1" if name == "max_accuracy_drop" and n else ""
     return {"budget": BUDGETS[name], "value": value, "measure": measure_of(name),
             "resolution": cfg.targets.target_resolution,
             "chosen": run.search.target, "first_rejected": run.search.first_rejected,
             "prunings": len(run.search.trials),
+            "selection_inputs": n, "report_inputs_shared": n,
+            "selection_note": (f"the target was chosen on the same {n} evaluation inputs this "
+                               f"report measures it on" + (f" ({one})" if one else "") +
+                               ": its margin to the budget is optimistic (chosen because it "
+                               "passed there)"),
             "trials": [asdict(t) for t in run.search.trials], "points": run.points}
 
 

@@ -183,3 +183,39 @@ def test_text_distillation_inputs_are_bounded(tmp_path, monkeypatch):
                "--distill-steps", "1", "--distill-augment", "0", "--run-id", "d") == 0
     rep = json.loads((tmp_path / "reports" / "report-d.json").read_text())
     assert rep["distillation"]["inputs"] == 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "0.3,0.3000001"], "both print as 0.3"),
+    (["--target", "0.3", "--target-resolution", "0.05"], "--target-resolution is the grid of a budget search"),
+    (["--target", "0.3", "--run-id", "x" * 250], "--run-id must be at most 150 bytes"),
+    (["--target", "0.3", "--latency-tolerance", "0"], "--latency-tolerance must be in (0, 1)")])
+def test_refused_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "reports").mkdir()  # an existing reports folder: the name is checked first
+    assert run(tmp_path, "--model", "embedded", *argv) == 2
+    assert message in one_line_error(capsys)
+    assert files(tmp_path) == ["reports"]
+
+
+@pytest.mark.cli
+def test_a_dry_run_beside_an_earlier_report_is_not_refused(tmp_path, capsys):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report-x.json").write_text("{}")
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "x", "--dry-run") == 0
+    assert "predicted parameters" in capsys.readouterr().out
+    assert (tmp_path / "reports" / "report-x.json").read_text() == "{}"
+
+
+def test_checkpoint_folders_get_the_users_permissions(tmp_path):
+    import stat
+
+    from conftest import tiny_model
+    from vit_pruning.atomic import current_umask
+    from vit_pruning.checkpoint import Checkpoint
+    saved = Checkpoint.of(tmp_path, "r")
+    step = saved.write(1, tiny_model(), {"step": 1}, {"stages": []}, {"model": "x"}, None)
+    want = 0o777 & ~current_umask()
+    assert stat.S_IMODE(step.stat().st_mode) == want
+    saved.write_snapshots({"stage1": tiny_model()}, None)
+    assert stat.S_IMODE((saved.folder / "snapshots").stat().st_mode) == want
+    assert current_umask() == current_umask()  # read, not changed

@@ -116,3 +116,42 @@ def test_main_leaves_signals_alone_and_lets_an_interrupt_through(monkeypatch, ca
     assert seen[-1] is not outside  # it turns SIGTERM into a clean stop while it runs
     assert signal.getsignal(signal.SIGTERM) is outside  # and gives the handler back
     assert capsys.readouterr().err.strip() == "vit-2ssp: interrupted; nothing half-written was kept"
+
+
+SLOW_TESTS = """
+import pathlib
+from vit_pruning.cli import main
+
+HERE = pathlib.Path(__file__).parent
+
+
+def test_a_long_cli_run():
+    (HERE / "started").write_text("")
+    main(["--model", "embedded", "--target", "0.3", "--eval-batches", "1", "--calib-size", "16",
+          "--latency-repeats", "100000", "--latency-precision", "0", "--quiet",
+          "--reports-dir", str(HERE / "r")])
+
+
+def test_after():
+    (HERE / "after").write_text("")
+"""
+
+
+@pytest.mark.cli
+def test_ctrl_c_stops_a_test_run_in_the_middle_of_a_cli_run(tmp_path):
+    import os
+    import time
+    (tmp_path / "test_slow.py").write_text(SLOW_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_slow.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(5)  # inside main(): loading, pruning or timing its 100000 rounds
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-2000:]  # pytest's "interrupted"
+    assert "KeyboardInterrupt" in out and not (tmp_path / "after").exists()
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))

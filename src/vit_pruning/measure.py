@@ -169,24 +169,31 @@ class LatencyComparison:
         """Why a ratio is not to be trusted: per-round ratios spread too wide (interquartile
         range over SPREAD_LIMIT of the median), or the ratio of the medians of the separate
         times disagreeing with it by more than that (the machine's speed changed mid-run)."""
+        return [w for n in self.names[1:] for w in self._problems(n)]
+
+    def untrusted(self) -> list[str]:
+        """The models whose ratio :meth:`warnings` says not to trust."""
+        return [n for n in self.names[1:] if self._problems(n)]
+
+    def _problems(self, n: str) -> list[str]:
+        """The warnings about model `n`'s ratio (none: it can be trusted)."""
         out = []
-        for n in self.names[1:]:
-            r, q1, q3 = self.ratio[n], self.ratio_q1[n], self.ratio_q3[n]
-            of_medians = self.median_ms[n] / self.median_ms[self.names[0]]
-            lo, hi = self.ratio_interval.get(n, (r, r))
-            if self.precision and (hi - lo) / 2 > self.precision:
-                out.append(f"{n}: latency ratio {r:.3f} known only to [{lo:.3f}, {hi:.3f}] (95%) "
-                           f"after {self.repeats} rounds, not to +-{self.precision:g} as asked: "
-                           f"the machine is noisy; rerun on an idle machine or raise "
-                           f"--latency-max-repeats")
-            if q3 - q1 > SPREAD_LIMIT * r:
-                out.append(f"{n}: per-round latency ratios spread from {q1:.3f} to {q3:.3f} "
-                           f"(quartiles) around {r:.3f}: too wide to trust; rerun on an idle "
-                           f"machine or raise --latency-repeats")
-            elif abs(of_medians - r) > SPREAD_LIMIT * r:
-                out.append(f"{n}: the ratio of median times ({of_medians:.3f}) and the median "
-                           f"per-round ratio ({r:.3f}) disagree: the machine's speed changed "
-                           f"during timing; rerun on an idle machine")
+        r, q1, q3 = self.ratio[n], self.ratio_q1[n], self.ratio_q3[n]
+        of_medians = self.median_ms[n] / self.median_ms[self.names[0]]
+        lo, hi = self.ratio_interval.get(n, (r, r))
+        if self.precision and (hi - lo) / 2 > self.precision:
+            out.append(f"{n}: latency ratio {r:.3f} known only to [{lo:.3f}, {hi:.3f}] (95%) "
+                       f"after {self.repeats} rounds, not to +-{self.precision:g} as asked: "
+                       f"the machine is noisy; rerun on an idle machine or raise "
+                       f"--latency-max-repeats")
+        if q3 - q1 > SPREAD_LIMIT * r:
+            out.append(f"{n}: per-round latency ratios spread from {q1:.3f} to {q3:.3f} "
+                       f"(quartiles) around {r:.3f}: too wide to trust; rerun on an idle "
+                       f"machine or raise --latency-repeats")
+        elif abs(of_medians - r) > SPREAD_LIMIT * r:
+            out.append(f"{n}: the ratio of median times ({of_medians:.3f}) and the median "
+                       f"per-round ratio ({r:.3f}) disagree: the machine's speed changed "
+                       f"during timing; rerun on an idle machine")
         return out
 
 

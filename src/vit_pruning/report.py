@@ -23,6 +23,7 @@ class StageMetrics:
     agreement: float | None = None  # text encoders: nearest-neighbour agreement with baseline
     latency_ratio: float | None = None  # median over interleaved rounds of t(stage) / t(baseline)
     latency_ratio_iqr: tuple[float, float] | None = None  # 25th and 75th percentile of that ratio
+    latency_noisy: bool = False  # the timing judged that ratio too wide to trust (warnings say why)
 
 
 def rounds_text(ls: dict) -> str:
@@ -289,19 +290,24 @@ def _md_rest(rep: dict, text: bool) -> list[str]:
     return lines
 
 
+NOISY = " (noisy)"  # beside every latency ratio the timing judged too wide to trust
+
+
 def _ratio_text(stage: dict) -> str:
     r, iqr = stage.get("latency_ratio"), stage.get("latency_ratio_iqr")
     if r is None:
         return ""
-    return f"{r:.3f}" + (f" [{iqr[0]:.3f}, {iqr[1]:.3f}]" if iqr else "")
+    return (f"{r:.3f}" + (NOISY if stage.get("latency_noisy") else "")
+            + (f" [{iqr[0]:.3f}, {iqr[1]:.3f}]" if iqr else ""))
 
 
-def _save_figure(fig, path: Path, title: str | None) -> Path:
-    """Title, lay out and write a figure as PNG (atomically), then close it."""
+def _save_figure(fig, path: Path, title: str | None, bottom: float = 0.0) -> Path:
+    """Title, lay out (leaving `bottom` of the figure free, for a legend) and write a figure as
+    PNG (atomically), then close it."""
     import matplotlib.pyplot as plt
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     try:
         return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     finally:
@@ -323,8 +329,9 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
     ratios = [s.get("latency_ratio") or 1.0 for s in stages]
     iqr = [s.get("latency_ratio_iqr") or (r, r) for s, r in zip(stages, ratios)]
     panels = [("parameters (M)", [s["params"] / 1e6 for s in stages], "%.3g", None),
-              ("latency ratio to baseline\n(median of rounds, quartiles)", ratios, "%.3f",
-               [[r - q[0] for r, q in zip(ratios, iqr)], [q[1] - r for r, q in zip(ratios, iqr)]])]
+              ("latency ratio to baseline\n(median of rounds, quartiles; ? = noisy)", ratios,
+               "%.3f", [[r - q[0] for r, q in zip(ratios, iqr)], [q[1] - r for r, q in zip(ratios, iqr)]])]
+    noisy = [bool(s.get("latency_noisy")) for s in stages]
     if all(s["top1"] is not None for s in stages):
         panels.append(("top-1", [s["top1"] for s in stages], "%.4f", None))
     if all(s.get("cosine") is not None for s in stages[1:]) and len(stages) > 1:
@@ -350,7 +357,7 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
         if fmt == "%.4f":
             _fidelity_panel(ax, names, vals, fmt)
         else:
-            _bar_panel(ax, names, vals, fmt, err)
+            _bar_panel(ax, names, vals, fmt, err, noisy if err else None)
         ax.tick_params(axis="x", labelrotation=20)
     if asked_latency is not None:  # the latency panel is the second
         axes[1].axhline(asked_latency, color="#c33", ls="--", lw=1)
@@ -360,14 +367,20 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
     return _save_figure(fig, path, title)
 
 
-def _bar_panel(ax, names: list[str], vals: list[float], fmt: str, err) -> None:
-    """Bars from zero (parameters, latency ratio), each value written above its error bar."""
-    ax.bar(names, vals, yerr=err, capsize=3 if err else 0,
-           color=["#777"] + ["#3a7"] * (len(vals) - 1))
+def _bar_panel(ax, names: list[str], vals: list[float], fmt: str, err,
+               noisy: list[bool] | None = None) -> None:
+    """Bars from zero (parameters, latency ratio), each value written above its error bar; a
+    value the timing does not trust is hatched and marked "?"."""
+    noisy = noisy or [False] * len(vals)
+    bars = ax.bar(names, vals, yerr=err, capsize=3 if err else 0,
+                  color=["#777"] + ["#3a7"] * (len(vals) - 1))
     tops = [v + (err[1][i] if err else 0.0) for i, v in enumerate(vals)]
     for i, (v, top) in enumerate(zip(vals, tops)):
-        ax.annotate(fmt % v, (i, top), textcoords="offset points", xytext=(0, 3), ha="center",
-                    fontsize=8)
+        if noisy[i]:
+            bars[i].set_hatch("//")
+            bars[i].set_alpha(0.6)
+        ax.annotate(fmt % v + ("?" if noisy[i] else ""), (i, top), textcoords="offset points",
+                    xytext=(0, 3), ha="center", fontsize=8, color="#c33" if noisy[i] else "black")
     ax.set_ylim(0, max(tops) * 1.15)
 
 
@@ -383,8 +396,8 @@ def _fidelity_panel(ax, names: list[str], vals: list[float], fmt: str) -> None:
     ax.set_ylim(bottom, top + (top - bottom) * 0.02)
     for i, v in enumerate(vals):  # labels below points at the top of the axis, else above
         below = v > top - (top - bottom) * 0.15
-        ax.annotate(fmt % v, (i, v), textcoords="offset points", xytext=(0, -13 if below else 6),
-                    ha="center", fontsize=8)
+        ax.annotate(fmt % v, (i, v), textcoords="offset points", xytext=(5, -12 if below else 5),
+                    ha="left", fontsize=8)
     ax.grid(axis="y", color="#eee")
     ax.margins(x=0.15)
 
@@ -499,13 +512,14 @@ def point_line(p: dict) -> str:
     fid = "" if value is None else f", {name} {value:.4g}" + (
         f" (drop {p['top1_drop_pp']:.2f} pp)" if name == "top1" and p.get("top1_drop_pp") is not None else "")
     iqr = p["latency_ratio_iqr"]
+    noisy = NOISY if p.get("latency_noisy") else ""
     verdict = "" if "missed" not in p else ("MISSED, " if p["missed"] else "met, ")
     head = (f"target {p['target']:g}: " if p.get("asked_ratio") is None else
             f"{p['objective']} ratio {p['asked_ratio']:g} ({verdict}{_replanned(p)}predicted "
             f"{p['predicted_ratio']:.4f}): ")
     return (head + f"achieved {p['achieved_sparsity']:.4f}, params "
-            f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f} "
-            f"[{iqr[0]:.3f}, {iqr[1]:.3f}]{fid}")
+            f"{p['params']:,}, FLOPs {p['flops_ratio']:.3f}x, latency ratio {p['latency_ratio']:.3f}"
+            f"{noisy} [{iqr[0]:.3f}, {iqr[1]:.3f}]{fid}")
 
 
 def tradeoff_markdown(rep: dict) -> str:
@@ -539,7 +553,8 @@ def tradeoff_markdown(rep: dict) -> str:
             mark += f" ({p['objective']} {p['asked_ratio']:g}, {_replanned(p)}predicted {p['predicted_ratio']:.3f})"
         lines.append(
             f"| {p['target']:g}{mark} | {p['achieved_sparsity']:.4f} | {p['params']:,} | "
-            f"{num(p['flops_ratio'], '.3f')} | {p['latency_ratio']:.3f} [{p['latency_ratio_iqr'][0]:.3f}, "
+            f"{num(p['flops_ratio'], '.3f')} | {p['latency_ratio']:.3f}"
+            f"{NOISY if p.get('latency_noisy') else ''} [{p['latency_ratio_iqr'][0]:.3f}, "
             f"{p['latency_ratio_iqr'][1]:.3f}] | {num(p['top1'], '.4f')} | {num(p['top1_drop_pp'], '.2f')} | "
             f"{num(p['kl'], '.3g')} | {num(p['cosine'], '.4f')} | "
             f"{p.get('depth_unit', '')} {p.get('depth_removed', '')} | {p.get('kept_widths', '')} |")
@@ -570,9 +585,10 @@ def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
                   chosen: float | None = None, baseline_top1: float | None = None,
                   title: str | None = None) -> Path:
     """Fidelity against latency ratio (with its quartiles) and against parameters kept, one
-    point per target (labelled), the budget as a line, the chosen target marked (PNG), written
-    atomically. The fidelity is the budget's measure; without a budget top-1 (or cosine), with
-    the KL on a second axis where there is one."""
+    point per target (labelled; a latency ratio the timing does not trust drawn hollow and
+    marked "?"), the budget as a line, the chosen target marked (PNG), written atomically.
+    One row per measure: the budget's, or top-1 (or cosine) and, where there is one, the KL on
+    its own log axis. Lines join the points in the order of the axis they are drawn on."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -582,36 +598,49 @@ def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
         keys = [{"top1_drop_pp": "top1", "kl": "kl", "cosine": "cosine"}[budget["measure"]]]
     elif "kl" in keys and len(keys) > 1:
         keys = [keys[0], "kl"]
-    labels = {"top1": "top-1", "cosine": "cosine to the unpruned model",
-              "kl": "KL to the unpruned model"}
-    colours = ["#3a7", "#37a"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, xkey, xlabel in ((axes[0], "latency_ratio", "latency ratio to the unpruned model"),
-                             (axes[1], "params_ratio", "parameters kept (ratio)")):
-        xs = [p[xkey] for p in points]
-        for n, key in enumerate(keys):
-            a = ax if n == 0 else ax.twinx()
-            ys = [p[key] for p in points]
-            a.plot(xs, ys, "-o", color=colours[n], ms=4, label=labels[key])
-            if xkey == "latency_ratio":
-                for p, y in zip(points, ys):
-                    a.plot(p["latency_ratio_iqr"], [y, y], color=colours[n], lw=1, alpha=0.5)
-            for p, x, y in zip(points, xs, ys):
-                if n == 0:
-                    a.annotate(f"{p['target']:g}", (x, y), textcoords="offset points",
-                               xytext=(4, 4), fontsize=7)
-                if n == 0 and chosen is not None and p["target"] == chosen:
-                    a.plot([x], [y], "*", color="#c33", ms=14, label=f"chosen: {chosen:g}")
-            if key == "kl":
-                a.set_yscale("log")
-            a.set_ylabel(labels[key], color=colours[n])
-            if n == 0 and budget is not None:
+    keys = keys or ["params_ratio"]
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.6 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        for ax, xkey, xlabel in ((axes[row][0], "latency_ratio", "latency ratio to the unpruned model"),
+                                 (axes[row][1], "params_ratio", "parameters kept (ratio)")):
+            _tradeoff_panel(ax, points, key, xkey, chosen)
+            if budget is not None:
                 line = budget["value"]
                 if budget["measure"] == "top1_drop_pp":
                     line = (baseline_top1 or 0) - budget["value"] / 100
-                a.axhline(line, color="#c33", ls="--", lw=1,
-                          label=f"budget {budget['flag']} {budget['value']:g}")
-            if n == 0:
-                a.legend(fontsize=7, loc="lower left")
-        ax.set_xlabel(xlabel)
-    return _save_figure(fig, path, title)
+                ax.axhline(line, color="#c33", ls="--", lw=1,
+                           label=f"budget {budget['flag']} {budget['value']:g}")
+            ax.set_xlabel(xlabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    bottom = 0.0
+    if handles:  # below the panels, where it hides no point
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8,
+                   frameon=False)
+        bottom = 0.1 / len(keys)
+    return _save_figure(fig, path, title, bottom)
+
+
+TRADEOFF_LABELS = {"top1": "top-1", "cosine": "cosine to the unpruned model",
+                   "kl": "KL to the unpruned model", "params_ratio": "parameters kept (ratio)"}
+
+
+def _tradeoff_panel(ax, points: list[dict], key: str, xkey: str, chosen: float | None) -> None:
+    """One measure against one axis: the points joined in x order, each labelled with its
+    target (labels alternate above and below so neighbours do not overprint)."""
+    order = sorted(points, key=lambda p: p[xkey])
+    xs, ys = [p[xkey] for p in order], [p[key] for p in order]
+    ax.plot(xs, ys, "-", color="#3a7", lw=1)
+    for i, (p, x, y) in enumerate(zip(order, xs, ys)):
+        noisy = xkey == "latency_ratio" and p.get("latency_noisy")
+        ax.plot([x], [y], "o", ms=5, color="#3a7", mfc="white" if noisy else "#3a7")
+        if xkey == "latency_ratio":
+            ax.plot(p["latency_ratio_iqr"], [y, y], color="#3a7", lw=1, alpha=0.5)
+        ax.annotate(f"{p['target']:g}" + ("?" if noisy else ""), (x, y), textcoords="offset points",
+                    xytext=(4, 5 if i % 2 == 0 else -11), fontsize=7,
+                    color="#c33" if noisy else "black")
+        if chosen is not None and p["target"] == chosen:
+            ax.plot([x], [y], "*", color="#c33", ms=14, label=f"chosen: {chosen:g}")
+    if key == "kl":
+        ax.set_yscale("log")
+    ax.set_ylabel(TRADEOFF_LABELS[key])
+    ax.margins(x=0.08, y=0.12)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..config import OBJECTIVE_FLAGS, RunConfig
+from ..report import NOISY
 from ..errors import UsageError
 from .choices import Choices
 from .inputs import Data
@@ -199,7 +200,8 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
           + (f"(target {cfg.targets.target:.4f}, achieved {result.achieved_sparsity:.4f}), "
              if obj.get("objective", "params") == "params" else
              f"(parameter sparsity {result.achieved_sparsity:.4f}), ") +
-          f"latency ratio {final.latency_ratio:.3f} [quartiles {q1:.3f}, {q3:.3f}] (median of "
+          f"latency ratio {final.latency_ratio:.3f}{NOISY if final.latency_noisy else ''} "
+          f"[quartiles {q1:.3f}, {q3:.3f}] (median of "
           f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "
           f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")
     if rep.get("budget_search"):

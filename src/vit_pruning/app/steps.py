@@ -157,10 +157,12 @@ def latency_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, stages
     from ..measure import interleaved_latency
     comp = interleaved_latency({s.name: snapshots[s.name] for s in stages}, warmup=3,
                                **timing_options(cfg, loaded, data, ch))
+    noisy = set(comp.untrusted())
     for s in stages:
         s.latency_ms = comp.median_ms[s.name]
         s.latency_ratio = comp.ratio[s.name]
         s.latency_ratio_iqr = (comp.ratio_q1[s.name], comp.ratio_q3[s.name])
+        s.latency_noisy = s.name in noisy
     return latency_setup(cfg, data, ch, comp)
 
 

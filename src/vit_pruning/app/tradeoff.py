@@ -194,6 +194,7 @@ def tradeoff_points(cfg, loaded: Loaded, data: Data, ch: Choices, base, metrics:
                  "flops": m.flops, "flops_ratio": m.flops / base.flops if base.flops else None,
                  "achieved_sparsity": 1 - m.params / base.params,
                  "latency_ratio": comp.ratio[names[t]],
+                 "latency_noisy": names[t] in comp.untrusted(),
                  "latency_ratio_iqr": [comp.ratio_q1[names[t]], comp.ratio_q3[names[t]]],
                  "top1": m.top1, "kl": m.kl_to_baseline, "cosine": m.cosine,
                  "agreement": m.agreement,

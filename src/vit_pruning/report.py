@@ -317,10 +317,16 @@ def _save_figure(fig, path: Path, title: str | None, bottom: float = 0.0) -> Pat
 def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
          title: str | None = None, kept_step: int | None = None,
          asked_latency: float | None = None) -> Path:
+    """The stage plot (:func:`stage_figure`) written as PNG, atomically."""
+    return _save_figure(stage_figure(stages, losses, kept_step, asked_latency), path, title)
+
+
+def stage_figure(stages: list[dict], losses: list[float] | None = None,
+                 kept_step: int | None = None, asked_latency: float | None = None):
     """Bar charts of parameters, latency ratio (with its quartiles; a latency target's asked
     ratio drawn across), top-1 and embedding cosine by stage (fidelity axes zoomed to the
     values, so drops show), and the distillation loss curve with the kept step marked when
-    there is one (PNG), written atomically."""
+    there is one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -340,18 +346,7 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
     n = len(panels) + bool(losses)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4))
     if losses:
-        ax = axes[-1]
-        ax.plot(range(1, len(losses) + 1), losses, color="#bbb", lw=0.6)
-        k = max(1, len(losses) // 50)  # a moving average over ~2% of the steps
-        smooth = [sum(losses[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(losses))]
-        ax.plot(range(1, len(losses) + 1), smooth, color="#3a7")
-        if kept_step is not None:
-            ax.axvline(max(kept_step, 0.5), color="#c33", ls="--", lw=1)
-            ax.text(max(kept_step, 0.5), ax.get_ylim()[1], f" kept: step {kept_step}",
-                    color="#c33", va="top", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_title("distillation loss")
-        ax.set_xlabel("step")
+        _loss_panel(axes[-1], losses, kept_step)
     for ax, (name, vals, fmt, err) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
         if fmt == "%.4f":
@@ -364,7 +359,24 @@ def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
         axes[1].text(0.99, asked_latency, f"asked {asked_latency:g}", color="#c33", va="bottom",
                      ha="right", fontsize=8, transform=axes[1].get_yaxis_transform(),
                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-    return _save_figure(fig, path, title)
+    return fig
+
+
+def _loss_panel(ax, losses: list[float], kept_step: int | None) -> None:
+    """The distillation loss per step and its moving average, the kept step marked."""
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, color="#bbb", lw=0.6, label="per step")
+    k = max(1, len(losses) // 50)  # a moving average over ~2% of the steps
+    smooth = [sum(losses[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(losses))]
+    ax.plot(steps, smooth, color="#3a7", label=f"mean of {k + 1} steps")
+    if kept_step is not None:
+        x = max(kept_step, 0.5)
+        ax.axvline(x, color="#c33", ls="--", lw=1, label=f"kept: step {kept_step}")
+    ax.set_yscale("log")
+    ax.set_title("distillation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def _bar_panel(ax, names: list[str], vals: list[float], fmt: str, err,
@@ -584,9 +596,16 @@ def tradeoff_markdown(rep: dict) -> str:
 def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
                   chosen: float | None = None, baseline_top1: float | None = None,
                   title: str | None = None) -> Path:
-    """Fidelity against latency ratio (with its quartiles) and against parameters kept, one
+    """The trade-off plot (:func:`tradeoff_figure`) written as PNG, atomically."""
+    fig, bottom = tradeoff_figure(points, budget, chosen, baseline_top1)
+    return _save_figure(fig, path, title, bottom)
+
+
+def tradeoff_figure(points: list[dict], budget: dict | None = None, chosen: float | None = None,
+                    baseline_top1: float | None = None):
+    """(figure, the share of its height its legend takes at the bottom). Fidelity against latency ratio (with its quartiles) and against parameters kept, one
     point per target (labelled; a latency ratio the timing does not trust drawn hollow and
-    marked "?"), the budget as a line, the chosen target marked (PNG), written atomically.
+    marked "?"), the budget as a line, the chosen target marked.
     One row per measure: the budget's, or top-1 (or cosine) and, where there is one, the KL on
     its own log axis. Lines join the points in the order of the axis they are drawn on."""
     import matplotlib
@@ -617,7 +636,7 @@ def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,
         fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8,
                    frameon=False)
         bottom = 0.1 / len(keys)
-    return _save_figure(fig, path, title, bottom)
+    return fig, bottom
 
 
 TRADEOFF_LABELS = {"top1": "top-1", "cosine": "cosine to the unpruned model",

@@ -219,3 +219,29 @@ def test_checkpoint_folders_get_the_users_permissions(tmp_path):
     saved.write_snapshots({"stage1": tiny_model()}, None)
     assert stat.S_IMODE((saved.folder / "snapshots").stat().st_mode) == want
     assert current_umask() == current_umask()  # read, not changed
+
+
+def test_every_missing_hub_resource_is_named_at_once(tmp_path, capsys):
+    import time
+    t0 = time.perf_counter()
+    assert run(tmp_path, "--target", "0.3", "--model", "google/vit-base-patch16-224",
+               "--dataset", "cifar10") == 2
+    line = one_line_error(capsys)
+    assert "--model google/vit-base-patch16-224 and --dataset uoft-cs/cifar10" in line
+    assert "hf download google/vit-base-patch16-224 --local-dir DIR" in line
+    assert "hf download uoft-cs/cifar10 --repo-type dataset" in line and "HF_HUB_OFFLINE=1" in line
+    assert time.perf_counter() - t0 < 30  # no download was retried
+    assert files(tmp_path) == []
+
+
+def test_local_and_embedded_resources_need_no_hub(tmp_path):
+    from vit_pruning.app.hub import needed
+    from vit_pruning.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["--target", "0.3", *argv]))
+    assert needed(cfg("--model", "embedded")) == []
+    assert needed(cfg("--model", str(vit_folder(tmp_path / "m")), "--dataset", "digits")) == []
+    assert needed(cfg("--model", "embedded", "--load-cifar", "--dry-run")) == []  # no data read
+    assert needed(cfg("--model", "org/m", "--dataset", "org/d")) == [
+        ("--model", "org/m", "model"), ("--dataset", "org/d", "dataset")]

@@ -54,6 +54,8 @@ def check_environment(cfg: RunConfig) -> None:
                 raise UsageError(f"{name}: no such file {value}")
             if Path(value).is_dir():
                 raise UsageError(f"{name}: {value} is a directory, not a file")
+    from .hub import check_hub
+    check_hub(cfg)  # every hub resource at once, before any download is tried
     if cfg.output.export_onnx:
         from ..export import OnnxUnavailable, require_onnx
         try:

@@ -516,7 +516,7 @@ def test_interleaved_latency_times_more_rounds_until_the_ratio_is_precise(monkey
     gen = torch.Generator().manual_seed(1)
     chunks = []
 
-    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
+    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False, bar=None):
         chunks.append((repeats, start))
         noise = (torch.rand(repeats, generator=gen) - 0.5).tolist()  # ratio 0.8 +- 0.1, uniform
         return {"a": [1.0] * repeats, "b": [0.8 + 0.2 * e for e in noise]}
@@ -556,7 +556,7 @@ def test_fast_models_may_time_more_rounds_than_ten_times_the_asked(monkeypatch):
     from vit_pruning import measure
     gen = torch.Generator().manual_seed(2)
 
-    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
+    def fake_rounds(calls, repeats, warmup, device, start=0, steady_allocator=False, bar=None):
         noise = (torch.rand(repeats, generator=gen) - 0.5).tolist()
         return {"a": [1e-3] * repeats, "b": [0.8e-3 * (1 + 0.2 * e) for e in noise]}
     monkeypatch.setattr(measure, "time_rounds", fake_rounds)
@@ -573,7 +573,7 @@ def timing_stuck_at_095(monkeypatch, blocks_hold_the_time):
     latency target of 0.7 cannot be met."""
     from vit_pruning import measure
 
-    def rounds(calls, repeats, warmup, device, start=0, steady_allocator=False):
+    def rounds(calls, repeats, warmup, device, start=0, steady_allocator=False, bar=None):
         return {n: [1.0 if i == 0 else 0.95] * repeats for i, n in enumerate(calls)}
     monkeypatch.setattr(measure, "time_rounds", rounds)
 
@@ -618,7 +618,7 @@ def test_an_implausible_latency_model_is_measured_again_and_never_cached(
     import vit_pruning.objective as objective
     rounds = []
 
-    def fake(calls, repeats, warmup, device, start=0, steady_allocator=False):
+    def fake(calls, repeats, warmup, device, start=0, steady_allocator=False, bar=None):
         rounds.append(len(calls))
         times = {"model": 1.0}
         for name in calls:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from .anatomy import DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve
 from .modeling_vit_pruning import tower_config
@@ -248,14 +249,14 @@ def steady_cpu_allocator() -> bool:
 
 @torch.no_grad()
 def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
-                device: torch.device, start: int = 0, steady_allocator: bool = False
-                ) -> dict[str, list[float]]:
+                device: torch.device, start: int = 0, steady_allocator: bool = False,
+                bar=None) -> dict[str, list[float]]:
     """Seconds of each call per round: `warmup` untimed rounds, then `repeats` rounds of every
     call once, the order rotated each round (from rotation `start`, to go on from earlier
     rounds), so that a machine slowing down or speeding up hits all of them alike. CUDA calls
     are timed with CUDA events; CPU calls with perf_counter (with `steady_allocator`, after
     fixing malloc's thresholds for the whole process: :func:`steady_cpu_allocator`; a library
-    call leaves them alone unless asked)."""
+    call leaves them alone unless asked). `bar`, a progress bar, advances once per round."""
     if device.type == "cpu" and steady_allocator:
         steady_cpu_allocator()
     names = list(calls)
@@ -276,6 +277,8 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
                 t0 = time.perf_counter()
                 calls[n]()
                 times[n].append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
     return times
 
 
@@ -283,7 +286,8 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup:
 def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, repeats: int = 10,
                         warmup: int = 3, seq_len: int = 128, dtype: torch.dtype | None = None,
                         precision: float | None = None, max_repeats: int | None = None,
-                        steady_allocator: bool = False) -> LatencyComparison:
+                        steady_allocator: bool = False, progress: bool = False
+                        ) -> LatencyComparison:
     """Time several models on one input, one forward each per round, rounds interleaved and the
     order rotated each round, so that a machine slowing down or speeding up hits all of them
     alike. The first model is the reference of the ratios. CUDA forwards are timed with CUDA
@@ -295,21 +299,28 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, re
     apart) they gave +-0.05, and two timings of one model minutes apart differed by 0.07; a 3 ms
     forward's ratio needed some 400 rounds (about a second) on a quiet one. `steady_allocator`:
     see :func:`time_rounds` (the command line asks for it; a library call changes nothing
-    process-wide unless it does)."""
+    process-wide unless it does). `progress`: a bar of the rounds timed (the most they may
+    take while the precision is not reached)."""
     names = list(models)
     first = models[names[0]]
     x = example_inputs(first, batch_size, seq_len=seq_len)
     device = next(iter(x.values())).device
-    with eval_mode(*models.values()):
+    bar = tqdm(total=repeats, desc=f"timing {len(names)} models", unit="round", leave=False,
+               disable=not progress)
+    with eval_mode(*models.values()), bar:
         calls = {n: (lambda m=m: run_model(m, x)) for n, m in models.items()}
         with autocast_context(device, dtype):
-            times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)
+            times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator,
+                                bar=bar)
             done = repeats
             cap = _round_cap(times, repeats, max_repeats)
+            if precision:
+                bar.total = cap  # the most the precision may take
+                bar.set_postfix_str(f"until each ratio is known to +-{precision:g}")
             while precision and done < cap and _widest(times, names) > 2 * precision:
                 more = min(cap - done, done)
                 for n, t in time_rounds(calls, more, 0, device, start=done,
-                                        steady_allocator=steady_allocator).items():
+                                        steady_allocator=steady_allocator, bar=bar).items():
                     times[n] += t
                 done += more
     ratios = _ratios(times, names)

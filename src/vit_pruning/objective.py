@@ -297,6 +297,8 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
         once = time_rounds({"model": calls["model"]}, 3, 1, device,
                            steady_allocator=steady_allocator)["model"]
     repeats = max(repeats, min(MAX_ROUNDS, math.ceil(ROUND_SECONDS / max(min(once), 1e-6))))
+    log.info("latency model: timing %d variants x %d rounds (about %.0f s)", len(calls), repeats,
+             len(calls) * repeats * min(once))
     for attempt in range(MEASURES):  # an implausible table is measured again, never cached
         with autocast_context(device, dtype):
             times = time_rounds(calls, repeats, warmup, device, steady_allocator=steady_allocator)

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .anatomy import resolve
 from .config import (SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
@@ -494,7 +495,9 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     search: dict[str, float] = {}
     if len(candidates) > 1 or score_single:
         trial_cfg = replace(cfg, selection="score")
-        for d in candidates:  # each trial prunes width, measures, and undoes it: no model copies
+        for d in tqdm(candidates, desc=f"split search ({cfg.unit} units)", leave=False,
+                      disable=not pruner.progress):  # each trial prunes width, measures, and
+            # undoes it: no model copies
             plan = cfg.plan(shape, target, depth_indices=orders[d])
             search[str(d)] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
             log.info("split search: %d %s units -> held-out calibration distance %.5f", d,

@@ -148,6 +148,7 @@ def timing_options(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices) -> d
             "dtype": ch.latency_dtype, "precision": cfg.timing.latency_precision or None,
             "max_repeats": cfg.timing.latency_max_repeats,
             "steady_allocator": cfg.timing.steady_allocator,
+            "progress": not cfg.output.quiet,
             **({"seq_len": data.seq_len} if loaded.text else {})}
 
 

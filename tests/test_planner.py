@@ -80,8 +80,14 @@ def test_infeasible_target_names_maximum(tiny_vit):
         plan_2ssp_allocation(tiny_vit, top + 0.01, min_remaining=60, unit="attention")
 
 
-def test_plan_is_deterministic(tiny_vit):
-    assert plan_2ssp_allocation(tiny_vit, 0.3, 8) == plan_2ssp_allocation(tiny_vit, 0.3, 8)
+def test_the_plan_depends_on_the_shape_alone(tiny_vit):
+    """Pure arithmetic: other weights, same shape, the same plan; another shape, another one."""
+    from conftest import tiny_model
+    from vit_pruning.pipeline import model_shape
+    plan = plan_2ssp_allocation(tiny_vit, 0.3, 8)
+    assert plan == plan_2ssp_allocation(tiny_model(seed=7), 0.3, 8)
+    assert plan == make_plan(model_shape(tiny_vit), 0.3, "block", 8)
+    assert plan != plan_2ssp_allocation(tiny_model(layers=6), 0.3, 8)
 
 
 @pytest.mark.parametrize("name", SHAPES)

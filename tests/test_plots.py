@@ -67,3 +67,13 @@ def test_the_tradeoff_plot_keeps_its_data_and_labels_inside(budget):
     xs = list(first.get_lines()[0].get_xdata())
     assert xs == sorted(xs)  # joined along the axis, not in target order
     assert fig.legends or budget is None  # the legend sits below the panels, over no point
+
+
+def test_a_noisy_ratio_is_marked_in_the_same_line_and_cell():
+    from vit_pruning.report import _ratio_text, point_line
+    stage = {**STAGES[1]}
+    assert _ratio_text(stage).startswith("0.780 (noisy) [")
+    assert "(noisy)" not in _ratio_text(STAGES[2])
+    point = {**POINTS[0], "params": 600000, "flops_ratio": 0.9, "achieved_sparsity": 0.1,
+             "top1_drop_pp": 0.0, "cosine": None}
+    assert "latency ratio 1.678 (noisy) [" in point_line(point)

@@ -102,7 +102,8 @@ def test_cli_target_list_reports_every_point(tmp_path, capsys):
     rep = json.loads((tmp_path / "reports" / "report-sw.json").read_text())
     assert [p["target"] for p in rep["points"]] == [0.1, 0.3] and rep["kind"] == "sweep"
     for p in rep["points"]:
-        assert abs(p["achieved_sparsity"] - p["target"]) < 1e-3 and p["latency_ratio"] > 0
+        assert abs(p["achieved_sparsity"] - p["target"]) < 1e-3
+        assert p["latency_ratio"] == rep["latency_setup"]["ratio"][f"target {p['target']:g}"]
         assert p["top1"] is not None and p["kl"] is not None
         assert (tmp_path / "pruned" / "sw" / f"target-{p['target']:g}" / "config.json").is_file()
     assert "target 0.3: achieved" in out
@@ -124,7 +125,16 @@ def test_cli_budget_chooses_a_target_and_goes_on(tmp_path, capsys, budget):
         assert rep["stages"][-1]["kl_to_baseline"] <= 1e-3 + 1e-12
     assert (tmp_path / "pruned" / "b" / "config.json").is_file()
     assert (tmp_path / "reports" / "report-b.tradeoff.png").is_file()
-    assert "Budget search" in (tmp_path / "reports" / "report-b.md").read_text()
+    md = (tmp_path / "reports" / "report-b.md").read_text()
+    assert "Budget search" in md and "not a proof that no larger target keeps it" in md
+    n = 64  # 2 evaluation batches of 32 digits images
+    assert search["selection_inputs"] == search["report_inputs_shared"] == n
+    assert f"the same {n} evaluation inputs" in search["selection_note"]
+    if budget[0] == "--max-accuracy-drop":
+        assert "one image is 1.56 points of top-1" in search["selection_note"]
+    out = capsys.readouterr().out
+    assert "first over budget" not in out and "a bracket, assuming fidelity falls" in out
+    assert f"pruned model: {tmp_path / 'pruned' / 'b'} (plain transformers" in out
 
 
 @pytest.mark.cli

@@ -54,8 +54,10 @@ def check_environment(cfg: RunConfig) -> None:
                 raise UsageError(f"{name}: no such file {value}")
             if Path(value).is_dir():
                 raise UsageError(f"{name}: {value} is a directory, not a file")
-    from .hub import check_hub
-    check_hub(cfg)  # every hub resource at once, before any download is tried
+    from .hub import check_hub, needed
+    if any(flag == "--model" for flag, _, _ in needed(cfg)):  # the model is downloaded first:
+        check_hub(cfg)  # every hub resource at once, before any download is tried (with a
+        # local model, the data's are checked once the model says which flags apply)
     if cfg.output.export_onnx:
         from ..export import OnnxUnavailable, require_onnx
         try:

@@ -158,4 +158,6 @@ def load_step(cfg: RunConfig) -> Loaded:
     if not anatomy.is_text and cfg.recovery.distill_augment:
         raise UsageError("--distill-augment is for text encoders; an image model distills on "
                          "train-split images (see --distill-size)")
+    from .hub import check_hub
+    check_hub(cfg)  # the dataset's hub resources, before any download is tried
     return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)

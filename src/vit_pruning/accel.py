@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import PRECISIONS  # noqa: E402
+from .config import PRECISIONS
+from .modes import device_of
 
 
 def launched() -> bool:
@@ -83,7 +84,7 @@ def train_device(acc, model: nn.Module) -> torch.device:
     """Where a run trains: the model's own device alone, the process's device under a launcher."""
     if acc.num_processes > 1:
         return acc.device
-    return next(model.parameters()).device
+    return device_of(model)
 
 
 def shard_rows(batches: Sequence, rank: int, count: int) -> list:

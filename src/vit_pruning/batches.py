@@ -11,6 +11,16 @@ from typing import Any, Iterable, Iterator
 import torch
 
 
+def batch_len(batch: Any) -> int:
+    """Rows of one batch: a tensor of images or token ids, or a dict of tokenized sentences."""
+    return len(batch["input_ids"]) if isinstance(batch, dict) else len(batch)
+
+
+def rows(batches: Iterable) -> int:
+    """Rows of a list of batches (images or sentences)."""
+    return sum(batch_len(b) for b in batches)
+
+
 def batch_pixels(batch: Any) -> torch.Tensor:
     """The model input tensor of a batch: pixel values, or token ids for text."""
     if isinstance(batch, dict):

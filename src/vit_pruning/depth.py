@@ -24,7 +24,7 @@ from .config import PruneConfig
 from .measure import output_distance
 from .surgery import TemporaryBypass, remove_attention, remove_blocks
 from .trace import UnprunedTrace
-from .modes import eval_mode
+from .modes import device_of, eval_mode
 
 METHODS = ("greedy", "bi")
 
@@ -192,7 +192,7 @@ def block_influence(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
                     unit: str = "block") -> dict[int, float]:
     """One-shot Block Influence: 1 - mean cos(input, output) of each block (or attention sublayer)."""
     an = resolve(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     total = torch.zeros(len(an.parts), dtype=torch.float64, device=device)
     with eval_mode(model):
         for x in pixel_batches:
@@ -300,7 +300,7 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
         limit = n - len(an.stage_blocks()) if unit == "block" else n
         if not 0 <= num_to_prune <= limit:
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
-        device = device if device is not None else next(model.parameters()).device
+        device = device if device is not None else device_of(model)
         batches = take_inputs(dataloader, batch_limit, device) if dataloader is not None else None
         order, scores = select_depth(model, num_to_prune, unit, batches,
                                      PruneConfig(depth_method=method), progress=progress)

@@ -45,7 +45,8 @@ from .accel import adamw, make_accelerator, reduce_sum, shard_rows, train_device
 from .anatomy import mean_pool, resolve
 from .config import DISTILL_CACHE_LIMIT, MATCHES, TRAINABLE, DistillConfig  # noqa: F401
 from .measure import forward_output
-from .modes import eval_mode
+from .modes import device_of, eval_mode
+from .batches import batch_len
 
 log = logging.getLogger(__name__)
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
@@ -164,14 +165,6 @@ def _rows(batch, idx: torch.Tensor, device: torch.device):
     return batch[idx].to(device)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batch_len(batch) -> int:
-    return len(batch["input_ids"]) if isinstance(batch, dict) else len(batch)
-
-
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
                  temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL at a temperature for logits, mean cosine distance for embeddings/hidden states;
@@ -239,12 +232,12 @@ def teacher_outputs(teacher: nn.Module, inputs: Sequence, micro: int = 64,
     host): what the student learns (every token's hidden state with match="tokens"). With
     `layers` (teacher block indices), each batch's entry is [output, *those blocks' outputs],
     the block outputs in half precision."""
-    device = _device(teacher)
+    device = device_of(teacher)
     final = "tokens" if match in ("tokens", "layers") else "output"
     with eval_mode(teacher):
         out = []
         for b in inputs:
-            n = _batch_len(b)
+            n = batch_len(b)
             if not n:  # a process's empty shard of a small batch: never drawn from
                 out.append(None)
                 continue
@@ -265,7 +258,7 @@ def _heldout_sums(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Te
     total = count = 0.0
     match = "tokens" if kind == "tokens" else "output"
     for b, t in zip(inputs, targets):
-        n = _batch_len(b)
+        n = batch_len(b)
         for i in range(0, n, 64):
             idx = torch.arange(i, min(n, i + 64))
             total += float(distill_loss(_forward(model, _rows(b, idx, device), match),
@@ -281,7 +274,7 @@ def _split_heldout(inputs: Sequence, targets: Sequence | None, share: float):
     without `targets`, when the teacher runs every step)."""
     fit_x, fit_t, held_x, held_t = [], [], [], []
     for b, t in zip(inputs, targets if targets is not None else [None] * len(inputs)):
-        n = _batch_len(b)
+        n = batch_len(b)
         h = min(n - 1, max(1, int(round(share * n)))) if share > 0 else 0
         keep, out = torch.arange(n - h), torch.arange(n - h, n)
         fit_x.append(_rows(b, keep, "cpu") if h else b)
@@ -321,8 +314,8 @@ def _layer_bytes(teacher: nn.Module, inputs: Sequence, layers: Sequence[int], ma
     row = sum(h.numel() for h in probe) * 2
     if isinstance(b0, dict):  # text: proportional to each batch's padded length
         t0 = b0["input_ids"].shape[1]
-        return int(sum(_batch_len(b) * row * b["input_ids"].shape[1] / t0 for b in inputs))
-    return row * sum(_batch_len(b) for b in inputs)
+        return int(sum(batch_len(b) * row * b["input_ids"].shape[1] / t0 for b in inputs))
+    return row * sum(batch_len(b) for b in inputs)
 
 
 @dataclass
@@ -385,7 +378,7 @@ def _prepare_data(teacher, inputs, cfg: DistillConfig, cached, check_inputs, fin
         else:
             held_x = shard_rows(held_x, rank, count)
             held_t = shard_rows(held_t, rank, count) if held_t is not None else None
-        keep = [i for i, b in enumerate(held_x) if _batch_len(b)]  # a shard can be empty
+        keep = [i for i, b in enumerate(held_x) if batch_len(b)]  # a shard can be empty
         held_x = [held_x[i] for i in keep]
         if held_t is None:
             held_t = teacher_outputs(teacher, held_x, match=final)
@@ -542,7 +535,7 @@ class _Run:
             self.student_layers = list(range(len(self.teacher_at)))
             self.on_the_fly = (cached is None and teacher is not None and _layer_bytes(
                 teacher, inputs, self.teacher_at, cfg.match) > cfg.cache_limit)
-        acc = self.acc = make_accelerator(_device(pruned), cfg.mixed_precision, cfg.grad_accumulation)
+        acc = self.acc = make_accelerator(device_of(pruned), cfg.mixed_precision, cfg.grad_accumulation)
         self.rank, self.count, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.device = train_device(acc, pruned)
         if self.count > 1:  # each process trains on its own device
@@ -568,10 +561,10 @@ class _Run:
         those in its shard, its loss weighted by its share, so the averaged gradient is one
         process's."""
         data = self.data
-        self.full = [_batch_len(b) for b in data.inputs] if self.count == 1 else reduce_sum(
-            self.acc, [_batch_len(b) for b in data.inputs])
+        self.full = [batch_len(b) for b in data.inputs] if self.count == 1 else reduce_sum(
+            self.acc, [batch_len(b) for b in data.inputs])
         self.sizes = torch.tensor(self.full, dtype=torch.float64)
-        self.spare = next((i for i, b in enumerate(data.inputs) if _batch_len(b)), None)
+        self.spare = next((i for i, b in enumerate(data.inputs) if batch_len(b)), None)
         if self.spare is None:
             raise ValueError(f"process {self.rank} of {self.count} has no distillation inputs: "
                              f"give more inputs than processes")

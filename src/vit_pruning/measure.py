@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .anatomy import DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve
 from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
-from .modes import eval_mode
+from .modes import device_of, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ def compute_actual_sparsity(original_params: int, pruned_params: int) -> float:
     return 1.0 - pruned_params / original_params
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None = None,
                    seq_len: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
     """A deterministic random input batch for the model: images of `image_size` (default: the
@@ -88,11 +84,11 @@ def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None
     cfg = tower_config(model.config)
     if is_text_config(cfg):
         ids = torch.randint(1, int(cfg.vocab_size), (batch_size, seq_len), generator=gen)
-        return {"input_ids": ids.to(_device_of(model))}
+        return {"input_ids": ids.to(device_of(model))}
     size = image_size or int(cfg.image_size)
     channels = int(getattr(cfg, "num_channels", 3))
     x = torch.randn(batch_size, channels, size, size, generator=gen)
-    return {"pixel_values": x.to(_device_of(model))}
+    return {"pixel_values": x.to(device_of(model))}
 
 
 def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -362,7 +358,7 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device
                   max_batches: int | None = None) -> float:
     """Top-1 accuracy over the first `max_batches` batches of a labelled loader (seed API);
     batches go to `device` (default: the model's)."""
-    device = device if device is not None else _device_of(model)
+    device = device if device is not None else device_of(model)
     correct = total = 0
     with eval_mode(model):
         for batch in iter_limited(loader, max_batches):

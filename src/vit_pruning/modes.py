@@ -4,7 +4,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (its first parameter's device)."""
+    return next(model.parameters()).device
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from .config import LATENCY_MODEL_ROUNDS, OBJECTIVES
 from .measure import autocast_context, example_inputs, run_model, time_rounds
 from .planner import ModelShape, aligned_floor
 from .surgery import prune_mlp_neurons, remove_attention, remove_blocks
-from .modes import eval_mode
+from .modes import device_of, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
     is left as it came. `steady_allocator`: see :func:`vit_pruning.measure.time_rounds`."""
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats must be >= {MIN_REPEATS} to measure a latency model, got {repeats}")
-    device = next(model.parameters()).device
+    device = device_of(model)
     key = latency_key(model, device, dtype, batch_size, seq_len, align, min_remaining)
     path = Path(cache_dir) / "latency" / f"{key}.json" if cache_dir is not None else None
     if path is not None and path.exists():

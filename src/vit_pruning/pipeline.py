@@ -34,6 +34,7 @@ from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import WidthPass, global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
+from .modes import device_of
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Pruner:
         self.cfg = replace(config or PruneConfig(), latency_model=cfg.latency_model
                            ).resolved(self.shape)
         self.progress = progress
-        device = device if device is not None else next(model.parameters()).device
+        device = device if device is not None else device_of(model)
         batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
         if batches:  # small micro-batches bound the memory of cached activations in every phase
             batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]

@@ -26,7 +26,7 @@ from .importance import (MLPStats, activation_scores, block_mlp_stats, block_out
                          magnitude_scores, normalized)
 from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
 from .trace import UnprunedTrace
-from .modes import eval_mode
+from .modes import device_of, eval_mode
 
 COMPENSATIONS = ("none", "bias", "lsq")
 ALLOCATIONS = ("uniform", "global")
@@ -97,7 +97,7 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     _check_counts(anatomy, n_to_prune_per_block, min_remaining)
     if importance is None:
         if dataloader is not None:
-            device = device if device is not None else next(model.parameters()).device
+            device = device if device is not None else device_of(model)
             importance = activation_scores(anatomy, take_inputs(dataloader, max_batches, device))
         else:
             importance = magnitude_scores(anatomy)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..batches import rows
 from ..config import OBJECTIVE_FLAGS, RunConfig
 from ..report import NOISY
 from ..errors import UsageError
@@ -111,8 +112,7 @@ def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, 
         "calibration": data.calib_info,
         "skipped_images": data.splits.skipped if data.splits is not None else [],
         "distillation": None if distilled is None else {
-            **distilled.to_dict(), "inputs": sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
-                                                 for b in data.distill_inputs),
+            **distilled.to_dict(), "inputs": rows(data.distill_inputs),
             "augmented": data.distill_augmented},
         "versions": versions(),
         "artifacts": artifacts,
@@ -163,8 +163,7 @@ def run_notes(cfg: RunConfig, ch: Choices, result, data: Data) -> list[str]:
         notes.append(f"split between stages: {plan.split} ("
                      + ("no calibration data to search with" if not data.calib_inputs else
                         "one feasible depth count only") + ")")
-    if data.calib_inputs and sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
-                                 for b in data.calib_inputs) < 2:
+    if data.calib_inputs and rows(data.calib_inputs) < 2:
         notes.append("one calibration input: nothing could be held out, so the 'held-out' "
                      "distances of the split and selection searches are measured on the input "
                      "pruning fitted (use --calib-size 2 or more)")

@@ -94,8 +94,8 @@ def distill_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, model,
             where = saved.write(st.step, model, st, run_record, cfg.job(), loaded.processor)
             log.info("checkpoint: step %d written to %s", st.step, where)
         hook = write
-    log.info("distilling from the unpruned model on %d unlabeled inputs%s", sum(
-        len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in data.distill_inputs),
+    from ..batches import rows
+    log.info("distilling from the unpruned model on %d unlabeled inputs%s", rows(data.distill_inputs),
         "" if acc.num_processes == 1 else f", sharded over {acc.num_processes} processes")
     return distill(model, snapshots["baseline"], data.distill_inputs, config=dc,
                    check_inputs=data.distill_checks, progress=not cfg.output.quiet, checkpoint=hook,

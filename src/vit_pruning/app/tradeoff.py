@@ -34,9 +34,8 @@ log = logging.getLogger("vit_pruning")
 
 def evaluation_count(data: Data) -> int:
     """How many evaluation images (or sentences) every measurement uses."""
-    if data.eval_pixels:
-        return sum(len(x) for x in data.eval_pixels)
-    return sum(len(b["input_ids"]) for b in data.eval_batches) if data.eval_batches else 0
+    from ..batches import rows
+    return rows(data.eval_pixels) if data.eval_pixels else rows(data.eval_batches)
 
 
 def measure_of(budget: str) -> str:

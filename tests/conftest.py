@@ -72,6 +72,12 @@ def vit_folder(path: Path, model=None) -> Path:
     return path
 
 
+def read_report(tmp: Path, run_id: str, reports: str = "reports") -> dict:
+    """The JSON report a run with `run_id` wrote under `tmp`."""
+    import json
+    return json.loads((tmp / reports / f"report-{run_id}.json").read_text())
+
+
 def output_files(tmp: Path) -> list[str]:
     """Every file and folder under `tmp`, hidden ones included (half-written outputs)."""
     return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))

@@ -10,7 +10,7 @@ import pytest
 from transformers import (ViTForImageClassification, ViTImageProcessor)
 
 from conftest import cli_run as run
-from conftest import one_line_error, output_files as files, tiny_config, vit_folder
+from conftest import one_line_error, output_files as files, read_report, tiny_config, vit_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,7 @@ def test_settings_taken_otherwise_are_said(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.0001", "--run-id", "n",
                "--eval-batches", "1", "--calib-size", "1") == 0
     out = capsys.readouterr().out
-    rep = json.loads((tmp_path / "reports" / "report-n.json").read_text())
-    notes = " ".join(rep["notes"])
+    notes = " ".join(read_report(tmp_path, "n")["notes"])
     assert "nothing was removed" in notes and "one calibration input" in notes
     assert "note: nothing was removed" in out
     assert "nothing was removed" in (tmp_path / "reports" / "report-n.md").read_text()

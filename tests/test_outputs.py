@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_run as run
-from conftest import one_line_error, output_files as files
+from conftest import one_line_error, output_files as files, read_report
 from vit_pruning.atomic import PARTIAL
 from vit_pruning.cli import main
 from vit_pruning.outputs import Output, OutputError, RunOutputs
@@ -65,7 +65,7 @@ def test_report_and_console_share_the_ratio(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "l",
                "--eval-batches", "1", "--calib-size", "16") == 0
     out = capsys.readouterr().out
-    rep = json.loads((tmp_path / "reports" / "report-l.json").read_text())
+    rep = read_report(tmp_path, "l")
     final = rep["stages"][-1]
     assert f"latency ratio {final['latency_ratio']:.3f}" in out
     md = (tmp_path / "reports" / "report-l.md").read_text()

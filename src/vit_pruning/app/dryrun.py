@@ -28,7 +28,8 @@ def print_dry_run(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float, pr
     print(f"target {target}: min_remaining {ch.min_remaining} ({ch.min_remaining_source}); "
           f"MLP widths aligned to multiples of {ch.align} ({ch.align_source}); width policy "
           f"{ch.width_policy}; split "
-          f"{'searched on calibration data when pruning (shown: 2SSP alpha formula)' if searched else cfg.pruning.split}")
+          + ("searched on calibration data when pruning (shown: 2SSP alpha formula)" if searched
+             else cfg.pruning.split))
     for unit, plan in probes.items():
         pred_params, pred_flops = _predicted(cfg, loaded, ch, target, unit)
         _print_unit(cfg, ch, shape, unit, plan)

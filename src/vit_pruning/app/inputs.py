@@ -44,7 +44,8 @@ def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
     """Dataset and head, calibration (and distillation) inputs, the head fine-tune, and the
     evaluation batches, all on the run's device."""
     from ..text import PYTHON_DOCS
-    dataset = cfg.data.dataset or ("cifar10" if cfg.data.load_cifar else ("digits" if cfg.model == "embedded" else None))
+    dataset = cfg.data.dataset or ("cifar10" if cfg.data.load_cifar else
+                                   ("digits" if cfg.model == "embedded" else None))
     if loaded.text:
         dataset = cfg.data.text_file or PYTHON_DOCS
     data = Data(dataset=dataset, calib_info={"dataset": None, "split": None, "count": 0,
@@ -54,8 +55,10 @@ def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
     data.ft_lr = cfg.head.ft_lr or (1e-3 if cfg.head.freeze_backbone else 1e-4)
     if cfg.head.do_finetune:
         from ..heads import finetune
-        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", cfg.head.ft_epochs, data.ft_lr)
-        finetune(loaded.model, data.train_loader, cfg.head.ft_epochs, data.ft_lr, cfg.head.freeze_backbone,
+        h = cfg.head
+        log.info("fine-tuning the head on the unpruned model (%d epoch(s), lr %g)", h.ft_epochs,
+                 data.ft_lr)
+        finetune(loaded.model, data.train_loader, h.ft_epochs, data.ft_lr, h.freeze_backbone,
                  ch.device, not cfg.output.quiet, ch.mixed_precision, cfg.recovery.grad_accumulation)
     loaded.model.eval()
     for p in loaded.model.parameters():
@@ -85,7 +88,8 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     data.head_cfg = {"kind": None, "adapter_reduction": cfg.head.adapter_reduction}
     if cfg.head.replace_classifier or cfg.head.use_adapter:
         if splits is None:
-            raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset or --load-cifar")
+            raise UsageError("--replace-classifier/--use-adapter need labelled data: add --dataset "
+                             "or --load-cifar")
         kind = "adapter" if cfg.head.use_adapter else "linear"
         install_head(model, build_head(kind, head_in_features(model), splits.num_labels,
                                        cfg.head.adapter_reduction).to(ch.device), splits.label_names)
@@ -107,9 +111,11 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     if cfg.head.do_finetune and splits is None:
         raise UsageError("--do-finetune needs labelled data: add --dataset or --load-cifar")
     if cfg.head.recover and (splits is None or not data.has_head):
-        raise UsageError("--recover needs labelled data and a classifier head: add --dataset or --load-cifar")
+        raise UsageError("--recover needs labelled data and a classifier head: add --dataset or "
+                         "--load-cifar")
     if cfg.head.save_adapter and data.head_cfg["kind"] is None:
-        raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or --load-adapter")
+        raise UsageError("--save-adapter needs a head: add --replace-classifier, --use-adapter or "
+                         "--load-adapter")
 
 
 def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
@@ -134,7 +140,8 @@ def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
         size = min(cfg.recovery.distill_size or DISTILL_IMAGES, len(splits.train))
         pool, _ = calibration_subset(splits.train, size, cfg.seed + 1)
         data.distill_inputs = take_inputs(make_loader(pool, loaded.processor, splits, 256), None, "cpu")
-    return make_loader(splits.test, loaded.processor, splits, cfg.data.batch_size, False, cfg.seed, workers)
+    return make_loader(splits.test, loaded.processor, splits, cfg.data.batch_size, False, cfg.seed,
+                       workers)
 
 
 def text_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
@@ -161,7 +168,8 @@ def text_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
         if not rest:
             raise UsageError("--distill-steps: every sentence is used for calibration or evaluation; "
                              "give a longer --text-file or lower --calib-size/--eval-batches")
-        copies = DISTILL_AUGMENT if cfg.recovery.distill_augment is None else cfg.recovery.distill_augment
+        asked = cfg.recovery.distill_augment
+        copies = DISTILL_AUGMENT if asked is None else asked
         variants = augment_sentences(split.calibration, copies, cfg.seed, exclude=split.evaluation)
         data.distill_augmented = len(variants)
         data.distill_inputs = tokenize(loaded.processor, [*rest, *variants], 256, by_length=True)
@@ -189,7 +197,8 @@ def evaluation_batches(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data,
     data.eval_batches = list(iter_limited(test_loader, cfg.data.eval_batches)) if test_loader else []
     if loaded.text:
         lengths = torch.cat([b["attention_mask"].sum(1) for b in data.eval_batches])
-        data.seq_len = max(1, round(float(lengths.double().mean())))  # FLOPs and latency at the mean length
+        # FLOPs and latency at the mean length
+        data.seq_len = max(1, round(float(lengths.double().mean())))
         from ..text import MAX_LENGTH, PYTHON_DOCS
         n = sum(len(b["input_ids"]) for b in data.eval_batches)
         data.accuracy_note = (
@@ -225,7 +234,8 @@ def all_sentences(cfg: RunConfig) -> tuple[tuple[str, ...], int]:
     try:
         sentences, repeats = read_sentences_counted(cfg.data.text_file)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"--text-file: {cfg.data.text_file} is not UTF-8 text (byte {exc.start})") from exc
+        raise UsageError(f"--text-file: {cfg.data.text_file} is not UTF-8 text (byte "
+                         f"{exc.start})") from exc
     except ValueError as exc:
         raise UsageError(f"--text-file: {exc}") from exc
     except OSError as exc:

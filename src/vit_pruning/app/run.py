@@ -164,9 +164,11 @@ def run_outputs(cfg: RunConfig, run_id: str):
     from ..outputs import Output, RunOutputs
     outs = []
     if cfg.output.save_pruned_model or cfg.output.export_onnx:
-        outs.append(Output("model", Path(cfg.output.pruned_output_dir) / run_id, "--pruned-output-dir", True))
+        outs.append(Output("model", Path(cfg.output.pruned_output_dir) / run_id,
+                           "--pruned-output-dir", True))
     if cfg.head.save_adapter:
-        outs.append(Output("adapter", Path(cfg.output.artifacts_dir) / run_id / "adapter.pt", "--artifacts-dir"))
+        outs.append(Output("adapter", Path(cfg.output.artifacts_dir) / run_id / "adapter.pt",
+                           "--artifacts-dir"))
     if cfg.budget:  # the search's trade-off plot beside the stages' plot
         outs.append(Output("tradeoff", Path(cfg.output.reports_dir) / f"report-{run_id}.tradeoff.png",
                            "--reports-dir"))

@@ -18,7 +18,8 @@ from .loading import Loaded
 log = logging.getLogger("vit_pruning")
 
 
-def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluator, search=None):
+def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate: Evaluator,
+               search=None):
     """Baseline, stage 1, stage 2 (and the head re-tune with --recover), each measured; keeps a
     copy of the model after each stage so that latency can be timed back to back at the end.
     After a budget search (`search`, a tradeoff.BudgetRun) its chosen model is stage 2."""
@@ -60,7 +61,8 @@ def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate
         stages.append(evaluate("distilled", model))
     if cfg.head.recover:
         snapshots[stages[-1].name] = copy.deepcopy(model)
-        finetune(model, data.train_loader, cfg.head.ft_epochs, data.ft_lr, cfg.head.freeze_backbone, ch.device,
+        h = cfg.head
+        finetune(model, data.train_loader, h.ft_epochs, data.ft_lr, h.freeze_backbone, ch.device,
                  not cfg.output.quiet, ch.mixed_precision, cfg.recovery.grad_accumulation)
         model.eval()
         stages.append(evaluate("recovered", model))
@@ -68,7 +70,8 @@ def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate
     return stages, snapshots, result, distilled
 
 
-def distill_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, model, result, stages, snapshots,
+def distill_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, model, result, stages,
+                 snapshots,
                  state=None):
     """Distill the pruned `model` from the baseline (on accelerate: every process of a launched
     job on its own shard, after checking they all pruned the same plan); with
@@ -182,7 +185,8 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
     from ..persistence import save_pruned_model
     model = loaded.model
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
-    meta = {"model": loaded.model_id, "target": cfg.targets.target, "head": data.head_cfg, "run_id": ch.run_id}
+    meta = {"model": loaded.model_id, "target": cfg.targets.target, "head": data.head_cfg,
+            "run_id": ch.run_id}
     if cfg.head.save_adapter:
         save_adapter(model, outputs.stage("adapter"), data.head_cfg["kind"], meta)
         artifacts["adapter"] = str(outputs.by_role("adapter").path)
@@ -194,7 +198,8 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
             record = export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
             return {**record, "path": str(final / "model.onnx")}
         saved = save_pruned_model(model, outputs.stage("model"), loaded.processor,
-                                  {**meta, "seed": cfg.seed}, extra=onnx if cfg.output.export_onnx else None)
+                                  {**meta, "seed": cfg.seed},
+                                  extra=onnx if cfg.output.export_onnx else None)
         artifacts["pruned_model"] = str(final)
         artifacts["pruned_model_format"] = saved.format
         if saved.extra is not None:

@@ -213,8 +213,8 @@ def tradeoff_points(cfg, loaded: Loaded, data: Data, ch: Choices, base, metrics:
                 point.update({"objective": res.objective, "asked_ratio": round(1 - t, 12),
                               "predicted_ratio": res.objective_ratio})
             if res.objective == "latency":  # and whether the timing met it
-                point.update(latency_verdict(point["asked_ratio"], point["latency_ratio"],
-                                             comp.ratio_interval.get(names[t], point["latency_ratio_iqr"]),
+                interval = comp.ratio_interval.get(names[t], point["latency_ratio_iqr"])
+                point.update(latency_verdict(point["asked_ratio"], point["latency_ratio"], interval,
                                              cfg.timing.latency_tolerance))
         points.append(point)
     return points, comp
@@ -251,7 +251,8 @@ def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: C
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
     timed against the baseline (several --target-latency values: each planned, timed and
-    corrected as a single one is, see latency_run); saves each model with --save-pruned-model; the trade-off report."""
+    corrected as a single one is, see latency_run); saves each model with --save-pruned-model;
+    the trade-off report."""
     from ..persistence import save_pruned_model
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,

@@ -224,7 +224,7 @@ def _md_budget(rep: dict) -> list[str]:
         lines += ["", "## Budget search", "",
                   f"- budget {search['budget']} {search['value']:g}: target **{search['chosen']:g}** "
                   f"chosen by bisection on a grid of {search['resolution']:g}, "
-                  f"{search['prunings']} prunings, each measured on the evaluation inputs. "
+                  f"{search['prunings']} prunings, each measured on the inputs it chose on. "
                   f"Bisection assumes fidelity falls as the target grows: it ends on a bracket "
                   f"(this target kept the budget, {search['first_rejected']} next above it did "
                   f"not), not a proof that no larger target keeps it.",

@@ -105,9 +105,16 @@ def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) ->
         from .tradeoff import sweep_run
         return sweep_run(cfg, argv, loaded, data, ch, evaluator, outputs)
     search = None
-    if cfg.budget:
-        from .tradeoff import budget_search
-        search = budget_search(cfg, argv, loaded, data, ch, evaluator, outputs)
+    if cfg.budget:  # chosen on one half of the evaluation inputs, reported on the other
+        from .tradeoff import budget_search, evaluation_count, split_evaluation
+        halves = split_evaluation(data)
+        chosen_on = halves[0] if halves else data
+        search = budget_search(cfg, argv, loaded, chosen_on, ch,
+                               Evaluator(cfg, loaded, chosen_on, ch) if halves else evaluator,
+                               outputs)
+        if halves:
+            data, evaluator = halves[1], Evaluator(cfg, loaded, halves[1], ch)
+            search.report_inputs = evaluation_count(data)
         cfg = cfg.with_target(search.search.target)
     elif ch.objective == "latency" and not cfg.recovery.resume:
         from .tradeoff import latency_run  # planned, timed, corrected once if it misses

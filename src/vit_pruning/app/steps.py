@@ -31,7 +31,11 @@ def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate
         loaded.model = model
     elif search is not None:  # the search pruned copies: the loaded model is still the baseline
         state = None
-        stages = [search.baseline] + ([search.stage1] if search.stage1 is not None else [])
+        if getattr(search, "report_inputs", 0):  # chosen on other inputs: measured here anew
+            stages = [evaluate("baseline", model)] + (
+                [evaluate("stage1", search.stage1_model)] if search.stage1_model is not None else [])
+        else:
+            stages = [search.baseline] + ([search.stage1] if search.stage1 is not None else [])
         snapshots = {"baseline": model}
         if search.stage1_model is not None:
             snapshots["stage1"] = search.stage1_model

@@ -88,11 +88,19 @@ def data_free(cfg: RunConfig, ch: Choices, unit: str | None = None) -> PruneConf
                    unit=unit or pc.unit)
 
 
-def plan_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float) -> dict:
-    """The data-free plan of each depth unit for `target`, as the pipeline makes it
-    (:meth:`vit_pruning.pipeline.Pruner.preview`): checks a target before any work, one
-    UsageError naming the flag where it cannot be met."""
+def plan_probes(cfg: RunConfig, loaded: Loaded, ch: Choices) -> dict[float, dict]:
+    """Per target, the data-free plan of each depth unit, as the pipeline makes it
+    (:meth:`vit_pruning.pipeline.Pruner.preview`, one Pruner for every target): checks the
+    targets before any work, one UsageError naming the flag where one cannot be met."""
     from ..pipeline import Pruner
+    if not cfg.targets.targets:
+        return {}
+    pruner = Pruner(loaded.model, None, data_free(cfg, ch))
+    return {t: _target_probes(cfg, loaded, ch, pruner, t) for t in cfg.targets.targets}
+
+
+def _target_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, pruner, target: float) -> dict:
+    """plan_probes of one target."""
     from ..planner import max_depth_units, max_target_over, units_of, validate_target, width_only_max
     shape = ch.cost_shape or loaded.shape
     units = units_of(cfg.pruning.depth_unit)
@@ -110,7 +118,6 @@ def plan_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float) -> d
             raise UsageError(f"--split {cfg.pruning.split}: this model has at most {most} "
                              f"removable {' or '.join(units)} units", "split")
         flag = "--split/--target"
-    pruner = Pruner(loaded.model, None, data_free(cfg, ch))
     probes = {}
     try:
         if cfg.pruning.stage == "s1":
@@ -132,12 +139,12 @@ def plan_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float) -> d
 
 
 def objective_step(cfg: RunConfig, loaded: Loaded, ch: Choices,
-                   seq_len: int | None) -> None:
+                   seq_len: int | None) -> dict[float, dict] | None:
     """For --target-flops / --target-latency: the planner's shape in FLOPs, or the latency model
     measured on the run's device, dtype and batch size (or found in the cache); then every
     target is checked against it, before anything is pruned."""
     if cfg.targets.objective == "params":
-        return
+        return None  # checked before the data (parameters need no cost model)
     from ..objective import default_cache_dir, measure_latency_model, objective_shape
     ch.objective, ch.seq_len = cfg.targets.objective, seq_len or 128
     if cfg.targets.objective == "latency":
@@ -152,5 +159,4 @@ def objective_step(cfg: RunConfig, loaded: Loaded, ch: Choices,
             steady_allocator=cfg.timing.steady_allocator)
     ch.cost_shape = objective_shape(loaded.model, loaded.shape, ch.objective, ch.latency_model,
                                     ch.seq_len)
-    for t in cfg.targets.targets:
-        plan_probes(cfg, loaded, ch, t)
+    return plan_probes(cfg, loaded, ch)

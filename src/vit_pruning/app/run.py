@@ -78,8 +78,9 @@ def dry_run(cfg: RunConfig, run_id: str) -> int:
     loaded = load_step(cfg)
     ch = choose(cfg, loaded, run_id)
     loaded.model.to(ch.device)
-    objective_step(cfg, loaded, ch, None)
-    probes = {t: plan_probes(cfg, loaded, ch, t) for t in cfg.targets.targets}
+    probes = objective_step(cfg, loaded, ch, None)  # FLOP and latency targets: checked there
+    if probes is None:
+        probes = plan_probes(cfg, loaded, ch)
     if not cfg.targets.targets:
         print_budget_dry_run(cfg, loaded, ch)
     for t, p in probes.items():
@@ -94,8 +95,7 @@ def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) ->
     loaded = load_step(cfg)
     ch = choose(cfg, loaded, run_id)
     if cfg.targets.objective == "params":  # FLOP and latency targets are checked once their
-        for t in cfg.targets.targets:  # cost model is known (objective_step)
-            plan_probes(cfg, loaded, ch, t)
+        plan_probes(cfg, loaded, ch)  # cost model is known (objective_step)
     loaded.model.to(ch.device)
     data = data_step(cfg, loaded, ch)
     objective_step(cfg, loaded, ch, data.seq_len)

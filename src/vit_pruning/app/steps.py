@@ -31,7 +31,7 @@ def prune_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, evaluate
         loaded.model = model
     elif search is not None:  # the search pruned copies: the loaded model is still the baseline
         state = None
-        if getattr(search, "report_inputs", 0):  # chosen on other inputs: measured here anew
+        if search.report_inputs:  # chosen on other inputs: measured here anew
             stages = [evaluate("baseline", model)] + (
                 [evaluate("stage1", search.stage1_model)] if search.stage1_model is not None else [])
         else:

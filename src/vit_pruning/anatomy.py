@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .modeling_vit_pruning import (ATTENTION, NORM_AFTER, NORM_BEFORE, AttentionBypass,
-                                   PostNormAttentionBypass, attention_returns_tuple,
+from .modeling_vit_pruning import (ATTENTION, NORM_AFTER, NORM_BEFORE, AttentionBypass, HeadSlots,
+                                   PostNormAttentionBypass, attention_returns_tuple, head_slots,
                                    attention_scale_attr, block_slot, first_attr, is_post_norm,
                                    mlp_slots,
                                    tower, tower_config)
@@ -136,6 +136,17 @@ class BlockParts:
     gate: nn.Linear | None = None  # SwiGLU gate_proj (5.x)
     fused: bool = False  # fc1 holds [gate; up] (4.x SwiGLU): neuron j is rows j and j + width
     mlp_scale: torch.Tensor | None = None  # layer scale on the MLP's output (DINOv2, BEiT)
+    heads: HeadSlots | None = None  # the attention's heads (None where it was removed)
+
+    @property
+    def num_heads(self) -> int:
+        """Heads the block's attention computes (0 where the sublayer was removed)."""
+        return 0 if self.heads is None else self.heads.num_heads
+
+    @property
+    def head_params(self) -> int:
+        """Parameters one attention head holds (0 where the sublayer was removed)."""
+        return 0 if self.heads is None else self.heads.params_per_head
 
     def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's hidden activations (fc2's input) for the MLP's input `x`."""
@@ -232,6 +243,23 @@ class Anatomy:
     @property
     def is_text(self) -> bool:
         return self.layout == "bert"
+
+    @property
+    def shared_head_bias(self) -> bool:
+        """A relative position bias shared by every block (BEiT's
+        ``use_shared_relative_position_bias``): computed once for all heads of every block, so
+        a block cannot lose heads on its own."""
+        shared = getattr(self.backbone, "shared_position_bias", None)  # 5.x
+        if shared is None:  # 4.x: on the encoder
+            shared = getattr(getattr(self.backbone, "encoder", None), "relative_position_bias", None)
+        return isinstance(shared, nn.Module)
+
+    def config_heads(self) -> list[int]:
+        """The heads each block has as its config builds it (Swin: its stage's count)."""
+        heads = tower_config(self.model.config).num_attention_heads
+        if isinstance(heads, (list, tuple)):
+            return [int(heads[s]) for s in self.stage_of]
+        return [int(heads)] * len(self.parts)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Embeddings: the input of block 0, shape (B, T, hidden). `inputs` are pixel values
@@ -390,6 +418,7 @@ def _bert_block_parts(block: nn.Module) -> BlockParts:
         attention_attr="attention", norm_before=norm,
         attention_removed=isinstance(att, AttentionBypass), norm_after=out.LayerNorm,
         act_fn=inter.intermediate_act_fn, post_norm=True, attention_returns_tuple=True,
+        heads=head_slots(block),
     )
 
 
@@ -422,7 +451,7 @@ def _block_parts(block: nn.Module) -> BlockParts:
         norm_after=getattr(block, after_attr), act_fn=_act_fn(block, fused),
         attention_returns_tuple=attention_returns_tuple(block),
         gate=getattr(*ins[1]) if len(ins) > 1 else None, fused=fused,
-        mlp_scale=_scale(block, ("layer_scale2", "lambda_2")),
+        mlp_scale=_scale(block, ("layer_scale2", "lambda_2")), heads=head_slots(block),
     )
 
 

@@ -246,6 +246,160 @@ def bypass_attention(block: nn.Module) -> list:
     return saved
 
 
+# attention heads: where each block's per-head weights are, by structure (both layouts)
+Q_NAMES, K_NAMES, V_NAMES = ("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")
+O_NAMES = ("o_proj", "out_proj")  # 4.x ViT / BERT / Swin: attention.output.dense
+HEAD_TABLE = "relative_position_bias_table"  # BEiT / Data2Vec / Swin: a column per head
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
+
+
+class HeadSlots:
+    """Where one block's attention heads live: the module holding the query/key/value linears
+    (and the head count its forward reads), the output projection, the head dimension and the
+    modules holding a per-head relative position bias table. Head h is rows
+    ``h * head_dim : (h + 1) * head_dim`` of q, k and v, the same columns of the output
+    projection and column h of each table."""
+
+    def __init__(self, block: nn.Module, attention: nn.Module):
+        self.owner = next((m for m in attention.modules()
+                           if all(_linear_attr(m, names) for names in (Q_NAMES, K_NAMES, V_NAMES))),
+                          None)
+        if self.owner is None:
+            raise ValueError(f"unsupported attention class {type(attention).__name__}: no "
+                             f"query/key/value (or q_proj/k_proj/v_proj) linears found")
+        self.qkv = tuple(_linear_attr(self.owner, names) for names in (Q_NAMES, K_NAMES, V_NAMES))
+        self.o_owner, self.o_name = _output_projection(attention)
+        dim = getattr(self.owner, "attention_head_size", None) or getattr(self.owner, "head_dim", None)
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"unsupported attention class {type(self.owner).__name__}: no head "
+                             f"dimension (attention_head_size / head_dim)")
+        self.head_dim = dim
+        self.tables = tuple(m for m in block.modules()
+                            if isinstance(getattr(m, HEAD_TABLE, None), nn.Parameter))
+
+    @property
+    def num_heads(self) -> int:
+        return self.linear("q").out_features // self.head_dim
+
+    def linear(self, which: str) -> nn.Linear:
+        """"q", "k", "v" or "o"."""
+        if which == "o":
+            return getattr(self.o_owner, self.o_name)
+        return getattr(self.owner, self.qkv["qkv".index(which)])
+
+    @property
+    def params_per_head(self) -> int:
+        """Parameters one head holds: its q/k/v rows with their biases, its columns of the
+        output projection and its column of each relative position bias table."""
+        rows = sum(self.linear(w).in_features + (self.linear(w).bias is not None) for w in "qkv")
+        table = sum(getattr(m, HEAD_TABLE).shape[0] for m in self.tables)
+        return self.head_dim * (rows + self.linear("o").out_features) + table
+
+    def set_count(self, heads: int) -> None:
+        """Make the attention module's forward compute `heads` heads (its linears already have
+        that many): the head-count attributes it reads, and, where the stock forward reshapes
+        its output to the *input's* width (CLIP / SigLIP on transformers 4.x), a subclass
+        whose forward reshapes to the kept heads' width."""
+        owner = self.owner
+        for attr in HEAD_COUNT_ATTRS:
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, heads)
+        for attr in ("all_head_size", "embed_dim"):
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, heads * self.head_dim)
+        if _reads_input_width(type(owner)):
+            owner.__class__ = _width_free_class(type(owner))
+
+
+def _linear_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if isinstance(getattr(module, n, None), nn.Linear)), None)
+
+
+def _output_projection(attention: nn.Module) -> tuple[nn.Module, str]:
+    for m in attention.modules():
+        name = _linear_attr(m, O_NAMES)
+        if name is not None:
+            return m, name
+    out = getattr(attention, "output", None)
+    if isinstance(getattr(out, "dense", None), nn.Linear):
+        return out, "dense"
+    raise ValueError(f"unsupported attention class {type(attention).__name__}: no output "
+                     f"projection (o_proj / out_proj / output.dense) found")
+
+
+def head_slots(block: nn.Module) -> HeadSlots | None:
+    """The heads of a block's attention sublayer (None where it was removed)."""
+    att = getattr(block, first_attr(block, ATTENTION) or "", None)
+    if att is None or isinstance(att, AttentionBypass):
+        return None
+    return HeadSlots(block, att)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_input_width(cls: type) -> bool:
+    """Whether an attention class's forward reshapes its output to the width of its input
+    (``bsz, tgt_len, embed_dim = hidden_states.size()`` ... ``reshape(bsz, tgt_len, embed_dim)``):
+    right only while every head is kept."""
+    if not any(cls.__name__.startswith(p) for p in ("CLIP", "Siglip")):
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+    return bool(re.search(r"embed_dim\s*=\s*hidden_states\.(?:shape|size\(\))", source))
+
+
+class _WidthFreeAttention:
+    """CLIP / SigLIP attention with some heads removed, for transformers versions whose forward
+    reshapes to the input's width: the same eager computation (softmax in float32, the masks
+    added as the stock forward adds them), reshaped to the kept heads' width."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None,
+                causal_attention_mask=None, output_attentions: bool = False, **kwargs):
+        b, t, _ = hidden_states.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, t, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(hidden_states)), split(self.k_proj(hidden_states)), \
+            split(self.v_proj(hidden_states))
+        weights = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        for mask in (causal_attention_mask, attention_mask):
+            if mask is not None:
+                weights = weights + mask
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(weights, p=float(getattr(self, "dropout", 0.0)), training=self.training)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, -1)
+        return self.out_proj(out), (weights if output_attentions else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _width_free_class(cls: type) -> type:
+    return type(f"HeadPruned{cls.__name__}", (_WidthFreeAttention, cls),
+                {"__module__": __name__, "__doc__": _WidthFreeAttention.__doc__})
+
+
+def resize_heads(block: nn.Module, heads: int) -> None:
+    """Give a block's attention `heads` heads (fresh weights, loaded afterwards); 0 removes the
+    attention sublayer (:func:`bypass_attention`): one concept, one code path."""
+    slots = head_slots(block)
+    if slots is None or slots.num_heads == heads:
+        return
+    if heads == 0:
+        bypass_attention(block)
+        return
+    width = heads * slots.head_dim
+    for name in slots.qkv:
+        fc = getattr(slots.owner, name)
+        setattr(slots.owner, name, _resized(fc, fc.in_features, width))
+    o = slots.linear("o")
+    setattr(slots.o_owner, slots.o_name, _resized(o, width, o.out_features))
+    for m in slots.tables:
+        table = getattr(m, HEAD_TABLE)
+        setattr(m, HEAD_TABLE, nn.Parameter(table.detach()[:, :heads].clone()))
+    slots.set_count(heads)
+
+
 def _resized(layer: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=layer.bias is not None,
                      device=layer.weight.device, dtype=layer.weight.dtype)
@@ -277,11 +431,20 @@ def apply_pruned_structure(model: nn.Module, info: dict | None) -> nn.Module:
         resize_mlp(block, int(width))
     for block, shift in zip(blocks, info.get("shift_sizes") or []):
         block.shift_size = int(shift)  # Swin: a kept block keeps its (un)shifted windows
+    heads = list(info.get("attention_heads") or [])
+    if heads and len(heads) != len(blocks):
+        raise ValueError(f"config: vit_pruning.attention_heads has {len(heads)} entries for "
+                         f"{len(blocks)} blocks (num_hidden_layers)")
+    for block, count in zip(blocks, heads):
+        if int(count) < 0:
+            raise ValueError(f"config: vit_pruning.attention_heads has a negative count {count}")
+        resize_heads(block, int(count))
     for i in info.get("attention_removed") or []:
         if not 0 <= int(i) < len(blocks):
             raise ValueError(f"config: vit_pruning.attention_removed names block {i}, the model "
                              f"has {len(blocks)}")
-        bypass_attention(blocks[int(i)])
+        if head_slots(blocks[int(i)]) is not None:
+            bypass_attention(blocks[int(i)])
     head = info.get("head") or {}
     if head.get("kind") == "adapter":
         model.classifier = AdapterHead(head.get("in_features") or model.config.hidden_size,

@@ -1,4 +1,4 @@
-"""Surgery: physically remove MLP neurons, whole blocks, or attention sublayers.
+"""Surgery: physically remove MLP neurons, attention heads, whole blocks, or attention sublayers.
 
 Small functions on modules, in the manner of transformers' ``prune_linear_layer``: they build
 new, smaller ``nn.Linear`` layers from the kept indices and keep the config truthful.
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy, BlockParts, resolve, supported_class
-from .modeling_vit_pruning import (PRUNED_CLASSES, PRUNED_CONFIGS, AdapterHead, mlp_slots, neuron_rows,
+from .modeling_vit_pruning import (HEAD_TABLE, PRUNED_CLASSES, PRUNED_CONFIGS, AdapterHead,
+                                   mlp_slots, neuron_rows,
                                    restore_swapped, set_config_depth, set_config_width,
                                    tower_config)
 from .modeling_vit_pruning import bypass_attention as _bypass_block
@@ -64,6 +65,79 @@ def prune_mlp_neurons(parts: BlockParts, keep_idx: torch.Tensor,
     setattr(own2, n2, new_fc2)
 
 
+def head_rows(keep: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of q/k/v (columns of the output projection) that hold heads `keep`."""
+    offsets = torch.arange(head_dim, device=keep.device)
+    return (keep[:, None] * head_dim + offsets).flatten()
+
+
+def prune_heads(parts: BlockParts, keep_heads: torch.Tensor,
+                o_weight: torch.Tensor | None = None, o_bias: torch.Tensor | None = None) -> None:
+    """Keep only attention heads `keep_heads` of one block, in their order, each with its full
+    head dimension: their q/k/v rows, their columns of the output projection and their columns
+    of a per-block relative position bias table. Keeping none removes the attention sublayer
+    (:func:`bypass_attention`).
+
+    `o_weight` / `o_bias`, if given, replace the pruned output projection's parameters (the
+    least-squares refit).
+    """
+    slots = parts.heads
+    if slots is None:
+        raise ValueError("the attention sublayer of this block was removed: it has no heads")
+    keep = torch.as_tensor(keep_heads, dtype=torch.long).sort().values
+    n = slots.num_heads
+    if keep.numel() and (keep.min() < 0 or keep.max() >= n):
+        raise ValueError(f"keep_heads must be indices in [0, {n}), got {keep.tolist()}")
+    if keep.unique().numel() != keep.numel():
+        raise ValueError("keep_heads contains duplicates")
+    if keep.numel() == 0:
+        bypass_attention(parts)
+        return
+    rows = head_rows(keep, slots.head_dim)
+    for which, name in zip("qkv", slots.qkv):
+        setattr(slots.owner, name, prune_linear(slots.linear(which), rows, dim=0))
+    new_o = prune_linear(slots.linear("o"), rows, dim=1)
+    with torch.no_grad():
+        if o_weight is not None:
+            new_o.weight.copy_(o_weight)
+        if o_bias is not None and new_o.bias is not None:
+            new_o.bias.copy_(o_bias)
+    setattr(slots.o_owner, slots.o_name, new_o)
+    for m in slots.tables:
+        table = getattr(m, HEAD_TABLE)
+        setattr(m, HEAD_TABLE, nn.Parameter(table.detach().index_select(
+            1, keep.to(table.device)).clone(), requires_grad=table.requires_grad))
+    slots.set_count(int(keep.numel()))
+
+
+def attention_refs(parts: BlockParts) -> list:
+    """What :func:`prune_heads` replaces in one block (its attention's linears, tables, head
+    counts and class), recorded so that :func:`restore_attention_refs` undoes it."""
+    slots = parts.heads
+    if slots is None:
+        return []
+    owner = slots.owner
+    attrs = {a: getattr(owner, a) for a in ("num_attention_heads", "num_heads", "all_head_size",
+                                             "embed_dim") if isinstance(getattr(owner, a, None), int)}
+    linears = [(slots.owner, name, getattr(slots.owner, name)) for name in slots.qkv]
+    linears.append((slots.o_owner, slots.o_name, slots.linear("o")))
+    tables = [(m, HEAD_TABLE, getattr(m, HEAD_TABLE)) for m in slots.tables]
+    return [owner, type(owner), attrs, linears + tables]
+
+
+def restore_attention_refs(saved: list) -> None:
+    """Undo :func:`prune_heads` (a block that lost every head is restored by
+    :class:`TemporaryBypass` or :func:`restore_attention`, not here)."""
+    if not saved:
+        return
+    owner, cls, attrs, refs = saved
+    owner.__class__ = cls
+    for name, value in attrs.items():
+        setattr(owner, name, value)
+    for module, name, value in refs:
+        setattr(module, name, value)
+
+
 def mlp_refs(parts: BlockParts) -> list[tuple[nn.Module, str, nn.Module]]:
     """References to a block's MLP linears as (owner, attribute, module). Surgery replaces these
     modules rather than editing them, so putting the references back undoes width pruning."""
@@ -88,10 +162,11 @@ def head_info(model: nn.Module) -> dict | None:
 
 def is_plain(anatomy: Anatomy) -> bool:
     """Whether plain transformers can rebuild the model from its config: one MLP width in every
-    block that the config can state exactly, every attention sublayer in place, no adapter
-    head."""
+    block that the config can state exactly, every attention sublayer in place with all its
+    heads, no adapter head."""
     return (_config_states_widths(anatomy)
             and not any(p.attention_removed for p in anatomy.parts)
+            and [p.num_heads for p in anatomy.parts] == anatomy.config_heads()
             and head_info(anatomy.model) is None)
 
 
@@ -121,8 +196,8 @@ def stock_class(model: nn.Module) -> type:
 
 
 def sync_config(anatomy: Anatomy) -> None:
-    """Keep config truthful after surgery: depth, per-block widths, removed attention and the
-    head. A model plain transformers cannot rebuild becomes an instance of its ``Pruned*``
+    """Keep config truthful after surgery: depth, per-block widths and heads, removed attention
+    and the head. A model plain transformers cannot rebuild becomes an instance of its ``Pruned*``
     subclass (:mod:`vit_pruning.modeling_vit_pruning`), so that ``model.save_pretrained`` writes
     a folder that reloads with ``trust_remote_code=True``."""
     model = anatomy.model
@@ -138,6 +213,7 @@ def sync_config(anatomy: Anatomy) -> None:
            if swin else {}),
         "intermediate_sizes": widths,
         "attention_removed": [i for i, p in enumerate(anatomy.parts) if p.attention_removed],
+        "attention_heads": [p.num_heads for p in anatomy.parts],
         "head": head_info(model),
         **({"pooler": model.pooler is not None} if hasattr(model, "pooler") else {}),
     }

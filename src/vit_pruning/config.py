@@ -33,6 +33,9 @@ NEURON_SELECTIONS = ("score", "lsq")  # how width.prune_width_sequential ranks n
 SELECTIONS = ("auto", *NEURON_SELECTIONS)  # "auto": both tried on held-out calibration data
 STAGES = ("both", "s1", "s2")
 DEPTH_UNITS = ("block", "attention", "auto")
+HEADS = ("auto", "off")  # attention heads as a unit: tried by the split search, or never;
+# an int is a fixed count removed from every block that keeps its attention
+HEAD_FRACTIONS = (0.125, 0.25)  # heads="auto": shares of all heads the split search tries
 TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")  # what distillation trains
 MATCHES = ("output", "tokens", "layers")  # what the student matches
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # of training steps (accelerate)
@@ -125,6 +128,12 @@ class PruneConfig:
     latency_model: Any = None  # objective="latency": the measured objective.LatencyModel to plan
     # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
     seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
+    heads: str | int = "auto"  # attention heads as a unit: "auto": the split search also tries
+    # removing an eighth and a quarter of all heads, the cheapest on calibration data (refit
+    # like the MLP), and keeps them only where the held-out calibration distance is lower than
+    # without; "off": today's
+    # units only (the plans of earlier versions exactly); an int: that many heads from every
+    # block that keeps its attention. Parameter targets with calibration data only
     mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that
     # falls between two counts of whole blocks (a block costs more time than every MLP width can
     # make up, as at batch 1) is met by removing attention sublayers of kept blocks as well,
@@ -144,6 +153,8 @@ class PruneConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
+        if self.heads not in HEADS and not (isinstance(self.heads, int) and self.heads >= 0):
+            raise ValueError(f"heads must be one of {HEADS} or a count >= 0, got {self.heads!r}")
         limits = width_limits(shape, self.min_remaining, self.align)
         return replace(self, min_remaining=limits.min_remaining, align=limits.align)
 

@@ -120,7 +120,7 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
     MLP's input side, for re-running only the MLP).
 
     The fit targets are what the MLP sublayer adds to the stream (fc2's output times the layer
-    scale): :func:`vit_pruning.width.refit_fc2` divides the scale out of the solution.
+    scale): :func:`vit_pruning.lsq.refit_fc2` divides the scale out of the solution.
 
     refit: None (scores only); "block" (fc2 should reproduce its own current output); "model"
         (the block's residual sum should reproduce `targets`, the unpruned model's residual sums

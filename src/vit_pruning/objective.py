@@ -111,7 +111,7 @@ def _cost_shape(shape: ModelShape, total: int, blocks: Sequence[int], attention:
     return replace(shape, total_params=int(total), block_params=tuple(int(b) for b in blocks),
                    attention_params=tuple(int(a) for a in attention),
                    params_per_neuron=costs[0],
-                   neuron_costs=costs if len(set(costs)) > 1 else None)
+                   neuron_costs=costs if len(set(costs)) > 1 else None, head_params=None)
 
 
 @dataclass(frozen=True)

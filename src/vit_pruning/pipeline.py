@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import resolve
-from .config import (SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
+from .config import (HEAD_FRACTIONS, SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
                      default_min_remaining)  # imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
@@ -28,13 +28,15 @@ from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, best_feasible_units,
                       candidates, depth_only_plan, feasible_depths,
                       indices_feasible, make_plan, max_target_over, mixed_attention,
-                      mixed_choice, mixed_options, reachable_target, target_bound, units_of,
+                      mixed_choice, mixed_options, reachable_target, target_bound,
+                      global_heads, uniform_heads, units_of,
                       validate_target, width_only_max)
 from .surgery import mlp_refs, restore_refs, sync_config
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import WidthPass, global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
-from .modes import device_of
+from .attention_heads import head_costs
+from .modes import device_of, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class PruneResult:
     depth_order: list[int]  # selected units, in greedy removal order (original numbering)
     neurons_removed: list[int]  # per original block
     kept_neurons: list[list[int]] | None
+    kept_heads: list[list[int]] | None = None  # per original block, the heads kept (original
+    # indices; [] where stage 2 removed the attention or stage 1 never saw the block)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
     # unit="auto") -> held-out calibration distance of the split trial
@@ -102,6 +106,8 @@ def model_shape(model: nn.Module) -> ModelShape:
         widths=tuple(p.intermediate_size for p in an.parts),
         block_params=tuple(n(p.block) for p in an.parts),
         attention_params=tuple(p.attention_params for p in an.parts),
+        heads=tuple(p.num_heads for p in an.parts),
+        head_params=None if an.shared_head_bias else tuple(p.head_params for p in an.parts),
     )
 
 
@@ -136,7 +142,10 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
                         progress)
         return prune_width_sequential(model, counts, batches,
                                       replace(cfg, min_remaining=plan.min_remaining,
-                                              align=int(cfg.align)), how)
+                                              align=int(cfg.align)), how, plan.heads_to_prune)
+    if plan.removes_heads:
+        raise ValueError("a plan that removes attention heads needs calibration data and "
+                         "sequential=True (heads are chosen and refit on calibration activations)")
     fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
@@ -229,6 +238,17 @@ class Pruner:
                         if batches and cfg.stages != "s2" else None)
         self.timings = dict(clock.laps)  # the shared work's phases
         self._orders: dict[str, tuple[list[int], dict, int]] = {}  # unit -> order, scores, asked
+        self._head_costs: list[list[float]] | None = None
+
+    def head_costs(self) -> list[list[float]]:
+        """Each block's heads' cost of removal on the unpruned model, over the split trials'
+        fitted calibration images (:func:`vit_pruning.attention_heads.head_costs`): computed
+        once, shared by every target."""
+        if self._head_costs is None:
+            fit = self.holdout.batches[:self.holdout.fit_batches]
+            with eval_mode(self.model):
+                self._head_costs = head_costs(resolve(self.model), fit, self.cfg.ridge)
+        return self._head_costs
 
     def max_target(self) -> float:
         """The largest target this model can be pruned to with the config's depth unit(s)."""
@@ -333,7 +353,8 @@ class Pruner:
             plan=plan, config=cfg, params_before=self.param_shape.total_params,
             params_after_stage1=stage1,
             params_after_stage2=after, depth_order=order, neurons_removed=info["counts"],
-            kept_neurons=info["kept"], search=search, depth_scores=depth_scores,
+            kept_neurons=info["kept"], kept_heads=info.get("kept_heads"), search=search,
+            depth_scores=depth_scores,
             timings={**self.timings, **clock.laps}, selection=selection,
             selection_search=selection_search, **self.objective_fields(plan, info["counts"], after),
         )
@@ -493,21 +514,73 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     if shape.units_differ(cfg.unit):  # counts were judged on placeholders: check the chosen units
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
         candidates = sorted(orders)
+    fixed = cfg.heads if isinstance(cfg.heads, int) and cfg.heads > 0 else None
+    plans: dict[str, PruningPlan] = {}
+    for d in candidates:
+        heads = uniform_heads(shape, orders[d], per_block=fixed) if fixed else ()
+        try:
+            plans[str(d)] = cfg.plan(shape, target, depth_indices=orders[d], heads=heads)
+        except ValueError:
+            if not heads or (d == candidates[-1] and not plans):
+                raise  # a count the heads overshoot is skipped, unless none is left
+    trial_cfg = replace(cfg, selection="score")
     search: dict[str, float] = {}
-    if len(candidates) > 1 or score_single:
-        trial_cfg = replace(cfg, selection="score")
-        for d in tqdm(candidates, desc=f"split search ({cfg.unit} units)", leave=False,
-                      disable=not pruner.progress):  # each trial prunes width, measures, and
+    if len(plans) > 1 or score_single or _head_fractions(pruner, cfg):
+        for key in tqdm(list(plans), desc=f"split search ({cfg.unit} units)", leave=False,
+                        disable=not pruner.progress):  # each trial prunes width, measures, and
             # undoes it: no model copies
-            plan = cfg.plan(shape, target, depth_indices=orders[d])
-            search[str(d)] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
-            log.info("split search: %d %s units -> held-out calibration distance %.5f", d,
-                     cfg.unit, search[str(d)])
-    best = int(min(search, key=lambda d: (search[d], int(d)))) if search else candidates[0]
-    plan = cfg.plan(shape, target, depth_indices=orders[best])
-    label = "search" if len(candidates) > 1 else ("alpha" if split == "alpha" else "fixed")
+            search[key] = _trial_distance(model, plans[key], trial_cfg, pruner.holdout)
+            log.info("split search: %s %s units -> held-out calibration distance %.5f", key,
+                     cfg.unit, search[key])
+    if _head_fractions(pruner, cfg):
+        first = min(search, key=lambda k: (search[k], int(k)))
+        if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
+            orders = {**{d: list(order[:d]) for d in range(int(first))}, **orders}
+        _head_trials(pruner, model, target, cfg, orders, int(first), plans, search)
+    best = min(search, key=lambda k: (search[k], "+" in k, k)) if search else next(iter(plans))
+    plan = plans[best]
+    label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
-    return replace(plan, split=label), orders[best], search, depth_scores
+    return replace(plan, split=label), list(orders[int(best.split("+")[0])]), search, depth_scores
+
+
+def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:
+    """The shares of each block's heads heads="auto" tries: only with held-out calibration data
+    to judge them, a refit pass to remove them in, and a shape that counts heads."""
+    shape = pruner.shape
+    if (cfg.heads != "auto" or pruner.holdout is None or not cfg.sequential
+            or shape.head_params is None or not any(shape.heads)):
+        return ()
+    return HEAD_FRACTIONS
+
+
+def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]], first: int,
+                 plans: dict[str, PruningPlan], search: dict[str, float]) -> None:
+    """heads="auto": beside the best split without heads (`first` depth units), plans that also
+    remove a share of all heads, the cheapest by their cost on the unpruned model
+    (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
+    units or one fewer (the heads take its place), each a trial on the held-out calibration
+    data; added to `plans` and `search` as "<depth units>+<heads> heads"."""
+    trial_cfg = replace(cfg, selection="score")
+    costs = pruner.head_costs()
+    total = sum(pruner.shape.heads)
+    for share in _head_fractions(pruner, cfg):
+        for d in (first, first - 1):
+            heads = global_heads(pruner.shape, orders[d], costs, max(1, round(share * total))) \
+                if d in orders else ()
+            if not heads:
+                continue
+            try:
+                plan = cfg.plan(pruner.shape, target, depth_indices=orders[d], heads=heads)
+            except ValueError:  # the heads alone overshoot the target
+                continue
+            key = f"{d}+{sum(heads)} heads"
+            if key in plans:
+                continue
+            plans[key] = plan
+            search[key] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+            log.info("split search: %d %s units and %d attention heads -> held-out calibration "
+                     "distance %.5f", d, cfg.unit, sum(heads), search[key])
 
 
 def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneConfig

@@ -45,6 +45,9 @@ class ModelShape:
     # (an fc1 row with its bias and an fc2 column; SwiGLU MLPs hold a gate row too)
     neuron_costs: tuple[int, ...] | None = None  # per block, where blocks differ (Swin stages)
     stages: tuple[int, ...] | None = None  # stage of each block; every stage keeps one block
+    heads: tuple[int, ...] | None = None  # attention heads of each block (0: sublayer removed);
+    # None where heads are not a unit (FLOP and latency shapes, a shared relative position bias)
+    head_params: tuple[int, ...] | None = None  # parameters one head of each block holds
 
     @property
     def num_blocks(self) -> int:
@@ -102,6 +105,8 @@ class PruningPlan:
     uniform_width: int | None = None  # the one width of every surviving block, if there is one
     attention_indices: tuple[int, ...] = ()  # a block plan that also removes the attention
     # sublayers of these kept blocks (mixed depth units, see mixed_attention)
+    heads_to_prune: tuple[int, ...] = ()  # attention heads removed per block (() : none); a
+    # block keeps at least one (losing all is its attention depth unit)
 
     @property
     def target_error(self) -> float:
@@ -116,6 +121,10 @@ class PruningPlan:
     def removed_attention(self) -> tuple[int, ...]:
         """Blocks that stay but lose their attention sublayer (its unit's, or a mixed plan's)."""
         return (*(self.depth_indices if self.unit == "attention" else ()), *self.attention_indices)
+
+    @property
+    def removes_heads(self) -> bool:
+        return any(self.heads_to_prune)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,19 +207,75 @@ def _capacity_params(shape: ModelShape, survivors: Sequence[int], min_remaining:
 
 
 def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Sequence[int],
-                     min_remaining: int, align: int = 1, attention: Sequence[int] = ()) -> bool:
+                     min_remaining: int, align: int = 1, attention: Sequence[int] = (),
+                     heads: Sequence[int] = ()) -> bool:
     """Whether removing depth units `indices` (and, with unit "block", the attention sublayers
-    of the kept blocks `attention`) leaves a width removal that meets the target to within half
-    a group of the smallest neurons."""
+    of the kept blocks `attention`, and `heads` attention heads per block) leaves a width
+    removal that meets the target to within half a group of the smallest neurons."""
     goal = target * shape.total_params
     half = align * min(shape.costs) / 2
-    removed = _depth_removed(shape, unit, indices) + _depth_removed(shape, "attention", attention)
+    removed = (_depth_removed(shape, unit, indices) + _depth_removed(shape, "attention", attention)
+               + heads_removed(shape, heads))
     cap = _capacity_params(shape, _survivors(shape, unit, indices), min_remaining, align)
     if shape.stages is not None and unit == "block":
         kept = {shape.stages[i] for i in _survivors(shape, unit, indices)}
         if kept != set(shape.stages):
             return False
     return removed <= goal + half and removed + cap >= goal - half
+
+
+def heads_removed(shape: ModelShape, heads: Sequence[int]) -> int:
+    """Parameters (or the shape's units) that removing `heads[i]` heads of each block frees."""
+    if not any(heads):
+        return 0
+    return sum(n * c for n, c in zip(heads, shape.head_params))
+
+
+def uniform_heads(shape: ModelShape, indices: Sequence[int], per_block: int | None = None,
+                  fraction: float | None = None) -> tuple[int, ...]:
+    """Heads removed from every block that keeps its attention sublayer after depth units
+    `indices` go: `per_block` each, or `fraction` of each block's heads (rounded, Swin's stages
+    differ), each keeping at least one head; () where that removes none."""
+    gone = set(indices)
+    counts = []
+    for i in range(shape.num_blocks):
+        n = shape.heads[i]
+        want = per_block if per_block is not None else int(round(fraction * n))
+        counts.append(0 if i in gone or n == 0 else max(0, min(want, n - 1)))
+    return tuple(counts) if any(counts) else ()
+
+
+def global_heads(shape: ModelShape, indices: Sequence[int], costs: Sequence[Sequence[float]],
+                 total: int) -> tuple[int, ...]:
+    """Heads removed per block: the `total` cheapest by `costs` (per block, each head's cost of
+    removal, comparable across blocks) among the blocks that keep their attention after depth
+    units `indices` go, each keeping at least one head; () where that removes none. Ties go to
+    the later block, then the higher head."""
+    gone = set(indices)
+    ranked = sorted((c, -i, -h, i) for i in range(shape.num_blocks)
+                    if i not in gone and shape.heads[i] > 1
+                    for h, c in enumerate(sorted(costs[i])[:shape.heads[i] - 1]))
+    counts = [0] * shape.num_blocks
+    for *_, i in ranked[:max(0, total)]:
+        counts[i] += 1
+    return tuple(counts) if any(counts) else ()
+
+
+def _check_heads(shape: ModelShape, unit: str, indices: Sequence[int], heads: Sequence[int],
+                 attention: Sequence[int]) -> tuple[int, ...]:
+    if not any(heads):
+        return ()
+    if shape.heads is None or shape.head_params is None:
+        raise ValueError("this model's shape has no attention heads to prune (heads are a unit "
+                         "of the parameter objective, and not with a shared relative position bias)")
+    if len(heads) != shape.num_blocks:
+        raise ValueError(f"heads has {len(heads)} entries, the model has {shape.num_blocks} blocks")
+    gone = set(indices) | set(attention)
+    for i, n in enumerate(heads):
+        if n < 0 or (n and (i in gone or n >= shape.heads[i])):
+            raise ValueError(f"block {i}: cannot remove {n} of its {shape.heads[i]} attention heads "
+                             f"(a block keeps at least one; a removed depth unit has none to lose)")
+    return tuple(int(n) for n in heads)
 
 
 def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
@@ -486,7 +551,7 @@ def validate_target(target: float, maximum: float,
 def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,
               depth: int | str = "alpha", depth_indices: Sequence[int] | None = None,
               alpha: float = 1.5, align: int = 1, width_policy: str = "per-block",
-              attention_indices: Sequence[int] = ()) -> PruningPlan:
+              attention_indices: Sequence[int] = (), heads: Sequence[int] = ()) -> PruningPlan:
     """Plan the removal. `depth` is an int (fixed count) or "alpha" (2SSP formula).
 
     `depth_indices` names which blocks lose their unit (from depth selection); without it the
@@ -495,20 +560,26 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
     attention sublayer as well (mixed depth units, :func:`mixed_attention`). `align`: kept
     widths are multiples of it; `width_policy`: "per-block" (widths as even as the target
     allows, to within half a group), "uniform" (one width for every surviving block), or "auto"
-    (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE).
+    (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE). `heads`: attention
+    heads removed per block (with `depth_indices`; :func:`uniform_heads`), before the neurons
+    fill what is left of the target.
     """
+    if any(heads) and depth_indices is None:
+        raise ValueError("heads need depth_indices (they are counted in the blocks that stay)")
     att = _check_plan_args(shape, unit, min_remaining, align, width_policy, depth_indices,
                            attention_indices)
     maximum = max_feasible_target(shape, unit, min_remaining, align)
     validate_target(target, maximum, "with this min_remaining, align and depth unit")
     options = feasible_depths(shape, target, unit, min_remaining, align)
-    if not options and not att:
+    heads = _check_heads(shape, unit, depth_indices or (), heads, att)
+    if not options and not att and not heads:
         raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
                          f"neurons can reach (min_remaining={min_remaining}); try a lower "
                          f"min_remaining or another target")
     d, idx, split, notes = _plan_depth(shape, target, unit, min_remaining, align, depth,
-                                       depth_indices, alpha, options, att)
-    removed_depth = _depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
+                                       depth_indices, alpha, options, att, heads)
+    removed_depth = (_depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
+                     + heads_removed(shape, heads))
     survivors = _survivors(shape, unit, idx)
     counts, uniform = _plan_widths(shape, target, removed_depth, survivors, min_remaining, align,
                                    width_policy)
@@ -520,7 +591,7 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         min_remaining=min_remaining, params_before=shape.total_params, params_after=after,
         predicted_sparsity=1 - after / shape.total_params, max_feasible_target=maximum,
         split=split, notes=tuple(notes), align=align, uniform_width=uniform,
-        attention_indices=att,
+        attention_indices=att, heads_to_prune=heads,
     )
 
 
@@ -549,7 +620,7 @@ def _check_plan_args(shape: ModelShape, unit: str, min_remaining: int, align: in
 
 def _plan_depth(shape: ModelShape, target: float, unit: str, min_remaining: int, align: int,
                 depth: int | str, depth_indices: Sequence[int] | None, alpha: float,
-                options: list[int], att: tuple[int, ...]
+                options: list[int], att: tuple[int, ...], heads: tuple[int, ...] = ()
                 ) -> tuple[int, tuple[int, ...], str, list[str]]:
     """(depth count, indices, split label, notes) of make_plan."""
     notes: list[str] = []
@@ -571,10 +642,11 @@ def _plan_depth(shape: ModelShape, target: float, unit: str, min_remaining: int,
             shape, target, unit, idx, min_remaining, align):  # placeholders that can meet it
         idx = best_feasible_units(shape, target, unit, d, {i: -i for i in range(shape.num_blocks)},
                                   min_remaining, align) or idx
-    if (d not in options and not shape.units_differ(unit) and not att) or not indices_feasible(
-            shape, target, unit, idx, min_remaining, align, att):
+    if (d not in options and not shape.units_differ(unit) and not att and not heads
+            ) or not indices_feasible(shape, target, unit, idx, min_remaining, align, att, heads):
         raise ValueError(f"{d} {unit} units {'at ' + str(list(idx)) + ' ' if depth_indices is not None else ''}"
                          f"{'and attention sublayers at ' + str(list(att)) + ' ' if att else ''}"
+                         f"{'and heads ' + str(list(heads)) + ' ' if heads else ''}"
                          f"cannot meet target {target}: feasible counts are {options}")
     return d, idx, split, notes
 

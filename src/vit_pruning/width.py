@@ -24,7 +24,10 @@ from .config import NEURON_SELECTIONS as SELECTIONS
 from .config import PruneConfig
 from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
                          magnitude_scores, normalized)
-from .surgery import TemporaryBypass, mlp_refs, prune_mlp_neurons, restore_refs, sync_config
+from .attention_heads import prune_block_heads
+from .surgery import (TemporaryBypass, attention_refs, mlp_refs, prune_mlp_neurons,
+                      restore_attention_refs, restore_refs, sync_config)
+from .lsq import damped_gram, refit_fc2, spd_inverse
 from .trace import UnprunedTrace
 from .modes import device_of, eval_mode
 
@@ -109,8 +112,11 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
 
 
 def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthPass,
-                     temp: TemporaryBypass) -> tuple[list[list[int]], torch.Tensor]:
-    """The block-by-block loop of :func:`prune_width_sequential`; returns (kept, outputs)."""
+                     temp: TemporaryBypass, heads: Sequence[int] = ()
+                     ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """The block-by-block loop of :func:`prune_width_sequential`; returns (kept neurons, kept
+    heads, outputs). A block loses its heads first (refit on the attention output), then its
+    neurons on what its pruned attention gives."""
     compensation, ridge, selection = cfg.compensation, cfg.ridge, cfg.selection
     refit = None if compensation == "none" else ("block" if compensation == "bias" else cfg.refit_target)
     skip, bypass = set(how.removed_blocks), set(how.removed_attention)
@@ -122,6 +128,7 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
     # path (refit_target="model"), needed only where the refit is fit: held-out batches just
     # run the pruned path; traced already when `unpruned` is given
     kept: list[list[int]] = []
+    kept_heads = [list(range(p.num_heads)) for p in anatomy.parts]
     for i in tqdm(range(len(anatomy.parts)), desc="stage 1: width", disable=not how.progress,
                   leave=False):
         anatomy = resolve(model)
@@ -138,6 +145,13 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
             continue
         if i in bypass:
             temp.add(i)
+            anatomy = resolve(model)
+            kept_heads[i] = []
+        saved_heads = None
+        if heads and heads[i]:
+            saved_heads = attention_refs(anatomy.parts[i])
+            kept_heads[i] = prune_block_heads(anatomy, i, hidden[:fit], int(heads[i]), selection,
+                                              compensation, ridge)
             anatomy = resolve(model)
         stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets, fit)
         parts = anatomy.parts[i]
@@ -159,72 +173,12 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
                 restore_refs(originals)
         else:  # unchanged block: held-out batches ran its attention only
             outputs = [o if o is not None else parts.mlp_residual(m) for o, m in zip(outputs, mids)]
+        if how.trial and saved_heads:
+            restore_attention_refs(saved_heads)
         del stats, mids
         hidden = [anatomy.transition(i, h) for h in outputs]
         kept.append(keep.tolist())
-    return kept, torch.cat([resolve(model).head(h) for h in hidden])
-
-
-def damped_gram(stats: MLPStats, ridge: float) -> torch.Tensor:
-    """The float64 Gram matrix of [activation, 1] with `ridge` times the mean activation energy
-    added to the activation diagonal (the bias, last, is not shrunk)."""
-    gram = stats.gram.double().clone()
-    diag = gram.diagonal()[:-1]
-    diag += ridge * diag.mean()
-    return gram
-
-
-def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
-              ridge: float = 1e-3, scale: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """New (weight, bias) of a pruned fc2 from calibration statistics.
-
-    "lsq": ridge-regularized least squares over the kept neurons plus bias, fitting
-    ``stats.cross`` (what the MLP sublayer should add to the stream). With a layer scale
-    (the sublayer adds ``scale * fc2(a)``) the fit is of ``scale * fc2`` and the scale is
-    divided out afterwards: each output channel is its own least-squares problem, so this is
-    the exact optimum of the scaled output. "bias": fold the dropped neurons' mean
-    contribution into the bias, keep the weights.
-    """
-    width = fc2.in_features
-    if mode == "bias" and fc2.bias is None:
-        raise ValueError("compensation='bias' needs an fc2 with a bias; use 'lsq' or 'none'")
-    if mode == "bias":
-        gram = stats.gram
-        dropped = torch.ones(width, dtype=torch.bool, device=gram.device)
-        dropped[keep.to(gram.device)] = False
-        mean_act = gram[width, :width].double() / float(gram[width, width])  # ones row / tokens
-        bias = fc2.bias.double() + fc2.weight.double()[:, dropped] @ mean_act[dropped]
-        return fc2.weight[:, keep].detach().clone(), bias.to(fc2.bias.dtype)
-    gram = stats.gram
-    k = keep.to(gram.device, torch.long)
-    if fc2.bias is not None:  # the constant column of [activation, 1] fits the bias
-        k = torch.cat([k, torch.tensor([width], device=gram.device)])
-    g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
-    rhs = stats.cross[k].double()
-    chol, info = torch.linalg.cholesky_ex(g_kk)  # damped Gram: positive definite, unless
-    # neurons are exactly collinear (then the LU solve below copes)
-    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(g_kk, rhs)
-    if scale is not None:  # channels a zero scale silences keep any weights: give them zeros
-        s = scale.detach().double().to(sol.device)
-        sol = torch.where(s.abs() > 0, sol / torch.where(s.abs() > 0, s, 1.0), 0.0)
-    if fc2.bias is None:
-        return sol.T.to(fc2.weight.dtype), None
-    return sol[:-1].T.to(fc2.weight.dtype), sol[-1].to(fc2.bias.dtype)
-
-
-def _spd_inverse(gram: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive semi-definite matrix; exact collinearity (dead or
-    duplicate neurons) gets the smallest extra damping that makes it factorize."""
-    jitter = 0.0
-    scale = float(gram.diagonal().mean().clamp_min(1e-12))
-    for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(len(gram), dtype=gram.dtype,
-                                                                 device=gram.device))
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol)
-        jitter = scale * (1e-10 if jitter == 0 else 10 * jitter / scale)
-    raise RuntimeError("calibration Gram matrix could not be factorized (non-finite activations?)")
+    return kept, kept_heads, torch.cat([resolve(model).head(h) for h in hidden])
 
 
 def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 32) -> torch.Tensor:
@@ -239,7 +193,7 @@ def lsq_keep(stats: MLPStats, n_remove: int, ridge: float = 1e-3, rounds: int = 
     width = stats.gram.shape[0] - 1
     if n_remove <= 0:
         return torch.arange(width, device=stats.gram.device)
-    h_inv = _spd_inverse(damped_gram(stats, ridge))
+    h_inv = spd_inverse(damped_gram(stats, ridge))
     sol = h_inv @ stats.cross.double()
     alive = torch.ones(width + 1, dtype=torch.bool, device=stats.gram.device)
     left = n_remove
@@ -288,7 +242,7 @@ class WidthPass:
 @torch.no_grad()
 def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                            pixel_batches: Sequence[torch.Tensor], config: PruneConfig,
-                           how: WidthPass | None = None) -> dict:
+                           how: WidthPass | None = None, heads: Sequence[int] = ()) -> dict:
     """Width pruning block by block on the already-pruned model's calibration activations.
 
     Args:
@@ -302,9 +256,13 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             `allocation` (with "global", neurons go in groups of `align`; the counts given are
             assumed aligned already), `ridge` and `min_remaining`.
         how: how the pass runs (:class:`WidthPass`; default: every batch fit, in place).
+        heads: attention heads to remove per block (() : none), each block's before its
+            neurons, chosen by the same `selection` and refit by the same `compensation`
+            (:mod:`vit_pruning.attention_heads`).
     Returns:
-        {"counts": per-block removed, "kept": per-block kept indices, "outputs": the pruned
-        model's outputs on the calibration batches, as if stage 2 had run}.
+        {"counts": per-block removed, "kept": per-block kept indices, "kept_heads": per-block
+        kept heads (original indices), "outputs": the pruned model's outputs on the
+        calibration batches, as if stage 2 had run}.
     """
     how = how or WidthPass()
     compensation, allocation = config.compensation, config.allocation
@@ -333,6 +291,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
                 scores = activation_scores(resolve(model), pixel_batches[:how.fit_batches], skip)
             counts = global_allocation(scores, sum(counts), min_remaining, survivors, align)
         with TemporaryBypass(model) as temp:  # sublayers stage 2 removes, bypassed as reached
-            kept, final = _sequential_pass(model, counts, pixel_batches, config, how, temp)
+            kept, kept_heads, final = _sequential_pass(model, counts, pixel_batches, config, how,
+                                                       temp, heads)
     sync_config(resolve(model))
-    return {"counts": list(int(c) for c in counts), "kept": kept, "outputs": final}
+    return {"counts": list(int(c) for c in counts), "kept": kept, "kept_heads": kept_heads,
+            "outputs": final}

@@ -1,0 +1,147 @@
+"""Which attention heads go, and the refit of what remains: stage 1's unit inside attention.
+
+A block's attention output is ``o(z) = sum_h z_h W_h^T + b``: each head h adds its context
+``z_h`` (the output projection's input, ``head_dim`` columns) through its own columns ``W_h`` of
+the output projection. Removing heads therefore leaves a least-squares problem of exactly the
+shape of the MLP's ``fc2`` refit, with heads as groups of columns: the kept heads' columns and
+the bias are refit so that the sublayer reproduces its unpruned output on the calibration
+tokens (:func:`vit_pruning.lsq.refit_fc2`, the same normal equations).
+
+Selection, label-free as the neurons':
+
+- "lsq": the least-squares cost of removing a head given the refit (group Optimal Brain
+  Surgeon: with S = G^-1 C the full refit, dropping the columns Q of a head and refitting the
+  rest raises the squared error by tr(S_Q^T (G^-1_QQ)^-1 S_Q)); heads go one at a time, S and
+  G^-1 updated in closed form after each, so each choice accounts for the compensation.
+- "score": the energy each head adds to the output, ||z_h W_h^T||^2 over the calibration tokens.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .anatomy import Anatomy
+from .importance import MLPStats, accumulate
+from .lsq import damped_gram, refit_fc2, spd_inverse
+from .surgery import head_rows, prune_heads
+
+
+@torch.no_grad()
+def head_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]) -> MLPStats:
+    """Gram of [context, 1] and its cross term with the attention output, over block `index`'s
+    attention on block inputs `inputs` (the MLP does not run)."""
+    o = anatomy.parts[index].heads.linear("o")
+    stats: list = [None]
+
+    def take(_module, args, output):
+        stats[0] = accumulate(stats[0], args[0].detach(), output.detach())
+
+    handle = o.register_forward_hook(take)
+    try:
+        for h in inputs:
+            anatomy.attention_stream(index, h)
+    finally:
+        handle.remove()
+    return stats[0]
+
+
+def _group_inverse(h_inv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(h_inv[rows][:, rows])
+
+
+def lsq_keep_heads(stats: MLPStats, num_heads: int, head_dim: int, n_remove: int,
+                   ridge: float = 1e-3) -> torch.Tensor:
+    """Kept heads chosen by their least-squares cost given the refit (see the module doc)."""
+    if n_remove <= 0:
+        return torch.arange(num_heads)
+    h_inv = spd_inverse(damped_gram(stats, ridge))
+    sol = h_inv @ stats.cross.double()
+    alive = list(range(num_heads))
+    for _ in range(n_remove):
+        costs = []
+        for h in alive:
+            rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
+            inv = _group_inverse(h_inv, rows)
+            costs.append(float(torch.einsum("ij,ik,jk->", inv, sol[rows], sol[rows])))
+        # (the first round's costs are _single_costs; later rounds see the updated refit)
+        h = alive.pop(min(range(len(alive)), key=lambda k: (costs[k], k)))
+        rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
+        inv = _group_inverse(h_inv, rows)
+        sol -= h_inv[:, rows] @ (inv @ sol[rows])
+        h_inv -= h_inv[:, rows] @ inv @ h_inv[rows]
+    return torch.tensor(alive)
+
+
+def _single_costs(stats: MLPStats, num_heads: int, head_dim: int, ridge: float) -> list[float]:
+    """Each head's least-squares cost of removal alone, given the refit of the others."""
+    h_inv = spd_inverse(damped_gram(stats, ridge))
+    sol = h_inv @ stats.cross.double()
+    out = []
+    for h in range(num_heads):
+        rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
+        inv = _group_inverse(h_inv, rows)
+        out.append(float(torch.einsum("ij,ik,jk->", inv, sol[rows], sol[rows])))
+    return out
+
+
+@torch.no_grad()
+def head_costs(anatomy: Anatomy, batches: Sequence[torch.Tensor], ridge: float = 1e-3
+               ) -> list[list[float]]:
+    """Per block, each head's cost of removal on the unpruned model (its least-squares cost
+    given the refit, over the calibration tokens), relative to the energy of the block's input
+    stream, so that heads of different blocks compare: what the planner allocates heads by
+    (:func:`vit_pruning.planner.global_heads`). [] for blocks without attention."""
+    hidden = [anatomy.embed(x) for x in batches]
+    costs: list[list[float]] = []
+    for i, parts in enumerate(anatomy.parts):
+        if parts.heads is not None:
+            stats = head_stats(anatomy, i, hidden)
+            energy = max(sum(float(h.double().pow(2).sum()) for h in hidden), 1e-30)
+            costs.append([c / energy for c in _single_costs(stats, parts.num_heads,
+                                                            parts.heads.head_dim, ridge)])
+        else:
+            costs.append([])
+        hidden = [anatomy.transition(i, anatomy.block_forward(i, h)) for h in hidden]
+    return costs
+
+
+def score_keep_heads(stats: MLPStats, o_weight: torch.Tensor, head_dim: int,
+                     n_remove: int) -> torch.Tensor:
+    """Kept heads: all but the `n_remove` adding the least energy to the output (ties: the
+    lower index is kept)."""
+    num_heads = o_weight.shape[1] // head_dim
+    gram = stats.gram.double()
+    w = o_weight.double().to(gram.device)
+    energy = []
+    for h in range(num_heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        w_h = w[:, rows]
+        energy.append(float(torch.einsum("oi,ij,oj->", w_h, gram[rows, rows], w_h)))
+    order = torch.argsort(torch.tensor(energy), stable=True, descending=True)
+    return order[:num_heads - n_remove].sort().values
+
+
+@torch.no_grad()
+def prune_block_heads(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
+                      n_remove: int, selection: str, compensation: str,
+                      ridge: float = 1e-3) -> list[int]:
+    """Remove `n_remove` heads of block `index`, chosen on calibration block inputs `inputs`
+    by `selection` ("lsq" needs compensation "lsq"), and refit the output projection by least
+    squares ("lsq"; "bias" folds the removed heads' mean output into the bias; "none" keeps the
+    kept columns as they are). Returns the kept heads (their original indices)."""
+    parts = anatomy.parts[index]
+    slots = parts.heads
+    if n_remove <= 0:
+        return list(range(parts.num_heads))
+    stats = head_stats(anatomy, index, inputs)
+    o = slots.linear("o")
+    if selection == "lsq" and compensation == "lsq":
+        keep = lsq_keep_heads(stats, slots.num_heads, slots.head_dim, n_remove, ridge)
+    else:
+        keep = score_keep_heads(stats, o.weight, slots.head_dim, n_remove)
+    weight = bias = None
+    if compensation != "none":
+        weight, bias = refit_fc2(o, stats, head_rows(keep, slots.head_dim), compensation, ridge)
+    prune_heads(parts, keep, weight, bias)
+    return keep.tolist()

@@ -2,7 +2,8 @@
 change: plans, kept neurons, removed units, achieved sparsity and fidelity (latency and clock
 times left out: they are measurements of the machine, not of the code).
 
-    python scripts/behaviour_snapshot.py run OUT_DIR          # one JSON per case, and dry-run text
+    python scripts/behaviour_snapshot.py run OUT_DIR [FLAG ...]  # one JSON per case, and dry-run
+                                                               # text; FLAGs added to every case
     python scripts/behaviour_snapshot.py compare DIR_A DIR_B  # every difference beyond float noise
 
 Used to compare a commit with the one before it, case by case (DEVELOPERS.md: a restructuring
@@ -57,11 +58,11 @@ def keep(x):
     return x
 
 
-def run(out: Path) -> None:
+def run(out: Path, extra: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, flags in {**CASES, **DRY}.items():
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "vit_pruning", *QUICK, *flags, "--run-id", name,
+            cmd = [sys.executable, "-m", "vit_pruning", *QUICK, *flags, *extra, "--run-id", name,
                    "--reports-dir", f"{tmp}/r", "--artifacts-dir", f"{tmp}/a",
                    "--pruned-output-dir", f"{tmp}/p"]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -118,8 +119,8 @@ def compare(a: Path, b: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "run":
-        run(Path(sys.argv[2]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "run":
+        run(Path(sys.argv[2]), sys.argv[3:])
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(Path(sys.argv[2]), Path(sys.argv[3])))
     else:

@@ -140,3 +140,126 @@ def test_bad_head_indices_are_refused():
 def test_shared_relative_position_bias_is_known():
     assert resolve(build("beit-shared-bias")).shared_head_bias
     assert not resolve(build("beit")).shared_head_bias
+
+
+# ---- planning and the pipeline ----
+import copy  # noqa: E402
+
+from conftest import cli_run, one_line_error, tiny_model  # noqa: E402
+from vit_pruning import PruneConfig, model_shape, prune_2ssp  # noqa: E402
+from vit_pruning.config import EMBEDDED  # noqa: E402
+from vit_pruning.planner import Within, global_heads, make_plan, uniform_heads  # noqa: E402
+
+
+def test_plans_count_heads_exactly():
+    model = tiny_model(layers=4, num_attention_heads=4)
+    shape = model_shape(model)
+    heads = uniform_heads(shape, [3], per_block=1)
+    assert heads == (1, 1, 1, 0)
+    plan = make_plan(shape, 0.4, "block", 8, depth_indices=[3], within=Within(heads=heads))
+    # the neurons fill what the heads leave: within half a neuron of the target
+    assert abs(plan.params_after - (1 - 0.4) * shape.total_params) <= shape.neuron_params / 2
+    without = make_plan(shape, 0.4, "block", 8, depth_indices=[3])
+    freed = 3 * resolve(model).parts[0].head_params
+    assert sum(without.neurons_to_prune) - sum(plan.neurons_to_prune) == pytest.approx(
+        freed / shape.neuron_params, abs=3)
+    x = torch.randn(8, 3, 16, 16)
+    pruned, res = prune_2ssp(copy.deepcopy(model), 0.4, [x], PruneConfig(
+        min_remaining=8, align=1, split=1, heads=1, width_policy="per-block"))
+    gone = res.plan.depth_indices
+    assert res.plan.heads_to_prune == tuple(0 if i in gone else 1 for i in range(4))
+    assert count_total_params(pruned) == res.plan.params_after == res.params_after_stage2
+    assert [p.num_heads for p in resolve(pruned).parts] == [3, 3, 3]
+    assert [len(k) for i, k in enumerate(res.kept_heads) if i not in gone] == [3, 3, 3]
+
+
+def test_global_heads_take_the_cheapest_and_leave_one():
+    shape = model_shape(tiny_model(layers=3, num_attention_heads=4))
+    costs = [[5, 1, 7, 2], [0.5, 9, 9, 9], [3, 3, 3, 3]]
+    assert global_heads(shape, [], costs, 3) == (2, 1, 0)
+    assert global_heads(shape, [0], costs, 3) == (0, 1, 2)  # block 0 is removed
+    assert global_heads(shape, [], costs, 100) == (3, 3, 3)  # each keeps a head
+    assert global_heads(shape, [], costs, 0) == ()
+
+
+def test_heads_a_block_cannot_lose_are_refused():
+    shape = model_shape(tiny_model(layers=3, num_attention_heads=4))
+    with pytest.raises(ValueError, match="cannot remove 4 of its 4 attention heads"):
+        make_plan(shape, 0.3, "block", 8, depth_indices=[], within=Within(heads=(4, 0, 0)))
+    with pytest.raises(ValueError, match="cannot remove 1 of its 4"):
+        make_plan(shape, 0.3, "block", 8, depth_indices=[1], within=Within(heads=(0, 1, 0)))
+
+
+@pytest.fixture(scope="module")
+def embedded_calibration():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.tensor(digits.images[:64], dtype=torch.float32) / 16.0
+    x = torch.nn.functional.interpolate(x[:, None], size=16, mode="bilinear").repeat(1, 3, 1, 1)
+    return [(x - 0.5) / 0.5]
+
+
+def test_auto_heads_are_kept_only_where_calibration_data_says_they_help(embedded_calibration):
+    """The embedded model at 0.6: the split search tries heads beside today's units and keeps
+    the plan with the lowest held-out distance; with heads="off" no head plan is tried and the
+    plan is the one without heads."""
+    model = tf.AutoModelForImageClassification.from_pretrained(EMBEDDED).eval()
+    x = embedded_calibration
+    _, auto = prune_2ssp(copy.deepcopy(model), 0.6, x, PruneConfig())
+    _, off = prune_2ssp(copy.deepcopy(model), 0.6, x, PruneConfig(heads="off"))
+    assert not any("heads" in k for k in off.search) and off.plan.heads_to_prune == ()
+    tried = {k: v for k, v in auto.search.items() if "heads" in k}
+    assert tried  # head plans were tried
+    best = min(auto.search, key=auto.search.get)
+    assert auto.plan.removes_heads == ("heads" in best)
+    assert {k: v for k, v in auto.search.items() if "heads" not in k} == off.search
+    if not auto.plan.removes_heads:
+        assert auto.plan == off.plan
+
+
+def test_flop_targets_leave_heads_alone():
+    model = tiny_model(layers=4)
+    x = torch.randn(8, 3, 16, 16)
+    _, res = prune_2ssp(model, 0.3, [x], PruneConfig(objective="flops", min_remaining=8, align=1))
+    assert res.plan.heads_to_prune == () and not any("heads" in k for k in res.search)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("flags, message", [
+    (["--target", "0.3", "--heads", "some"], "--heads must be auto, off or a count"),
+    (["--target-flops", "0.5", "--heads", "2"], "--heads 2: attention heads are a unit of parameter targets"),
+    (["--target", "0.3", "--stage", "s2", "--heads", "1"], "--heads 1 removes heads in stage 1"),
+])
+def test_bad_heads_flags_exit_2(flags, message, tmp_path, capsys):
+    assert cli_run(tmp_path, "--model", "embedded", *flags) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.cli
+def test_cli_fixed_heads_report_and_saved_model(tmp_path, capsys):
+    assert cli_run(tmp_path, "--model", "embedded", "--target", "0.5", "--heads", "1",
+                   "--cifar-test-pct", "1", "--eval-batches", "2", "--save-pruned",
+                   "--run-id", "h") == 0
+    import json
+    rep = json.loads((tmp_path / "reports" / "report-h.json").read_text())
+    plan = rep["plan"]
+    kept = plan["kept_heads"]
+    assert all(k in (0, 3) for k in kept) and 3 in kept
+    assert "attention heads removed per block" in (tmp_path / "reports" / "report-h.md").read_text()
+    assert "attention heads kept per block" in capsys.readouterr().out
+    again = load_pruned_model(tmp_path / "pruned" / "h")
+    whole = plan["depth_indices"] if plan["unit"] == "block" else []
+    assert [p.num_heads for p in resolve(again).parts] == [k for i, k in enumerate(kept) if i not in whole]
+
+
+@pytest.mark.skipif(not __import__("test_families").ONNX,
+                    reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed")
+@pytest.mark.parametrize("name", ["vit", "dinov2-swiglu", "beit", "clip", "siglip-vision", "swin"])
+def test_head_pruned_model_exports_to_onnx(name, tmp_path):
+    from vit_pruning.export import export_onnx
+    model = make(name)
+    x_of[0] = images(4)
+    drop(model, {0: [0], 1: [1]})
+    record = export_onnx(model, tmp_path / "m.onnx")
+    assert record["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").is_file()

@@ -3,6 +3,8 @@ import torch
 
 from src.vit_pruning import PruneConfig, count_total_params, prune_2ssp, resolve
 from vit_pruning.measure import collect_outputs, kl_divergence
+from vit_pruning.pipeline import model_shape
+from vit_pruning.planner import heads_removed
 from vit_pruning.persistence import load_pruned_model, save_pruned_model
 
 
@@ -10,11 +12,12 @@ from vit_pruning.persistence import load_pruned_model, save_pruned_model
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_prune_2ssp_exact_and_reported(tiny_vit, pixels, unit, allocation):
     p0 = count_total_params(tiny_vit)
+    shape = model_shape(tiny_vit)
     cfg = PruneConfig(unit=unit, min_remaining=8, allocation=allocation)
     model, res = prune_2ssp(tiny_vit, 0.35, [pixels[:4], pixels[4:]], cfg)
     assert count_total_params(model) == res.plan.params_after == res.params_after_stage2
     assert abs(res.achieved_sparsity - 0.35) <= 65 / p0
-    removed_width = sum(res.neurons_removed) * 65
+    removed_width = sum(res.neurons_removed) * 65 + heads_removed(shape, res.plan.heads_to_prune)
     assert res.params_after_stage1 == p0 - removed_width
     assert res.plan.split == "search" and res.search
     assert model(pixel_values=pixels).logits.shape == (8, 5)

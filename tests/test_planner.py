@@ -5,7 +5,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from src.vit_pruning import (count_total_params, model_shape, plan_2ssp_allocation,
                              prune_vit_attention_blocks, prune_vit_mlp_width)
-from vit_pruning.planner import (best_feasible_units, default_depth_indices, indices_feasible,
+from vit_pruning.planner import (Within, best_feasible_units, default_depth_indices, indices_feasible,
                                  make_plan, max_depth_units)
 
 SHAPES = {  # name: (hidden, layers, heads, mlp)
@@ -212,8 +212,8 @@ def test_mixed_attention_takes_the_fewest_sublayers_in_order_that_let_widths_mee
     fewest = min(k for k in range(3) if 200 + 20 * k <= 330.5 and 200 + 20 * k + 112 >= 329.5)
     assert len(got) == fewest
     assert mixed_attention(shape, 395 / 420, (1, 2, 3), [0], 8, 1) is None  # the last one cannot
-    plan = make_plan(shape, target, "block", 8, depth_indices=(2, 3), attention_indices=got, align=1)
+    plan = make_plan(shape, target, "block", 8, depth_indices=(2, 3), within=Within(attention=got), align=1)
     assert plan.params_after == 420 - 200 - 20 - sum(plan.neurons_to_prune)
     assert abs(plan.params_after - (1 - target) * 420) <= 0.5
     with pytest.raises(ValueError, match="removed whole"):
-        make_plan(shape, target, "block", 8, depth_indices=(2, 3), attention_indices=(3,), align=1)
+        make_plan(shape, target, "block", 8, depth_indices=(2, 3), within=Within(attention=(3,)), align=1)

@@ -109,6 +109,12 @@ def _structure_flags(g) -> None:
     g.add_argument("--depth-unit", choices=DEPTH_UNITS, default=DEFAULTS["depth_unit"],
                    help="stage 2 removes whole blocks (default), only attention sublayers (2SSP "
                         "paper), or auto: try both on calibration data and keep the better")
+    g.add_argument("--heads", default=DEFAULTS["heads"], metavar="{auto,off,N}",
+                   help="attention heads as a unit of stage 1: auto (default): the split search "
+                        "also tries removing the cheapest eighth or quarter of all heads (refit "
+                        "like the MLP) and keeps them only where held-out calibration data says "
+                        "they help; off: MLP neurons and depth units only (the plans of earlier "
+                        "versions); N: N heads from every block that keeps its attention")
     g.add_argument("--no-mixed-depth", action="store_true",
                    help="with --target-latency: a target between two counts of whole blocks is "
                         "met by one block more, not by removing attention sublayers of kept "

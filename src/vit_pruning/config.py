@@ -262,6 +262,7 @@ class PruningConfig:
 
     stage: str = "both"
     depth_unit: str = "block"  # whole blocks (the seed's docs)
+    heads: str = "auto"  # attention heads: auto (tried by the split search), off, or a count
     no_mixed_depth: bool = False
     min_remaining: int | None = None  # None: default_min_remaining
     split: str = "auto"
@@ -597,6 +598,15 @@ def _check_structure(cfg: RunConfig) -> None:
     if p.stage == "s2" and p.depth_unit == "auto":
         raise UsageError("--depth-unit auto compares whole splits; with --stage s2 choose block "
                          "or attention", "depth_unit")
+    if p.heads not in HEADS and not p.heads.isdigit():
+        raise UsageError(f"--heads must be auto, off or a count of heads per block >= 0, got "
+                         f"{p.heads!r}", "heads")
+    if p.heads.isdigit() and int(p.heads) and cfg.targets.objective != "params":
+        raise UsageError(f"--heads {p.heads}: attention heads are a unit of parameter targets "
+                         f"(--target); use --heads auto or off with {cfg.targets.flag}", "heads")
+    if p.heads.isdigit() and int(p.heads) and p.stage == "s2":
+        raise UsageError(f"--heads {p.heads} removes heads in stage 1; --stage s2 runs stage 2 "
+                         f"alone", "heads")
 
 
 def _check_run_id(run_id: str | None) -> None:

@@ -25,7 +25,7 @@ from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import collect_outputs, count_flops, count_total_params, output_distance
 from .objective import measure_latency_model, objective_shape
-from .planner import (ModelShape, PruningPlan, best_feasible_units,
+from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
                       candidates, depth_only_plan, feasible_depths,
                       indices_feasible, make_plan, max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
@@ -519,7 +519,7 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     for d in candidates:
         heads = uniform_heads(shape, orders[d], per_block=fixed) if fixed else ()
         try:
-            plans[str(d)] = cfg.plan(shape, target, depth_indices=orders[d], heads=heads)
+            plans[str(d)] = cfg.plan(shape, target, depth_indices=orders[d], within=Within(heads=heads))
         except ValueError:
             if not heads or (d == candidates[-1] and not plans):
                 raise  # a count the heads overshoot is skipped, unless none is left
@@ -559,19 +559,23 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
     """heads="auto": beside the best split without heads (`first` depth units), plans that also
     remove a share of all heads, the cheapest by their cost on the unpruned model
     (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
-    units or one fewer (the heads take its place), each a trial on the held-out calibration
-    data; added to `plans` and `search` as "<depth units>+<heads> heads"."""
+    units or one fewer (the heads take its place; only where the split is searched: a count
+    asked for stays), each a trial on the held-out calibration data; added to `plans` and
+    `search` as "<depth units>+<heads> heads"."""
     trial_cfg = replace(cfg, selection="score")
     costs = pruner.head_costs()
     total = sum(pruner.shape.heads)
+    depths = (first, first - 1) if pruner.split == "search" else (first,)  # a depth count
+    # asked for (an int split, or the alpha formula's) is kept as asked
     for share in _head_fractions(pruner, cfg):
-        for d in (first, first - 1):
+        for d in depths:
             heads = global_heads(pruner.shape, orders[d], costs, max(1, round(share * total))) \
                 if d in orders else ()
             if not heads:
                 continue
             try:
-                plan = cfg.plan(pruner.shape, target, depth_indices=orders[d], heads=heads)
+                plan = cfg.plan(pruner.shape, target, depth_indices=orders[d],
+                                within=Within(heads=heads))
             except ValueError:  # the heads alone overshoot the target
                 continue
             key = f"{d}+{sum(heads)} heads"
@@ -625,7 +629,7 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     for d in counts:
         att = mixed_attention(shape, target, order[:d], att_order, mr, align)
         if att:
-            plans[d] = cfg.plan(shape, target, depth_indices=order[:d], attention_indices=att)
+            plans[d] = cfg.plan(shape, target, depth_indices=order[:d], within=Within(attention=att))
     if not plans:
         return None
     keys = {d: f"{d}+{len(plan.attention_indices)} attention" for d, plan in plans.items()}

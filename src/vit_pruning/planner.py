@@ -85,6 +85,16 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class Within:
+    """What a plan removes inside the blocks that stay, beside MLP neurons: the attention
+    sublayers of kept blocks (mixed depth units, unit "block" only: :func:`mixed_attention`)
+    and attention heads per block (:func:`uniform_heads`, :func:`global_heads`)."""
+
+    attention: Sequence[int] = ()
+    heads: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
 class PruningPlan:
     """What to remove. Indices refer to the blocks of the model the plan was made for."""
 
@@ -551,33 +561,33 @@ def validate_target(target: float, maximum: float,
 def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaining: int = 512,
               depth: int | str = "alpha", depth_indices: Sequence[int] | None = None,
               alpha: float = 1.5, align: int = 1, width_policy: str = "per-block",
-              attention_indices: Sequence[int] = (), heads: Sequence[int] = ()) -> PruningPlan:
+              within: "Within | None" = None) -> PruningPlan:
     """Plan the removal. `depth` is an int (fixed count) or "alpha" (2SSP formula).
 
     `depth_indices` names which blocks lose their unit (from depth selection); without it the
     plan uses placeholder indices, which give the same counts on uniform models.
-    `attention_indices` (unit "block", with `depth_indices`): kept blocks that lose their
-    attention sublayer as well (mixed depth units, :func:`mixed_attention`). `align`: kept
-    widths are multiples of it; `width_policy`: "per-block" (widths as even as the target
-    allows, to within half a group), "uniform" (one width for every surviving block), or "auto"
-    (uniform when align > 1 and its target error is at most UNIFORM_TOLERANCE). `heads`: attention
-    heads removed per block (with `depth_indices`; :func:`uniform_heads`), before the neurons
-    fill what is left of the target.
-    """
-    if any(heads) and depth_indices is None:
+    `within` (with `depth_indices`): what else goes inside the blocks that stay, before the
+    neurons fill what is left of the target (:class:`Within`: attention sublayers of kept
+    blocks, attention heads per block). `align`: kept widths are multiples of it;
+    `width_policy`: "per-block" (widths as even as the target allows, to within half a group),
+    "uniform" (one width for every surviving block), or "auto" (uniform when align > 1 and its
+    target error is at most UNIFORM_TOLERANCE).
+"""
+    within = within or Within()
+    if any(within.heads) and depth_indices is None:
         raise ValueError("heads need depth_indices (they are counted in the blocks that stay)")
     att = _check_plan_args(shape, unit, min_remaining, align, width_policy, depth_indices,
-                           attention_indices)
+                           within.attention)
     maximum = max_feasible_target(shape, unit, min_remaining, align)
     validate_target(target, maximum, "with this min_remaining, align and depth unit")
     options = feasible_depths(shape, target, unit, min_remaining, align)
-    heads = _check_heads(shape, unit, depth_indices or (), heads, att)
+    heads = _check_heads(shape, unit, depth_indices or (), within.heads, att)
     if not options and not att and not heads:
         raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
                          f"neurons can reach (min_remaining={min_remaining}); try a lower "
                          f"min_remaining or another target")
     d, idx, split, notes = _plan_depth(shape, target, unit, min_remaining, align, depth,
-                                       depth_indices, alpha, options, att, heads)
+                                       depth_indices, alpha, options, Within(att, heads))
     removed_depth = (_depth_removed(shape, unit, idx) + _depth_removed(shape, "attention", att)
                      + heads_removed(shape, heads))
     survivors = _survivors(shape, unit, idx)
@@ -609,7 +619,7 @@ def _check_plan_args(shape: ModelShape, unit: str, min_remaining: int, align: in
     att = tuple(sorted(attention_indices))
     if att:
         if unit != "block" or depth_indices is None:
-            raise ValueError("attention_indices (mixed depth units) need unit 'block' and "
+            raise ValueError("attention sublayers of kept blocks (mixed depth units) need unit 'block' and "
                              "depth_indices")
         bad = [i for i in att if i in set(depth_indices) or i not in candidates(shape, "attention")]
         if bad or len(set(att)) != len(att):
@@ -620,9 +630,9 @@ def _check_plan_args(shape: ModelShape, unit: str, min_remaining: int, align: in
 
 def _plan_depth(shape: ModelShape, target: float, unit: str, min_remaining: int, align: int,
                 depth: int | str, depth_indices: Sequence[int] | None, alpha: float,
-                options: list[int], att: tuple[int, ...], heads: tuple[int, ...] = ()
-                ) -> tuple[int, tuple[int, ...], str, list[str]]:
-    """(depth count, indices, split label, notes) of make_plan."""
+                options: list[int], within: Within) -> tuple[int, tuple[int, ...], str, list[str]]:
+    """(depth count, indices, split label, notes) of make_plan (`within` checked already)."""
+    att, heads = within.attention, within.heads
     notes: list[str] = []
     if depth_indices is not None:
         d, split = len(depth_indices), "fixed"

@@ -202,6 +202,9 @@ def _md_plan(rep: dict) -> list[str]:
                  f"(mixed depth units)" if p.get("attention_indices") else ""),
               f"- MLP neurons removed per block: {p['neurons_removed_per_block']}"
               + (f"; kept widths {widths} (0: block removed)" if widths else ""),
+              *([f"- attention heads removed per block: {list(p['heads_to_prune'])}; kept heads "
+                 f"{p['kept_heads']} (0: block or attention removed)"]
+                if any(p.get("heads_to_prune") or ()) else []),
               f"- estimated removal: {p['estimated_params_removed']:,} parameters; achieved: "
               f"{p['achieved_params_removed']:,}"]
     for note in p.get("notes", []):

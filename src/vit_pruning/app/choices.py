@@ -77,7 +77,8 @@ def prune_config(cfg: RunConfig, ch: Choices) -> PruneConfig:
                        compensation=cfg.pruning.compensation, selection=cfg.pruning.neuron_selection,
                        stages=cfg.pruning.stage, align=ch.align, width_policy=ch.width_policy,
                        objective=ch.objective, latency_model=ch.latency_model,
-                       seq_len=ch.seq_len, mixed_depth=not cfg.pruning.no_mixed_depth)
+                       seq_len=ch.seq_len, mixed_depth=not cfg.pruning.no_mixed_depth,
+                       heads=int(cfg.pruning.heads) if cfg.pruning.heads.isdigit() else cfg.pruning.heads)
 
 
 def data_free(cfg: RunConfig, ch: Choices, unit: str | None = None) -> PruneConfig:

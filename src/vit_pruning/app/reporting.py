@@ -57,6 +57,16 @@ def write_error(exc: OSError) -> UsageError:
                       f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was kept")
 
 
+def kept_head_counts(shape, plan) -> list[int] | None:
+    """Attention heads each block keeps under `plan` (0 where its block or attention goes);
+    None where the shape does not count heads."""
+    if shape.heads is None:
+        return None
+    gone = set(plan.removed_blocks) | set(plan.removed_attention)
+    removed = plan.heads_to_prune or (0,) * shape.num_blocks
+    return [0 if i in gone else n - r for i, (n, r) in enumerate(zip(shape.heads, removed))]
+
+
 def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, stages, result, latency,
                  artifacts, distilled=None) -> dict:
     from ..planner import target_bound
@@ -75,6 +85,7 @@ def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, 
     gone = set(plan.removed_blocks)
     kept_widths = [0 if i in gone else w - n for i, (w, n) in
                    enumerate(zip(shape.widths, result.neurons_removed))]
+    kept_heads = kept_head_counts(shape, plan)
     return {
         **report_head(cfg, argv, loaded, ch, result.config, ft_lr=data.ft_lr),
         "depth_unit": plan.unit,
@@ -101,6 +112,8 @@ def build_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choices, 
         "latency_setup": latency,
         "plan": {**plan.to_dict(), "removed_indices": sorted(result.depth_order),
                  "kept_widths": kept_widths,
+                 "kept_heads": kept_heads,
+                 "kept_head_indices": result.kept_heads,
                  "removal_order": result.depth_order,
                  "neurons_removed_per_block": result.neurons_removed,
                  "estimated_params_removed": plan.params_before - plan.params_after,
@@ -203,6 +216,9 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
           f"[quartiles {q1:.3f}, {q3:.3f}] (median of "
           f"{rep['latency_setup']['repeats']} back-to-back rounds; median times "
           f"{base.latency_ms:.2f} -> {final.latency_ms:.2f} ms){acc}")
+    if any(rep["plan"].get("heads_to_prune") or ()):
+        print(f"attention heads kept per block: {rep['plan']['kept_heads']} (removed: "
+              f"{list(rep['plan']['heads_to_prune'])}; 0 kept: block or attention removed)")
     if rep.get("budget_search"):
         b = rep["budget_search"]
         print(f"budget {b['budget']} {b['value']:g}: target {b['chosen']:g} chosen by bisection "

@@ -263,3 +263,32 @@ def test_head_pruned_model_exports_to_onnx(name, tmp_path):
     drop(model, {0: [0], 1: [1]})
     record = export_onnx(model, tmp_path / "m.onnx")
     assert record["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").is_file()
+
+
+def test_fixed_heads_without_data_go_by_magnitude():
+    """No calibration data: the heads with the smallest value-row x output-column norms go,
+    nothing is refit, and the count is exact."""
+    model = tiny_model(layers=3)
+    an = resolve(model)
+    with torch.no_grad():  # head 2 of block 0 made tiny: it is the one to go there
+        an.parts[0].heads.linear("v").weight[16:24] *= 1e-3
+    pruned, res = prune_2ssp(copy.deepcopy(model), 0.3, None, PruneConfig(
+        heads=1, min_remaining=8, align=1, split=0, width_policy="per-block"))
+    assert res.plan.heads_to_prune == (1, 1, 1)
+    assert res.kept_heads[0] == [0, 1, 3]
+    assert count_total_params(pruned) == res.plan.params_after
+
+
+def test_sweep_and_search_target_take_heads():
+    from vit_pruning import search_target, sweep
+    model = tiny_model(layers=4)
+    x = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))]
+    cfg = PruneConfig(heads=1, min_remaining=8, align=1, width_policy="per-block")
+    results = sweep(model, [0.2, 0.4], x, cfg)
+    for t, (m, res) in zip([0.2, 0.4], results):
+        assert res.plan.removes_heads and count_total_params(m) == res.plan.params_after
+        assert abs(res.achieved_sparsity - t) <= res.plan.params_before and \
+            abs(res.achieved_sparsity - t) <= 65 / res.plan.params_before  # half a neuron
+    found = search_target(model, lambda m: count_total_params(m) > 0.7 * count_total_params(model),
+                          x, cfg, resolution=0.1, high=0.5)
+    assert found.result.plan.removes_heads

@@ -14,6 +14,9 @@ Selection, label-free as the neurons':
   rest raises the squared error by tr(S_Q^T (G^-1_QQ)^-1 S_Q)); heads go one at a time, S and
   G^-1 updated in closed form after each, so each choice accounts for the compensation.
 - "score": the energy each head adds to the output, ||z_h W_h^T||^2 over the calibration tokens.
+
+Without calibration data (or with ``sequential=False``) heads go by weight magnitude, with no
+refit (:func:`prune_heads_by_magnitude`), as the neurons do.
 """
 from __future__ import annotations
 
@@ -145,3 +148,29 @@ def prune_block_heads(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tenso
         weight, bias = refit_fc2(o, stats, head_rows(keep, slots.head_dim), compensation, ridge)
     prune_heads(parts, keep, weight, bias)
     return keep.tolist()
+
+
+def magnitude_keep_heads(parts, n_remove: int) -> torch.Tensor:
+    """Kept heads without data: all but the `n_remove` with the smallest product of their value
+    rows' and output columns' norms (the size of the map a head adds; ties: lower index kept)."""
+    slots = parts.heads
+    rows = [head_rows(torch.tensor([h]), slots.head_dim) for h in range(slots.num_heads)]
+    v, o = slots.linear("v").weight.detach(), slots.linear("o").weight.detach()
+    size = torch.tensor([float(v[r].norm() * o[:, r].norm()) for r in rows])
+    order = torch.argsort(size.double(), stable=True, descending=True)
+    return order[:slots.num_heads - n_remove].sort().values
+
+
+@torch.no_grad()
+def prune_heads_by_magnitude(anatomy: Anatomy, heads: Sequence[int]) -> list[list[int]]:
+    """Remove `heads[i]` heads of each block by weight magnitude (no data, no refit); returns
+    the kept heads per block."""
+    kept = []
+    for parts, n in zip(anatomy.parts, heads):
+        if n and parts.heads is not None:
+            keep = magnitude_keep_heads(parts, int(n))
+            prune_heads(parts, keep)
+            kept.append(keep.tolist())
+        else:
+            kept.append(list(range(parts.num_heads)))
+    return kept

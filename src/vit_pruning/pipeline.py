@@ -31,11 +31,12 @@ from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
                       mixed_choice, mixed_options, reachable_target, target_bound,
                       global_heads, uniform_heads, units_of,
                       validate_target, width_only_max)
-from .surgery import mlp_refs, restore_refs, sync_config
+from .surgery import (attention_refs, mlp_refs, restore_attention_refs, restore_refs,
+                      sync_config)
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
 from .width import WidthPass, global_allocation, prune_vit_mlp_width, prune_width_sequential
 from .importance import activation_scores, magnitude_scores
-from .attention_heads import head_costs
+from .attention_heads import head_costs, prune_heads_by_magnitude
 from .modes import device_of, eval_mode
 
 log = logging.getLogger(__name__)
@@ -143,25 +144,27 @@ def _width_stage(model: nn.Module, plan: PruningPlan, batches: list[torch.Tensor
         return prune_width_sequential(model, counts, batches,
                                       replace(cfg, min_remaining=plan.min_remaining,
                                               align=int(cfg.align)), how, plan.heads_to_prune)
-    if plan.removes_heads:
-        raise ValueError("a plan that removes attention heads needs calibration data and "
-                         "sequential=True (heads are chosen and refit on calibration activations)")
     fit = batches[:fit_batches] if batches else batches
     if trial:
         snapshot = [ref for parts in resolve(model).parts for ref in mlp_refs(parts)]
+        heads = [attention_refs(parts) for parts in resolve(model).parts]
         info = _width_stage(model, plan, fit, cfg, progress)
         info["outputs"] = outputs_with_depth(model, batches, plan.unit, plan.depth_indices,
                                              plan.attention_indices)
         restore_refs(snapshot)
+        for saved in heads:
+            restore_attention_refs(saved)
         sync_config(resolve(model))
         return info
+    kept_heads = prune_heads_by_magnitude(resolve(model), plan.heads_to_prune) \
+        if plan.removes_heads else None  # without data (or sequential=False): by magnitude
     an = resolve(model)
     scores = activation_scores(an, fit, skip) if fit else magnitude_scores(an)
     if cfg.allocation == "global":
         survivors = [i for i in range(len(counts)) if i not in skip]
         counts = global_allocation(scores, sum(counts), plan.min_remaining, survivors, int(cfg.align))
     prune_vit_mlp_width(model, counts, plan.min_remaining, importance=scores)
-    return {"counts": counts, "kept": None}
+    return {"counts": counts, "kept": None, "kept_heads": kept_heads}
 
 
 def prune_2ssp(model: nn.Module, target: float, calibration_loader: Iterable | None = None,

@@ -557,7 +557,7 @@ def tradeoff_markdown(rep: dict) -> str:
                   f"{k} {v:.1f} s" for k, v in rep["shared_work_s"].items()), "",
               "## Points", "",
               "| target | achieved | params | FLOPs ratio | latency ratio [quartiles] | top-1 | drop (pp) "
-              "| KL | cosine | depth units removed | MLP widths |",
+              "| KL | cosine | depth units removed | MLP widths (heads where removed) |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
     def num(v, fmt):
@@ -572,7 +572,8 @@ def tradeoff_markdown(rep: dict) -> str:
             f"{NOISY if p.get('latency_noisy') else ''} [{p['latency_ratio_iqr'][0]:.3f}, "
             f"{p['latency_ratio_iqr'][1]:.3f}] | {num(p['top1'], '.4f')} | {num(p['top1_drop_pp'], '.2f')} | "
             f"{num(p['kl'], '.3g')} | {num(p['cosine'], '.4f')} | "
-            f"{p.get('depth_unit', '')} {p.get('depth_removed', '')} | {p.get('kept_widths', '')} |")
+            f"{p.get('depth_unit', '')} {p.get('depth_removed', '')} | {p.get('kept_widths', '')}"
+            + (f"; heads {p['kept_heads']}" if any(p.get("heads_removed") or ()) else "") + " |")
     ls = rep["latency_setup"]
     lines += ["", f"Latency: every target timed back to back with the baseline in {rounds_text(ls)}, "
                   f"batch {ls['batch_size']}, {ls['dtype']}, {ls['threads']} "

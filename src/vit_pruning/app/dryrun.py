@@ -32,7 +32,7 @@ def print_dry_run(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float, pr
              else cfg.pruning.split))
     for unit, plan in probes.items():
         pred_params, pred_flops = _predicted(cfg, loaded, ch, target, unit)
-        _print_unit(cfg, ch, shape, unit, plan)
+        _print_unit(cfg, ch, shape, unit, plan, data and cfg.pruning.stage == "both")
         if ch.objective != "params":
             what = "FLOPs" if ch.objective == "flops" else "latency"
             print(f"[{unit}] {OBJECTIVE_FLAGS[ch.objective]} {1 - target:g}: predicted {what} "
@@ -75,8 +75,9 @@ def _predicted(cfg: RunConfig, loaded: Loaded, ch: Choices, target: float, unit:
     return count_total_params(scratch), count_flops(scratch)
 
 
-def _print_unit(cfg: RunConfig, ch: Choices, shape, unit: str, plan) -> None:
-    """The depth units and the MLP widths of one unit's plan."""
+def _print_unit(cfg: RunConfig, ch: Choices, shape, unit: str, plan, data: bool) -> None:
+    """The depth units, heads and MLP widths of one unit's plan (`data`: the run calibrates
+    both stages, so --heads auto will try heads)."""
     mixed = (f" and the attention sublayers of {len(plan.attention_indices)} kept blocks "
              f"(the target lies between two counts of whole blocks; --no-mixed-depth: blocks "
              f"only)" if plan.attention_indices else "")
@@ -87,6 +88,15 @@ def _print_unit(cfg: RunConfig, ch: Choices, shape, unit: str, plan) -> None:
     gone = set(plan.depth_indices) if unit == "block" else set()
     widths = ["removed" if i in gone else str(w - n)
               for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
+    if plan.removes_heads:
+        kept = ["removed" if i in gone else str(n - r) for i, (n, r) in
+                enumerate(zip(shape.heads, plan.heads_to_prune))]
+        print(f"[{unit}] attention heads after stage 1: {', '.join(kept)} (--heads "
+              f"{cfg.pruning.heads}; chosen by weight magnitude here, on calibration data when pruning)")
+    elif cfg.pruning.heads == "auto" and data and shape.head_params is not None \
+            and ch.objective == "params":
+        print(f"[{unit}] attention heads: all kept here; with --heads auto the run also tries "
+              f"removing the cheapest heads on calibration data")
     print(f"[{unit}] MLP widths after stage 1: {', '.join(widths)}"
           + ("" if plan.uniform_width is None else
              f" (one width, {plan.uniform_width}: plain transformers model)" if unit == "block"

@@ -26,7 +26,7 @@ from .choices import Choices, prune_config
 from .evaluate import Evaluator
 from .inputs import Data
 from .loading import Loaded
-from .reporting import latency_verdict, report_head, write_error, write_outputs
+from .reporting import kept_head_counts, latency_verdict, report_head, write_error, write_outputs
 from .steps import latency_setup, timing_options
 
 log = logging.getLogger("vit_pruning")
@@ -240,6 +240,8 @@ def tradeoff_points(cfg, loaded: Loaded, data: Data, ch: Choices, base, metrics:
                           "attention_removed": list(res.plan.attention_indices),
                           "kept_widths": [0 if i in gone else w - n for i, (w, n) in
                                           enumerate(zip(shape.widths, res.neurons_removed))],
+                          "kept_heads": kept_head_counts(shape, res.plan),
+                          "heads_removed": list(res.plan.heads_to_prune),
                           "target_error": abs((res.achieved_sparsity if res.objective == "params"
                                                else 1 - res.objective_ratio) - t),
                           "pruning_time_s": res.timings})

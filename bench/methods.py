@@ -206,6 +206,7 @@ METHODS: dict[str, Callable] = {
     "ours (2SSP score selection)": ours(selection="score"),
     "ours (least-squares selection)": ours(selection="lsq"),
     "ours (align 1)": ours(align=1, width_policy="per-block"),
+    "ours (heads off)": ours(heads="off"),  # today's units before heads: neurons and depth
     "seed": seed_recipe,
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),

@@ -9,11 +9,12 @@ tokens (:func:`vit_pruning.lsq.refit_fc2`, the same normal equations).
 
 Selection, label-free as the neurons':
 
-- "lsq": the least-squares cost of removing a head given the refit (group Optimal Brain
+- with the least-squares refit: the least-squares cost of removing a head given the refit (group Optimal Brain
   Surgeon: with S = G^-1 C the full refit, dropping the columns Q of a head and refitting the
   rest raises the squared error by tr(S_Q^T (G^-1_QQ)^-1 S_Q)); heads go one at a time, S and
   G^-1 updated in closed form after each, so each choice accounts for the compensation.
-- "score": the energy each head adds to the output, ||z_h W_h^T||^2 over the calibration tokens.
+- otherwise: the energy each head adds to the output, ||z_h W_h^T||^2 over the calibration
+  tokens (the heads' activation score).
 
 Without calibration data (or with ``sequential=False``) heads go by weight magnitude, with no
 refit (:func:`prune_heads_by_magnitude`), as the neurons do.
@@ -127,19 +128,21 @@ def score_keep_heads(stats: MLPStats, o_weight: torch.Tensor, head_dim: int,
 
 @torch.no_grad()
 def prune_block_heads(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
-                      n_remove: int, selection: str, compensation: str,
-                      ridge: float = 1e-3) -> list[int]:
-    """Remove `n_remove` heads of block `index`, chosen on calibration block inputs `inputs`
-    by `selection` ("lsq" needs compensation "lsq"), and refit the output projection by least
-    squares ("lsq"; "bias" folds the removed heads' mean output into the bias; "none" keeps the
-    kept columns as they are). Returns the kept heads (their original indices)."""
+                      n_remove: int, compensation: str, ridge: float = 1e-3) -> list[int]:
+    """Remove `n_remove` heads of block `index`, chosen on calibration block inputs `inputs`,
+    and refit the output projection: with compensation "lsq" the heads go by their
+    least-squares cost given the refit and the rest are refit by least squares (a dozen heads
+    make the exact cost cheap: unlike the neurons', no cheaper score is worth trying); with
+    "bias" or "none" they go by the energy they add, and the removed heads' mean output is
+    folded into the bias ("bias") or nothing is refit ("none"). Returns the kept heads (their
+    original indices)."""
     parts = anatomy.parts[index]
     slots = parts.heads
     if n_remove <= 0:
         return list(range(parts.num_heads))
     stats = head_stats(anatomy, index, inputs)
     o = slots.linear("o")
-    if selection == "lsq" and compensation == "lsq":
+    if compensation == "lsq":
         keep = lsq_keep_heads(stats, slots.num_heads, slots.head_dim, n_remove, ridge)
     else:
         keep = score_keep_heads(stats, o.weight, slots.head_dim, n_remove)

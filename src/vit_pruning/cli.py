@@ -111,10 +111,11 @@ def _structure_flags(g) -> None:
                         "paper), or auto: try both on calibration data and keep the better")
     g.add_argument("--heads", default=DEFAULTS["heads"], metavar="{auto,off,N}",
                    help="attention heads as a unit of stage 1: auto (default): the split search "
-                        "also tries removing the cheapest eighth or quarter of all heads (refit "
-                        "like the MLP) and keeps them only where held-out calibration data says "
-                        "they help; off: MLP neurons and depth units only (the plans of earlier "
-                        "versions); N: N heads from every block that keeps its attention")
+                        "also tries removing the cheapest eighth, quarter (and more while it "
+                        "helps) of all heads, refit like the MLP, and keeps them only where "
+                        "held-out calibration data says they help; off: MLP neurons and depth "
+                        "units only (the plans of earlier versions); N: N heads from every block "
+                        "that keeps its attention")
     g.add_argument("--no-mixed-depth", action="store_true",
                    help="with --target-latency: a target between two counts of whole blocks is "
                         "met by one block more, not by removing attention sublayers of kept "

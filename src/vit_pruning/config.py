@@ -35,7 +35,8 @@ STAGES = ("both", "s1", "s2")
 DEPTH_UNITS = ("block", "attention", "auto")
 HEADS = ("auto", "off")  # attention heads as a unit: tried by the split search, or never;
 # an int is a fixed count removed from every block that keeps its attention
-HEAD_FRACTIONS = (0.125, 0.25)  # heads="auto": shares of all heads the split search tries
+HEAD_FRACTIONS = (0.125, 0.25, 0.375, 0.5)  # heads="auto": shares of all heads the split
+# search tries, in order: the first two always, each further one while the last improved
 TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")  # what distillation trains
 MATCHES = ("output", "tokens", "layers")  # what the student matches
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # of training steps (accelerate)
@@ -129,9 +130,9 @@ class PruneConfig:
     # on (None: measured on the model's device at batch 1, float32, when the Pruner starts)
     seq_len: int = 128  # text encoders: tokens per sentence of the FLOP / latency count
     heads: str | int = "auto"  # attention heads as a unit: "auto": the split search also tries
-    # removing an eighth and a quarter of all heads, the cheapest on calibration data (refit
-    # like the MLP), and keeps them only where the held-out calibration distance is lower than
-    # without; "off": today's
+    # removing an eighth, a quarter (and on while that helps, up to half) of all heads, the
+    # cheapest on calibration data (refit like the MLP), and keeps them only where the held-out
+    # calibration distance is lower than without; "off": today's
     # units only (the plans of earlier versions exactly); an int: that many heads from every
     # block that keeps its attention. Parameter targets with calibration data only
     mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that

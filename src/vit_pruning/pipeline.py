@@ -560,7 +560,8 @@ def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:
 def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]], first: int,
                  plans: dict[str, PruningPlan], search: dict[str, float]) -> None:
     """heads="auto": beside the best split without heads (`first` depth units), plans that also
-    remove a share of all heads, the cheapest by their cost on the unpruned model
+    remove a share of all heads (HEAD_FRACTIONS: an eighth and a quarter, then more while the
+    last share lowered the distance), the cheapest by their cost on the unpruned model
     (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
     units or one fewer (the heads take its place; only where the split is searched: a count
     asked for stays), each a trial on the held-out calibration data; added to `plans` and
@@ -570,24 +571,28 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
     total = sum(pruner.shape.heads)
     depths = (first, first - 1) if pruner.split == "search" else (first,)  # a depth count
     # asked for (an int split, or the alpha formula's) is kept as asked
-    for share in _head_fractions(pruner, cfg):
+    best = search[str(first)]
+    for k, share in enumerate(_head_fractions(pruner, cfg)):
+        here = float("inf")
         for d in depths:
             heads = global_heads(pruner.shape, orders[d], costs, max(1, round(share * total))) \
                 if d in orders else ()
-            if not heads:
+            key = f"{d}+{sum(heads)} heads"
+            if not heads or key in plans:
                 continue
             try:
                 plan = cfg.plan(pruner.shape, target, depth_indices=orders[d],
                                 within=Within(heads=heads))
             except ValueError:  # the heads alone overshoot the target
                 continue
-            key = f"{d}+{sum(heads)} heads"
-            if key in plans:
-                continue
             plans[key] = plan
             search[key] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+            here = min(here, search[key])
             log.info("split search: %d %s units and %d attention heads -> held-out calibration "
                      "distance %.5f", d, cfg.unit, sum(heads), search[key])
+        if k >= 1 and here >= best:  # the shares after the first two only while they help
+            break
+        best = min(best, here)
 
 
 def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneConfig

@@ -150,7 +150,7 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
         saved_heads = None
         if heads and heads[i]:
             saved_heads = attention_refs(anatomy.parts[i])
-            kept_heads[i] = prune_block_heads(anatomy, i, hidden[:fit], int(heads[i]), selection,
+            kept_heads[i] = prune_block_heads(anatomy, i, hidden[:fit], int(heads[i]),
                                               compensation, ridge)
             anatomy = resolve(model)
         stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets, fit)
@@ -257,8 +257,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             assumed aligned already), `ridge` and `min_remaining`.
         how: how the pass runs (:class:`WidthPass`; default: every batch fit, in place).
         heads: attention heads to remove per block (() : none), each block's before its
-            neurons, chosen by the same `selection` and refit by the same `compensation`
-            (:mod:`vit_pruning.attention_heads`).
+            neurons, chosen and refit as `compensation` says
+            (:func:`vit_pruning.attention_heads.prune_block_heads`).
     Returns:
         {"counts": per-block removed, "kept": per-block kept indices, "kept_heads": per-block
         kept heads (original indices), "outputs": the pruned model's outputs on the

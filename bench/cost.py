@@ -63,8 +63,10 @@ def one(method: str, shape: str, calib: int) -> dict:
     setup = _rss_mb()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        if method == "ours":
-            _, res = prune_2ssp(model, TARGET, calib_x, PruneConfig(min_remaining=min_remaining))
+        if method in ("ours", "ours-heads-off"):
+            heads = "off" if method == "ours-heads-off" else "auto"
+            _, res = prune_2ssp(model, TARGET, calib_x, PruneConfig(min_remaining=min_remaining,
+                                                                    heads=heads))
             timings = res.timings
         else:
             timings = {}
@@ -73,9 +75,9 @@ def one(method: str, shape: str, calib: int) -> dict:
             "peak_rss_mb": mem.peak, "setup_rss_mb": setup}
 
 
-def run(shape: str = "vit-b16", calib: int = CALIB) -> list[dict]:
+def run(shape: str = "vit-b16", calib: int = CALIB, methods=("seed", "ours")) -> list[dict]:
     out = []
-    for method in ("seed", "ours"):
+    for method in methods:
         proc = subprocess.run([sys.executable, "-m", "bench.cost", method, shape, str(calib)],
                               capture_output=True, text=True, check=True)
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -199,7 +199,7 @@ def test_stage_and_unit_options(tmp_path, extra, unit, stages):
     else:
         assert rep["depth_unit"] in ("block", "attention") and rep["depth_unit_requested"] == "auto"
     if "s1" in extra:
-        assert rep["plan"]["blocks_to_prune"] == 0 and rep["target_error"] <= rep["one_neuron_sparsity"]
+        assert rep["plan"]["blocks_to_prune"] == 0 and rep["target_error"] <= rep["target_bound"]
     if "s2" in extra:
         assert sum(rep["plan"]["neurons_removed_per_block"]) == 0 and rep["plan"]["blocks_to_prune"] >= 1
 

@@ -8,7 +8,10 @@
 #    remote-code save that plain transformers must refuse, re-pruning that folder, the report's
 #    latency ratio and its warnings;
 # 4. a small speed table (ViT-B/16 shape, target 0.3, widths aligned to 1 and 8, fp32 and bf16
-#    at batch 1 and 64): whether a pruned model runs faster than its parent.
+#    at batch 1 and 64): whether a pruned model runs faster than its parent;
+# 5. attention heads: a head-pruned ViT-B/16 (3 of 12 heads from every block) beside today's
+#    plan (--heads off) at the same parameter count, bf16 latency ratios at batch 1 and 64, and
+#    its logits on the device against the CPU's.
 # Tried on the CPU first with DEVICE=cpu (steps 1 and 4 then only show they run).
 set -u
 OUT=${1:-${OUT:-/tmp/gpu-checks}}
@@ -68,5 +71,34 @@ res = gpu.run(shapes=("vit-b16",) if dev == "cuda" else ("tiny",), targets=(0.3,
               batches=(1, 64) if dev == "cuda" else (1,), repeats=30 if dev == "cuda" else 3, device=dev)
 print(gpu.header(res))
 print(gpu.table(res))
+EOF
+echo "== 5. heads on $DEVICE"
+timeout 150 $PY - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/heads.md"
+import copy, sys, torch
+from bench.common import vit_shape
+from vit_pruning import PruneConfig, count_total_params, interleaved_latency, prune_2ssp
+from vit_pruning.anatomy import resolve
+dev = sys.argv[1]
+shape = "vit-b16" if dev == "cuda" else "tiny"
+base = vit_shape(shape).eval()
+size = base.config.image_size
+calib = [torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(1))]
+models = {"base": base}
+for name, heads in (("heads off", "off"), ("3 heads per block", 3)):
+    m, res = prune_2ssp(copy.deepcopy(base), 0.3, calib, PruneConfig(heads=heads, split=2))
+    models[name] = m
+    print(f"{name}: params {count_total_params(m):,}, heads per block "
+          f"{[p.num_heads for p in resolve(m).parts]}, widths {[p.intermediate_size for p in resolve(m).parts]}")
+x = calib[0][:4]
+with torch.no_grad():
+    ref = models["3 heads per block"](pixel_values=x).logits
+    on = copy.deepcopy(models["3 heads per block"]).to(dev)(pixel_values=x.to(dev)).logits.cpu()
+print("head-pruned logits on the device against the CPU's: max abs diff", float((on - ref).abs().max()))
+for m in models.values():
+    m.to(dev)
+for batch in ((1, 64) if dev == "cuda" else (1,)):
+    for dtype in ((torch.bfloat16,) if dev == "cuda" else (None,)):
+        comp = interleaved_latency(models, batch, repeats=30 if dev == "cuda" else 3, dtype=dtype)
+        print(f"batch {batch} {dtype}: " + ", ".join(f"{k} {comp.ratio[k]:.3f}" for k in models if k != "base"))
 EOF
 echo "== done"

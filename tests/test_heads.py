@@ -292,3 +292,19 @@ def test_sweep_and_search_target_take_heads():
     found = search_target(model, lambda m: count_total_params(m) > 0.7 * count_total_params(model),
                           x, cfg, resolution=0.1, high=0.5)
     assert found.result.plan.removes_heads
+
+
+def test_a_head_plan_needs_a_clear_gain_on_the_held_out_rows():
+    from vit_pruning.measure import output_distance, row_distances
+    from vit_pruning.pipeline import clear_gain
+    g = torch.Generator().manual_seed(0)
+    out, ref = torch.randn(32, 10, generator=g), torch.randn(32, 10, generator=g)
+    assert float(row_distances(out, ref, True).mean()) == pytest.approx(output_distance(out, ref, True), rel=1e-12)
+    hid, href = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    assert float(row_distances(hid, href, False).mean()) == pytest.approx(output_distance(hid, href, False), rel=1e-12)
+    worse = torch.rand(32, generator=g) + 1.0
+    assert clear_gain(worse, worse - 0.1)[0]  # the same rows, each better: clear
+    noisy = worse + torch.randn(32, generator=g)
+    lower_mean = noisy - float(noisy.mean() - worse.mean()) - 0.01  # lower on average by 0.01
+    clear, z = clear_gain(worse, lower_mean)
+    assert not clear and z < 2

@@ -387,6 +387,18 @@ def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> fl
     return float(1.0 - cos.mean())
 
 
+def row_distances(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> torch.Tensor:
+    """:func:`output_distance` per input row (image or sentence): KL per row for logits, else
+    1 - cosine averaged over each row's tokens. Their mean is the distance (to rounding); their
+    spread says how sure a comparison of two models on these rows is."""
+    if is_logits:
+        logp = F.log_softmax(out.double(), dim=-1)
+        logq = F.log_softmax(ref.double(), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1)
+    cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
+    return 1.0 - (cos.reshape(len(cos), -1).mean(-1))
+
+
 def mean_cosine(emb: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over rows of cos(emb_i, ref_i): how close pruned sentence embeddings stay."""
     return float(F.cosine_similarity(emb.double(), ref.double(), dim=-1).mean())

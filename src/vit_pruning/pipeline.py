@@ -23,7 +23,8 @@ from .config import (HEAD_FRACTIONS, SELECTIONS, SPLITS, STAGES, PruneConfig,  #
                      default_min_remaining)  # imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
-from .measure import collect_outputs, count_flops, count_total_params, output_distance
+from .measure import (collect_outputs, count_flops, count_total_params, output_distance,
+                      row_distances)
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
                       candidates, depth_only_plan, feasible_depths,
@@ -470,9 +471,29 @@ def _holdout(model: nn.Module, batches: list[torch.Tensor], reference: torch.Ten
 
 def _trial_distance(model, plan, cfg, holdout: _Holdout) -> float:
     """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged)."""
+    return _trial(model, plan, cfg, holdout)[0]
+
+
+def _trial(model, plan, cfg, holdout: _Holdout) -> tuple[float, torch.Tensor]:
+    """:func:`_trial_distance`, and the distance of each held-out row."""
     out = _width_stage(model, plan, holdout.batches, cfg, progress=False, trial=True,
                        fit_batches=holdout.fit_batches, unpruned=holdout.trace)["outputs"]
-    return output_distance(out[holdout.start:], holdout.reference, resolve(model).has_classifier)
+    logits = resolve(model).has_classifier
+    held = out[holdout.start:]
+    return (output_distance(held, holdout.reference, logits),
+            row_distances(held, holdout.reference, logits))
+
+
+def clear_gain(worse: torch.Tensor, better: torch.Tensor, z: float = 2.0) -> tuple[bool, float]:
+    """Whether per-row distances `better` are lower than `worse` (the same rows) beyond their
+    noise: the mean of the paired differences above `z` standard errors (one-sided, about 98%
+    for z = 2). Returns (clear, the differences' z score)."""
+    diff = (worse - better).double()
+    if diff.numel() < 2:
+        return False, 0.0
+    se = float(diff.std() / diff.numel() ** 0.5)
+    score = float(diff.mean()) / se if se > 0 else (float("inf") if diff.mean() > 0 else 0.0)
+    return score > z, score
 
 
 def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[str, float]
@@ -528,19 +549,27 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
                 raise  # a count the heads overshoot is skipped, unless none is left
     trial_cfg = replace(cfg, selection="score")
     search: dict[str, float] = {}
+    rows: dict[str, torch.Tensor] = {}  # each trial's per-row held-out distances
     if len(plans) > 1 or score_single or _head_fractions(pruner, cfg):
         for key in tqdm(list(plans), desc=f"split search ({cfg.unit} units)", leave=False,
                         disable=not pruner.progress):  # each trial prunes width, measures, and
             # undoes it: no model copies
-            search[key] = _trial_distance(model, plans[key], trial_cfg, pruner.holdout)
+            search[key], rows[key] = _trial(model, plans[key], trial_cfg, pruner.holdout)
             log.info("split search: %s %s units -> held-out calibration distance %.5f", key,
                      cfg.unit, search[key])
     if _head_fractions(pruner, cfg):
         first = min(search, key=lambda k: (search[k], int(k)))
         if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
             orders = {**{d: list(order[:d]) for d in range(int(first))}, **orders}
-        _head_trials(pruner, model, target, cfg, orders, int(first), plans, search)
+        _head_trials(pruner, model, target, cfg, orders, int(first), plans, search, rows)
     best = min(search, key=lambda k: (search[k], "+" in k, k)) if search else next(iter(plans))
+    if "heads" in best and cfg.heads == "auto":  # heads only where the held-out rows say so
+        plain = min((k for k in search if "+" not in k), key=lambda k: (search[k], int(k)))
+        clear, score = clear_gain(rows[plain], rows[best])
+        log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", best, plain,
+                 score, "heads kept" if clear else "not clear: no heads")
+        if not clear:
+            best = plain
     plan = plans[best]
     label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
@@ -558,14 +587,17 @@ def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:
 
 
 def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]], first: int,
-                 plans: dict[str, PruningPlan], search: dict[str, float]) -> None:
+                 plans: dict[str, PruningPlan], search: dict[str, float],
+                 rows: dict[str, torch.Tensor]) -> None:
     """heads="auto": beside the best split without heads (`first` depth units), plans that also
     remove a share of all heads (HEAD_FRACTIONS: an eighth and a quarter, then more while the
     last share lowered the distance), the cheapest by their cost on the unpruned model
     (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
     units or one fewer (the heads take its place; only where the split is searched: a count
-    asked for stays), each a trial on the held-out calibration data; added to `plans` and
-    `search` as "<depth units>+<heads> heads"."""
+    asked for stays), each a trial on the held-out calibration data; added to `plans`,
+    `search` and `rows` (per-row distances) as "<depth units>+<heads> heads". The best of them
+    is kept only where its gain over the best plan without heads is clear on the held-out rows
+    (:func:`clear_gain`), so the default never trades a sure plan for a noisy estimate."""
     trial_cfg = replace(cfg, selection="score")
     costs = pruner.head_costs()
     total = sum(pruner.shape.heads)
@@ -586,7 +618,7 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
             except ValueError:  # the heads alone overshoot the target
                 continue
             plans[key] = plan
-            search[key] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+            search[key], rows[key] = _trial(model, plan, trial_cfg, pruner.holdout)
             here = min(here, search[key])
             log.info("split search: %d %s units and %d attention heads -> held-out calibration "
                      "distance %.5f", d, cfg.unit, sum(heads), search[key])

@@ -1,5 +1,6 @@
 """Save pruned tiny ViTs under one transformers major and reload them under the other (CI):
-a remote-code model (attention removed, per-block widths) through vit_pruning and through
+remote-code models (attention removed, per-block widths; attention heads removed) through
+vit_pruning and through
 ``from_pretrained(..., trust_remote_code=True)``, and a plain model (one aligned width) through
 plain ``AutoModelForImageClassification.from_pretrained``.
 
@@ -18,7 +19,9 @@ from vit_pruning.persistence import save_pruned_model
 
 CASES = {  # folder -> (config, expected format)
     "remote": (PruneConfig(unit="attention", min_remaining=8, allocation="global", align=1), "remote-code"),
-    "plain": (PruneConfig(unit="block", min_remaining=8, align=4, width_policy="uniform", split=1), "plain"),
+    "plain": (PruneConfig(unit="block", min_remaining=8, align=4, width_policy="uniform", split=1,
+                          heads="off"), "plain"),
+    "heads": (PruneConfig(unit="block", min_remaining=8, align=1, split=1, heads=1), "remote-code"),
 }
 
 

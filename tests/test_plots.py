@@ -77,3 +77,17 @@ def test_a_noisy_ratio_is_marked_in_the_same_line_and_cell():
     point = {**POINTS[0], "params": 600000, "flops_ratio": 0.9, "achieved_sparsity": 0.1,
              "top1_drop_pp": 0.0, "cosine": None}
     assert "latency ratio 1.678 (noisy) [" in point_line(point)
+
+
+@pytest.mark.parametrize("losses", [None, [1.0 / (i + 1) for i in range(30)]])
+def test_the_stage_plot_shows_what_each_block_keeps(losses):
+    plan = {"kept_widths": [232, 232, 0, 0, 236, 236], "neurons_removed_per_block": [152, 152, 0, 0, 148, 148],
+            "kept_heads": [4, 4, 0, 0, 2, 3], "heads_to_prune": [0, 0, 0, 0, 2, 1]}
+    fig = stage_figure(STAGES, losses, kept_step=30 if losses else None, plan=plan)
+    check(fig)
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("kept per block"))
+    bars = [round(p.get_height(), 4) for p in panel.patches]
+    assert bars == [0.6042, 0.6042, 0.0, 0.0, 0.6146, 0.6146, 1.0, 1.0, 0.0, 0.0, 0.5, 0.75]
+    assert panel.get_ylim()[1] < 1.2
+    if losses:
+        assert fig.axes[-1].get_ylabel() == "loss (log scale)"

@@ -319,17 +319,18 @@ def _save_figure(fig, path: Path, title: str | None, bottom: float = 0.0) -> Pat
 
 def plot(stages: list[dict], path: Path, losses: list[float] | None = None,
          title: str | None = None, kept_step: int | None = None,
-         asked_latency: float | None = None) -> Path:
+         asked_latency: float | None = None, plan: dict | None = None) -> Path:
     """The stage plot (:func:`stage_figure`) written as PNG, atomically."""
-    return _save_figure(stage_figure(stages, losses, kept_step, asked_latency), path, title)
+    return _save_figure(stage_figure(stages, losses, kept_step, asked_latency, plan), path, title)
 
 
 def stage_figure(stages: list[dict], losses: list[float] | None = None,
-                 kept_step: int | None = None, asked_latency: float | None = None):
+                 kept_step: int | None = None, asked_latency: float | None = None,
+                 plan: dict | None = None):
     """Bar charts of parameters, latency ratio (with its quartiles; a latency target's asked
     ratio drawn across), top-1 and embedding cosine by stage (fidelity axes zoomed to the
-    values, so drops show), and the distillation loss curve with the kept step marked when
-    there is one."""
+    values, so drops show), what each block keeps of its MLP width and heads (from the report's
+    `plan`), and the distillation loss curve with the kept step marked when there is one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -346,10 +347,13 @@ def stage_figure(stages: list[dict], losses: list[float] | None = None,
     if all(s.get("cosine") is not None for s in stages[1:]) and len(stages) > 1:
         panels.append(("embedding cosine to baseline", [1.0] + [s["cosine"] for s in stages[1:]],
                        "%.4f", None))
-    n = len(panels) + bool(losses)
+    kept = _kept_per_block(plan)
+    n = len(panels) + bool(losses) + bool(kept)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4))
     if losses:
         _loss_panel(axes[-1], losses, kept_step)
+    if kept:
+        _kept_panel(axes[len(panels)], *kept)
     for ax, (name, vals, fmt, err) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
         if fmt == "%.4f":
@@ -363,6 +367,34 @@ def stage_figure(stages: list[dict], losses: list[float] | None = None,
                      ha="right", fontsize=8, transform=axes[1].get_yaxis_transform(),
                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     return fig
+
+
+def _kept_per_block(plan: dict | None) -> tuple[list[float], list[float] | None] | None:
+    """(share of its MLP width, share of its heads) each block keeps under a report's plan (0
+    where the block goes; heads None where the plan does not count them), or None."""
+    if not plan or plan.get("kept_widths") is None:
+        return None
+    widths = [k / (k + r) if k + r else 0.0 for k, r in
+              zip(plan["kept_widths"], plan["neurons_removed_per_block"])]
+    heads = None
+    if plan.get("kept_heads") is not None:
+        removed = plan.get("heads_to_prune") or [0] * len(widths)
+        heads = [k / (k + r) if k else 0.0 for k, r in zip(plan["kept_heads"], removed)]
+    return widths, heads
+
+
+def _kept_panel(ax, widths: list[float], heads: list[float] | None) -> None:
+    x = range(len(widths))
+    step = 0.4 if heads is not None else 0.8
+    ax.bar([i - step / 2 if heads is not None else i for i in x], widths, step,
+           color="#4a7", label="MLP width")
+    if heads is not None:
+        ax.bar([i + step / 2 for i in x], heads, step, color="#47a", label="attention heads")
+    ax.set_title("kept per block (0: block or attention removed)", fontsize=10)
+    ax.set_xlabel("block")
+    ax.set_ylim(0, 1.15)
+    ax.set_xticks(list(x))
+    ax.legend(fontsize=7, loc="upper right", ncols=2)
 
 
 def _loss_panel(ax, losses: list[float], kept_step: int | None) -> None:
@@ -448,7 +480,7 @@ def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) ->
         dist = rep.get("distillation") or {}
         obj = rep.get("objective") or {}
         plot(rep["stages"], png, dist.get("losses"), _plot_title(rep), dist.get("kept_step"),
-             obj.get("asked_ratio") if obj.get("objective") == "latency" else None)
+             obj.get("asked_ratio") if obj.get("objective") == "latency" else None, rep.get("plan"))
         text = markdown(rep)
     else:
         tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .anatomy import Anatomy
-from .importance import MLPStats, accumulate
+from .importance import MLPStats, accumulate, keep_indices
 from .lsq import damped_gram, refit_fc2, spd_inverse
 from .surgery import head_rows, prune_heads
 
@@ -50,8 +50,22 @@ def head_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]) -> 
     return stats[0]
 
 
-def _group_inverse(h_inv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.inv(h_inv[rows][:, rows])
+def _refit_solution(stats: MLPStats, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G^-1, S = G^-1 C): the damped Gram's inverse and the refit over every column."""
+    h_inv = spd_inverse(damped_gram(stats, ridge))
+    return h_inv, h_inv @ stats.cross.double()
+
+
+def _head_cost(h_inv: torch.Tensor, sol: torch.Tensor, rows: torch.Tensor
+               ) -> tuple[float, torch.Tensor]:
+    """A head's (columns `rows`) least-squares cost of removal given the refit,
+    tr(S_Q^T (G^-1_QQ)^-1 S_Q), and (G^-1_QQ)^-1."""
+    inv = torch.linalg.inv(h_inv[rows][:, rows])
+    return float(torch.einsum("ij,ik,jk->", inv, sol[rows], sol[rows])), inv
+
+
+def _rows(h: int, head_dim: int, device) -> torch.Tensor:
+    return head_rows(torch.tensor([h]), head_dim).to(device)
 
 
 def lsq_keep_heads(stats: MLPStats, num_heads: int, head_dim: int, n_remove: int,
@@ -59,34 +73,23 @@ def lsq_keep_heads(stats: MLPStats, num_heads: int, head_dim: int, n_remove: int
     """Kept heads chosen by their least-squares cost given the refit (see the module doc)."""
     if n_remove <= 0:
         return torch.arange(num_heads)
-    h_inv = spd_inverse(damped_gram(stats, ridge))
-    sol = h_inv @ stats.cross.double()
+    h_inv, sol = _refit_solution(stats, ridge)
     alive = list(range(num_heads))
     for _ in range(n_remove):
-        costs = []
-        for h in alive:
-            rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
-            inv = _group_inverse(h_inv, rows)
-            costs.append(float(torch.einsum("ij,ik,jk->", inv, sol[rows], sol[rows])))
-        # (the first round's costs are _single_costs; later rounds see the updated refit)
+        costs = [_head_cost(h_inv, sol, _rows(h, head_dim, sol.device))[0] for h in alive]
         h = alive.pop(min(range(len(alive)), key=lambda k: (costs[k], k)))
-        rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
-        inv = _group_inverse(h_inv, rows)
+        rows = _rows(h, head_dim, sol.device)
+        inv = _head_cost(h_inv, sol, rows)[1]
         sol -= h_inv[:, rows] @ (inv @ sol[rows])
         h_inv -= h_inv[:, rows] @ inv @ h_inv[rows]
     return torch.tensor(alive)
 
 
 def _single_costs(stats: MLPStats, num_heads: int, head_dim: int, ridge: float) -> list[float]:
-    """Each head's least-squares cost of removal alone, given the refit of the others."""
-    h_inv = spd_inverse(damped_gram(stats, ridge))
-    sol = h_inv @ stats.cross.double()
-    out = []
-    for h in range(num_heads):
-        rows = head_rows(torch.tensor([h]), head_dim).to(sol.device)
-        inv = _group_inverse(h_inv, rows)
-        out.append(float(torch.einsum("ij,ik,jk->", inv, sol[rows], sol[rows])))
-    return out
+    """Each head's least-squares cost of removal alone, given the refit of the others (the
+    first round of :func:`lsq_keep_heads`)."""
+    h_inv, sol = _refit_solution(stats, ridge)
+    return [_head_cost(h_inv, sol, _rows(h, head_dim, sol.device))[0] for h in range(num_heads)]
 
 
 @torch.no_grad()
@@ -122,8 +125,7 @@ def score_keep_heads(stats: MLPStats, o_weight: torch.Tensor, head_dim: int,
         rows = slice(h * head_dim, (h + 1) * head_dim)
         w_h = w[:, rows]
         energy.append(float(torch.einsum("oi,ij,oj->", w_h, gram[rows, rows], w_h)))
-    order = torch.argsort(torch.tensor(energy), stable=True, descending=True)
-    return order[:num_heads - n_remove].sort().values
+    return keep_indices(torch.tensor(energy), n_remove)
 
 
 @torch.no_grad()
@@ -159,9 +161,7 @@ def magnitude_keep_heads(parts, n_remove: int) -> torch.Tensor:
     slots = parts.heads
     rows = [head_rows(torch.tensor([h]), slots.head_dim) for h in range(slots.num_heads)]
     v, o = slots.linear("v").weight.detach(), slots.linear("o").weight.detach()
-    size = torch.tensor([float(v[r].norm() * o[:, r].norm()) for r in rows])
-    order = torch.argsort(size.double(), stable=True, descending=True)
-    return order[:slots.num_heads - n_remove].sort().values
+    return keep_indices(torch.tensor([float(v[r].norm() * o[:, r].norm()) for r in rows]), n_remove)
 
 
 @torch.no_grad()

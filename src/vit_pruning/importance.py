@@ -191,6 +191,13 @@ def magnitude_scores(anatomy: Anatomy) -> list[torch.Tensor]:
     return out
 
 
+def keep_indices(score: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Indices kept (neurons, heads): all but the `n_remove` lowest scores (ties: lower index
+    kept)."""
+    order = torch.argsort(score.double(), stable=True, descending=True)
+    return order[: score.numel() - n_remove].sort().values
+
+
 def normalized(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Scores made comparable across blocks: each block's divided by its own mean."""
     return [s / s.mean().clamp_min(1e-12) for s in scores]

@@ -373,9 +373,13 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     """Mean over samples of KL(softmax(p) || softmax(q)); p is the pruned, q the reference."""
+    return float(_kl_rows(logits_p, logits_q).mean())
+
+
+def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits_p.double(), dim=-1)
     logq = F.log_softmax(logits_q.double(), dim=-1)
-    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> float:
@@ -392,9 +396,7 @@ def row_distances(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> torc
     1 - cosine averaged over each row's tokens. Their mean is the distance (to rounding); their
     spread says how sure a comparison of two models on these rows is."""
     if is_logits:
-        logp = F.log_softmax(out.double(), dim=-1)
-        logq = F.log_softmax(ref.double(), dim=-1)
-        return (logp.exp() * (logp - logq)).sum(-1)
+        return _kl_rows(out, ref)
     cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
     return 1.0 - (cos.reshape(len(cos), -1).mean(-1))
 

@@ -250,7 +250,8 @@ def bypass_attention(block: nn.Module) -> list:
 Q_NAMES, K_NAMES, V_NAMES = ("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")
 O_NAMES = ("o_proj", "out_proj")  # 4.x ViT / BERT / Swin: attention.output.dense
 HEAD_TABLE = "relative_position_bias_table"  # BEiT / Data2Vec / Swin: a column per head
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")  # what a forward reads as the count
+HEAD_WIDTH_ATTRS = ("all_head_size", "embed_dim")  # ... and as the heads' total width
 
 
 class HeadSlots:
@@ -304,7 +305,7 @@ class HeadSlots:
         for attr in HEAD_COUNT_ATTRS:
             if isinstance(getattr(owner, attr, None), int):
                 setattr(owner, attr, heads)
-        for attr in ("all_head_size", "embed_dim"):
+        for attr in HEAD_WIDTH_ATTRS:
             if isinstance(getattr(owner, attr, None), int):
                 setattr(owner, attr, heads * self.head_dim)
         if _reads_input_width(type(owner)):

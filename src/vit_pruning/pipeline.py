@@ -60,7 +60,8 @@ class PruneResult:
     neurons_removed: list[int]  # per original block
     kept_neurons: list[list[int]] | None
     kept_heads: list[list[int]] | None = None  # per original block, the heads kept (original
-    # indices; [] where stage 2 removed the attention or stage 1 never saw the block)
+    # indices; [] where stage 2 removed the attention; all of a block stage 2 removes whole;
+    # None without calibration data or with sequential=False unless heads were removed)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
     # unit="auto") -> held-out calibration distance of the split trial
@@ -577,7 +578,7 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
 
 
 def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:
-    """The shares of each block's heads heads="auto" tries: only with held-out calibration data
+    """The shares of all heads heads="auto" tries: only with held-out calibration data
     to judge them, a refit pass to remove them in, and a shape that counts heads."""
     shape = pruner.shape
     if (cfg.heads != "auto" or pruner.holdout is None or not cfg.sequential

@@ -241,17 +241,12 @@ def heads_removed(shape: ModelShape, heads: Sequence[int]) -> int:
     return sum(n * c for n, c in zip(heads, shape.head_params))
 
 
-def uniform_heads(shape: ModelShape, indices: Sequence[int], per_block: int | None = None,
-                  fraction: float | None = None) -> tuple[int, ...]:
-    """Heads removed from every block that keeps its attention sublayer after depth units
-    `indices` go: `per_block` each, or `fraction` of each block's heads (rounded, Swin's stages
-    differ), each keeping at least one head; () where that removes none."""
+def uniform_heads(shape: ModelShape, indices: Sequence[int], per_block: int) -> tuple[int, ...]:
+    """`per_block` heads removed from every block that keeps its attention sublayer after depth
+    units `indices` go, each keeping at least one head; () where that removes none."""
     gone = set(indices)
-    counts = []
-    for i in range(shape.num_blocks):
-        n = shape.heads[i]
-        want = per_block if per_block is not None else int(round(fraction * n))
-        counts.append(0 if i in gone or n == 0 else max(0, min(want, n - 1)))
+    counts = [0 if i in gone or n == 0 else max(0, min(per_block, n - 1))
+              for i, n in enumerate(shape.heads)]
     return tuple(counts) if any(counts) else ()
 
 

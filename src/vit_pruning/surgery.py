@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy, BlockParts, resolve, supported_class
-from .modeling_vit_pruning import (HEAD_TABLE, PRUNED_CLASSES, PRUNED_CONFIGS, AdapterHead,
+from .modeling_vit_pruning import (HEAD_COUNT_ATTRS, HEAD_TABLE, HEAD_WIDTH_ATTRS, PRUNED_CLASSES, PRUNED_CONFIGS, AdapterHead,
                                    mlp_slots, neuron_rows,
                                    restore_swapped, set_config_depth, set_config_width,
                                    tower_config)
@@ -117,8 +117,8 @@ def attention_refs(parts: BlockParts) -> list:
     if slots is None:
         return []
     owner = slots.owner
-    attrs = {a: getattr(owner, a) for a in ("num_attention_heads", "num_heads", "all_head_size",
-                                             "embed_dim") if isinstance(getattr(owner, a, None), int)}
+    attrs = {a: getattr(owner, a) for a in (*HEAD_COUNT_ATTRS, *HEAD_WIDTH_ATTRS)
+             if isinstance(getattr(owner, a, None), int)}
     linears = [(slots.owner, name, getattr(slots.owner, name)) for name in slots.qkv]
     linears.append((slots.o_owner, slots.o_name, slots.linear("o")))
     tables = [(m, HEAD_TABLE, getattr(m, HEAD_TABLE)) for m in slots.tables]

@@ -23,7 +23,7 @@ from .batches import take_inputs
 from .config import NEURON_SELECTIONS as SELECTIONS
 from .config import PruneConfig
 from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
-                         magnitude_scores, normalized)
+                         keep_indices, magnitude_scores, normalized)
 from .attention_heads import prune_block_heads
 from .surgery import (TemporaryBypass, attention_refs, mlp_refs, prune_mlp_neurons,
                       restore_attention_refs, restore_refs, sync_config)
@@ -46,12 +46,6 @@ def _check_counts(anatomy: Anatomy, counts: Sequence[int], min_remaining: int) -
             raise ValueError(
                 f"block {i}: cannot remove {n} of {p.intermediate_size} neurons with "
                 f"min_remaining={min_remaining} (allowed 0..{max(0, p.intermediate_size - min_remaining)})")
-
-
-def keep_indices(score: torch.Tensor, n_remove: int) -> torch.Tensor:
-    """Indices of the neurons kept: all but the `n_remove` lowest scores (ties: lower index kept)."""
-    order = torch.argsort(score.double(), stable=True, descending=True)
-    return order[: score.numel() - n_remove].sort().values
 
 
 def global_allocation(scores: Sequence[torch.Tensor], total: int, min_remaining: int,

@@ -24,7 +24,7 @@ from vit_pruning import count_total_params
 from vit_pruning.report import versions
 
 PARTS = ("target_error", "fidelity", "families", "distill", "distill_budget", "speed", "onnx", "gpu",
-         "cost", "sweep", "speed_target", "latency_choice", "distill_scale", "text", "heads")
+         "cost", "sweep", "speed_target", "latency_choice", "distill_scale", "text", "heads", "heads_latency")
 
 
 def machine() -> str:
@@ -108,6 +108,11 @@ def run_heads(smoke: bool) -> str:
                       heads.tables(heads.run(smoke)), ""])
 
 
+def run_heads_latency(smoke: bool) -> str:
+    return "\n".join(["## Attention heads at equal measured latency", "", heads.LATENCY_DOC, "",
+                      heads.latency_table(heads.equal_latency(smoke)), ""])
+
+
 def run_onnx(smoke: bool) -> str:
     res = onnx_speed.run(targets=(0.3,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5),
                          shape="tiny" if smoke else "vit-b16", batches=(1,) if smoke else (1, 8),
@@ -168,7 +173,7 @@ def run_text(smoke: bool) -> str:
 RUNNERS = {"target_error": run_target_error, "fidelity": run_fidelity, "families": run_families,
            "distill": run_distill, "distill_budget": run_distill_budget,
            "speed": run_speed,
-           "onnx": run_onnx, "heads": run_heads, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep,
+           "onnx": run_onnx, "heads": run_heads, "heads_latency": run_heads_latency, "gpu": run_gpu, "cost": run_cost, "sweep": run_sweep,
            "speed_target": run_speed_target, "latency_choice": run_latency_choice, "distill_scale": run_distill_scale, "text": run_text}
 DOC = Path("docs/benchmarks.md")
 PARTS_DIR = Path("docs/bench")

@@ -10,13 +10,28 @@ MLP neurons and depth units only), in one run, on the same calibration data:
 - the pruning cost of one target (0.25) on the ViT-B/16 shape with 64 calibration images, with
   and without heads (see the cost section).
 
-Peers that prune heads (Torch-Pruning's head pruning, TextPruner, Intel Neural Compressor's
-retraining-free pruner) and the equal-latency comparison (`--target-latency`) are not in this
-table yet."""
+Equal measured latency is its own part (`python -m bench --only heads_latency`, below:
+:func:`equal_latency`). Peers that prune heads (Torch-Pruning's head pruning, TextPruner, Intel
+Neural Compressor's retraining-free pruner) are not in these tables yet."""
 from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+
+from vit_pruning import PruneConfig
+from vit_pruning.config import LATENCY_TOLERANCE
+from vit_pruning.measure import interleaved_latency
+from vit_pruning.objective import measure_latency_model
+from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
+from vit_pruning.sweep import prune_to_measured
 
 from . import cost, fidelity, text
 from .common import md_table, mean_spread
+from .latency_choice import Subject
+from .speed_target import _structure
+
+log = logging.getLogger(__name__)
 
 METHODS = ("ours (heads off)", "ours")
 
@@ -81,3 +96,73 @@ def tables(res: dict) -> str:
                       f"### {res['text']['model']}", "", text_table(res["text"]), "",
                       "### Pruning cost, target 0.25, ViT-B/16 shape, 64 calibration images", "",
                       cost_table(res["cost"]), ""])
+
+
+LATENCY_DOC = """Equal measured latency: `--target-latency R` with today's units (`--heads off`) and
+with the default (`--heads auto`), all-MiniLM-L6-v2 (128 calibration sentences, cosine of the
+mean-pooled embeddings of 512 evaluation sentences, batch 8 x 32 tokens) and the embedded
+digits ViT (its 64 calibration images, KL on the test split, batch 8). Per model one latency
+model (measured once, with its head-count timings) serves both; each is pruned as the command
+line prunes a latency target (`prune_to_measured`: planned, timed against the baseline, planned
+again while it misses R by more than 0.01, the closest attempt kept), then each pruned model is
+timed against the baseline alone over 100 interleaved rounds (median of per-round ratios,
+quartiles)."""
+
+
+def equal_latency(smoke: bool = False, ratios=(0.5,)) -> list[dict]:
+    """Rows of the equal-latency table (see LATENCY_DOC)."""
+    subjects = [("minilm", 8), ("embedded", 8)] if not smoke else [("text", 8)]
+    rows = []
+    for name, batch in subjects:
+        s = Subject(name, smoke)
+        shape = model_shape(s.base)
+        mr = 64 if smoke and s.text else default_min_remaining(shape)[0]
+        cfg = PruneConfig(min_remaining=mr, objective="latency", **s.size())
+        lat = measure_latency_model(s.base, batch_size=batch, align=int(cfg.resolved(shape).align),
+                                    min_remaining=mr, **s.size(), **({"repeats": 5} if smoke else {}))
+
+        def measure(model):
+            return interleaved_latency({"base": s.base, "pruned": model}, batch, 3 if smoke else 10,
+                                       warmup=2, **s.size()).ratio["pruned"]
+
+        for r in ratios:
+            for heads in ("off", "auto"):
+                pruner = Pruner(s.base, s.calib, replace(cfg, latency_model=lat, heads=heads))
+                try:
+                    model, res, _ = prune_to_measured(pruner, r, measure, LATENCY_TOLERANCE)
+                except ValueError as exc:
+                    log.info("%s b%d latency %g heads %s: %s", name, batch, r, heads, exc)
+                    continue
+                timing = interleaved_latency({"base": s.base, "pruned": model}, batch,
+                                             3 if smoke else 100, warmup=2, **s.size())
+                rows.append({"model": "all-MiniLM-L6-v2" if name == "minilm" else (
+                    "tiny random BERT (smoke)" if s.text else "embedded digits ViT"),
+                    "batch": batch, "asked": r, "heads": heads, "measure": s.measure_name,
+                    "fidelity": s.fidelity(model), "structure": _structure(res, shape.widths),
+                    "kept_heads": sum(len(k) for k in res.kept_heads) if res.kept_heads else None,
+                    "measured": timing.ratio["pruned"],
+                    "iqr": (timing.ratio_q1["pruned"], timing.ratio_q3["pruned"]),
+                    "search": dict(res.search)})
+                log.info("heads_latency %s", rows[-1])
+                del model
+    return rows
+
+
+def latency_table(rows: list[dict]) -> str:
+    out = [[r["model"], str(r["batch"]), f"{r['asked']:g}", r["heads"], r["structure"],
+            "all" if r["kept_heads"] is None else str(r["kept_heads"]),
+            f"{r['measured']:.3f} [{r['iqr'][0]:.3f}, {r['iqr'][1]:.3f}]",
+            f"{r['fidelity']:.4f}" if r["measure"] == "cosine" else f"{r['fidelity']:.3g}"]
+           for r in rows]
+    by = {(r["model"], r["asked"], r["heads"]): r for r in rows}
+    notes = []
+    for (m, a, h), r in by.items():
+        off = by.get((m, a, "off"))
+        if h == "auto" and off is not None:
+            gap = (r["fidelity"] - off["fidelity"]) if r["measure"] == "cosine" else None
+            notes.append(f"- {m}, {a:g}: " + (
+                f"cosine {gap:+.4f} with heads (goal: +0.02 on MiniLM)" if gap is not None else
+                f"KL ratio heads / off {r['fidelity'] / off['fidelity']:.2f}") +
+                f"; measured latency {r['measured']:.3f} vs {off['measured']:.3f}")
+    return md_table(["model", "batch", "latency target", "--heads", "structure", "heads kept",
+                     "measured latency ratio [quartiles]", "cosine / KL"], out) + "\n\n" + "\n".join(notes)

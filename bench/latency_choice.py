@@ -105,7 +105,8 @@ def run_subject(name: str, batch: int, ratios=RATIOS, repeats: int = 10, final_r
 
     def predicted(res) -> float:
         w = [a - r for a, r in zip(widths, res.neurons_removed)]
-        return lat.predict(w, res.plan.removed_blocks, res.plan.removed_attention) / lat.model_s
+        return lat.predict(w, res.plan.removed_blocks, res.plan.removed_attention,
+                           res.plan.heads_to_prune) / lat.model_s
 
     def measure(model) -> float:  # what a --target-latency run times a plan by
         return interleaved_latency({"base": s.base, "pruned": model}, batch, repeats, warmup=2,

@@ -109,11 +109,13 @@ def run_model(name: str, ratios=RATIOS, batches=(8,), repeats: int = 10) -> list
 
 
 def _structure(res, widths) -> str:
-    """"-2 blocks, MLP 1536": the depth units removed and the kept MLP widths."""
+    """"-2 blocks -6 heads, MLP 1536": the depth units and heads removed and the kept MLP
+    widths."""
     gone = set(res.plan.removed_blocks)
     kept = sorted({w - n for i, (w, n) in enumerate(zip(widths, res.neurons_removed)) if i not in gone})
     count, att = len(res.depth_order), len(res.plan.attention_indices)
     mixed = f" -{att} attention" if att else ""
+    mixed += f" -{sum(res.plan.heads_to_prune)} heads" if res.plan.removes_heads else ""
     return f"-{count} {res.plan.unit}{'s' if count != 1 else ''}{mixed}, MLP {'/'.join(map(str, kept))}"
 
 

@@ -3,6 +3,8 @@ whichever transformers major runs the tests. Removing heads is checked against t
 model with those heads silenced (their output-projection columns zeroed: what a removed head
 adds is exactly nothing), parameters are counted exactly, and a head-pruned model saves,
 reloads with identical outputs and refuses plain from_pretrained."""
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers as tf
@@ -10,7 +12,9 @@ from test_families import FAMILIES, TXT, V, build, images, out
 
 from vit_pruning import load_pruned_model, save_pruned_model
 from vit_pruning.anatomy import resolve
-from vit_pruning.measure import count_total_params
+from vit_pruning.measure import count_flops, count_total_params
+from vit_pruning.objective import (BlockTiming, LatencyModel, flop_shape, head_grid,
+                                   measure_latency_model)
 from vit_pruning.surgery import (attention_refs, is_plain, prune_heads, remove_attention,
                                  restore_attention_refs, sync_config)
 
@@ -217,17 +221,59 @@ def test_auto_heads_are_kept_only_where_calibration_data_says_they_help(embedded
         assert auto.plan == off.plan
 
 
-def test_flop_targets_leave_heads_alone():
+def test_a_heads_flops_are_its_sublayers_share_and_flop_targets_count_them_exactly():
+    """A head's FLOPs are its attention sublayer's over its heads, and a FLOP target with heads
+    lands where the plan says: the pruned model's counted FLOPs are the plan's prediction (the
+    Pruner checks that too) and within the planner's 0.1 pp of the target."""
     model = tiny_model(layers=4)
+    shape = flop_shape(model, model_shape(model))
+    assert shape.head_params == tuple(a // 4 for a in shape.attention_params)
+    one = tiny_model(layers=4)
+    prune_heads(resolve(one).parts[0], torch.tensor([0, 1, 3]))
+    assert count_flops(model) - count_flops(one) == shape.head_params[0]
     x = torch.randn(8, 3, 16, 16)
-    _, res = prune_2ssp(model, 0.3, [x], PruneConfig(objective="flops", min_remaining=8, align=1))
-    assert res.plan.heads_to_prune == () and not any("heads" in k for k in res.search)
+    pruned, res = prune_2ssp(model, 0.3, [x], PruneConfig(objective="flops", min_remaining=8,
+                                                          align=1, heads=1))
+    assert res.plan.heads_to_prune and sum(res.plan.heads_to_prune) >= 2
+    assert count_flops(pruned) == res.plan.params_after == res.objective_after
+    assert abs(1 - count_flops(pruned) / shape.total_params - 0.3) <= 1e-3
+    assert [len(k) for k in res.kept_heads] == [4 - n for n in res.plan.heads_to_prune]
+
+
+def test_latency_targets_plan_heads_by_their_measured_line():
+    """A latency table where attention holds the time and each head an equal share of it: one
+    head less per block is planned at the table's head time, and removing heads where no depth
+    count can meet the target is a one-line ValueError."""
+    heads = ((1, -0.3), (2, -0.2), (3, -0.1), (4, 0.0))  # 0.1 s a head
+    line = BlockTiming(((32, 1.0), (64, 1.0)), 0.4, heads)
+    assert line.head_s == pytest.approx(0.1)
+    assert BlockTiming(line.grid, 0.2, heads).head_s == pytest.approx(0.05)  # at most the sublayer's
+    lat = LatencyModel("synthetic", "float32", 1, "test", 4.0, 0.0, (64,) * 4, (line,) * 4, 20)
+    model = tiny_model(layers=4)
+    shape = lat.shape(model_shape(model))
+    assert shape.head_params == (round(0.1 * 10**12 / 4.0),) * 4
+    assert lat.predict((64,) * 4, heads_removed=(1, 2, 0, 3)) == pytest.approx(4.0 - 0.6)
+    x = torch.randn(8, 3, 16, 16)
+    cfg = PruneConfig(objective="latency", latency_model=lat, align=1, min_remaining=8, heads=1)
+    _, res = prune_2ssp(model, 0.325, [x], cfg)  # one block (0.25) and a head of each kept (0.075)
+    assert res.plan.blocks_to_prune == 1 and res.plan.heads_to_prune.count(1) == 3
+    assert res.objective_ratio == pytest.approx(1 - 0.325)
+    with pytest.raises(ValueError, match="no count of block units meets it with 3 attention heads"):
+        prune_2ssp(tiny_model(layers=4), 0.05, [x], replace(cfg, heads=3))
+
+
+def test_latency_models_time_head_counts_of_every_block_of_a_kind():
+    assert head_grid(12) == [3, 6, 9, 12] and head_grid(4) == [1, 2, 3, 4] and head_grid(1) == []
+    lat = measure_latency_model(tiny_model(layers=2), batch_size=2, repeats=5, align=8,
+                                min_remaining=16)
+    assert [n for n, _ in lat.blocks[0].heads] == [1, 2, 3, 4] and lat.blocks[0].heads[-1][1] == 0
+    assert LatencyModel.from_dict(lat.to_dict()) == lat
+    assert lat.shape(model_shape(tiny_model(layers=2))).head_params is not None
 
 
 @pytest.mark.cli
 @pytest.mark.parametrize("flags, message", [
     (["--target", "0.3", "--heads", "some"], "--heads must be auto, off or a count"),
-    (["--target-flops", "0.5", "--heads", "2"], "--heads 2: attention heads are a unit of parameter targets"),
     (["--target", "0.3", "--stage", "s2", "--heads", "1"], "--heads 1 removes heads in stage 1"),
 ])
 def test_bad_heads_flags_exit_2(flags, message, tmp_path, capsys):

@@ -134,7 +134,8 @@ class PruneConfig:
     # cheapest on calibration data (refit like the MLP), and keeps them only where the held-out
     # calibration distance is lower than without; "off": today's
     # units only (the plans of earlier versions exactly); an int: that many heads from every
-    # block that keeps its attention. Parameter targets with calibration data only
+    # block that keeps its attention (the depth counts tried are those that meet the target
+    # with them). Any objective; "auto" needs calibration data
     mixed_depth: bool = True  # objective="latency" with unit "block" (or "auto"): a target that
     # falls between two counts of whole blocks (a block costs more time than every MLP width can
     # make up, as at batch 1) is met by removing attention sublayers of kept blocks as well,
@@ -146,6 +147,11 @@ class PruneConfig:
         cfg = self.resolved(shape)
         return make_plan(shape, target, unit or cfg.unit, cfg.min_remaining, alpha=cfg.alpha,
                          align=int(cfg.align), width_policy=cfg.width_policy, **kw)
+
+    @property
+    def fixed_heads(self) -> int:
+        """Heads removed from every block that keeps its attention (heads=N > 0), else 0."""
+        return self.heads if isinstance(self.heads, int) and self.heads > 0 else 0
 
     def resolved(self, shape: ModelShape) -> "PruneConfig":
         """This config with align="auto" and min_remaining=None replaced by what they mean for
@@ -602,9 +608,6 @@ def _check_structure(cfg: RunConfig) -> None:
     if p.heads not in HEADS and not p.heads.isdigit():
         raise UsageError(f"--heads must be auto, off or a count of heads per block >= 0, got "
                          f"{p.heads!r}", "heads")
-    if p.heads.isdigit() and int(p.heads) and cfg.targets.objective != "params":
-        raise UsageError(f"--heads {p.heads}: attention heads are a unit of parameter targets "
-                         f"(--target); use --heads auto or off with {cfg.targets.flag}", "heads")
     if p.heads.isdigit() and int(p.heads) and p.stage == "s2":
         raise UsageError(f"--heads {p.heads} removes heads in stage 1; --stage s2 runs stage 2 "
                          f"alone", "heads")

@@ -12,10 +12,13 @@ same arithmetic on a shape whose numbers are FLOPs (:func:`flop_shape`) or time
   the block really sees (Swin's stages see fewer). Removing units and neurons removes exactly
   those FLOPs, so the plan's prediction is the pruned model's count.
 - Latency is a model measured on the device, dtype and batch it is for
-  (:func:`measure_latency_model`): the time of each distinct block at a grid of MLP widths and
-  without its attention sublayer, and the fixed cost outside the blocks (the whole model's time
-  less its blocks'), each measured as a whole forward. A straight line through each block's
-  grid (time per neuron) is what the planner plans with and what the prediction reports.
+  (:func:`measure_latency_model`): the time of each distinct block at a grid of MLP widths, at
+  a grid of attention head counts and without its attention sublayer, and the fixed cost
+  outside the blocks (the whole model's time less its blocks'), each measured as a whole
+  forward. Straight lines through each block's grids (time per neuron, time per head) are what
+  the planner plans with and what the prediction reports.
+- An attention head's FLOPs are its sublayer's over its heads: every FLOP counted there is
+  one head's (:func:`_head_flops`).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from .config import LATENCY_MIN_REPEATS as MIN_REPEATS
 from .config import LATENCY_MODEL_ROUNDS, OBJECTIVES
 from .measure import autocast_context, example_inputs, run_model, time_rounds
 from .planner import ModelShape, aligned_floor
-from .surgery import prune_mlp_neurons, remove_attention, remove_blocks
+from .surgery import prune_heads, prune_mlp_neurons, remove_attention, remove_blocks
 from .modes import device_of, eval_mode
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 LATENCY_UNITS = 10**12  # the latency shape counts time in units of total / 1e12: integers for
 # the planner, fine enough that rounding moves no plan
 GRID_POINTS = 5  # MLP widths timed per distinct block, from the narrowest allowed to full
+HEAD_POINTS = 4  # head counts timed per distinct block: a quarter, half, three quarters, all
 MIN_ROUNDS = LATENCY_MODEL_ROUNDS  # rounds of a latency model by default (the command line's
 # too); fast models get more, up to
 MAX_ROUNDS = 200  # this, so that each variant runs for about
@@ -96,7 +100,24 @@ def flop_shape(model: nn.Module, shape: ModelShape, seq_len: int = 128) -> Model
     blocks = tuple(int(sum(spans[("block", i)])) for i in range(len(an.parts)))
     attention = tuple(int(sum(spans.get(("attention", i), [0]))) for i in range(len(an.parts)))
     costs = tuple(2 * rows[i] * _neuron_matmul_width(p) for i, p in enumerate(an.parts))
-    return _cost_shape(shape, total, blocks, attention, costs)
+    return _cost_shape(shape, total, blocks, attention, costs, _head_flops(shape, attention))
+
+
+def _head_flops(shape: ModelShape, attention: Sequence[int]) -> tuple[int, ...] | None:
+    """FLOPs one attention head of each block takes: its sublayer's count over its heads.
+    Every counted FLOP of an attention sublayer is a head's (the q/k/v rows and output columns
+    it multiplies with, its score and value matmuls; the bias tables are gathered, not
+    multiplied), so the count is a multiple of the heads and removing one removes exactly its
+    share. None where the shape does not count heads."""
+    if shape.heads is None or shape.head_params is None:
+        return None
+    out = []
+    for i, (flops, n) in enumerate(zip(attention, shape.heads)):
+        if n and flops % n:
+            raise RuntimeError(f"internal error: block {i}'s attention counts {flops:,} FLOPs, "
+                               f"not a multiple of its {n} heads")
+        out.append(flops // n if n else 0)
+    return tuple(out)
 
 
 def _neuron_matmul_width(parts) -> int:
@@ -106,12 +127,26 @@ def _neuron_matmul_width(parts) -> int:
 
 
 def _cost_shape(shape: ModelShape, total: int, blocks: Sequence[int], attention: Sequence[int],
-                costs: Sequence[int]) -> ModelShape:
+                costs: Sequence[int], heads: Sequence[int] | None) -> ModelShape:
+    """`shape` with its numbers in another objective's units: the total, each block, each
+    attention sublayer, one MLP neuron and one attention head of each block (`heads`: None
+    where heads are not a unit)."""
     costs = tuple(max(1, int(c)) for c in costs)
     return replace(shape, total_params=int(total), block_params=tuple(int(b) for b in blocks),
                    attention_params=tuple(int(a) for a in attention),
                    params_per_neuron=costs[0],
-                   neuron_costs=costs if len(set(costs)) > 1 else None, head_params=None)
+                   neuron_costs=costs if len(set(costs)) > 1 else None,
+                   head_params=None if heads is None else tuple(int(h) for h in heads))
+
+
+def _slope(points: Sequence[tuple[int, float]]) -> float:
+    """Slope of the least-squares line through (x, seconds) points, never below 0 (a block does
+    not get slower as it narrows)."""
+    w = [p[0] for p in points]
+    t = [p[1] for p in points]
+    mw, mt = statistics.fmean(w), statistics.fmean(t)
+    var = sum((a - mw) ** 2 for a in w)
+    return max(0.0, sum((a - mw) * (b - mt) for a, b in zip(w, t)) / var) if var else 0.0
 
 
 @dataclass(frozen=True)
@@ -123,17 +158,26 @@ class BlockTiming:
 
     grid: tuple[tuple[int, float], ...]
     attention_s: float
+    heads: tuple[tuple[int, float], ...] = ()  # (head count, seconds relative to all heads),
+    # ascending: every block of the kind with fewer heads (() where none were timed)
+
+    @property
+    def head_s(self) -> float:
+        """Seconds one attention head takes: the slope of the least-squares line through the
+        head-count timings, never below 0 and never above the sublayer's time shared by its
+        heads (removing every head cannot save more than removing the sublayer)."""
+        if len(self.heads) < 2:
+            return 0.0
+        slope = _slope(self.heads)
+        return min(slope, self.attention_s / self.heads[-1][0]) if self.attention_s else slope
 
     @property
     def line(self) -> tuple[float, float]:
         """(intercept, seconds per neuron) of the least-squares line through the grid; the slope
         is never below 0 (a block does not get slower as its MLP narrows)."""
-        w = [g[0] for g in self.grid]
-        t = [g[1] for g in self.grid]
-        mw, mt = statistics.fmean(w), statistics.fmean(t)
-        var = sum((a - mw) ** 2 for a in w)
-        slope = max(0.0, sum((a - mw) * (b - mt) for a, b in zip(w, t)) / var) if var else 0.0
-        return mt - slope * mw, slope
+        slope = _slope(self.grid)
+        return statistics.fmean(g[1] for g in self.grid) - slope * statistics.fmean(
+            g[0] for g in self.grid), slope
 
     @property
     def slope_s(self) -> float:
@@ -162,15 +206,17 @@ class LatencyModel:
     repeats: int
 
     def predict(self, widths: Sequence[int], blocks_removed: Sequence[int] = (),
-                attention_removed: Sequence[int] = ()) -> float:
-        """Predicted seconds of the model with these MLP widths, whole blocks removed and
-        attention sublayers removed (block indices of the measured model): the sum the planner's
-        shape (:meth:`shape`) counts, in seconds."""
+                attention_removed: Sequence[int] = (), heads_removed: Sequence[int] = ()
+                ) -> float:
+        """Predicted seconds of the model with these MLP widths, whole blocks removed, attention
+        sublayers removed (block indices of the measured model) and `heads_removed[i]` heads of
+        block i (() for none): the sum the planner's shape (:meth:`shape`) counts, in seconds."""
         gone, no_att = set(blocks_removed), set(attention_removed)
+        heads = heads_removed or (0,) * len(self.blocks)
         t = self.fixed_s
         for i, b in enumerate(self.blocks):
             if i not in gone:
-                t += b.at(widths[i]) - (b.attention_s if i in no_att else 0.0)
+                t += b.at(widths[i]) - (b.attention_s if i in no_att else b.head_s * heads[i])
         return t
 
     def blocks_s(self) -> float:
@@ -196,7 +242,14 @@ class LatencyModel:
         total = round(self.fixed_s * unit) + sum(round(b) for b in blocks)
         return _cost_shape(shape, total, [round(b) for b in blocks],
                            [round(b.attention_s * unit) for b in self.blocks],
-                           [round(b.slope_s * unit) for b in self.blocks])
+                           [round(b.slope_s * unit) for b in self.blocks],
+                           None if shape.head_params is None or not self.timed_heads else
+                           [round(b.head_s * unit) for b in self.blocks])
+
+    @property
+    def timed_heads(self) -> bool:
+        """Whether head counts were timed (every block with heads has a head line)."""
+        return any(b.heads for b in self.blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,7 +257,9 @@ class LatencyModel:
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
         blocks = tuple(BlockTiming(tuple((int(w), float(t)) for w, t in b["grid"]),
-                                   float(b["attention_s"])) for b in d["blocks"])
+                                   float(b["attention_s"]),
+                                   tuple((int(n), float(t)) for n, t in b.get("heads", ())))
+                       for b in d["blocks"])
         return cls(device=d["device"], dtype=d["dtype"], batch_size=int(d["batch_size"]),
                    key=d["key"], total_s=float(d["total_s"]), fixed_s=float(d["fixed_s"]),
                    widths=tuple(int(w) for w in d["widths"]), blocks=blocks,
@@ -229,6 +284,7 @@ def latency_key(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
             "batch": batch_size, "seq_len": seq_len if an.is_text else None,
             "class": type(model).__name__, "hidden": an.hidden_size, "heads": an.num_heads,
             "widths": [p.intermediate_size for p in an.parts],
+            "block_heads": [p.num_heads for p in an.parts], "head_points": HEAD_POINTS,
             "no_attention": [p.attention_removed for p in an.parts], "config": cfg,
             "align": align, "min_remaining": min_remaining, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -329,8 +385,9 @@ def measure_latency_model(model: nn.Module, batch_size: int = 1, dtype: torch.dt
 def _variants(work: nn.Module, an, kinds: dict[tuple, list[int]], min_remaining: int, align: int
               ) -> tuple[dict[str, nn.Module], dict[tuple, dict]]:
     """The models timed ("model" as it is, and per kind of block: every block of the kind at
-    each grid width, without their attention sublayers, without up to SAMPLE_BLOCKS of them),
-    and per kind its grid, dropped blocks and width."""
+    each grid width, at each grid head count (:func:`head_grid`; not where a shared relative
+    position bias makes heads no unit), without their attention sublayers, without up to
+    SAMPLE_BLOCKS of them), and per kind its grids, dropped blocks and width."""
     variants = {"model": work}
     plans: dict[tuple, dict] = {}
     for kind, members in kinds.items():
@@ -338,13 +395,35 @@ def _variants(work: nn.Module, an, kinds: dict[tuple, list[int]], min_remaining:
         grid = [w for w in width_grid(width, min_remaining, align) if w < width]
         for w in grid:
             variants[f"{members[0]}:{w}"] = _narrowed(work, members, w)
+        heads = []
         if not an.parts[members[0]].attention_removed:
             variants[f"{members[0]}:no attention"] = remove_attention(_shared_copy(work), members)
+            heads = [] if an.shared_head_bias else head_grid(an.parts[members[0]].num_heads)
+            for n in heads[:-1]:
+                variants[f"{members[0]}:heads {n}"] = _fewer_heads(work, members, n)
         drop = _droppable(an, members)
         if drop:
             variants[f"{members[0]}:drop"] = remove_blocks(_shared_copy(work), drop)
-        plans[kind] = {"grid": grid, "drop": drop, "width": width}
+        plans[kind] = {"grid": grid, "drop": drop, "width": width, "heads": heads}
     return variants, plans
+
+
+def head_grid(heads: int, points: int = HEAD_POINTS) -> list[int]:
+    """Head counts to time for a block of `heads` heads: `points` counts from a quarter of them
+    (at least one) to all, ascending ([] for a single head: nothing to remove)."""
+    if heads < 2:
+        return []
+    return sorted({max(1, round(heads * (k + 1) / points)) for k in range(points)})
+
+
+def _fewer_heads(model: nn.Module, blocks: list[int], heads: int) -> nn.Module:
+    """A variant of `model` (:func:`_shared_copy`) with `blocks` keeping their first `heads`
+    attention heads, built before timing."""
+    variant = _shared_copy(model)
+    an = resolve(variant)
+    for i in blocks:
+        prune_heads(an.parts[i], torch.arange(heads))
+    return variant
 
 
 def _block_timings(med: dict[str, float], kinds: dict[tuple, list[int]], plans: dict[tuple, dict]
@@ -362,7 +441,9 @@ def _block_timings(med: dict[str, float], kinds: dict[tuple, list[int]], plans: 
         mlp = max(0.0, line.slope_s * pl["width"])  # what the MLP's width costs, at least
         whole = (total - med[f"{first}:drop"]) / len(pl["drop"]) if pl["drop"] else 0.0
         whole = max(whole, att + mlp)  # a block holds at least its attention and MLP
-        block = BlockTiming(tuple((w, max(0.0, whole + t)) for w, t in line.grid), att)
+        heads = tuple((n, -(total - med[f"{first}:heads {n}"]) / len(members))
+                      for n in pl["heads"][:-1]) + ((pl["heads"][-1], 0.0),) if pl["heads"] else ()
+        block = BlockTiming(tuple((w, max(0.0, whole + t)) for w, t in line.grid), att, heads)
         for i in members:
             timing[i] = block
     return timing
@@ -390,12 +471,13 @@ def implausible(lat: LatencyModel) -> str | None:
 
 
 def _block_kinds(an, x: dict) -> dict[tuple, list[int]]:
-    """Blocks grouped by what their time depends on: MLP width, attention kept, stage, the
-    shape of their input, class."""
+    """Blocks grouped by what their time depends on: MLP width, attention kept, heads, stage,
+    the shape of their input, class."""
     hidden = an.embed(next(iter(x.values())))
     kinds: dict[tuple, list[int]] = {}
     for i, p in enumerate(an.parts):
-        kind = (p.intermediate_size, p.attention_removed, an.stage_of[i] if an.stage_of else 0,
+        kind = (p.intermediate_size, p.attention_removed, p.num_heads,
+                an.stage_of[i] if an.stage_of else 0,
                 tuple(hidden.shape), type(p.block).__name__)
         kinds.setdefault(kind, []).append(i)
         hidden = an.transition(i, an.block_forward(i, hidden))

@@ -28,7 +28,7 @@ from .measure import (collect_outputs, count_flops, count_total_params, output_d
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
                       candidates, depth_only_plan, feasible_depths,
-                      indices_feasible, make_plan, max_target_over, mixed_attention,
+                      indices_feasible, make_plan, max_depth_units, max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
                       global_heads, uniform_heads, units_of,
                       validate_target, width_only_max)
@@ -295,7 +295,8 @@ class Pruner:
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1") and len(units) > 1:
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
         mixed = None
-        if cfg.objective == "latency":  # time: a target between depth counts is met by more
+        if cfg.objective == "latency" and not cfg.fixed_heads:  # time: a target
+            # between depth counts is met by more (fixed heads take the depth units' place)
             reach = _reach(shape, target, units, cfg)
             if min(reach.values()) > target and cfg.mixed_depth and "block" in units:
                 mixed = _choose_mixed(self, model, target, cfg, clock)  # or by attention too
@@ -382,7 +383,7 @@ class Pruner:
             widths = [w - r for w, r in zip(shape.widths, removed)]
             return {"objective": "latency", "objective_before": lat.model_s,
                     "objective_after": lat.predict(widths, plan.removed_blocks,
-                                                   plan.removed_attention)}
+                                                   plan.removed_attention, plan.heads_to_prune)}
         after = params_after if cfg.objective == "params" else plan.params_after
         return {"objective": cfg.objective, "objective_before": float(shape.total_params),
                 "objective_after": float(after)}
@@ -520,14 +521,16 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried depth count, depth scores)."""
     shape, split = pruner.shape, pruner.split
-    probe = cfg.plan(shape, target, depth="alpha")
-    options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
+    fixed = cfg.fixed_heads
     if isinstance(split, int):
         candidates = [split]
-    elif split == "alpha":
-        candidates = [probe.blocks_to_prune]
+    elif fixed and not shape.units_differ(cfg.unit):
+        candidates = _counts_with_heads(shape, target, cfg, 1 if split == "alpha" else cfg.max_search)
     else:
-        candidates = _search_candidates(options, probe.blocks_to_prune, cfg.max_search)
+        probe = cfg.plan(shape, target, depth="alpha")
+        options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
+        candidates = ([probe.blocks_to_prune] if split == "alpha" else
+                      _search_candidates(options, probe.blocks_to_prune, cfg.max_search))
     budget = None
     if shape.units_differ(cfg.unit):  # units differ in size: never pick ones that overshoot
         sizes = shape.block_params if cfg.unit == "block" else shape.attention_params
@@ -539,7 +542,6 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     if shape.units_differ(cfg.unit):  # counts were judged on placeholders: check the chosen units
         orders = _feasible_orders(shape, target, cfg, candidates, order, depth_scores)
         candidates = sorted(orders)
-    fixed = cfg.heads if isinstance(cfg.heads, int) and cfg.heads > 0 else None
     plans: dict[str, PruningPlan] = {}
     for d in candidates:
         heads = uniform_heads(shape, orders[d], per_block=fixed) if fixed else ()
@@ -575,6 +577,22 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
     return replace(plan, split=label), list(orders[int(best.split("+")[0])]), search, depth_scores
+
+
+def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig, limit: int
+                       ) -> list[int]:
+    """Depth counts to try with a fixed count of heads per block (cfg.heads), which frees what
+    depth units would: the `limit` largest that meet the target with those heads (units of one
+    size, so any of a count will do for the check). ValueError where none does."""
+    units = candidates(shape, cfg.unit)
+    fits = [d for d in range(max_depth_units(shape, cfg.unit), -1, -1)
+            if indices_feasible(shape, target, cfg.unit, units[:d], cfg.min_remaining,
+                                int(cfg.align), heads=uniform_heads(shape, units[:d], cfg.heads))]
+    if not fits:
+        raise ValueError(f"target {target}: no count of {cfg.unit} units meets it with {cfg.heads} "
+                         f"attention heads removed from every block that keeps its attention "
+                         f"(heads='auto' removes heads only where they fit)")
+    return sorted(fits[:max(1, limit)])
 
 
 def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:

@@ -11,6 +11,8 @@
 - ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's MetaPruner on the MLP hidden channels only
   (fc1 outputs with their coupled fc2 inputs), group magnitude or group Taylor importance, the
   same per-block counts as a width-only plan. It has no depth stage.
+- ``tp-heads``: Torch-Pruning's head pruning (its Hugging Face ViT recipe, group magnitude): a
+  quarter of every block's heads and MLP channels for the rest, at the same parameter count.
 - ``random``: our planner's counts (alpha split), random neurons and random blocks.
 
 Every method takes (model, target, calib_x, calib_y, eval_batches, min_remaining, seed). For a
@@ -36,8 +38,9 @@ from vit_pruning.importance import activation_scores
 from vit_pruning.measure import (collect_outputs, evaluate_top1, forward_output, output_distance,
                                  output_tensor)
 from vit_pruning.pipeline import model_shape
-from vit_pruning.planner import feasible_depths, make_plan, width_only_max
-from vit_pruning.surgery import bypass_attention, remove_attention, remove_blocks, restore_attention
+from vit_pruning.planner import Within, feasible_depths, make_plan, uniform_heads, width_only_max
+from vit_pruning.surgery import (bypass_attention, remove_attention, remove_blocks,
+                                 restore_attention, sync_config)
 from vit_pruning.width import prune_vit_mlp_width
 
 
@@ -164,6 +167,46 @@ def torch_pruning(importance: str) -> Callable:
     return run
 
 
+TP_HEAD_SHARE = 0.25  # tp-heads: the share of each block's heads Torch-Pruning removes
+
+
+def torch_pruning_heads(model, target, calib_x, calib_y, eval_batches, mr, seed):
+    """Torch-Pruning's own head pruning, as its Hugging Face ViT example sets it up: the q/k/v
+    layers' head counts (`num_heads`), `prune_num_heads=True`, `prune_head_dims=False`, group
+    magnitude importance; a quarter of every block's heads and, in the same step, MLP hidden
+    channels (fc1 outputs and the coupled fc2 inputs) for the rest of the target, as many per
+    block as our planner gives a width-only plan with those heads. No depth stage, no refit.
+    The attention modules' head counts are set from the pruned layers after the step (the
+    example's loop, here through our anatomy so both transformers layouts take it)."""
+    import torch_pruning as tp
+    shape = model_shape(model)
+    an = resolve(model)
+    heads = uniform_heads(shape, (), max(1, round(TP_HEAD_SHARE * max(shape.heads))))
+    floor = mr if target <= width_only_max(shape, mr) else 1
+    plan = make_plan(shape, target, "block", floor, depth_indices=[], within=Within(heads=heads))
+    fc1s = [p.fc1 for p in an.parts]
+    qkv = {p.heads.linear(w): p.num_heads for p in an.parts for w in "qkv"}
+    roots = [*fc1s, *qkv]
+    ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+               and not any(m is r for r in roots)]
+    ratios = {f: n / f.out_features for f, n in zip(fc1s, plan.neurons_to_prune)}
+    share = heads[0] / shape.heads[0]
+    ratios.update({lin: share for lin in qkv})  # TP removes heads only in a scope that prunes
+    # (prune_head_dims=False keeps each head's dimension whole)
+    pruner = tp.pruner.MetaPruner(
+        model, calib_x[0][:1], importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio_dict=ratios, ignored_layers=ignored, global_pruning=False,
+        num_heads=qkv, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=share, output_transform=output_tensor)
+    pruner.step()
+    for p in an.parts:
+        p.heads.set_count(pruner.num_heads[p.heads.linear("q")])
+    sync_config(an)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
     """Accumulate gradients of the unsupervised SimCSE loss: each sentence's two dropout views
     are positives, the other sentences of its (equal-length) batch negatives."""
@@ -211,6 +254,7 @@ METHODS: dict[str, Callable] = {
     "2ssp-paper": paper_recipe,
     "tp-magnitude": torch_pruning("magnitude"),
     "tp-taylor": torch_pruning("taylor"),
+    "tp-heads": torch_pruning_heads,
     "random": random_recipe,
 }
 BASELINES = ("seed", "2ssp-paper", "tp-magnitude", "tp-taylor", "random")

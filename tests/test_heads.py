@@ -349,8 +349,12 @@ def test_a_head_plan_needs_a_clear_gain_on_the_held_out_rows():
     hid, href = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
     assert float(row_distances(hid, href, False).mean()) == pytest.approx(output_distance(hid, href, False), rel=1e-12)
     worse = torch.rand(32, generator=g) + 1.0
-    assert clear_gain(worse, worse - 0.1)[0]  # the same rows, each better: clear
-    noisy = worse + torch.randn(32, generator=g)
-    lower_mean = noisy - float(noisy.mean() - worse.mean()) - 0.01  # lower on average by 0.01
+    assert clear_gain(worse, worse * 0.9)[0]  # the same rows, each better: clear
+    noisy = worse * torch.exp(0.5 * torch.randn(32, generator=g))
+    lower_mean = noisy * float(worse.mean() / noisy.mean()) * 0.99  # lower on average by 1%
     clear, z = clear_gain(worse, lower_mean)
-    assert not clear and z < 2
+    assert lower_mean.mean() < worse.mean() and not clear and z < 3
+    one_row = worse.clone()
+    one_row[0] = 0.0  # one row far better, the rest the same: a mean gain, no clear one
+    assert one_row.mean() < worse.mean() and not clear_gain(worse, one_row)[0]
+    assert clear_gain(worse, worse * 0.9 + 1e-12)[1] == pytest.approx(clear_gain(worse, worse * 0.9)[1], rel=1e-3)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import resolve
-from .config import (HEAD_FRACTIONS, SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
+from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
                      default_min_remaining)  # imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
@@ -486,13 +486,17 @@ def _trial(model, plan, cfg, holdout: _Holdout) -> tuple[float, torch.Tensor]:
             row_distances(held, holdout.reference, logits))
 
 
-def clear_gain(worse: torch.Tensor, better: torch.Tensor, z: float = 2.0) -> tuple[bool, float]:
+def clear_gain(worse: torch.Tensor, better: torch.Tensor, z: float = HEAD_GAIN_Z) -> tuple[bool, float]:
     """Whether per-row distances `better` are lower than `worse` (the same rows) beyond their
-    noise: the mean of the paired differences above `z` standard errors (one-sided, about 98%
-    for z = 2). Returns (clear, the differences' z score)."""
-    diff = (worse - better).double()
-    if diff.numel() < 2:
+    noise: the mean of the paired differences of their logarithms (each row's ratio: distances
+    are positive and heavy-tailed, so a few rows far off would dominate plain differences) above
+    `z` standard errors (one-sided). Rows below a millionth of the larger mean distance count at
+    that floor (rounding, not a ratio). Returns (clear, the log differences' z score)."""
+    w, b = worse.double(), better.double()
+    if w.numel() < 2:
         return False, 0.0
+    floor = 1e-6 * max(float(w.mean()), float(b.mean()), 1e-300)
+    diff = torch.log(w.clamp_min(floor)) - torch.log(b.clamp_min(floor))
     se = float(diff.std() / diff.numel() ** 0.5)
     score = float(diff.mean()) / se if se > 0 else (float("inf") if diff.mean() > 0 else 0.0)
     return score > z, score

@@ -11,7 +11,8 @@
 #    at batch 1 and 64): whether a pruned model runs faster than its parent;
 # 5. attention heads: a head-pruned ViT-B/16 (3 of 12 heads from every block) beside today's
 #    plan (--heads off) at the same parameter count, bf16 latency ratios at batch 1 and 64, and
-#    its logits on the device against the CPU's.
+#    its logits on the device against the CPU's, and the latency model's head timings (bf16,
+#    batch 1 and 64: what one head of a block costs on the device, beside its sublayer's share).
 # Tried on the CPU first with DEVICE=cpu (steps 1 and 4 then only show they run).
 set -u
 OUT=${1:-${OUT:-/tmp/gpu-checks}}
@@ -100,5 +101,13 @@ for batch in ((1, 64) if dev == "cuda" else (1,)):
     for dtype in ((torch.bfloat16,) if dev == "cuda" else (None,)):
         comp = interleaved_latency(models, batch, repeats=30 if dev == "cuda" else 3, dtype=dtype)
         print(f"batch {batch} {dtype}: " + ", ".join(f"{k} {comp.ratio[k]:.3f}" for k in models if k != "base"))
+from vit_pruning.objective import measure_latency_model
+for batch in ((1, 64) if dev == "cuda" else (1,)):
+    lat = measure_latency_model(base, batch_size=batch, dtype=torch.bfloat16 if dev == "cuda" else None,
+                                repeats=20 if dev == "cuda" else 5, align=8, min_remaining=64)
+    b = lat.blocks[0]
+    print(f"latency model batch {batch}: attention {1e3 * b.attention_s:.4f} ms a block, heads timed "
+          f"{[(n, round(1e3 * t, 4)) for n, t in b.heads]} ms, a head {1e3 * b.head_s:.4f} ms "
+          f"(sublayer / heads {1e3 * b.attention_s / b.heads[-1][0]:.4f} ms)")
 EOF
 echo "== done"

@@ -358,3 +358,18 @@ def test_a_head_plan_needs_a_clear_gain_on_the_held_out_rows():
     one_row[0] = 0.0  # one row far better, the rest the same: a mean gain, no clear one
     assert one_row.mean() < worse.mean() and not clear_gain(worse, one_row)[0]
     assert clear_gain(worse, worse * 0.9 + 1e-12)[1] == pytest.approx(clear_gain(worse, worse * 0.9)[1], rel=1e-3)
+
+
+def test_head_costs_read_the_unpruned_trace_as_the_model_computes_them():
+    from vit_pruning.attention_heads import head_costs
+    from vit_pruning.trace import trace_unpruned
+    model = tiny_model(layers=3)
+    x = [torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.randn(3, 3, 16, 16)]
+    an = resolve(model)
+    trace = trace_unpruned(an, x)
+    fit = [x[0][:4]]  # the first rows, as the split trials fit on
+    run = head_costs(an, fit)
+    traced = head_costs(an, fit, trace=trace)
+    assert len(run) == 3 and all(len(c) == 4 for c in run)
+    for a, b in zip(run, traced):
+        assert a == pytest.approx(b, rel=1e-6)

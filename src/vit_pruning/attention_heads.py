@@ -29,6 +29,7 @@ from .anatomy import Anatomy
 from .importance import MLPStats, accumulate, keep_indices
 from .lsq import damped_gram, refit_fc2, spd_inverse
 from .surgery import head_rows, prune_heads
+from .trace import UnprunedTrace, regroup
 
 
 @torch.no_grad()
@@ -93,13 +94,16 @@ def _single_costs(stats: MLPStats, num_heads: int, head_dim: int, ridge: float) 
 
 
 @torch.no_grad()
-def head_costs(anatomy: Anatomy, batches: Sequence[torch.Tensor], ridge: float = 1e-3
-               ) -> list[list[float]]:
+def head_costs(anatomy: Anatomy, batches: Sequence[torch.Tensor], ridge: float = 1e-3,
+               trace: UnprunedTrace | None = None) -> list[list[float]]:
     """Per block, each head's cost of removal on the unpruned model (its least-squares cost
     given the refit, over the calibration tokens), relative to the energy of the block's input
     stream, so that heads of different blocks compare: what the planner allocates heads by
-    (:func:`vit_pruning.planner.global_heads`). [] for blocks without attention."""
-    hidden = [anatomy.embed(x) for x in batches]
+    (:func:`vit_pruning.planner.global_heads`). [] for blocks without attention. `trace`: the
+    unpruned model's traced block inputs, of which `batches` are the first rows (no block is
+    run again)."""
+    sizes = [len(x) for x in batches]
+    hidden = regroup(trace.inputs[0], sizes) if trace else [anatomy.embed(x) for x in batches]
     costs: list[list[float]] = []
     for i, parts in enumerate(anatomy.parts):
         if parts.heads is not None:
@@ -109,7 +113,9 @@ def head_costs(anatomy: Anatomy, batches: Sequence[torch.Tensor], ridge: float =
                                                             parts.heads.head_dim, ridge)])
         else:
             costs.append([])
-        hidden = [anatomy.transition(i, anatomy.block_forward(i, h)) for h in hidden]
+        if i + 1 < len(anatomy.parts):
+            hidden = (regroup(trace.inputs[i + 1], sizes) if trace else
+                      [anatomy.transition(i, anatomy.block_forward(i, h)) for h in hidden])
     return costs
 
 

@@ -252,7 +252,8 @@ class Pruner:
         if self._head_costs is None:
             fit = self.holdout.batches[:self.holdout.fit_batches]
             with eval_mode(self.model):
-                self._head_costs = head_costs(resolve(self.model), fit, self.cfg.ridge)
+                self._head_costs = head_costs(resolve(self.model), fit, self.cfg.ridge,
+                                              self.holdout.trace)
         return self._head_costs
 
     def max_target(self) -> float:
@@ -306,9 +307,9 @@ class Pruner:
         choices = [mixed] if mixed is not None else [
             _choose_depth(self, model, target, replace(cfg, unit=u), clock,
                           score_single=len(units) > 1) for u in units]
-        plan, order, search, depth_scores = min(
-            choices, key=lambda c: min(c[2].values()) if c[2] else 0.0)
-        known = {"score": min(search.values())} if search else {}  # the winning trial ranked by score
+        plan, order, search, depth_scores, chosen = min(
+            choices, key=lambda c: c[4] if c[4] is not None else 0.0)
+        known = {"score": chosen} if chosen is not None else {}  # the winning trial ranked by score
         if len(units) > 1:
             search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
         return _Decision(target, plan, order, search, depth_scores, known)
@@ -521,9 +522,10 @@ def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[st
 
 
 def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_single: bool
-                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict]:
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
-    calibration distance per tried depth count, depth scores)."""
+    calibration distance per tried plan, depth scores, the chosen plan's distance: None
+    without trials)."""
     shape, split = pruner.shape, pruner.split
     fixed = cfg.fixed_heads
     if isinstance(split, int):
@@ -569,7 +571,8 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
         if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
             orders = {**{d: list(order[:d]) for d in range(int(first))}, **orders}
         _head_trials(pruner, model, target, cfg, orders, int(first), plans, search, rows)
-    best = min(search, key=lambda k: (search[k], "+" in k, k)) if search else next(iter(plans))
+    best = min((k for k in search if k in plans), key=lambda k: (search[k], "+" in k, k)
+               ) if search else next(iter(plans))
     if "heads" in best and cfg.heads == "auto":  # heads only where the held-out rows say so
         plain = min((k for k in search if "+" not in k), key=lambda k: (search[k], int(k)))
         clear, score = clear_gain(rows[plain], rows[best])
@@ -580,7 +583,8 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     plan = plans[best]
     label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
-    return replace(plan, split=label), list(orders[int(best.split("+")[0])]), search, depth_scores
+    return (replace(plan, split=label), list(orders[int(best.split("+")[0])]), search,
+            depth_scores, search.get(best))
 
 
 def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig, limit: int
@@ -618,36 +622,93 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
     (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
     units or one fewer (the heads take its place; only where the split is searched: a count
     asked for stays), each a trial on the held-out calibration data; added to `plans`,
-    `search` and `rows` (per-row distances) as "<depth units>+<heads> heads". The best of them
-    is kept only where its gain over the best plan without heads is clear on the held-out rows
-    (:func:`clear_gain`), so the default never trades a sure plan for a noisy estimate."""
-    trial_cfg = replace(cfg, selection="score")
-    costs = pruner.head_costs()
-    total = sum(pruner.shape.heads)
-    depths = (first, first - 1) if pruner.split == "search" else (first,)  # a depth count
-    # asked for (an int split, or the alpha formula's) is kept as asked
+    `search` and `rows` (per-row distances) as "<depth units>+<heads> heads". While the best
+    of them has the fewest depth units tried, heads take one more depth unit's place: one unit
+    fewer with the larger shares, while they lower the distance (:func:`_fewer_units`). The
+    best is kept only where its gain over the best plan without heads is clear on the held-out
+    rows (:func:`clear_gain`), so the default never trades a sure plan for a noisy estimate."""
+    trial = _HeadTrial(pruner, model, target, cfg, orders, plans, search, rows)
+    shares = _head_fractions(pruner, cfg)
+    searched = pruner.split == "search"
+    depths = (first, first - 1) if searched else (first,)  # a depth count asked for (an int
+    # split, or the alpha formula's) is kept as asked
     best = search[str(first)]
-    for k, share in enumerate(_head_fractions(pruner, cfg)):
-        here = float("inf")
-        for d in depths:
-            heads = global_heads(pruner.shape, orders[d], costs, max(1, round(share * total))) \
-                if d in orders else ()
-            key = f"{d}+{sum(heads)} heads"
-            if not heads or key in plans:
-                continue
-            try:
-                plan = cfg.plan(pruner.shape, target, depth_indices=orders[d],
-                                within=Within(heads=heads))
-            except ValueError:  # the heads alone overshoot the target
-                continue
-            plans[key] = plan
-            search[key], rows[key] = _trial(model, plan, trial_cfg, pruner.holdout)
-            here = min(here, search[key])
-            log.info("split search: %d %s units and %d attention heads -> held-out calibration "
-                     "distance %.5f", d, cfg.unit, sum(heads), search[key])
+    for k, share in enumerate(shares):
+        keys = [trial(d, share) for d in depths]
+        here = min((trial.search[key] for key in keys if key is not None), default=float("inf"))
         if k >= 1 and here >= best:  # the shares after the first two only while they help
             break
         best = min(best, here)
+    if searched:
+        _fewer_units(trial, shares, depths[-1])
+
+
+class _HeadTrial:
+    """One head plan's trial: `trial(d, share)` tries `d` depth units (their first of the
+    order) and `share` of all heads, the cheapest, removed, and returns its key in the split
+    search's plans, distances (`search`) and rows (a plan tried before is not run again); None
+    where no plan has them (no head left to remove, or the target cannot be met with them)."""
+
+    def __init__(self, pruner, model, target, cfg, orders, plans, search, rows):
+        self.pruner, self.model, self.target, self.cfg, self.orders = pruner, model, target, cfg, orders
+        self.plans, self.search, self.rows = plans, search, rows
+        self.costs = pruner.head_costs()
+        self.total = sum(pruner.shape.heads)
+        self.share_of: dict[str, float] = {}
+
+    def __call__(self, d: int, share: float) -> str | None:
+        if d not in self.orders:
+            return None
+        shape, cfg = self.pruner.shape, self.cfg
+        heads = global_heads(shape, self.orders[d], self.costs, max(1, round(share * self.total)))
+        key = f"{d}+{sum(heads)} heads"
+        if not heads:
+            return None
+        if key not in self.search:
+            try:
+                plan = cfg.plan(shape, self.target, depth_indices=self.orders[d],
+                                within=Within(heads=heads))
+            except ValueError:  # the heads overshoot the target, or too few to meet it
+                return None
+            self.plans[key] = plan
+            self.search[key], self.rows[key] = _trial(self.model, plan, replace(cfg, selection="score"),
+                                                      self.pruner.holdout)
+            self.share_of[key] = share
+            log.info("split search: %d %s units and %d attention heads -> held-out calibration "
+                     "distance %.5f", d, cfg.unit, sum(heads), self.search[key])
+        return key
+
+
+def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
+    """While the best head plan has the fewest depth units tried (`low`), try one unit fewer
+    with the shares above its own (the heads take that unit's place), in order while they lower
+    the distance (shares that cannot meet the target are passed over). A level whose best is
+    not clearly closer than the plan it would replace (:func:`clear_gain`) is withdrawn from
+    the candidates (its distances stay in the search's record) and the descent ends."""
+    while True:
+        tried = [k for k in trial.share_of if int(k.split("+")[0]) >= low and k in trial.plans]
+        top = min(tried, key=lambda k: (trial.search[k], k), default=None)
+        if top is None or int(top.split("+")[0]) != low or low - 1 not in trial.orders:
+            return
+        low, best, level = low - 1, trial.search[top], []
+        for share in (s for s in shares if s > trial.share_of[top]):
+            key = trial(low, share)
+            if key is None:
+                continue
+            level.append(key)
+            if trial.search[key] >= best:
+                break
+            best = trial.search[key]
+        if not level:
+            return
+        found = min(level, key=lambda k: (trial.search[k], k))
+        clear, score = clear_gain(trial.rows[top], trial.rows[found])
+        log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", found, top,
+                 score, "one depth unit fewer" if clear else "not clear: withdrawn")
+        if not clear:
+            for k in level:
+                trial.plans.pop(k)
+            return
 
 
 def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneConfig
@@ -666,7 +727,7 @@ def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneCon
 
 
 def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
-                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict] | None:
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None] | None:
     """A latency target between two counts of whole blocks: plans that remove d blocks and the
     attention sublayers of as few kept blocks as let the widths meet `target` exactly
     (:func:`vit_pruning.planner.mixed_attention`), blocks and sublayers each in their own
@@ -708,7 +769,7 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and the "
              "attention sublayers of blocks %s", target, best, list(plans[best].attention_indices))
     return (replace(plans[best], split="search" if len(plans) > 1 else "mixed"), order[:best],
-            search, {**block_scores, "attention": att_scores})
+            search, {**block_scores, "attention": att_scores}, search.get(keys[best]))
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:

@@ -373,3 +373,44 @@ def test_head_costs_read_the_unpruned_trace_as_the_model_computes_them():
     assert len(run) == 3 and all(len(c) == 4 for c in run)
     for a, b in zip(run, traced):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+class _StubTrials:
+    """A table of head-plan trials, (depth units, share) -> per-row held-out distances, in the
+    shape pipeline._fewer_units reads (plans, search, rows, share_of, orders, call -> key)."""
+
+    def __init__(self, table: dict):
+        self.table, self.orders = table, {0: [], 1: [0], 2: [0, 1]}
+        self.plans, self.search, self.rows, self.share_of, self.calls = {}, {}, {}, {}, []
+
+    def __call__(self, d: int, share: float):
+        self.calls.append((d, share))
+        if (d, share) not in self.table:
+            return None  # cannot meet the target
+        key = f"{d}+{round(share * 8)} heads"
+        if key not in self.search:
+            rows = self.table[(d, share)]
+            self.plans[key], self.search[key], self.rows[key] = object(), float(rows.mean()), rows
+            self.share_of[key] = share
+        return key
+
+
+def test_heads_take_a_depth_units_place_only_where_that_is_clearly_closer():
+    from vit_pruning.pipeline import _fewer_units
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g) + 0.5
+    shares = (0.125, 0.25, 0.375, 0.5)
+    clear = _StubTrials({(2, 0.125): base, (1, 0.25): base * 0.7, (1, 0.375): base * 0.6,
+                         (1, 0.5): base * 0.65, (0, 0.5): base * 0.9})
+    clear(2, 0.125)
+    _fewer_units(clear, shares, low=2)
+    # one unit fewer with the larger shares, while they help; then none of level 0 was clear
+    assert clear.calls[1:4] == [(1, 0.25), (1, 0.375), (1, 0.5)]
+    assert {"1+2 heads", "1+3 heads", "1+4 heads"} <= set(clear.plans)
+    assert "0+4 heads" in clear.search and "0+4 heads" not in clear.plans  # withdrawn
+    noisy_rows = base * torch.tensor([0.6, 1.35]).repeat(32)  # lower on average, not clearly
+    noisy = _StubTrials({(2, 0.125): base, (1, 0.25): noisy_rows})
+    noisy(2, 0.125)
+    _fewer_units(noisy, shares, low=2)
+    assert noisy.search["1+2 heads"] < noisy.search["2+1 heads"]
+    assert "1+2 heads" not in noisy.plans and noisy.calls[-1] == (1, 0.5)  # tried, withdrawn

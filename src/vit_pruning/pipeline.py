@@ -617,11 +617,11 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
                  plans: dict[str, PruningPlan], search: dict[str, float],
                  rows: dict[str, torch.Tensor]) -> None:
     """heads="auto": beside the best split without heads (`first` depth units), plans that also
-    remove a share of all heads (HEAD_FRACTIONS: an eighth and a quarter, then more while the
-    last share lowered the distance), the cheapest by their cost on the unpruned model
-    (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with that many depth
-    units or one fewer (the heads take its place; only where the split is searched: a count
-    asked for stays), each a trial on the held-out calibration data; added to `plans`,
+    remove a share of all heads (HEAD_FRACTIONS, in order: the first two shares that can meet
+    the target, then more while they lower the distance), the cheapest by their cost on the
+    unpruned model (:meth:`Pruner.head_costs`, :func:`vit_pruning.planner.global_heads`), with
+    that many depth units and with one fewer (the heads take its place; only where the split is
+    searched: a count asked for stays), each a trial on the held-out calibration data; added to `plans`,
     `search` and `rows` (per-row distances) as "<depth units>+<heads> heads". While the best
     of them has the fewest depth units tried, heads take one more depth unit's place: one unit
     fewer with the larger shares, while they lower the distance (:func:`_fewer_units`). The
@@ -632,13 +632,14 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
     searched = pruner.split == "search"
     depths = (first, first - 1) if searched else (first,)  # a depth count asked for (an int
     # split, or the alpha formula's) is kept as asked
-    best = search[str(first)]
-    for k, share in enumerate(shares):
-        keys = [trial(d, share) for d in depths]
-        here = min((trial.search[key] for key in keys if key is not None), default=float("inf"))
-        if k >= 1 and here >= best:  # the shares after the first two only while they help
-            break
-        best = min(best, here)
+    for d in depths:
+        tried: list[float] = []
+        for share in shares:
+            if len(tried) >= 2 and tried[-1] >= min(tried[:-1]):  # the first two that meet
+                break  # the target, more only while the last lowered the distance
+            key = trial(d, share)
+            if key is not None:  # None: too few heads to meet the target with d units, or
+                tried.append(trial.search[key])  # too many
     if searched:
         _fewer_units(trial, shares, depths[-1])
 
@@ -703,6 +704,7 @@ def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
             return
         found = min(level, key=lambda k: (trial.search[k], k))
         clear, score = clear_gain(trial.rows[top], trial.rows[found])
+        clear = clear and trial.search[found] < trial.search[top]
         log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", found, top,
                  score, "one depth unit fewer" if clear else "not clear: withdrawn")
         if not clear:

@@ -414,3 +414,19 @@ def test_heads_take_a_depth_units_place_only_where_that_is_clearly_closer():
     _fewer_units(noisy, shares, low=2)
     assert noisy.search["1+2 heads"] < noisy.search["2+1 heads"]
     assert "1+2 heads" not in noisy.plans and noisy.calls[-1] == (1, 0.5)  # tried, withdrawn
+
+
+class _Rounding(_StubTrials):
+    def __call__(self, d: int, share: float):  # 1/4 and 3/8 round to the same heads at d=1
+        return super().__call__(d, 0.25 if (d, share) == (1, 0.375) else share)
+
+
+def test_a_withdrawn_level_may_name_one_plan_twice():
+    from vit_pruning.pipeline import _fewer_units
+    base = torch.linspace(1.0, 2.0, 16)
+    lower_not_clearly = base * torch.tensor([0.5, 1.4]).repeat(8)
+    stub = _Rounding({(2, 0.125): base, (1, 0.25): lower_not_clearly})
+    stub(2, 0.125)
+    _fewer_units(stub, (0.125, 0.25, 0.375, 0.5), low=2)
+    assert stub.calls[1:] == [(1, 0.25), (1, 0.25)]  # the second share named the same plan
+    assert "1+2 heads" in stub.search and "1+2 heads" not in stub.plans

@@ -691,12 +691,13 @@ def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
         top = min(tried, key=lambda k: (trial.search[k], k), default=None)
         if top is None or int(top.split("+")[0]) != low or low - 1 not in trial.orders:
             return
-        low, best, level = low - 1, trial.search[top], []
+        low, best, level, before = low - 1, trial.search[top], [], set(trial.search)
         for share in (s for s in shares if s > trial.share_of[top]):
             key = trial(low, share)
             if key is None:
                 continue
-            level.append(key)
+            if key not in before and key not in level:  # shares can round to the same heads
+                level.append(key)
             if trial.search[key] >= best:
                 break
             best = trial.search[key]

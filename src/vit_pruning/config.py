@@ -36,7 +36,8 @@ DEPTH_UNITS = ("block", "attention", "auto")
 HEADS = ("auto", "off")  # attention heads as a unit: tried by the split search, or never;
 # an int is a fixed count removed from every block that keeps its attention
 HEAD_FRACTIONS = (0.125, 0.25, 0.375, 0.5)  # heads="auto": shares of all heads the split
-# search tries, in order: the first two always, each further one while the last improved
+# search tries, in order, at each depth count: the first two that can meet the target, each
+# further one while the last improved
 HEAD_GAIN_Z = 3.0  # heads="auto": a head plan's held-out gain over the best plan without heads
 # must be this many standard errors clear, in per-row log ratios (pipeline.clear_gain). On the
 # embedded ViT, 10 calibration draws x targets 0.3-0.7: plain differences at z > 2 refused 21

@@ -230,8 +230,10 @@ def test_cli_flop_target(tmp_path, capsys):
 
 @pytest.mark.cli
 def test_cli_latency_targets_as_a_list(tmp_path, capsys):
+    # this host's timing of a tiny model decides met or missed (a CI run on a busy machine
+    # missed 0.8 by 0.06 once): whether a miss exits 3 is the scripted timing tests' matter
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.8,0.6", "--run-id", "l",
-               "--calib-size", "32") == 0
+               "--calib-size", "32", "--accept-latency-miss") == 0
     rep = report(tmp_path)
     assert [p["asked_ratio"] for p in rep["points"]] == [0.8, 0.6]
     for p in rep["points"]:  # each timed and, where it missed, planned again: one kept
@@ -421,8 +423,9 @@ def test_a_correction_stays_between_the_closest_attempts_on_either_side():
 @pytest.mark.cli
 def test_cli_single_latency_target_records_its_attempts(tmp_path):
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "one",
-               "--calib-size", "32") == 0
+               "--calib-size", "32", "--accept-latency-miss") == 0  # real timing: met or not
     obj = report(tmp_path)["objective"]
+    assert obj["missed"] == (abs(obj["measured_ratio"] - 0.75) > obj["tolerance"])
     assert obj["objective"] == "latency" and obj["attempts"]
     assert sum(bool(a.get("chosen")) for a in obj["attempts"]) == 1
     assert obj["measured_ratio"] == report(tmp_path)["stages"][-1]["latency_ratio"]

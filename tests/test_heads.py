@@ -430,3 +430,34 @@ def test_a_withdrawn_level_may_name_one_plan_twice():
     _fewer_units(stub, (0.125, 0.25, 0.375, 0.5), low=2)
     assert stub.calls[1:] == [(1, 0.25), (1, 0.25)]  # the second share named the same plan
     assert "1+2 heads" in stub.search and "1+2 heads" not in stub.plans
+
+
+def test_a_latency_target_between_block_counts_tries_heads_in_the_sublayers_place(
+        embedded_calibration):
+    """Blocks hold the time, an attention sublayer a quarter of a block, each head a quarter of
+    that: 0.3 lies between one block and two, and the mixed plans (blocks, then attention
+    sublayers of kept blocks) are tried beside plans with heads in the sublayers' place. Every
+    plan meets the target exactly; a head plan is chosen only by the gate, and with heads="off"
+    the mixed plans are what they were."""
+    model = tf.AutoModelForImageClassification.from_pretrained(EMBEDDED).eval()
+    heads = ((1, -0.1875), (2, -0.125), (3, -0.0625), (4, 0.0))  # 0.0625 s a head
+    line = BlockTiming(((192, 0.99), (384, 1.0)), 0.25, heads)
+    lat = LatencyModel("synthetic", "float32", 1, "test", 6.0, 0.0, (384,) * 6, (line,) * 6, 20)
+    cfg = PruneConfig(objective="latency", latency_model=lat, align=1)
+    x = embedded_calibration
+    _, auto = prune_2ssp(copy.deepcopy(model), 0.3, x, cfg)
+    _, off = prune_2ssp(copy.deepcopy(model), 0.3, x, replace(cfg, heads="off"))
+    assert off.plan.heads_to_prune == () and off.plan.attention_indices  # a mixed plan
+    assert all("attention" in k for k in off.search)
+    tried = [k for k in auto.search if "heads" in k]
+    assert tried and any("attention" in k for k in auto.search)
+    assert auto.objective_ratio == pytest.approx(0.7, abs=1e-3)
+    assert off.objective_ratio == pytest.approx(0.7, abs=1e-3)
+    if off.search:
+        assert {k: v for k, v in auto.search.items() if "heads" not in k} == off.search
+    if auto.plan.removes_heads:
+        assert auto.plan.attention_indices == ()
+        assert auto.search[f"{auto.plan.blocks_to_prune}+{sum(auto.plan.heads_to_prune)} heads"] < min(
+            v for k, v in auto.search.items() if "heads" not in k)
+    else:  # the same plan; "search" where head plans were tried beside a single mixed one
+        assert replace(auto.plan, split=off.plan.split) == off.plan

@@ -571,20 +571,36 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
         if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
             orders = {**{d: list(order[:d]) for d in range(int(first))}, **orders}
         _head_trials(pruner, model, target, cfg, orders, int(first), plans, search, rows)
-    best = min((k for k in search if k in plans), key=lambda k: (search[k], "+" in k, k)
-               ) if search else next(iter(plans))
+    best = _gated_best(plans, search, rows, cfg)
+    plan = plans[best]
+    label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
+    clock.lap("split search")
+    return (replace(plan, split=label), list(orders[_units_of(best)]), search,
+            depth_scores, search.get(best))
+
+
+def _units_of(key: str) -> int:
+    """The depth units of a split search's key ("3", "2+18 heads", "1+2 attention")."""
+    return int(key.split("+")[0])
+
+
+def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
+                rows: dict[str, torch.Tensor], cfg: PruneConfig) -> str:
+    """The split search's choice among `plans` (the first without trials): the lowest held-out
+    distance, and with heads="auto" a head plan only where its gain over the best plan without
+    heads is clear on the held-out rows (:func:`clear_gain`)."""
+    if not search:
+        return next(iter(plans))
+    best = min((k for k in search if k in plans), key=lambda k: (search[k], "heads" in k, k))
     if "heads" in best and cfg.heads == "auto":  # heads only where the held-out rows say so
-        plain = min((k for k in search if "+" not in k), key=lambda k: (search[k], int(k)))
+        plain = min((k for k in search if "heads" not in k),
+                    key=lambda k: (search[k], _units_of(k), k))
         clear, score = clear_gain(rows[plain], rows[best])
         log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", best, plain,
                  score, "heads kept" if clear else "not clear: no heads")
         if not clear:
             best = plain
-    plan = plans[best]
-    label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
-    clock.lap("split search")
-    return (replace(plan, split=label), list(orders[int(best.split("+")[0])]), search,
-            depth_scores, search.get(best))
+    return best
 
 
 def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig, limit: int
@@ -687,9 +703,9 @@ def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
     not clearly closer than the plan it would replace (:func:`clear_gain`) is withdrawn from
     the candidates (its distances stay in the search's record) and the descent ends."""
     while True:
-        tried = [k for k in trial.share_of if int(k.split("+")[0]) >= low and k in trial.plans]
+        tried = [k for k in trial.share_of if _units_of(k) >= low and k in trial.plans]
         top = min(tried, key=lambda k: (trial.search[k], k), default=None)
-        if top is None or int(top.split("+")[0]) != low or low - 1 not in trial.orders:
+        if top is None or _units_of(top) != low or low - 1 not in trial.orders:
             return
         low, best, level, before = low - 1, trial.search[top], [], set(trial.search)
         for share in (s for s in shares if s > trial.share_of[top]):
@@ -735,8 +751,11 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     attention sublayers of as few kept blocks as let the widths meet `target` exactly
     (:func:`vit_pruning.planner.mixed_attention`), blocks and sublayers each in their own
     selection's order; with calibration data the split search picks among the block counts
-    (up to cfg.max_search, fewest sublayers first). None where no count can, or where units
-    differ in size (Swin stages, a model pruned before: those keep the unit's own rule)."""
+    (up to cfg.max_search, fewest sublayers first), and with heads="auto" it also tries heads in
+    the sublayers' place (:func:`_head_trials` from the best count: shares of all heads, the
+    cheapest, with the widths meeting `target`), kept where clearly closer (:func:`_gated_best`).
+    None where no count can, or where units differ in size (Swin stages, a model pruned before:
+    those keep the unit's own rule)."""
     shape, mr, align = pruner.shape, cfg.min_remaining, int(cfg.align)
     need = mixed_options(shape, target, mr, align)  # block count -> placeholder sublayers
     if not need:
@@ -752,27 +771,35 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     att_order, att_scores = pruner.depth_order(
         "attention", min(n_att, max(d + len(need[d]) for d in counts)))
     clock.lap("depth selection")
-    plans = {}
+    plans: dict[str, PruningPlan] = {}
     for d in counts:
         att = mixed_attention(shape, target, order[:d], att_order, mr, align)
         if att:
-            plans[d] = cfg.plan(shape, target, depth_indices=order[:d], within=Within(attention=att))
+            plans[f"{d}+{len(att)} attention"] = cfg.plan(shape, target, depth_indices=order[:d],
+                                                          within=Within(attention=att))
     if not plans:
         return None
-    keys = {d: f"{d}+{len(plan.attention_indices)} attention" for d, plan in plans.items()}
     search: dict[str, float] = {}
-    if len(plans) > 1:
+    rows: dict[str, torch.Tensor] = {}
+    heads = _head_fractions(pruner, cfg)
+    if len(plans) > 1 or heads:
         trial_cfg = replace(cfg, selection="score")
-        for d, plan in plans.items():
-            search[keys[d]] = _trial_distance(model, plan, trial_cfg, pruner.holdout)
+        for key, plan in plans.items():
+            search[key], rows[key] = _trial(model, plan, trial_cfg, pruner.holdout)
             log.info("split search: %d blocks and %d attention sublayers -> held-out calibration "
-                     "distance %.5f", d, len(plan.attention_indices), search[keys[d]])
-    best = min(plans, key=lambda d: (search[keys[d]], d)) if search else next(iter(plans))
+                     "distance %.5f", plan.blocks_to_prune, len(plan.attention_indices), search[key])
+    if heads:  # heads in the sublayers' place: the time they free, spread over the blocks
+        first = _units_of(min(search, key=lambda k: (search[k], k)))
+        orders = {d: list(order[:d]) for d in range(len(order) + 1)}
+        _head_trials(pruner, model, target, cfg, orders, first, plans, search, rows)
+    best = _gated_best(plans, search, rows, cfg)
+    plan, d = plans[best], _units_of(best)
     clock.lap("split search")
-    log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and the "
-             "attention sublayers of blocks %s", target, best, list(plans[best].attention_indices))
-    return (replace(plans[best], split="search" if len(plans) > 1 else "mixed"), order[:best],
-            search, {**block_scores, "attention": att_scores}, search.get(keys[best]))
+    log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and %s",
+             target, d, f"the attention sublayers of blocks {list(plan.attention_indices)}"
+             if plan.attention_indices else f"{sum(plan.heads_to_prune)} attention heads")
+    return (replace(plan, split="search" if len(search) > 1 else "mixed"), order[:d],
+            search, {**block_scores, "attention": att_scores}, search.get(best))
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:

@@ -276,6 +276,7 @@ def tradeoff_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choice
         "points": points,
         "accuracy_note": data.accuracy_note,
         "latency_setup": latency_setup(cfg, data, ch, comp),
+        "latency_model": None if ch.latency_model is None else ch.latency_model.to_dict(),
         "shared_work_s": pruner.timings,
         "calibration": data.calib_info,
         "versions": versions(),

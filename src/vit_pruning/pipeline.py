@@ -556,16 +556,10 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
         except ValueError:
             if not heads or (d == candidates[-1] and not plans):
                 raise  # a count the heads overshoot is skipped, unless none is left
-    trial_cfg = replace(cfg, selection="score")
     search: dict[str, float] = {}
     rows: dict[str, torch.Tensor] = {}  # each trial's per-row held-out distances
     if len(plans) > 1 or score_single or _head_fractions(pruner, cfg):
-        for key in tqdm(list(plans), desc=f"split search ({cfg.unit} units)", leave=False,
-                        disable=not pruner.progress):  # each trial prunes width, measures, and
-            # undoes it: no model copies
-            search[key], rows[key] = _trial(model, plans[key], trial_cfg, pruner.holdout)
-            log.info("split search: %s %s units -> held-out calibration distance %.5f", key,
-                     cfg.unit, search[key])
+        _try_plans(pruner, model, plans, cfg, search, rows, bar=True)
     if _head_fractions(pruner, cfg):
         first = min(search, key=lambda k: (search[k], int(k)))
         if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
@@ -577,6 +571,19 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     clock.lap("split search")
     return (replace(plan, split=label), list(orders[_units_of(best)]), search,
             depth_scores, search.get(best))
+
+
+def _try_plans(pruner: Pruner, model, plans: dict[str, PruningPlan], cfg: PruneConfig,
+               search: dict[str, float], rows: dict[str, torch.Tensor], bar: bool = False) -> None:
+    """The split search's trials: each of `plans` (its key: "<depth units>[+<more>]") pruned
+    in width, measured on the held-out calibration data and undone (no model copies), ranked
+    by the score; its distance goes into `search`, its per-row distances into `rows`."""
+    trial_cfg = replace(cfg, selection="score")
+    for key in tqdm(list(plans), desc=f"split search ({cfg.unit} units)", leave=False,
+                    disable=not (bar and pruner.progress)):
+        search[key], rows[key] = _trial(model, plans[key], trial_cfg, pruner.holdout)
+        log.info("split search: %s (%s units) -> held-out calibration distance %.5f", key,
+                 cfg.unit, search[key])
 
 
 def _units_of(key: str) -> int:
@@ -688,11 +695,8 @@ class _HeadTrial:
             except ValueError:  # the heads overshoot the target, or too few to meet it
                 return None
             self.plans[key] = plan
-            self.search[key], self.rows[key] = _trial(self.model, plan, replace(cfg, selection="score"),
-                                                      self.pruner.holdout)
+            _try_plans(self.pruner, self.model, {key: plan}, cfg, self.search, self.rows)
             self.share_of[key] = share
-            log.info("split search: %d %s units and %d attention heads -> held-out calibration "
-                     "distance %.5f", d, cfg.unit, sum(heads), self.search[key])
         return key
 
 
@@ -783,11 +787,7 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
     rows: dict[str, torch.Tensor] = {}
     heads = _head_fractions(pruner, cfg)
     if len(plans) > 1 or heads:
-        trial_cfg = replace(cfg, selection="score")
-        for key, plan in plans.items():
-            search[key], rows[key] = _trial(model, plan, trial_cfg, pruner.holdout)
-            log.info("split search: %d blocks and %d attention sublayers -> held-out calibration "
-                     "distance %.5f", plan.blocks_to_prune, len(plan.attention_indices), search[key])
+        _try_plans(pruner, model, plans, cfg, search, rows, bar=True)
     if heads:  # heads in the sublayers' place: the time they free, spread over the blocks
         first = _units_of(min(search, key=lambda k: (search[k], k)))
         orders = {d: list(order[:d]) for d in range(len(order) + 1)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import os
 import platform
 import sys
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import (cost, distill_scale, distillation, families, fidelity, gpu, heads,
-               latency_choice, onnx_speed, speed, speed_target, sweep, target_error, text)
+               latency_choice, onnx_speed, speed, speed_target, sweep, target_error, text,
+               textpruner_peer)
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
@@ -196,6 +198,8 @@ BERT and needs no download). Each section names the machine and the library vers
 | `seed` | the seed system's recipe as ANCHORS.md describes it: uniform K MLP neurons per block by the activation L2 score, attention bypass of the N blocks whose individual bypass costs least top-1 (a model copy per candidate), N = round(B * s ** (P_mlp / (1.5 * P_attn))); K set so the parameter count matches the other rows |
 | `2ssp-paper` | the 2SSP paper (Sandri et al. 2025): uniform K by the 2SSP activation score, attention sublayers removed greedily by calibration cross-entropy, N from the paper's alpha formula (alpha 1.5) |
 | `tp-magnitude`, `tp-taylor` | Torch-Pruning 1.6.1 (`torch-pruning==1.6.1`) MetaPruner on the MLP hidden channels only (fc1 outputs and the coupled fc2 inputs), `GroupMagnitudeImportance` (L2) or `GroupTaylorImportance` (gradients of calibration cross-entropy; for text encoders of an unsupervised SimCSE loss); no depth stage |
+| `tp-heads` | Torch-Pruning 1.6.1's own head pruning, as its Hugging Face ViT example sets it up (`prune_num_heads=True`, `prune_head_dims=False`, group magnitude): a quarter of every block's heads and, in the same step, MLP hidden channels for the rest of the target; no depth stage, no refit |
+| `textpruner` | TextPruner 1.1 (`pip install --no-deps textpruner==1.1.post2`: its metadata asks for numpy<1.22) `TransformerPruner`, 8 iterative rounds of gradient x weight importance on an unsupervised SimCSE loss, the same shape as `tp-heads`, no refit; it needs transformers 4.x (`prune_heads`), so under 5.x it runs in a child process on the interpreter named by `BENCH_TF4_PYTHON` (bench/textpruner_peer.py) |
 | `random` | our planner's counts (alpha split), random neurons and random blocks |
 | `seed head re-tune` | the seed's recovery (`--recover`): one epoch of head-only fine-tuning with labels |
 
@@ -234,7 +238,9 @@ def main(argv=None) -> int:
         print(body)
         if part == "gpu" and not torch.cuda.is_available():
             continue  # said so above; the GPU table in docs stays as the last GPU run left it
-        sections[part] = (f"_Produced by `python -m bench --only {part}` on "
+        env = (f"{textpruner_peer.ENV}={os.environ[textpruner_peer.ENV]} "
+               if part == "heads" and os.environ.get(textpruner_peer.ENV) else "")
+        sections[part] = (f"_Produced by `{env}python -m bench --only {part}` on "
                           f"{_dt.date.today().isoformat()} ({time.perf_counter() - t0:.0f} s), "
                           f"machine: {machine()}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
                           + "._\n\n" + body)

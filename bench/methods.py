@@ -43,6 +43,8 @@ from vit_pruning.surgery import (bypass_attention, remove_attention, remove_bloc
                                  restore_attention, sync_config)
 from vit_pruning.width import prune_vit_mlp_width
 
+from .textpruner_peer import prune as textpruner_prune
+
 
 def _nearest_feasible(shape, target, unit, mr, wanted: int) -> int:
     options = feasible_depths(shape, target, unit, mr)
@@ -170,6 +172,18 @@ def torch_pruning(importance: str) -> Callable:
 TP_HEAD_SHARE = 0.25  # tp-heads: the share of each block's heads Torch-Pruning removes
 
 
+def heads_peer_plan(model, target: float, mr: int):
+    """The shape of the head-pruning peers (tp-heads, TextPruner) at `target`: (model shape,
+    heads removed per block, plan): a quarter of every block's heads (TP_HEAD_SHARE) and, for the
+    rest of the target, as many MLP neurons per block as our planner gives a width-only plan with
+    those heads (ValueError where that cannot meet the target)."""
+    shape = model_shape(model)
+    heads = uniform_heads(shape, (), max(1, round(TP_HEAD_SHARE * max(shape.heads))))
+    floor = mr if target <= width_only_max(shape, mr) else 1
+    return shape, heads, make_plan(shape, target, "block", floor, depth_indices=[],
+                                   within=Within(heads=heads))
+
+
 def torch_pruning_heads(model, target, calib_x, calib_y, eval_batches, mr, seed):
     """Torch-Pruning's own head pruning, as its Hugging Face ViT example sets it up: the q/k/v
     layers' head counts (`num_heads`), `prune_num_heads=True`, `prune_head_dims=False`, group
@@ -179,11 +193,8 @@ def torch_pruning_heads(model, target, calib_x, calib_y, eval_batches, mr, seed)
     The attention modules' head counts are set from the pruned layers after the step (the
     example's loop, here through our anatomy so both transformers layouts take it)."""
     import torch_pruning as tp
-    shape = model_shape(model)
+    shape, heads, plan = heads_peer_plan(model, target, mr)
     an = resolve(model)
-    heads = uniform_heads(shape, (), max(1, round(TP_HEAD_SHARE * max(shape.heads))))
-    floor = mr if target <= width_only_max(shape, mr) else 1
-    plan = make_plan(shape, target, "block", floor, depth_indices=[], within=Within(heads=heads))
     fc1s = [p.fc1 for p in an.parts]
     qkv = {p.heads.linear(w): p.num_heads for p in an.parts for w in "qkv"}
     roots = [*fc1s, *qkv]
@@ -255,6 +266,7 @@ METHODS: dict[str, Callable] = {
     "tp-magnitude": torch_pruning("magnitude"),
     "tp-taylor": torch_pruning("taylor"),
     "tp-heads": torch_pruning_heads,
+    "textpruner": textpruner_prune,  # needs transformers 4.x (bench.textpruner_peer)
     "random": random_recipe,
 }
 BASELINES = ("seed", "2ssp-paper", "tp-magnitude", "tp-taylor", "random")

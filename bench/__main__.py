@@ -20,7 +20,7 @@ import torch
 
 from . import (cost, distill_scale, distillation, families, fidelity, gpu, heads,
                latency_choice, onnx_speed, speed, speed_target, sweep, target_error, text,
-               textpruner_peer)
+               peers)
 from .common import embedded_model
 from vit_pruning import count_total_params
 from vit_pruning.report import versions
@@ -199,7 +199,8 @@ BERT and needs no download). Each section names the machine and the library vers
 | `2ssp-paper` | the 2SSP paper (Sandri et al. 2025): uniform K by the 2SSP activation score, attention sublayers removed greedily by calibration cross-entropy, N from the paper's alpha formula (alpha 1.5) |
 | `tp-magnitude`, `tp-taylor` | Torch-Pruning 1.6.1 (`torch-pruning==1.6.1`) MetaPruner on the MLP hidden channels only (fc1 outputs and the coupled fc2 inputs), `GroupMagnitudeImportance` (L2) or `GroupTaylorImportance` (gradients of calibration cross-entropy; for text encoders of an unsupervised SimCSE loss); no depth stage |
 | `tp-heads` | Torch-Pruning 1.6.1's own head pruning, as its Hugging Face ViT example sets it up (`prune_num_heads=True`, `prune_head_dims=False`, group magnitude): a quarter of every block's heads and, in the same step, MLP hidden channels for the rest of the target; no depth stage, no refit |
-| `textpruner` | TextPruner 1.1 (`pip install --no-deps textpruner==1.1.post2`: its metadata asks for numpy<1.22) `TransformerPruner`, 8 iterative rounds of gradient x weight importance on an unsupervised SimCSE loss, the same shape as `tp-heads`, no refit; it needs transformers 4.x (`prune_heads`), so under 5.x it runs in a child process on the interpreter named by `BENCH_TF4_PYTHON` (bench/textpruner_peer.py) |
+| `textpruner` | TextPruner 1.1 (`pip install --no-deps textpruner==1.1.post2`: its metadata asks for numpy<1.22) `TransformerPruner`, 8 iterative rounds of gradient x weight importance on an unsupervised SimCSE loss, the same shape as `tp-heads`, no refit; it needs transformers 4.x (`prune_heads`), so under 5.x it runs in a child process on the interpreter named by `BENCH_TEXTPRUNER_PYTHON` (bench/peers.py) |
+| `inc-retrain-free` | Intel Neural Compressor 2.6 (`neural-compressor==2.6`, numpy<2) retrain-free pruner (Kwon et al.'s mask search and mask rearrangement, no mask tuning) on the FFN neurons only (channel patterns: no heads), 8 rounds of squared mask gradients of an unsupervised SimCSE loss, our width-only plan's neurons per block, the masked neurons then removed; a child process on the interpreter named by `BENCH_INC_PYTHON` (bench/peers.py) |
 | `random` | our planner's counts (alpha split), random neurons and random blocks |
 | `seed head re-tune` | the seed's recovery (`--recover`): one epoch of head-only fine-tuning with labels |
 
@@ -238,8 +239,8 @@ def main(argv=None) -> int:
         print(body)
         if part == "gpu" and not torch.cuda.is_available():
             continue  # said so above; the GPU table in docs stays as the last GPU run left it
-        env = (f"{textpruner_peer.ENV}={os.environ[textpruner_peer.ENV]} "
-               if part == "heads" and os.environ.get(textpruner_peer.ENV) else "")
+        env = "".join(f"{p.env}={os.environ[p.env]} " for p in peers.PEERS.values()
+                      if part == "heads" and os.environ.get(p.env))
         sections[part] = (f"_Produced by `{env}python -m bench --only {part}` on "
                           f"{_dt.date.today().isoformat()} ({time.perf_counter() - t0:.0f} s), "
                           f"machine: {machine()}; " + ", ".join(f"{k} {v}" for k, v in versions().items())

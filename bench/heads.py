@@ -14,9 +14,10 @@ The peers, at the same parameter count (their plans keep up to 0.05% more parame
 ours): Torch-Pruning's own head pruning (`tp-heads`: its Hugging Face ViT recipe, group
 magnitude, a quarter of every block's heads and MLP channels for the rest, no depth stage, no
 refit) and, on MiniLM, TextPruner (`textpruner`: the same shape, its iterative gradient x weight
-importance on an unsupervised loss, no refit; it needs transformers 4.x, see
-bench/textpruner_peer.py). Intel Neural Compressor's retraining-free pruner is not in the
-tables (see the notes below the MiniLM table). Equal measured latency is its own part
+importance on an unsupervised loss, no refit) and Intel Neural Compressor's retrain-free pruner
+(`inc-retrain-free`: Kwon et al.'s mask search and rearrangement, FFN neurons only, no mask
+tuning); those two need older stacks and run in child processes (bench/peers.py; the notes
+below the MiniLM table say how each ran). Equal measured latency is its own part
 (`python -m bench --only heads_latency`, below: :func:`equal_latency`)."""
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from vit_pruning.objective import measure_latency_model
 from vit_pruning.pipeline import Pruner, default_min_remaining, model_shape
 from vit_pruning.sweep import prune_to_measured
 
-from . import cost, fidelity, text, textpruner_peer
+from . import cost, fidelity, peers, text
 from .common import md_table, mean_spread
 from .latency_choice import Subject
 from .speed_target import _structure
@@ -48,9 +49,11 @@ def run(smoke: bool = False) -> dict:
     text_targets = (0.3,) if smoke else (0.1, 0.2, 0.3, 0.4)
     txt = text.run(targets=text_targets, methods=METHODS, ideas={}, smoke=smoke,
                    repeats=2 if smoke else 10)
-    peer_rows, txt["textpruner"] = textpruner_peer.rows(text_targets, txt["n_calib"],
-                                                        txt["n_eval"], smoke)
-    txt["rows"] += peer_rows
+    txt["peers"] = {}
+    for name in peers.PEERS:  # the text-only peers, each where it runs (bench.peers)
+        peer_rows, txt["peers"][name] = peers.rows(name, text_targets, txt["n_calib"],
+                                                   txt["n_eval"], smoke)
+        txt["rows"] += peer_rows
     costs = cost.run("tiny" if smoke else "vit-b16", 16 if smoke else cost.CALIB,
                      methods=COST_METHODS * (1 if smoke else COST_RUNS))
     return {"vit": vit, "text": txt, "cost": costs}
@@ -79,23 +82,26 @@ def text_table(txt: dict) -> str:
     by = {(r["target"], r["method"]): r for r in txt["rows"] if "reach" not in r}
     rows = []
     for t in sorted({r["target"] for r in txt["rows"]}):
-        off, on, tp, tpr = (by.get((t, m)) for m in (*METHODS, "textpruner"))
+        off, on, tp = (by.get((t, m)) for m in METHODS)
         if off is None or on is None:
-            rows.append([f"{t:g}", "out of reach"] + [""] * 11)
+            rows.append([f"{t:g}", "out of reach"] + [""] * (10 + len(peers.PEERS)))
             continue
-        peers = [p["cosine"] for p in (tp, tpr) if p]
+        others = {name: by.get((t, name)) for name in peers.PEERS}
+        cosines = [p["cosine"] for p in (tp, *others.values()) if p]
         rows.append([f"{t:g}", f"{off['cosine']:.4f}", f"{on['cosine']:.4f}",
                      f"{tp['cosine']:.4f}" if tp else "out of reach",
-                     f"{tpr['cosine']:.4f}" if tpr else ("not run" if txt.get("textpruner")
-                                                         else "out of reach"),
-                     "" if not peers else ("yes" if on["cosine"] > max(peers) else "NO"),
+                     *(f"{p['cosine']:.4f}" if p else
+                       ("not run" if txt.get("peers", {}).get(name) else "out of reach")
+                       for name, p in others.items()),
+                     "" if not cosines else ("yes" if on["cosine"] > max(cosines) else "NO"),
                      f"{100 * off['agreement']:.1f}", f"{100 * on['agreement']:.1f}",
                      f"{on['params']:.3f}", f"{off['flops']:.3f} / {on['flops']:.3f}",
                      f"{off['latency']:.3f} / {on['latency']:.3f}",
                      f"{off['seconds']:.0f} / {on['seconds']:.0f}",
                      "met" if on["cosine"] >= off["cosine"] - 0.002 else "MISSED"])
     return md_table(["target", "cosine heads off", "cosine default", "cosine tp-heads",
-                     "cosine TextPruner", "ahead of every peer", "agreement % off", "agreement % default", "param ratio",
+                     *(f"cosine {p.label}" for p in peers.PEERS.values()),
+                     "ahead of every peer", "agreement % off", "agreement % default", "param ratio",
                      "FLOP ratio off / default", "latency ratio b8 off / default",
                      "prune s off / default", "never worse (cosine within 0.002)"], rows)
 
@@ -119,27 +125,20 @@ def cost_table(costs: list[dict]) -> str:
                              f"this target, fastest run against fastest run (goal: at most +25%).")
 
 
-INC_NOTE = ("Intel Neural Compressor's retraining-free pruner (Kwon et al.'s mask search) is not "
-            "in the tables: the release on the package index (neural-compressor 3.10) has no "
-            "pruning API (its wheel holds no pruner module), and the last release with one "
-            "(2.6, `neural_compressor.compression.pruner`, `retrain_free`) declares numpy<2.0 "
-            "(this project pins numpy 2.4.6) and drives its channel masks from a training "
-            "loop's callbacks; it has not been run in this project.")
-
-
 def peer_notes(txt: dict) -> str:
-    """The notes below the MiniLM table: how TextPruner ran (or why not), and INC."""
-    ran = [r for r in txt["rows"] if r["method"] == "textpruner" and "reach" not in r]
-    if ran:
-        version = ran[0].get("transformers")
-        where = (f"in a child process on transformers {version} (it removes heads with "
-                 f"`PreTrainedModel.prune_heads`, which transformers 5 removed)" if version
-                 else "in this process")
-        line = (f"- TextPruner 1.1 ran {where}: {textpruner_peer.N_ITERS} iterative rounds, "
-                f"calibrated and evaluated on the same sentences as ours.")
-    else:
-        line = f"- TextPruner is not in the table: {txt.get('textpruner') or 'out of reach'}."
-    return "\n".join([line, f"- {INC_NOTE}"])
+    """The notes below the MiniLM table: where each child-process peer ran, or why not."""
+    lines = []
+    for name, peer in peers.PEERS.items():
+        ran = [r for r in txt["rows"] if r["method"] == name and "reach" not in r]
+        if ran:
+            lines.append(f"- `{name}` ({peer.label}) ran on transformers "
+                         f"{ran[0]['transformers']} ({peer.env}; bench/peers.py): "
+                         f"{peers.ROUNDS} rounds, the same calibration and evaluation sentences "
+                         f"as ours; targets it cannot reach say so.")
+        else:
+            why = txt.get("peers", {}).get(name) or "out of reach at every target"
+            lines.append(f"- `{name}` ({peer.label}) is not in the table: {why}.")
+    return "\n".join(lines)
 
 
 def tables(res: dict) -> str:

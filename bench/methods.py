@@ -43,7 +43,7 @@ from vit_pruning.surgery import (bypass_attention, remove_attention, remove_bloc
                                  restore_attention, sync_config)
 from vit_pruning.width import prune_vit_mlp_width
 
-from .textpruner_peer import prune as textpruner_prune
+from . import peers
 
 
 def _nearest_feasible(shape, target, unit, mr, wanted: int) -> int:
@@ -266,8 +266,9 @@ METHODS: dict[str, Callable] = {
     "tp-magnitude": torch_pruning("magnitude"),
     "tp-taylor": torch_pruning("taylor"),
     "tp-heads": torch_pruning_heads,
-    "textpruner": textpruner_prune,  # needs transformers 4.x (bench.textpruner_peer)
+    "textpruner": peers.textpruner,  # these two run where bench.peers says
+    "inc-retrain-free": peers.inc_retrain_free,
     "random": random_recipe,
 }
-TEXT_ONLY = ("textpruner",)  # methods for text encoders alone (not in the ViT tables)
+TEXT_ONLY = tuple(peers.PEERS)  # methods for text encoders alone (not in the ViT tables)
 BASELINES = ("seed", "2ssp-paper", "tp-magnitude", "tp-taylor", "random")

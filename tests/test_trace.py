@@ -9,7 +9,7 @@ from vit_pruning import PruneConfig, prune_2ssp
 from vit_pruning import pipeline
 from vit_pruning.anatomy import resolve
 from vit_pruning.depth import greedy_order
-from vit_pruning.importance import add_gram, block_output_and_sum
+from vit_pruning.importance import accumulate, add_gram, block_mlp_stats, block_output_and_sum
 from vit_pruning.measure import forward_output
 from vit_pruning.trace import regroup, trace_bytes, trace_unpruned
 
@@ -97,6 +97,40 @@ def test_attention_stream_is_the_stream_the_block_feeds_its_mlp(name):
         mid = total - seen[0][1] if parts.post_norm else seen[1][0]
         torch.testing.assert_close(an.attention_stream(0, h), mid)
         torch.testing.assert_close(parts.mlp_residual(an.attention_stream(0, h)), out)
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "swin", "dinov2-swiglu"])
+def test_model_refit_statistics_stop_at_fc2_and_equal_the_full_blocks(name):
+    """With refit "model" the unpruned MLP runs only as far as fc2's input (run_until): the
+    statistics, streams after attention and the MLP's activations are the full forward's, and
+    no output is returned (the caller reruns the refit MLP)."""
+    model, batches = _model_and_batches(name)
+    an = resolve(model)
+    hidden = [an.embed(x) for x in batches[:2]]
+    parts = an.parts[0]
+    with torch.no_grad():
+        full = [block_output_and_sum(an, 0, h, [parts.fc2]) for h in hidden]
+        targets = [total + 0.1 for _, total, _ in full]  # any residual sums
+        calls = []
+        handle = parts.fc2.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            stats, outputs, mids = block_mlp_stats(an, 0, hidden, "model", targets)
+        finally:
+            handle.remove()
+        assert calls == [] and outputs == [None, None]
+        for h, mid, (_, total, seen) in zip(hidden, mids, full):
+            torch.testing.assert_close(an.attention_stream(0, h), mid)
+            torch.testing.assert_close(total, mid + parts.mlp_out(
+                mid if parts.post_norm else parts.norm_after(mid)))
+        ref = None  # the statistics from the full forward's activations
+        for (_, _, seen), t, mid in zip(full, targets, mids):
+            w = 1 / t.std(-1, unbiased=False).clamp_min(1e-6) if parts.post_norm else None
+            ref = accumulate(ref, seen[0][0], t - mid, w)
+        for got, want in ((stats.gram, ref.gram), (stats.cross, ref.cross),
+                          (stats.score_sum, ref.score_sum)):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="finished without calling"):
+        an.run_until(0, hidden[0], an.parts[1].fc2)
 
 
 def test_attention_stream_of_a_bypassed_attention_is_the_block_input():

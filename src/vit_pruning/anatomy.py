@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -375,20 +375,34 @@ class Anatomy:
         if parts.post_norm:
             out = parts.attention(hidden)
             return out[0] if isinstance(out, tuple) else out
-        seen: list[torch.Tensor] = []
+        return self.run_until(index, hidden, parts.norm_after)[0]  # the MLP does not run
 
-        def stop(_module, args):  # the MLP's input is all we need: skip the MLP itself
-            seen.append(args[0])
-            raise _StreamCaptured
+    def run_until(self, index: int, hidden: torch.Tensor, stop: nn.Module,
+                  watch: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
+        """Run block `index` on `hidden` only until `stop` is called: the first input of each
+        module of `watch` (called before `stop`), then `stop`'s; the rest of the block does
+        not run."""
+        seen: list[torch.Tensor | None] = [None] * (len(watch) + 1)
 
-        handle = parts.norm_after.register_forward_pre_hook(stop)
+        def hook(k: int):
+            def take(_module, args):
+                if seen[k] is None:
+                    seen[k] = args[0]
+                if k == len(watch):
+                    raise _StreamCaptured
+            return take
+
+        handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate([*watch, stop])]
         try:
             self.block_forward(index, hidden)
         except _StreamCaptured:
             pass
         finally:
-            handle.remove()
-        return seen[0]
+            for h in handles:
+                h.remove()
+        if seen[-1] is None:
+            raise RuntimeError(f"block {index} finished without calling {type(stop).__name__}")
+        return seen
 
 
 def _text_backbone(model: nn.Module) -> None:

@@ -116,8 +116,9 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
                     fit: int | None = None) -> tuple[MLPStats, list[torch.Tensor], list[torch.Tensor]]:
     """Run block `index` on `inputs` (block inputs per batch): its MLP statistics, outputs (before
     any Swin patch merging: :meth:`Anatomy.transition` gives the next block's input; None for
-    held-out batches, which run only up to the MLP), and residual streams after attention (the
-    MLP's input side, for re-running only the MLP).
+    held-out batches, which run only up to the MLP, and with refit "model", where the caller
+    reruns the refit MLP and the unpruned one stops at fc2's input), and residual streams after
+    attention (the MLP's input side, for re-running only the MLP).
 
     The fit targets are what the MLP sublayer adds to the stream (fc2's output times the layer
     scale): :func:`vit_pruning.lsq.refit_fc2` divides the scale out of the solution.
@@ -139,15 +140,23 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
             mids.append(anatomy.attention_stream(index, h))  # runs the (pruned) MLP on it
             outputs.append(None)
             continue
-        out, total, seen = block_output_and_sum(anatomy, index, h, capture)
-        act, fc2_out = seen[0]
+        if refit == "model":  # the caller reruns the refit MLP on `mids`: the unpruned MLP
+            # runs only as far as fc2's input (the stream after attention is fc1's input
+            # post-norm, the MLP LayerNorm's pre-norm)
+            mid, act = anatomy.run_until(index, h, parts.fc2, [parts.fc1 if parts.post_norm
+                                                                else parts.norm_after])
+            out = total = fc2_out = None
+        else:
+            out, total, seen = block_output_and_sum(anatomy, index, h, capture)
+            act, fc2_out = seen[0]
+            mid = total - fc2_out if parts.post_norm else seen[1][0]
         outputs.append(out)
-        mids.append(total - fc2_out if parts.post_norm else seen[1][0])
+        mids.append(mid)
         target = None
         if refit == "block":
             target = scale * fc2_out  # what the MLP sublayer adds to the stream
         elif refit == "model":
-            target = targets[b] - mids[-1]  # what the MLP sublayer must add to the stream
+            target = targets[b] - mid  # what the MLP sublayer must add to the stream
         weight = None
         if target is not None and parts.post_norm:  # the closing LayerNorm divides each token's
             # error by that token's spread: weight the fit the same way

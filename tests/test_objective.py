@@ -326,7 +326,8 @@ def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the
     monkeypatch.setattr(tradeoff, "prune_to_measured",
                         lambda *a, **k: once(*a, **{**k, "corrections": 0}))
     assert run(tmp_path, "--model", "embedded", "--target-latency", "0.75", "--run-id", "mx",
-               "--calib-size", "32", "--latency-batch-size", "1") == 0
+               "--calib-size", "32", "--latency-batch-size", "1",
+               "--accept-latency-miss") == 0  # real timing of the table's plan: met or not
     rep = report(tmp_path)
     plan = rep["plan"]
     assert plan["blocks_to_prune"] == 1 and len(plan["attention_indices"]) == 2

@@ -131,9 +131,6 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
     stats: MLPStats | None = None
     outputs, mids = [], []
     parts = anatomy.parts[index]
-    # pre-norm: the stream after attention is the MLP LayerNorm's input; post-norm it is the
-    # residual sum less what fc2 added
-    capture = [parts.fc2] if parts.post_norm else [parts.fc2, parts.norm_after]
     scale = 1.0 if parts.mlp_scale is None else parts.mlp_scale
     for b, h in enumerate(inputs):
         if fit is not None and b >= fit:  # held out: the attention half only, as the caller
@@ -146,7 +143,9 @@ def block_mlp_stats(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor]
             mid, act = anatomy.run_until(index, h, parts.fc2, [parts.fc1 if parts.post_norm
                                                                 else parts.norm_after])
             out = total = fc2_out = None
-        else:
+        else:  # the whole block; the stream after attention is the MLP LayerNorm's input
+            # pre-norm, and post-norm the residual sum less what fc2 added
+            capture = [parts.fc2] if parts.post_norm else [parts.fc2, parts.norm_after]
             out, total, seen = block_output_and_sum(anatomy, index, h, capture)
             act, fc2_out = seen[0]
             mid = total - fc2_out if parts.post_norm else seen[1][0]

@@ -51,6 +51,11 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert st["baseline"]["latency_ratio"] == 1.0 and st["baseline"]["latency_ratio_iqr"] == [1.0, 1.0]
     assert rep["calibration"]["count"] == 32 and len(rep["calibration"]["fingerprint"]) == 16
     assert rep["min_remaining"] == 96 and "capped" in rep["min_remaining_source"]
+    prior = rep["plan"]["refit_prior"]  # the refit prior chosen on held-out rows, and reported
+    sel = rep["plan"]["neuron_selection"]
+    assert prior in ("zero", "unpruned") and f"{sel}, unpruned prior" in rep["plan"]["neuron_selection_search"]
+    assert (f"- refit damped toward: {'zero' if prior == 'zero' else 'the unpruned weights'}"
+            in (tmp_path / "reports" / "report-r1.md").read_text())
     for key in ("versions", "depth_unit", "seed", "summary", "latency_setup", "target_error"):
         assert key in rep
     assert {"report-r1.json", "report-r1.md", "report-r1.png"} <= {p.name for p in (tmp_path / "reports").iterdir()}

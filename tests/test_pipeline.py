@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -106,3 +108,71 @@ def test_repruning_a_pruned_model_stays_exact(tiny_vit, pixels, target):
     model, res = prune_2ssp(tiny_vit, target, [pixels], PruneConfig(unit="block", min_remaining=4))
     assert count_total_params(model) == res.plan.params_after
     assert abs(res.achieved_sparsity - target) <= 65 / p0
+
+
+def _fc2_and_stats(scale: torch.Tensor | None = None):
+    """An fc2 of 12 neurons -> 6 channels and calibration statistics of its activations."""
+    from vit_pruning.importance import accumulate
+    torch.manual_seed(3)
+    fc2 = torch.nn.Linear(12, 6)
+    act = torch.randn(4, 50, 12)
+    out = fc2(act) if scale is None else scale * fc2(act)
+    return fc2, accumulate(None, act, out.detach())
+
+
+@pytest.mark.parametrize("scale", [None, torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25, 1.5])])
+def test_refit_damping_pulls_toward_zero_or_the_unpruned_weights(scale):
+    """A vanishing damping gives the plain least-squares fit either way; a huge one leaves the
+    kept weights near zero, or anchored, as they were (a layer scale divided out exactly)."""
+    from vit_pruning.lsq import refit_fc2
+    fc2, stats = _fc2_and_stats(scale)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    w0, b0 = refit_fc2(fc2, stats, keep, "lsq", 1e-9, scale)
+    w1, b1 = refit_fc2(fc2, stats, keep, "lsq", 1e-9, scale, anchored=True)
+    torch.testing.assert_close(w0, w1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b0, b1, rtol=1e-5, atol=1e-6)
+    zero, _ = refit_fc2(fc2, stats, keep, "lsq", 1e7, scale)
+    anchored, _ = refit_fc2(fc2, stats, keep, "lsq", 1e7, scale, anchored=True)
+    assert zero.abs().max() < 1e-5 * fc2.weight.abs().max()
+    torch.testing.assert_close(anchored, fc2.weight[:, keep].detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(w0, fc2.weight[:, keep], atol=1e-3)  # the refit did move them
+
+
+def _state(model) -> list[torch.Tensor]:
+    return [v.clone() for v in model.state_dict().values()]
+
+
+def test_refit_prior_auto_is_one_of_the_fixed_priors_by_a_clear_gain(pixels, monkeypatch):
+    """refit_prior="auto" tries the unpruned prior on the chosen split and prunes exactly as
+    "unpruned" (with that split and selection) where the held-out gain is clear, exactly as
+    "zero" where it is not; "zero" tries nothing more, and the two priors prune differently."""
+    import copy
+    from vit_pruning import pipeline
+    from conftest import tiny_model
+    base = tiny_model(layers=4, seed=2)
+    cfg = PruneConfig(min_remaining=8, align=1, heads="off")
+
+    def prune(config, **kw):
+        m = copy.deepcopy(base)
+        _, res = prune_2ssp(m, 0.3, [pixels], replace(config, **kw))
+        return _state(m), res
+
+    zero, res_zero = prune(cfg, refit_prior="zero")
+    assert res_zero.refit_prior == "zero" and not any("prior" in k for k in res_zero.selection_search)
+    for clear, expect in ((True, "unpruned"), (False, "zero")):
+        monkeypatch.setattr(pipeline, "clear_gain", lambda worse, better, clear=clear: (clear, 0.0))
+        state, res = prune(cfg)
+        assert res.refit_prior == expect and f"{res.selection}, unpruned prior" in res.selection_search
+        fixed, res_fixed = prune(cfg, refit_prior=expect, selection=res.selection,
+                                 split=res.plan.blocks_to_prune)
+        assert res_fixed.refit_prior == expect and res_fixed.plan.neurons_to_prune == res.plan.neurons_to_prune
+        assert all(torch.equal(a, b) for a, b in zip(state, fixed))
+        if expect == "zero":
+            assert all(torch.equal(a, b) for a, b in zip(state, zero))
+        else:
+            assert any(not torch.equal(a, b) for a, b in zip(state, zero))
+
+
+def test_bad_refit_prior_is_refused(tiny_vit, pixels):
+    with pytest.raises(ValueError, match="refit_prior must be one of"):
+        prune_2ssp(tiny_vit, 0.3, [pixels], PruneConfig(refit_prior="model"))

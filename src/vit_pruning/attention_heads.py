@@ -136,14 +136,16 @@ def score_keep_heads(stats: MLPStats, o_weight: torch.Tensor, head_dim: int,
 
 @torch.no_grad()
 def prune_block_heads(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tensor],
-                      n_remove: int, compensation: str, ridge: float = 1e-3) -> list[int]:
+                      n_remove: int, compensation: str, ridge: float = 1e-3,
+                      refit_damping: tuple[float, bool] | None = None) -> list[int]:
     """Remove `n_remove` heads of block `index`, chosen on calibration block inputs `inputs`,
     and refit the output projection: with compensation "lsq" the heads go by their
     least-squares cost given the refit and the rest are refit by least squares (a dozen heads
     make the exact cost cheap: unlike the neurons', no cheaper score is worth trying); with
     "bias" or "none" they go by the energy they add, and the removed heads' mean output is
-    folded into the bias ("bias") or nothing is refit ("none"). Returns the kept heads (their
-    original indices)."""
+    folded into the bias ("bias") or nothing is refit ("none"). `ridge` damps the selection;
+    `refit_damping` (damping, anchored), the refit (:func:`vit_pruning.lsq.refit_fc2`; default:
+    `ridge` toward zero). Returns the kept heads (their original indices)."""
     parts = anatomy.parts[index]
     slots = parts.heads
     if n_remove <= 0:
@@ -156,7 +158,9 @@ def prune_block_heads(anatomy: Anatomy, index: int, inputs: Sequence[torch.Tenso
         keep = score_keep_heads(stats, o.weight, slots.head_dim, n_remove)
     weight = bias = None
     if compensation != "none":
-        weight, bias = refit_fc2(o, stats, head_rows(keep, slots.head_dim), compensation, ridge)
+        fit_ridge, anchored = refit_damping or (ridge, False)
+        weight, bias = refit_fc2(o, stats, head_rows(keep, slots.head_dim), compensation,
+                                 fit_ridge, anchored=anchored)
     prune_heads(parts, keep, weight, bias)
     return keep.tolist()
 

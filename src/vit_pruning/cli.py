@@ -29,7 +29,7 @@ from dataclasses import fields
 import torch
 
 from .config import (DEFAULT_MODEL, DEPTH_UNITS, DISTILL_AUGMENT, DISTILL_MATCH, DISTILL_SENTENCES,
-                     EMBEDDED, LATENCY_DTYPES, MATCHES, PRECISIONS, SECTIONS, SELECTIONS, STAGES,
+                     EMBEDDED, LATENCY_DTYPES, MATCHES, PRECISIONS, PRIORS, SECTIONS, SELECTIONS, STAGES,
                      TRAINABLE, RunConfig, from_flags)
 from .errors import UsageError
 
@@ -133,6 +133,11 @@ def _structure_flags(g) -> None:
                    help="which MLP neurons go: the 2SSP activation score, the least-squares cost "
                         "given the refit, or auto (default): both tried on held-out calibration "
                         "images, the better kept")
+    g.add_argument("--refit-prior", choices=PRIORS, default=DEFAULTS["refit_prior"],
+                   help="what the least-squares refit's damping pulls toward: zero (the plans and "
+                        "weights of earlier versions), the unpruned weights (stronger damping), "
+                        "or auto (default): the unpruned weights only where held-out calibration "
+                        "images clearly prefer them")
     g.add_argument("--depth-method", choices=("greedy", "bi"), default=DEFAULTS["depth_method"],
                    help="greedy by output fidelity (default) or one-shot Block Influence")
     g.add_argument("--align", default=DEFAULTS["align"],

@@ -9,26 +9,34 @@ from torch import nn
 from .importance import MLPStats
 
 
+def damping(stats: MLPStats, ridge: float) -> float:
+    """The refit's damping: `ridge` times the mean activation energy (the Gram's activation
+    diagonal)."""
+    return ridge * float(stats.gram.diagonal()[:-1].double().mean())
+
+
 def damped_gram(stats: MLPStats, ridge: float) -> torch.Tensor:
-    """The float64 Gram matrix of [activation, 1] with `ridge` times the mean activation energy
-    added to the activation diagonal (the bias, last, is not shrunk)."""
+    """The float64 Gram matrix of [activation, 1] with :func:`damping` added to the activation
+    diagonal (the bias, last, is not shrunk)."""
     gram = stats.gram.double().clone()
-    diag = gram.diagonal()[:-1]
-    diag += ridge * diag.mean()
+    gram.diagonal()[:-1] += damping(stats, ridge)
     return gram
 
 
 def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
-              ridge: float = 1e-3, scale: torch.Tensor | None = None
+              ridge: float = 1e-3, scale: torch.Tensor | None = None, anchored: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New (weight, bias) of a pruned fc2 from calibration statistics.
 
     "lsq": ridge-regularized least squares over the kept neurons plus bias, fitting
-    ``stats.cross`` (what the MLP sublayer should add to the stream). With a layer scale
-    (the sublayer adds ``scale * fc2(a)``) the fit is of ``scale * fc2`` and the scale is
-    divided out afterwards: each output channel is its own least-squares problem, so this is
-    the exact optimum of the scaled output. "bias": fold the dropped neurons' mean
-    contribution into the bias, keep the weights.
+    ``stats.cross`` (what the MLP sublayer should add to the stream). The damping pulls the
+    kept weights toward zero, or with `anchored` toward fc2's current (unpruned) weights of
+    those columns: the right-hand side gains the damping times them, so a damping that grows
+    without bound leaves the weights as they were. With a layer scale (the sublayer adds
+    ``scale * fc2(a)``) the fit is of ``scale * fc2`` and the scale is divided out afterwards:
+    each output channel is its own least-squares problem, so this is the exact optimum of the
+    scaled output. "bias": fold the dropped neurons' mean contribution into the bias, keep the
+    weights.
     """
     width = fc2.in_features
     if mode == "bias" and fc2.bias is None:
@@ -46,6 +54,11 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
         k = torch.cat([k, torch.tensor([width], device=gram.device)])
     g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
     rhs = stats.cross[k].double()
+    if anchored:  # damping toward the current weights: + damping * (scale *) W[:, keep]^T
+        w = fc2.weight.detach().double().to(rhs.device)[:, k[:len(keep)]]
+        if scale is not None:
+            w = w * scale.detach().double().to(rhs.device)[:, None]
+        rhs[:len(keep)] += damping(stats, ridge) * w.T
     chol, info = torch.linalg.cholesky_ex(g_kk)  # damped Gram: positive definite, unless
     # neurons are exactly collinear (then the LU solve below copes)
     sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(g_kk, rhs)

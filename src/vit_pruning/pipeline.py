@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import resolve
-from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, SELECTIONS, SPLITS, STAGES, PruneConfig,  # noqa: F401 (PruneConfig is
-                     default_min_remaining)  # imported from here too)
+from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, NEURON_SELECTIONS, PRIORS, SELECTIONS,  # noqa: F401
+                     SPLITS, STAGES, PruneConfig, default_min_remaining)  # (PruneConfig is imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import (collect_outputs, count_flops, count_total_params, output_distance,
@@ -66,8 +66,11 @@ class PruneResult:
     search: dict[str, float] = field(default_factory=dict)  # depth count ("unit:count" for
     # unit="auto") -> held-out calibration distance of the split trial
     selection: str = "score"  # the neuron selection used ("score" or "lsq")
-    selection_search: dict[str, float] = field(default_factory=dict)  # selection="auto": held-out
-    # calibration distance of each selection on the chosen split
+    selection_search: dict[str, float] = field(default_factory=dict)  # held-out calibration
+    # distance on the chosen split of each selection tried (selection="auto") and, with
+    # refit_prior="auto", of the selection used with the refit damped toward the unpruned
+    # weights ("<selection>, unpruned prior")
+    refit_prior: str = "zero"  # what the refit's damping pulled toward ("zero" or "unpruned")
     depth_scores: dict = field(default_factory=dict)
     objective: str = "params"  # what the target counted (PruneConfig.objective)
     objective_before: float = 0.0  # the unpruned model's count of it: parameters, FLOPs, or
@@ -228,6 +231,8 @@ class Pruner:
             raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
         if cfg.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+        if cfg.refit_prior not in PRIORS:
+            raise ValueError(f"refit_prior must be one of {PRIORS}, got {cfg.refit_prior!r}")
         if cfg.stages not in STAGES:
             raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
         if cfg.stages == "s2" and cfg.unit == "auto":
@@ -307,9 +312,10 @@ class Pruner:
         choices = [mixed] if mixed is not None else [
             _choose_depth(self, model, target, replace(cfg, unit=u), clock,
                           score_single=len(units) > 1) for u in units]
-        plan, order, search, depth_scores, chosen = min(
+        plan, order, search, depth_scores, chosen, chosen_rows = min(
             choices, key=lambda c: c[4] if c[4] is not None else 0.0)
-        known = {"score": chosen} if chosen is not None else {}  # the winning trial ranked by score
+        known = {"score": (chosen, chosen_rows)} if chosen is not None else {}  # the winning
+        # trial, ranked by score
         if len(units) > 1:
             search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
         return _Decision(target, plan, order, search, depth_scores, known)
@@ -338,11 +344,10 @@ class Pruner:
             return _depth_only(self, model, target, after_stage1)
         d = self.decide(target, model, clock=clock)
         target, plan, order, search, depth_scores = d.target, d.plan, d.order, d.search, d.depth_scores
-        known = d.known
-        selection, selection_search = _choose_selection(model, plan, self.holdout, cfg, known)
+        selection, prior, selection_search = _choose_refit(model, plan, self.holdout, cfg, d.known)
         clock.lap("neuron selection choice")
-        info = _width_stage(model, plan, batches, replace(cfg, selection=selection), self.progress,
-                            unpruned=self.trace)
+        info = _width_stage(model, plan, batches, replace(cfg, selection=selection, refit_prior=prior),
+                            self.progress, unpruned=self.trace)
         stage1 = count_total_params(model)
         clock.lap("stage 1 (width)")
         if after_stage1 is not None:
@@ -363,7 +368,8 @@ class Pruner:
             kept_neurons=info["kept"], kept_heads=info.get("kept_heads"), search=search,
             depth_scores=depth_scores,
             timings={**self.timings, **clock.laps}, selection=selection,
-            selection_search=selection_search, **self.objective_fields(plan, info["counts"], after),
+            selection_search=selection_search, refit_prior=prior,
+            **self.objective_fields(plan, info["counts"], after),
         )
 
     def count(self, model: nn.Module, plan: PruningPlan) -> int:
@@ -406,14 +412,15 @@ def check_achieved(shape: ModelShape, plan: PruningPlan, target: float, params_a
 class _Decision:
     """What :meth:`Pruner.decide` chose: the target met (a latency target may be raised to the
     nearest reachable one), the plan, the depth units in removal order, the split search's
-    distances, the depth selection's scores, and the winning trial's distance by score."""
+    distances, the depth selection's scores, and the winning trial's (distance, per-row
+    distances) by score."""
 
     target: float
     plan: PruningPlan
     order: list[int]
     search: dict[str, float]
     depth_scores: dict
-    known: dict[str, float]
+    known: dict[str, tuple[float, torch.Tensor]]
 
 
 class _Clock:
@@ -472,13 +479,9 @@ def _holdout(model: nn.Module, batches: list[torch.Tensor], reference: torch.Ten
     return _Holdout(fit + held, len(fit), start, held_ref, trace)
 
 
-def _trial_distance(model, plan, cfg, holdout: _Holdout) -> float:
-    """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged)."""
-    return _trial(model, plan, cfg, holdout)[0]
-
-
 def _trial(model, plan, cfg, holdout: _Holdout) -> tuple[float, torch.Tensor]:
-    """:func:`_trial_distance`, and the distance of each held-out row."""
+    """Held-out calibration distance of stage 1 under `plan` and `cfg` (model left unchanged),
+    and the distance of each held-out row."""
     out = _width_stage(model, plan, holdout.batches, cfg, progress=False, trial=True,
                        fit_batches=holdout.fit_batches, unpruned=holdout.trace)["outputs"]
     logits = resolve(model).has_classifier
@@ -503,29 +506,52 @@ def clear_gain(worse: torch.Tensor, better: torch.Tensor, z: float = HEAD_GAIN_Z
     return score > z, score
 
 
-def _choose_selection(model, plan, holdout: _Holdout | None, cfg, known: dict[str, float]
-                      ) -> tuple[str, dict[str, float]]:
-    """The neuron selection to use: cfg.selection, or for "auto" the one with the better
-    held-out calibration fidelity on `plan` (the 2SSP score without the refit it needs).
-    `known`: distances already measured (the split search's trials rank by the score)."""
-    if cfg.selection != "auto":
-        return cfg.selection, {}
-    if holdout is None or cfg.compensation != "lsq" or not cfg.sequential or not any(plan.neurons_to_prune):
-        return "score", {}
-    tried = {sel: known[sel] if sel in known else
-             _trial_distance(model, plan, replace(cfg, selection=sel), holdout)
-             for sel in ("score", "lsq")}
-    best = min(tried, key=lambda k: (tried[k], k != "score"))
-    log.info("neuron selection: %s (held-out calibration distance %s)", best,
-             ", ".join(f"{k} {v:.5f}" for k, v in tried.items()))
-    return best, tried
+def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
+                  known: dict[str, tuple[float, torch.Tensor]]) -> tuple[str, str, dict[str, float]]:
+    """The neuron selection and refit prior to use on `plan`: cfg.selection, or for "auto" the
+    selection with the better held-out calibration fidelity (the 2SSP score without the refit it
+    needs); cfg.refit_prior, or for "auto" "unpruned" where its held-out gain over "zero" with
+    that selection is clear (:func:`clear_gain`), else "zero". `known`: trials already run
+    (selection -> (distance, per-row distances); the split search's rank by the score, with
+    the prior asked for, "zero" for "auto"). Returns (selection, refit prior, held-out distance
+    per trial)."""
+    selection, prior = cfg.selection, cfg.refit_prior
+    fits = holdout is not None and cfg.compensation == "lsq" and cfg.sequential
+    trials = dict(known)
+    asked = "zero" if prior == "auto" else prior  # what the selections are tried with
+
+    def trial(sel: str, pri: str = asked) -> tuple[float, torch.Tensor]:
+        key = sel if pri == asked else f"{sel}, {pri} prior"
+        if key not in trials:
+            trials[key] = _trial(model, plan, replace(cfg, selection=sel, refit_prior=pri), holdout)
+        return trials[key]
+
+    tried: dict[str, float] = {}
+    if selection == "auto":
+        selection = "score"
+        if fits and any(plan.neurons_to_prune):
+            tried = {sel: trial(sel)[0] for sel in NEURON_SELECTIONS}
+            selection = min(tried, key=lambda k: (tried[k], k != "score"))
+            log.info("neuron selection: %s (held-out calibration distance %s)", selection,
+                     ", ".join(f"{k} {v:.5f}" for k, v in tried.items()))
+    if prior == "auto":
+        prior = "zero"
+        if fits:
+            (base, base_rows), (alt, alt_rows) = trial(selection), trial(selection, "unpruned")
+            tried.update({selection: base, f"{selection}, unpruned prior": alt})
+            clear, score = clear_gain(base_rows, alt_rows)
+            prior = "unpruned" if clear else "zero"
+            log.info("refit prior: %s (held-out calibration distance %.4g toward zero, %.4g "
+                     "toward the unpruned weights, paired z = %.2f)", prior, base, alt, score)
+    return selection, prior, tried
 
 
 def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_single: bool
-                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None]:
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None,
+                             torch.Tensor | None]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
-    calibration distance per tried plan, depth scores, the chosen plan's distance: None
-    without trials)."""
+    calibration distance per tried plan, depth scores, the chosen plan's distance and per-row
+    distances: None without trials)."""
     shape, split = pruner.shape, pruner.split
     fixed = cfg.fixed_heads
     if isinstance(split, int):
@@ -570,7 +596,7 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
     return (replace(plan, split=label), list(orders[_units_of(best)]), search,
-            depth_scores, search.get(best))
+            depth_scores, search.get(best), rows.get(best))
 
 
 def _try_plans(pruner: Pruner, model, plans: dict[str, PruningPlan], cfg: PruneConfig,
@@ -799,7 +825,7 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
              target, d, f"the attention sublayers of blocks {list(plan.attention_indices)}"
              if plan.attention_indices else f"{sum(plan.heads_to_prune)} attention heads")
     return (replace(plan, split="search" if len(search) > 1 else "mixed"), order[:d],
-            search, {**block_scores, "attention": att_scores}, search.get(best))
+            search, {**block_scores, "attention": att_scores}, search.get(best), rows.get(best))
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:

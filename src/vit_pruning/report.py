@@ -214,6 +214,9 @@ def _md_plan(rep: dict) -> list[str]:
         lines.append(f"- neuron selection: {p['neuron_selection']}" + (
             " (held-out calibration distance: " + ", ".join(f"{k} {v:.4g}" for k, v in tried.items())
             + ")" if tried else ""))
+    if p.get("refit_prior"):
+        lines.append("- refit damped toward: " + ("the unpruned weights" if p["refit_prior"] == "unpruned"
+                                                 else "zero"))
     if p.get("split_search"):
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .anatomy import Anatomy, resolve
 from .batches import take_inputs
 from .config import NEURON_SELECTIONS as SELECTIONS
-from .config import PruneConfig
+from .config import PRIORS, PruneConfig
 from .importance import (MLPStats, activation_scores, block_mlp_stats, block_output_and_sum,
                          keep_indices, magnitude_scores, normalized)
 from .attention_heads import prune_block_heads
@@ -112,6 +112,7 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
     heads, outputs). A block loses its heads first (refit on the attention output), then its
     neurons on what its pruned attention gives."""
     compensation, ridge, selection = cfg.compensation, cfg.ridge, cfg.selection
+    fit_damping = cfg.refit_damping  # the refit's (the selections damp with `ridge`)
     refit = None if compensation == "none" else ("block" if compensation == "bias" else cfg.refit_target)
     skip, bypass = set(how.removed_blocks), set(how.removed_attention)
     fit, unpruned = how.fit_batches, how.unpruned
@@ -145,7 +146,7 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
         if heads and heads[i]:
             saved_heads = attention_refs(anatomy.parts[i])
             kept_heads[i] = prune_block_heads(anatomy, i, hidden[:fit], int(heads[i]),
-                                              compensation, ridge)
+                                              compensation, ridge, fit_damping)
             anatomy = resolve(model)
         stats, outputs, mids = block_mlp_stats(anatomy, i, hidden, refit, targets, fit)
         parts = anatomy.parts[i]
@@ -158,8 +159,8 @@ def _sequential_pass(model, counts, pixel_batches, cfg: PruneConfig, how: WidthP
             originals = mlp_refs(parts)
             weight = bias = None
             if refit is not None:
-                weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, ridge,
-                                         parts.mlp_scale)
+                weight, bias = refit_fc2(parts.fc2, stats, keep, compensation, fit_damping[0],
+                                         parts.mlp_scale, anchored=fit_damping[1])
             prune_mlp_neurons(parts, keep, weight, bias)
             parts = resolve(model).parts[i]
             outputs = [parts.mlp_residual(m) for m in mids]  # attention output is unchanged
@@ -248,7 +249,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
             `selection` ("score": lowest 2SSP activation score, or with compensation "lsq",
             "lsq": lowest least-squares cost given the refit, see :func:`lsq_keep`),
             `allocation` (with "global", neurons go in groups of `align`; the counts given are
-            assumed aligned already), `ridge` and `min_remaining`.
+            assumed aligned already), `ridge` and `min_remaining`, and `refit_prior` (what
+            the refit's damping pulls toward, :attr:`PruneConfig.refit_damping`; "auto": zero).
         how: how the pass runs (:class:`WidthPass`; default: every batch fit, in place).
         heads: attention heads to remove per block (() : none), each block's before its
             neurons, chosen and refit as `compensation` says
@@ -273,6 +275,8 @@ def prune_width_sequential(model: nn.Module, counts: Sequence[int],
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if refit_target not in REFIT_TARGETS:
         raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {refit_target!r}")
+    if config.refit_prior not in PRIORS:
+        raise ValueError(f"refit_prior must be one of {PRIORS}, got {config.refit_prior!r}")
     anatomy = resolve(model)
     _check_counts(anatomy, counts, min_remaining)
     skip, bypass = set(how.removed_blocks), set(how.removed_attention)

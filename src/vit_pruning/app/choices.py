@@ -75,6 +75,7 @@ def prune_config(cfg: RunConfig, ch: Choices) -> PruneConfig:
                        split=int(cfg.pruning.split) if cfg.pruning.split.isdigit() else cfg.pruning.split,
                        depth_method=cfg.pruning.depth_method, allocation=cfg.pruning.allocation,
                        compensation=cfg.pruning.compensation, selection=cfg.pruning.neuron_selection,
+                       refit_prior=cfg.pruning.refit_prior,
                        stages=cfg.pruning.stage, align=ch.align, width_policy=ch.width_policy,
                        objective=ch.objective, latency_model=ch.latency_model,
                        seq_len=ch.seq_len, mixed_depth=not cfg.pruning.no_mixed_depth,

@@ -1,7 +1,8 @@
 """Attention heads as a unit: the tool's default (`ours`, `--heads auto`: the split search also
 tries removing the cheapest heads, refit like the MLP, and keeps them where held-out calibration
 data says they help) against the same tool with today's units before heads (`ours (heads off)`:
-MLP neurons and depth units only), in one run, on the same calibration data:
+MLP neurons and depth units only; both with the default refit prior, `--refit-prior auto`), in
+one run, on the same calibration data:
 
 - the embedded digits ViT at targets 0.1 to 0.7: KL(pruned || unpruned) of the logits and
   top-1 on the 360 held-out images, no fine-tuning, mean over calibration seeds;

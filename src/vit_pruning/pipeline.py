@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import resolve
-from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, NEURON_SELECTIONS, PRIORS, SELECTIONS,  # noqa: F401
+from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, NEURON_SELECTIONS, SELECTIONS,  # noqa: F401
                      SPLITS, STAGES, PruneConfig, default_min_remaining)  # (PruneConfig is imported from here too)
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
@@ -231,8 +231,6 @@ class Pruner:
             raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
         if cfg.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
-        if cfg.refit_prior not in PRIORS:
-            raise ValueError(f"refit_prior must be one of {PRIORS}, got {cfg.refit_prior!r}")
         if cfg.stages not in STAGES:
             raise ValueError(f"stages must be one of {STAGES}, got {cfg.stages!r}")
         if cfg.stages == "s2" and cfg.unit == "auto":

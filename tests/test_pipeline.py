@@ -176,3 +176,25 @@ def test_refit_prior_auto_is_one_of_the_fixed_priors_by_a_clear_gain(pixels, mon
 def test_bad_refit_prior_is_refused(tiny_vit, pixels):
     with pytest.raises(ValueError, match="refit_prior must be one of"):
         prune_2ssp(tiny_vit, 0.3, [pixels], PruneConfig(refit_prior="model"))
+
+
+def test_auto_unit_skips_a_unit_that_cannot_meet_the_target(tiny_vit, pixels):
+    """--depth-unit auto at a target only one unit reaches (here whole attention sublayers,
+    not blocks, which must leave one): that unit alone is tried, where before the other
+    unit's ValueError ended the run after the first unit's work, quoting its smaller maximum
+    as the model's. Above both, the error quotes the larger maximum."""
+    from conftest import tiny_model
+    from vit_pruning.planner import max_feasible_target
+    shape = model_shape(tiny_vit)
+    align = int(PruneConfig(unit="auto", min_remaining=8).resolved(shape).align)
+    tops = {u: max_feasible_target(shape, u, 8, align) for u in ("block", "attention")}
+    low, high = sorted(tops, key=tops.get)
+    assert tops[low] + 0.02 < tops[high]
+    target = round((tops[low] + tops[high]) / 2, 3)
+    model, res = prune_2ssp(tiny_vit, target, [pixels[:4], pixels[4:]],
+                            PruneConfig(unit="auto", min_remaining=8))
+    assert res.plan.unit == high
+    assert count_total_params(model) == res.plan.params_after
+    with pytest.raises(ValueError, match=f"maximum feasible target .* is {tops[high]:.4f}"):
+        prune_2ssp(tiny_model(), min(0.99, tops[high] + 0.02), [pixels],
+                   PruneConfig(unit="auto", min_remaining=8))

@@ -28,7 +28,8 @@ from .measure import (collect_outputs, count_flops, count_total_params, output_d
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
                       candidates, depth_only_plan, feasible_depths,
-                      indices_feasible, make_plan, max_depth_units, max_target_over, mixed_attention,
+                      indices_feasible, make_plan, max_depth_units, max_feasible_target,
+                      max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
                       global_heads, uniform_heads, units_of,
                       validate_target, width_only_max)
@@ -298,6 +299,10 @@ class Pruner:
         units = tuple(units) if units is not None else units_of(cfg.unit)
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1") and len(units) > 1:
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
+        if len(units) > 1 and cfg.objective != "latency":  # only units that can meet the target
+            # (latency targets: _reach below); none can: the error quotes the largest maximum
+            tops = {u: max_feasible_target(shape, u, cfg.min_remaining, int(cfg.align)) for u in units}
+            units = tuple(u for u in units if tops[u] >= target) or (max(units, key=tops.get),)
         mixed = None
         if cfg.objective == "latency" and not cfg.fixed_heads:  # time: a target
             # between depth counts is met by more (fixed heads take the depth units' place)

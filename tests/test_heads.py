@@ -262,6 +262,19 @@ def test_latency_targets_plan_heads_by_their_measured_line():
         prune_2ssp(tiny_model(layers=4), 0.05, [x], replace(cfg, heads=3))
 
 
+def test_fixed_heads_must_leave_a_head_in_the_widest_block():
+    """heads=N at or above a block's head count would silently remove fewer: refused, naming
+    the allowed range; below it, blocks with fewer heads (Swin's early stages) keep one."""
+    shape = model_shape(tiny_model(layers=2))
+    with pytest.raises(ValueError, match=r"heads=4: .* at most 4 attention heads .* \(allowed 1..3\)"):
+        PruneConfig(heads=4).resolved(shape)
+    assert PruneConfig(heads=3).resolved(shape).heads == 3
+    one = replace(shape, heads=(1, 1))
+    with pytest.raises(ValueError, match="none can go: use auto or off"):
+        PruneConfig(heads=1).resolved(one)
+    assert PruneConfig(heads="auto").resolved(one).heads == "auto"
+
+
 def test_latency_models_time_head_counts_of_every_block_of_a_kind():
     assert head_grid(12) == [3, 6, 9, 12] and head_grid(4) == [1, 2, 3, 4] and head_grid(1) == []
     lat = measure_latency_model(tiny_model(layers=2), batch_size=2, repeats=5, align=8,
@@ -275,6 +288,10 @@ def test_latency_models_time_head_counts_of_every_block_of_a_kind():
 @pytest.mark.parametrize("flags, message", [
     (["--target", "0.3", "--heads", "some"], "--heads must be auto, off or a count"),
     (["--target", "0.3", "--stage", "s2", "--heads", "1"], "--heads 1 removes heads in stage 1"),
+    (["--target", "0.3", "--heads", "4"], "--heads 4: this model's blocks have at most 4 attention "
+                                          "heads and each keeps at least one (allowed 1..3)"),
+    (["--target", "0.3", "--heads", "100", "--dry-run"], "--heads 100: this model's blocks have "
+                                                         "at most 4"),
 ])
 def test_bad_heads_flags_exit_2(flags, message, tmp_path, capsys):
     assert cli_run(tmp_path, "--model", "embedded", *flags) == 2

@@ -115,7 +115,8 @@ def _structure_flags(g) -> None:
                         "helps) of all heads, refit like the MLP, and keeps them only where "
                         "held-out calibration data says they help; off: MLP neurons and depth "
                         "units only (the plans of earlier versions); N: N heads from every block "
-                        "that keeps its attention")
+                        "that keeps its attention, each keeping at least one (N below the most "
+                        "heads a block has)")
     g.add_argument("--no-mixed-depth", action="store_true",
                    help="with --target-latency: a target between two counts of whole blocks is "
                         "met by one block more, not by removing attention sublayers of kept "

@@ -82,6 +82,22 @@ class WidthLimits:
     align_source: str
 
 
+def fixed_heads_problem(shape: ModelShape, per_block: int) -> str | None:
+    """Why a fixed count of heads per block (heads=N, N > 0) cannot be removed, or None: N must
+    be below the most heads a block has, since every block keeps at least one (losing all of
+    them is the attention depth unit) and a larger N would silently mean fewer. Blocks with
+    fewer heads than N (Swin's early stages) keep one. Shapes that do not count heads are left
+    to the planner."""
+    if not per_block or shape.heads is None:
+        return None
+    most = max(shape.heads, default=0)
+    if per_block < most:
+        return None
+    allowed = f"allowed 1..{most - 1}" if most > 1 else "none can go: use auto or off"
+    return (f"this model's blocks have at most {most} attention heads and each keeps at least "
+            f"one ({allowed})")
+
+
 def width_limits(shape: ModelShape, min_remaining: int | None, align: int | str) -> WidthLimits:
     """Resolve `min_remaining` (None: :func:`default_min_remaining`) and `align` ("auto":
     :func:`vit_pruning.planner.default_align`) for `shape`; ValueError for values no model of
@@ -192,6 +208,9 @@ class PruneConfig:
             raise ValueError(f"refit_prior must be one of {PRIORS}, got {self.refit_prior!r}")
         if self.heads not in HEADS and not (isinstance(self.heads, int) and self.heads >= 0):
             raise ValueError(f"heads must be one of {HEADS} or a count >= 0, got {self.heads!r}")
+        problem = fixed_heads_problem(shape, self.fixed_heads)
+        if problem:
+            raise ValueError(f"heads={self.heads}: {problem}")
         limits = width_limits(shape, self.min_remaining, self.align)
         return replace(self, min_remaining=limits.min_remaining, align=limits.align)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import (IMAGE_CALIB, LATENCY_MODEL_ROUNDS, TEXT_CALIB,
-                      PruneConfig, RunConfig, width_limits)
+                      PruneConfig, RunConfig, fixed_heads_problem, width_limits)
 from ..errors import UsageError
 from .loading import Loaded
 
@@ -61,6 +61,9 @@ def choose(cfg: RunConfig, loaded: Loaded, run_id: str) -> Choices:
     if cfg.pruning.min_remaining is not None and cfg.pruning.min_remaining >= width:
         raise UsageError(f"--min-remaining must be below the MLP width {width}, got "
                          f"{cfg.pruning.min_remaining}", "min_remaining")
+    problem = cfg.pruning.heads.isdigit() and fixed_heads_problem(loaded.shape, int(cfg.pruning.heads))
+    if problem:
+        raise UsageError(f"--heads {cfg.pruning.heads}: {problem}", "heads")
     align = cfg.pruning.align if cfg.pruning.align == "auto" else int(cfg.pruning.align)
     limits = width_limits(loaded.shape, cfg.pruning.min_remaining, align)
     calib = cfg.data.calib_size or (TEXT_CALIB if loaded.text else IMAGE_CALIB)

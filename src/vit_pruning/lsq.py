@@ -15,11 +15,17 @@ def damping(stats: MLPStats, ridge: float) -> float:
     return ridge * float(stats.gram.diagonal()[:-1].double().mean())
 
 
-def damped_gram(stats: MLPStats, ridge: float) -> torch.Tensor:
+def damped_gram(stats: MLPStats, ridge: float, index: torch.Tensor | None = None) -> torch.Tensor:
     """The float64 Gram matrix of [activation, 1] with :func:`damping` added to the activation
-    diagonal (the bias, last, is not shrunk)."""
-    gram = stats.gram.double().clone()
-    gram.diagonal()[:-1] += damping(stats, ridge)
+    diagonal (the bias, last, is not shrunk); with `index`, only those rows and columns, cut
+    before the copy (the same values as cutting the whole damped matrix)."""
+    width = stats.gram.shape[0] - 1
+    if index is None:
+        index = torch.arange(width + 1, device=stats.gram.device)
+        gram = stats.gram.double().clone()
+    else:
+        gram = stats.gram.index_select(0, index).index_select(1, index).double()
+    gram.diagonal()[index < width] += damping(stats, ridge)
     return gram
 
 
@@ -52,7 +58,7 @@ def refit_fc2(fc2: nn.Linear, stats: MLPStats, keep: torch.Tensor, mode: str,
     k = keep.to(gram.device, torch.long)
     if fc2.bias is not None:  # the constant column of [activation, 1] fits the bias
         k = torch.cat([k, torch.tensor([width], device=gram.device)])
-    g_kk = damped_gram(stats, ridge).index_select(0, k).index_select(1, k)
+    g_kk = damped_gram(stats, ridge, k)
     rhs = stats.cross[k].double()
     if anchored:  # damping toward the current weights: + damping * (scale *) W[:, keep]^T
         w = fc2.weight.detach().double().to(rhs.device)[:, k[:len(keep)]]

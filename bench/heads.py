@@ -121,9 +121,16 @@ def cost_table(costs: list[dict]) -> str:
              "; ".join(f"{k} {v:.1f}s" for k, v in best[m]["timings"].items())]
             for m in COST_METHODS]
     off, on = (best[m]["wall_s"] for m in COST_METHODS)
+    search = [best[m]["timings"].get("split search") for m in COST_METHODS]
+    trials = "" if None in search else (
+        f" The split search alone takes {search[1] - search[0]:.1f} s more with heads "
+        f"({100 * (search[1] - search[0]) / off:.0f}% of the heads-off run): its head trials, each "
+        f"a whole stage-1 pass over the fitted and held-out calibration images, as every split "
+        f"trial is.")
     return md_table(["method", "wall time of each run (s)", "fastest (s)", "phases (fastest run)"],
                     rows) + (f"\n\nHeads add {100 * (on / off - 1):+.0f}% to the pruning time of "
-                             f"this target, fastest run against fastest run (goal: at most +25%).")
+                             f"this target, fastest run against fastest run (goal: at most "
+                             f"+25%).{trials}")
 
 
 def peer_notes(txt: dict) -> str:

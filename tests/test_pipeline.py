@@ -198,3 +198,25 @@ def test_auto_unit_skips_a_unit_that_cannot_meet_the_target(tiny_vit, pixels):
     with pytest.raises(ValueError, match=f"maximum feasible target .* is {tops[high]:.4f}"):
         prune_2ssp(tiny_model(), min(0.99, tops[high] + 0.02), [pixels],
                    PruneConfig(unit="auto", min_remaining=8))
+
+
+def test_pruner_refuses_a_model_it_was_not_made_for(pixels):
+    """A Pruner's shared work (trace, depth order, head costs) holds for its unpruned model
+    only: a copy prunes as the model itself would, but a second prune() of the model the first
+    pruned in place, or any model of another structure, is refused with the way out, where it
+    used to end in an error about neuron counts (or prune on work that no longer held)."""
+    import copy
+    from conftest import tiny_model
+    from vit_pruning import Pruner
+    model = tiny_model()
+    original = copy.deepcopy(model)
+    pruner = Pruner(model, [pixels], PruneConfig(min_remaining=8))
+    copied, res_copy = pruner.prune(0.3, model=copy.deepcopy(original))
+    own, res_own = pruner.prune(0.3)
+    assert own is model and res_copy.plan == res_own.plan
+    assert torch.equal(copied(pixel_values=pixels).logits, own(pixel_values=pixels).logits)
+    with pytest.raises(ValueError, match=r"its own model, which an earlier prune\(\) pruned in place"):
+        pruner.prune(0.4)
+    with pytest.raises(ValueError, match="a model of another structure"):
+        pruner.decide(0.4, tiny_model(layers=3))
+    assert pruner.prune(0.4, model=copy.deepcopy(original))[1].plan.target == 0.4

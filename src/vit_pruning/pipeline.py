@@ -290,7 +290,7 @@ class Pruner:
         units (selected on this Pruner's calibration data, or by the weight proxy without any)
         and the width/depth split (searched on the data: `model` is pruned and restored per
         trial). `units` narrows the depth units tried (default: the config's)."""
-        model = self.model if model is None else model
+        model = self._unpruned(model)
         cfg, shape, batches = self.cfg, self.shape, self.batches
         clock = clock if clock is not None else _Clock()
         if cfg.stages == "s1":
@@ -340,7 +340,7 @@ class Pruner:
               ) -> tuple[nn.Module, PruneResult]:
         """Prune `model` (default: the Pruner's own model, in place) to `target`; `model` must
         be an unpruned copy of the Pruner's model (same weights, so the shared work holds)."""
-        model = self.model if model is None else model
+        model = self._unpruned(model)
         cfg, shape, batches = self.cfg, self.shape, self.batches
         clock = _Clock()
         if cfg.stages == "s2":
@@ -374,6 +374,23 @@ class Pruner:
             selection_search=selection_search, refit_prior=prior,
             **self.objective_fields(plan, info["counts"], after),
         )
+
+    def _unpruned(self, model: nn.Module | None) -> nn.Module:
+        """`model` (default: the Pruner's own), checked to have the structure this Pruner was
+        made for: its shared work (trace, depth order, head costs) holds for nothing else.
+        ValueError otherwise, the commonest case being a second prune() of the Pruner's own
+        model, which the first pruned in place."""
+        model = self.model if model is None else model
+        shape = model_shape(model)
+        if shape != self.param_shape:
+            which = ("its own model, which an earlier prune() pruned in place" if model is self.model
+                     else "a model of another structure")
+            raise ValueError(
+                f"this Pruner was made for an unpruned model of {self.param_shape.total_params:,} "
+                f"parameters and was given {which} ({shape.total_params:,}): pass an unpruned "
+                f"copy, prune(target, model=copy.deepcopy(original)) with the copy made before "
+                f"the first prune, or make a new Pruner")
+        return model
 
     def count(self, model: nn.Module, plan: PruningPlan) -> int:
         """The pruned model's count of the objective in the planner's units: its parameters or

@@ -22,7 +22,6 @@ below the MiniLM table say how each ran). Equal measured latency is its own part
 (`python -m bench --only heads_latency`, below: :func:`equal_latency`)."""
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import replace
 

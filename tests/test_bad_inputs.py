@@ -131,9 +131,16 @@ def test_empty_text_file_is_named(tmp_path, capsys):
     folder = bert_folder(tmp_path)
     (tmp_path / "empty.txt").write_text("\n\n  \n")
     capsys.readouterr()  # the folder's own save progress bar
-    assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
-               "--text-file", str(tmp_path / "empty.txt")) == 2
-    assert "holds no sentences" in one_line_error(capsys)
+    (tmp_path / "two.txt").write_text("one sentence\nanother one\n")
+    for dry in ([], ["--dry-run"]):  # the dry run refuses what the run refuses
+        assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
+                   "--text-file", str(tmp_path / "empty.txt"), *dry) == 2
+        assert "holds no sentences" in one_line_error(capsys)
+        assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--min-remaining", "4",
+                   "--text-file", str(tmp_path / "two.txt"), "--calib-size", "1", *dry) == 2
+        assert ("--calib-size/--eval-batches: only 0 sentences are left for calibration after 2 "
+                "evaluation sentences; asked for 1") in one_line_error(capsys)
+    assert not (tmp_path / "reports").exists()
 
 
 def test_symlink_loop_model_is_named(tmp_path, capsys):

@@ -47,6 +47,9 @@ def test_the_parsed_config_holds_what_was_asked():
     (["--cifar-train-pct", "2"], "cifar_train_pct"), (["--eval-batches", "0"], "eval_batches"),
     (["--latency-precision", "1"], "latency_precision"), (["--align", "x"], "align"),
     (["--split", "some"], "split"), (["--run-id", ".hidden"], "run_id"),
+    (["--stage", "s1", "--split", "2"], "split"), (["--seed", "-1"], "seed"),
+    (["--seed", str(2**32)], "seed"),
+    (["--stage", "s1", "--depth-unit", "attention"], "depth_unit"),
     (["--distill-lr", "0"], "distill_lr")])
 def test_a_bad_value_names_its_field_and_flag(argv, field):
     with pytest.raises(UsageError) as err:
@@ -99,6 +102,26 @@ def test_min_remaining_and_align_are_resolved_in_one_place():
     assert (given.min_remaining, given.align, given.align_source) == (8, 2, "--align")
     with pytest.raises(ValueError, match="min_remaining must be in"):
         width_limits(shape, 64, 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"split": -1}, r"split must be a count of depth units in 0..3 for this model \(unit 'block'\), got -1"),
+    ({"split": 4}, r"in 0..3 for this model"),
+    ({"split": 5, "unit": "attention"}, r"in 0..4 for this model \(unit 'attention'\), got 5"),
+    ({"split": True}, r"split must be one of \('auto', 'alpha', 'search'\) or an int, got True"),
+    ({"split": 2, "stages": "s1"}, r"split=2 does not apply to stages='s1'"),
+    ({"split": 1, "stages": "s2", "unit": "block"}, r"split=1 does not apply to stages='s2'"),
+    ({"heads": True}, r"heads must be one of \('auto', 'off'\) or a count >= 0, got True"),
+    ({"heads": 2, "stages": "s2"}, r"heads=2 removes heads in stage 1; stages='s2' runs stage 2 alone"),
+])
+def test_a_config_no_run_can_take_is_refused_before_any_work(kw, message):
+    """Values the pipeline used to take silently: split=-1 planned with order[:-1] and ended
+    on whatever the head trials left, heads=True meant 1, heads=2 with stages="s2" removed none."""
+    shape = model_shape(tiny_model(layers=4))
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(min_remaining=8, **kw).resolved(shape)
+    assert PruneConfig(min_remaining=8, split=3).resolved(shape).split == 3
+    assert PruneConfig(min_remaining=8, split=0, stages="s1").resolved(shape).split == 0
 
 
 def test_the_config_is_frozen():

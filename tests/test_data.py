@@ -42,6 +42,17 @@ def test_unknown_dataset_and_missing_columns(tmp_path):
         load_splits("digits", image_column="pic")
 
 
+def test_a_folder_without_images_is_a_data_error(tmp_path):
+    """An empty folder, or one of text files, used to end in datasets' EmptyDatasetError
+    traceback; it is a DataError (exit 2 on the command line) that says what a folder needs."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here")
+    for folder in (tmp_path / "notes", tmp_path):
+        with pytest.raises(DataError, match=r"--dataset: cannot read .* as an image folder "
+                                            r"\(\w+: .*\); give a folder with train/"):
+            load_splits(str(folder))
+
+
 def test_calibration_subset_and_fingerprint_are_seeded():
     s = load_splits("digits", 1.0, 1.0)
     _, i0 = calibration_subset(s.train, 16, seed=0)

@@ -292,10 +292,30 @@ def test_latency_models_time_head_counts_of_every_block_of_a_kind():
                                           "heads and each keeps at least one (allowed 1..3)"),
     (["--target", "0.3", "--heads", "100", "--dry-run"], "--heads 100: this model's blocks have "
                                                          "at most 4"),
+    (["--target", "0.2", "--heads", "3", "--stage", "s1"],
+     "--target: target 0.2 is below what removing 3 heads from every block takes alone (--stage "
+     "s1 --heads 3): width pruning alone reaches 0.2464 to 0.7378"),
+    (["--target", "0.75", "--heads", "3", "--stage", "s1"],
+     "the maximum feasible target for width pruning alone (--stage s1 --heads 3) is 0.7378"),
+    (["--target", "0.3", "--heads", "2", "--split", "1"],
+     "--split/--target: 1 block units with 2 attention heads removed from every block that keeps "
+     "its attention cannot meet target 0.3: counts that can are [0]"),
 ])
 def test_bad_heads_flags_exit_2(flags, message, tmp_path, capsys):
     assert cli_run(tmp_path, "--model", "embedded", *flags) == 2
     assert message in one_line_error(capsys)
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.cli
+def test_dry_run_shows_heads_of_removed_attention_as_removed(tmp_path, capsys):
+    """A block whose attention sublayer stage 2 removes keeps no heads: the dry run says
+    "removed" there, as it does for the MLP widths of removed blocks."""
+    assert cli_run(tmp_path, "--model", "embedded", "--target", "0.3", "--heads", "2",
+                   "--depth-unit", "attention", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "[attention] remove 4 attention unit(s): [0, 2, 3, 4]" in out
+    assert "[attention] attention heads after stage 1: removed, 2, removed, removed, removed, 2 " in out
     assert not (tmp_path / "reports").exists()
 
 
@@ -328,6 +348,34 @@ def test_head_pruned_model_exports_to_onnx(name, tmp_path):
     assert record["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").is_file()
 
 
+def test_width_only_with_fixed_heads_reaches_what_the_heads_add():
+    """stages="s1" with heads=N: the heads count toward what width pruning alone can reach
+    (its maximum, and a floor: the heads alone), and the plan quotes stage 1's maximum."""
+    from vit_pruning.pipeline import Pruner
+    from vit_pruning.planner import heads_removed, uniform_heads, width_only_max
+    model = tiny_model(layers=3)
+    shape = model_shape(model)
+    cfg = PruneConfig(stages="s1", heads=2, min_remaining=8, align=1, width_policy="per-block")
+    plain, top = width_only_max(shape, 8), width_only_max(shape, 8, 1, 2)
+    floor = heads_removed(shape, uniform_heads(shape, (), 2)) / shape.total_params
+    assert top == pytest.approx(plain + floor) and 0 < floor < plain
+    target = round((plain + top) / 2, 3)  # beyond the MLPs alone
+    pruned, res = prune_2ssp(copy.deepcopy(model), target, None, cfg)
+    assert res.plan.heads_to_prune == (2, 2, 2) and res.plan.depth_indices == ()
+    assert res.plan.max_feasible_target == pytest.approx(top)
+    assert count_total_params(pruned) == res.plan.params_after
+    assert abs(res.achieved_sparsity - target) <= 65 / shape.total_params  # half a neuron
+    pruner = Pruner(model, None, cfg)
+    assert (pruner.min_target(), pruner.max_target()) == pytest.approx((floor, top))
+    with pytest.raises(ValueError, match=r"below what removing 2 heads from every block takes "
+                                         r"alone \(stages='s1', heads=2\)"):
+        pruner.preview(round(floor / 2, 3))
+    with pytest.raises(ValueError, match=r"for width pruning alone \(stages='s1', heads=2\) is"):
+        pruner.preview(round(top + 0.01, 3))
+    assert Pruner(model, None, replace(cfg, heads="off")).preview(round(plain - 0.01, 3)
+                                                                  ).max_feasible_target == pytest.approx(plain)
+
+
 def test_fixed_heads_without_data_go_by_magnitude():
     """No calibration data: the heads with the smallest value-row x output-column norms go,
     nothing is refit, and the count is exact."""
@@ -355,6 +403,24 @@ def test_sweep_and_search_target_take_heads():
     found = search_target(model, lambda m: count_total_params(m) > 0.7 * count_total_params(model),
                           x, cfg, resolution=0.1, high=0.5)
     assert found.result.plan.removes_heads
+
+
+def test_a_budget_search_with_fixed_heads_starts_where_they_fit():
+    """Targets below what N heads of every block remove cannot be planned: the search's grid
+    begins at the first point above that, instead of judging the targets below as over budget."""
+    from vit_pruning import search_target
+    from vit_pruning.planner import fixed_heads_floor
+    from vit_pruning.sweep import grid_start
+    model = tiny_model(layers=4)
+    x = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))]
+    cfg = PruneConfig(heads=2, min_remaining=8, align=1, width_policy="per-block")
+    floor = fixed_heads_floor(model_shape(model), 2)
+    first = grid_start(floor, 0.05)
+    assert floor <= first < floor + 0.05 and first > 0.05
+    found = search_target(model, lambda m: False, x, cfg, resolution=0.05)  # nothing kept: the
+    assert found.target is None and found.trials[-1].target == first  # search ends at the bottom
+    assert all("error" not in t.measures for t in found.trials)
+    assert grid_start(0.0, 0.05) == 0.05 and grid_start(0.15, 0.05) == 0.15
 
 
 def test_a_head_plan_needs_a_clear_gain_on_the_held_out_rows():

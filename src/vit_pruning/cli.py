@@ -105,7 +105,8 @@ def _structure_flags(g) -> None:
     g.add_argument("--model", default=DEFAULTS["model"],
                    help=f"hub id, local model folder, or 'embedded' (offline digits ViT); default {DEFAULT_MODEL}")
     g.add_argument("--stage", choices=STAGES, default=DEFAULTS["stage"],
-                   help="both stages (default), s1 = width only, s2 = depth only (nearest count, not exact)")
+                   help="both stages (default), s1 = width only (MLP neurons, and the heads of --heads N), "
+                        "s2 = depth only (nearest count, not exact)")
     g.add_argument("--depth-unit", choices=DEPTH_UNITS, default=DEFAULTS["depth_unit"],
                    help="stage 2 removes whole blocks (default), only attention sublayers (2SSP "
                         "paper), or auto: try both on calibration data and keep the better")
@@ -250,7 +251,7 @@ def _output_flags(ap) -> argparse._ArgumentGroup:
                    help="where --save-adapter and --checkpoint-every write <run-id>/ (default "
                         "%(default)s)")
     o.add_argument("--run-id", default=DEFAULTS["run_id"], help="name of this run (default: UTC timestamp)")
-    o.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed for calibration choice, heads and shuffling (0)")
+    o.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed for calibration choice, heads and shuffling, in 0..2**32-1 (0)")
     o.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     o.add_argument("--export-onnx", action="store_true",
                    help="also write model.onnx beside the saved pruned model (implies "

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import UsageError
 from .planner import (WIDTH_POLICIES, ModelShape, PruningPlan, check_targets, default_align,
-                      make_plan)
+                      make_plan, max_depth_units, units_of)
 
 # ---- the library's vocabularies (one table each) ----
 OBJECTIVES = ("params", "flops", "latency")  # what a target removes a fraction of
@@ -80,6 +80,11 @@ class WidthLimits:
     min_remaining_source: str
     align: int
     align_source: str
+
+
+def _is_count(value: Any) -> bool:
+    """Whether `value` is an int and not a bool (True is not a count of heads or units)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def fixed_heads_problem(shape: ModelShape, per_block: int) -> str | None:
@@ -195,7 +200,23 @@ class PruneConfig:
     @property
     def fixed_heads(self) -> int:
         """Heads removed from every block that keeps its attention (heads=N > 0), else 0."""
-        return self.heads if isinstance(self.heads, int) and self.heads > 0 else 0
+        return self.heads if _is_count(self.heads) and self.heads > 0 else 0
+
+    def _check_split(self, shape: ModelShape) -> None:
+        """ValueError for a split no run on `shape` can take: a depth count outside 0 to the
+        most removable units, or any count where one stage runs alone (as the CLI's --split)."""
+        if self.split in SPLITS:
+            return
+        if not _is_count(self.split):
+            raise ValueError(f"split must be one of {SPLITS} or an int, got {self.split!r}")
+        if self.stages != "both" and self.split != (0 if self.stages == "s1" else None):
+            raise ValueError(f"split={self.split} does not apply to stages={self.stages!r}: "
+                             f"stage {self.stages[1]} alone chooses no width/depth split")
+        most = max(max_depth_units(shape, u) for u in units_of(self.unit)) if self.unit in \
+            DEPTH_UNITS else None
+        if self.split < 0 or (most is not None and self.split > most):
+            raise ValueError(f"split must be a count of depth units in 0..{most} for this model "
+                             f"(unit {self.unit!r}), got {self.split}")
 
     def resolved(self, shape: ModelShape) -> "PruneConfig":
         """This config with align="auto" and min_remaining=None replaced by what they mean for
@@ -206,8 +227,12 @@ class PruneConfig:
             raise ValueError(f"width_policy must be one of {WIDTH_POLICIES}, got {self.width_policy!r}")
         if self.refit_prior not in PRIORS:
             raise ValueError(f"refit_prior must be one of {PRIORS}, got {self.refit_prior!r}")
-        if self.heads not in HEADS and not (isinstance(self.heads, int) and self.heads >= 0):
+        if self.heads not in HEADS and not (_is_count(self.heads) and self.heads >= 0):
             raise ValueError(f"heads must be one of {HEADS} or a count >= 0, got {self.heads!r}")
+        if self.fixed_heads and self.stages == "s2":
+            raise ValueError(f"heads={self.heads} removes heads in stage 1; stages='s2' runs "
+                             f"stage 2 alone")
+        self._check_split(shape)
         problem = fixed_heads_problem(shape, self.fixed_heads)
         if problem:
             raise ValueError(f"heads={self.heads}: {problem}")
@@ -620,6 +645,8 @@ def check(cfg: RunConfig) -> None:
         v = value(cfg, name)
         if v is not None and v < low:
             raise UsageError(f"{flag(name)} must be >= {low}, got {v}", name)
+    if not 0 <= cfg.seed < 2**32:  # what every generator the run seeds takes (numpy's least)
+        raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}", "seed")
     if not 0 <= tm.latency_precision < 1:
         raise UsageError(f"--latency-precision must be in [0, 1) (0: fixed rounds), got "
                          f"{tm.latency_precision}", "latency_precision")
@@ -658,6 +685,12 @@ def _check_structure(cfg: RunConfig) -> None:
     if p.heads not in HEADS and not p.heads.isdigit():
         raise UsageError(f"--heads must be auto, off or a count of heads per block >= 0, got "
                          f"{p.heads!r}", "heads")
+    if p.stage == "s1" and p.split not in ("auto", "0"):
+        raise UsageError(f"--split {p.split} does not apply to --stage s1: width pruning alone "
+                         f"removes no depth units; drop --split", "split")
+    if p.stage == "s1" and p.depth_unit == "attention":
+        raise UsageError("--depth-unit attention does not apply to --stage s1: width pruning alone "
+                         "removes no depth units; drop --depth-unit", "depth_unit")
     if p.heads.isdigit() and int(p.heads) and p.stage == "s2":
         raise UsageError(f"--heads {p.heads} removes heads in stage 1; --stage s2 runs stage 2 "
                          f"alone", "heads")

@@ -92,18 +92,32 @@ def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, 
     raise DataError(f"{flag}: no {kind} column found among {cols}; name it with {flag}")
 
 
+def _reason(exc: Exception) -> str:
+    """An exception in one short line: its type and the first line of its message."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+
+
 def _load_local(path: Path, train_pct: float, test_pct: float):
     import datasets
 
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    try:
+        loaded = (datasets.load_from_disk(str(path)) if saved else
+                  datasets.load_dataset("imagefolder", data_dir=str(path)))
+    except Exception as exc:  # no images, unreadable files, a half-written save...
+        raise DataError(f"--dataset: cannot read {path} as "
+                        f"{'a saved dataset' if saved else 'an image folder'} "
+                        f"({_reason(exc)}); "
+                        f"give a folder with train/ and test/ subfolders of class folders of "
+                        f"images, or one saved by datasets' save_to_disk") from exc
+    if saved:
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded or "test" not in loaded:
                 raise DataError(f"--dataset: {path} must hold 'train' and 'test' splits, "
                                 f"found {list(loaded)}")
             return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
         raise DataError(f"--dataset: {path} holds one split; save a DatasetDict with train and test")
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
     if "train" not in loaded or "test" not in loaded:
         raise DataError(f"--dataset: image folder {path} needs train/ and test/ subfolders")
     return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
@@ -131,9 +145,8 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             train = datasets.load_dataset(hub, split=f"{tr}[:{pct(train_pct)}]")
             test = datasets.load_dataset(hub, split=f"{te}[:{pct(test_pct)}]")
         except Exception as exc:  # offline, missing, private...
-            raise DataError(f"--dataset: cannot load {hub!r} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]}); without network use --dataset "
-                            f"digits or a local folder") from exc
+            raise DataError(f"--dataset: cannot load {hub!r} ({_reason(exc)}); without network "
+                            f"use --dataset digits or a local folder") from exc
     if name in KNOWN:
         image_column = image_column or KNOWN[name][3]
         label_column = label_column or KNOWN[name][4]

@@ -27,12 +27,13 @@ from .measure import (collect_outputs, count_flops, count_total_params, output_d
                       row_distances)
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
-                      candidates, depth_only_plan, feasible_depths,
+                      candidates, check_width_only, depth_only_plan, feasible_depths,
+                      fixed_heads_floor,
                       indices_feasible, make_plan, max_depth_units, max_feasible_target,
                       max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
                       global_heads, uniform_heads, units_of,
-                      validate_target, width_only_max)
+                      width_only_max)
 from .surgery import (attention_refs, mlp_refs, restore_attention_refs, restore_refs,
                       sync_config)
 from .trace import UnprunedTrace, trace_bytes, trace_unpruned
@@ -228,8 +229,6 @@ class Pruner:
         split = cfg.split
         if split == "auto":
             split = "search" if batches else "alpha"
-        if split not in SPLITS and not isinstance(split, int):
-            raise ValueError(f"split must be one of {SPLITS} or an int, got {split!r}")
         if cfg.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
         if cfg.stages not in STAGES:
@@ -261,9 +260,17 @@ class Pruner:
         return self._head_costs
 
     def max_target(self) -> float:
-        """The largest target this model can be pruned to with the config's depth unit(s)."""
+        """The largest target this model can be pruned to with the config's depth unit(s), or
+        with stages="s1" by width (and a fixed count of heads) alone."""
         cfg = self.cfg
+        if cfg.stages == "s1":
+            return width_only_max(self.shape, cfg.min_remaining, int(cfg.align), cfg.fixed_heads)
         return max_target_over(self.shape, units_of(cfg.unit), cfg.min_remaining, int(cfg.align))
+
+    def min_target(self) -> float:
+        """The smallest target a plan can meet: 0, but with a fixed count of heads per block
+        (heads=N) what those heads remove (:func:`vit_pruning.planner.fixed_heads_floor`)."""
+        return 0.0 if self.cfg.stages == "s2" else fixed_heads_floor(self.shape, self.cfg.fixed_heads)
 
     def depth_order(self, unit: str, count: int, budget: Budget | None = None
                     ) -> tuple[list[int], dict]:
@@ -294,8 +301,9 @@ class Pruner:
         cfg, shape, batches = self.cfg, self.shape, self.batches
         clock = clock if clock is not None else _Clock()
         if cfg.stages == "s1":
-            top = width_only_max(shape, cfg.min_remaining, int(cfg.align))
-            validate_target(target, top, "for width pruning alone (stages='s1')")
+            width_top = check_width_only(
+                shape, target, cfg.min_remaining, int(cfg.align), cfg.fixed_heads,
+                "stages='s1'" + (f", heads={cfg.heads}" if cfg.fixed_heads else ""))
         units = tuple(units) if units is not None else units_of(cfg.unit)
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1") and len(units) > 1:
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
@@ -317,6 +325,8 @@ class Pruner:
                           score_single=len(units) > 1) for u in units]
         plan, order, search, depth_scores, chosen, chosen_rows = min(
             choices, key=lambda c: c[4] if c[4] is not None else 0.0)
+        if cfg.stages == "s1":  # the plan's maximum is stage 1's, not that of its depth unit
+            plan = replace(plan, max_feasible_target=width_top)
         known = {"score": (chosen, chosen_rows)} if chosen is not None else {}  # the winning
         # trial, ranked by score
         if len(units) > 1:
@@ -576,6 +586,12 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     fixed = cfg.fixed_heads
     if isinstance(split, int):
         candidates = [split]
+        if fixed and not shape.units_differ(cfg.unit):  # the heads take what depth units would
+            fits = _counts_with_heads(shape, target, cfg, max_depth_units(shape, cfg.unit) + 1)
+            if split not in fits:
+                raise ValueError(f"{split} {cfg.unit} units with {fixed} attention heads removed "
+                                 f"from every block that keeps its attention cannot meet target "
+                                 f"{target}: counts that can are {fits}")
     elif fixed and not shape.units_differ(cfg.unit):
         candidates = _counts_with_heads(shape, target, cfg, 1 if split == "alpha" else cfg.max_search)
     else:

@@ -652,7 +652,8 @@ def _plan_depth(shape: ModelShape, target: float, unit: str, min_remaining: int,
         raise ValueError(f"{d} {unit} units {'at ' + str(list(idx)) + ' ' if depth_indices is not None else ''}"
                          f"{'and attention sublayers at ' + str(list(att)) + ' ' if att else ''}"
                          f"{'and heads ' + str(list(heads)) + ' ' if heads else ''}"
-                         f"cannot meet target {target}: feasible counts are {options}")
+                         f"cannot meet target {target}: feasible counts"
+                         f"{' without them' if att or heads else ''} are {options}")
     return d, idx, split, notes
 
 
@@ -703,9 +704,41 @@ def target_bound(shape: ModelShape, plan: PruningPlan, width_policy: str = "per-
     return group / shape.total_params
 
 
-def width_only_max(shape: ModelShape, min_remaining: int, align: int = 1) -> float:
-    """Largest sparsity stage 1 alone can reach."""
-    return _capacity_params(shape, list(range(shape.num_blocks)), min_remaining, align) / shape.total_params
+def width_only_max(shape: ModelShape, min_remaining: int, align: int = 1,
+                   heads_per_block: int = 0) -> float:
+    """Largest sparsity stage 1 alone can reach: every MLP down to `min_remaining`, and with
+    `heads_per_block` (a fixed count of heads, :func:`uniform_heads`) those heads of every block
+    too, where the shape counts heads."""
+    return (_capacity_params(shape, list(range(shape.num_blocks)), min_remaining, align)
+            + heads_removed(shape, _width_only_heads(shape, heads_per_block))) / shape.total_params
+
+
+def _width_only_heads(shape: ModelShape, per_block: int) -> tuple[int, ...]:
+    """The heads a fixed count removes with no depth unit gone (none where the shape does not
+    count heads)."""
+    return uniform_heads(shape, (), per_block) if per_block and shape.head_params is not None else ()
+
+
+def check_width_only(shape: ModelShape, target: float, min_remaining: int, align: int = 1,
+                     heads_per_block: int = 0, named: str = "stages='s1'") -> float:
+    """The largest target stage 1 alone reaches (:func:`width_only_max`); ValueError where it
+    (`named`: how the caller spells it) cannot meet `target`: above that, or, with a fixed count
+    of heads per block, below what those heads alone remove (to within half a group of
+    neurons, as every plan)."""
+    top = width_only_max(shape, min_remaining, align, heads_per_block)
+    validate_target(target, top, f"for width pruning alone ({named})")
+    floor = fixed_heads_floor(shape, heads_per_block)
+    if floor * shape.total_params > target * shape.total_params + align * min(shape.costs) / 2:
+        raise ValueError(f"target {target} is below what removing {heads_per_block} heads from "
+                         f"every block takes alone ({named}): width pruning alone reaches "
+                         f"{floor:.4f} to {top:.4f}")
+    return top
+
+
+def fixed_heads_floor(shape: ModelShape, per_block: int) -> float:
+    """The share of the shape that a fixed count of heads per block removes with no depth unit
+    gone: the least any plan with them removes (a depth unit takes its heads along, and more)."""
+    return heads_removed(shape, _width_only_heads(shape, per_block)) / shape.total_params
 
 
 def depth_only_plan(shape: ModelShape, target: float, unit: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -85,9 +86,19 @@ def grid(low: float, high: float, resolution: float) -> list[float]:
     """Targets from `low` to `high` in steps of `resolution`, rounded to the resolution."""
     if not 0 < resolution < 1:
         raise ValueError(f"resolution must be in (0, 1), got {resolution}")
-    digits = max(0, -int(f"{resolution:e}".split("e")[1])) + 2
-    n = int((high - low) / resolution + 1e-9)
+    n, digits = int((high - low) / resolution + 1e-9), _digits(resolution)
     return [round(low + k * resolution, digits) for k in range(n + 1)]
+
+
+def grid_start(floor: float, resolution: float) -> float:
+    """The first multiple of `resolution` (from `resolution` itself) at or above `floor`: where a
+    budget search's grid begins when nothing below `floor` can be planned (fixed heads)."""
+    return round(resolution * max(1, math.ceil(floor / resolution - 1e-9)), _digits(resolution))
+
+
+def _digits(resolution: float) -> int:
+    """Decimal digits grid points are rounded to: two past the resolution's."""
+    return max(0, -int(f"{resolution:e}".split("e")[1])) + 2
 
 
 def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[bool, dict]],
@@ -96,7 +107,8 @@ def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[b
                   pruner: Pruner | None = None,
                   after_stage1: Callable[[float, nn.Module], None] | None = None,
                   **pruner_options) -> SearchResult:
-    """The largest target on a grid (`low`, default `resolution`, to `high`, default the largest
+    """The largest target on a grid (`low`, default `resolution`, or with a fixed count of
+    heads the first grid point at or above what they remove, to `high`, default the largest
     feasible target, in steps of `resolution`) whose pruned model `accept` takes, by bisection:
     fidelity falls as the target grows, so about log2(grid size) + 1 prunings suffice (7 for a
     0.01 grid up to 0.7). `accept(pruned_model)` returns a bool, or (bool, measures) to record
@@ -113,7 +125,8 @@ def search_target(model: nn.Module, accept: Callable[[nn.Module], bool | tuple[b
     pruner = _pruner(model, calibration_loader, config, pruner, pruner_options)
     if high is None:
         high = pruner.max_target()
-    low = resolution if low is None else low
+    if low is None:  # the first grid point a plan can meet (fixed heads remove some at least)
+        low = grid_start(pruner.min_target(), resolution)
     points = grid(low, min(high, 1 - resolution), resolution)
     points = [t for t in points if t <= high]
     if not points:

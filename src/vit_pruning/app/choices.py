@@ -98,15 +98,22 @@ def plan_probes(cfg: RunConfig, loaded: Loaded, ch: Choices) -> dict[float, dict
     (:meth:`vit_pruning.pipeline.Pruner.preview`, one Pruner for every target): checks the
     targets before any work, one UsageError naming the flag where one cannot be met."""
     from ..pipeline import Pruner
+    from ..planner import max_depth_units, units_of
     if not cfg.targets.targets:
         return {}
+    if cfg.pruning.split.isdigit() and cfg.pruning.stage == "both":  # before the library's check
+        units = units_of(cfg.pruning.depth_unit)
+        most = max(max_depth_units(ch.cost_shape or loaded.shape, u) for u in units)
+        if int(cfg.pruning.split) > most:
+            raise UsageError(f"--split {cfg.pruning.split}: this model has at most {most} "
+                             f"removable {' or '.join(units)} units", "split")
     pruner = Pruner(loaded.model, None, data_free(cfg, ch))
     return {t: _target_probes(cfg, loaded, ch, pruner, t) for t in cfg.targets.targets}
 
 
 def _target_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, pruner, target: float) -> dict:
     """plan_probes of one target."""
-    from ..planner import max_depth_units, max_target_over, units_of, validate_target, width_only_max
+    from ..planner import check_width_only, max_target_over, units_of, validate_target
     shape = ch.cost_shape or loaded.shape
     units = units_of(cfg.pruning.depth_unit)
     flag = cfg.targets.flag
@@ -118,16 +125,13 @@ def _target_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, pruner, target: 
                              f"reaches: {1 - top:.4f} of the {what} (min_remaining "
                              f"{ch.min_remaining}, {' or '.join(units)} units)")
     elif cfg.pruning.split.isdigit() and cfg.pruning.stage == "both":
-        most = max(max_depth_units(shape, u) for u in units)
-        if int(cfg.pruning.split) > most:
-            raise UsageError(f"--split {cfg.pruning.split}: this model has at most {most} "
-                             f"removable {' or '.join(units)} units", "split")
         flag = "--split/--target"
     probes = {}
     try:
         if cfg.pruning.stage == "s1":
-            validate_target(target, width_only_max(shape, ch.min_remaining, ch.align),
-                            "for width pruning alone (--stage s1)")
+            fixed = pruner.cfg.fixed_heads
+            check_width_only(shape, target, ch.min_remaining, ch.align, fixed,
+                             "--stage s1" + (f" --heads {fixed}" if fixed else ""))
             units = units[:1]
         elif ch.objective == "params":
             validate_target(target, max_target_over(shape, units, ch.min_remaining, ch.align))

@@ -88,8 +88,9 @@ def _print_unit(cfg: RunConfig, ch: Choices, shape, unit: str, plan, data: bool)
     gone = set(plan.depth_indices) if unit == "block" else set()
     widths = ["removed" if i in gone else str(w - n)
               for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
-    if plan.removes_heads:
-        kept = ["removed" if i in gone else str(n - r) for i, (n, r) in
+    if plan.removes_heads:  # a block or attention sublayer removed takes its heads along
+        no_attention = set(plan.depth_indices) | set(plan.attention_indices)
+        kept = ["removed" if i in no_attention else str(n - r) for i, (n, r) in
                 enumerate(zip(shape.heads, plan.heads_to_prune))]
         print(f"[{unit}] attention heads after stage 1: {', '.join(kept)} (--heads "
               f"{cfg.pruning.heads}; chosen by weight magnitude here, on calibration data when pruning)")
@@ -115,10 +116,13 @@ def _print_latency_model(unit: str, lm) -> None:
 
 def print_budget_dry_run(cfg: RunConfig, loaded: Loaded, ch: Choices) -> None:
     """A budget run's dry run: the range its search prunes over."""
-    from ..planner import max_target_over, units_of
-    flag, value = BUDGETS[cfg.budget[0]], cfg.budget[1]
-    top = max_target_over(loaded.shape, units_of(cfg.pruning.depth_unit), ch.min_remaining, ch.align)
-    print(f"budget {flag} {value:g}: the run searches targets {cfg.targets.target_resolution:g} to "
-          f"{top:.4f} in steps of {cfg.targets.target_resolution:g} by bisection (pruning each tried "
+    from ..pipeline import Pruner
+    from ..sweep import grid_start
+    flag, value, step = BUDGETS[cfg.budget[0]], cfg.budget[1], cfg.targets.target_resolution
+    pruner = Pruner(loaded.model, None, data_free(cfg, ch))
+    top = pruner.max_target()
+    first = grid_start(pruner.min_target(), step)
+    print(f"budget {flag} {value:g}: the run searches targets {first:g} to "
+          f"{top:.4f} in steps of {step:g} by bisection (pruning each tried "
           f"target, measuring it on the evaluation inputs), then goes on with the largest that "
           f"keeps the budget")

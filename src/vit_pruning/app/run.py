@@ -77,6 +77,9 @@ def dry_run(cfg: RunConfig, run_id: str) -> int:
     """--dry-run: the plan of every target (or the budget search's range), printed."""
     loaded = load_step(cfg)
     ch = choose(cfg, loaded, run_id)
+    if loaded.text:  # the sentences the run would split, refused here as there (read, not tokenized)
+        from .inputs import all_sentences, load_text
+        load_text(cfg, ch.calib_size, all_sentences(cfg)[0])
     loaded.model.to(ch.device)
     probes = objective_step(cfg, loaded, ch, None)  # FLOP and latency targets: checked there
     if probes is None:

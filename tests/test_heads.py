@@ -314,8 +314,8 @@ def test_dry_run_shows_heads_of_removed_attention_as_removed(tmp_path, capsys):
     assert cli_run(tmp_path, "--model", "embedded", "--target", "0.3", "--heads", "2",
                    "--depth-unit", "attention", "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "[attention] remove 4 attention unit(s): [0, 2, 3, 4]" in out
-    assert "[attention] attention heads after stage 1: removed, 2, removed, removed, removed, 2 " in out
+    assert "[attention] remove 1 attention unit(s): [0]" in out  # the alpha split's count
+    assert "[attention] attention heads after stage 1: removed, 2, 2, 2, 2, 2 " in out
     assert not (tmp_path / "reports").exists()
 
 
@@ -388,6 +388,18 @@ def test_fixed_heads_without_data_go_by_magnitude():
     assert res.plan.heads_to_prune == (1, 1, 1)
     assert res.kept_heads[0] == [0, 1, 3]
     assert count_total_params(pruned) == res.plan.params_after
+
+
+def test_fixed_heads_without_data_keep_the_alpha_split():
+    """Without data the depth count is the 2SSP formula's, nearest among the counts that meet
+    the target with the heads; it was the largest such count, which at 0.5 removed every
+    attention sublayer and so none of the heads asked for."""
+    from vit_pruning.planner import alpha_depth
+    model = tiny_model(layers=4)
+    cfg = PruneConfig(unit="attention", heads=1, min_remaining=8, align=1, width_policy="per-block")
+    _, res = prune_2ssp(copy.deepcopy(model), 0.5, None, cfg)
+    assert res.plan.blocks_to_prune == alpha_depth(model_shape(model), 0.5, "attention") == 3
+    assert res.plan.heads_to_prune == (1, 0, 0, 0) and res.plan.split == "alpha"
 
 
 def test_sweep_and_search_target_take_heads():

@@ -26,7 +26,7 @@ from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import (collect_outputs, count_flops, count_total_params, output_distance,
                       row_distances)
 from .objective import measure_latency_model, objective_shape
-from .planner import (ModelShape, PruningPlan, Within, best_feasible_units,
+from .planner import (ModelShape, PruningPlan, Within, alpha_depth, best_feasible_units,
                       candidates, check_width_only, depth_only_plan, feasible_depths,
                       fixed_heads_floor,
                       indices_feasible, make_plan, max_depth_units, max_feasible_target,
@@ -593,7 +593,11 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
                                  f"from every block that keeps its attention cannot meet target "
                                  f"{target}: counts that can are {fits}")
     elif fixed and not shape.units_differ(cfg.unit):
-        candidates = _counts_with_heads(shape, target, cfg, 1 if split == "alpha" else cfg.max_search)
+        candidates = _counts_with_heads(shape, target, cfg, cfg.max_search)
+        if split == "alpha":  # the count that meets the target with those heads nearest the
+            wanted = alpha_depth(shape, target, cfg.unit, cfg.alpha)  # 2SSP formula's
+            candidates = [min(_counts_with_heads(shape, target, cfg, shape.num_blocks + 1),
+                              key=lambda d: (abs(d - wanted), d))]
     else:
         probe = cfg.plan(shape, target, depth="alpha")
         options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))

@@ -235,7 +235,19 @@ def test_every_missing_hub_resource_is_named_at_once(tmp_path, capsys):
     assert "--model google/vit-base-patch16-224 and --dataset uoft-cs/cifar10" in line
     assert "hf download google/vit-base-patch16-224 --local-dir DIR" in line
     assert "hf download uoft-cs/cifar10 --repo-type dataset" in line and "HF_HUB_OFFLINE=1" in line
+    assert "or use --model embedded and --dataset digits (" in line  # what runs offline instead
     assert time.perf_counter() - t0 < 30  # no download was retried
+    assert files(tmp_path) == []
+
+
+@pytest.mark.cli
+def test_a_missing_hub_dataset_offers_the_offline_one(tmp_path, capsys):
+    """Only the dataset is missing: the error offers --dataset digits, not --model embedded
+    (which the run already uses)."""
+    assert run(tmp_path, "--target", "0.3", "--model", "embedded", "--dataset", "cifar10") == 2
+    line = one_line_error(capsys)
+    assert line.startswith("vit-2ssp: error: --dataset uoft-cs/cifar10: not in the local cache")
+    assert "or use --dataset digits (" in line and "--model embedded" not in line
     assert files(tmp_path) == []
 
 

@@ -60,6 +60,8 @@ def check_hub(cfg: RunConfig) -> None:
     names = " and ".join(f"{flag} {repo}" for flag, repo, _ in missing)
     commands = "; ".join(f"hf download {repo}" + (" --repo-type dataset" if kind == "dataset" else "")
                          + " --local-dir DIR" for _, repo, kind in missing)
+    offline = " and ".join(dict.fromkeys(  # what runs offline instead, per kind missing
+        "--model embedded" if kind == "model" else "--dataset digits" for _, _, kind in missing))
     raise UsageError(f"{names}: not in the local cache and the hub cannot be reached; download "
-                     f"where there is network ({commands}) and pass the folder, or use --model "
-                     f"embedded (HF_HUB_OFFLINE=1 skips the download retries)", missing[0][0][2:])
+                     f"where there is network ({commands}) and pass the folder, or use "
+                     f"{offline} (HF_HUB_OFFLINE=1 skips the download retries)", missing[0][0][2:])

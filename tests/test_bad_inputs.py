@@ -97,6 +97,11 @@ def pickle_folder(tmp: Path) -> Path:
     return folder
 
 
+def _file(path):
+    path.write_text("not a model\n")
+    return path
+
+
 BAD_INPUTS = {
     "image-size-0": (lambda t: ["--model", str(broken_config(t, image_size=0))], "image_size 0"),
     "heads-0": (lambda t: ["--model", str(broken_config(t, num_attention_heads=0))], "num_attention_heads 0"),
@@ -104,6 +109,8 @@ BAD_INPUTS = {
     "hidden-mismatch": (lambda t: ["--model", str(broken_config(t, hidden_size=64))], "--model: cannot load"),
     "pickle": (lambda t: ["--model", str(pickle_folder(t))], "--model: cannot load"),
     "missing-model": (lambda t: ["--model", "/nonexistent/dir"], "no such folder /nonexistent/dir"),
+    "model-is-a-file": (lambda t: ["--model", str(_file(t / "notes.txt"))],
+                        "is a file; give a model folder (with its config.json), a hub id or embedded"),
     "missing-dataset": (lambda t: ["--model", "embedded", "--dataset", "./nope_ds"], "--dataset: no such folder"),
     "split-s2": (lambda t: ["--model", "embedded", "--stage", "s2", "--split", "3"], "--split 3 does not apply"),
     "split-too-big": (lambda t: ["--model", "embedded", "--split", "99"], "--split 99"),

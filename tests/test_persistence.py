@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTForImageClassification, ViTImageProcessor
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 from vit_pruning import (PruneConfig, load_pruned_model, prune_2ssp, save_cifar_adapter,
                          save_pruned_model)
 from vit_pruning.anatomy import resolve
@@ -301,3 +301,16 @@ def test_every_family_and_structure_reloads_outside_the_package(tmp_path):
         for (fam, struct), (model, _, _) in models.items():
             rec = export_onnx(model, tmp_path / f"{fam}-{struct}.onnx")
             assert rec["max_abs_diff"] < 1e-4, (fam, struct, rec)
+
+
+def test_loading_names_a_missing_folder_or_a_file(tmp_path):
+    """A missing path is "no such folder" and a file is named as one (both used to read "no
+    config.json"); saving never goes over an existing path, and says so without CLI flags."""
+    with pytest.raises(ValueError, match=r"nope: no such folder$"):
+        load_pruned_model(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config.json is a file; give the saved model's folder"):
+        load_pruned_model(tmp_path / "config.json")
+    with pytest.raises(FileExistsError, match=r"already exists; save into a new folder \(never over "
+                                              r"an existing one\)"):
+        save_pruned_model(tiny_model(), tmp_path)

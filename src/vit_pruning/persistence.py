@@ -128,7 +128,8 @@ def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
     before the folder appears: it is written whole or not at all."""
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose another --run-id or folder")
+        raise FileExistsError(f"{out_dir} already exists; save into a new folder (never over "
+                              f"an existing one)")
     cfg = saved_config(model, metadata)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir.name), dir=out_dir.parent))
@@ -171,6 +172,10 @@ def check_saved_folder(path: str | Path) -> None:
     missing files, truncated or unreadable weights, an unsupported architecture, or a config
     whose depth or MLP widths disagree with the weights. Reads only headers."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; give the saved model's folder")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no config.json (not a saved model folder)")
     try:

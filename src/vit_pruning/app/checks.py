@@ -44,6 +44,9 @@ def check_environment(cfg: RunConfig) -> None:
         raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu",
                          "device")
     check_input_path("--model", cfg.model, ("embedded",))
+    if Path(os.path.expanduser(cfg.model)).is_file():
+        raise UsageError(f"--model: {cfg.model} is a file; give a model folder (with its "
+                         f"config.json), a hub id or embedded")
     if cfg.data.dataset:
         from ..data import KNOWN
         check_input_path("--dataset", cfg.data.dataset, ("digits", *KNOWN))

@@ -48,7 +48,7 @@ def test_the_parsed_config_holds_what_was_asked():
     (["--latency-precision", "1"], "latency_precision"), (["--align", "x"], "align"),
     (["--split", "some"], "split"), (["--run-id", ".hidden"], "run_id"),
     (["--stage", "s1", "--split", "2"], "split"), (["--seed", "-1"], "seed"),
-    (["--seed", str(2**32)], "seed"),
+    (["--seed", str(2**32)], "seed"), (["--no-mixed-depth"], "no_mixed_depth"),
     (["--stage", "s1", "--depth-unit", "attention"], "depth_unit"),
     (["--distill-lr", "0"], "distill_lr")])
 def test_a_bad_value_names_its_field_and_flag(argv, field):

@@ -557,6 +557,10 @@ def parse_targets(cfg: RunConfig, target: str | float | None) -> tuple[list[floa
                          f"--target-flops, --target-latency")
     objective = next((k for k, f in OBJECTIVE_FLAGS.items() if f in asked), "params")
     name = OBJECTIVE_FLAGS[objective]
+    if cfg.pruning.no_mixed_depth and objective != "latency":
+        raise UsageError("--no-mixed-depth applies to --target-latency (a latency target between "
+                         "two counts of whole blocks); parameter and FLOP plans never mix depth "
+                         "units: drop it", "no_mixed_depth")
     if objective != "params":
         if budgets:
             raise UsageError(f"{budgets[0]} finds a parameter target itself: drop {name}")

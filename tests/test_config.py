@@ -49,6 +49,10 @@ def test_the_parsed_config_holds_what_was_asked():
     (["--split", "some"], "split"), (["--run-id", ".hidden"], "run_id"),
     (["--stage", "s1", "--split", "2"], "split"), (["--seed", "-1"], "seed"),
     (["--seed", str(2**32)], "seed"), (["--no-mixed-depth"], "no_mixed_depth"),
+    (["--freeze-backbone"], "freeze_backbone"), (["--ft-lr", "0.1"], "ft_lr"),
+    (["--distill-train", "mlp"], "distill_train"), (["--mixed-precision", "no"], "mixed_precision"),
+    (["--adapter-reduction", "8"], "adapter_reduction"),
+    (["--accept-latency-miss"], "accept_latency_miss"),
     (["--stage", "s1", "--depth-unit", "attention"], "depth_unit"),
     (["--distill-lr", "0"], "distill_lr")])
 def test_a_bad_value_names_its_field_and_flag(argv, field):
@@ -56,6 +60,15 @@ def test_a_bad_value_names_its_field_and_flag(argv, field):
         config(*argv)
     assert err.value.field == field
     assert str(err.value).startswith("--" + field.replace("_", "-"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--do-finetune", "--freeze-backbone", "--ft-lr", "0.1", "--mixed-precision", "no"],
+    ["--recover", "--ft-epochs", "2"], ["--use-adapter", "--adapter-reduction", "8"],
+    ["--distill-steps", "3", "--distill-train", "mlp", "--grad-accumulation", "2"],
+    ["--pruned-output-dir", "elsewhere"]])  # folders are settings a wrapper may always pass
+def test_a_flag_with_what_it_acts_on_is_taken(argv):
+    assert config(*argv).seed == 0
 
 
 @pytest.mark.parametrize("flag, value", [("--cifar-train-pct", "0.5"), ("--skip-bad-images", None),

@@ -662,6 +662,7 @@ def check(cfg: RunConfig) -> None:
                          f"({tm.latency_repeats}), got {tm.latency_max_repeats}",
                          "latency_max_repeats")
     _check_structure(cfg)
+    _check_inert(cfg)
     _check_run_id(cfg.output.run_id)
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}", "device")
@@ -673,6 +674,31 @@ def check(cfg: RunConfig) -> None:
     if tm.latency_dtype == "float16" and cfg.device == "cpu":
         raise UsageError("--latency-dtype float16 needs CUDA; on the CPU use float32 or bfloat16",
                          "latency_dtype")
+
+
+_ACTS_ONLY_WITH = (  # (flags that change nothing without another, what that is, whether given)
+    (("distill_lr", "distill_batch_size", "distill_train", "distill_match", "distill_temperature",
+      "distill_size", "distill_augment", "grad_accumulation"), "--distill-steps",
+     lambda c: c.recovery.distill_steps > 0),
+    (("freeze_backbone", "ft_epochs", "ft_lr"), "--do-finetune or --recover",
+     lambda c: c.head.do_finetune or c.head.recover),
+    (("mixed_precision",), "--distill-steps, --do-finetune or --recover",
+     lambda c: c.recovery.distill_steps > 0 or c.head.do_finetune or c.head.recover),
+    (("adapter_reduction",), "--use-adapter", lambda c: c.head.use_adapter),
+    (("latency_tolerance", "accept_latency_miss"), "--target-latency",
+     lambda c: c.targets.objective == "latency"),
+)  # (output folders are settings, not actions: a wrapper may always pass them)
+
+
+def _check_inert(cfg: RunConfig) -> None:
+    """A flag given (not at its default) where it changes nothing is refused, naming what it
+    needs: a user who asks for it expects it to act."""
+    defaults = RunConfig()
+    for names, needs, present in _ACTS_ONLY_WITH:
+        given = [n for n in names if value(cfg, n) != value(defaults, n)]
+        if given and not present(cfg):
+            raise UsageError(f"{flag(given[0])} acts only with {needs}: add it, or drop "
+                             f"{flag(given[0])}", given[0])
 
 
 def _check_structure(cfg: RunConfig) -> None:

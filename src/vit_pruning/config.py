@@ -557,10 +557,6 @@ def parse_targets(cfg: RunConfig, target: str | float | None) -> tuple[list[floa
                          f"--target-flops, --target-latency")
     objective = next((k for k, f in OBJECTIVE_FLAGS.items() if f in asked), "params")
     name = OBJECTIVE_FLAGS[objective]
-    if cfg.pruning.no_mixed_depth and objective != "latency":
-        raise UsageError("--no-mixed-depth applies to --target-latency (a latency target between "
-                         "two counts of whole blocks); parameter and FLOP plans never mix depth "
-                         "units: drop it", "no_mixed_depth")
     if objective != "params":
         if budgets:
             raise UsageError(f"{budgets[0]} finds a parameter target itself: drop {name}")
@@ -685,7 +681,7 @@ _ACTS_ONLY_WITH = (  # (flags that change nothing without another, what that is,
     (("mixed_precision",), "--distill-steps, --do-finetune or --recover",
      lambda c: c.recovery.distill_steps > 0 or c.head.do_finetune or c.head.recover),
     (("adapter_reduction",), "--use-adapter", lambda c: c.head.use_adapter),
-    (("latency_tolerance", "accept_latency_miss"), "--target-latency",
+    (("latency_tolerance", "accept_latency_miss", "no_mixed_depth"), "--target-latency",
      lambda c: c.targets.objective == "latency"),
 )  # (output folders are settings, not actions: a wrapper may always pass them)
 

@@ -95,6 +95,20 @@ def test_adapter_roundtrip_and_saved_model(tmp_path, cifar_like):
 
 
 @pytest.mark.cli
+def test_fewer_calibration_images_than_asked_is_said(tmp_path, caplog):
+    """A train slice smaller than --calib-size calibrates on all of it, with a warning and the
+    count asked in the report (it used to be silently fewer)."""
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "c",
+               "--cifar-train-pct", "0.02", "--calib-size", "100", "--cifar-test-pct", "0.1",
+               "--eval-batches", "1") == 0
+    assert ("calibrating on 29 train images, not the 100 of --calib-size: the train slice "
+            "(--cifar-train-pct 0.02) holds no more") in caplog.text
+    rep = json.loads((tmp_path / "reports" / "report-c.json").read_text())
+    assert (rep["calibration"]["count"], rep["calibration"]["asked"]) == (29, 100)
+    assert "100 were asked, the train slice holds no more" in (tmp_path / "reports" / "report-c.md").read_text()
+
+
+@pytest.mark.cli
 def test_dry_run_prints_plan_writes_nothing(tmp_path, capsys):
     assert run(tmp_path, "--model", "embedded", "--target", "0.5", "--dry-run") == 0
     out = capsys.readouterr().out

@@ -278,6 +278,7 @@ def _md_rest(rep: dict, text: bool) -> list[str]:
     what = "sentences" if text else "images"
     lines += ["", "## Calibration", "",
               f"- {c['count']} {what} from {c['dataset']} ({c['split']}), fingerprint `{c['fingerprint']}`"
+              + (f"; {c['asked']} were asked, the train slice holds no more" if c.get("asked") else "")
               if c["count"] else "- none (weight-magnitude width scores, weight-norm depth proxy)"]
     skipped = rep.get("skipped_images") or []
     if skipped:

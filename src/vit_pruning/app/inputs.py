@@ -136,6 +136,12 @@ def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
     data.calib_info = {"dataset": data.dataset, "count": count, "seed": cfg.seed,
                        "split": f"train[:{cfg.data.cifar_train_pct * 100:g}%] (random {count})",
                        "fingerprint": fingerprint(data.calib_inputs)}
+    if count < ch.calib_size:  # the train slice holds fewer: said, never silently fewer
+        data.calib_info["asked"] = ch.calib_size
+        log.warning("calibrating on %d train images, not the %d of --calib-size%s: the train "
+                    "slice (--cifar-train-pct %g) holds no more; raise --cifar-train-pct for more",
+                    count, ch.calib_size, "" if cfg.data.calib_size else " (default)",
+                    cfg.data.cifar_train_pct)
     if cfg.recovery.distill_steps:
         size = min(cfg.recovery.distill_size or DISTILL_IMAGES, len(splits.train))
         pool, _ = calibration_subset(splits.train, size, cfg.seed + 1)

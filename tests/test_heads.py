@@ -399,7 +399,9 @@ def test_fixed_heads_without_data_keep_the_alpha_split():
     cfg = PruneConfig(unit="attention", heads=1, min_remaining=8, align=1, width_policy="per-block")
     _, res = prune_2ssp(copy.deepcopy(model), 0.5, None, cfg)
     assert res.plan.blocks_to_prune == alpha_depth(model_shape(model), 0.5, "attention") == 3
-    assert res.plan.heads_to_prune == (1, 0, 0, 0) and res.plan.split == "alpha"
+    kept = [i for i in range(4) if i not in res.plan.depth_indices]  # (which one: the weight
+    assert res.plan.heads_to_prune == tuple(int(i in kept) for i in range(4))  # proxy's, by init)
+    assert res.plan.split == "alpha"
 
 
 def test_sweep_and_search_target_take_heads():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import flag
+from .errors import exc_summary
 from .atomic import atomic_write_json, current_umask, partial_prefix
 from .persistence import load_pruned_model, save_pruned_model
 
@@ -48,11 +49,6 @@ def _differs(saved: dict, now: dict) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-    return f"{type(exc).__name__}{': ' + text if text else ''}"
-
-
 def _folder(parent: Path, prefix: str) -> Path:
     """A new temporary folder in `parent` with the permissions of any folder the user makes
     (mkdtemp's are 0700, which a checkpoint renamed into place would keep)."""
@@ -66,7 +62,7 @@ def _load(path: Path):
     try:
         return torch.load(path, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - truncated, not a pickle, missing: one line
-        raise ValueError(f"{path} cannot be read ({_first_line(exc)})") from exc
+        raise ValueError(f"{path} cannot be read ({exc_summary(exc, 120)})") from exc
 
 
 @dataclass
@@ -89,7 +85,7 @@ class Checkpoint:
         try:
             step = self.folder / json.loads(pointer.read_text())["folder"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{pointer} cannot be read ({_first_line(exc)}); it is not a "
+            raise ValueError(f"{pointer} cannot be read ({exc_summary(exc, 120)}); it is not a "
                              f"checkpoint this tool wrote whole: remove {self.folder}") from exc
         return step if (step / "state.pt").exists() else None
 
@@ -165,7 +161,7 @@ class Checkpoint:
             try:
                 models[name] = load_pruned_model(path, device)
             except Exception as exc:  # noqa: BLE001 - a missing or damaged folder, one line
-                raise ValueError(f"{path} cannot be loaded ({_first_line(exc)})") from exc
+                raise ValueError(f"{path} cannot be loaded ({exc_summary(exc, 120)})") from exc
         student = models.pop("model")
         return student, state, run, models
 

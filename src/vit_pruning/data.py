@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import exc_summary
+
 # name -> (hub id, train split, test split, image column, label column)
 KNOWN = {
     "cifar10": ("uoft-cs/cifar10", "train", "test", "img", "label"),
@@ -92,12 +94,6 @@ def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, 
     raise DataError(f"{flag}: no {kind} column found among {cols}; name it with {flag}")
 
 
-def _reason(exc: Exception) -> str:
-    """An exception in one short line: its type and the first line of its message."""
-    lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
-
-
 def _load_local(path: Path, train_pct: float, test_pct: float):
     import datasets
 
@@ -108,7 +104,7 @@ def _load_local(path: Path, train_pct: float, test_pct: float):
     except Exception as exc:  # no images, unreadable files, a half-written save...
         raise DataError(f"--dataset: cannot read {path} as "
                         f"{'a saved dataset' if saved else 'an image folder'} "
-                        f"({_reason(exc)}); "
+                        f"({exc_summary(exc)}); "
                         f"give a folder with train/ and test/ subfolders of class folders of "
                         f"images, or one saved by datasets' save_to_disk") from exc
     if saved:
@@ -145,7 +141,7 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             train = datasets.load_dataset(hub, split=f"{tr}[:{pct(train_pct)}]")
             test = datasets.load_dataset(hub, split=f"{te}[:{pct(test_pct)}]")
         except Exception as exc:  # offline, missing, private...
-            raise DataError(f"--dataset: cannot load {hub!r} ({_reason(exc)}); without network "
+            raise DataError(f"--dataset: cannot load {hub!r} ({exc_summary(exc)}); without network "
                             f"use --dataset digits or a local folder") from exc
     if name in KNOWN:
         image_column = image_column or KNOWN[name][3]

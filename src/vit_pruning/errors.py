@@ -12,5 +12,13 @@ class UsageError(Exception):
         self.field = field
 
 
+def exc_summary(exc: BaseException, limit: int = 160) -> str:
+    """An exception in one short line for an error message: its type and the first line of its
+    message (at most `limit` characters), or its type alone when it has none."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:limit] if text else ""
+    return f"{type(exc).__name__}{': ' + first if first else ''}"
+
+
 LATENCY_MISSED = 3  # exit code: the run is whole and reported, but its latency target was
 # missed by more than --latency-tolerance (--accept-latency-miss exits 0)

@@ -270,7 +270,7 @@ class Pruner:
     def min_target(self) -> float:
         """The smallest target a plan can meet: 0, but with a fixed count of heads per block
         (heads=N) what those heads remove (:func:`vit_pruning.planner.fixed_heads_floor`)."""
-        return 0.0 if self.cfg.stages == "s2" else fixed_heads_floor(self.shape, self.cfg.fixed_heads)
+        return fixed_heads_floor(self.shape, self.cfg.fixed_heads)
 
     def depth_order(self, unit: str, count: int, budget: Budget | None = None
                     ) -> tuple[list[int], dict]:
@@ -584,20 +584,19 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     distances: None without trials)."""
     shape, split = pruner.shape, pruner.split
     fixed = cfg.fixed_heads
+    # a fixed count of heads takes what depth units would: the counts that meet the target with it
+    fits = _counts_with_heads(shape, target, cfg) if fixed and not shape.units_differ(cfg.unit) else None
     if isinstance(split, int):
         candidates = [split]
-        if fixed and not shape.units_differ(cfg.unit):  # the heads take what depth units would
-            fits = _counts_with_heads(shape, target, cfg, max_depth_units(shape, cfg.unit) + 1)
-            if split not in fits:
-                raise ValueError(f"{split} {cfg.unit} units with {fixed} attention heads removed "
-                                 f"from every block that keeps its attention cannot meet target "
-                                 f"{target}: counts that can are {fits}")
-    elif fixed and not shape.units_differ(cfg.unit):
-        candidates = _counts_with_heads(shape, target, cfg, cfg.max_search)
-        if split == "alpha":  # the count that meets the target with those heads nearest the
-            wanted = alpha_depth(shape, target, cfg.unit, cfg.alpha)  # 2SSP formula's
-            candidates = [min(_counts_with_heads(shape, target, cfg, shape.num_blocks + 1),
-                              key=lambda d: (abs(d - wanted), d))]
+        if fits is not None and split not in fits:
+            raise ValueError(f"{split} {cfg.unit} units with {fixed} attention heads removed "
+                             f"from every block that keeps its attention cannot meet target "
+                             f"{target}: counts that can are {fits}")
+    elif fits is not None and split == "alpha":  # the one nearest the 2SSP formula's count
+        wanted = alpha_depth(shape, target, cfg.unit, cfg.alpha)
+        candidates = [min(fits, key=lambda d: (abs(d - wanted), d))]
+    elif fits is not None:  # the split search tries the largest
+        candidates = fits[-max(1, cfg.max_search):]
     else:
         probe = cfg.plan(shape, target, depth="alpha")
         options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
@@ -676,20 +675,19 @@ def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
     return best
 
 
-def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig, limit: int
-                       ) -> list[int]:
-    """Depth counts to try with a fixed count of heads per block (cfg.heads), which frees what
-    depth units would: the `limit` largest that meet the target with those heads (units of one
-    size, so any of a count will do for the check). ValueError where none does."""
+def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig) -> list[int]:
+    """The depth counts, ascending, that meet the target with a fixed count of heads per block
+    (cfg.heads), which frees what depth units would (units of one size, so any of a count will
+    do for the check). ValueError where none does."""
     units = candidates(shape, cfg.unit)
-    fits = [d for d in range(max_depth_units(shape, cfg.unit), -1, -1)
+    fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
             if indices_feasible(shape, target, cfg.unit, units[:d], cfg.min_remaining,
                                 int(cfg.align), heads=uniform_heads(shape, units[:d], cfg.heads))]
     if not fits:
         raise ValueError(f"target {target}: no count of {cfg.unit} units meets it with {cfg.heads} "
                          f"attention heads removed from every block that keeps its attention "
                          f"(heads='auto' removes heads only where they fit)")
-    return sorted(fits[:max(1, limit)])
+    return fits
 
 
 def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:

@@ -727,11 +727,11 @@ def check_width_only(shape: ModelShape, target: float, min_remaining: int, align
     neurons, as every plan)."""
     top = width_only_max(shape, min_remaining, align, heads_per_block)
     validate_target(target, top, f"for width pruning alone ({named})")
-    floor = fixed_heads_floor(shape, heads_per_block)
-    if floor * shape.total_params > target * shape.total_params + align * min(shape.costs) / 2:
+    floor = heads_removed(shape, _width_only_heads(shape, heads_per_block))
+    if floor > target * shape.total_params + align * min(shape.costs) / 2:
         raise ValueError(f"target {target} is below what removing {heads_per_block} heads from "
                          f"every block takes alone ({named}): width pruning alone reaches "
-                         f"{floor:.4f} to {top:.4f}")
+                         f"{floor / shape.total_params:.4f} to {top:.4f}")
     return top
 
 

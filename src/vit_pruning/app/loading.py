@@ -11,7 +11,7 @@ import torch
 
 from ..config import EMBEDDED, RunConfig
 from ..config import value as flag_value
-from ..errors import UsageError
+from ..errors import UsageError, exc_summary
 
 log = logging.getLogger("vit_pruning")
 
@@ -65,9 +65,7 @@ def load_model(name: str, want_head: bool = False):
     except Exception as exc:  # noqa: BLE001 - loading raises many kinds (size mismatch,
         # unpickling refused, a config transformers cannot build): each is one line here
         if path.exists() or name == "embedded":
-            detail = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
-            raise UsageError(f"--model: cannot load {path} ({type(exc).__name__}"
-                             f"{': ' + detail if detail else ''})") from exc
+            raise UsageError(f"--model: cannot load {path} ({exc_summary(exc, 150)})") from exc
         raise UsageError(
             f"--model: cannot load {name!r} (offline or unknown id); download it where there is "
             f"network (hf download {name} --local-dir DIR) and pass --model DIR, or use "

@@ -97,6 +97,12 @@ def pickle_folder(tmp: Path) -> Path:
     return folder
 
 
+def no_processor(tmp: Path) -> Path:
+    folder = vit_folder(tmp / "bare")
+    (folder / "preprocessor_config.json").unlink()  # a model saved alone (model.save_pretrained)
+    return folder
+
+
 def _file(path):
     path.write_text("not a model\n")
     return path
@@ -108,6 +114,9 @@ BAD_INPUTS = {
     "patch-0": (lambda t: ["--model", str(broken_config(t, patch_size=0))], "patch_size 0"),
     "hidden-mismatch": (lambda t: ["--model", str(broken_config(t, hidden_size=64))], "--model: cannot load"),
     "pickle": (lambda t: ["--model", str(pickle_folder(t))], "--model: cannot load"),
+    "no-processor": (lambda t: ["--model", str(no_processor(t))],
+                     "has no usable image processor config (no preprocessor_config.json); a model "
+                     "saved alone needs the one it was trained with beside it: AutoImageProcessor"),
     "missing-model": (lambda t: ["--model", "/nonexistent/dir"], "no such folder /nonexistent/dir"),
     "model-is-a-file": (lambda t: ["--model", str(_file(t / "notes.txt"))],
                         "is a file; give a model folder (with its config.json), a hub id or embedded"),

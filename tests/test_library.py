@@ -10,6 +10,7 @@ from conftest import tiny_model
 from vit_pruning import PruneConfig, Pruner, plan_2ssp_allocation, search_target, sweep
 from vit_pruning.config import EMBEDDED, default_min_remaining
 from vit_pruning.pipeline import model_shape
+from vit_pruning.planner import Within
 
 
 def test_plan_2ssp_allocation_takes_the_command_lines_min_remaining():
@@ -19,6 +20,17 @@ def test_plan_2ssp_allocation_takes_the_command_lines_min_remaining():
     assert abs(plan.predicted_sparsity - 0.25) < 1e-3
     with pytest.raises(ValueError, match="falls between"):  # the seed's 512 cannot be met here
         plan_2ssp_allocation(model, 0.25, min_remaining=512)
+
+
+def test_a_target_between_depth_units_and_neurons_names_the_heads_that_reach_it():
+    from vit_pruning.planner import make_plan
+    shape = model_shape(tiny_model(2))  # two blocks: one is 44% of the model, neurons 32%
+    with pytest.raises(ValueError, match=r"falls between .* try heads=N \(N attention heads "
+                                         r"removed from every block: N in \[1, 2, 3\] reach it\)"):
+        make_plan(shape, 0.35, min_remaining=16)
+    plan = make_plan(shape, 0.35, min_remaining=16, depth_indices=[],
+                     within=Within(heads=(3, 3)))  # what the message offers does plan
+    assert abs(plan.predicted_sparsity - 0.35) < 1e-3
 
 
 @pytest.mark.parametrize("unit", ["block", "attention"])

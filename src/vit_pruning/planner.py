@@ -241,6 +241,24 @@ def heads_removed(shape: ModelShape, heads: Sequence[int]) -> int:
     return sum(n * c for n, c in zip(heads, shape.head_params))
 
 
+def heads_filling(shape: ModelShape, target: float, unit: str, min_remaining: int,
+                  align: int = 1) -> list[int]:
+    """The fixed counts of heads per block (:func:`uniform_heads`) with which some count of
+    depth units meets the target: what fills a gap between whole depth units and the neurons
+    ([] where the shape does not count heads)."""
+    if shape.head_params is None or not any(shape.heads):
+        return []
+    counts = []
+    for n in range(1, max(shape.heads)):
+        for d in range(max_depth_units(shape, unit) + 1):
+            idx = default_depth_indices(shape, unit, d)
+            if indices_feasible(shape, target, unit, idx, min_remaining, align,
+                                heads=uniform_heads(shape, idx, n)):
+                counts.append(n)
+                break
+    return counts
+
+
 def uniform_heads(shape: ModelShape, indices: Sequence[int], per_block: int) -> tuple[int, ...]:
     """`per_block` heads removed from every block that keeps its attention sublayer after depth
     units `indices` go, each keeping at least one head; () where that removes none."""
@@ -578,8 +596,11 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
     options = feasible_depths(shape, target, unit, min_remaining, align)
     heads = _check_heads(shape, unit, depth_indices or (), within.heads, att)
     if not options and not att and not heads:
+        fill = heads_filling(shape, target, unit, min_remaining, align)
+        hint = (f"heads=N (N attention heads removed from every block: N in {fill} reach it), "
+                if fill else "")
         raise ValueError(f"target {target} falls between what whole {unit} units and the remaining "
-                         f"neurons can reach (min_remaining={min_remaining}); try a lower "
+                         f"neurons can reach (min_remaining={min_remaining}); try {hint}a lower "
                          f"min_remaining or another target")
     d, idx, split, notes = _plan_depth(shape, target, unit, min_remaining, align, depth,
                                        depth_indices, alpha, options, Within(att, heads))

@@ -85,8 +85,14 @@ def load_model(name: str, want_head: bool = False):
             processor = transformers.AutoImageProcessor.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, or an ImportError of a
         # library a fallback tokenizer needs (protobuf, sentencepiece)
-        what = "tokenizer files" if text else "image processor config (preprocessor_config.json)"
-        raise UsageError(f"--model: {source} has no usable {what}") from exc
+        what, cls = ("tokenizer files", "AutoTokenizer") if text else \
+            ("image processor config", "AutoImageProcessor")
+        files = ("preprocessor_config.json", "processor_config.json")
+        missing = not text and path.is_dir() and not any((path / f).exists() for f in files)
+        why = "no preprocessor_config.json" if missing else exc_summary(exc, 120)
+        raise UsageError(f"--model: {source} has no usable {what} ({why}); a model saved alone "
+                         f"needs the one it was trained with beside it: {cls}.from_pretrained("
+                         f"<its base checkpoint>).save_pretrained(<this folder>)") from exc
     return model.eval(), processor, source
 
 

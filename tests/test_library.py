@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from conftest import tiny_model
-from vit_pruning import PruneConfig, Pruner, plan_2ssp_allocation, search_target, sweep
+from vit_pruning import (PruneConfig, Pruner, plan_2ssp_allocation, prune_2ssp, search_target,
+                         sweep)
 from vit_pruning.config import EMBEDDED, default_min_remaining
 from vit_pruning.pipeline import model_shape
 from vit_pruning.planner import Within
@@ -44,6 +45,27 @@ def test_the_preview_is_the_plan_pruning_makes(unit, target):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
     _, result = pruner.prune(target, copy.deepcopy(model))
     assert preview == result.plan
+
+
+def test_calibration_inputs_of_the_wrong_kind_are_refused():
+    """Raw uint8 pixels were taken for token ids and calibrated on unnormalized values; float
+    inputs to a text encoder would fail deep inside its embeddings."""
+    from test_text import tiny_bert
+    from vit_pruning import prune_vit_attention_blocks, prune_vit_mlp_width
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    raw = (x * 60 + 128).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"calibration batch 1 holds torch.uint8 values: an "
+                                         r"image model takes float pixel values"):
+        prune_2ssp(tiny_model(4), 0.3, [x, raw], PruneConfig(min_remaining=8))
+    with pytest.raises(ValueError, match="holds torch.uint8 values"):
+        prune_vit_mlp_width(tiny_model(4), [8] * 4, dataloader=[raw], min_remaining=8)
+    with pytest.raises(ValueError, match="holds torch.uint8 values"):
+        prune_vit_attention_blocks(tiny_model(4), dataloader=[raw], num_to_prune=1)
+    ids = torch.randint(5, 90, (4, 12), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"batch 0 holds torch.float32 values: a text encoder "
+                                         r"takes integer token ids"):
+        prune_2ssp(tiny_bert(), 0.2, [ids.float()], PruneConfig(min_remaining=4))
+    prune_2ssp(tiny_bert(), 0.2, [ids], PruneConfig(min_remaining=4))  # the right kind prunes
 
 
 def test_search_target_refuses_bad_arguments_by_name():

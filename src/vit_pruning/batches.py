@@ -63,13 +63,20 @@ def group_by_length(sentences: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def take_inputs(loader: Iterable, max_batches: int | None = None,
-                device: str | torch.device = "cpu") -> list[torch.Tensor]:
+                device: str | torch.device = "cpu", text: bool | None = None) -> list[torch.Tensor]:
     """The first `max_batches` batches of a loader as input tensors on `device`. Text batches
     (integer token ids, with or without 'attention_mask') are made padding-free: the sentences
-    of all batches regrouped by length, so there may be more or fewer tensors than batches."""
+    of all batches regrouped by length, so there may be more or fewer tensors than batches.
+    `text` (the model's kind, where known): a batch of the other kind is a ValueError (raw
+    uint8 pixels would otherwise be taken for token ids, float pixels given to a text encoder)."""
     images, sentences = [], []
-    for batch in iter_limited(loader, max_batches):
+    for k, batch in enumerate(iter_limited(loader, max_batches)):
         x = batch_pixels(batch)
+        if text is not None and x.is_floating_point() == text:
+            raise ValueError(f"calibration batch {k} holds {x.dtype} values: " + (
+                "a text encoder takes integer token ids (the tokenizer's input_ids)" if text else
+                "an image model takes float pixel values (the image processor's pixel_values; "
+                "raw integer pixels are not normalized)"))
         if x.is_floating_point():
             images.append(x.to(device))
         else:

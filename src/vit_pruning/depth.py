@@ -301,7 +301,8 @@ def prune_vit_attention_blocks(model: nn.Module, sparsity: float | None = None,
         if not 0 <= num_to_prune <= limit:
             raise ValueError(f"num_to_prune must be in [0, {limit}] for unit={unit!r}, got {num_to_prune}")
         device = device if device is not None else device_of(model)
-        batches = take_inputs(dataloader, batch_limit, device) if dataloader is not None else None
+        batches = (take_inputs(dataloader, batch_limit, device, an.is_text)
+                   if dataloader is not None else None)
         order, scores = select_depth(model, num_to_prune, unit, batches,
                                      PruneConfig(depth_method=method), progress=progress)
     model = apply_depth(model, order, unit)

@@ -221,7 +221,8 @@ class Pruner:
                            ).resolved(self.shape)
         self.progress = progress
         device = device if device is not None else device_of(model)
-        batches = take_inputs(calibration_loader, calib_batches, device) if calibration_loader else None
+        batches = take_inputs(calibration_loader, calib_batches, device,
+                              resolve(model).is_text) if calibration_loader else None
         if batches:  # small micro-batches bound the memory of cached activations in every phase
             batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
         self.batches = batches

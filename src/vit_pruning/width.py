@@ -95,7 +95,8 @@ def prune_vit_mlp_width(model: nn.Module, n_to_prune_per_block: Sequence[int],
     if importance is None:
         if dataloader is not None:
             device = device if device is not None else device_of(model)
-            importance = activation_scores(anatomy, take_inputs(dataloader, max_batches, device))
+            importance = activation_scores(anatomy, take_inputs(dataloader, max_batches, device,
+                                                                  anatomy.is_text))
         else:
             importance = magnitude_scores(anatomy)
     for parts, n, score in zip(anatomy.parts, n_to_prune_per_block, importance):

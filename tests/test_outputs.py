@@ -34,9 +34,31 @@ def test_onnx_path_in_the_report_exists(tmp_path):
     assert Path(rep["artifacts"]["onnx"]["path"]).is_file() and Path(rep["artifacts"]["plot"]).is_file()
     md = (tmp_path / "reports" / "report-o.md").read_text()
     assert f"onnx: {tmp_path / 'pruned' / 'o' / 'model.onnx'} (onnxruntime" in md and "{'path'" not in md
+    # the plot is listed and shown (the Markdown used to be rendered before its path was set)
+    assert f"- plot: {tmp_path / 'reports' / 'report-o.png'}\n" in md and "![stages](report-o.png)" in md
     assert not [f for f in files(tmp_path) if PARTIAL in f]
     for p in (tmp_path / "pruned" / "o").iterdir():  # readable by others, as any file made by the user
         assert p.stat().st_mode & 0o044 == 0o044, p
+
+
+@pytest.mark.cli
+def test_several_targets_export_each_model(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    assert run(tmp_path, "--model", "embedded", "--target", "0.2,0.4", "--export-onnx",
+               "--run-id", "mo", "--eval-batches", "1", "--calib-size", "16") == 0
+    out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "reports" / "report-mo.json").read_text())
+    md = (tmp_path / "reports" / "report-mo.md").read_text()
+    for t in ("0.2", "0.4"):
+        folder = tmp_path / "pruned" / "mo" / f"target-{t}"
+        record = rep["artifacts"]["onnx"][t]
+        assert rep["artifacts"]["pruned_models"][t] == str(folder)
+        assert Path(record["path"]) == folder / "model.onnx" and (folder / "model.onnx").is_file()
+        assert record["max_abs_diff"] < 1e-4
+        assert f"  - {t}: {folder / 'model.onnx'} (onnxruntime" in md
+        assert f"pruned model, target {t}: {folder} (model.onnx: onnxruntime within" in out
+    assert "![trade-off](report-mo.png)" in md and "plot: not written" not in md
+    assert not [f for f in files(tmp_path) if PARTIAL in f]
 
 
 # 5. one definition of the latency ratio, its spread, and a warning when it is not to be trusted

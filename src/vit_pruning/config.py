@@ -584,7 +584,7 @@ def parse_targets(cfg: RunConfig, target: str | float | None) -> tuple[list[floa
     if objective != "params":  # planned as the fraction removed, like a parameter target
         values = [round(1 - v, 12) for v in values]
     if len(values) > 1:
-        for one in ("distill_steps", "recover", "export_onnx", "save_adapter"):
+        for one in ("distill_steps", "recover", "save_adapter"):
             if value(cfg, one):
                 raise UsageError(f"{flag(one)} applies to one model: with several targets give "
                                  f"one --target, or a budget, to go on with", one)

@@ -287,9 +287,7 @@ def _md_rest(rep: dict, text: bool) -> list[str]:
     lines += ["", "## Artifacts", ""]
     for k, v in rep["artifacts"].items():
         if isinstance(v, dict) and "path" in v:  # the ONNX export's record
-            v = (f"{v['path']} (onnxruntime {v.get('onnxruntime')}, opset {v.get('opset')}: max "
-                 f"|difference| to torch {v.get('max_abs_diff', float('nan')):.2e} at batch "
-                 f"{v.get('check_batch')})")
+            v = onnx_line(v)
         lines.append(f"- {k}: {v if v else 'not written'}")
     if rep["artifacts"].get("plot"):
         lines += ["", f"![stages]({Path(rep['artifacts']['plot']).name})"]
@@ -480,6 +478,8 @@ def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) ->
         if p.exists():
             raise FileExistsError(f"{p} already exists; choose another --run-id")
     png = reports_dir / f"report-{run_id}.png"
+    rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)  # before the
+    # Markdown is rendered: it embeds the plot and lists it
     if "stages" in rep:
         dist = rep.get("distillation") or {}
         obj = rep.get("objective") or {}
@@ -490,7 +490,6 @@ def write_report(rep: dict, reports_dir: Path, final_dir: Path | None = None) ->
         tradeoff_plot(rep["points"], png, rep.get("budget"), rep.get("chosen"),
                       rep["baseline"].get("top1"), f"{run_id}: {len(rep['points'])} targets")
         text = tradeoff_markdown(rep)
-    rep["artifacts"]["plot"] = str(Path(final_dir or reports_dir) / png.name)
     atomic_write_json(json_path, rep)
     atomic_write_text(md_path, text)
     return json_path, md_path
@@ -623,14 +622,22 @@ def tradeoff_markdown(rep: dict) -> str:
                if t["measures"] else "") for t in rep["trials"]]
     lines += ["", "## Artifacts", ""]
     for k, v in rep["artifacts"].items():
-        if isinstance(v, dict):
-            lines += [f"- {k}:"] + [f"  - {kk}: {vv}" for kk, vv in v.items()]
+        if isinstance(v, dict):  # per target: a folder, or an ONNX export's record
+            lines += [f"- {k}:"] + [f"  - {kk}: {onnx_line(vv) if isinstance(vv, dict) else vv}"
+                                    for kk, vv in v.items()]
         else:
             lines.append(f"- {k}: {v if v else 'not written'}")
     if rep["artifacts"].get("plot"):
         lines += ["", f"![trade-off]({Path(rep['artifacts']['plot']).name})"]
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def onnx_line(record: dict) -> str:
+    """An ONNX export's record (:func:`vit_pruning.export.export_onnx`) in one line."""
+    return (f"{record['path']} (onnxruntime {record.get('onnxruntime')}, opset "
+            f"{record.get('opset')}: max |difference| to torch "
+            f"{record.get('max_abs_diff', float('nan')):.2e} at batch {record.get('check_batch')})")
 
 
 def tradeoff_plot(points: list[dict], path: Path, budget: dict | None = None,

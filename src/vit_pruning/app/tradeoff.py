@@ -13,9 +13,11 @@ import copy
 import logging
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..config import BUDGETS, LATENCY_TOLERANCE, OBJECTIVE_FLAGS, RunConfig
 from ..errors import LATENCY_MISSED, UsageError
@@ -284,6 +286,37 @@ def tradeoff_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choice
     }
 
 
+def save_models(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices,
+                models: dict[float, nn.Module], outputs) -> dict:
+    """Each target's pruned model in its own folder of the run's staging folder (renamed into
+    place with the report), with its ONNX export where --export-onnx asks; the artifacts
+    record: {"pruned_models": {target: final folder}, "onnx": {target: export record}}."""
+    from ..export import export_onnx
+    from ..persistence import save_pruned_model
+    folder = outputs.stage("model")
+    folder.mkdir()
+    final = outputs.by_role("model").path
+    out: dict = {"pruned_models": {}}
+    if cfg.output.export_onnx:
+        out["onnx"] = {}
+    for t, m in models.items():
+        name = f"target-{t:g}" if ch.objective == "params" else f"{ch.objective}-{1 - t:g}"
+
+        def onnx(tmp: Path, m=m, name=name) -> dict:  # written into the folder before it appears
+            record = export_onnx(m, tmp / "model.onnx", seq_len=data.seq_len or 16)
+            return {**record, "path": str(final / name / "model.onnx")}
+        saved = save_pruned_model(m, folder / name, loaded.processor,
+                                  {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
+                                   "seed": cfg.seed},
+                                  extra=onnx if cfg.output.export_onnx else None)
+        out["pruned_models"][str(t)] = str(final / name)
+        if saved.extra is not None:
+            out["onnx"][str(t)] = saved.extra
+            log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
+                     saved.extra["path"], saved.extra["max_abs_diff"])
+    return out
+
+
 def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: Choices,
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
@@ -315,18 +348,8 @@ def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: C
             point["attempts"] = attempts[point["target"]]
     artifacts: dict = {"pruned_models": None, "plot": None}
     try:
-        if cfg.output.save_pruned_model:
-            folder = outputs.stage("model")
-            folder.mkdir()
-            final = outputs.by_role("model").path
-            artifacts["pruned_models"] = {}
-            for t, m in models.items():
-                name = (f"target-{t:g}" if ch.objective == "params" else
-                        f"{ch.objective}-{1 - t:g}")
-                save_pruned_model(m, folder / name, loaded.processor,
-                                  {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
-                                   "seed": cfg.seed})
-                artifacts["pruned_models"][str(t)] = str(final / name)
+        if cfg.output.save_pruned_model or cfg.output.export_onnx:
+            artifacts.update(save_models(cfg, loaded, data, ch, models, outputs))
     except OSError as exc:
         raise write_error(exc) from exc
     rep = tradeoff_report(cfg, argv, loaded, data, ch, base, points_comp, pruner,
@@ -337,6 +360,10 @@ def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: C
           f"(shared work {sum(pruner.timings.values()):.1f} s)")
     for point in rep["points"]:
         print("  " + point_line(point))
+    for t, path in (artifacts["pruned_models"] or {}).items():
+        onnx = artifacts.get("onnx", {}).get(t)
+        print(f"  pruned model, target {float(t):g}: {path}" + (
+            f" (model.onnx: onnxruntime within {onnx['max_abs_diff']:.1e} of torch)" if onnx else ""))
     print(f"report: {outputs.by_role('md').path} (json: {outputs.by_role('json').path})")
     missed = [p for p in rep["points"] if p.get("missed")]
     for p in missed:

@@ -56,6 +56,11 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
     assert prior in ("zero", "unpruned") and f"{sel}, unpruned prior" in rep["plan"]["neuron_selection_search"]
     assert (f"- refit damped toward: {'zero' if prior == 'zero' else 'the unpruned weights'}"
             in (tmp_path / "reports" / "report-r1.md").read_text())
+    gate = rep["plan"]["gates"]["refit prior"]  # and why: the gate's z, beside its verdict
+    assert gate["kept"] == (prior == "unpruned")
+    assert (f"refit prior: unpruned against zero, z {gate['z']:.2f}, "
+            + ("taken" if gate["kept"] else "not clear, not taken")
+            in (tmp_path / "reports" / "report-r1.md").read_text())
     for key in ("versions", "depth_unit", "seed", "summary", "latency_setup", "target_error"):
         assert key in rep
     assert {"report-r1.json", "report-r1.md", "report-r1.png"} <= {p.name for p in (tmp_path / "reports").iterdir()}

@@ -501,15 +501,19 @@ def test_heads_take_a_depth_units_place_only_where_that_is_clearly_closer():
     clear = _StubTrials({(2, 0.125): base, (1, 0.25): base * 0.7, (1, 0.375): base * 0.6,
                          (1, 0.5): base * 0.65, (0, 0.5): base * 0.9})
     clear(2, 0.125)
-    _fewer_units(clear, shares, low=2)
+    gates: dict = {}
+    _fewer_units(clear, shares, low=2, gates=gates)
     # one unit fewer with the larger shares, while they help; then none of level 0 was clear
     assert clear.calls[1:4] == [(1, 0.25), (1, 0.375), (1, 0.5)]
     assert {"1+2 heads", "1+3 heads", "1+4 heads"} <= set(clear.plans)
     assert "0+4 heads" in clear.search and "0+4 heads" not in clear.plans  # withdrawn
+    last = gates["fewer depth units"]  # the last level's gate: 0+4 against 1+3, not clear
+    assert (last["tried"], last["against"], last["kept"]) == ("0+4 heads", "1+3 heads", False)
+    assert last["z"] < 0
     noisy_rows = base * torch.tensor([0.6, 1.35]).repeat(32)  # lower on average, not clearly
     noisy = _StubTrials({(2, 0.125): base, (1, 0.25): noisy_rows})
     noisy(2, 0.125)
-    _fewer_units(noisy, shares, low=2)
+    _fewer_units(noisy, shares, low=2, gates={})
     assert noisy.search["1+2 heads"] < noisy.search["2+1 heads"]
     assert "1+2 heads" not in noisy.plans and noisy.calls[-1] == (1, 0.5)  # tried, withdrawn
 
@@ -525,7 +529,7 @@ def test_a_withdrawn_level_may_name_one_plan_twice():
     lower_not_clearly = base * torch.tensor([0.5, 1.4]).repeat(8)
     stub = _Rounding({(2, 0.125): base, (1, 0.25): lower_not_clearly})
     stub(2, 0.125)
-    _fewer_units(stub, (0.125, 0.25, 0.375, 0.5), low=2)
+    _fewer_units(stub, (0.125, 0.25, 0.375, 0.5), low=2, gates={})
     assert stub.calls[1:] == [(1, 0.25), (1, 0.25)]  # the second share named the same plan
     assert "1+2 heads" in stub.search and "1+2 heads" not in stub.plans
 

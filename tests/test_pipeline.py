@@ -159,10 +159,13 @@ def test_refit_prior_auto_is_one_of_the_fixed_priors_by_a_clear_gain(pixels, mon
 
     zero, res_zero = prune(cfg, refit_prior="zero")
     assert res_zero.refit_prior == "zero" and not any("prior" in k for k in res_zero.selection_search)
+    assert "refit prior" not in res_zero.gates  # asked for: no gate ran
     for clear, expect in ((True, "unpruned"), (False, "zero")):
         monkeypatch.setattr(pipeline, "clear_gain", lambda worse, better, clear=clear: (clear, 0.0))
         state, res = prune(cfg)
         assert res.refit_prior == expect and f"{res.selection}, unpruned prior" in res.selection_search
+        assert res.gates["refit prior"] == {"tried": "unpruned", "against": "zero", "z": 0.0,
+                                            "kept": clear}  # what the gate decided, recorded
         fixed, res_fixed = prune(cfg, refit_prior=expect, selection=res.selection,
                                  split=res.plan.blocks_to_prune)
         assert res_fixed.refit_prior == expect and res_fixed.plan.neurons_to_prune == res.plan.neurons_to_prune

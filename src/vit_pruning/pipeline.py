@@ -73,6 +73,9 @@ class PruneResult:
     # refit_prior="auto", of the selection used with the refit damped toward the unpruned
     # weights ("<selection>, unpruned prior")
     refit_prior: str = "zero"  # what the refit's damping pulled toward ("zero" or "unpruned")
+    gates: dict[str, dict] = field(default_factory=dict)  # each held-out gate that ran
+    # (:func:`clear_gain`): "heads" (the best head plan against the best without), "fewer depth
+    # units" (the descent's last level), "refit prior" -> {"tried", "against", "z", "kept"}
     depth_scores: dict = field(default_factory=dict)
     objective: str = "params"  # what the target counted (PruneConfig.objective)
     objective_before: float = 0.0  # the unpruned model's count of it: parameters, FLOPs, or
@@ -324,7 +327,7 @@ class Pruner:
         choices = [mixed] if mixed is not None else [
             _choose_depth(self, model, target, replace(cfg, unit=u), clock,
                           score_single=len(units) > 1) for u in units]
-        plan, order, search, depth_scores, chosen, chosen_rows = min(
+        plan, order, search, depth_scores, chosen, chosen_rows, gates = min(
             choices, key=lambda c: c[4] if c[4] is not None else 0.0)
         if cfg.stages == "s1":  # the plan's maximum is stage 1's, not that of its depth unit
             plan = replace(plan, max_feasible_target=width_top)
@@ -332,7 +335,7 @@ class Pruner:
         # trial, ranked by score
         if len(units) > 1:
             search = {f"{c[0].unit}:{k}": v for c in choices for k, v in c[2].items()}
-        return _Decision(target, plan, order, search, depth_scores, known)
+        return _Decision(target, plan, order, search, depth_scores, known, gates)
 
     def preview(self, target: float, unit: str | None = None) -> PruningPlan:
         """The plan :meth:`prune` would make for `target` with this Pruner's data, for one depth
@@ -358,7 +361,9 @@ class Pruner:
             return _depth_only(self, model, target, after_stage1)
         d = self.decide(target, model, clock=clock)
         target, plan, order, search, depth_scores = d.target, d.plan, d.order, d.search, d.depth_scores
-        selection, prior, selection_search = _choose_refit(model, plan, self.holdout, cfg, d.known)
+        gates = dict(d.gates)
+        selection, prior, selection_search = _choose_refit(model, plan, self.holdout, cfg, d.known,
+                                                           gates)
         clock.lap("neuron selection choice")
         info = _width_stage(model, plan, batches, replace(cfg, selection=selection, refit_prior=prior),
                             self.progress, unpruned=self.trace)
@@ -382,7 +387,7 @@ class Pruner:
             kept_neurons=info["kept"], kept_heads=info.get("kept_heads"), search=search,
             depth_scores=depth_scores,
             timings={**self.timings, **clock.laps}, selection=selection,
-            selection_search=selection_search, refit_prior=prior,
+            selection_search=selection_search, refit_prior=prior, gates=gates,
             **self.objective_fields(plan, info["counts"], after),
         )
 
@@ -452,6 +457,7 @@ class _Decision:
     search: dict[str, float]
     depth_scores: dict
     known: dict[str, tuple[float, torch.Tensor]]
+    gates: dict[str, dict]
 
 
 class _Clock:
@@ -537,12 +543,18 @@ def clear_gain(worse: torch.Tensor, better: torch.Tensor, z: float = HEAD_GAIN_Z
     return score > z, score
 
 
+def _gate(tried: str, against: str, z: float, kept: bool) -> dict:
+    """A held-out gate's record (:attr:`PruneResult.gates`)."""
+    return {"tried": tried, "against": against, "z": round(z, 2), "kept": bool(kept)}
+
+
 def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
-                  known: dict[str, tuple[float, torch.Tensor]]) -> tuple[str, str, dict[str, float]]:
+                  known: dict[str, tuple[float, torch.Tensor]], gates: dict[str, dict] | None = None
+                  ) -> tuple[str, str, dict[str, float]]:
     """The neuron selection and refit prior to use on `plan`: cfg.selection, or for "auto" the
     selection with the better held-out calibration fidelity (the 2SSP score without the refit it
     needs); cfg.refit_prior, or for "auto" "unpruned" where its held-out gain over "zero" with
-    that selection is clear (:func:`clear_gain`), else "zero". `known`: trials already run
+    that selection is clear (:func:`clear_gain`, recorded in `gates`), else "zero". `known`: trials already run
     (selection -> (distance, per-row distances); the split search's rank by the score, with
     the prior asked for, "zero" for "auto"). Returns (selection, refit prior, held-out distance
     per trial)."""
@@ -572,6 +584,8 @@ def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
             tried.update({selection: base, f"{selection}, unpruned prior": alt})
             clear, score = clear_gain(base_rows, alt_rows)
             prior = "unpruned" if clear else "zero"
+            if gates is not None:
+                gates["refit prior"] = _gate("unpruned", "zero", score, clear)
             log.info("refit prior: %s (held-out calibration distance %.4g toward zero, %.4g "
                      "toward the unpruned weights, paired z = %.2f)", prior, base, alt, score)
     return selection, prior, tried
@@ -579,10 +593,10 @@ def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
 
 def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_single: bool
                   ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None,
-                             torch.Tensor | None]:
+                             torch.Tensor | None, dict[str, dict]]:
     """Select depth units and the width/depth split for one unit; returns (plan, removal order,
     calibration distance per tried plan, depth scores, the chosen plan's distance and per-row
-    distances: None without trials)."""
+    distances: None without trials, the held-out gates that ran)."""
     shape, split = pruner.shape, pruner.split
     fixed = cfg.fixed_heads
     # a fixed count of heads takes what depth units would: the counts that meet the target with it
@@ -624,19 +638,20 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
                 raise  # a count the heads overshoot is skipped, unless none is left
     search: dict[str, float] = {}
     rows: dict[str, torch.Tensor] = {}  # each trial's per-row held-out distances
+    gates: dict[str, dict] = {}
     if len(plans) > 1 or score_single or _head_fractions(pruner, cfg):
         _try_plans(pruner, model, plans, cfg, search, rows, bar=True)
     if _head_fractions(pruner, cfg):
         first = min(search, key=lambda k: (search[k], int(k)))
         if not shape.units_differ(cfg.unit):  # fewer units than any feasible without heads
             orders = {**{d: list(order[:d]) for d in range(int(first))}, **orders}
-        _head_trials(pruner, model, target, cfg, orders, int(first), plans, search, rows)
-    best = _gated_best(plans, search, rows, cfg)
+        _head_trials(pruner, model, target, cfg, orders, int(first), plans, search, rows, gates)
+    best = _gated_best(plans, search, rows, cfg, gates)
     plan = plans[best]
     label = "search" if len(plans) > 1 else ("alpha" if split == "alpha" else "fixed")
     clock.lap("split search")
     return (replace(plan, split=label), list(orders[_units_of(best)]), search,
-            depth_scores, search.get(best), rows.get(best))
+            depth_scores, search.get(best), rows.get(best), gates)
 
 
 def _try_plans(pruner: Pruner, model, plans: dict[str, PruningPlan], cfg: PruneConfig,
@@ -658,10 +673,10 @@ def _units_of(key: str) -> int:
 
 
 def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
-                rows: dict[str, torch.Tensor], cfg: PruneConfig) -> str:
+                rows: dict[str, torch.Tensor], cfg: PruneConfig, gates: dict[str, dict]) -> str:
     """The split search's choice among `plans` (the first without trials): the lowest held-out
     distance, and with heads="auto" a head plan only where its gain over the best plan without
-    heads is clear on the held-out rows (:func:`clear_gain`)."""
+    heads is clear on the held-out rows (:func:`clear_gain`, recorded in `gates`)."""
     if not search:
         return next(iter(plans))
     best = min((k for k in search if k in plans), key=lambda k: (search[k], "heads" in k, k))
@@ -671,6 +686,7 @@ def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
         clear, score = clear_gain(rows[plain], rows[best])
         log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", best, plain,
                  score, "heads kept" if clear else "not clear: no heads")
+        gates["heads"] = _gate(best, plain, score, clear)
         if not clear:
             best = plain
     return best
@@ -703,7 +719,7 @@ def _head_fractions(pruner: Pruner, cfg: PruneConfig) -> tuple[float, ...]:
 
 def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]], first: int,
                  plans: dict[str, PruningPlan], search: dict[str, float],
-                 rows: dict[str, torch.Tensor]) -> None:
+                 rows: dict[str, torch.Tensor], gates: dict[str, dict]) -> None:
     """heads="auto": beside the best split without heads (`first` depth units), plans that also
     remove a share of all heads (HEAD_FRACTIONS, in order: the first two shares that can meet
     the target, then more while they lower the distance), the cheapest by their cost on the
@@ -729,7 +745,7 @@ def _head_trials(pruner: Pruner, model, target, cfg, orders: dict[int, list[int]
             if key is not None:  # None: too few heads to meet the target with d units, or
                 tried.append(trial.search[key])  # too many
     if searched:
-        _fewer_units(trial, shares, depths[-1])
+        _fewer_units(trial, shares, depths[-1], gates)
 
 
 class _HeadTrial:
@@ -765,12 +781,14 @@ class _HeadTrial:
         return key
 
 
-def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
+def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int,
+                 gates: dict[str, dict]) -> None:
     """While the best head plan has the fewest depth units tried (`low`), try one unit fewer
     with the shares above its own (the heads take that unit's place), in order while they lower
     the distance (shares that cannot meet the target are passed over). A level whose best is
     not clearly closer than the plan it would replace (:func:`clear_gain`) is withdrawn from
-    the candidates (its distances stay in the search's record) and the descent ends."""
+    the candidates (its distances stay in the search's record) and the descent ends. Each
+    level's gate is recorded in `gates` (the last one stays)."""
     while True:
         tried = [k for k in trial.share_of if _units_of(k) >= low and k in trial.plans]
         top = min(tried, key=lambda k: (trial.search[k], k), default=None)
@@ -793,6 +811,7 @@ def _fewer_units(trial: _HeadTrial, shares: Sequence[float], low: int) -> None:
         clear = clear and trial.search[found] < trial.search[top]
         log.info("split search: %s against %s on the held-out rows: z = %.2f (%s)", found, top,
                  score, "one depth unit fewer" if clear else "not clear: withdrawn")
+        gates["fewer depth units"] = _gate(found, top, score, clear)
         if not clear:
             for k in level:
                 trial.plans.pop(k)
@@ -815,7 +834,8 @@ def _reach(shape: ModelShape, target: float, units: Sequence[str], cfg: PruneCon
 
 
 def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
-                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None] | None:
+                  ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None,
+                             torch.Tensor | None, dict[str, dict]] | None:
     """A latency target between two counts of whole blocks: plans that remove d blocks and the
     attention sublayers of as few kept blocks as let the widths meet `target` exactly
     (:func:`vit_pruning.planner.mixed_attention`), blocks and sublayers each in their own
@@ -850,21 +870,23 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
         return None
     search: dict[str, float] = {}
     rows: dict[str, torch.Tensor] = {}
+    gates: dict[str, dict] = {}
     heads = _head_fractions(pruner, cfg)
     if len(plans) > 1 or heads:
         _try_plans(pruner, model, plans, cfg, search, rows, bar=True)
     if heads:  # heads in the sublayers' place: the time they free, spread over the blocks
         first = _units_of(min(search, key=lambda k: (search[k], k)))
         orders = {d: list(order[:d]) for d in range(len(order) + 1)}
-        _head_trials(pruner, model, target, cfg, orders, first, plans, search, rows)
-    best = _gated_best(plans, search, rows, cfg)
+        _head_trials(pruner, model, target, cfg, orders, first, plans, search, rows, gates)
+    best = _gated_best(plans, search, rows, cfg, gates)
     plan, d = plans[best], _units_of(best)
     clock.lap("split search")
     log.info("latency target %.4f lies between two counts of whole blocks: %d blocks and %s",
              target, d, f"the attention sublayers of blocks {list(plan.attention_indices)}"
              if plan.attention_indices else f"{sum(plan.heads_to_prune)} attention heads")
     return (replace(plan, split="search" if len(search) > 1 else "mixed"), order[:d],
-            search, {**block_scores, "attention": att_scores}, search.get(best), rows.get(best))
+            search, {**block_scores, "attention": att_scores}, search.get(best), rows.get(best),
+            gates)
 
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:

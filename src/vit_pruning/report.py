@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_write, atomic_write_json, atomic_write_text
+from .config import HEAD_GAIN_Z
 
 
 @dataclass
@@ -220,6 +221,12 @@ def _md_plan(rep: dict) -> list[str]:
     if p.get("split_search"):
         lines.append("- split search (depth units -> held-out calibration distance): " + ", ".join(
             f"{k}: {v:.4g}" for k, v in p["split_search"].items()))
+    if p.get("gates"):
+        lines.append(f"- held-out gates (a plan or prior is taken only where its per-row gain is "
+                     f"clear: paired z above {HEAD_GAIN_Z:g}): " + "; ".join(
+                         f"{name}: {g['tried']} against {g['against']}, z {g['z']:.2f}, "
+                         + ("taken" if g["kept"] else "not clear, not taken")
+                         for name, g in p["gates"].items()))
     return lines
 
 

@@ -563,3 +563,36 @@ def test_a_latency_target_between_block_counts_tries_heads_in_the_sublayers_plac
             v for k, v in auto.search.items() if "heads" not in k)
     else:  # the same plan; "search" where head plans were tried beside a single mixed one
         assert replace(auto.plan, split=off.plan.split) == off.plan
+
+
+def test_fixed_heads_reach_targets_whole_depth_units_cannot():
+    """heads=N removes heads from the blocks that stay, so the largest target counts them: the
+    embedded ViT reaches 0.9059 with whole blocks, 0.9470 with 3 heads of its last block too."""
+    import copy
+    from vit_pruning import PruneConfig, Pruner
+    from vit_pruning.config import EMBEDDED
+    model = tf.AutoModelForImageClassification.from_pretrained(EMBEDDED).eval()
+    plain = Pruner(model, None, PruneConfig(heads="off")).max_target()
+    pruner = Pruner(model, None, PruneConfig(heads=3))
+    assert plain == pytest.approx(0.9059, abs=1e-4) and pruner.max_target() == pytest.approx(0.9470, abs=1e-4)
+    pruned, res = pruner.prune(0.92, copy.deepcopy(model))
+    assert abs(res.achieved_sparsity - 0.92) < 1e-3 and res.plan.max_feasible_target == pruner.max_target()
+    assert [p.num_heads for p in resolve(pruned).parts if not p.attention_removed] == [1]
+    with pytest.raises(ValueError, match=r"maximum feasible target .* is 0\.9196"):
+        Pruner(model, None, PruneConfig(heads=1)).prune(0.93, copy.deepcopy(model))
+
+
+@pytest.mark.cli
+def test_the_dry_run_quotes_the_range_with_fixed_heads_and_how_the_model_saves(tmp_path, capsys):
+    from conftest import cli_run, one_line_error
+    assert cli_run(tmp_path, "--model", "embedded", "--target", "0.92", "--heads", "3",
+                   "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "max feasible target 0.9470" in out  # not plain: heads are removed
+    assert "(one width, 192; saved with its modeling file, as attention heads are removed)" in out
+    assert cli_run(tmp_path, "--model", "embedded", "--target", "0.93", "--heads", "1") == 2
+    assert ("maximum feasible target with this min_remaining and depth unit and --heads 1 is "
+            "0.9196") in one_line_error(capsys)
+    assert cli_run(tmp_path, "--model", "embedded", "--target", "0.6", "--dry-run") == 0
+    assert "plain transformers model, unless the run removes heads)" in capsys.readouterr().out
+    assert not (tmp_path / "reports").exists()

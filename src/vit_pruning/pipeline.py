@@ -32,7 +32,7 @@ from .planner import (ModelShape, PruningPlan, Within, alpha_depth, best_feasibl
                       indices_feasible, make_plan, max_depth_units, max_feasible_target,
                       max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
-                      global_heads, uniform_heads, units_of,
+                      global_heads, uniform_heads, units_of, validate_target,
                       width_only_max)
 from .surgery import (attention_refs, mlp_refs, restore_attention_refs, restore_refs,
                       sync_config)
@@ -264,12 +264,13 @@ class Pruner:
         return self._head_costs
 
     def max_target(self) -> float:
-        """The largest target this model can be pruned to with the config's depth unit(s), or
-        with stages="s1" by width (and a fixed count of heads) alone."""
+        """The largest target this model can be pruned to with the config's depth unit(s) and
+        a fixed count of heads (heads=N), or with stages="s1" by width (and those heads) alone."""
         cfg = self.cfg
         if cfg.stages == "s1":
             return width_only_max(self.shape, cfg.min_remaining, int(cfg.align), cfg.fixed_heads)
-        return max_target_over(self.shape, units_of(cfg.unit), cfg.min_remaining, int(cfg.align))
+        return max_target_over(self.shape, units_of(cfg.unit), cfg.min_remaining, int(cfg.align),
+                               cfg.fixed_heads)
 
     def min_target(self) -> float:
         """The smallest target a plan can meet: 0, but with a fixed count of heads per block
@@ -309,11 +310,17 @@ class Pruner:
                 shape, target, cfg.min_remaining, int(cfg.align), cfg.fixed_heads,
                 "stages='s1'" + (f", heads={cfg.heads}" if cfg.fixed_heads else ""))
         units = tuple(units) if units is not None else units_of(cfg.unit)
+        if cfg.stages != "s1" and cfg.fixed_heads and cfg.objective != "latency":  # the range
+            # with the heads (a latency target is raised to a reachable one below)
+            validate_target(target, max_target_over(shape, units, cfg.min_remaining,
+                                                    int(cfg.align), cfg.fixed_heads),
+                            f"with this min_remaining, depth unit and heads={cfg.fixed_heads}")
         if cfg.unit == "auto" and (not batches or cfg.stages == "s1") and len(units) > 1:
             units = ("block",)  # nothing to compare without data; s1 removes no depth units
         if len(units) > 1 and cfg.objective != "latency":  # only units that can meet the target
             # (latency targets: _reach below); none can: the error quotes the largest maximum
-            tops = {u: max_feasible_target(shape, u, cfg.min_remaining, int(cfg.align)) for u in units}
+            tops = {u: max_feasible_target(shape, u, cfg.min_remaining, int(cfg.align),
+                                           cfg.fixed_heads) for u in units}
             units = tuple(u for u in units if tops[u] >= target) or (max(units, key=tops.get),)
         mixed = None
         if cfg.objective == "latency" and not cfg.fixed_heads:  # time: a target
@@ -331,6 +338,9 @@ class Pruner:
             choices, key=lambda c: c[4] if c[4] is not None else 0.0)
         if cfg.stages == "s1":  # the plan's maximum is stage 1's, not that of its depth unit
             plan = replace(plan, max_feasible_target=width_top)
+        elif cfg.fixed_heads:  # and with a fixed count of heads, what they reach too
+            plan = replace(plan, max_feasible_target=max_feasible_target(
+                shape, plan.unit, cfg.min_remaining, int(cfg.align), cfg.fixed_heads))
         known = {"score": (chosen, chosen_rows)} if chosen is not None else {}  # the winning
         # trial, ranked by score
         if len(units) > 1:

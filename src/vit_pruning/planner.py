@@ -386,19 +386,24 @@ def units_of(unit: str) -> tuple[str, ...]:
 
 
 def max_target_over(shape: ModelShape, units: Sequence[str], min_remaining: int,
-                    align: int = 1) -> float:
+                    align: int = 1, heads_per_block: int = 0) -> float:
     """The largest feasible target with any of `units` (:func:`max_feasible_target`)."""
-    return max(max_feasible_target(shape, u, min_remaining, align) for u in units)
+    return max(max_feasible_target(shape, u, min_remaining, align, heads_per_block) for u in units)
 
 
-def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1) -> float:
-    """Largest sparsity reachable with this unit and `min_remaining` neurons per surviving block."""
+def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align: int = 1,
+                        heads_per_block: int = 0) -> float:
+    """Largest sparsity reachable with this unit and `min_remaining` neurons per surviving block,
+    and with `heads_per_block` (a fixed count, :func:`uniform_heads`) those heads of every block
+    that keeps its attention, where the shape counts heads."""
     _check_unit(unit)
     best = 0
     for d in range(max_depth_units(shape, unit) + 1):
         for idx in _extreme_units(shape, unit, d, min_remaining, align):
             cap = _capacity_params(shape, _survivors(shape, unit, idx), min_remaining, align)
-            best = max(best, _depth_removed(shape, unit, idx) + cap)
+            heads = (uniform_heads(shape, idx, heads_per_block)
+                     if heads_per_block and shape.head_params is not None else ())
+            best = max(best, _depth_removed(shape, unit, idx) + cap + heads_removed(shape, heads))
     return best / shape.total_params
 
 
@@ -591,10 +596,18 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
         raise ValueError("heads need depth_indices (they are counted in the blocks that stay)")
     att = _check_plan_args(shape, unit, min_remaining, align, width_policy, depth_indices,
                            within.attention)
-    maximum = max_feasible_target(shape, unit, min_remaining, align)
-    validate_target(target, maximum, "with this min_remaining, align and depth unit")
-    options = feasible_depths(shape, target, unit, min_remaining, align)
     heads = _check_heads(shape, unit, depth_indices or (), within.heads, att)
+    maximum = max_feasible_target(shape, unit, min_remaining, align)
+    reach = maximum  # what goes inside kept blocks (`within`) may reach beyond depth units alone
+    if att or heads:
+        idx = tuple(depth_indices)
+        reach = max(maximum, (_depth_removed(shape, unit, idx) + heads_removed(shape, heads)
+                              + _depth_removed(shape, "attention", att) + _capacity_params(
+                                  shape, _survivors(shape, unit, idx), min_remaining, align)
+                              ) / shape.total_params)
+    validate_target(target, reach, "with this min_remaining, align and depth unit"
+                    + (" (and what goes inside the kept blocks)" if reach > maximum else ""))
+    options = feasible_depths(shape, target, unit, min_remaining, align)
     if not options and not att and not heads:
         fill = heads_filling(shape, target, unit, min_remaining, align)
         hint = (f"heads=N (N attention heads removed from every block: N in {fill} reach it), "

@@ -118,7 +118,7 @@ def _target_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, pruner, target: 
     units = units_of(cfg.pruning.depth_unit)
     flag = cfg.targets.flag
     if ch.objective != "params":
-        top = max_target_over(shape, units, ch.min_remaining, ch.align)
+        top = max_target_over(shape, units, ch.min_remaining, ch.align, pruner.cfg.fixed_heads)
         if target > top:
             what = "FLOPs" if ch.objective == "flops" else "latency (predicted)"
             raise UsageError(f"{flag} {1 - target:g} is below what the deepest feasible pruning "
@@ -134,7 +134,10 @@ def _target_probes(cfg: RunConfig, loaded: Loaded, ch: Choices, pruner, target: 
                              "--stage s1" + (f" --heads {fixed}" if fixed else ""))
             units = units[:1]
         elif ch.objective == "params":
-            validate_target(target, max_target_over(shape, units, ch.min_remaining, ch.align))
+            fixed = pruner.cfg.fixed_heads
+            validate_target(target, max_target_over(shape, units, ch.min_remaining, ch.align, fixed),
+                            "with this min_remaining and depth unit"
+                            + (f" and --heads {fixed}" if fixed else ""))
         for u in units:
             try:
                 probes[u] = pruner.preview(target, u)

@@ -88,22 +88,25 @@ def _print_unit(cfg: RunConfig, ch: Choices, shape, unit: str, plan, data: bool)
     gone = set(plan.depth_indices) if unit == "block" else set()
     widths = ["removed" if i in gone else str(w - n)
               for i, (w, n) in enumerate(zip(shape.widths, plan.neurons_to_prune))]
+    auto_heads = (cfg.pruning.heads == "auto" and data and shape.head_params is not None
+                  and ch.objective == "params")  # the run may add heads to this plan
     if plan.removes_heads:  # a block or attention sublayer removed takes its heads along
         no_attention = set(plan.depth_indices) | set(plan.attention_indices)
         kept = ["removed" if i in no_attention else str(n - r) for i, (n, r) in
                 enumerate(zip(shape.heads, plan.heads_to_prune))]
         print(f"[{unit}] attention heads after stage 1: {', '.join(kept)} (--heads "
               f"{cfg.pruning.heads}; chosen by weight magnitude here, on calibration data when pruning)")
-    elif cfg.pruning.heads == "auto" and data and shape.head_params is not None \
-            and ch.objective == "params":
+    elif auto_heads:
         print(f"[{unit}] attention heads: all kept here; with --heads auto the run also tries "
               f"removing the cheapest heads on calibration data")
+    why = ("attention sublayers are removed" if unit == "attention" or plan.attention_indices else
+           "attention heads are removed" if plan.removes_heads else
+           "it has an adapter head" if cfg.head.use_adapter or cfg.head.load_adapter else None)
     print(f"[{unit}] MLP widths after stage 1: {', '.join(widths)}"
           + ("" if plan.uniform_width is None else
-             f" (one width, {plan.uniform_width}: plain transformers model)" if unit == "block"
-             and not cfg.head.use_adapter and not cfg.head.load_adapter else
-             f" (one width, {plan.uniform_width}; saved with its modeling file, as "
-             f"{'attention sublayers are removed' if unit == 'attention' else 'it has an adapter head'})"))
+             f" (one width, {plan.uniform_width}: plain transformers model"
+             + (", unless the run removes heads)" if auto_heads else ")") if why is None else
+             f" (one width, {plan.uniform_width}; saved with its modeling file, as {why})"))
 
 
 def _print_latency_model(unit: str, lm) -> None:

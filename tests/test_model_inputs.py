@@ -169,3 +169,23 @@ def test_attention_output_kind_is_read_from_the_layer():
     assert _forward_takes_tuple(_UnpacksPair) is True
     assert _forward_takes_tuple(_IndexesLater) is True
     assert _forward_takes_tuple(_AddsTensor) is False
+
+
+def test_repruning_a_head_pruned_model_finds_the_units_that_fit():
+    """Blocks that lost heads are smaller than the rest, so the last blocks (the placeholders)
+    may overshoot a target that smaller ones meet. Alike units were grouped by stage and width
+    only, so the search took the last blocks and refused the target (the embedded ViT pruned to
+    0.5, then to 0.3: '2 block units cannot meet target 0.3: feasible counts are [1, 2]')."""
+    from conftest import tiny_model
+    from vit_pruning.anatomy import resolve
+    from vit_pruning.planner import best_feasible_units, make_plan
+    from vit_pruning.surgery import prune_heads, sync_config
+    model = tiny_model(6, intermediate_size=128)
+    for i in (2, 3, 4):
+        prune_heads(resolve(model).parts[i], torch.tensor([0, 1, 2]))
+    sync_config(resolve(model))
+    shape = model_shape(model)
+    assert shape.block_params == (12704, 12704, 11656, 11656, 11656, 12704)
+    assert best_feasible_units(shape, 0.316, "block", 2, {i: -i for i in range(6)}, 16) == (4, 3)
+    plan = make_plan(shape, 0.316, min_remaining=16, depth=2)
+    assert set(plan.depth_indices) == {3, 4} and abs(plan.predicted_sparsity - 0.316) < 1e-3

@@ -301,31 +301,35 @@ def _check_heads(shape: ModelShape, unit: str, indices: Sequence[int], heads: Se
     return tuple(int(n) for n in heads)
 
 
+BEST_UNITS_SPLITS = 200_000  # best_feasible_units: splits tried at most (many groups of one
+# unit each, as a model pruned to per-block widths and heads may have)
+
+
 def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
                         scores: dict[int, float], min_remaining: int,
                         align: int = 1) -> tuple[int, ...] | None:
-    """Where depth units differ in size (Swin stages): the `count` units with the lowest total
-    score among the sets that can still meet the target (:func:`indices_feasible`), or None.
-    Units of one stage are alike, so a set is judged by how many it takes from each stage, and
-    from each stage it takes the lowest-scored: every split of `count` over the stages is tried."""
+    """Where depth units differ in size (Swin stages, a model pruned before): the `count` units
+    with the lowest total score among the sets that can still meet the target
+    (:func:`indices_feasible`), or None. Alike units (one stage, the same size and the same MLP
+    width and neuron cost: what feasibility reads) are interchangeable, so a set is judged by
+    how many it takes from each group of alike units, and from each group it takes the
+    lowest-scored: every split of `count` over the groups is tried (the first
+    BEST_UNITS_SPLITS of them where there are more)."""
     groups: dict[tuple, list[int]] = {}
-    stage = shape.stages or tuple(shape.costs)
-    # alike units: one stage (Swin), and for blocks whether their attention is still there (a
-    # model pruned before); widths may still differ a little within a group
-    kind = shape.attention_params if unit == "attention" else \
-        tuple(a > 0 for a in shape.attention_params)
+    stage = shape.stages or (0,) * shape.num_blocks
+    size = shape.attention_params if unit == "attention" else shape.block_params
     for i in candidates(shape, unit):
-        if i in scores:
-            groups.setdefault((stage[i], kind[i]), []).append(i)
+        if i in scores:  # a block pruned before (its heads, its width, its attention) differs
+            groups.setdefault((stage[i], size[i], shape.widths[i], shape.costs[i]), []).append(i)
     keys = sorted(groups)
     for k in keys:
         groups[k].sort(key=lambda i: (scores[i], i))
     keep_one = unit == "block" and shape.stages is not None
     limits = [min(count, len(groups[k]) - (1 if keep_one else 0)) for k in keys]
     best: tuple[float, tuple[int, ...]] | None = None
-    for split in itertools.product(*[range(m + 1) for m in limits]):
-        if sum(split) != count:
-            continue
+    splits = (split for split in itertools.product(*[range(m + 1) for m in limits])
+              if sum(split) == count)
+    for split in itertools.islice(splits, BEST_UNITS_SPLITS):
         chosen = [i for k, n in zip(keys, split) for i in groups[k][:n]]
         if indices_feasible(shape, target, unit, chosen, min_remaining, align):
             total = sum(scores[i] for i in chosen)

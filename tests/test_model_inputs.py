@@ -13,7 +13,7 @@ from transformers import (AutoModelForImageClassification, BertConfig,
 
 from conftest import cli_run as run
 from conftest import one_line_error, tiny_config, vit_folder
-from vit_pruning import PruneConfig, load_pruned_model, prune_2ssp, save_pruned_model
+from vit_pruning import PruneConfig, Pruner, load_pruned_model, prune_2ssp, save_pruned_model
 from vit_pruning.pipeline import check_achieved, model_shape
 from vit_pruning.planner import target_bound
 
@@ -189,3 +189,8 @@ def test_repruning_a_head_pruned_model_finds_the_units_that_fit():
     assert best_feasible_units(shape, 0.316, "block", 2, {i: -i for i in range(6)}, 16) == (4, 3)
     plan = make_plan(shape, 0.316, min_remaining=16, depth=2)
     assert set(plan.depth_indices) == {3, 4} and abs(plan.predicted_sparsity - 0.316) < 1e-3
+    for target in (0.35, 0.5):  # a fixed count of heads as well: the sets that fit with them
+        # (before: '2 block units at [2, 4] and heads [1, 1, 0, 1, 0, 1] cannot meet target 0.35')
+        _, res = Pruner(model, None, PruneConfig(heads=1, min_remaining=16, align=1)).prune(
+            target, copy.deepcopy(model))
+        assert abs(res.achieved_sparsity - target) < 1e-3 and any(res.plan.heads_to_prune)

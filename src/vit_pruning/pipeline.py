@@ -610,7 +610,7 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     shape, split = pruner.shape, pruner.split
     fixed = cfg.fixed_heads
     # a fixed count of heads takes what depth units would: the counts that meet the target with it
-    fits = _counts_with_heads(shape, target, cfg) if fixed and not shape.units_differ(cfg.unit) else None
+    fits = _counts_with_heads(shape, target, cfg) if fixed else None
     if isinstance(split, int):
         candidates = [split]
         if fits is not None and split not in fits:
@@ -704,12 +704,19 @@ def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
 
 def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig) -> list[int]:
     """The depth counts, ascending, that meet the target with a fixed count of heads per block
-    (cfg.heads), which frees what depth units would (units of one size, so any of a count will
-    do for the check). ValueError where none does."""
+    (cfg.heads), which frees what depth units would (units of one size: any of a count will do
+    for the check; units that differ, as in a model pruned before: some set of them,
+    :func:`vit_pruning.planner.best_feasible_units`). ValueError where none does."""
     units = candidates(shape, cfg.unit)
-    fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
-            if indices_feasible(shape, target, cfg.unit, units[:d], cfg.min_remaining,
-                                int(cfg.align), heads=uniform_heads(shape, units[:d], cfg.heads))]
+    mr, align = cfg.min_remaining, int(cfg.align)
+    if shape.units_differ(cfg.unit):
+        fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
+                if best_feasible_units(shape, target, cfg.unit, d, {i: -i for i in units}, mr,
+                                       align, cfg.heads) is not None]
+    else:
+        fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
+                if indices_feasible(shape, target, cfg.unit, units[:d], mr, align,
+                                    heads=uniform_heads(shape, units[:d], cfg.heads))]
     if not fits:
         raise ValueError(f"target {target}: no count of {cfg.unit} units meets it with {cfg.heads} "
                          f"attention heads removed from every block that keeps its attention "
@@ -901,19 +908,22 @@ def _choose_mixed(pruner: Pruner, model, target, cfg, clock: _Clock
 
 def _feasible_orders(shape, target, cfg, counts, order, depth_scores) -> dict[int, list[int]]:
     """Depth units differ (Swin, or a model pruned before): for each count, the selection's own first units if
-    they can meet the target, else the lowest-scored set that can (scores of the selection's
-    first step); counts with neither are dropped."""
+    they can meet the target (with a fixed count of heads, cfg.heads, from the blocks that
+    stay), else the lowest-scored set that can (scores of the selection's first step); counts
+    with neither are dropped."""
     scores = (depth_scores.get("greedy_steps") or [None])[0] or depth_scores.get(
         "weight_proxy") or depth_scores.get("block_influence") or {}
     scores = {int(k): float(v) for k, v in scores.items()}
+    fixed = cfg.fixed_heads
     out = {}
     for d in counts:
+        heads = uniform_heads(shape, order[:d], fixed) if fixed else ()
         if d <= len(order) and indices_feasible(shape, target, cfg.unit, order[:d],
-                                                cfg.min_remaining, int(cfg.align)):
+                                                cfg.min_remaining, int(cfg.align), heads=heads):
             out[d] = list(order[:d])
             continue
         alt = best_feasible_units(shape, target, cfg.unit, d, scores, cfg.min_remaining,
-                                  int(cfg.align))
+                                  int(cfg.align), fixed)
         if alt is not None:
             out[d] = list(alt)
     if not out:

@@ -307,14 +307,15 @@ BEST_UNITS_SPLITS = 200_000  # best_feasible_units: splits tried at most (many g
 
 def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
                         scores: dict[int, float], min_remaining: int,
-                        align: int = 1) -> tuple[int, ...] | None:
+                        align: int = 1, heads_per_block: int = 0) -> tuple[int, ...] | None:
     """Where depth units differ in size (Swin stages, a model pruned before): the `count` units
     with the lowest total score among the sets that can still meet the target
     (:func:`indices_feasible`), or None. Alike units (one stage, the same size and the same MLP
     width and neuron cost: what feasibility reads) are interchangeable, so a set is judged by
     how many it takes from each group of alike units, and from each group it takes the
     lowest-scored: every split of `count` over the groups is tried (the first
-    BEST_UNITS_SPLITS of them where there are more)."""
+    BEST_UNITS_SPLITS of them where there are more). `heads_per_block`: a fixed count of heads
+    (:func:`uniform_heads`) goes from every block that keeps its attention too."""
     groups: dict[tuple, list[int]] = {}
     stage = shape.stages or (0,) * shape.num_blocks
     size = shape.attention_params if unit == "attention" else shape.block_params
@@ -331,7 +332,8 @@ def best_feasible_units(shape: ModelShape, target: float, unit: str, count: int,
               if sum(split) == count)
     for split in itertools.islice(splits, BEST_UNITS_SPLITS):
         chosen = [i for k, n in zip(keys, split) for i in groups[k][:n]]
-        if indices_feasible(shape, target, unit, chosen, min_remaining, align):
+        heads = uniform_heads(shape, chosen, heads_per_block) if heads_per_block else ()
+        if indices_feasible(shape, target, unit, chosen, min_remaining, align, heads=heads):
             total = sum(scores[i] for i in chosen)
             if best is None or total < best[0]:
                 best = (total, tuple(sorted(chosen, key=lambda i: (scores[i], i))))

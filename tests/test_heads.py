@@ -297,6 +297,9 @@ def test_latency_models_time_head_counts_of_every_block_of_a_kind():
      "s1 --heads 3): width pruning alone reaches 0.2464 to 0.7378"),
     (["--target", "0.75", "--heads", "3", "--stage", "s1"],
      "the maximum feasible target for width pruning alone (--stage s1 --heads 3) is 0.7378"),
+    (["--target", "0.6", "--stage", "s1"],  # what reaches it: heads too
+     "the maximum feasible target for width pruning alone (--stage s1) is 0.4914; with --heads 2 "
+     "(heads removed from every block too) it reaches 0.6557"),
     (["--target", "0.3", "--heads", "2", "--split", "1"],
      "--split/--target: 1 block units with 2 attention heads removed from every block that keeps "
      "its attention cannot meet target 0.3: counts that can are [0]"),
@@ -374,6 +377,9 @@ def test_width_only_with_fixed_heads_reaches_what_the_heads_add():
         pruner.preview(round(top + 0.01, 3))
     assert Pruner(model, None, replace(cfg, heads="off")).preview(round(plain - 0.01, 3)
                                                                   ).max_feasible_target == pytest.approx(plain)
+    with pytest.raises(ValueError, match=r"\(stages='s1'\) is [0-9.]+; with heads=1 \(heads removed "
+                                         r"from every block too\) it reaches"):
+        Pruner(model, None, replace(cfg, heads="off")).preview(target)  # the heads name it
 
 
 def test_fixed_heads_without_data_go_by_magnitude():

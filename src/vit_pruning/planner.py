@@ -766,6 +766,16 @@ def check_width_only(shape: ModelShape, target: float, min_remaining: int, align
     of heads per block, below what those heads alone remove (to within half a group of
     neurons, as every plan)."""
     top = width_only_max(shape, min_remaining, align, heads_per_block)
+    if target > top:  # more heads per block may reach it: say how many
+        more = [n for n in range(heads_per_block + 1, max(shape.heads or (1,)))
+                if fixed_heads_floor(shape, n) <= target
+                <= width_only_max(shape, min_remaining, align, n)]
+        if more and shape.head_params is not None:
+            flag = "--heads " if named.startswith("--") else "heads="
+            raise ValueError(f"target {target} is infeasible: the maximum feasible target for width "
+                             f"pruning alone ({named}) is {top:.4f}; with {flag}{more[0]} (heads "
+                             f"removed from every block too) it reaches "
+                             f"{width_only_max(shape, min_remaining, align, more[0]):.4f}")
     validate_target(target, top, f"for width pruning alone ({named})")
     floor = heads_removed(shape, _width_only_heads(shape, heads_per_block))
     if floor > target * shape.total_params + align * min(shape.costs) / 2:

@@ -27,9 +27,10 @@ from .measure import (collect_outputs, count_flops, count_total_params, output_d
                       row_distances)
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, alpha_depth, best_feasible_units,
-                      candidates, check_width_only, depth_only_plan, feasible_depths,
+                      candidates, check_width_only, counts_with_heads, depth_only_plan,
+                      feasible_depths,
                       fixed_heads_floor,
-                      indices_feasible, make_plan, max_depth_units, max_feasible_target,
+                      indices_feasible, make_plan, max_feasible_target,
                       max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
                       global_heads, uniform_heads, units_of, validate_target,
@@ -559,15 +560,15 @@ def _gate(tried: str, against: str, z: float, kept: bool) -> dict:
 
 
 def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
-                  known: dict[str, tuple[float, torch.Tensor]], gates: dict[str, dict] | None = None
+                  known: dict[str, tuple[float, torch.Tensor]], gates: dict[str, dict]
                   ) -> tuple[str, str, dict[str, float]]:
     """The neuron selection and refit prior to use on `plan`: cfg.selection, or for "auto" the
     selection with the better held-out calibration fidelity (the 2SSP score without the refit it
     needs); cfg.refit_prior, or for "auto" "unpruned" where its held-out gain over "zero" with
-    that selection is clear (:func:`clear_gain`, recorded in `gates`), else "zero". `known`: trials already run
-    (selection -> (distance, per-row distances); the split search's rank by the score, with
-    the prior asked for, "zero" for "auto"). Returns (selection, refit prior, held-out distance
-    per trial)."""
+    that selection is clear (:func:`clear_gain`, recorded in `gates`), else "zero". `known`:
+    trials already run (selection -> (distance, per-row distances); the split search's rank by
+    the score, with the prior asked for, "zero" for "auto"). Returns (selection, refit prior,
+    held-out distance per trial)."""
     selection, prior = cfg.selection, cfg.refit_prior
     fits = holdout is not None and cfg.compensation == "lsq" and cfg.sequential
     trials = dict(known)
@@ -594,8 +595,7 @@ def _choose_refit(model, plan, holdout: _Holdout | None, cfg,
             tried.update({selection: base, f"{selection}, unpruned prior": alt})
             clear, score = clear_gain(base_rows, alt_rows)
             prior = "unpruned" if clear else "zero"
-            if gates is not None:
-                gates["refit prior"] = _gate("unpruned", "zero", score, clear)
+            gates["refit prior"] = _gate("unpruned", "zero", score, clear)
             log.info("refit prior: %s (held-out calibration distance %.4g toward zero, %.4g "
                      "toward the unpruned weights, paired z = %.2f)", prior, base, alt, score)
     return selection, prior, tried
@@ -704,19 +704,8 @@ def _gated_best(plans: dict[str, PruningPlan], search: dict[str, float],
 
 def _counts_with_heads(shape: ModelShape, target: float, cfg: PruneConfig) -> list[int]:
     """The depth counts, ascending, that meet the target with a fixed count of heads per block
-    (cfg.heads), which frees what depth units would (units of one size: any of a count will do
-    for the check; units that differ, as in a model pruned before: some set of them,
-    :func:`vit_pruning.planner.best_feasible_units`). ValueError where none does."""
-    units = candidates(shape, cfg.unit)
-    mr, align = cfg.min_remaining, int(cfg.align)
-    if shape.units_differ(cfg.unit):
-        fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
-                if best_feasible_units(shape, target, cfg.unit, d, {i: -i for i in units}, mr,
-                                       align, cfg.heads) is not None]
-    else:
-        fits = [d for d in range(max_depth_units(shape, cfg.unit) + 1)
-                if indices_feasible(shape, target, cfg.unit, units[:d], mr, align,
-                                    heads=uniform_heads(shape, units[:d], cfg.heads))]
+    (cfg.heads: :func:`vit_pruning.planner.counts_with_heads`). ValueError where none does."""
+    fits = counts_with_heads(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align), cfg.heads)
     if not fits:
         raise ValueError(f"target {target}: no count of {cfg.unit} units meets it with {cfg.heads} "
                          f"attention heads removed from every block that keeps its attention "

@@ -241,22 +241,32 @@ def heads_removed(shape: ModelShape, heads: Sequence[int]) -> int:
     return sum(n * c for n, c in zip(heads, shape.head_params))
 
 
+def counts_with_heads(shape: ModelShape, target: float, unit: str, min_remaining: int,
+                      align: int, per_block: int) -> list[int]:
+    """The depth counts, ascending, that meet the target with `per_block` heads removed from
+    every block that keeps its attention (:func:`uniform_heads`), which frees what depth units
+    would: units of one size, any of a count will do for the check; units that differ (a model
+    pruned before, Swin), some set of them (:func:`best_feasible_units`)."""
+    units = candidates(shape, unit)
+    counts = range(max_depth_units(shape, unit) + 1)
+    if shape.units_differ(unit):
+        return [d for d in counts if best_feasible_units(
+            shape, target, unit, d, {i: -i for i in units}, min_remaining, align, per_block)
+            is not None]
+    return [d for d in counts if indices_feasible(shape, target, unit, units[:d], min_remaining,
+                                                  align, heads=uniform_heads(shape, units[:d],
+                                                                             per_block))]
+
+
 def heads_filling(shape: ModelShape, target: float, unit: str, min_remaining: int,
                   align: int = 1) -> list[int]:
-    """The fixed counts of heads per block (:func:`uniform_heads`) with which some count of
-    depth units meets the target: what fills a gap between whole depth units and the neurons
-    ([] where the shape does not count heads)."""
+    """The fixed counts of heads per block with which some count of depth units meets the
+    target (:func:`counts_with_heads`): what fills a gap between whole depth units and the
+    neurons ([] where the shape does not count heads)."""
     if shape.head_params is None or not any(shape.heads):
         return []
-    counts = []
-    for n in range(1, max(shape.heads)):
-        for d in range(max_depth_units(shape, unit) + 1):
-            idx = default_depth_indices(shape, unit, d)
-            if indices_feasible(shape, target, unit, idx, min_remaining, align,
-                                heads=uniform_heads(shape, idx, n)):
-                counts.append(n)
-                break
-    return counts
+    return [n for n in range(1, max(shape.heads))
+            if counts_with_heads(shape, target, unit, min_remaining, align, n)]
 
 
 def uniform_heads(shape: ModelShape, indices: Sequence[int], per_block: int) -> tuple[int, ...]:

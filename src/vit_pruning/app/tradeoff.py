@@ -321,9 +321,8 @@ def sweep_run(cfg: RunConfig, argv: list[str], loaded: Loaded, data: Data, ch: C
               evaluate: Evaluator, outputs) -> int:
     """--target with several values: one Pruner, one pruned copy per target, each measured and
     timed against the baseline (several --target-latency values: each planned, timed and
-    corrected as a single one is, see latency_run); saves each model with --save-pruned-model;
-    the trade-off report."""
-    from ..persistence import save_pruned_model
+    corrected as a single one is, see latency_run); saves each model with --save-pruned-model
+    (and its ONNX export with --export-onnx: :func:`save_models`); the trade-off report."""
     base = evaluate("baseline", loaded.model)
     pruner = Pruner(loaded.model, data.calib_inputs, prune_config(cfg, ch), device=ch.device,
                     progress=not cfg.output.quiet)

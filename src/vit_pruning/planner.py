@@ -216,6 +216,16 @@ def _capacity_params(shape: ModelShape, survivors: Sequence[int], min_remaining:
     return sum(c * n for c, n in zip(shape.costs, _capacity(shape, survivors, min_remaining, align)))
 
 
+def _removal(shape: ModelShape, unit: str, indices: Sequence[int], min_remaining: int,
+             align: int, attention: Sequence[int] = (), heads: Sequence[int] = ()
+             ) -> tuple[int, int]:
+    """(what removing depth units `indices`, the attention sublayers `attention` of kept blocks
+    and `heads` heads per block frees, what the surviving blocks' neurons can still free)."""
+    removed = (_depth_removed(shape, unit, indices) + _depth_removed(shape, "attention", attention)
+               + heads_removed(shape, heads))
+    return removed, _capacity_params(shape, _survivors(shape, unit, indices), min_remaining, align)
+
+
 def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Sequence[int],
                      min_remaining: int, align: int = 1, attention: Sequence[int] = (),
                      heads: Sequence[int] = ()) -> bool:
@@ -224,9 +234,7 @@ def indices_feasible(shape: ModelShape, target: float, unit: str, indices: Seque
     removal that meets the target to within half a group of the smallest neurons."""
     goal = target * shape.total_params
     half = align * min(shape.costs) / 2
-    removed = (_depth_removed(shape, unit, indices) + _depth_removed(shape, "attention", attention)
-               + heads_removed(shape, heads))
-    cap = _capacity_params(shape, _survivors(shape, unit, indices), min_remaining, align)
+    removed, cap = _removal(shape, unit, indices, min_remaining, align, attention, heads)
     if shape.stages is not None and unit == "block":
         kept = {shape.stages[i] for i in _survivors(shape, unit, indices)}
         if kept != set(shape.stages):
@@ -416,10 +424,9 @@ def max_feasible_target(shape: ModelShape, unit: str, min_remaining: int, align:
     best = 0
     for d in range(max_depth_units(shape, unit) + 1):
         for idx in _extreme_units(shape, unit, d, min_remaining, align):
-            cap = _capacity_params(shape, _survivors(shape, unit, idx), min_remaining, align)
             heads = (uniform_heads(shape, idx, heads_per_block)
                      if heads_per_block and shape.head_params is not None else ())
-            best = max(best, _depth_removed(shape, unit, idx) + cap + heads_removed(shape, heads))
+            best = max(best, sum(_removal(shape, unit, idx, min_remaining, align, heads=heads)))
     return best / shape.total_params
 
 
@@ -616,11 +623,8 @@ def make_plan(shape: ModelShape, target: float, unit: str = "block", min_remaini
     maximum = max_feasible_target(shape, unit, min_remaining, align)
     reach = maximum  # what goes inside kept blocks (`within`) may reach beyond depth units alone
     if att or heads:
-        idx = tuple(depth_indices)
-        reach = max(maximum, (_depth_removed(shape, unit, idx) + heads_removed(shape, heads)
-                              + _depth_removed(shape, "attention", att) + _capacity_params(
-                                  shape, _survivors(shape, unit, idx), min_remaining, align)
-                              ) / shape.total_params)
+        reach = max(maximum, sum(_removal(shape, unit, tuple(depth_indices), min_remaining, align,
+                                          att, heads)) / shape.total_params)
     validate_target(target, reach, "with this min_remaining, align and depth unit"
                     + (" (and what goes inside the kept blocks)" if reach > maximum else ""))
     options = feasible_depths(shape, target, unit, min_remaining, align)
@@ -776,11 +780,11 @@ def check_width_only(shape: ModelShape, target: float, min_remaining: int, align
     of heads per block, below what those heads alone remove (to within half a group of
     neurons, as every plan)."""
     top = width_only_max(shape, min_remaining, align, heads_per_block)
-    if target > top:  # more heads per block may reach it: say how many
+    if target > top and shape.head_params is not None:  # more heads per block may reach it
         more = [n for n in range(heads_per_block + 1, max(shape.heads or (1,)))
                 if fixed_heads_floor(shape, n) <= target
                 <= width_only_max(shape, min_remaining, align, n)]
-        if more and shape.head_params is not None:
+        if more:
             flag = "--heads " if named.startswith("--") else "heads="
             raise ValueError(f"target {target} is infeasible: the maximum feasible target for width "
                              f"pruning alone ({named}) is {top:.4f}; with {flag}{more[0]} (heads "

@@ -181,12 +181,30 @@ def latency_setup(cfg: RunConfig, data: Data, ch: Choices, comp) -> dict:
             "steady_allocator": cfg.timing.steady_allocator}
 
 
+def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded, data: Data,
+               meta: dict):
+    """One pruned model saved into `folder` (its staging place, renamed to `final` with the
+    report), with its ONNX export inside where --export-onnx asks (the export's record names
+    the final path); returns the SavedModel."""
+    from ..persistence import save_pruned_model
+
+    def onnx(tmp: Path) -> dict:  # written into the folder before it appears
+        from ..export import export_onnx
+        record = export_onnx(model, tmp / "model.onnx", seq_len=data.seq_len or 16)
+        return {**record, "path": str(final / "model.onnx")}
+    saved = save_pruned_model(model, folder, loaded.processor, meta,
+                              extra=onnx if cfg.output.export_onnx else None)
+    if saved.extra is not None:
+        log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
+                 saved.extra["path"], saved.extra["max_abs_diff"])
+    return saved
+
+
 def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) -> dict:
     """The head/adapter, the pruned model and its ONNX export, each only when asked, written
     to their staging places (`outputs`, renamed into place with the report); the artifacts
     record names the final paths."""
     from ..heads import save_adapter
-    from ..persistence import save_pruned_model
     model = loaded.model
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
     meta = {"model": loaded.model_id, "target": cfg.targets.target, "head": data.head_cfg,
@@ -196,18 +214,10 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
         artifacts["adapter"] = str(outputs.by_role("adapter").path)
     if cfg.output.save_pruned_model or cfg.output.export_onnx:
         final = outputs.by_role("model").path
-
-        def onnx(folder: Path) -> dict:  # written into the folder before it appears
-            from ..export import export_onnx
-            record = export_onnx(model, folder / "model.onnx", seq_len=data.seq_len or 16)
-            return {**record, "path": str(final / "model.onnx")}
-        saved = save_pruned_model(model, outputs.stage("model"), loaded.processor,
-                                  {**meta, "seed": cfg.seed},
-                                  extra=onnx if cfg.output.export_onnx else None)
+        saved = save_model(cfg, model, outputs.stage("model"), final, loaded, data,
+                           {**meta, "seed": cfg.seed})
         artifacts["pruned_model"] = str(final)
         artifacts["pruned_model_format"] = saved.format
         if saved.extra is not None:
             artifacts["onnx"] = saved.extra
-            log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
-                     saved.extra["path"], saved.extra["max_abs_diff"])
     return artifacts

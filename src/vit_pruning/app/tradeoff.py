@@ -13,7 +13,6 @@ import copy
 import logging
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -29,7 +28,7 @@ from .evaluate import Evaluator
 from .inputs import Data
 from .loading import Loaded
 from .reporting import kept_head_counts, latency_verdict, report_head, write_error, write_outputs
-from .steps import latency_setup, timing_options
+from .steps import latency_setup, save_model, timing_options
 
 log = logging.getLogger("vit_pruning")
 
@@ -289,10 +288,9 @@ def tradeoff_report(cfg: RunConfig, argv, loaded: Loaded, data: Data, ch: Choice
 def save_models(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices,
                 models: dict[float, nn.Module], outputs) -> dict:
     """Each target's pruned model in its own folder of the run's staging folder (renamed into
-    place with the report), with its ONNX export where --export-onnx asks; the artifacts
-    record: {"pruned_models": {target: final folder}, "onnx": {target: export record}}."""
-    from ..export import export_onnx
-    from ..persistence import save_pruned_model
+    place with the report), with its ONNX export where --export-onnx asks (:func:`save_model`);
+    the artifacts record: {"pruned_models": {target: final folder}, "onnx": {target: export
+    record}}."""
     folder = outputs.stage("model")
     folder.mkdir()
     final = outputs.by_role("model").path
@@ -301,19 +299,12 @@ def save_models(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices,
         out["onnx"] = {}
     for t, m in models.items():
         name = f"target-{t:g}" if ch.objective == "params" else f"{ch.objective}-{1 - t:g}"
-
-        def onnx(tmp: Path, m=m, name=name) -> dict:  # written into the folder before it appears
-            record = export_onnx(m, tmp / "model.onnx", seq_len=data.seq_len or 16)
-            return {**record, "path": str(final / name / "model.onnx")}
-        saved = save_pruned_model(m, folder / name, loaded.processor,
-                                  {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
-                                   "seed": cfg.seed},
-                                  extra=onnx if cfg.output.export_onnx else None)
+        saved = save_model(cfg, m, folder / name, final / name, loaded, data,
+                           {"model": loaded.model_id, "target": t, "run_id": ch.run_id,
+                            "seed": cfg.seed})
         out["pruned_models"][str(t)] = str(final / name)
         if saved.extra is not None:
             out["onnx"][str(t)] = saved.extra
-            log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
-                     saved.extra["path"], saved.extra["max_abs_diff"])
     return out
 
 

@@ -61,3 +61,46 @@ def test_calibration_subset_and_fingerprint_are_seeded():
     assert i0 == i0b and i0 != i1 and len(set(i0)) == 16
     x = [torch.ones(2, 3, 4, 4)]
     assert fingerprint(x) == fingerprint([t.clone() for t in x]) != fingerprint([x[0] * 2])
+
+
+def _saved(tmp_path, name, train_labels, test_labels):
+    """A saved DatasetDict of random 8x8 images with the labels given."""
+    import datasets
+    rng = np.random.default_rng(0)
+    split = lambda labels: datasets.Dataset.from_dict(  # noqa: E731
+        {"image": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in labels],
+         "label": labels})
+    datasets.DatasetDict({"train": split(train_labels), "test": split(test_labels)}).save_to_disk(
+        str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def test_class_names_as_labels_share_one_encoding(tmp_path):
+    """String labels used to end in a ValueError traceback (int('dog')); they are encoded by
+    the sorted names of both splits, so a class missing from one split keeps its id."""
+    s = load_splits(_saved(tmp_path, "names", ["dog", "cat", "dog"], ["eel", "dog"]), 1.0, 1.0)
+    assert s.label_names == ["cat", "dog", "eel"] and s.num_labels == 3
+    assert s.train["label"] == [1, 0, 1] and s.test["label"] == [2, 1]
+    s = load_splits(_saved(tmp_path, "floats", [0.0, 1.0, 2.0], [1.0]), 1.0, 1.0)
+    assert s.num_labels == 3 and s.test["label"] == [1] and isinstance(s.test["label"][0], int)
+
+
+@pytest.mark.parametrize("train, test, message", [
+    ([0, 1], [-1, -1], r"the test split's 'label' is -1 in row 0 \(unlabelled\) and 1 more rows"),
+    ([0, 1, 0.5], [0], r"the train split's 'label' is 0.5 in row 2 \(not a class id\);"),
+])
+def test_unlabelled_or_fractional_labels_are_refused(tmp_path, train, test, message):
+    """Hub test splits often label every row -1; top-1 against them was silently wrong."""
+    with pytest.raises(DataError, match="--label-column: " + message):
+        load_splits(_saved(tmp_path, "bad", train, test), 1.0, 1.0)
+
+
+def test_labels_beyond_the_class_names_are_refused(tmp_path):
+    import datasets
+    path = _saved(tmp_path, "cl", [0, 1], [0, 1, 2])
+    d = datasets.load_from_disk(path)
+    d["train"] = d["train"].cast_column("label", datasets.ClassLabel(names=["a", "b"]))
+    d.save_to_disk(str(tmp_path / "cl2"))
+    with pytest.raises(DataError, match=r"the test split's 'label' is 2 in row 2 \(not one of "
+                                        r"the 2 class ids\)"):
+        load_splits(str(tmp_path / "cl2"), 1.0, 1.0)

@@ -158,10 +158,47 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         train, bad_train = check_images(train, img, "train", skip_bad_images)
         test, bad_test = check_images(test, img, "test", skip_bad_images)
         skipped = bad_train + bad_test
-    feat = train.features.get(lab)
-    names = list(feat.names) if hasattr(feat, "names") else None
-    num = len(names) if names else int(max(max(train[lab]), max(test[lab]))) + 1
+    train, test, names = class_labels(train, test, lab)
+    num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
     return Splits(name, train, test, img, lab, num, names, skipped)
+
+
+def class_labels(train, test, column: str):
+    """(train, test, class names or None) with `column` checked to hold class ids in both
+    splits: ints >= 0 (or integral floats) below the ClassLabel's count where it has one, or
+    class names (strings), which are encoded by their sorted union so both splits share the
+    ids. Unlabelled rows (-1 or None, as hub test splits often have), fractional or other
+    values raise a DataError naming the split and row: top-1 would silently count them wrong."""
+    import datasets
+    feature = train.features.get(column)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    values = {"train": train[column], "test": test[column]}
+    if names is None and all(isinstance(v, str) for vs in values.values() for v in vs):
+        names = sorted({v for vs in values.values() for v in vs})
+        labels = datasets.ClassLabel(names=names)
+        return (train.cast_column(column, labels), test.cast_column(column, labels), names)
+    for split, vs in values.items():
+        bad = [(i, v) for i, v in enumerate(vs) if not _is_class_id(v, len(names) if names else None)]
+        if bad:
+            i, v = bad[0]
+            kind = ("unlabelled" if v is None or v == -1 else
+                    f"not one of the {len(names)} class ids" if names and _is_class_id(v, None)
+                    else "not a class id")
+            raise DataError(f"--label-column: the {split} split's {column!r} is {v!r} in row {i} "
+                            f"({kind}){f' and {len(bad) - 1} more rows' if len(bad) > 1 else ''}; "
+                            f"top-1 needs every row labelled with an integer class id >= 0 or a "
+                            f"class name: use a labelled split or another --label-column")
+    if names is None and any(isinstance(v, float) for vs in values.values() for v in vs):
+        train, test = (ds.cast_column(column, datasets.Value("int64")) for ds in (train, test))
+    return train, test, names
+
+
+def _is_class_id(value, count: int | None) -> bool:
+    """Whether a label value is a class id: an int (not a bool) or integral float >= 0, below
+    `count` where given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return float(value).is_integer() and 0 <= value < (count if count is not None else float("inf"))
 
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold

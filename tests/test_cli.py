@@ -288,3 +288,23 @@ def test_export_onnx_writes_model_and_records_the_difference(tmp_path):
     onnx = rep["artifacts"]["onnx"]
     assert onnx["max_abs_diff"] < 1e-4 and (tmp_path / "pruned" / "o" / "model.onnx").is_file()
     assert rep["artifacts"]["pruned_model_format"] in ("plain", "remote-code")
+
+
+@pytest.mark.cli
+def test_a_dataset_with_the_heads_classes_in_another_order_is_measured_right(tmp_path, caplog):
+    """The digits test images saved with their class names in reverse order (label 0 named
+    "9"): the embedded model's head names its classes "0".."9", so the labels are renumbered
+    and top-1 is the model's real one, not about a tenth."""
+    import datasets
+    caplog.set_level("INFO", logger="vit_pruning")
+    s = load_splits("digits", 1.0, 1.0)
+    names = [str(9 - i) for i in range(10)]
+    flip = lambda ds: ds.map(lambda r: {"label": 9 - r["label"]}).cast_column(  # noqa: E731
+        "label", datasets.ClassLabel(names=names))
+    datasets.DatasetDict({"train": flip(s.train), "test": flip(s.test)}).save_to_disk(str(tmp_path / "rev"))
+    assert run(tmp_path, "--model", "embedded", "--dataset", str(tmp_path / "rev"), "--target", "0.2",
+               "--run-id", "r", "--cifar-test-pct", "1", "--eval-batches", "3", "--heads", "off",
+               "--calib-size", "16", "--split", "1", "--neuron-selection", "score") == 0
+    rep = json.loads((tmp_path / "reports" / "report-r.json").read_text())
+    assert rep["stages"][0]["top1"] >= 0.95
+    assert "labels renumbered to the head's ids (e.g. '9': 0 -> 9)" in caplog.text

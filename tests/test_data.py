@@ -104,3 +104,58 @@ def test_labels_beyond_the_class_names_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"the test split's 'label' is 2 in row 2 \(not one of "
                                         r"the 2 class ids\)"):
         load_splits(str(tmp_path / "cl2"), 1.0, 1.0)
+
+
+def test_a_slice_of_a_folder_ordered_by_class_holds_every_class(tmp_path):
+    """An image folder lists its classes one after another: its first quarter was all "cat",
+    so top-1 was measured on one class. A split ordered by label is sliced evenly."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog", "eel"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    s = load_splits(str(tmp_path), 0.5, 0.25)
+    assert s.train["label"] == [0, 0, 1, 1, 2, 2] and s.test["label"] == [0, 1, 2]
+    shuffled = _saved(tmp_path, "shuffled", [2, 0, 1, 1, 0, 2], [1, 0, 2, 2])
+    s = load_splits(shuffled, 0.5, 0.5)  # not ordered: the first rows, as before
+    assert s.train["label"] == [2, 0, 1] and s.test["label"] == [1, 0]
+
+
+def test_hub_datasets_are_sliced_here_and_cifar_by_split_syntax(tmp_path, monkeypatch):
+    """The hub path with datasets.load_dataset standing in (no network here): a hub id is
+    loaded whole and sliced like a local folder; CIFAR keeps the seed's split syntax."""
+    import datasets
+    local = datasets.load_from_disk(_saved(tmp_path, "hub", [0, 0, 1, 1], [0, 0, 1, 1]))
+    asked = []
+
+    def load_dataset(hub, split):
+        asked.append((hub, split))
+        return local[split.split("[")[0]]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    s = load_splits("someone/sorted", 0.5, 0.5)
+    assert asked == [("someone/sorted", "train"), ("someone/sorted", "test")]
+    assert s.train["label"] == [0, 1] and s.test["label"] == [0, 1]
+    asked.clear()
+    s = load_splits("cifar10", 0.02, 0.5, image_column="image")
+    assert asked == [("uoft-cs/cifar10", "train[:2%]"), ("uoft-cs/cifar10", "test[:50%]")]
+    assert len(s.train) == 4  # sliced by the split syntax (here, the stand-in), not again
+
+
+def test_classes_in_another_order_are_renumbered_to_the_head(tmp_path):
+    """A head trained on ["dog", "cat", "eel"] against an image folder (sorted: cat, dog, eel)
+    compared ids that name different classes; they are renumbered to the head's."""
+    from vit_pruning.data import align_to_head
+    s = load_splits(_saved(tmp_path, "names", ["dog", "cat", "eel"], ["eel", "cat"]), 1.0, 1.0)
+    assert s.label_names == ["cat", "dog", "eel"] and s.train["label"] == [1, 0, 2]
+    aligned, message = align_to_head(s, {0: "Dog", 1: "cat", 2: "eel"})
+    assert aligned.train["label"] == [0, 1, 2] and aligned.test["label"] == [2, 1]
+    assert aligned.label_names == ["Dog", "cat", "eel"] and aligned.num_labels == 3
+    assert message == ("--dataset's classes are the model head's in another order: labels "
+                       "renumbered to the head's ids (e.g. 'cat': 0 -> 1)")
+    for same in ({0: "cat", 1: "dog", 2: "eel"}, {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, {}):
+        assert align_to_head(s, same) == (s, None)
+    kept, message = align_to_head(s, {0: "cat", 1: "dog", 2: "fox"})
+    assert kept is s and message.startswith("--dataset's class names are not the model head's "
+                                            "(['eel'] are not among its 3: ['cat', 'dog', 'fox'])")

@@ -7,7 +7,8 @@ Calibration images always come from the train split; accuracy is measured on the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,25 @@ def digits_dataset():
     return build(train_idx), build(test_idx)
 
 
-def _slice(ds, pct: float):
+def _slice(ds, pct: float, label_column: str):
+    """The first `pct` of a split's rows, or, where the split is ordered by label (an image
+    folder lists its classes one after another, as do hub datasets uploaded from one), as many
+    rows evenly spaced over it, so that a slice holds every class and not only the first."""
     n = len(ds)
-    keep = max(1, int(round(n * pct)))
-    return ds.select(range(min(n, keep)))
+    keep = min(n, max(1, int(round(n * pct))))
+    if keep == n:
+        return ds
+    if _ordered_by_label(ds[label_column]):
+        return ds.select([i * n // keep for i in range(keep)])
+    return ds.select(range(keep))
+
+
+def _ordered_by_label(labels: list) -> bool:
+    """Whether labels run in order (non-decreasing), with more than one class."""
+    try:
+        return labels[0] != labels[-1] and all(a <= b for a, b in zip(labels, labels[1:]))
+    except TypeError:  # labels that do not compare (None, mixed kinds): class_labels refuses them
+        return False
 
 
 def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, flag: str) -> str:
@@ -94,7 +110,8 @@ def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, 
     raise DataError(f"{flag}: no {kind} column found among {cols}; name it with {flag}")
 
 
-def _load_local(path: Path, train_pct: float, test_pct: float):
+def _load_local(path: Path):
+    """The whole train and test splits of a local image folder or saved DatasetDict."""
     import datasets
 
     saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
@@ -112,37 +129,40 @@ def _load_local(path: Path, train_pct: float, test_pct: float):
             if "train" not in loaded or "test" not in loaded:
                 raise DataError(f"--dataset: {path} must hold 'train' and 'test' splits, "
                                 f"found {list(loaded)}")
-            return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
+            return loaded["train"], loaded["test"]
         raise DataError(f"--dataset: {path} holds one split; save a DatasetDict with train and test")
     if "train" not in loaded or "test" not in loaded:
         raise DataError(f"--dataset: image folder {path} needs train/ and test/ subfolders")
-    return _slice(loaded["train"], train_pct), _slice(loaded["test"], test_pct)
+    return loaded["train"], loaded["test"]
 
 
 def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
                 image_column: str | None = None, label_column: str | None = None,
                 skip_bad_images: bool = False) -> Splits:
-    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced; every
-    image is checked (:func:`check_images`) before it is used."""
+    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced
+    (:func:`_slice`; CIFAR's rows are shuffled, so it is sliced by datasets' own split syntax, as
+    the seed did); every image is checked (:func:`check_images`) before it is used."""
     import datasets
 
+    pcts = {"train": train_pct, "test": test_pct}
     if name == "digits":
         train, test = digits_dataset()
-        train, test = _slice(train, train_pct), _slice(test, test_pct)
     elif Path(name).exists():
-        train, test = _load_local(Path(name), train_pct, test_pct)
+        train, test = _load_local(Path(name))
     else:
         hub, tr, te = (KNOWN[name][:3] if name in KNOWN else (name, "train", "test"))
         if "/" not in hub and name not in KNOWN:
             raise DataError(f"--dataset: unknown dataset {name!r}; use cifar10, cifar100, digits, "
                             f"a local dataset folder, or a hub id like owner/name")
-        pct = lambda p: f"{round(p * 100, 6):g}%"  # noqa: E731
-        try:
-            train = datasets.load_dataset(hub, split=f"{tr}[:{pct(train_pct)}]")
-            test = datasets.load_dataset(hub, split=f"{te}[:{pct(test_pct)}]")
+        pct = lambda p: f"[:{round(p * 100, 6):g}%]" if name in KNOWN else ""  # noqa: E731
+        try:  # datasets prepares a whole split either way; others are sliced below
+            train = datasets.load_dataset(hub, split=f"{tr}{pct(train_pct)}")
+            test = datasets.load_dataset(hub, split=f"{te}{pct(test_pct)}")
         except Exception as exc:  # offline, missing, private...
             raise DataError(f"--dataset: cannot load {hub!r} ({exc_summary(exc)}); without network "
                             f"use --dataset digits or a local folder") from exc
+        if name in KNOWN:
+            pcts = {"train": 1.0, "test": 1.0}
     if name in KNOWN:
         image_column = image_column or KNOWN[name][3]
         label_column = label_column or KNOWN[name][4]
@@ -153,6 +173,7 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--dataset: the {split_name} split is empty")
         if img not in ds.column_names or lab not in ds.column_names:
             raise DataError(f"--dataset: {split_name} split lacks column {img!r} or {lab!r}")
+    train, test = _slice(train, pcts["train"], lab), _slice(test, pcts["test"], lab)
     skipped: list[str] = []
     if name != "digits":  # built here from arrays: nothing to check
         train, bad_train = check_images(train, img, "train", skip_bad_images)
@@ -191,6 +212,42 @@ def class_labels(train, test, column: str):
     if names is None and any(isinstance(v, float) for vs in values.values() for v in vs):
         train, test = (ds.cast_column(column, datasets.Value("int64")) for ds in (train, test))
     return train, test, names
+
+
+def align_to_head(splits: Splits, id2label: dict) -> tuple[Splits, str | None]:
+    """`splits` measured against a classifier head whose classes are named by `id2label`: where
+    the dataset's class names are the head's in another order (compared lowercased and
+    stripped, as datasets' align_labels_with_mapping does), its labels renumbered to the head's
+    ids; where the names differ, unchanged with a warning to give. Unchanged and silent where
+    either side has no names (transformers' placeholder LABEL_i). Returns (splits, message)."""
+    names = splits.label_names
+    head = [str(id2label[i]) for i in sorted(id2label)] if id2label else []
+    if not names or not head or all(re.fullmatch(r"LABEL_\d+", n) for n in head):
+        return splits, None
+    ours, theirs = ([n.strip().lower() for n in ns] for ns in (names, head))
+    if ours == theirs:
+        return splits, None
+    if sorted(ours) == sorted(theirs) and len(set(ours)) == len(ours):
+        ids = [theirs.index(n) for n in ours]
+        moved = next(i for i, j in enumerate(ids) if i != j)
+        train, test = (_renumber(ds, splits.label_column, ids, head) for ds in (splits.train, splits.test))
+        return (replace(splits, train=train, test=test, label_names=head),
+                f"--dataset's classes are the model head's in another order: labels renumbered to "
+                f"the head's ids (e.g. {names[moved]!r}: {moved} -> {ids[moved]})")
+    missing = [n for n, o in zip(names, ours) if o not in set(theirs)][:3]
+    return splits, (f"--dataset's class names are not the model head's ({missing} are not among its "
+                    f"{len(head)}: {head[:4]}{' ...' if len(head) > 4 else ''}): top-1 compares "
+                    f"class ids as they are; add --replace-classifier or --use-adapter if the "
+                    f"classes differ")
+
+
+def _renumber(ds, column: str, ids: list[int], names: list[str]):
+    """`ds` with label `i` of `column` replaced by `ids[i]`, named by `names` (in memory: a
+    dataset loaded from a user's folder gets no cache file written beside it)."""
+    import datasets
+    values = [ids[v] for v in ds[column]]
+    out = ds.remove_columns(column).add_column(column, values)
+    return out.cast_column(column, datasets.ClassLabel(names=names))
 
 
 def _is_class_id(value, count: int | None) -> bool:

@@ -73,7 +73,7 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     """Load the labelled splits; install a fresh head, an adapter or a saved one; refuse flags
     that need what the run does not have."""
     from ..anatomy import resolve
-    from ..data import DataError, load_splits
+    from ..data import DataError, align_to_head, load_splits
     from ..heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
     model = loaded.model
     if data.dataset and not loaded.text:
@@ -106,6 +106,10 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     if splits is not None and data.has_head and model.config.num_labels != splits.num_labels:
         raise UsageError(f"--dataset {data.dataset} has {splits.num_labels} classes but the model's head "
                          f"has {model.config.num_labels}: add --replace-classifier or --use-adapter")
+    if splits is not None and data.has_head and data.head_cfg["kind"] is None:  # its own head
+        data.splits, message = align_to_head(splits, model.config.id2label)
+        if message:
+            (log.info if data.splits is not splits else log.warning)(message)
     if cfg.recovery.distill_steps and splits is None and not loaded.text:
         raise UsageError("--distill-steps needs unlabeled images: add --dataset or --load-cifar")
     if cfg.head.do_finetune and splits is None:

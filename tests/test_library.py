@@ -68,6 +68,44 @@ def test_calibration_inputs_of_the_wrong_kind_are_refused():
     prune_2ssp(tiny_bert(), 0.2, [ids], PruneConfig(min_remaining=4))  # the right kind prunes
 
 
+def test_calibration_batches_that_cannot_be_images_are_named():
+    """An empty loader silently pruned without data; one image without its batch dimension
+    failed in an unpacking deep inside, NaN pixels in a factorization. Each is named now."""
+    from vit_pruning import prune_vit_mlp_width
+    cfg = PruneConfig(min_remaining=8)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"^the calibration data gave no batch: give at least "
+                                         r"one, or None to work without calibration data$"):
+        prune_2ssp(tiny_model(4), 0.3, [], cfg)
+    with pytest.raises(ValueError, match=r"gave no batch \(max_batches=0\)"):
+        prune_2ssp(tiny_model(4), 0.3, [x], cfg, calib_batches=0)
+    with pytest.raises(ValueError, match=r"calibration batch 1 has shape \(3, 16, 16\): images "
+                                         r"come in batches of \(batch, channels, height, width\)"):
+        prune_2ssp(tiny_model(4), 0.3, [x, x[0]], cfg)
+    bad = x.clone()
+    bad[2, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="calibration batch 0 holds NaN or infinite pixel values"):
+        prune_vit_mlp_width(tiny_model(4), [8] * 4, dataloader=[bad], min_remaining=8)
+    a, ra = prune_2ssp(tiny_model(4), 0.3, x, cfg)  # one tensor is one batch
+    b, rb = prune_2ssp(tiny_model(4), 0.3, [x], cfg)
+    assert ra.plan == rb.plan and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("target", ["0.3", torch.tensor(0.3), 0.3])
+def test_a_target_may_be_any_number(target):
+    """A string or a tensor target ended in a TypeError from a comparison inside the planner."""
+    _, res = prune_2ssp(tiny_model(4), target, None, PruneConfig(min_remaining=8))
+    assert res.plan.target == pytest.approx(0.3) and isinstance(res.plan.target, float)
+
+
+@pytest.mark.parametrize("target", ["thirty percent", None, True, [0.3]])
+def test_a_target_that_is_not_a_number_is_named(target):
+    with pytest.raises(ValueError, match=r"a target must be a number in \(0, 1\), got "):
+        prune_2ssp(tiny_model(4), target, None, PruneConfig(min_remaining=8))
+    with pytest.raises(ValueError, match=r"a target must be a number in \(0, 1\), got "):
+        sweep(tiny_model(4), [0.2, target], None, PruneConfig(min_remaining=8))
+
+
 def test_search_target_refuses_bad_arguments_by_name():
     model = tiny_model(4)
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -68,7 +68,12 @@ def take_inputs(loader: Iterable, max_batches: int | None = None,
     (integer token ids, with or without 'attention_mask') are made padding-free: the sentences
     of all batches regrouped by length, so there may be more or fewer tensors than batches.
     `text` (the model's kind, where known): a batch of the other kind is a ValueError (raw
-    uint8 pixels would otherwise be taken for token ids, float pixels given to a text encoder)."""
+    uint8 pixels would otherwise be taken for token ids, float pixels given to a text encoder).
+    One tensor given as the loader is one batch. A loader that gives no batch, an image batch
+    that is not (batch, channels, height, width), or one with NaN or infinite values is a
+    ValueError naming it."""
+    if isinstance(loader, torch.Tensor):
+        loader = [loader]
     images, sentences = [], []
     for k, batch in enumerate(iter_limited(loader, max_batches)):
         x = batch_pixels(batch)
@@ -78,10 +83,19 @@ def take_inputs(loader: Iterable, max_batches: int | None = None,
                 "an image model takes float pixel values (the image processor's pixel_values; "
                 "raw integer pixels are not normalized)"))
         if x.is_floating_point():
+            if x.dim() != 4:
+                raise ValueError(f"calibration batch {k} has shape {tuple(x.shape)}: images come "
+                                 f"in batches of (batch, channels, height, width) pixel values")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"calibration batch {k} holds NaN or infinite pixel values")
             images.append(x.to(device))
         else:
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             sentences.extend(unpad(x, mask))
+    if not images and not sentences:
+        raise ValueError("the calibration data gave no batch" + (
+            f" (max_batches={max_batches})" if max_batches is not None else "") +
+            ": give at least one, or None to work without calibration data")
     return images + [t.to(device) for t in group_by_length(sentences)]
 
 

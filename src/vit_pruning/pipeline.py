@@ -26,7 +26,7 @@ from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import (collect_outputs, count_flops, count_total_params, output_distance,
                       row_distances)
 from .objective import measure_latency_model, objective_shape
-from .planner import (ModelShape, PruningPlan, Within, alpha_depth, best_feasible_units,
+from .planner import (ModelShape, PruningPlan, Within, alpha_depth, as_target, best_feasible_units,
                       candidates, check_width_only, counts_with_heads, depth_only_plan,
                       feasible_depths,
                       fixed_heads_floor,
@@ -226,7 +226,7 @@ class Pruner:
         self.progress = progress
         device = device if device is not None else device_of(model)
         batches = take_inputs(calibration_loader, calib_batches, device,
-                              resolve(model).is_text) if calibration_loader else None
+                              resolve(model).is_text) if calibration_loader is not None else None
         if batches:  # small micro-batches bound the memory of cached activations in every phase
             batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
         self.batches = batches
@@ -305,7 +305,7 @@ class Pruner:
         trial). `units` narrows the depth units tried (default: the config's)."""
         model = self._unpruned(model)
         cfg, shape, batches = self.cfg, self.shape, self.batches
-        clock = clock if clock is not None else _Clock()
+        target, clock = as_target(target), (clock if clock is not None else _Clock())
         if cfg.stages == "s1":
             width_top = check_width_only(
                 shape, target, cfg.min_remaining, int(cfg.align), cfg.fixed_heads,
@@ -367,7 +367,7 @@ class Pruner:
         be an unpruned copy of the Pruner's model (same weights, so the shared work holds)."""
         model = self._unpruned(model)
         cfg, shape, batches = self.cfg, self.shape, self.batches
-        clock = _Clock()
+        target, clock = as_target(target), _Clock()
         if cfg.stages == "s2":
             return _depth_only(self, model, target, after_stage1)
         d = self.decide(target, model, clock=clock)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 UNITS = ("block", "attention")
 WIDTH_POLICIES = ("auto", "uniform", "per-block")
@@ -827,11 +827,24 @@ def depth_only_plan(shape: ModelShape, target: float, unit: str,
         notes=("stage 2 only: whole units cannot hit the target exactly",))
 
 
+def as_target(value: Any) -> float:
+    """A target as a float: a Python or NumPy number, a one-element tensor or a numeric string;
+    anything else (a bool, None, a list) is a ValueError naming it, not a TypeError from deep
+    inside the planner."""
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"a target must be a number in (0, 1), got {value!r} "
+                         f"({type(value).__name__})") from None
+
+
 def check_targets(targets: Sequence[float]) -> list[float]:
     """The targets as floats, or ValueError: none, one outside (0, 1), or two that are the same
     or print alike (reports label and save them by ``f"{t:g}"``: 0.3 and 0.3000001 would share
     a name and a folder)."""
-    values = [float(t) for t in targets]
+    values = [as_target(t) for t in targets]
     if not values:
         raise ValueError("no target given")
     bad = [t for t in values if not 0 < t < 1]

@@ -308,3 +308,31 @@ def test_a_dataset_with_the_heads_classes_in_another_order_is_measured_right(tmp
     rep = json.loads((tmp_path / "reports" / "report-r.json").read_text())
     assert rep["stages"][0]["top1"] >= 0.95
     assert "labels renumbered to the head's ids (e.g. '9': 0 -> 9)" in caplog.text
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_grayscale_model_reads_grayscale_images(tmp_path, capsys, channels):
+    """Every image was converted to RGB: a one-channel ViT (MNIST-like) ended in a traceback
+    from its processor's normalization. It reads grayscale now; a count no image file gives
+    exits 2 before any work."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from conftest import one_line_error
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=4,
+                    num_attention_heads=4, intermediate_size=128, num_labels=10,
+                    num_channels=channels)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "m")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * channels,
+                      image_std=[0.5] * channels).save_pretrained(tmp_path / "m")
+    code = run(tmp_path, "--model", str(tmp_path / "m"), "--dataset", "digits", "--target", "0.3",
+               "--run-id", "g", "--eval-batches", "1", "--calib-size", "16", "--stage", "s1")
+    if channels == 4:
+        assert code == 2 and one_line_error(capsys) == (
+            "vit-2ssp: error: --model: the model takes 4 input channels; images are read as "
+            "grayscale (1 channel) or RGB (3)")
+        assert not (tmp_path / "reports").exists()
+    else:
+        assert code == 0
+        rep = json.loads((tmp_path / "reports" / "report-g.json").read_text())
+        assert abs(rep["achieved_sparsity"] - 0.3) < 1e-3

@@ -118,9 +118,10 @@ def test_a_slice_of_a_folder_ordered_by_class_holds_every_class(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
     s = load_splits(str(tmp_path), 0.5, 0.25)
     assert s.train["label"] == [0, 0, 1, 1, 2, 2] and s.test["label"] == [0, 1, 2]
+    assert s.spaced == ("train", "test")  # the report says so
     shuffled = _saved(tmp_path, "shuffled", [2, 0, 1, 1, 0, 2], [1, 0, 2, 2])
     s = load_splits(shuffled, 0.5, 0.5)  # not ordered: the first rows, as before
-    assert s.train["label"] == [2, 0, 1] and s.test["label"] == [1, 0]
+    assert s.train["label"] == [2, 0, 1] and s.test["label"] == [1, 0] and s.spaced == ()
 
 
 def test_hub_datasets_are_sliced_here_and_cifar_by_split_syntax(tmp_path, monkeypatch):

@@ -62,6 +62,12 @@ def is_text_config(config) -> bool:
     return bool(getattr(config, "vocab_size", None)) and not hasattr(config, "image_size")
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels of an image model's pixel values (its vision config's num_channels; 3
+    where the config does not say)."""
+    return int(getattr(tower_config(model.config), "num_channels", None) or 3)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sentence embedding of a text encoder: token states averaged over the real tokens
     (sentence-transformers' mean pooling). (B, T, H) -> (B, H)."""

@@ -45,6 +45,7 @@ class Splits:
     num_labels: int
     label_names: list[str] | None
     skipped: list[str] = field(default_factory=list)  # unusable images left out (--skip-bad-images)
+    spaced: tuple[str, ...] = ()  # splits sliced into evenly spaced rows (ordered by label)
 
 
 def _digits_split():
@@ -80,14 +81,15 @@ def digits_dataset():
 def _slice(ds, pct: float, label_column: str):
     """The first `pct` of a split's rows, or, where the split is ordered by label (an image
     folder lists its classes one after another, as do hub datasets uploaded from one), as many
-    rows evenly spaced over it, so that a slice holds every class and not only the first."""
+    rows evenly spaced over it, so that a slice holds every class and not only the first.
+    Returns (the slice, whether it is evenly spaced)."""
     n = len(ds)
     keep = min(n, max(1, int(round(n * pct))))
     if keep == n:
-        return ds
+        return ds, False
     if _ordered_by_label(ds[label_column]):
-        return ds.select([i * n // keep for i in range(keep)])
-    return ds.select(range(keep))
+        return ds.select([i * n // keep for i in range(keep)]), True
+    return ds.select(range(keep)), False
 
 
 def _ordered_by_label(labels: list) -> bool:
@@ -173,7 +175,9 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--dataset: the {split_name} split is empty")
         if img not in ds.column_names or lab not in ds.column_names:
             raise DataError(f"--dataset: {split_name} split lacks column {img!r} or {lab!r}")
-    train, test = _slice(train, pcts["train"], lab), _slice(test, pcts["test"], lab)
+    (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], lab),
+                                                  _slice(test, pcts["test"], lab))
+    spaced = ("train",) * spaced_train + ("test",) * spaced_test
     skipped: list[str] = []
     if name != "digits":  # built here from arrays: nothing to check
         train, bad_train = check_images(train, img, "train", skip_bad_images)
@@ -181,7 +185,7 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         skipped = bad_train + bad_test
     train, test, names = class_labels(train, test, lab)
     num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
-    return Splits(name, train, test, img, lab, num, names, skipped)
+    return Splits(name, train, test, img, lab, num, names, skipped, spaced)
 
 
 def class_labels(train, test, column: str):
@@ -320,27 +324,43 @@ def check_images(ds, image_column: str, split: str, skip: bool):
     return kept, [f"{name} ({problem})" for _, name, problem in bad]
 
 
-class ImageCollator:
-    """Batch of dataset rows -> {"pixel_values", "labels"} through the model's image processor."""
+IMAGE_MODES = {1: "L", 3: "RGB"}  # a model's input channels -> the PIL mode images are read in
 
-    def __init__(self, processor, image_column: str, label_column: str):
+
+def image_mode(channels: int) -> str:
+    """The PIL mode a model of `channels` input channels reads images in (grayscale or RGB),
+    or a DataError for a count no image file gives."""
+    if channels not in IMAGE_MODES:
+        raise DataError(f"the model takes {channels} input channels; images are read as "
+                        f"grayscale (1 channel) or RGB (3)")
+    return IMAGE_MODES[channels]
+
+
+class ImageCollator:
+    """Batch of dataset rows -> {"pixel_values", "labels"} through the model's image processor,
+    each image read in `mode` first (grayscale for a one-channel model, else RGB)."""
+
+    def __init__(self, processor, image_column: str, label_column: str, mode: str = "RGB"):
         self.processor = processor
         self.image_column = image_column
         self.label_column = label_column
+        self.mode = mode
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [r[self.image_column].convert("RGB") for r in rows]
+        images = [r[self.image_column].convert(self.mode) for r in rows]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(r[self.label_column]) for r in rows], dtype=torch.long)
         return {"pixel_values": pixels, "labels": labels}
 
 
 def make_loader(ds, processor, splits: Splits, batch_size: int, shuffle: bool = False,
-                seed: int = 0, workers: int = 0) -> DataLoader:
-    """A deterministic DataLoader (shuffling driven by `seed`)."""
+                seed: int = 0, workers: int = 0, channels: int = 3) -> DataLoader:
+    """A deterministic DataLoader (shuffling driven by `seed`) of images read for a model of
+    `channels` input channels."""
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=ImageCollator(processor, splits.image_column, splits.label_column),
+                      collate_fn=ImageCollator(processor, splits.image_column, splits.label_column,
+                                               image_mode(channels)),
                       num_workers=workers)
 
 

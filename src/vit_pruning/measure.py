@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .anatomy import DUAL_CLASSES, is_text_config, mae_noise, mean_pool, output_kind, resolve
+from .anatomy import (DUAL_CLASSES, input_channels, is_text_config, mae_noise, mean_pool,
+                      output_kind, resolve)
 from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
 from .modes import device_of, eval_mode
@@ -86,7 +87,7 @@ def example_inputs(model: nn.Module, batch_size: int = 1, image_size: int | None
         ids = torch.randint(1, int(cfg.vocab_size), (batch_size, seq_len), generator=gen)
         return {"input_ids": ids.to(device_of(model))}
     size = image_size or int(cfg.image_size)
-    channels = int(getattr(cfg, "num_channels", 3))
+    channels = input_channels(model)
     x = torch.randn(batch_size, channels, size, size, generator=gen)
     return {"pixel_values": x.to(device_of(model))}
 

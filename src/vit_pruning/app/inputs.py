@@ -73,17 +73,19 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     """Load the labelled splits; install a fresh head, an adapter or a saved one; refuse flags
     that need what the run does not have."""
     from ..anatomy import resolve
-    from ..data import DataError, align_to_head, load_splits
+    from ..anatomy import input_channels
+    from ..data import DataError, align_to_head, image_mode, load_splits
     from ..heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
     model = loaded.model
     if data.dataset and not loaded.text:
         try:
+            image_mode(input_channels(model))  # images can be read for the model's channels
             data.splits = load_splits(data.dataset, cfg.data.cifar_train_pct, cfg.data.cifar_test_pct,
                                       cfg.data.image_column, cfg.data.label_column, cfg.data.skip_bad_images)
             for name in data.splits.skipped:
                 log.warning("--skip-bad-images: left out %s", name)
         except DataError as exc:
-            raise UsageError(str(exc)) from exc
+            raise UsageError(str(exc) if str(exc).startswith("--") else f"--model: {exc}") from exc
     splits = data.splits
     data.head_cfg = {"kind": None, "adapter_reduction": cfg.head.adapter_reduction}
     if cfg.head.replace_classifier or cfg.head.use_adapter:
@@ -126,19 +128,23 @@ def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
     """Train/test loaders, calibration images (device) and distillation images (host); returns
     the test loader (None without a dataset)."""
     from ..batches import take_inputs
+    from ..anatomy import input_channels
     from ..data import calibration_subset, default_workers, fingerprint, make_loader
     splits = data.splits
     if splits is None:
         return None
-    workers = default_workers()
+    workers, channels = default_workers(), input_channels(loaded.model)
     data.train_loader = make_loader(splits.train, loaded.processor, splits, cfg.data.batch_size, True,
-                                    cfg.seed, workers)
+                                    cfg.seed, workers, channels)
     from ..calibration import split_batches
     data.calib_inputs = split_batches(splits, loaded.processor, ch.calib_size, cfg.data.batch_size,
-                                      cfg.seed, ch.device)
+                                      cfg.seed, ch.device, channels)
     count = sum(len(b) for b in data.calib_inputs)
     data.calib_info = {"dataset": data.dataset, "count": count, "seed": cfg.seed,
-                       "split": f"train[:{cfg.data.cifar_train_pct * 100:g}%] (random {count})",
+                       "split": (f"train[:{cfg.data.cifar_train_pct * 100:g}%]"
+                                 if "train" not in splits.spaced else
+                                 f"train, {cfg.data.cifar_train_pct * 100:g}% of its rows evenly "
+                                 f"spaced (it is ordered by label)") + f" (random {count})",
                        "fingerprint": fingerprint(data.calib_inputs)}
     if count < ch.calib_size:  # the train slice holds fewer: said, never silently fewer
         data.calib_info["asked"] = ch.calib_size
@@ -149,9 +155,10 @@ def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
     if cfg.recovery.distill_steps:
         size = min(cfg.recovery.distill_size or DISTILL_IMAGES, len(splits.train))
         pool, _ = calibration_subset(splits.train, size, cfg.seed + 1)
-        data.distill_inputs = take_inputs(make_loader(pool, loaded.processor, splits, 256), None, "cpu")
+        data.distill_inputs = take_inputs(make_loader(pool, loaded.processor, splits, 256,
+                                                      channels=channels), None, "cpu")
     return make_loader(splits.test, loaded.processor, splits, cfg.data.batch_size, False, cfg.seed,
-                       workers)
+                       workers, channels)
 
 
 def text_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):

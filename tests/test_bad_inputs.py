@@ -27,6 +27,18 @@ def test_repeated_lines_are_dropped_before_the_split(tmp_path):
     assert not set(split.calibration) & set(split.evaluation)
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Notepad's UTF-8 files start with a byte-order mark, which stayed in the first sentence
+    (so it and the same line without it were two sentences); UTF-16 files are named as such."""
+    from vit_pruning.text import read_sentences_counted
+    (tmp_path / "bom.txt").write_bytes("A line.\r\nB line.\r\nA line.\r\n".encode("utf-8-sig"))
+    assert read_sentences_counted(tmp_path / "bom.txt") == (("A line.", "B line."), 1)
+    (tmp_path / "u16.txt").write_text("A line.\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"u16.txt is UTF-16 text \(it starts with a UTF-16 "
+                                         r"byte-order mark\); save it as UTF-8"):
+        read_sentences_counted(tmp_path / "u16.txt")
+
+
 def test_text_file_is_bounded(tmp_path):
     from vit_pruning.text import read_sentences_counted
     (tmp_path / "big.txt").write_text("a sentence of words.\n" * 1000)

@@ -120,7 +120,10 @@ def read_sentences_counted(path: str | Path, max_bytes: int = MAX_TEXT_BYTES
     if len(data) > max_bytes:
         raise ValueError(f"{path} is larger than {max_bytes // 2**20} MiB, the limit; pass a "
                          f"smaller file (a sample of your sentences)")
-    lines = data.decode("utf-8").splitlines()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save "
+                         f"it as UTF-8")
+    lines = data.decode("utf-8-sig").splitlines()  # a UTF-8 byte-order mark is not text
     seen: dict[str, None] = {}
     total = 0
     for line in lines:

@@ -160,3 +160,23 @@ def test_classes_in_another_order_are_renumbered_to_the_head(tmp_path):
     kept, message = align_to_head(s, {0: "cat", 1: "dog", 2: "fox"})
     assert kept is s and message.startswith("--dataset's class names are not the model head's "
                                             "(['eel'] are not among its 3: ['cat', 'dog', 'fox'])")
+
+
+def test_the_image_column_must_hold_images_or_their_paths(tmp_path):
+    """--image-column naming the labels ended in a traceback (digits) or took each label for
+    a file name; a column of file paths passed the check and then failed in the collator."""
+    import datasets
+    with pytest.raises(DataError, match=r"--image-column: column 'label' of the train split "
+                                        r"holds int64 values, not images or image paths"):
+        load_splits("digits", image_column="label")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    split = lambda ps: datasets.Dataset.from_dict({"file": ps, "label": [0, 1] * (len(ps) // 2)})  # noqa: E731
+    datasets.DatasetDict({"train": split(paths[:4]), "test": split(paths[4:])}).save_to_disk(
+        str(tmp_path / "paths"))
+    s = load_splits(str(tmp_path / "paths"), 1.0, 1.0, image_column="file")
+    batch = next(iter(make_loader(s.test, ViTImageProcessor(size={"height": 8, "width": 8}), s, 2)))
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["labels"].tolist() == [0, 1]

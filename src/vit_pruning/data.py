@@ -175,6 +175,11 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--dataset: the {split_name} split is empty")
         if img not in ds.column_names or lab not in ds.column_names:
             raise DataError(f"--dataset: {split_name} split lacks column {img!r} or {lab!r}")
+        feature = ds.features[img]
+        if not (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) == "string"):
+            raise DataError(f"--image-column: column {img!r} of the {split_name} split holds "
+                            f"{getattr(feature, 'dtype', None) or type(feature).__name__} values, "
+                            f"not images or image paths (columns: {list(ds.column_names)})")
     (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], lab),
                                                   _slice(test, pcts["test"], lab))
     spaced = ("train",) * spaced_train + ("test",) * spaced_test
@@ -183,6 +188,9 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         train, bad_train = check_images(train, img, "train", skip_bad_images)
         test, bad_test = check_images(test, img, "test", skip_bad_images)
         skipped = bad_train + bad_test
+        # a column of image file paths (checked above) is read as images
+        train, test = (ds if isinstance(ds.features[img], datasets.Image) else
+                       ds.cast_column(img, datasets.Image()) for ds in (train, test))
     train, test, names = class_labels(train, test, lab)
     num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
     return Splits(name, train, test, img, lab, num, names, skipped, spaced)
@@ -209,7 +217,9 @@ def class_labels(train, test, column: str):
             kind = ("unlabelled" if v is None or v == -1 else
                     f"not one of the {len(names)} class ids" if names and _is_class_id(v, None)
                     else "not a class id")
-            raise DataError(f"--label-column: the {split} split's {column!r} is {v!r} in row {i} "
+            shown = repr(v) if v is None or isinstance(v, (str, int, float)) else (
+                f"a {type(v).__name__}")
+            raise DataError(f"--label-column: the {split} split's {column!r} is {shown} in row {i} "
                             f"({kind}){f' and {len(bad) - 1} more rows' if len(bad) > 1 else ''}; "
                             f"top-1 needs every row labelled with an integer class id >= 0 or a "
                             f"class name: use a labelled split or another --label-column")

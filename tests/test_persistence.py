@@ -231,9 +231,11 @@ def test_save_cifar_adapter_round_trip(tmp_path):
     assert path == tmp_path / "r" / "adapter.pt"
     payload = torch.load(path, weights_only=True)
     assert payload["classifier_type"] == "adapter" and payload["num_labels"] == 5 and payload["hidden_size"] == 32
+    assert payload["label_names"] == [model.config.id2label[i] for i in range(5)]
     fresh = ViTForImageClassification(tiny_config())
-    load_adapter(fresh, path, num_labels=5)
+    load_adapter(fresh, path, num_labels=5, label_names=list("edcba"))
     assert torch.equal(fresh.classifier.down.weight, model.classifier.down.weight)
+    assert fresh.config.id2label == model.config.id2label  # the names it was trained on
     with pytest.raises(FileExistsError):
         save_cifar_adapter(model, path)
 

@@ -129,6 +129,7 @@ def save_adapter(model: nn.Module, path: str | Path, classifier_type: str, metad
         "classifier_type": classifier_type,
         "num_labels": int(model.config.num_labels),
         "hidden_size": head_in_features(model),  # the classifier's input size
+        "label_names": [str(model.config.id2label[i]) for i in range(int(model.config.num_labels))],
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "metadata": metadata,
     }
@@ -141,7 +142,9 @@ class AdapterFileError(ValueError):
 
 def load_adapter(model: nn.Module, path: str | Path, num_labels: int | None = None,
                  label_names: list[str] | None = None) -> dict:
-    """Install a head saved by :func:`save_adapter`; checks it fits the model and dataset."""
+    """Install a head saved by :func:`save_adapter`; checks it fits the model and dataset. The
+    model's class names become the ones the head was trained on where the file records them
+    (files of earlier versions do not: then `label_names`, the dataset's)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         kind, labels, hidden = payload["classifier_type"], payload["num_labels"], payload["hidden_size"]
@@ -160,8 +163,8 @@ def load_adapter(model: nn.Module, path: str | Path, num_labels: int | None = No
         head.load_state_dict(state)
     except RuntimeError as exc:
         raise AdapterFileError(f"--load-adapter: weights in {path} do not match a {kind} head") from exc
-    install_head(model, head, label_names)
-    return payload
+    install_head(model, head, payload.get("label_names") or label_names)  # the names it was
+    return payload  # trained on: a dataset's other order is renumbered to them (align_to_head)
 
 
 def save_cifar_adapter(model: nn.Module, path: str | Path | None = None, metadata: dict | None = None,

@@ -108,7 +108,8 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     if splits is not None and data.has_head and model.config.num_labels != splits.num_labels:
         raise UsageError(f"--dataset {data.dataset} has {splits.num_labels} classes but the model's head "
                          f"has {model.config.num_labels}: add --replace-classifier or --use-adapter")
-    if splits is not None and data.has_head and data.head_cfg["kind"] is None:  # its own head
+    if splits is not None and data.has_head and (data.head_cfg["kind"] is None  # its own head
+                                                 or cfg.head.load_adapter):  # or a trained one
         data.splits, message = align_to_head(splits, model.config.id2label)
         if message:
             (log.info if data.splits is not splits else log.warning)(message)

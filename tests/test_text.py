@@ -331,3 +331,80 @@ def test_tokenize_by_length_orders_sentences_by_token_count_and_keeps_them_all(t
     counts = [len(r) for r in rows(ordered)]
     assert counts == sorted(counts)
     assert sum(b["input_ids"].numel() for b in ordered) < sum(b["input_ids"].numel() for b in plain)
+
+
+def sentence_transformers_files(folder: Path, pooling: dict, dense: bool = False) -> None:
+    """The module files sentence-transformers writes beside its encoder."""
+    import json
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if dense:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        (folder / "2_Dense").mkdir()
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": H, "out_features": 8}))
+    modules.append({"idx": len(modules), "name": "n", "path": "n_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": H, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False, **pooling}))
+
+
+def test_sentence_transformers_pooling_is_read_from_the_folder(tmp_path):
+    """A CLS-pooled sentence model (BGE and others) was measured, and its trials scored, on
+    the mean of its tokens: not the embedding it gives."""
+    from vit_pruning.text import sentence_modules
+    folder = tmp_path / "st"
+    folder.mkdir()
+    assert sentence_modules(str(folder)) is None
+    sentence_transformers_files(folder, {"pooling_mode_cls_token": True}, dense=True)
+    found = sentence_modules(str(folder))
+    assert found.pooling == "cls" and found.after == ("Dense",)
+    assert sorted(found.files) == ["1_Pooling/config.json", "2_Dense/config.json", "modules.json",
+                                   "sentence_bert_config.json"]
+    (tmp_path / "max").mkdir()
+    sentence_transformers_files(tmp_path / "max", {})
+    (tmp_path / "max" / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    with pytest.raises(ValueError, match=r"its sentence-transformers pooling is "
+                                         r"\['pooling_mode_max_tokens'\]; fidelity is measured on "
+                                         r"mean or CLS pooling"):
+        sentence_modules(str(tmp_path / "max"))
+
+
+def test_cls_pooling_takes_the_first_real_token_on_every_path():
+    from vit_pruning.anatomy import sentence_pool
+    model = tiny_bert()
+    model.config.sentence_pooling = "cls"
+    ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = model(input_ids=ids).last_hidden_state
+        assert torch.equal(collect_outputs(model, [ids]), hidden[:, 0])
+        assert torch.allclose(resolve(model).head(hidden), hidden[:, 0])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])  # left and right padding
+    states = torch.arange(2 * 4 * 2.0).reshape(2, 4, 2)
+    assert torch.equal(sentence_pool(model.config, states, mask), states[[0, 1], [2, 0]])
+    model.config.sentence_pooling = "max"
+    with pytest.raises(ValueError, match="sentence_pooling must be one of"):
+        sentence_pool(model.config, states, mask)
+
+
+@pytest.mark.cli
+def test_cli_keeps_a_sentence_transformers_folder_whole(tmp_path, caplog):
+    """The pruned folder had lost modules.json and the Pooling module, so sentence-transformers
+    loaded it with its default pooling; the run now measures and saves the folder's own."""
+    import json
+    folder = bert_folder(tmp_path)
+    sentence_transformers_files(folder, {"pooling_mode_cls_token": True}, dense=True)
+    caplog.set_level("INFO", logger="vit_pruning")
+    assert cli(tmp_path, "--model", str(folder), "--target", "0.2", "--calib-size", "24",
+               "--eval-batches", "1", "--batch-size", "16", "--min-remaining", "32",
+               "--run-id", "st", "--save-pruned-model") == 0
+    assert "sentence-transformers model, cls pooling" in caplog.text
+    assert "module(s) after the pooling (Dense) are not applied" in caplog.text
+    saved = tmp_path / "p" / "st"
+    for name in ("modules.json", "1_Pooling/config.json", "2_Dense/config.json"):
+        assert (saved / name).read_bytes() == (folder / name).read_bytes()
+    assert json.loads((saved / "config.json").read_text())["sentence_pooling"] == "cls"
+    assert load_pruned_model(saved).config.sentence_pooling == "cls"

@@ -68,6 +68,24 @@ def input_channels(model: nn.Module) -> int:
     return int(getattr(tower_config(model.config), "num_channels", None) or 3)
 
 
+POOLINGS = ("mean", "cls")  # a text encoder's sentence pooling (config.sentence_pooling)
+
+
+def sentence_pool(config, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A text encoder's sentence embedding from its token states, pooled as its config's
+    `sentence_pooling` says (set from a sentence-transformers folder's Pooling module, see
+    :func:`vit_pruning.text.sentence_modules`): "mean" (the default: the real tokens averaged)
+    or "cls" (the first real token's state). (B, T, H) -> (B, H)."""
+    mode = getattr(config, "sentence_pooling", None) or "mean"
+    if mode == "cls":
+        first = mask.long().argmax(1) if mask is not None else torch.zeros(
+            len(hidden), dtype=torch.long, device=hidden.device)
+        return hidden[torch.arange(len(hidden), device=hidden.device), first]
+    if mode != "mean":
+        raise ValueError(f"config.sentence_pooling must be one of {POOLINGS}, got {mode!r}")
+    return mean_pool(hidden, mask)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sentence embedding of a text encoder: token states averaged over the real tokens
     (sentence-transformers' mean pooling). (B, T, H) -> (B, H)."""
@@ -287,7 +305,7 @@ class Anatomy:
         """Output of the last block -> what the model's forward gives (see
         :data:`SUPPORTED_CLASSES`): logits, final hidden states, image or sentence embedding."""
         if self.is_text:
-            return mean_pool(hidden)
+            return sentence_pool(self.model.config, hidden)
         model, tw = self.model, self.backbone
         if self.family in ("clip", "siglip"):
             post = tw.post_layernorm

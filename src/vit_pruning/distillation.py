@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .accel import adamw, make_accelerator, reduce_sum, shard_rows, train_device
-from .anatomy import mean_pool, resolve
+from .anatomy import mean_pool, resolve, sentence_pool
 from .config import DISTILL_CACHE_LIMIT, MATCHES, TRAINABLE, DistillConfig  # noqa: F401
 from .measure import forward_output
 from .modes import device_of, eval_mode
@@ -148,13 +148,13 @@ def _text_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _forward(model: nn.Module, batch, match: str = "output") -> torch.Tensor:
-    """Logits (classifier), mean-pooled embedding (text: a padded dict with attention_mask, or
-    padding-free token ids), or the last hidden state (headless ViT). With match="tokens" a text
-    encoder gives every token's final hidden state (B, T, H) instead of their mean."""
+    """Logits (classifier), pooled sentence embedding (text: a padded dict with attention_mask,
+    or padding-free token ids), or the last hidden state (headless ViT). With match="tokens" a
+    text encoder gives every token's final hidden state (B, T, H) instead of their pooling."""
     if isinstance(batch, dict) or (match == "tokens" and not batch.is_floating_point()):
         ids, mask = _text_batch(batch)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return hidden if match == "tokens" else mean_pool(hidden, mask)
+        return hidden if match == "tokens" else sentence_pool(model.config, hidden, mask)
     return forward_output(model, batch)
 
 

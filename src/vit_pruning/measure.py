@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .anatomy import (DUAL_CLASSES, input_channels, is_text_config, mae_noise, mean_pool,
-                      output_kind, resolve)
+from .anatomy import (DUAL_CLASSES, input_channels, is_text_config, mae_noise, output_kind,
+                      resolve, sentence_pool)
 from .modeling_vit_pruning import tower_config
 from .batches import batch_labels, batch_pixels, iter_limited
 from .modes import device_of, eval_mode
@@ -39,10 +39,11 @@ def output_tensor(out) -> torch.Tensor:
 def forward_output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """What fidelity is measured on (see :data:`vit_pruning.anatomy.SUPPORTED_CLASSES`): logits
     for a classifier, the last hidden state for a headless backbone, the image embedding for
-    CLIP / SigLIP (towers and dual models: only the image path runs), and the mean-pooled
-    sentence embedding for a text encoder (`inputs`: padding-free token ids)."""
+    CLIP / SigLIP (towers and dual models: only the image path runs), and the pooled sentence
+    embedding for a text encoder (`inputs`: padding-free token ids; see
+    :func:`vit_pruning.anatomy.sentence_pool`)."""
     if not inputs.is_floating_point():
-        return mean_pool(output_tensor(model(input_ids=inputs)))
+        return sentence_pool(model.config, output_tensor(model(input_ids=inputs)))
     kind = output_kind(model)
     if kind == "image_embeds":
         out = model.get_image_features(pixel_values=inputs)

@@ -122,7 +122,7 @@ def saved_config(model: nn.Module, metadata: dict | None = None):
 
 def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
                       metadata: dict | None = None,
-                      extra: Callable[[Path], dict] | None = None) -> SavedModel:
+                      extra: Callable[[Path], dict | None] | None = None) -> SavedModel:
     """Save a (pruned) model into a new folder `out_dir` (plain or remote code, see the module
     docstring); refuses an existing path. `extra(folder)` may add files (the ONNX export)
     before the folder appears: it is written whole or not at all."""
@@ -142,8 +142,8 @@ def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
         if processor is not None:  # image processor or tokenizer: the folder stays usable
             processor.save_pretrained(tmp)
         record = extra(tmp) if extra is not None else None
-        for f in tmp.iterdir():  # safetensors writes 0600: readable like any file the user makes
-            os.chmod(f, 0o666 & ~current_umask())
+        for f in tmp.rglob("*"):  # safetensors writes 0600: readable like any file the user makes
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~current_umask())
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,9 +14,12 @@ from typing import Iterable
 
 import torch
 
-from .anatomy import mean_pool
+from .anatomy import sentence_pool
 from .modes import eval_mode
 
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+ST_MODULE_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # in a module's folder
+ST_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 MAX_LENGTH = 128  # tokens per sentence (sentence encoders are trained at this length or less)
 PYTHON_DOCS = "python-docs"  # the built-in corpus's name in reports
 
@@ -134,6 +137,60 @@ def read_sentences_counted(path: str | Path, max_bytes: int = MAX_TEXT_BYTES
     return tuple(seen), total - len(seen)
 
 
+@dataclass(frozen=True)
+class SentenceModules:
+    """What a sentence-transformers model folder adds to its encoder: the Pooling module's
+    mode, the modules after it that change the embedding's direction (Dense; Normalize does
+    not), and its module files (name in the folder -> file), to keep beside a pruned model."""
+
+    pooling: str  # "mean" or "cls" (vit_pruning.anatomy.POOLINGS)
+    after: tuple[str, ...]
+    files: dict[str, Path]
+
+
+def _model_file(source: str, name: str) -> Path | None:
+    """File `name` of a model folder or hub id (from the hub cache or a download), or None."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    from transformers.utils import cached_file
+    try:
+        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # noqa: BLE001 - an id the hub does not know: the model load says why
+        return None
+    return Path(found) if found else None
+
+
+def sentence_modules(source: str) -> SentenceModules | None:
+    """The sentence-transformers modules of `source` (a folder or hub id), or None where it has
+    no modules.json. ValueError for a pooling fidelity cannot be measured on here (max, last
+    token, weighted mean, or several modes concatenated)."""
+    import json
+    index = _model_file(source, "modules.json")
+    if index is None:
+        return None
+    files = {name: f for name in ST_FILES if (f := _model_file(source, name)) is not None}
+    pooling, after, pooled = "mean", [], False
+    for module in json.loads(index.read_text(encoding="utf-8")):
+        kind, where = str(module.get("type", "")).rsplit(".", 1)[-1], module.get("path", "")
+        for name in ST_MODULE_FILES if where else ():
+            if (f := _model_file(source, f"{where}/{name}")) is not None:
+                files[f"{where}/{name}"] = f
+        if kind == "Pooling":
+            cfg = json.loads(files[f"{where}/config.json"].read_text(encoding="utf-8")) \
+                if f"{where}/config.json" in files else {}
+            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+            if len(modes) != 1 or modes[0] not in ST_POOLINGS:
+                raise ValueError(f"its sentence-transformers pooling is {modes or 'not set'}; "
+                                 f"fidelity is measured on mean or CLS pooling "
+                                 f"({', '.join(ST_POOLINGS)})")
+            pooling, pooled = ST_POOLINGS[modes[0]], True
+        elif pooled and kind != "Normalize":
+            after.append(kind)
+    return SentenceModules(pooling, tuple(after), files)
+
+
 @dataclass
 class TextSplit:
     calibration: list[str]
@@ -172,11 +229,12 @@ def tokenize(tokenizer, texts: list[str], batch_size: int = 32,
 @torch.no_grad()
 def sentence_embeddings(model, batches: list[dict[str, torch.Tensor]],
                         device: str | torch.device = "cpu") -> torch.Tensor:
-    """Mean-pooled sentence embeddings: the model's own forward with the attention mask, the
-    real tokens averaged (sentence-transformers' pooling)."""
+    """Sentence embeddings: the model's own forward with the attention mask, its real tokens
+    pooled as sentence-transformers pools them (:func:`vit_pruning.anatomy.sentence_pool`)."""
     with eval_mode(model):
         out = []
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
+            out.append(sentence_pool(model.config, model(**b).last_hidden_state,
+                                     b["attention_mask"]))
         return torch.cat(out)

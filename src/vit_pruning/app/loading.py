@@ -3,7 +3,7 @@ hub id, with its image processor or tokenizer; refusing what cannot be pruned or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,8 @@ class Loaded:
     text: bool
     shape: Any  # planner.ModelShape of the model as loaded
     layout: str
+    extra_files: dict = field(default_factory=dict)  # name -> file kept beside a pruned model
+    # (a sentence-transformers folder's module files)
 
 
 def load_step(cfg: RunConfig) -> Loaded:
@@ -164,4 +166,26 @@ def load_step(cfg: RunConfig) -> Loaded:
                          "train-split images (see --distill-size)")
     from .hub import check_hub
     check_hub(cfg)  # the dataset's hub resources, before any download is tried
-    return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout)
+    files = sentence_pooling(model, model_id) if anatomy.is_text else {}
+    return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout,
+                  files)
+
+
+def sentence_pooling(model, source: str) -> dict:
+    """A sentence-transformers model's pooling set on the model's config (what its embedding
+    is, so what fidelity and the pruning's own trials measure); returns its module files, to
+    keep beside a pruned model. A pooling that cannot be measured exits 2."""
+    from ..text import sentence_modules
+    try:
+        found = sentence_modules(source)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--model: {exc}") from exc
+    if found is None:
+        return {}
+    model.config.sentence_pooling = found.pooling
+    log.info("%s: sentence-transformers model, %s pooling", source, found.pooling)
+    if found.after:
+        log.warning("--model: its sentence-transformers module(s) after the pooling (%s) are not "
+                    "applied: fidelity is measured on the pooled embeddings (they are kept, "
+                    "unpruned, beside a saved model)", ", ".join(found.after))
+    return found.files

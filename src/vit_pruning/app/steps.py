@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -184,16 +185,21 @@ def latency_setup(cfg: RunConfig, data: Data, ch: Choices, comp) -> dict:
 def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded, data: Data,
                meta: dict):
     """One pruned model saved into `folder` (its staging place, renamed to `final` with the
-    report), with its ONNX export inside where --export-onnx asks (the export's record names
-    the final path); returns the SavedModel."""
+    report), with a sentence-transformers model's module files, and its ONNX export inside
+    where --export-onnx asks (the export's record names the final path); returns the
+    SavedModel."""
     from ..persistence import save_pruned_model
 
-    def onnx(tmp: Path) -> dict:  # written into the folder before it appears
+    def extra(tmp: Path) -> dict | None:  # written into the folder before it appears
+        for name, source in loaded.extra_files.items():  # sentence-transformers modules
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
+        if not cfg.output.export_onnx:
+            return None
         from ..export import export_onnx
         record = export_onnx(model, tmp / "model.onnx", seq_len=data.seq_len or 16)
         return {**record, "path": str(final / "model.onnx")}
-    saved = save_pruned_model(model, folder, loaded.processor, meta,
-                              extra=onnx if cfg.output.export_onnx else None)
+    saved = save_pruned_model(model, folder, loaded.processor, meta, extra=extra)
     if saved.extra is not None:
         log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
                  saved.extra["path"], saved.extra["max_abs_diff"])

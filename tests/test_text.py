@@ -408,3 +408,5 @@ def test_cli_keeps_a_sentence_transformers_folder_whole(tmp_path, caplog):
         assert (saved / name).read_bytes() == (folder / name).read_bytes()
     assert json.loads((saved / "config.json").read_text())["sentence_pooling"] == "cls"
     assert load_pruned_model(saved).config.sentence_pooling == "cls"
+    rep = json.loads((tmp_path / "r" / "report-st.json").read_text())
+    assert "fidelity is the cosine of cls-pooled sentence embeddings" in rep["accuracy_note"]

@@ -220,7 +220,8 @@ def evaluation_batches(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data,
         from ..text import MAX_LENGTH, PYTHON_DOCS
         n = sum(len(b["input_ids"]) for b in data.eval_batches)
         data.accuracy_note = (
-            f"not applicable (text encoder): fidelity is the cosine of mean-pooled sentence embeddings "
+            f"not applicable (text encoder): fidelity is the cosine of "
+            f"{getattr(loaded.model.config, 'sentence_pooling', None) or 'mean'}-pooled sentence embeddings "
             f"to the unpruned model's and nearest-neighbour agreement, on {n} evaluation sentences "
             f"from {data.dataset}" + (
                 " (Python's documentation: fidelity on that text; it is lower on text of other "

@@ -78,9 +78,9 @@ def sentence_pool(config, hidden: torch.Tensor, mask: torch.Tensor | None = None
     or "cls" (the first real token's state). (B, T, H) -> (B, H)."""
     mode = getattr(config, "sentence_pooling", None) or "mean"
     if mode == "cls":
-        first = mask.long().argmax(1) if mask is not None else torch.zeros(
-            len(hidden), dtype=torch.long, device=hidden.device)
-        return hidden[torch.arange(len(hidden), device=hidden.device), first]
+        if mask is None:  # padding-free rows (and what an ONNX export traces: no fixed batch)
+            return hidden[:, 0]
+        return hidden[torch.arange(len(hidden), device=hidden.device), mask.long().argmax(1)]
     if mode != "mean":
         raise ValueError(f"config.sentence_pooling must be one of {POOLINGS}, got {mode!r}")
     return mean_pool(hidden, mask)

@@ -238,10 +238,12 @@ def is_pruned_folder(path: str | Path) -> bool:
     return isinstance(raw, dict) and bool(raw.get("vit_pruning"))
 
 
-def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_pruned_model(path: str | Path, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> nn.Module:
     """Load a folder saved by :func:`save_pruned_model` (plain or remote code, either
-    transformers major) with this package's classes; raises ValueError naming the folder and
-    what is wrong with it."""
+    transformers major) with this package's classes, each weight in the dtype it was saved in
+    (a model pruned in bf16 comes back in bf16, with its logits), or all in `dtype`; raises
+    ValueError naming the folder and what is wrong with it."""
     path = Path(path)
     check_saved_folder(path)
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -265,9 +267,9 @@ def load_pruned_model(path: str | Path, device: str | torch.device = "cpu") -> n
     layout = resolve(model).layout
     if layout in ("v4", "v5") and any(".layers." in "." + k for k in state) != (layout == "v5"):
         state = translate_keys(state, to=layout)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # as saved
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the saved structure "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     sync_config(resolve(model))  # a plain structure goes back to its stock class
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()

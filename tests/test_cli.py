@@ -136,6 +136,22 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert (tmp_path / "reports" / "report-x.json").read_text() == "{}"
 
 
+@pytest.mark.cli
+def test_an_automatic_run_id_that_is_taken_moves_on(tmp_path, monkeypatch, capsys):
+    """Runs a script starts in one second all had the same automatic --run-id, and all but one
+    stopped ("choose another --run-id", which the user never gave). An automatic id that a
+    report, a checkpoint or a running run has now moves on to -2, -3, ..."""
+    import vit_pruning.app.run as app_run
+    monkeypatch.setattr(app_run, "auto_run_id", lambda: "20260102-030405")  # one second
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report-20260102-030405.json").write_text("{}")  # a finished run
+    (tmp_path / "art" / "20260102-030405-2" / "checkpoint").mkdir(parents=True)  # a stopped one
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--heads", "off", "--split",
+               "1", "--neuron-selection", "score", "--calib-size", "16", "--eval-batches", "1") == 0
+    assert "report-20260102-030405-3.md" in capsys.readouterr().out
+    assert (tmp_path / "reports" / "report-20260102-030405.json").read_text() == "{}"
+
+
 @pytest.fixture(scope="module")
 def swin_folder(tmp_path_factory) -> Path:
     from transformers import Swinv2Config, Swinv2ForImageClassification

@@ -35,6 +35,10 @@ class OutputError(ValueError):
     """An output location that cannot be written: one line naming the flag."""
 
 
+class TakenError(OutputError):
+    """An output name another run has: its output is there, or a run is writing it now."""
+
+
 @dataclass(frozen=True)
 class Output:
     """One output of a run: its final path, the flag that sets its directory, and whether it
@@ -67,7 +71,7 @@ def check_outputs(outputs: list[Output]) -> None:
             where = "is a file" if base == parent else f"goes through the file {base}"
             raise OutputError(f"{out.flag} {parent}: the path {where}, not a directory")
         if out.path.exists() or out.path.is_symlink():
-            raise OutputError(f"--run-id: {out.path} already exists (a previous run's output); "
+            raise TakenError(f"--run-id: {out.path} already exists (a previous run's output); "
                               f"choose another --run-id or move it away")
         try:
             name_max = os.pathconf(base, "PC_NAME_MAX")
@@ -131,7 +135,7 @@ class RunOutputs:
                 except OSError as exc:
                     os.close(fd)
                     if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise OutputError(f"--run-id {self.run_id}: another vit-2ssp run is writing "
+                        raise TakenError(f"--run-id {self.run_id}: another vit-2ssp run is writing "
                                           f"{out.path} now; choose another --run-id") from exc
                     raise
                 self._locks.append(fd)

@@ -26,10 +26,8 @@ def run(cfg: RunConfig, argv: list[str]) -> int:
     outputs claimed and the run made (:func:`run_claimed`). Process-wide set-up (logging,
     verbosity, signals) is the caller's (:mod:`vit_pruning.cli`); the seed is set here."""
     from ..accel import is_main, launched
-    from ..outputs import OutputError, check_outputs
     torch.manual_seed(cfg.seed)
-    run_id = cfg.output.run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    outputs = run_outputs(cfg, run_id)
+    run_id = cfg.output.run_id or auto_run_id()
     if launched() and (cfg.output.dry_run or len(cfg.targets.targets) > 1 or cfg.budget):
         raise UsageError("several processes distill one model: give one --target and "
                          "--distill-steps (a dry run, sweep or budget search runs in one process)")
@@ -39,18 +37,54 @@ def run(cfg: RunConfig, argv: list[str]) -> int:
     if not is_main():  # under a launcher only the main process logs, measures and writes
         logging.getLogger().setLevel(logging.WARNING)
         return helper_run(cfg.quieter(), run_id)
-    saved = check_checkpoint(cfg, run_id)
     if cfg.output.dry_run:  # writes nothing: no output place to check
+        check_checkpoint(cfg, run_id)
         return dry_run(cfg, run_id)
+    from ..outputs import OutputError
+    run_id, outputs, saved = claim_outputs(cfg, run_id)
     try:
-        check_outputs(outputs.outputs)  # before the model loads: a bad path costs nothing
-        if cfg.recovery.checkpoint_every:  # written during the run, not staged: checked too
-            from ..outputs import Output
-            check_outputs([Output("checkpoint", saved.folder / "latest.json.probe", "--artifacts-dir")])
-        with outputs:  # claims the names: a second run with this --run-id stops here
-            return run_claimed(cfg, argv, run_id, outputs, saved)
+        return run_claimed(cfg, argv, run_id, outputs, saved)
     except OutputError as exc:
         raise UsageError(str(exc)) from exc
+    finally:
+        outputs.__exit__(None, None, None)  # what is staged and not committed goes; names freed
+
+
+def auto_run_id() -> str:
+    """The --run-id of a run that gives none: the time, UTC, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+AUTO_ID_TRIES = 100  # suffixes -2, -3, ... an automatic --run-id tries when its name is taken
+
+
+def claim_outputs(cfg: RunConfig, run_id: str):
+    """(run id, its outputs checked and claimed, its checkpoint) before the model loads (a bad
+    path costs nothing). A --run-id the user gave is theirs: taken, the run stops. An automatic
+    one (the time, to the second) that another run has, finished or running (runs started in
+    one second by a script), moves on to run_id-2, -3, ... instead."""
+    from ..checkpoint import Checkpoint
+    from ..outputs import Output, OutputError, TakenError, check_outputs
+    auto = not cfg.output.run_id
+    ids = [run_id] + ([f"{run_id}-{k}" for k in range(2, AUTO_ID_TRIES + 1)] if auto else [])
+    for rid in ids:
+        last = rid == ids[-1]
+        if not last and Checkpoint.of(cfg.output.artifacts_dir, rid).folder.exists():
+            continue  # (only automatic ids have a next one)
+        saved = check_checkpoint(cfg, rid)
+        outputs = run_outputs(cfg, rid)
+        try:
+            check_outputs(outputs.outputs)
+            if cfg.recovery.checkpoint_every:  # written during the run, not staged: checked too
+                check_outputs([Output("checkpoint", saved.folder / "latest.json.probe",
+                                      "--artifacts-dir")])
+            outputs.__enter__()  # claims the names: a second run with this id stops here
+            return rid, outputs, saved
+        except TakenError as exc:
+            if last:
+                raise UsageError(str(exc)) from exc
+        except OutputError as exc:
+            raise UsageError(str(exc)) from exc
 
 
 def check_checkpoint(cfg: RunConfig, run_id: str):

@@ -117,8 +117,12 @@ def test_a_slice_of_a_folder_ordered_by_class_holds_every_class(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
     s = load_splits(str(tmp_path), 0.5, 0.25)
-    assert s.train["label"] == [0, 0, 1, 1, 2, 2] and s.test["label"] == [0, 1, 2]
+    assert sorted(s.train["label"]) == [0, 0, 1, 1, 2, 2] and sorted(s.test["label"]) == [0, 1, 2]
     assert s.spaced == ("train", "test")  # the report says so
+    whole = load_splits(str(tmp_path), 1.0, 1.0)  # --eval-batches reads the first rows: shuffled
+    assert sorted(whole.test["label"]) == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(set(whole.test["label"][:4])) > 1 and whole.test["label"] == load_splits(
+        str(tmp_path), 1.0, 1.0).test["label"]  # in one fixed order
     shuffled = _saved(tmp_path, "shuffled", [2, 0, 1, 1, 0, 2], [1, 0, 2, 2])
     s = load_splits(shuffled, 0.5, 0.5)  # not ordered: the first rows, as before
     assert s.train["label"] == [2, 0, 1] and s.test["label"] == [1, 0] and s.spaced == ()
@@ -137,7 +141,7 @@ def test_hub_datasets_are_sliced_here_and_cifar_by_split_syntax(tmp_path, monkey
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     s = load_splits("someone/sorted", 0.5, 0.5)
     assert asked == [("someone/sorted", "train"), ("someone/sorted", "test")]
-    assert s.train["label"] == [0, 1] and s.test["label"] == [0, 1]
+    assert sorted(s.train["label"]) == [0, 1] and sorted(s.test["label"]) == [0, 1]
     asked.clear()
     s = load_splits("cifar10", 0.02, 0.5, image_column="image")
     assert asked == [("uoft-cs/cifar10", "train[:2%]"), ("uoft-cs/cifar10", "test[:50%]")]

@@ -45,7 +45,7 @@ class Splits:
     num_labels: int
     label_names: list[str] | None
     skipped: list[str] = field(default_factory=list)  # unusable images left out (--skip-bad-images)
-    spaced: tuple[str, ...] = ()  # splits sliced into evenly spaced rows (ordered by label)
+    spaced: tuple[str, ...] = ()  # splits ordered by label: sliced into evenly spaced rows, shuffled
 
 
 def _digits_split():
@@ -78,18 +78,22 @@ def digits_dataset():
     return build(train_idx), build(test_idx)
 
 
+SLICE_SEED = 0  # the fixed order of a split ordered by label (not --seed: the test set stays)
+
+
 def _slice(ds, pct: float, label_column: str):
     """The first `pct` of a split's rows, or, where the split is ordered by label (an image
     folder lists its classes one after another, as do hub datasets uploaded from one), as many
-    rows evenly spaced over it, so that a slice holds every class and not only the first.
-    Returns (the slice, whether it is evenly spaced)."""
+    rows evenly spaced over it, in a fixed shuffled order: a slice holds every class, and so
+    does any first part of it (--eval-batches measures the first test batches). Returns (the
+    slice, whether it was ordered by label)."""
     n = len(ds)
     keep = min(n, max(1, int(round(n * pct))))
-    if keep == n:
-        return ds, False
-    if _ordered_by_label(ds[label_column]):
-        return ds.select([i * n // keep for i in range(keep)]), True
-    return ds.select(range(keep)), False
+    if n > 1 and _ordered_by_label(ds[label_column]):
+        spaced = [i * n // keep for i in range(keep)]
+        order = np.random.default_rng(SLICE_SEED).permutation(keep)
+        return ds.select([spaced[j] for j in order]), True
+    return (ds if keep == n else ds.select(range(keep))), False
 
 
 def _ordered_by_label(labels: list) -> bool:
@@ -180,6 +184,8 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--image-column: column {img!r} of the {split_name} split holds "
                             f"{getattr(feature, 'dtype', None) or type(feature).__name__} values, "
                             f"not images or image paths (columns: {list(ds.column_names)})")
+    train, test, names = class_labels(train, test, lab)  # every row: row numbers are the split's
+    num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
     (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], lab),
                                                   _slice(test, pcts["test"], lab))
     spaced = ("train",) * spaced_train + ("test",) * spaced_test
@@ -191,8 +197,6 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         # a column of image file paths (checked above) is read as images
         train, test = (ds if isinstance(ds.features[img], datasets.Image) else
                        ds.cast_column(img, datasets.Image()) for ds in (train, test))
-    train, test, names = class_labels(train, test, lab)
-    num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
     return Splits(name, train, test, img, lab, num, names, skipped, spaced)
 
 

@@ -145,7 +145,7 @@ def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
                        "split": (f"train[:{cfg.data.cifar_train_pct * 100:g}%]"
                                  if "train" not in splits.spaced else
                                  f"train, {cfg.data.cifar_train_pct * 100:g}% of its rows evenly "
-                                 f"spaced (it is ordered by label)") + f" (random {count})",
+                                 f"spaced and shuffled (it is ordered by label)") + f" (random {count})",
                        "fingerprint": fingerprint(data.calib_inputs)}
     if count < ch.calib_size:  # the train slice holds fewer: said, never silently fewer
         data.calib_info["asked"] = ch.calib_size

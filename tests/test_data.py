@@ -135,12 +135,12 @@ def test_hub_datasets_are_sliced_here_and_cifar_by_split_syntax(tmp_path, monkey
     local = datasets.load_from_disk(_saved(tmp_path, "hub", [0, 0, 1, 1], [0, 0, 1, 1]))
     asked = []
 
-    def load_dataset(hub, split):
+    def load_dataset(hub, split=None):
         asked.append((hub, split))
-        return local[split.split("[")[0]]
+        return local if split is None else local[split.split("[")[0]]
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     s = load_splits("someone/sorted", 0.5, 0.5)
-    assert asked == [("someone/sorted", "train"), ("someone/sorted", "test")]
+    assert asked == [("someone/sorted", None)] and s.test_split == "test"
     assert sorted(s.train["label"]) == [0, 1] and sorted(s.test["label"]) == [0, 1]
     asked.clear()
     s = load_splits("cifar10", 0.02, 0.5, image_column="image")
@@ -184,3 +184,32 @@ def test_the_image_column_must_hold_images_or_their_paths(tmp_path):
     s = load_splits(str(tmp_path / "paths"), 1.0, 1.0, image_column="file")
     batch = next(iter(make_loader(s.test, ViTImageProcessor(size={"height": 8, "width": 8}), s, 2)))
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["labels"].tolist() == [0, 1]
+
+
+def test_the_split_measured_on_is_test_or_validation_or_named(tmp_path):
+    """ImageNet-style folders have train/ and val/, and ImageNet's hub test labels are hidden:
+    such datasets were refused ("needs train/ and test/"), with no way to name another split."""
+    import datasets
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "inet" / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    s = load_splits(str(tmp_path / "inet"), 1.0, 1.0)
+    assert s.test_split == "validation" and len(s.test) == 4
+    path = _saved(tmp_path, "hidden", [0, 1], [-1, -1])  # a test split without labels
+    d = datasets.load_from_disk(path)
+    d["validation"] = d["train"]
+    d.save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(DataError, match="unlabelled"):
+        load_splits(str(tmp_path / "both"), 1.0, 1.0)
+    assert load_splits(str(tmp_path / "both"), 1.0, 1.0, test_split="validation").test_split == "validation"
+    for split, message in (("dev", r"--test-split: .* has no dev split \(splits: \['train', "
+                                   r"'test', 'validation'\]\)"),
+                           ("train", "--test-split train: calibration images come from the train")):
+        with pytest.raises(DataError, match=message):
+            load_splits(str(tmp_path / "both"), 1.0, 1.0, test_split=split)
+    with pytest.raises(DataError, match="--test-split val: digits has a train and a test split"):
+        load_splits("digits", test_split="val")

@@ -163,6 +163,10 @@ def _data_flags(ap) -> None:
                         "--model embedded, none otherwise")
     d.add_argument("--image-column", default=DEFAULTS["image_column"], help="image column name when not obvious")
     d.add_argument("--label-column", default=DEFAULTS["label_column"], help="label column name when not obvious")
+    d.add_argument("--test-split", default=DEFAULTS["test_split"], metavar="NAME",
+                   help="the dataset's split that accuracy is measured on (default: test, or "
+                        "validation where there is no test split, as in an image folder with "
+                        "train/ and val/); calibration images always come from train")
     d.add_argument("--cifar-train-pct", type=float, default=DEFAULTS["cifar_train_pct"], help="fraction of the train split in (0, 1] (default 0.25): its first rows, or evenly spaced rows where the split is ordered by label (an image folder)")
     d.add_argument("--cifar-test-pct", type=float, default=DEFAULTS["cifar_test_pct"], help="fraction of the test split in (0, 1] (default 0.25), taken as --cifar-train-pct")
     d.add_argument("--skip-bad-images", action="store_true",

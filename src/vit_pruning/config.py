@@ -364,6 +364,7 @@ class DataConfig:
     dataset: str | None = None
     image_column: str | None = None
     label_column: str | None = None
+    test_split: str | None = None  # the split measured on; None: test, else validation
     cifar_train_pct: float = 0.25
     cifar_test_pct: float = 0.25
     skip_bad_images: bool = False

@@ -46,6 +46,7 @@ class Splits:
     label_names: list[str] | None
     skipped: list[str] = field(default_factory=list)  # unusable images left out (--skip-bad-images)
     spaced: tuple[str, ...] = ()  # splits ordered by label: sliced into evenly spaced rows, shuffled
+    test_split: str = "test"  # the dataset's name of the split measured on ("test", "validation")
 
 
 def _digits_split():
@@ -116,8 +117,13 @@ def _pick_column(ds, given: str | None, candidates: tuple[str, ...], kind: str, 
     raise DataError(f"{flag}: no {kind} column found among {cols}; name it with {flag}")
 
 
+TEST_SPLITS = ("test", "validation")  # the split measured on where --test-split is not given
+# (the first a dataset has: ImageNet's test labels are hidden, its validation split is labelled)
+
+
 def _load_local(path: Path):
-    """The whole train and test splits of a local image folder or saved DatasetDict."""
+    """Every split of a local image folder (train/, test/ or val/, ... subfolders) or saved
+    DatasetDict."""
     import datasets
 
     saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
@@ -130,45 +136,64 @@ def _load_local(path: Path):
                         f"({exc_summary(exc)}); "
                         f"give a folder with train/ and test/ subfolders of class folders of "
                         f"images, or one saved by datasets' save_to_disk") from exc
-    if saved:
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded or "test" not in loaded:
-                raise DataError(f"--dataset: {path} must hold 'train' and 'test' splits, "
-                                f"found {list(loaded)}")
-            return loaded["train"], loaded["test"]
+    if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"--dataset: {path} holds one split; save a DatasetDict with train and test")
-    if "train" not in loaded or "test" not in loaded:
-        raise DataError(f"--dataset: image folder {path} needs train/ and test/ subfolders")
-    return loaded["train"], loaded["test"]
+    return loaded
+
+
+def _pick_splits(splits, test_split: str | None, where: str):
+    """(train split, measured split, its name) of a DatasetDict: `test_split`, or the first of
+    TEST_SPLITS it has."""
+    found = list(splits)
+    name = test_split or next((s for s in TEST_SPLITS if s in splits), None)
+    if "train" not in splits:
+        raise DataError(f"--dataset: {where} has no train split (splits: {found}); calibration "
+                        f"images come from it (an image folder names it train/)")
+    if name == "train":
+        raise DataError("--test-split train: calibration images come from the train split; "
+                        "measure on another")
+    if name not in splits:
+        raise DataError(f"--test-split: {where} has no {name or 'test or validation'} split "
+                        f"(splits: {found}); name the one to measure on with --test-split")
+    return splits["train"], splits[name], name
 
 
 def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
                 image_column: str | None = None, label_column: str | None = None,
-                skip_bad_images: bool = False) -> Splits:
-    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), sliced
+                skip_bad_images: bool = False, test_split: str | None = None) -> Splits:
+    """Load `name` ("cifar10", "cifar100", "digits", a local folder or a hub id), its train
+    split and the one measured on (`test_split`, or the first of TEST_SPLITS it has), sliced
     (:func:`_slice`; CIFAR's rows are shuffled, so it is sliced by datasets' own split syntax, as
     the seed did); every image is checked (:func:`check_images`) before it is used."""
     import datasets
 
     pcts = {"train": train_pct, "test": test_pct}
     if name == "digits":
+        if test_split not in (None, "test"):
+            raise DataError(f"--test-split {test_split}: digits has a train and a test split")
         train, test = digits_dataset()
+        test_split = "test"
     elif Path(name).exists():
-        train, test = _load_local(Path(name))
+        train, test, test_split = _pick_splits(_load_local(Path(name)), test_split, name)
     else:
-        hub, tr, te = (KNOWN[name][:3] if name in KNOWN else (name, "train", "test"))
+        hub, tr, te = (KNOWN[name][:3] if name in KNOWN else (name, "train", None))
         if "/" not in hub and name not in KNOWN:
             raise DataError(f"--dataset: unknown dataset {name!r}; use cifar10, cifar100, digits, "
                             f"a local dataset folder, or a hub id like owner/name")
-        pct = lambda p: f"[:{round(p * 100, 6):g}%]" if name in KNOWN else ""  # noqa: E731
-        try:  # datasets prepares a whole split either way; others are sliced below
-            train = datasets.load_dataset(hub, split=f"{tr}{pct(train_pct)}")
-            test = datasets.load_dataset(hub, split=f"{te}{pct(test_pct)}")
-        except Exception as exc:  # offline, missing, private...
+        pct = lambda p: f"[:{round(p * 100, 6):g}%]"  # noqa: E731
+        try:  # datasets prepares every split either way; others are sliced below
+            if name in KNOWN:
+                test_split = test_split or te
+                train = datasets.load_dataset(hub, split=f"{tr}{pct(train_pct)}")
+                test = datasets.load_dataset(hub, split=f"{test_split}{pct(test_pct)}")
+                pcts = {"train": 1.0, "test": 1.0}
+            else:
+                every = datasets.load_dataset(hub)
+        except Exception as exc:  # offline, missing, private, no such split...
             raise DataError(f"--dataset: cannot load {hub!r} ({exc_summary(exc)}); without network "
                             f"use --dataset digits or a local folder") from exc
-        if name in KNOWN:
-            pcts = {"train": 1.0, "test": 1.0}
+        if name not in KNOWN:
+            train, test, test_split = _pick_splits(every, test_split, hub)
     if name in KNOWN:
         image_column = image_column or KNOWN[name][3]
         label_column = label_column or KNOWN[name][4]
@@ -197,7 +222,7 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         # a column of image file paths (checked above) is read as images
         train, test = (ds if isinstance(ds.features[img], datasets.Image) else
                        ds.cast_column(img, datasets.Image()) for ds in (train, test))
-    return Splits(name, train, test, img, lab, num, names, skipped, spaced)
+    return Splits(name, train, test, img, lab, num, names, skipped, spaced, test_split)
 
 
 def class_labels(train, test, column: str):

@@ -81,7 +81,8 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
         try:
             image_mode(input_channels(model))  # images can be read for the model's channels
             data.splits = load_splits(data.dataset, cfg.data.cifar_train_pct, cfg.data.cifar_test_pct,
-                                      cfg.data.image_column, cfg.data.label_column, cfg.data.skip_bad_images)
+                                      cfg.data.image_column, cfg.data.label_column,
+                                      cfg.data.skip_bad_images, cfg.data.test_split)
             for name in data.splits.skipped:
                 log.warning("--skip-bad-images: left out %s", name)
         except DataError as exc:
@@ -239,7 +240,7 @@ def evaluation_batches(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data,
     if data.eval_batches:
         data.eval_labels = torch.cat([batch_labels(b) for b in data.eval_batches]).to(ch.device)
     data.accuracy_note = (
-        f"top-1 on the first {cfg.data.eval_batches} test batches of {data.dataset} "
+        f"top-1 on the first {cfg.data.eval_batches} {data.splits.test_split} batches of {data.dataset} "
         f"({sum(len(x) for x in data.eval_pixels)} images)" if data.eval_pixels and data.has_head
         else "not applicable (no labelled data or headless model)")
 

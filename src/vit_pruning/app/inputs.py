@@ -72,8 +72,7 @@ def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
 def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     """Load the labelled splits; install a fresh head, an adapter or a saved one; refuse flags
     that need what the run does not have."""
-    from ..anatomy import resolve
-    from ..anatomy import input_channels
+    from ..anatomy import input_channels, resolve
     from ..data import DataError, align_to_head, image_mode, load_splits
     from ..heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
     model = loaded.model
@@ -129,8 +128,8 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
 def image_inputs(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data):
     """Train/test loaders, calibration images (device) and distillation images (host); returns
     the test loader (None without a dataset)."""
-    from ..batches import take_inputs
     from ..anatomy import input_channels
+    from ..batches import take_inputs
     from ..data import calibration_subset, default_workers, fingerprint, make_loader
     splits = data.splits
     if splits is None:

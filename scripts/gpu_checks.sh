@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of a session, in one run on a CUDA machine, from the repository root:
 #   bash scripts/gpu_checks.sh [OUT_DIR]
-# 1. tests/test_cuda.py (library, CLI end to end on cuda, layer distillation);
+# 1. tests/test_cuda.py (library, CLI end to end on cuda, layer distillation, a bf16 pruned
+#    model reloaded on the device in bf16);
 # 2. the whole test suite with CUDA present: the CLI tests' --device auto then runs on the GPU
 #    and times in bf16, paths the CPU-only CI never takes;
 # 3. the CLI on the embedded model on cuda: the dry run (the pipeline's preview on the device), a

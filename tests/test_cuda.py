@@ -26,6 +26,22 @@ def test_prune_2ssp_on_cuda(unit, selection):
         assert torch.isfinite(model(pixel_values=x).logits).all()
 
 
+@pytest.mark.parametrize("heads", ["off", 1])
+def test_a_bf16_model_pruned_on_cuda_reloads_there_in_bf16(tmp_path, heads):
+    """What a GPU user serves: pruned in bf16 on the device, saved, loaded back on the device
+    in its own dtype (not float32) with the same logits."""
+    from vit_pruning import save_pruned_model
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_config()).eval().cuda().to(torch.bfloat16)
+    x = torch.randn(32, 3, 16, 16, device="cuda", dtype=torch.bfloat16)
+    model, _ = prune_2ssp(model, 0.3, [x], PruneConfig(min_remaining=8, heads=heads))
+    save_pruned_model(model, tmp_path / "m")
+    back = load_pruned_model(tmp_path / "m", device="cuda")
+    assert {(p.dtype, p.is_cuda) for p in back.parameters()} == {(torch.bfloat16, True)}
+    with torch.no_grad():
+        assert torch.equal(back(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
 def test_cli_end_to_end_on_cuda(tmp_path):
     code = main(["--model", "embedded", "--target", "0.3", "--device", "cuda", "--use-adapter",
                  "--do-finetune", "--freeze-backbone", "--recover", "--save-adapter",

@@ -352,3 +352,18 @@ def test_a_grayscale_model_reads_grayscale_images(tmp_path, capsys, channels):
         assert code == 0
         rep = json.loads((tmp_path / "reports" / "report-g.json").read_text())
         assert abs(rep["achieved_sparsity"] - 0.3) < 1e-3
+
+
+@pytest.mark.cli
+def test_a_regression_head_is_refused_before_any_work(tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from conftest import one_line_error
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64, num_labels=1)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "m")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "m")
+    assert run(tmp_path, "--model", str(tmp_path / "m"), "--target", "0.2") == 2
+    assert one_line_error(capsys).startswith(
+        "vit-2ssp: error: --model: its classifier head has one output (a regression head")
+    assert not (tmp_path / "reports").exists()

@@ -123,3 +123,16 @@ def test_search_target_refuses_bad_arguments_by_name():
 def test_sweep_refuses_one_number_by_name():
     with pytest.raises(ValueError, match="targets must be a sequence"):
         sweep(tiny_model(4), 0.3)
+
+
+def test_a_one_output_head_is_refused_where_outputs_are_compared():
+    """num_labels=1 (transformers' regression head): the softmax of one logit is 1, so every
+    trial measured KL 0 and the plan was chosen blind."""
+    model = tiny_model(4)
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 1)
+    model.config.num_labels = 1
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"ViTForImageClassification: its classifier head has one "
+                                         r"output \(a regression head"):
+        prune_2ssp(model, 0.3, [x], PruneConfig(min_remaining=8))
+    prune_2ssp(model, 0.3, None, PruneConfig(min_remaining=8))  # data-free: nothing compared

@@ -384,6 +384,18 @@ def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def single_output_problem(model: nn.Module) -> str | None:
+    """Why the outputs of `model` cannot be compared by KL (None where they can): a classifier
+    head with one output, which transformers trains as a regression (num_labels=1), has no
+    class probabilities; the softmax of one logit is 1 whatever the model does, so every
+    pruned model would measure as unchanged."""
+    if not resolve(model).has_classifier or int(getattr(model.config, "num_labels", 2)) != 1:
+        return None
+    return ("its classifier head has one output (a regression head, as transformers treats "
+            "num_labels=1): fidelity is the KL of class probabilities, which one output does "
+            "not have, so every pruned model would measure as unchanged")
+
+
 def output_distance(out: torch.Tensor, ref: torch.Tensor, is_logits: bool) -> float:
     """KL for logits; 1 - mean cosine for hidden states (per token, headless ViT) or sentence
     embeddings (text encoders)."""

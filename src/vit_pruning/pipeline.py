@@ -24,7 +24,7 @@ from .config import (HEAD_FRACTIONS, HEAD_GAIN_Z, NEURON_SELECTIONS, SELECTIONS,
 from .batches import take_inputs
 from .depth import Budget, apply_depth, outputs_with_depth, select_depth
 from .measure import (collect_outputs, count_flops, count_total_params, output_distance,
-                      row_distances)
+                      row_distances, single_output_problem)
 from .objective import measure_latency_model, objective_shape
 from .planner import (ModelShape, PruningPlan, Within, alpha_depth, as_target, best_feasible_units,
                       candidates, check_width_only, counts_with_heads, depth_only_plan,
@@ -228,6 +228,10 @@ class Pruner:
         batches = take_inputs(calibration_loader, calib_batches, device,
                               resolve(model).is_text) if calibration_loader is not None else None
         if batches:  # small micro-batches bound the memory of cached activations in every phase
+            problem = single_output_problem(model)
+            if problem:
+                raise ValueError(f"{type(model).__name__}: {problem}; prune its backbone, or "
+                                 f"prune without calibration data (None)")
             batches = [c for x in batches for c in torch.split(x, MICRO_BATCH)]
         self.batches = batches
         cfg = self.cfg

@@ -154,6 +154,11 @@ def load_step(cfg: RunConfig) -> Loaded:
         cfg.model, bool(cfg.head.replace_classifier or cfg.head.use_adapter or cfg.head.load_adapter))
     anatomy = resolve(model)
     check_finite(model, "--model")
+    from ..measure import single_output_problem
+    problem = single_output_problem(model)
+    if problem and not (cfg.head.replace_classifier or cfg.head.use_adapter or cfg.head.load_adapter):
+        raise UsageError(f"--model: {problem}; add --replace-classifier (or --use-adapter) with a "
+                         f"labelled --dataset, or prune the backbone saved alone")
     if anatomy.is_text:
         check_text_flags(cfg)
     elif cfg.data.text_file:

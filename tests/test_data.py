@@ -213,3 +213,14 @@ def test_the_split_measured_on_is_test_or_validation_or_named(tmp_path):
             load_splits(str(tmp_path / "both"), 1.0, 1.0, test_split=split)
     with pytest.raises(DataError, match="--test-split val: digits has a train and a test split"):
         load_splits("digits", test_split="val")
+
+
+def test_an_image_folder_without_class_folders_is_told_where_labels_come_from(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+    with pytest.raises(DataError, match=r"^--label-column: .*; an image folder's labels are its "
+                                        r"class folders \(train/<class>/<image>\)$"):
+        load_splits(str(tmp_path), 1.0, 1.0)

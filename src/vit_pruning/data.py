@@ -198,7 +198,12 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         image_column = image_column or KNOWN[name][3]
         label_column = label_column or KNOWN[name][4]
     img = _pick_column(train, image_column, IMAGE_COLUMNS, "image", "--image-column")
-    lab = _pick_column(train, label_column, LABEL_COLUMNS, "label", "--label-column")
+    hint = ("; an image folder's labels are its class folders (train/<class>/<image>)"
+            if Path(name).is_dir() and not (Path(name) / "dataset_dict.json").exists() else "")
+    try:  # an image folder without class folders has no labels
+        lab = _pick_column(train, label_column, LABEL_COLUMNS, "label", "--label-column")
+    except DataError as exc:
+        raise DataError(f"{exc}{hint}") from exc
     for split_name, ds in (("train", train), ("test", test)):
         if len(ds) == 0:
             raise DataError(f"--dataset: the {split_name} split is empty")
@@ -209,7 +214,10 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
             raise DataError(f"--image-column: column {img!r} of the {split_name} split holds "
                             f"{getattr(feature, 'dtype', None) or type(feature).__name__} values, "
                             f"not images or image paths (columns: {list(ds.column_names)})")
-    train, test, names = class_labels(train, test, lab)  # every row: row numbers are the split's
+    try:
+        train, test, names = class_labels(train, test, lab)  # every row: rows are the split's
+    except DataError as exc:
+        raise DataError(f"{exc}{hint}") from exc
     num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
     (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], lab),
                                                   _slice(test, pcts["test"], lab))
@@ -251,7 +259,8 @@ def class_labels(train, test, column: str):
             raise DataError(f"--label-column: the {split} split's {column!r} is {shown} in row {i} "
                             f"({kind}){f' and {len(bad) - 1} more rows' if len(bad) > 1 else ''}; "
                             f"top-1 needs every row labelled with an integer class id >= 0 or a "
-                            f"class name: use a labelled split or another --label-column")
+                            f"class name: measure on a labelled split (--test-split) or name "
+                            f"another --label-column")
     if names is None and any(isinstance(v, float) for vs in values.values() for v in vs):
         train, test = (ds.cast_column(column, datasets.Value("int64")) for ds in (train, test))
     return train, test, names

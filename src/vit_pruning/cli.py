@@ -159,7 +159,7 @@ def _data_flags(ap) -> None:
     d.add_argument("--load-cifar", action="store_true", help="evaluate on CIFAR-10 (same as --dataset cifar10)")
     d.add_argument("--dataset", default=DEFAULTS["dataset"],
                    help="cifar10, cifar100, digits (offline), a hub id or a local dataset folder "
-                        "(load_from_disk or imagefolder with train/ and test/); default: digits for "
+                        "(load_from_disk or imagefolder with train/ and test/ or val/); default: digits for "
                         "--model embedded, none otherwise")
     d.add_argument("--image-column", default=DEFAULTS["image_column"], help="image column name when not obvious")
     d.add_argument("--label-column", default=DEFAULTS["label_column"], help="label column name when not obvious")

@@ -134,7 +134,7 @@ def _load_local(path: Path):
         raise DataError(f"--dataset: cannot read {path} as "
                         f"{'a saved dataset' if saved else 'an image folder'} "
                         f"({exc_summary(exc)}); "
-                        f"give a folder with train/ and test/ subfolders of class folders of "
+                        f"give a folder with train/ and test/ (or val/) subfolders of class folders of "
                         f"images, or one saved by datasets' save_to_disk") from exc
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"--dataset: {path} holds one split; save a DatasetDict with train and test")

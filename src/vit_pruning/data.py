@@ -82,15 +82,15 @@ def digits_dataset():
 SLICE_SEED = 0  # the fixed order of a split ordered by label (not --seed: the test set stays)
 
 
-def _slice(ds, pct: float, label_column: str):
+def _slice(ds, pct: float, labels: list):
     """The first `pct` of a split's rows, or, where the split is ordered by label (an image
     folder lists its classes one after another, as do hub datasets uploaded from one), as many
     rows evenly spaced over it, in a fixed shuffled order: a slice holds every class, and so
-    does any first part of it (--eval-batches measures the first test batches). Returns (the
-    slice, whether it was ordered by label)."""
+    does any first part of it (--eval-batches measures the first test batches). `labels`: the
+    split's labels, row by row. Returns (the slice, whether it was ordered by label)."""
     n = len(ds)
     keep = min(n, max(1, int(round(n * pct))))
-    if n > 1 and _ordered_by_label(ds[label_column]):
+    if n > 1 and _ordered_by_label(labels):
         spaced = [i * n // keep for i in range(keep)]
         order = np.random.default_rng(SLICE_SEED).permutation(keep)
         return ds.select([spaced[j] for j in order]), True
@@ -218,9 +218,10 @@ def load_splits(name: str, train_pct: float = 0.25, test_pct: float = 0.25,
         train, test, names = class_labels(train, test, lab)  # every row: rows are the split's
     except DataError as exc:
         raise DataError(f"{exc}{hint}") from exc
-    num = len(names) if names else max(max(train[lab]), max(test[lab])) + 1
-    (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], lab),
-                                                  _slice(test, pcts["test"], lab))
+    labels = {"train": train[lab], "test": test[lab]}  # read once, as class ids
+    num = len(names) if names else max(max(labels["train"]), max(labels["test"])) + 1
+    (train, spaced_train), (test, spaced_test) = (_slice(train, pcts["train"], labels["train"]),
+                                                  _slice(test, pcts["test"], labels["test"]))
     spaced = ("train",) * spaced_train + ("test",) * spaced_test
     skipped: list[str] = []
     if name != "digits":  # built here from arrays: nothing to check

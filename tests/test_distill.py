@@ -98,6 +98,25 @@ def test_text_encoder_can_learn_every_token():
         distill(vit_student, vit_teacher, [torch.zeros(2, 3, 16, 16)], steps=1, match="tokens")
 
 
+def test_token_match_pools_as_the_model_does():
+    """match="tokens" on a CLS-pooled encoder: the sentence term is the [CLS] token's distance,
+    not the tokens' mean (the held-out check before any step is the loss exactly)."""
+    teacher, _, batch, held = _bert_data(padding=True)
+    teacher.config.sentence_pooling = "cls"
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.encoder.layer[-1].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        s, t = student(**held).last_hidden_state, teacher(**held).last_hidden_state
+    res = distill(student, teacher, [batch], steps=1, lr=0.0, batch_size=32, train="all",
+                  match="tokens", check_inputs=[held])
+    tokens = (1 - torch.cosine_similarity(s, t, dim=-1)).mean()
+    cls, mean = ((1 - torch.cosine_similarity(a, b, dim=-1)).mean()
+                 for a, b in ((s[:, 0], t[:, 0]), (s.mean(1), t.mean(1))))
+    assert abs(cls - mean) > 1e-3  # the two poolings differ here
+    assert res.heldout[0] == pytest.approx(float(tokens + cls), rel=1e-5)
+
+
 def test_blocks_trains_every_block_and_nothing_else():
     _, student, _, _ = _vit_pair()
     chosen = {id(p) for p in trainable_parameters(student, "blocks")}

@@ -214,7 +214,7 @@ def _recovery_flags(ap) -> None:
     r.add_argument("--distill-match", choices=("auto", *MATCHES), default=DEFAULTS["distill_match"],
                    help=f"what the student learns: the output fidelity is measured on (logits, "
                         f"embedding); for a text encoder every token's final hidden state and their "
-                        f"mean (tokens); or that and every kept block's hidden states, each against "
+                        f"pooling (tokens); or that and every kept block's hidden states, each against "
                         f"the teacher block whose place it takes (layers; a text encoder's every "
                         f"token). auto: {DISTILL_MATCH}")
     r.add_argument("--distill-temperature", type=float, default=DEFAULTS["distill_temperature"],

@@ -3,10 +3,10 @@ on unlabeled inputs, without labels.
 
 - a classifier learns the teacher's logits by KL divergence at a temperature (Hinton et al.
   2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``);
-- a headless encoder learns the teacher's output by cosine distance: the mean-pooled sentence
-  embedding for a text encoder, every token's final hidden state for a headless ViT; with
-  ``match="tokens"`` a text encoder learns every real token's final hidden state as well as
-  their mean (one target per token instead of one per sentence);
+- a headless encoder learns the teacher's output by cosine distance: the sentence embedding
+  for a text encoder (pooled as its config says: mean or CLS), every token's final hidden state
+  for a headless ViT; with ``match="tokens"`` a text encoder learns every real token's final
+  hidden state as well as their pooling (one target per token instead of one per sentence);
 - with ``match="layers"`` every block the student kept also learns, token by token, the hidden
   state the teacher has where that block's output goes: the output of the teacher block just
   before the next kept block (see :func:`teacher_layers`), so a kept block learns to stand in for
@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -62,7 +63,7 @@ class DistillResult:
     batch_size: int
     temperature: float
     loss: str  # "kl" (classifier logits), "cosine" (embeddings / hidden states) or "tokens"
-    # (a text encoder's every token and their mean)
+    # (a text encoder's every token and their pooling)
     losses: list[float] = field(default_factory=list)  # the training loss, one value per step
     trainable_params: int = 0
     heldout: dict[int, float] = field(default_factory=dict)  # step -> loss on the held-out inputs
@@ -166,10 +167,12 @@ def _rows(batch, idx: torch.Tensor, device: torch.device):
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
-                 temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 temperature: float = 1.0, mask: torch.Tensor | None = None,
+                 pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mean_pool
+                 ) -> torch.Tensor:
     """KL at a temperature for logits, mean cosine distance for embeddings/hidden states;
     "tokens": the cosine distance of every real token's hidden state (`mask`) plus that of the
-    mean-pooled embedding."""
+    sentence embedding `pool` makes of them (the model's pooling, see :func:`pooling`)."""
     if kind == "kl":
         t = temperature
         return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
@@ -177,9 +180,15 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     if kind == "tokens":
         s, t = student.float(), teacher.float()
         m = _token_mask(s, mask)
-        pooled = 1 - F.cosine_similarity(mean_pool(s, m), mean_pool(t, m), dim=-1)
+        pooled = 1 - F.cosine_similarity(pool(s, m), pool(t, m), dim=-1)
         return _token_distance(s, t, m) + pooled.mean()
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def pooling(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The sentence pooling of `model` (its config's, :func:`vit_pruning.anatomy.sentence_pool`)
+    as `distill_loss`'s `pool`: (token states, mask) -> sentence embeddings."""
+    return partial(sentence_pool, model.config)
 
 
 def _token_mask(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +272,7 @@ def _heldout_sums(model: nn.Module, inputs: Sequence, targets: Sequence[torch.Te
             idx = torch.arange(i, min(n, i + 64))
             total += float(distill_loss(_forward(model, _rows(b, idx, device), match),
                                         t[idx].to(device), kind, temperature,
-                                        _mask(b, idx))) * len(idx)
+                                        _mask(b, idx), pooling(model))) * len(idx)
             count += len(idx)
     return total, count
 
@@ -466,7 +475,7 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
             `layers`, `cache_limit`, `mixed_precision`, `grad_accumulation`,
             `checkpoint_every`, `progress`). match: "output" (what fidelity is measured on: logits, the
             sentence embedding, hidden states); for a text encoder "tokens": every token's final
-            hidden state as well as their mean; "layers": the output (every token's, for a text
+            hidden state as well as their pooling; "layers": the output (every token's, for a text
             encoder) and every block's hidden states, each kept block against teacher block
             `layers[i]` (:func:`pruned_layers` of the PruneResult; default: the same block).
         cached: the teacher's outputs per input batch (:func:`teacher_outputs`, with the same
@@ -625,10 +634,11 @@ class _Run:
             target = _take(data.targets[k], idx, self.device)
         with self.acc.accumulate(self.student):
             out, hs = self.student(x)
+            pool = pooling(self.pruned)
             if self.student_layers is None:
-                loss = distill_loss(out.float(), target, self.kind, cfg.temperature, mask)
+                loss = distill_loss(out.float(), target, self.kind, cfg.temperature, mask, pool)
             else:
-                loss = (distill_loss(out.float(), target[0], self.kind, cfg.temperature, mask)
+                loss = (distill_loss(out.float(), target[0], self.kind, cfg.temperature, mask, pool)
                         + layer_loss(hs, target[1:], mask))
             if count > 1:
                 loss = loss * share

@@ -54,7 +54,7 @@ def test_the_parsed_config_holds_what_was_asked():
     (["--adapter-reduction", "8"], "adapter_reduction"),
     (["--accept-latency-miss"], "accept_latency_miss"),
     (["--stage", "s1", "--depth-unit", "attention"], "depth_unit"),
-    (["--distill-lr", "0"], "distill_lr")])
+    (["--distill-lr", "0"], "distill_lr"), (["--save-dtype", "bfloat16"], "save_dtype")])
 def test_a_bad_value_names_its_field_and_flag(argv, field):
     with pytest.raises(UsageError) as err:
         config(*argv)
@@ -66,6 +66,7 @@ def test_a_bad_value_names_its_field_and_flag(argv, field):
     ["--do-finetune", "--freeze-backbone", "--ft-lr", "0.1", "--mixed-precision", "no"],
     ["--recover", "--ft-epochs", "2"], ["--use-adapter", "--adapter-reduction", "8"],
     ["--distill-steps", "3", "--distill-train", "mlp", "--grad-accumulation", "2"],
+    ["--export-onnx", "--save-dtype", "float16"],
     ["--pruned-output-dir", "elsewhere"]])  # folders are settings a wrapper may always pass
 def test_a_flag_with_what_it_acts_on_is_taken(argv):
     assert config(*argv).seed == 0

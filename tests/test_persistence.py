@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTForImageClassification, ViTImageProcessor
 
-from conftest import tiny_config, tiny_model
+from conftest import cli_run, tiny_config, tiny_model
 from vit_pruning import (PruneConfig, load_pruned_model, prune_2ssp, save_cifar_adapter,
                          save_pruned_model)
 from vit_pruning.anatomy import resolve
@@ -331,3 +331,68 @@ def test_a_model_pruned_in_bf16_reloads_in_bf16_with_its_logits(tmp_path, heads)
     assert torch.equal(logits(back, x), logits(pruned, x))
     wide = load_pruned_model(tmp_path / "m", dtype=torch.float32)
     assert {p.dtype for p in wide.parameters()} == {torch.float32}
+
+
+def _auto_dtype() -> dict:
+    """from_pretrained's argument that loads weights in the dtype the folder says (4.56 renamed
+    torch_dtype to dtype)."""
+    from vit_pruning.persistence import float32_weights
+    return {next(iter(float32_weights())): "auto"}
+
+
+def test_a_model_saved_in_another_dtype_says_so_in_its_config(tmp_path):
+    """save_pruned_model(dtype=...) casts every floating weight, and the config names the saved
+    weights' dtype (as save_pretrained does), whatever it said before: from_pretrained(dtype=
+    "auto") and load_pruned_model load them in it."""
+    from safetensors import safe_open
+
+    from vit_pruning.persistence import config_dtype
+    model, x = pruned_vit(unit="attention")
+    for name in ("torch_dtype", "dtype"):  # what 4.46 leaves on a bf16 checkpoint loaded in float32
+        setattr(model.config, name, torch.bfloat16)
+    save_pruned_model(model, tmp_path / "wide")
+    assert config_dtype(load_pruned_model(tmp_path / "wide").config) == torch.float32
+    plain, _ = pruned_vit(align=8)
+    save_pruned_model(plain, tmp_path / "half", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    back = load_pruned_model(tmp_path / "half")
+    assert config_dtype(back.config) == torch.bfloat16
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    half = x.to(torch.bfloat16)
+    assert torch.equal(logits(back, half), logits(plain.to(torch.bfloat16), half))
+    stock = ViTForImageClassification.from_pretrained(  # the attention kernel it was saved with
+        tmp_path / "half", attn_implementation=back.config._attn_implementation, **_auto_dtype())
+    assert stock.dtype == torch.bfloat16 and torch.equal(logits(stock, half), logits(back, half))
+    with pytest.raises(ValueError, match="floating dtype"):
+        save_pruned_model(plain, tmp_path / "int", dtype=torch.int8)
+
+
+@pytest.mark.cli
+def test_a_bf16_checkpoint_is_pruned_in_float32_and_saved_in_bf16(tmp_path):
+    """transformers 5.x loads a checkpoint in the dtype it stores (4.x in float32): a bf16
+    checkpoint was pruned, measured and timed in bf16 there, under a report saying float32.
+    Now every version prunes in float32 (the same numbers as the float32 copy of the same
+    weights) and saves the pruned model in the checkpoint's dtype, or --save-dtype's."""
+    from vit_pruning.config import EMBEDDED
+    from vit_pruning.persistence import config_dtype
+    model = ViTForImageClassification.from_pretrained(EMBEDDED)
+    for dtype in (torch.bfloat16, torch.float32):  # the same weights, stored two ways
+        model.to(torch.bfloat16).to(dtype).save_pretrained(tmp_path / str(dtype)[6:])
+        ViTImageProcessor.from_pretrained(EMBEDDED).save_pretrained(tmp_path / str(dtype)[6:])
+    reports = {}
+    for name, extra in (("bfloat16", []), ("float32", ["--save-dtype", "float16"])):
+        out = tmp_path / f"run-{name}"
+        assert cli_run(out, "--model", str(tmp_path / name), "--dataset", "digits", "--target",
+                       "0.3", "--cifar-test-pct", "0.3", "--eval-batches", "2", "--run-id", "r",
+                       "--save-pruned-model", *extra) == 0
+        reports[name] = json.loads((out / "reports" / "report-r.json").read_text())
+        saved = load_pruned_model(out / "pruned" / "r")
+        assert reports[name]["artifacts"]["pruned_model_dtype"] == (extra[-1] if extra else name)
+        assert {p.dtype for p in saved.parameters()} == {config_dtype(saved.config)}
+    assert str(config_dtype(saved.config)) == "torch.float16"
+    a, b = reports["bfloat16"], reports["float32"]
+    assert a["plan"] == b["plan"]
+    assert [(s["params"], s["top1"], s["kl_to_baseline"]) for s in a["stages"]] == \
+        [(s["params"], s["top1"], s["kl_to_baseline"]) for s in b["stages"]]
+    assert a["latency_setup"]["dtype"] == "float32"

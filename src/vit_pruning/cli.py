@@ -29,8 +29,8 @@ from dataclasses import fields
 import torch
 
 from .config import (DEFAULT_MODEL, DEPTH_UNITS, DISTILL_AUGMENT, DISTILL_MATCH, DISTILL_SENTENCES,
-                     EMBEDDED, LATENCY_DTYPES, MATCHES, PRECISIONS, PRIORS, SECTIONS, SELECTIONS, STAGES,
-                     TRAINABLE, RunConfig, from_flags)
+                     EMBEDDED, LATENCY_DTYPES, MATCHES, PRECISIONS, PRIORS, SAVE_DTYPES, SECTIONS,
+                     SELECTIONS, STAGES, TRAINABLE, RunConfig, from_flags)
 from .errors import UsageError
 
 __all__ = ["EMBEDDED", "UsageError", "build_parser", "config_from_args", "main", "console_main"]
@@ -260,6 +260,8 @@ def _output_flags(ap) -> argparse._ArgumentGroup:
     o.add_argument("--export-onnx", action="store_true",
                    help="also write model.onnx beside the saved pruned model (implies "
                         "--save-pruned-model; needs pip install 'vit-2ssp[export]')")
+    o.add_argument("--save-dtype", choices=SAVE_DTYPES, default=DEFAULTS["save_dtype"], help="saved "
+                   "weights' dtype: auto = the checkpoint's (runs prune in float32; onnx stays float32)")
     return o
 
 

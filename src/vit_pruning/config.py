@@ -56,6 +56,8 @@ TRAINABLE = ("all", "blocks", "mlp", "norms", "fc2")  # what distillation trains
 MATCHES = ("output", "tokens", "layers")  # what the student matches
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # of training steps (accelerate)
 LATENCY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # a saved pruned model's weights (auto:
+# the dtype the checkpoint stores its weights in)
 
 SEED_MIN_REMAINING = 512  # the seed's fewest neurons per block
 NARROW_FRACTION = 4  # on MLPs no wider than 512, min_remaining defaults to width // 4
@@ -437,6 +439,7 @@ class OutputConfig:
     artifacts_dir: str = _opt("experiments/vit_pruning/artifacts", job=False)
     run_id: str | None = _opt(None, job=False)
     export_onnx: bool = _opt(False, job=False)
+    save_dtype: str = _opt("auto", job=False)
     dry_run: bool = _opt(False, job=False)
     quiet: bool = _opt(False, job=False)
 
@@ -684,6 +687,8 @@ _ACTS_ONLY_WITH = (  # (flags that change nothing without another, what that is,
     (("adapter_reduction",), "--use-adapter", lambda c: c.head.use_adapter),
     (("latency_tolerance", "accept_latency_miss", "no_mixed_depth"), "--target-latency",
      lambda c: c.targets.objective == "latency"),
+    (("save_dtype",), "--save-pruned-model or --export-onnx",
+     lambda c: c.output.save_pruned_model or c.output.export_onnx),
 )  # (output folders are settings, not actions: a wrapper may always pass them)
 
 

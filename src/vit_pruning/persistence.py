@@ -84,19 +84,51 @@ class SavedModel:
         return str(self.path)
 
 
-def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as saved: contiguous tensors, ViT/DeiT block names in the 4.x layout (other
-    families keep the names of the transformers that saved them)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def saved_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict as saved: contiguous tensors (each floating one cast to `dtype` if given),
+    ViT/DeiT block names in the 4.x layout (other families keep the names of the transformers
+    that saved them)."""
+    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point()
+                 else v.detach()).contiguous() for k, v in model.state_dict().items()}
     return translate_keys(state, "v4") if resolve(model).layout == "v5" else state
 
 
-def saved_config(model: nn.Module, metadata: dict | None = None):
-    """The config as saved: plain, or with the pruned class, ``auto_map`` and format fields."""
+def _dtype_fields(config) -> list[str]:
+    """The config attributes naming its weights' dtype, the one this transformers reads first:
+    `dtype` from 4.56 (which also reads an older `torch_dtype` as it), `torch_dtype` before (a
+    config saved by a later version carries `dtype` beside it)."""
+    return [name for name in ("torch_dtype", "dtype") if name in vars(config)] or ["torch_dtype"]
+
+
+def config_dtype(config) -> torch.dtype:
+    """The dtype a config says its checkpoint's weights are stored in; float32 where it names
+    none (or no floating dtype)."""
+    value = next((v for v in (vars(config).get(n) for n in _dtype_fields(config)) if v), None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def float32_weights() -> dict:
+    """from_pretrained's argument that loads every weight in float32, as transformers 4.x does
+    by default; 5.x loads a checkpoint in the dtype it is stored in (a bf16 checkpoint would
+    be pruned and measured in bf16 there, and in float32 on 4.x)."""
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
+def saved_config(model: nn.Module, metadata: dict | None = None,
+                 dtype: torch.dtype | None = None):
+    """The config as saved: plain, or with the pruned class, ``auto_map`` and format fields,
+    naming the saved weights' dtype (`dtype`, else the model's) as save_pretrained does."""
     anatomy = resolve(model)
     sync_config(anatomy)
     stock = stock_class(model)
     cfg = copy.deepcopy(model.config)
+    weights = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                            torch.float32)
+    for name in _dtype_fields(cfg):
+        setattr(cfg, name, str(weights).rsplit(".", 1)[-1])
     plain = is_plain(anatomy)
     cfg.vit_pruning = {**cfg.vit_pruning, "format": FORMAT_VERSION, "layout":
                        "v4" if anatomy.layout in ("v4", "v5") else anatomy.layout,
@@ -122,21 +154,25 @@ def saved_config(model: nn.Module, metadata: dict | None = None):
 
 def save_pruned_model(model: nn.Module, out_dir: str | Path, processor=None,
                       metadata: dict | None = None,
-                      extra: Callable[[Path], dict | None] | None = None) -> SavedModel:
+                      extra: Callable[[Path], dict | None] | None = None,
+                      dtype: torch.dtype | None = None) -> SavedModel:
     """Save a (pruned) model into a new folder `out_dir` (plain or remote code, see the module
     docstring); refuses an existing path. `extra(folder)` may add files (the ONNX export)
-    before the folder appears: it is written whole or not at all."""
+    before the folder appears: it is written whole or not at all. `dtype`: every floating
+    weight saved in it (default: each as the model holds it)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; save into a new folder (never over "
                               f"an existing one)")
-    cfg = saved_config(model, metadata)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    cfg = saved_config(model, metadata, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir.name), dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: readable like any folder the user makes
         cfg.save_pretrained(tmp)
-        _save_weights(saved_state(model), tmp / "model.safetensors")
+        _save_weights(saved_state(model, dtype), tmp / "model.safetensors")
         if cfg.vit_pruning["saved_as"] == "remote-code":
             shutil.copyfile(modeling_vit_pruning.__file__, tmp / MODELING_FILE)
         if processor is not None:  # image processor or tokenizer: the folder stays usable

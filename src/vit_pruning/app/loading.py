@@ -20,8 +20,11 @@ PRETRAINING_ENCODERS = {"ViTMAEForPreTraining": "ViTMAEModel"}
 
 
 def load_model(name: str, want_head: bool = False):
-    """(model, processor, source) from 'embedded', a local folder (pruned or not) or a hub id;
-    the processor is an image processor, or a tokenizer for a text encoder.
+    """(model, processor, source, stored dtype) from 'embedded', a local folder (pruned or not)
+    or a hub id; the processor is an image processor, or a tokenizer for a text encoder. The
+    weights are loaded in float32 on every transformers version (the pruning's refits and the
+    measurements are float32 math; 5.x would load a bf16 checkpoint in bf16), and the dtype the
+    checkpoint stores them in is returned, the dtype a pruned model is saved in by default.
 
     An image model is built as the supported class its config names (a headless backbone stays
     headless, a dual CLIP / SigLIP model keeps its text tower); `want_head` (a head is to be
@@ -29,7 +32,8 @@ def load_model(name: str, want_head: bool = False):
     import transformers
 
     from ..anatomy import SUPPORTED_CLASSES, is_text_config, resolve
-    from ..persistence import check_saved_folder, is_pruned_folder, load_pruned_model
+    from ..persistence import (check_saved_folder, config_dtype, float32_weights,
+                               is_pruned_folder, load_pruned_model)
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name
     if path.is_dir():
@@ -39,12 +43,12 @@ def load_model(name: str, want_head: bool = False):
             raise UsageError(f"--model: {exc}") from exc
     try:
         if path.is_dir() and is_pruned_folder(path):  # this package's folder (its own model
-            model = load_pruned_model(path)  # type when it needs its modeling file)
-            text = is_text_config(model.config)
+            model = load_pruned_model(path, dtype=torch.float32)  # type when it needs its
+            text, stored = is_text_config(model.config), config_dtype(model.config)  # modeling file)
         else:
             config = transformers.AutoConfig.from_pretrained(source)
             check_config(config, source)
-            text = is_text_config(config)
+            text, stored = is_text_config(config), config_dtype(config)
             arch = (getattr(config, "architectures", None) or [""])[0]
             arch = PRETRAINING_ENCODERS.get(arch, arch)
             if arch and arch not in SUPPORTED_CLASSES:  # never built as another class (a head
@@ -55,11 +59,12 @@ def load_model(name: str, want_head: bool = False):
                     f"its encoder) to a folder and pass that")
             headless = SUPPORTED_CLASSES.get(arch, ("", ""))[1] != "logits"
             if arch and not (want_head and headless):
-                model = getattr(transformers, arch).from_pretrained(source)
+                model = getattr(transformers, arch).from_pretrained(source, **float32_weights())
             elif text:  # a config naming no class: the headless encoder
-                model = transformers.AutoModel.from_pretrained(source)
+                model = transformers.AutoModel.from_pretrained(source, **float32_weights())
             else:
-                model = transformers.AutoModelForImageClassification.from_pretrained(source)
+                model = transformers.AutoModelForImageClassification.from_pretrained(
+                    source, **float32_weights())
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - loading raises many kinds (size mismatch,
@@ -78,11 +83,21 @@ def load_model(name: str, want_head: bool = False):
         log.info("%s: patch masking off (mask_ratio %s -> 0): the encoder is pruned and measured "
                  "on every patch", type(model).__name__, model.config.mask_ratio)
         model.config.mask_ratio = 0.0
+    if stored != torch.float32:
+        log.info("%s: its weights are stored in %s; pruned and measured in float32 (a saved "
+                 "pruned model is %s again: --save-dtype)", source, str(stored)[6:], str(stored)[6:])
+    return model.eval(), load_processor(source, text), source, stored
+
+
+def load_processor(source: str, text: bool):
+    """The tokenizer (text) or image processor of a model folder or hub id; exits 2 naming what
+    a folder lacks."""
+    import transformers
+    path = Path(source)
     try:
         if text:
-            processor = transformers.AutoTokenizer.from_pretrained(source)
-        else:
-            processor = transformers.AutoImageProcessor.from_pretrained(source)
+            return transformers.AutoTokenizer.from_pretrained(source)
+        return transformers.AutoImageProcessor.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, or an ImportError of a
         # library a fallback tokenizer needs (protobuf, sentencepiece)
         what, cls = ("tokenizer files", "AutoTokenizer") if text else \
@@ -93,7 +108,6 @@ def load_model(name: str, want_head: bool = False):
         raise UsageError(f"--model: {source} has no usable {what} ({why}); a model saved alone "
                          f"needs the one it was trained with beside it: {cls}.from_pretrained("
                          f"<its base checkpoint>).save_pretrained(<this folder>)") from exc
-    return model.eval(), processor, source
 
 
 def check_config(config, source: str) -> None:
@@ -144,13 +158,14 @@ class Loaded:
     layout: str
     extra_files: dict = field(default_factory=dict)  # name -> file kept beside a pruned model
     # (a sentence-transformers folder's module files)
+    stored_dtype: torch.dtype = torch.float32  # what the checkpoint stores its weights in
 
 
 def load_step(cfg: RunConfig) -> Loaded:
     """Load the model and its processor; refuse flags that do not fit its kind."""
     from ..anatomy import resolve
     from ..pipeline import model_shape
-    model, processor, model_id = load_model(
+    model, processor, model_id, stored = load_model(
         cfg.model, bool(cfg.head.replace_classifier or cfg.head.use_adapter or cfg.head.load_adapter))
     anatomy = resolve(model)
     check_finite(model, "--model")
@@ -173,7 +188,7 @@ def load_step(cfg: RunConfig) -> Loaded:
     check_hub(cfg)  # the dataset's hub resources, before any download is tried
     files = sentence_pooling(model, model_id) if anatomy.is_text else {}
     return Loaded(model, processor, model_id, anatomy.is_text, model_shape(model), anatomy.layout,
-                  files)
+                  files, stored)
 
 
 def sentence_pooling(model, source: str) -> dict:

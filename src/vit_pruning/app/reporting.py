@@ -238,7 +238,9 @@ def print_summary(cfg: RunConfig, rep: dict, stages, result, json_path: Path, md
         print(f"pruned model: {art['pruned_model']} ("
               + ("plain transformers: from_pretrained" if plain else
                  "with its modeling file: from_pretrained(..., trust_remote_code=True), or "
-                 "vit_pruning.load_pruned_model") + ")")
+                 "vit_pruning.load_pruned_model")
+              + (f"; weights in {art['pruned_model_dtype']}"
+                 if art.get("pruned_model_dtype", "float32") != "float32" else "") + ")")
     if art.get("onnx"):
         print(f"onnx: {art['onnx']['path']} (onnxruntime within "
               f"{art['onnx']['max_abs_diff']:.1e} of torch)")

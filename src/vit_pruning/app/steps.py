@@ -182,6 +182,13 @@ def latency_setup(cfg: RunConfig, data: Data, ch: Choices, comp) -> dict:
             "steady_allocator": cfg.timing.steady_allocator}
 
 
+def save_dtype(cfg: RunConfig, loaded: Loaded) -> torch.dtype:
+    """The dtype a pruned model's weights are saved in: --save-dtype, or with auto the dtype the
+    checkpoint stores its weights in."""
+    name = cfg.output.save_dtype
+    return loaded.stored_dtype if name == "auto" else getattr(torch, name)
+
+
 def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded, data: Data,
                meta: dict):
     """One pruned model saved into `folder` (its staging place, renamed to `final` with the
@@ -199,7 +206,11 @@ def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded,
         from ..export import export_onnx
         record = export_onnx(model, tmp / "model.onnx", seq_len=data.seq_len or 16)
         return {**record, "path": str(final / "model.onnx")}
-    saved = save_pruned_model(model, folder, loaded.processor, meta, extra=extra)
+    dtype = save_dtype(cfg, loaded)
+    saved = save_pruned_model(model, folder, loaded.processor, meta, extra=extra, dtype=dtype)
+    if dtype != torch.float32:
+        log.info("pruned model saved in %s%s", str(dtype)[6:], " (the checkpoint's dtype)"
+                 if cfg.output.save_dtype == "auto" else "")
     if saved.extra is not None:
         log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
                  saved.extra["path"], saved.extra["max_abs_diff"])
@@ -224,6 +235,7 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
                            {**meta, "seed": cfg.seed})
         artifacts["pruned_model"] = str(final)
         artifacts["pruned_model_format"] = saved.format
+        artifacts["pruned_model_dtype"] = str(save_dtype(cfg, loaded))[6:]
         if saved.extra is not None:
             artifacts["onnx"] = saved.extra
     return artifacts

@@ -224,3 +224,41 @@ def test_an_image_folder_without_class_folders_is_told_where_labels_come_from(tm
     with pytest.raises(DataError, match=r"^--label-column: .*; an image folder's labels are its "
                                         r"class folders \(train/<class>/<image>\)$"):
         load_splits(str(tmp_path), 1.0, 1.0)
+
+
+def _folder_of(tmp_path, name: str, images: dict[str, Image.Image]):
+    """An image folder (train/ and test/, class folders a and b) holding `images` by file name
+    in every class folder."""
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / name / split / cls).mkdir(parents=True)
+            for fname, im in images.items():
+                im.save(tmp_path / name / split / cls / fname)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_read_at_their_bit_depth(tmp_path, channels):
+    """A 16-bit PNG (medical, microscopy, depth) was converted by Pillow, which clips every value
+    above 255: the image came out white. It is now read as the 8-bit image of the same picture."""
+    eight = np.tile(np.linspace(0, 255, 64).round(), (64, 1)).astype(np.uint8)  # black to white
+    wide = Image.fromarray(eight.astype(np.uint16) * 257)
+    assert wide.mode == "I;16"
+    proc = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * channels,
+                             image_std=[0.5] * channels)
+    pixels = []
+    for name, im in (("eight", Image.fromarray(eight)), ("wide", wide)):
+        s = load_splits(_folder_of(tmp_path, name, {"x.png": im}), 1.0, 1.0)
+        batch = next(iter(make_loader(s.test, proc, s, 4, channels=channels)))
+        pixels.append(batch["pixel_values"])
+    assert pixels[0].shape[1] == channels and pixels[0].std() > 0.5
+    assert torch.equal(pixels[0], pixels[1])
+
+
+def test_float_images_are_refused_before_any_work(tmp_path):
+    """32-bit float pixels (a TIFF of measurements) have no fixed range to read them in: Pillow
+    clipped them to 0..255 without a word. Now they are named, like any unusable image."""
+    flt = Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64))
+    folder = _folder_of(tmp_path, "f", {"x.tiff": flt})
+    with pytest.raises(DataError, match=r"x\.tiff cannot be used \(32-bit float pixels"):
+        load_splits(folder, 1.0, 1.0)

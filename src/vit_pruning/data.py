@@ -323,7 +323,7 @@ def _image_problem(value) -> str | None:
 
     from PIL import Image
     if isinstance(value, Image.Image):
-        return None
+        return _mode_problem(value.mode)
     data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
     try:
         source = io.BytesIO(data) if data is not None else path
@@ -333,6 +333,8 @@ def _image_problem(value) -> str | None:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     return f"{w}x{h} pixels, over the limit of {MAX_PIXELS:,}"
+                if _mode_problem(im.mode):
+                    return _mode_problem(im.mode)
                 if im.format == "PNG":
                     im.verify()
                 else:
@@ -374,6 +376,27 @@ def check_images(ds, image_column: str, split: str, skip: bool):
 
 
 IMAGE_MODES = {1: "L", 3: "RGB"}  # a model's input channels -> the PIL mode images are read in
+WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (older Pillow opens a
+# 16-bit PNG as I): read at their bit depth, 0..65535 -> 0..255
+
+
+def read_image(image, mode: str):
+    """`image` in `mode` ("L" or "RGB"). 16-bit grayscale (medical, microscopy, depth images) is
+    first scaled to 8 bits by its bit depth: Pillow's convert clips every value above 255, so
+    a 16-bit PNG would come out white."""
+    from PIL import Image
+    if image.mode in WIDE_GRAY:
+        eight = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+        image = Image.fromarray(eight.astype(np.uint8))
+    return image.convert(mode)
+
+
+def _mode_problem(mode: str) -> str | None:
+    """Why an image of PIL mode `mode` cannot be read as a picture (None if it can)."""
+    if mode == "F":
+        return ("32-bit float pixels (mode F): no fixed range reads them as an 8-bit image; save "
+                "them as 8- or 16-bit integers")
+    return None
 
 
 def image_mode(channels: int) -> str:
@@ -396,7 +419,7 @@ class ImageCollator:
         self.mode = mode
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [r[self.image_column].convert(self.mode) for r in rows]
+        images = [read_image(r[self.image_column], self.mode) for r in rows]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(r[self.label_column]) for r in rows], dtype=torch.long)
         return {"pixel_values": pixels, "labels": labels}

@@ -2,6 +2,7 @@
 this package, model.save_pretrained, ONNX; bad folders are refused in one line; the seed's API."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,13 @@ def _missing(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def _lora(folder: Path) -> None:
+    """What peft's save_pretrained writes: the adapter, no config.json."""
+    (folder / "config.json").unlink()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "google/vit-base-patch16-224", "r": 8}))
+
+
 def _other_arch(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"] = ["Swinv2ForImageClassification"]
@@ -177,6 +185,8 @@ def _mismatched_arch(folder: Path) -> None:
     (_truncate, "model.safetensors is truncated or unreadable"),
     (_wrong_width, "config says block 0 has MLP width"),
     (_missing, "no model.safetensors"),
+    (_lora, "it holds a PEFT adapter (LORA weights for google/vit-base-patch16-224), not a model: "
+            "merge it into its base first"),
     (_other_arch, "architecture 'Swinv2ForImageClassification' is not one vit_pruning saves"),
     (_mismatched_arch, "architecture 'BeitForImageClassification' does not match model_type 'vit'"),
 ])
@@ -184,7 +194,7 @@ def _mismatched_arch(folder: Path) -> None:
 def test_bad_saved_folders_exit_2_in_one_line(tmp_path, capsys, spoil, message):
     folder = _saved(tmp_path)
     spoil(folder)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_pruned_model(folder)
     code = main(["--model", str(folder), "--target", "0.1", "--reports-dir", str(tmp_path / "r"),
                  "--dry-run"])

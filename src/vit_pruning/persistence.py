@@ -203,6 +203,19 @@ _MLP_IN = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.(?:mlp\.fc1|int
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.")
 
 
+def _adapter_hint(path: Path) -> str:
+    """What to do with a PEFT adapter folder (LoRA weights without their base model), or ""."""
+    try:
+        peft = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    base = peft.get("base_model_name_or_path") if isinstance(peft, dict) else None
+    return (f"; it holds a PEFT adapter ({peft.get('peft_type', 'adapter')} weights for "
+            f"{base or 'a base model'}), not a model: merge it into its base first, "
+            f"PeftModel.from_pretrained(<base model>, '{path}').merge_and_unload()"
+            f".save_pretrained(<new folder>), and pass that folder")
+
+
 def check_saved_folder(path: str | Path) -> None:
     """Raise ValueError, in one line naming the folder, if a local model folder cannot load:
     missing files, truncated or unreadable weights, an unsupported architecture, or a config
@@ -213,7 +226,8 @@ def check_saved_folder(path: str | Path) -> None:
     if not path.is_dir():
         raise ValueError(f"{path} is a file; give the saved model's folder")
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: no config.json (not a saved model folder)")
+        raise ValueError(f"{path}: no config.json (not a saved model folder)"
+                         + _adapter_hint(path))
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

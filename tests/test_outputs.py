@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import cli_run as run
 from conftest import one_line_error, output_files as files, read_report
@@ -308,3 +309,31 @@ def test_export_is_quiet_under_quiet(tmp_path):
     assert proc.wait(timeout=300) == 0
     err = proc.stderr.read()
     assert "INFO" not in err and len(err.strip().splitlines()) <= 3, err[-2000:]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("error, said", [
+    (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                    "total capacity of 79.1 GiB of which 1.2 GiB is free."),
+     "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"),
+    (lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                          "can't allocate memory: you tried to allocate 40000000000000 bytes."),
+     "DefaultCPUAllocator: can't allocate memory"),
+    (MemoryError, "MemoryError")])
+def test_running_out_of_memory_is_one_line_naming_what_sizes_it(tmp_path, capsys, monkeypatch,
+                                                                 error, said):
+    """An allocation that fails in the middle of a run (a --batch-size too large for the GPU)
+    ended in a traceback. Now it is one line that names the flags sizing the run's memory, exit
+    1, and nothing of the run is left (its outputs are all or nothing)."""
+    import vit_pruning.app.run as app_run
+
+    def exhausted(*a, **k):
+        raise error()
+    monkeypatch.setattr(app_run, "latency_step", exhausted)  # after the pruning: all staged
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--run-id", "m",
+               "--save-pruned-model", "--cifar-test-pct", "0.2", "--eval-batches", "1",
+               "--calib-size", "16") == 1
+    err = one_line_error(capsys)
+    assert "out of memory (" in err and said in err and "lower --batch-size" in err
+    assert "--latency-batch-size" in err and "--distill-batch-size" not in err
+    assert files(tmp_path) == []

@@ -31,7 +31,7 @@ import torch
 from .config import (DEFAULT_MODEL, DEPTH_UNITS, DISTILL_AUGMENT, DISTILL_MATCH, DISTILL_SENTENCES,
                      EMBEDDED, LATENCY_DTYPES, MATCHES, PRECISIONS, PRIORS, SAVE_DTYPES, SECTIONS,
                      SELECTIONS, STAGES, TRAINABLE, RunConfig, from_flags)
-from .errors import UsageError
+from .errors import UsageError, out_of_memory_line
 
 __all__ = ["EMBEDDED", "UsageError", "build_parser", "config_from_args", "main", "console_main"]
 
@@ -321,16 +321,17 @@ def _who() -> str:
     return f"vit-2ssp (rank {rank} of {count})"
 
 
-def _peer_failure(exc: BaseException) -> bool:
-    """Whether `exc` is a collective operation failing because another process of a launched
-    job died (gloo / NCCL connection errors)."""
+def _peer_line(exc: BaseException) -> str | None:
+    """The error line for a collective operation failing because another process of a launched
+    job died (gloo / NCCL connection errors); None for any other error."""
     from .accel import launched
-    if not launched():
-        return False
     backend = getattr(torch.distributed, "DistBackendError", ())
     text = str(exc).lower()
-    return isinstance(exc, backend) or any(w in text for w in (
-        "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))
+    if not launched() or not (isinstance(exc, backend) or any(w in text for w in (
+            "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))):
+        return None
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return f"another process of this job stopped ({first}); nothing half-written was kept"
 
 
 def _terminate(signum, frame) -> None:
@@ -356,12 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{who}: error: {exc}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as exc:
-        if not _peer_failure(exc):
+    except (RuntimeError, OSError, MemoryError) as exc:
+        line = out_of_memory_line(exc, bool(args.distill_steps)) or _peer_line(exc)
+        if line is None:
             raise
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        print(f"{who}: error: another process of this job stopped ({first}); nothing "
-              f"half-written was kept", file=sys.stderr)
+        print(f"{who}: error: {line}", file=sys.stderr)
         return 1
 
 

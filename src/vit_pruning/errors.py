@@ -22,3 +22,18 @@ def exc_summary(exc: BaseException, limit: int = 160) -> str:
 
 LATENCY_MISSED = 3  # exit code: the run is whole and reported, but its latency target was
 # missed by more than --latency-tolerance (--accept-latency-miss exits 0)
+
+
+def out_of_memory_line(exc: BaseException, distilling: bool = False) -> str | None:
+    """One line for an allocation that failed (CUDA out of memory, the CPU allocator refusing,
+    MemoryError), naming the flags that size what a run holds in memory; None for any other
+    error."""
+    text = str(exc).lower()
+    if not (isinstance(exc, MemoryError) or "out of memory" in text
+            or "can't allocate memory" in text):
+        return None
+    flags = ["--batch-size (calibration and evaluation batches)",
+             "--calib-size (calibration inputs, whose activations the refits read)",
+             "--latency-batch-size (timing)"] + (["--distill-batch-size"] if distilling else [])
+    return (f"out of memory ({exc_summary(exc)}); nothing half-written was kept: lower "
+            f"{', '.join(flags)}, or run where there is more memory")

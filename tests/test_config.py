@@ -54,7 +54,8 @@ def test_the_parsed_config_holds_what_was_asked():
     (["--adapter-reduction", "8"], "adapter_reduction"),
     (["--accept-latency-miss"], "accept_latency_miss"),
     (["--stage", "s1", "--depth-unit", "attention"], "depth_unit"),
-    (["--distill-lr", "0"], "distill_lr"), (["--save-dtype", "bfloat16"], "save_dtype")])
+    (["--distill-lr", "0"], "distill_lr"), (["--save-dtype", "bfloat16"], "save_dtype"),
+    (["--device", "cuda:x"], "device"), (["--device", "cudа"], "device")])
 def test_a_bad_value_names_its_field_and_flag(argv, field):
     with pytest.raises(UsageError) as err:
         config(*argv)
@@ -143,3 +144,23 @@ def test_the_config_is_frozen():
     with pytest.raises(AttributeError):
         cfg.data.batch_size = 3
     assert replace(cfg.data, batch_size=3).batch_size == 3 and cfg.data.batch_size == 32
+
+
+@pytest.mark.parametrize("device, count, message", [
+    ("cuda:1", 1, "--device cuda:1: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("cuda:3", 2, "--device cuda:3: this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    ("cuda", 0, "--device cuda: no CUDA device is available here; use --device cpu")])
+def test_a_cuda_device_this_machine_lacks_is_refused_before_any_work(monkeypatch, device, count,
+                                                                      message):
+    """--device cuda:1 on a one-GPU machine got past the checks and failed in a traceback
+    ("invalid device ordinal") once the model was on its way."""
+    import torch
+
+    from vit_pruning.app.checks import check_environment
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(UsageError) as err:
+        check_environment(config("--device", device))
+    assert str(err.value) == message and err.value.field == "device"
+    if count:
+        check_environment(config("--device", f"cuda:{count - 1}", "--model", "embedded"))  # taken

@@ -18,6 +18,7 @@ agree with (:mod:`vit_pruning.checkpoint`), so no new flag can be left out of it
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -664,7 +665,7 @@ def check(cfg: RunConfig) -> None:
     _check_structure(cfg)
     _check_inert(cfg)
     _check_run_id(cfg.output.run_id)
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+    if cfg.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}", "device")
     for name in ("distill_lr", "distill_temperature"):
         if not value(cfg, name) > 0:

@@ -40,9 +40,14 @@ def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
 
 def check_environment(cfg: RunConfig) -> None:
     """The device, the input paths and the ONNX exporter; each failure names the flag."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu",
-                         "device")
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use "
+                             f"--device cpu", "device")
+        index, count = int(cfg.device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise UsageError(f"--device {cfg.device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}", "device")
     check_input_path("--model", cfg.model, ("embedded",))
     if Path(os.path.expanduser(cfg.model)).is_file():
         raise UsageError(f"--model: {cfg.model} is a file; give a model folder (with its "

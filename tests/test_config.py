@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_model
 from vit_pruning.checkpoint import _differs
 from vit_pruning.cli import DEFAULTS, build_parser, config_from_args
-from vit_pruning.config import (SECTIONS, PruneConfig, RunConfig, from_flags, width_limits)
+from vit_pruning.config import (SECTIONS, PruneConfig, RunConfig, from_flags, value, width_limits)
 from vit_pruning.errors import UsageError
 from vit_pruning.pipeline import model_shape
 
@@ -164,3 +164,24 @@ def test_a_cuda_device_this_machine_lacks_is_refused_before_any_work(monkeypatch
     assert str(err.value) == message and err.value.field == "device"
     if count:
         check_environment(config("--device", f"cuda:{count - 1}", "--model", "embedded"))  # taken
+
+
+@pytest.mark.cli
+def test_a_path_given_from_the_home_folder_is_the_same_path_everywhere(tmp_path, monkeypatch,
+                                                                      capsys):
+    """`--model=~/vit` and `--reports-dir=~/r` reach the tool with their ~ (the shell expands it
+    only at the start of a word): the checks expanded it, the loader did not (the folder was
+    taken for a hub id), and the reports went into a folder named "~" in the working folder."""
+    import shutil
+
+    from vit_pruning.cli import main
+    from vit_pruning.config import EMBEDDED, PATH_FIELDS
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config(*(a for f in PATH_FIELDS if f != "model" for a in (f"--{f.replace('_', '-')}",
+                                                                    f"~/{f}")))
+    for f in PATH_FIELDS[1:]:
+        assert value(cfg, f) == str(tmp_path / f), f
+    shutil.copytree(EMBEDDED, tmp_path / "vit")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model=~/vit", "--target", "0.3", "--dry-run", "--reports-dir=~/r"]) == 0
+    assert "cannot load" not in capsys.readouterr().err and not (tmp_path / "~").exists()

@@ -18,6 +18,7 @@ agree with (:mod:`vit_pruning.checkpoint`), so no new flag can be left out of it
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -520,11 +521,17 @@ _AT_LEAST = (("distill_steps", 0), ("distill_batch_size", 1), ("distill_size", 1
              ("latency_repeats", 1))
 
 
+PATH_FIELDS = ("model", "dataset", "text_file", "load_adapter", "latency_cache", "reports_dir",
+               "artifacts_dir", "pruned_output_dir")  # a leading ~ is the home folder here: the
+# shell leaves it as typed in --reports-dir=~/x, and every use of the value then agrees
+
+
 def from_flags(values: dict[str, Any]) -> RunConfig:
     """The run config of parsed command-line values (field name -> value; unknown names are an
     error), with every check that needs no model done (:func:`check`). The targets are parsed
     here: `target`, `target_flops` and `target_latency` are given as text."""
-    values = dict(values)
+    values = {k: os.path.expanduser(v) if k in PATH_FIELDS and isinstance(v, str) else v
+              for k, v in values.items()}
     raw = {k: values.pop(k, None) for k in ("target",)}
     sections = {}
     for name, cls in _CLASSES.items():

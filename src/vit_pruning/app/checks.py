@@ -19,7 +19,7 @@ def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
     and the built-in `names` pass."""
     if value in names:
         return
-    path = Path(os.path.expanduser(value))
+    path = Path(value)
     if path.is_symlink() and not path.exists():
         try:
             path.resolve(strict=True)
@@ -49,7 +49,7 @@ def check_environment(cfg: RunConfig) -> None:
             raise UsageError(f"--device {cfg.device}: this machine has {count} CUDA device(s), "
                              f"cuda:0 to cuda:{count - 1}", "device")
     check_input_path("--model", cfg.model, ("embedded",))
-    if Path(os.path.expanduser(cfg.model)).is_file():
+    if Path(cfg.model).is_file():
         raise UsageError(f"--model: {cfg.model} is a file; give a model folder (with its "
                          f"config.json), a hub id or embedded")
     if cfg.data.dataset:

@@ -5,7 +5,6 @@ folder nor in a local cache, where the hub cannot be reached, is named in one li
 command that downloads it."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..config import RunConfig
@@ -18,11 +17,11 @@ def needed(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """(flag, repo id, repo type) of every hub resource the run would download."""
     from ..data import KNOWN
     out = []
-    if cfg.model != "embedded" and not Path(os.path.expanduser(cfg.model)).exists():
+    if cfg.model != "embedded" and not Path(cfg.model).exists():
         out.append(("--model", cfg.model, "model"))
     name = cfg.data.dataset or ("cifar10" if cfg.data.load_cifar else None)
     if name and (name in KNOWN or "/" in name) and not cfg.output.dry_run and \
-            not Path(os.path.expanduser(name)).exists():  # (other names are refused by name)
+            not Path(name).exists():  # (other names are refused by name)
         out.append(("--dataset", KNOWN[name][0] if name in KNOWN else name, "dataset"))
     return out
 

@@ -136,3 +136,33 @@ def test_a_one_output_head_is_refused_where_outputs_are_compared():
                                          r"output \(a regression head"):
         prune_2ssp(model, 0.3, [x], PruneConfig(min_remaining=8))
     prune_2ssp(model, 0.3, None, PruneConfig(min_remaining=8))  # data-free: nothing compared
+
+
+def test_what_a_processor_or_tokenizer_returns_is_a_batch():
+    """`[processor(images=..., return_tensors="pt")]` is a list of BatchFeature (not a dict):
+    it was refused ("cannot find pixel values in a batch of type BatchFeature"), as were numpy
+    arrays, and distill took only tensors and plain dicts. Each now prunes (and distills) as
+    the same pixels or token ids given as tensors do."""
+    from transformers import BatchEncoding, BatchFeature, BertConfig, BertModel
+
+    from vit_pruning import distill
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(min_remaining=8)
+    ref, _ = prune_2ssp(tiny_model(4), 0.3, [x], cfg)
+    for given in ([BatchFeature({"pixel_values": x})], [x.numpy()], [(x, torch.zeros(16))]):
+        model, _ = prune_2ssp(tiny_model(4), 0.3, given, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     ref.state_dict().values()))
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=32),
+                        add_pooling_layer=False).eval()
+    ids = torch.randint(1, 50, (8, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    losses = []
+    for batch in ({"input_ids": ids, "attention_mask": mask},
+                  BatchEncoding({"input_ids": ids, "token_type_ids": ids * 0, "attention_mask": mask})):
+        student = copy.deepcopy(teacher)
+        losses.append(distill(student, teacher, [batch], steps=2, lr=1e-3, batch_size=4,
+                              train="all", heldout=0).losses)
+    assert losses[0] == losses[1] and len(losses[0]) == 2

@@ -1,4 +1,5 @@
-"""What a batch looks like: HF-style dicts, (pixels, labels) tuples, or bare tensors.
+"""What a batch looks like: HF-style dicts (an image processor's or tokenizer's output
+included), (pixels, labels) tuples, or bare tensors (or numpy arrays).
 
 Calibration batches are reduced to one tensor each: pixel values for images, token ids for
 text. Text batches are made *padding-free* (:func:`unpad`): sentences are grouped by length,
@@ -6,14 +7,16 @@ so blocks can run without an attention mask and no padding token enters any stat
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
 
 def batch_len(batch: Any) -> int:
     """Rows of one batch: a tensor of images or token ids, or a dict of tokenized sentences."""
-    return len(batch["input_ids"]) if isinstance(batch, dict) else len(batch)
+    return len(batch["input_ids"]) if isinstance(batch, Mapping) else len(batch)
 
 
 def rows(batches: Iterable) -> int:
@@ -22,27 +25,38 @@ def rows(batches: Iterable) -> int:
 
 
 def batch_pixels(batch: Any) -> torch.Tensor:
-    """The model input tensor of a batch: pixel values, or token ids for text."""
-    if isinstance(batch, dict):
+    """The model input tensor of a batch: pixel values, or token ids for text. A mapping is a
+    dict or what an image processor or tokenizer returns (BatchFeature, BatchEncoding)."""
+    if isinstance(batch, Mapping):
         for key in ("pixel_values", "input_ids"):
             if key in batch:
-                return batch[key]
+                return torch.as_tensor(batch[key])
         raise TypeError(f"batch dict has neither 'pixel_values' nor 'input_ids' (keys: {sorted(batch)})")
     if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch
+        return torch.as_tensor(batch[0])
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(batch)
     raise TypeError(f"cannot find pixel values in a batch of type {type(batch).__name__}")
+
+
+def model_input(batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch as the models here take it: a text batch as a dict of `input_ids` (and its
+    `attention_mask`), whatever mapping the tokenizer gave; any other as its pixel tensor
+    (:func:`batch_pixels`)."""
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return {k: torch.as_tensor(batch[k]) for k in ("input_ids", "attention_mask")
+                if batch.get(k) is not None}
+    return batch_pixels(batch)
 
 
 def batch_labels(batch: Any) -> torch.Tensor:
     """The label tensor of a batch (dict key 'labels'/'label', or the second tuple item)."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         for key in ("labels", "label"):
             if key in batch:
-                return batch[key]
+                return torch.as_tensor(batch[key])
     elif isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return batch[1]
+        return torch.as_tensor(batch[1])
     raise TypeError("batch has no labels: expected a dict with 'labels' or a (pixels, labels) pair")
 
 
@@ -90,7 +104,7 @@ def take_inputs(loader: Iterable, max_batches: int | None = None,
                 raise ValueError(f"calibration batch {k} holds NaN or infinite pixel values")
             images.append(x.to(device))
         else:
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             sentences.extend(unpad(x, mask))
     if not images and not sentences:
         raise ValueError("the calibration data gave no batch" + (

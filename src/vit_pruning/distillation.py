@@ -47,7 +47,7 @@ from .anatomy import mean_pool, resolve, sentence_pool
 from .config import DISTILL_CACHE_LIMIT, MATCHES, TRAINABLE, DistillConfig  # noqa: F401
 from .measure import forward_output
 from .modes import device_of, eval_mode
-from .batches import batch_len
+from .batches import batch_len, model_input
 
 log = logging.getLogger(__name__)
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
@@ -144,7 +144,7 @@ def block_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 def _text_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids, attention_mask) of a text batch: a padded dict, or padding-free token ids."""
     if isinstance(batch, dict):
-        return batch["input_ids"], batch["attention_mask"]
+        return batch["input_ids"], batch.get("attention_mask")
     return batch, None
 
 
@@ -489,6 +489,8 @@ def distill(pruned: nn.Module, teacher: nn.Module | None, inputs: Sequence,
         requires_grad off.
     """
     cfg = _config(steps, config, options)
+    inputs = [model_input(b) for b in inputs]  # a tokenizer's BatchEncoding, (x, y) pairs ...
+    check_inputs = None if check_inputs is None else [model_input(b) for b in check_inputs]
     if not inputs:
         raise ValueError("distill needs at least one batch of unlabeled inputs")
     if cfg.match == "tokens" and not resolve(pruned).is_text:

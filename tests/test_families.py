@@ -48,6 +48,8 @@ FAMILIES = {
     "siglip-cls": ("SiglipForImageClassification",
                    lambda: tf.SiglipConfig(vision_config=V, text_config=TXT, num_labels=5)),
     "vitmae": ("ViTMAEModel", lambda: tf.ViTMAEConfig(**V, mask_ratio=0.0)),
+    "deit-distilled": ("DeiTForImageClassificationWithTeacher",
+                       lambda: tf.DeiTConfig(**V, num_labels=10)),  # the test data's classes
     # two stages (8x8 then 4x4 tokens), windows of 4: stage 0 shifts every second block
     "swin": ("SwinForImageClassification", lambda: tf.SwinConfig(**SWIN, num_labels=5)),
     "swin-headless": ("SwinModel", lambda: tf.SwinConfig(**SWIN)),
@@ -272,7 +274,7 @@ def test_unknown_classes_are_refused_by_name():
         model = getattr(tf, cls)(cfg)
         with pytest.raises(ValueError, match=f"unsupported model class {cls}: vit_pruning supports ViTModel"):
             resolve(model)
-    assert len(SUPPORTED_CLASSES) == 21
+    assert len(SUPPORTED_CLASSES) == 22
     # one table (in the standalone modeling file): every supported class has its pruned twin
     from vit_pruning.modeling_vit_pruning import PRUNED_CLASSES
     assert list(PRUNED_CLASSES) == list(SUPPORTED_CLASSES)
@@ -293,6 +295,7 @@ def _folder(tmp: Path, name: str) -> Path:
     ("clip", None, None),  # headless: fidelity by the image embedding
     ("siglip-vision", None, None),
     ("vitmae", None, None),
+    ("deit-distilled", "--do-finetune", None),  # two heads, both trained
 ])
 @pytest.mark.cli
 def test_cli_end_to_end_on_a_saved_folder(name, head, cls, tmp_path, cifar_like, capsys):
@@ -365,3 +368,27 @@ def test_blocks_narrower_than_min_remaining_are_left_whole():
     after = [p.intermediate_size for p in resolve(model).parts]
     assert widths[:2] == after[:2] == [64, 64] and all(a < w for a, w in zip(after[2:], widths[2:]))
     assert abs(before - count_total_params(model) - 0.1 * before) <= resolve(model).parts[2].neuron_params
+
+
+@pytest.mark.cli
+def test_a_distilled_deit_is_pruned_with_its_two_heads(tmp_path, capsys):
+    """facebook/deit-*-distilled-* are DeiTForImageClassificationWithTeacher: their logits are
+    the mean of a [CLS] head and a distillation-token head. They were refused as unsupported;
+    now they prune like any classifier, and a flag that replaces or saves one classifier exits 2
+    before any work."""
+    from vit_pruning.heads import finetune, head_parameters, install_head
+    model = build("deit-distilled")
+    assert len(head_parameters(model)) == 4  # two linear heads
+    with pytest.raises(ValueError, match="has two heads"):
+        install_head(model, nn.Linear(32, 3))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    finetune(model, [(images(8), torch.arange(8) % 5)], freeze_backbone=True, progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"cls_classifier.weight", "cls_classifier.bias",
+                       "distillation_classifier.weight", "distillation_classifier.bias"}
+    folder = _folder(tmp_path, "deit-distilled")
+    for flag in ("--replace-classifier", "--use-adapter", "--save-adapter"):
+        assert main(["--model", str(folder), "--target", "0.3", "--dry-run", flag,
+                     "--dataset", "digits"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: DeiTForImageClassificationWithTeacher has two heads" in err

@@ -327,6 +327,8 @@ class Anatomy:
             return model.classifier(torch.cat([out[:, 0], out[:, 1:].mean(1)], dim=-1))
         if self.family == "beit":
             return model.classifier(tw.pooler(out))
+        if hasattr(model, "distillation_classifier"):  # a distilled DeiT: two tokens, two heads
+            return (model.cls_classifier(out[:, 0]) + model.distillation_classifier(out[:, 1])) / 2
         return model.classifier(out[:, 0, :])
 
     def block_call(self, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -46,10 +46,23 @@ def head_in_features(model: nn.Module) -> int:
     return resolve(model).hidden_size
 
 
+TWO_HEADS = ("cls_classifier", "distillation_classifier")  # a distilled DeiT's heads: its logits
+# are their mean, on the [CLS] and the distillation token
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's classifier: its head, or a distilled DeiT's two heads."""
+    names = TWO_HEADS if hasattr(model, TWO_HEADS[1]) else ("classifier",)
+    return [p for n in names for p in getattr(model, n).parameters()]
+
+
 def install_head(model: nn.Module, head: nn.Module, label_names: list[str] | None = None) -> None:
     """Put `head` in place of model.classifier and keep the config's label count truthful."""
     if not resolve(model).has_classifier:
         raise ValueError(f"{type(model).__name__} has no classifier to replace")
+    if hasattr(model, TWO_HEADS[1]):
+        raise ValueError(f"{type(model).__name__} has two heads (its logits are the mean of the "
+                         f"[CLS] and distillation-token heads), not one classifier to replace")
     model.classifier = head
     num = head.head.out_features if isinstance(head, AdapterHead) else head.out_features
     model.config.num_labels = num
@@ -68,10 +81,10 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
     a launcher every process takes every n-th batch with gradients averaged (the remainder that
     does not divide among the processes is left out, so they all take as many steps)."""
     from .accel import adamw, make_accelerator, reduce_sum, train_device
-    params = list(model.classifier.parameters()) if freeze_backbone else list(model.parameters())
+    params = head_parameters(model) if freeze_backbone else list(model.parameters())
     for p in model.parameters():
         p.requires_grad_(not freeze_backbone)
-    for p in model.classifier.parameters():
+    for p in head_parameters(model):
         p.requires_grad_(True)
     acc = make_accelerator(torch.device(device), mixed_precision, grad_accumulation)
     device = train_device(acc, model)

@@ -556,6 +556,10 @@ SUPPORTED = {
     "ViTForImageClassification": ("vit", "logits", False, "AutoModelForImageClassification"),
     "DeiTModel": ("vit", "hidden", True, "AutoModel"),
     "DeiTForImageClassification": ("vit", "logits", False, "AutoModelForImageClassification"),
+    # the distilled DeiTs (facebook/deit-*-distilled-*): logits are the mean of a [CLS] head and
+    # a distillation-token head
+    "DeiTForImageClassificationWithTeacher": ("vit", "logits", False,
+                                              "AutoModelForImageClassification"),
     "ViTMAEModel": ("vitmae", "hidden", False, "AutoModel"),
     "Dinov2Model": ("dinov2", "hidden", False, "AutoModel"),
     "Dinov2ForImageClassification": ("dinov2", "logits", False, "AutoModelForImageClassification"),

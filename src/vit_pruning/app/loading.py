@@ -174,6 +174,14 @@ def load_step(cfg: RunConfig) -> Loaded:
     if problem and not (cfg.head.replace_classifier or cfg.head.use_adapter or cfg.head.load_adapter):
         raise UsageError(f"--model: {problem}; add --replace-classifier (or --use-adapter) with a "
                          f"labelled --dataset, or prune the backbone saved alone")
+    from ..heads import TWO_HEADS
+    given = [f for f in ("replace_classifier", "use_adapter", "load_adapter", "save_adapter")
+             if flag_value(cfg, f)]
+    if hasattr(model, TWO_HEADS[1]) and given:
+        raise UsageError(f"--{given[0].replace('_', '-')}: {type(model).__name__} has two heads "
+                         f"(its logits are the mean of the [CLS] and distillation-token heads), "
+                         f"not one classifier to replace or save; prune it with its own heads "
+                         f"(--do-finetune trains them)")
     if anatomy.is_text:
         check_text_flags(cfg)
     elif cfg.data.text_file:

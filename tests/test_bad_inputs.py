@@ -115,6 +115,22 @@ def no_processor(tmp: Path) -> Path:
     return folder
 
 
+def _without(tmp: Path, name: str, drop: str, headless: bool = False) -> Path:
+    """A tiny ViT folder whose weights lack those starting with `drop` (a backbone saved without
+    its config naming its class, with `headless`: transformers builds it as a classifier)."""
+    from transformers import ViTModel
+    from safetensors.torch import load_file, save_file
+    folder = vit_folder(tmp / name, ViTModel(tiny_config(), add_pooling_layer=False)
+                        if headless else None)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("architectures", None) if headless else None
+    (folder / "config.json").write_text(json.dumps(cfg))
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith(drop)}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder
+
+
 def _file(path):
     path.write_text("not a model\n")
     return path
@@ -136,6 +152,16 @@ BAD_INPUTS = {
     "split-s2": (lambda t: ["--model", "embedded", "--stage", "s2", "--split", "3"], "--split 3 does not apply"),
     "split-too-big": (lambda t: ["--model", "embedded", "--split", "99"], "--split 99"),
     "empty-text": (lambda t: ["--model", "embedded", "--text-file", str(t)], "--text-file"),
+    # transformers fills what a checkpoint lacks with random values, and said so only in its log
+    "headless-no-architectures": (
+        lambda t: ["--model", str(_without(t, "bb", "none", headless=True)), "--dataset", "digits"],
+        "has no weights for classifier.bias, classifier.weight of the ViTForImageClassification "
+        "its config builds (transformers would fill them with random values); it is a backbone "
+        "without a classifier: add --replace-classifier"),
+    "missing-weights": (lambda t: ["--model", str(_without(t, "part", "vit.layernorm."))],
+                        "has no weights for vit.layernorm.bias, vit.layernorm.weight of the "
+                        "ViTForImageClassification its config builds (transformers would fill "
+                        "them with random values); its weights do not match its config"),
 }
 
 

@@ -59,12 +59,13 @@ def load_model(name: str, want_head: bool = False):
                     f"its encoder) to a folder and pass that")
             headless = SUPPORTED_CLASSES.get(arch, ("", ""))[1] != "logits"
             if arch and not (want_head and headless):
-                model = getattr(transformers, arch).from_pretrained(source, **float32_weights())
+                cls = getattr(transformers, arch)
             elif text:  # a config naming no class: the headless encoder
-                model = transformers.AutoModel.from_pretrained(source, **float32_weights())
+                cls = transformers.AutoModel
             else:
-                model = transformers.AutoModelForImageClassification.from_pretrained(
-                    source, **float32_weights())
+                cls = transformers.AutoModelForImageClassification
+            model, info = cls.from_pretrained(source, output_loading_info=True, **float32_weights())
+            check_complete(model, info["missing_keys"], source, want_head)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - loading raises many kinds (size mismatch,
@@ -108,6 +109,24 @@ def load_processor(source: str, text: bool):
         raise UsageError(f"--model: {source} has no usable {what} ({why}); a model saved alone "
                          f"needs the one it was trained with beside it: {cls}.from_pretrained("
                          f"<its base checkpoint>).save_pretrained(<this folder>)") from exc
+
+
+def check_complete(model, missing: list[str], source: str, want_head: bool) -> None:
+    """Refuse a model that transformers completed with random weights: the checkpoint lacks
+    some the class needs (a backbone saved without its config naming its class is built as a
+    classifier with a random head). A head about to be replaced may be missing."""
+    missing = sorted(k for k in missing if not (want_head and k.startswith("classifier.")))
+    if not missing:
+        return
+    head = all(k.startswith("classifier.") for k in missing)
+    raise UsageError(
+        f"--model: {source} has no weights for {', '.join(missing[:3])}"
+        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} of the "
+        f"{type(model).__name__} its config builds (transformers would fill them with random "
+        f"values); " + ("it is a backbone without a classifier: add --replace-classifier (or "
+                        "--use-adapter) to train a head on --dataset, or name its class in "
+                        "config.json's architectures (e.g. [\"ViTModel\"]) to prune it headless"
+                        if head else "its weights do not match its config"))
 
 
 def check_config(config, source: str) -> None:

@@ -106,3 +106,37 @@ def test_two_gpu_distillation_under_torchrun(tmp_path):
     rep = json.loads((tmp_path / "r" / "report-nccl.json").read_text())
     assert rep["distillation"]["processes"] == 2 and rep["distillation"]["mixed_precision"] == "bf16"
     assert len(list((tmp_path / "p").iterdir())) == 1
+
+
+def test_a_bf16_checkpoint_on_cuda_is_pruned_in_float32_and_saved_in_bf16(tmp_path):
+    """A bf16 hub checkpoint on a GPU (transformers 5.x loaded it in bf16): pruned and measured
+    in float32 as its float32 copy is (the same plan), saved in bf16, reloaded on the device."""
+    from transformers import ViTImageProcessor
+
+    from vit_pruning.config import EMBEDDED
+    model = ViTForImageClassification.from_pretrained(EMBEDDED)
+    reps = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype)[6:]
+        model.to(torch.bfloat16).to(dtype).save_pretrained(tmp_path / name)
+        ViTImageProcessor.from_pretrained(EMBEDDED).save_pretrained(tmp_path / name)
+        assert main(["--model", str(tmp_path / name), "--dataset", "digits", "--target", "0.3",
+                     "--device", "cuda", "--run-id", name, "--eval-batches", "2", "--calib-size",
+                     "32", "--save-pruned-model", "--reports-dir", str(tmp_path / "r"),
+                     "--pruned-output-dir", str(tmp_path / "p"), "--quiet"]) == 0
+        reps[name] = json.loads((tmp_path / "r" / f"report-{name}.json").read_text())
+    assert reps["bfloat16"]["plan"] == reps["float32"]["plan"]
+    kl = [r["stages"][-1]["kl_to_baseline"] for r in reps.values()]
+    assert kl[0] == pytest.approx(kl[1], rel=1e-3)
+    back = load_pruned_model(tmp_path / "p" / "bfloat16", device="cuda")
+    assert {(p.dtype, p.is_cuda) for p in back.parameters()} == {(torch.bfloat16, True)}
+    assert reps["bfloat16"]["artifacts"]["pruned_model_dtype"] == "bfloat16"
+
+
+def test_a_device_this_machine_lacks_exits_2(tmp_path, capsys):
+    """--device cuda:N past the last GPU is named before any work (it failed once the model
+    was on its way, "invalid device ordinal")."""
+    n = torch.cuda.device_count()
+    assert main(["--model", "embedded", "--target", "0.3", "--device", f"cuda:{n}", "--dry-run",
+                 "--reports-dir", str(tmp_path / "r")]) == 2
+    assert f"this machine has {n} CUDA device(s)" in capsys.readouterr().err

@@ -169,6 +169,15 @@ def _lora(folder: Path) -> None:
         {"peft_type": "LORA", "base_model_name_or_path": "google/vit-base-patch16-224", "r": 8}))
 
 
+def _old_sentence_layout(folder: Path) -> None:
+    """sentence-transformers before 1.0 kept the encoder in 0_Transformer/ (or 0_BERT/)."""
+    (folder / "0_Transformer").mkdir()
+    (folder / "config.json").rename(folder / "0_Transformer" / "config.json")
+    (folder / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.BERT"},
+         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+
+
 def _other_arch(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"] = ["Swinv2ForImageClassification"]
@@ -187,6 +196,8 @@ def _mismatched_arch(folder: Path) -> None:
     (_missing, "no model.safetensors"),
     (_lora, "it holds a PEFT adapter (LORA weights for google/vit-base-patch16-224), not a model: "
             "merge it into its base first"),
+    (_old_sentence_layout, "it is a sentence-transformers folder of the old layout, its encoder "
+                           "in 0_Transformer/: pass --model "),
     (_other_arch, "architecture 'Swinv2ForImageClassification' is not one vit_pruning saves"),
     (_mismatched_arch, "architecture 'BeitForImageClassification' does not match model_type 'vit'"),
 ])

@@ -216,6 +216,22 @@ def _adapter_hint(path: Path) -> str:
             f".save_pretrained(<new folder>), and pass that folder")
 
 
+def _sentence_hint(path: Path) -> str:
+    """Where the encoder of an old-layout sentence-transformers folder is (its modules.json
+    names a Transformer module in a subfolder: 0_Transformer/, 0_BERT/), or ""."""
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        where = next(m["path"] for m in modules if str(m.get("type", "")).endswith(
+            (".Transformer", ".BERT", ".RoBERTa")) and m.get("path"))
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError):
+        return ""
+    if not (path / where / "config.json").is_file():
+        return ""
+    return (f"; it is a sentence-transformers folder of the old layout, its encoder in "
+            f"{where}/: pass --model {path / where} (its sentence embedding is then mean-pooled, "
+            f"the default: check that {path}'s Pooling module says so)")
+
+
 def check_saved_folder(path: str | Path) -> None:
     """Raise ValueError, in one line naming the folder, if a local model folder cannot load:
     missing files, truncated or unreadable weights, an unsupported architecture, or a config
@@ -227,7 +243,7 @@ def check_saved_folder(path: str | Path) -> None:
         raise ValueError(f"{path} is a file; give the saved model's folder")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no config.json (not a saved model folder)"
-                         + _adapter_hint(path))
+                         + _adapter_hint(path) + _sentence_hint(path))
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -339,6 +339,9 @@ def test_cli_mixed_run_reports_the_attention_sublayers(tmp_path, blocks_hold_the
     (["--target-flops", "1.5"], "--target-flops must be in (0, 1), got 1.5"),
     (["--target-latency", "0"], "--target-latency must be in (0, 1), got 0"),
     (["--target-flops", "a,b"], "--target-flops must be a number or a comma list"),
+    (["--target", "30"], "--target must be in (0, 1), got 30 (a fraction: 30% is 0.3)"),
+    (["--target", "30%,45%"], "--target is a fraction in (0, 1), not a percentage: for 30%,45% "
+                              "give 0.3,0.45"),
     (["--target", "0.3", "--target-flops", "0.7"], "--target and --target-flops are two targets"),
     (["--target-flops", "0.7", "--target-latency", "0.7"], "are two targets"),
     (["--target-latency", "0.7", "--latency-repeats", "2", "--latency-precision", "0"], "--latency-repeats must be >= 5"),

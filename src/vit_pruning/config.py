@@ -622,13 +622,18 @@ def _target_values(name: str, given: str | float) -> list[float]:
     """A target flag's comma list as checked floats in (0, 1)."""
     parts = [p.strip() for p in str(given).split(",")]
     try:
-        values = [float(p) for p in parts]
+        values = [float(p.removesuffix("%")) / (100 if p.endswith("%") else 1) for p in parts]
     except ValueError:
         raise UsageError(f"{name} must be a number or a comma list of numbers in (0, 1), got "
                          f"{given!r}") from None
+    if any(p.endswith("%") for p in parts):
+        raise UsageError(f"{name} is a fraction in (0, 1), not a percentage: for {given} give "
+                         f"{','.join(f'{v:g}' for v in values)}")
     bad = [v for v in values if not 0 < v < 1]
     if bad:
-        raise UsageError(f"{name} must be in (0, 1), got {bad[0]:g}")
+        whole = bad[0].is_integer() and 1 < bad[0] < 100  # a percentage, most likely
+        hint = f" (a fraction: {bad[0]:g}% is {bad[0] / 100:g})" if whole else ""
+        raise UsageError(f"{name} must be in (0, 1), got {bad[0]:g}{hint}")
     try:
         return check_targets(values)
     except ValueError as exc:

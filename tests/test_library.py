@@ -166,3 +166,13 @@ def test_what_a_processor_or_tokenizer_returns_is_a_batch():
         losses.append(distill(student, teacher, [batch], steps=2, lr=1e-3, batch_size=4,
                               train="all", heldout=0).losses)
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+@pytest.mark.parametrize("wrap, how", [(torch.compile, "model._orig_mod"),
+                                       (torch.nn.DataParallel, "model.module")])
+def test_a_wrapped_model_is_told_what_to_prune(wrap, how):
+    """A torch.compile'd or DataParallel model was "unsupported model class OptimizedModule",
+    with the list of classes: the class it wraps is one of them."""
+    with pytest.raises(ValueError, match=rf"unsupported model class \w+: it wraps a "
+                                         rf"ViTForImageClassification: prune that \({how}\)"):
+        prune_2ssp(wrap(tiny_model(4)), 0.3, [torch.randn(8, 3, 16, 16)], PruneConfig(min_remaining=8))

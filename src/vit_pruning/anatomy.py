@@ -101,8 +101,23 @@ def supported_class(model: nn.Module) -> str:
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED_CLASSES:
             return cls.__name__
-    raise ValueError(f"unsupported model class {type(model).__name__}: vit_pruning supports "
-                     f"{SUPPORTED}")
+    raise ValueError(f"unsupported model class {type(model).__name__}: "
+                     + (f"{wrapper}; " if (wrapper := _wrapper_hint(model)) else "")
+                     + f"vit_pruning supports {SUPPORTED}")
+
+
+def _wrapper_hint(model: nn.Module) -> str:
+    """What to pass instead of a wrapper around a model (torch.compile, DDP / DataParallel,
+    a PEFT model), or ""."""
+    inner = next((getattr(model, a) for a in ("_orig_mod", "module") if isinstance(
+        getattr(model, a, None), nn.Module)), None)
+    if inner is not None:
+        how = "model._orig_mod" if hasattr(model, "_orig_mod") else "model.module"
+        return (f"it wraps a {type(inner).__name__}: prune that ({how}), and wrap the pruned "
+                f"model again")
+    if hasattr(model, "merge_and_unload"):
+        return "a PEFT model: prune model.merge_and_unload() (its adapters merged into its base)"
+    return ""
 
 
 def output_kind(model: nn.Module) -> str:

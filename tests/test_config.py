@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_model
 from vit_pruning.checkpoint import _differs
 from vit_pruning.cli import DEFAULTS, build_parser, config_from_args
-from vit_pruning.config import (SECTIONS, PruneConfig, RunConfig, from_flags, value, width_limits)
+from vit_pruning.config import (SECTIONS, PruneConfig, RunConfig, from_flags, width_limits)
 from vit_pruning.errors import UsageError
 from vit_pruning.pipeline import model_shape
 
@@ -175,7 +175,7 @@ def test_a_path_given_from_the_home_folder_is_the_same_path_everywhere(tmp_path,
     import shutil
 
     from vit_pruning.cli import main
-    from vit_pruning.config import EMBEDDED, PATH_FIELDS
+    from vit_pruning.config import EMBEDDED, PATH_FIELDS, value
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = config(*(a for f in PATH_FIELDS if f != "model" for a in (f"--{f.replace('_', '-')}",
                                                                     f"~/{f}")))

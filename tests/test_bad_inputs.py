@@ -131,6 +131,14 @@ def _without(tmp: Path, name: str, drop: str, headless: bool = False) -> Path:
     return folder
 
 
+def _processor_of_another_size(tmp: Path) -> Path:
+    """A 16-pixel ViT beside a 32-pixel image processor (a fine-tune at another resolution saved
+    with its base checkpoint's processor)."""
+    folder = vit_folder(tmp / "sizes")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
 def _file(path):
     path.write_text("not a model\n")
     return path
@@ -158,6 +166,11 @@ BAD_INPUTS = {
         "has no weights for classifier.bias, classifier.weight of the ViTForImageClassification "
         "its config builds (transformers would fill them with random values); it is a backbone "
         "without a classifier: add --replace-classifier"),
+    "processor-size": (lambda t: ["--model", str(_processor_of_another_size(t)), "--dataset",
+                                  "digits"],
+                       "its image processor's images do not fit the model (ValueError: Input "
+                       "image size (32*32) doesn't match model (16*16).); put the processor it "
+                       "was trained with beside it"),
     "missing-weights": (lambda t: ["--model", str(_without(t, "part", "vit.layernorm."))],
                         "has no weights for vit.layernorm.bias, vit.layernorm.weight of the "
                         "ViTForImageClassification its config builds (transformers would fill "

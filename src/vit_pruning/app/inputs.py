@@ -75,10 +75,12 @@ def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     from ..anatomy import input_channels, resolve
     from ..data import DataError, align_to_head, image_mode, load_splits
     from ..heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
+    from .loading import check_processor
     model = loaded.model
     if data.dataset and not loaded.text:
         try:
-            image_mode(input_channels(model))  # images can be read for the model's channels
+            mode = image_mode(input_channels(model))  # images can be read for its channels
+            check_processor(model, loaded.processor, loaded.model_id, mode)
             data.splits = load_splits(data.dataset, cfg.data.cifar_train_pct, cfg.data.cifar_test_pct,
                                       cfg.data.image_column, cfg.data.label_column,
                                       cfg.data.skip_bad_images, cfg.data.test_split)

@@ -129,6 +129,23 @@ def check_complete(model, missing: list[str], source: str, want_head: bool) -> N
                         if head else "its weights do not match its config"))
 
 
+def check_processor(model, processor, source: str, mode: str) -> None:
+    """Refuse an image processor whose images the model cannot take (a 224-pixel processor
+    beside a 384-pixel fine-tune fails inside the first forward, after the data is loaded):
+    one blank image through both, before any work."""
+    from PIL import Image
+
+    from ..measure import forward_output
+    try:
+        pixels = processor(images=[Image.new(mode, (64, 64))], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            forward_output(model, pixels.to(next(model.parameters()).device))
+    except Exception as exc:  # noqa: BLE001 - whatever the model's own checks raise
+        raise UsageError(f"--model: {source}: its image processor's images do not fit the model "
+                         f"({exc_summary(exc, 150)}); put the processor it was trained with "
+                         f"beside it (preprocessor_config.json)") from exc
+
+
 def check_config(config, source: str) -> None:
     """Refuse a config whose sizes cannot build a model (0, negative, or heads that do not
     divide the hidden size), naming the field, before transformers fails somewhere inside."""

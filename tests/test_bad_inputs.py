@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import (ViTForImageClassification, ViTImageProcessor)
+from transformers import (BertConfig, BertModel, ViTForImageClassification, ViTImageProcessor,
+                          ViTModel)
 
 from conftest import cli_run as run
 from conftest import one_line_error, output_files as files, read_report, tiny_config, vit_folder
@@ -176,6 +177,28 @@ BAD_INPUTS = {
                         "ViTForImageClassification its config builds (transformers would fill "
                         "them with random values); its weights do not match its config"),
 }
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("make", [
+    lambda t: vit_folder(t / "vit", ViTModel(tiny_config(), add_pooling_layer=False)),
+    lambda t: vit_folder(t / "bert", BertModel(BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32), add_pooling_layer=False))])
+def test_a_pooler_the_output_does_not_use_may_be_missing(tmp_path, capsys, make):
+    """DINO's ViTModel checkpoints (and some text encoders) have no pooler weights: the class
+    builds a random one, which the measured output (the last hidden state, the pooled sentence
+    embedding) never reads, so the checkpoint is taken."""
+    folder = make(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architectures"] in (["ViTModel"], ["BertModel"])
+    if cfg["architectures"] == ["BertModel"]:  # a tokenizer beside it
+        from transformers import BertTokenizerFast
+        (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                       *"abcdefgh"]) + "\n")
+        BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    assert run(tmp_path, "--model", str(folder), "--target", "0.2", "--dry-run") == 0, \
+        capsys.readouterr().err
 
 
 @pytest.mark.cli

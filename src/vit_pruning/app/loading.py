@@ -114,8 +114,15 @@ def load_processor(source: str, text: bool):
 def check_complete(model, missing: list[str], source: str, want_head: bool) -> None:
     """Refuse a model that transformers completed with random weights: the checkpoint lacks
     some the class needs (a backbone saved without its config naming its class is built as a
-    classifier with a random head). A head about to be replaced may be missing."""
-    missing = sorted(k for k in missing if not (want_head and k.startswith("classifier.")))
+    classifier with a random head). A head about to be replaced may be missing, and so may a
+    pooler the measured output does not use (DINO's ViTModel checkpoints have none)."""
+    from ..anatomy import output_kind
+    try:
+        unused_pooler = output_kind(model) in ("hidden", "text")
+    except ValueError:  # an unsupported class: refused by name once loaded
+        unused_pooler = False
+    missing = sorted(k for k in missing if not (want_head and k.startswith("classifier."))
+                     and not (unused_pooler and k.startswith("pooler.")))
     if not missing:
         return
     head = all(k.startswith("classifier.") for k in missing)

@@ -100,6 +100,11 @@ def _dtype_fields(config) -> list[str]:
     return [name for name in ("torch_dtype", "dtype") if name in vars(config)] or ["torch_dtype"]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as configs and reports write it ("bfloat16", not "torch.bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def config_dtype(config) -> torch.dtype:
     """The dtype a config says its checkpoint's weights are stored in; float32 where it names
     none (or no floating dtype)."""
@@ -128,7 +133,7 @@ def saved_config(model: nn.Module, metadata: dict | None = None,
     weights = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
                             torch.float32)
     for name in _dtype_fields(cfg):
-        setattr(cfg, name, str(weights).rsplit(".", 1)[-1])
+        setattr(cfg, name, dtype_name(weights))
     plain = is_plain(anatomy)
     cfg.vit_pruning = {**cfg.vit_pruning, "format": FORMAT_VERSION, "layout":
                        "v4" if anatomy.layout in ("v4", "v5") else anatomy.layout,

@@ -32,7 +32,7 @@ def load_model(name: str, want_head: bool = False):
     import transformers
 
     from ..anatomy import SUPPORTED_CLASSES, is_text_config, resolve
-    from ..persistence import (check_saved_folder, config_dtype, float32_weights,
+    from ..persistence import (check_saved_folder, config_dtype, dtype_name, float32_weights,
                                is_pruned_folder, load_pruned_model)
     path = EMBEDDED if name == "embedded" else Path(name)
     source = str(path) if path.is_dir() else name
@@ -86,7 +86,8 @@ def load_model(name: str, want_head: bool = False):
         model.config.mask_ratio = 0.0
     if stored != torch.float32:
         log.info("%s: its weights are stored in %s; pruned and measured in float32 (a saved "
-                 "pruned model is %s again: --save-dtype)", source, str(stored)[6:], str(stored)[6:])
+                 "pruned model is %s again: --save-dtype)", source, dtype_name(stored),
+                 dtype_name(stored))
     return model.eval(), load_processor(source, text), source, stored
 
 

@@ -195,7 +195,7 @@ def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded,
     report), with a sentence-transformers model's module files, and its ONNX export inside
     where --export-onnx asks (the export's record names the final path); returns the
     SavedModel."""
-    from ..persistence import save_pruned_model
+    from ..persistence import dtype_name, save_pruned_model
 
     def extra(tmp: Path) -> dict | None:  # written into the folder before it appears
         for name, source in loaded.extra_files.items():  # sentence-transformers modules
@@ -209,7 +209,7 @@ def save_model(cfg: RunConfig, model, folder: Path, final: Path, loaded: Loaded,
     dtype = save_dtype(cfg, loaded)
     saved = save_pruned_model(model, folder, loaded.processor, meta, extra=extra, dtype=dtype)
     if dtype != torch.float32:
-        log.info("pruned model saved in %s%s", str(dtype)[6:], " (the checkpoint's dtype)"
+        log.info("pruned model saved in %s%s", dtype_name(dtype), " (the checkpoint's dtype)"
                  if cfg.output.save_dtype == "auto" else "")
     if saved.extra is not None:
         log.info("ONNX export %s: onnxruntime max |difference| to torch %.2e",
@@ -222,6 +222,7 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
     to their staging places (`outputs`, renamed into place with the report); the artifacts
     record names the final paths."""
     from ..heads import save_adapter
+    from ..persistence import dtype_name
     model = loaded.model
     artifacts = {"adapter": None, "pruned_model": None, "plot": None}
     meta = {"model": loaded.model_id, "target": cfg.targets.target, "head": data.head_cfg,
@@ -235,7 +236,7 @@ def save_step(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices, outputs) 
                            {**meta, "seed": cfg.seed})
         artifacts["pruned_model"] = str(final)
         artifacts["pruned_model_format"] = saved.format
-        artifacts["pruned_model_dtype"] = str(save_dtype(cfg, loaded))[6:]
+        artifacts["pruned_model_dtype"] = dtype_name(save_dtype(cfg, loaded))
         if saved.extra is not None:
             artifacts["onnx"] = saved.extra
     return artifacts

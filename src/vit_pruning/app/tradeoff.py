@@ -28,6 +28,7 @@ from .evaluate import Evaluator
 from .inputs import Data
 from .loading import Loaded
 from .reporting import kept_head_counts, latency_verdict, report_head, write_error, write_outputs
+from ..persistence import dtype_name
 from .steps import latency_setup, save_dtype, save_model, timing_options
 
 log = logging.getLogger("vit_pruning")
@@ -294,7 +295,7 @@ def save_models(cfg: RunConfig, loaded: Loaded, data: Data, ch: Choices,
     folder = outputs.stage("model")
     folder.mkdir()
     final = outputs.by_role("model").path
-    out: dict = {"pruned_models": {}, "pruned_model_dtype": str(save_dtype(cfg, loaded))[6:]}
+    out: dict = {"pruned_models": {}, "pruned_model_dtype": dtype_name(save_dtype(cfg, loaded))}
     if cfg.output.export_onnx:
         out["onnx"] = {}
     for t, m in models.items():

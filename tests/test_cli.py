@@ -40,8 +40,10 @@ def test_embedded_run_writes_consistent_report(tmp_path, capsys):
         assert s["latency_ratio"] == rep["latency_setup"]["ratio"][s["name"]]
     assert rep["stages"][0]["latency_ratio"] == 1.0 and rep["latency_setup"]["interleaved"]
     ls = rep["latency_setup"]  # timed until known to +-0.01 (the default), or the rounds ran out
-    # a 3 ms model may time more than 10 x its 2 rounds: as many as fit in 10 s
-    assert ls["precision"] == 0.01 and 2 <= ls["repeats"] <= ls["max_repeats"] and ls["max_repeats"] > 20
+    # a 3 ms model may time more than 10 x its 2 rounds: as many as fit in 10 s at its first
+    # rounds' times (checked on fake times in test_objective: a stall in this run's first
+    # rounds leaves the cap at 20)
+    assert ls["precision"] == 0.01 and 2 <= ls["repeats"] <= ls["max_repeats"] and ls["max_repeats"] >= 20
     widest = max(hi - lo for lo, hi in ls["ratio_interval"].values())
     assert widest <= 0.02 or ls["repeats"] == ls["max_repeats"] and any("known only to" in w for w in ls["warnings"])
     assert (f"within +-0.01, at most {ls['max_repeats']} rounds"

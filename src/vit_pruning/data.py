@@ -333,8 +333,8 @@ def _image_problem(value) -> str | None:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     return f"{w}x{h} pixels, over the limit of {MAX_PIXELS:,}"
-                if _mode_problem(im.mode):
-                    return _mode_problem(im.mode)
+                if (problem := _mode_problem(im.mode)) is not None:
+                    return problem
                 if im.format == "PNG":
                     im.verify()
                 else:

@@ -539,6 +539,7 @@ class _Run:
         text_tokens = anatomy.is_text and cfg.match != "output"
         self.kind = "kl" if anatomy.has_classifier else ("tokens" if text_tokens else "cosine")
         self.final = "tokens" if text_tokens else "output"
+        self.pool = pooling(pruned)  # the sentence term of the "tokens" loss
         self.student_layers = self.teacher_at = None
         self.on_the_fly = False
         if cfg.match == "layers":
@@ -636,11 +637,11 @@ class _Run:
             target = _take(data.targets[k], idx, self.device)
         with self.acc.accumulate(self.student):
             out, hs = self.student(x)
-            pool = pooling(self.pruned)
             if self.student_layers is None:
-                loss = distill_loss(out.float(), target, self.kind, cfg.temperature, mask, pool)
+                loss = distill_loss(out.float(), target, self.kind, cfg.temperature, mask, self.pool)
             else:
-                loss = (distill_loss(out.float(), target[0], self.kind, cfg.temperature, mask, pool)
+                loss = (distill_loss(out.float(), target[0], self.kind, cfg.temperature, mask,
+                                     self.pool)
                         + layer_loss(hs, target[1:], mask))
             if count > 1:
                 loss = loss * share

@@ -36,7 +36,8 @@ from torch import nn
 from . import modeling_vit_pruning
 from .atomic import current_umask, partial_prefix
 from .anatomy import resolve
-from .modeling_vit_pruning import PRUNED_CLASSES, PRUNED_CONFIGS, PRUNED_PREFIX, SUPPORTED
+from .modeling_vit_pruning import (_TF_VERSION, PRUNED_CLASSES, PRUNED_CONFIGS, PRUNED_PREFIX,
+                                   SUPPORTED)
 from .surgery import is_plain, stock_class, sync_config
 
 FORMAT_VERSION = 3  # 3: remote-code folders have model_type pruned_<type>
@@ -118,8 +119,7 @@ def float32_weights() -> dict:
     """from_pretrained's argument that loads every weight in float32, as transformers 4.x does
     by default; 5.x loads a checkpoint in the dtype it is stored in (a bf16 checkpoint would
     be pruned and measured in bf16 there, and in float32 on 4.x)."""
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    return {"dtype" if _TF_VERSION >= (4, 56) else "torch_dtype": torch.float32}
 
 
 def saved_config(model: nn.Module, metadata: dict | None = None,

@@ -144,10 +144,11 @@ def check_processor(model, processor, source: str, mode: str) -> None:
     from PIL import Image
 
     from ..measure import forward_output
+    from ..modes import device_of
     try:
         pixels = processor(images=[Image.new(mode, (64, 64))], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            forward_output(model, pixels.to(next(model.parameters()).device))
+            forward_output(model, pixels.to(device_of(model)))
     except Exception as exc:  # noqa: BLE001 - whatever the model's own checks raise
         raise UsageError(f"--model: {source}: its image processor's images do not fit the model "
                          f"({exc_summary(exc, 150)}); put the processor it was trained with "

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import BUDGETS, LATENCY_TOLERANCE, OBJECTIVE_FLAGS, RunConfig
 from ..errors import LATENCY_MISSED, UsageError
 from ..measure import interleaved_latency
+from ..persistence import dtype_name
 from ..pipeline import Pruner
 from ..sweep import SearchResult, prune_to_measured, search_target, sweep
 from .choices import Choices, prune_config
@@ -28,7 +29,6 @@ from .evaluate import Evaluator
 from .inputs import Data
 from .loading import Loaded
 from .reporting import kept_head_counts, latency_verdict, report_head, write_error, write_outputs
-from ..persistence import dtype_name
 from .steps import latency_setup, save_dtype, save_model, timing_options
 
 log = logging.getLogger("vit_pruning")

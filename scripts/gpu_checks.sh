@@ -3,7 +3,8 @@
 #   bash scripts/gpu_checks.sh [OUT_DIR]
 # 1. tests/test_cuda.py (library, CLI end to end on cuda, layer distillation, a bf16 pruned
 #    model reloaded on the device in bf16, a bf16 checkpoint pruned in float32 on the device and
-#    saved in bf16, --device cuda:N past the last GPU refused);
+#    saved in bf16, --device cuda:N past the last GPU refused, a --latency-batch-size too large
+#    for the device refused in one line before any pruning);
 # 2. the whole test suite with CUDA present: the CLI tests' --device auto then runs on the GPU
 #    and times in bf16, paths the CPU-only CI never takes;
 # 3. the CLI on the embedded model on cuda: the dry run (the pipeline's preview on the device), a

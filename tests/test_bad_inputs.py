@@ -352,3 +352,47 @@ def test_local_and_embedded_resources_need_no_hub(tmp_path):
     assert needed(cfg("--model", "embedded", "--load-cifar", "--dry-run")) == []  # no data read
     assert needed(cfg("--model", "org/m", "--dataset", "org/d")) == [
         ("--model", "org/m", "model"), ("--dataset", "org/d", "dataset")]
+
+
+@pytest.mark.cli
+def test_a_latency_batch_too_large_for_memory_is_named_before_the_work(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--latency-batch-size is tried in one forward of the unpruned model before any pruning:
+    a batch the device's memory cannot hold (here the CPU allocator refusing it, faked: the
+    real refusal takes a batch this machine's memory cannot hold) ends the run in one line
+    naming the flag, with nothing written; it used to surface after pruning, when the stages
+    were timed. (tests/test_cuda.py runs it for real on a GPU held to 1 GiB.)"""
+    import vit_pruning.measure as measure
+    real, seen = measure.run_model, []
+
+    def run_model(model, inputs):
+        batch = len(next(iter(inputs.values())))
+        seen.append(batch)
+        if batch >= 4096:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 53687091200 bytes.")
+        return real(model, inputs)
+    monkeypatch.setattr(measure, "run_model", run_model)
+    assert run(tmp_path, "--model", "embedded", "--target", "0.3", "--latency-batch-size",
+               "4096", "--save-pruned-model") == 2
+    line = one_line_error(capsys)
+    assert line.endswith("--latency-batch-size 4096: one forward of the unpruned model at this "
+                         "batch does not fit in the memory of cpu; lower it"), line
+    assert seen == [4096] and files(tmp_path) == []
+
+
+def test_the_latency_batch_check_passes_a_batch_that_fits_and_keeps_other_errors(monkeypatch):
+    import torch
+
+    import vit_pruning.measure as measure
+    from conftest import tiny_model
+    from vit_pruning.app.checks import check_latency_batch
+    model = tiny_model().train()
+    check_latency_batch(model, 3, torch.bfloat16)  # runs under autocast, changes nothing
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+    def broken(model, inputs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(measure, "run_model", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        check_latency_batch(model, 3, None)

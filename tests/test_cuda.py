@@ -42,6 +42,7 @@ def test_a_bf16_model_pruned_on_cuda_reloads_there_in_bf16(tmp_path, heads):
         assert torch.equal(back(pixel_values=x).logits, model(pixel_values=x).logits)
 
 
+@pytest.mark.cli
 def test_cli_end_to_end_on_cuda(tmp_path):
     code = main(["--model", "embedded", "--target", "0.3", "--device", "cuda", "--use-adapter",
                  "--do-finetune", "--freeze-backbone", "--recover", "--save-adapter",
@@ -91,6 +92,7 @@ def test_bf16_distillation_on_cuda_learns_and_stays_on_the_gpu():
     assert res.heldout[res.kept_step] <= res.heldout[0]
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpu_distillation_under_torchrun(tmp_path):
     """NCCL: two processes, one GPU each, distill one model; one report, one saved model."""
@@ -108,6 +110,7 @@ def test_two_gpu_distillation_under_torchrun(tmp_path):
     assert len(list((tmp_path / "p").iterdir())) == 1
 
 
+@pytest.mark.cli
 def test_a_bf16_checkpoint_on_cuda_is_pruned_in_float32_and_saved_in_bf16(tmp_path):
     """A bf16 hub checkpoint on a GPU (transformers 5.x loaded it in bf16): pruned and measured
     in float32 as its float32 copy is (the same plan), saved in bf16, reloaded on the device."""
@@ -133,6 +136,7 @@ def test_a_bf16_checkpoint_on_cuda_is_pruned_in_float32_and_saved_in_bf16(tmp_pa
     assert reps["bfloat16"]["artifacts"]["pruned_model_dtype"] == "bfloat16"
 
 
+@pytest.mark.cli
 def test_a_device_this_machine_lacks_exits_2(tmp_path, capsys):
     """--device cuda:N past the last GPU is named before any work (it failed once the model
     was on its way, "invalid device ordinal")."""
@@ -140,3 +144,25 @@ def test_a_device_this_machine_lacks_exits_2(tmp_path, capsys):
     assert main(["--model", "embedded", "--target", "0.3", "--device", f"cuda:{n}", "--dry-run",
                  "--reports-dir", str(tmp_path / "r")]) == 2
     assert f"this machine has {n} CUDA device(s)" in capsys.readouterr().err
+
+
+@pytest.mark.cli
+def test_a_latency_batch_too_large_for_the_device_is_refused_before_the_work(tmp_path, capsys):
+    """--latency-batch-size past the device's memory is named in one line before any pruning
+    (it failed at the end of the run, when the stages were timed), and nothing is written. The
+    process is held to 1 GiB of the GPU so that the batch is too large on any card."""
+    from conftest import one_line_error
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()  # what earlier tests left cached would not count against the cap
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 2**30 / total))
+    try:
+        code = main(["--model", "embedded", "--target", "0.3", "--device", "cuda",
+                     "--latency-batch-size", "200000", "--run-id", "big", "--reports-dir",
+                     str(tmp_path / "r"), "--artifacts-dir", str(tmp_path / "a"),
+                     "--pruned-output-dir", str(tmp_path / "p"), "--save-pruned-model"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    line = one_line_error(capsys)
+    assert code == 2 and "--latency-batch-size 200000" in line and "lower it" in line, line
+    assert not list(tmp_path.rglob("*"))

@@ -24,13 +24,17 @@ LATENCY_MISSED = 3  # exit code: the run is whole and reported, but its latency 
 # missed by more than --latency-tolerance (--accept-latency-miss exits 0)
 
 
-def out_of_memory_line(exc: BaseException, distilling: bool = False) -> str | None:
-    """One line for an allocation that failed (CUDA out of memory, the CPU allocator refusing,
-    MemoryError), naming the flags that size what a run holds in memory; None for any other
-    error."""
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: CUDA out of memory, the CPU allocator
+    refusing, MemoryError."""
     text = str(exc).lower()
-    if not (isinstance(exc, MemoryError) or "out of memory" in text
-            or "can't allocate memory" in text):
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory_line(exc: BaseException, distilling: bool = False) -> str | None:
+    """One line for an allocation that failed (:func:`is_out_of_memory`), naming the flags
+    that size what a run holds in memory; None for any other error."""
+    if not is_out_of_memory(exc):
         return None
     flags = ["--batch-size (calibration and evaluation batches)",
              "--calib-size (calibration inputs, whose activations the refits read)",

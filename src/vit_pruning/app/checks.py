@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..errors import UsageError
+from ..errors import UsageError, is_out_of_memory
 
 
 def check_input_path(flag: str, value: str, names: tuple[str, ...]) -> None:
@@ -72,3 +72,33 @@ def check_environment(cfg: RunConfig) -> None:
             require_onnx()
         except OnnxUnavailable as exc:
             raise UsageError(f"--export-onnx: {exc}") from exc
+
+
+
+def check_latency_batch(model: torch.nn.Module, batch_size: int, dtype: torch.dtype | None,
+                        seq_len: int = 128) -> None:
+    """One forward of `model` (the unpruned one, the largest timed) at --latency-batch-size in
+    the timing's dtype, on the model's device, before any work: a batch too large for the
+    device's memory is named now, in one line, not after pruning, when the stages are timed.
+    (One forward beside the timing's 13 or more per model.)"""
+    from ..measure import autocast_context, example_inputs, run_model
+    from ..modes import device_of, eval_mode
+    device = device_of(model)
+    x = None
+    try:
+        x = example_inputs(model, batch_size, seq_len=seq_len)
+        with torch.no_grad(), eval_mode(model), autocast_context(device, dtype):
+            run_model(model, x)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+        size = ""
+        if device.type == "cuda":
+            size = f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
+        raise UsageError(f"--latency-batch-size {batch_size}: one forward of the unpruned model "
+                         f"at this batch does not fit in the memory of {device}{size}; lower it",
+                         "latency_batch_size") from None
+    finally:
+        x = None  # freed before the cache is emptied
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import LATENCY_MISSED, UsageError
+from .checks import check_latency_batch
 from .choices import choose, objective_step, plan_probes
 from .dryrun import print_budget_dry_run, print_dry_run
 from .evaluate import Evaluator
@@ -135,6 +136,8 @@ def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) ->
         plan_probes(cfg, loaded, ch)  # cost model is known (objective_step)
     loaded.model.to(ch.device)
     data = data_step(cfg, loaded, ch)
+    check_latency_batch(loaded.model, cfg.timing.latency_batch_size, ch.latency_dtype,
+                        data.seq_len or 128)  # a timing batch too large: named now, not at the end
     objective_step(cfg, loaded, ch, data.seq_len)
     check_budget(cfg, loaded, data)
     evaluator = Evaluator(cfg, loaded, data, ch)

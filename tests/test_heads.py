@@ -602,3 +602,47 @@ def test_the_dry_run_quotes_the_range_with_fixed_heads_and_how_the_model_saves(t
     assert cli_run(tmp_path, "--model", "embedded", "--target", "0.6", "--dry-run") == 0
     assert "plain transformers model, unless the run removes heads)" in capsys.readouterr().out
     assert not (tmp_path / "reports").exists()
+
+
+def test_heads_auto_fills_a_target_between_depth_units_and_the_neurons():
+    """Two blocks: one is 44% of the model, the neurons 32%, so 0.4 lies between them and only
+    heads reach it. heads="auto" (the default) plans them: with calibration data by its head
+    trials, the closest on the held-out rows (no plan without heads exists to gate against);
+    without, the fewest heads per block that reach it, as heads=N would (the dry run's plan).
+    heads="off" keeps the error that names the head counts."""
+    from vit_pruning import Pruner
+    from vit_pruning.planner import target_bound
+    model = tiny_model(2)
+    shape = model_shape(model)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    cfg = PruneConfig(min_remaining=8, align=1)
+    pruned, res = prune_2ssp(copy.deepcopy(model), 0.4, [x], cfg)
+    assert res.plan.blocks_to_prune == 0 and sum(res.plan.heads_to_prune) > 0
+    assert len(res.search) >= 2 and res.plan.split == "search"  # the shares tried, each
+    assert all(k.startswith("0+") and k.endswith(" heads") for k in res.search)  # with heads
+    assert min(res.search, key=res.search.get) == f"0+{sum(res.plan.heads_to_prune)} heads"
+    assert count_total_params(pruned) == res.plan.params_after
+    assert abs(res.achieved_sparsity - 0.4) <= target_bound(shape, res.plan, "auto") + 1e-12
+    free = Pruner(copy.deepcopy(model), None, cfg).preview(0.4)
+    assert free.heads_to_prune == (1, 1) and free.blocks_to_prune == 0
+    _, res_free = prune_2ssp(copy.deepcopy(model), 0.4, None, cfg)
+    assert res_free.plan.heads_to_prune == (1, 1)
+    with pytest.raises(ValueError, match=r"falls between .* try heads=N \(N attention heads "
+                                         r"removed from every block: N in \[1, 2, 3\] reach it\)"):
+        prune_2ssp(copy.deepcopy(model), 0.4, [x], replace(cfg, heads="off"))
+
+
+@pytest.mark.cli
+def test_the_command_line_takes_a_target_only_heads_reach(tmp_path, capsys):
+    """The CLI checks every target before any work on the data-free plan: a target between
+    depth units and the neurons is not refused with --heads auto (the dry run shows the fewest
+    heads that reach it), and is with --heads off, naming the counts that would."""
+    from conftest import vit_folder
+    folder = str(vit_folder(tmp_path / "m", tiny_model(2)))
+    args = ("--model", folder, "--target", "0.4", "--min-remaining", "8", "--align", "1",
+            "--dataset", "digits", "--replace-classifier")
+    assert cli_run(tmp_path, *args, "--dry-run") == 0
+    assert "attention heads after stage 1: 3, 3 (--heads auto;" in capsys.readouterr().out
+    assert cli_run(tmp_path, *args, "--heads", "off", "--dry-run") == 2
+    assert "N in [1, 2, 3] reach it" in one_line_error(capsys)
+    assert not (tmp_path / "reports").exists()

@@ -33,7 +33,7 @@ from .planner import (ModelShape, PruningPlan, Within, alpha_depth, as_target, b
                       indices_feasible, make_plan, max_feasible_target,
                       max_target_over, mixed_attention,
                       mixed_choice, mixed_options, reachable_target, target_bound,
-                      global_heads, uniform_heads, units_of, validate_target,
+                      global_heads, heads_filling, uniform_heads, units_of, validate_target,
                       width_only_max)
 from .surgery import (attention_refs, mlp_refs, restore_attention_refs, restore_refs,
                       sync_config)
@@ -627,7 +627,13 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     elif fits is not None:  # the split search tries the largest
         candidates = fits[-max(1, cfg.max_search):]
     else:
-        probe = cfg.plan(shape, target, depth="alpha")
+        try:
+            probe = cfg.plan(shape, target, depth="alpha")
+        except ValueError:  # between whole depth units and the neurons: heads="auto" fills it
+            filling = _gap_filling(pruner, target, cfg)
+            if filling is None:
+                raise
+            return _choose_gap(pruner, model, target, cfg, clock, filling)
         options = feasible_depths(shape, target, cfg.unit, cfg.min_remaining, int(cfg.align))
         candidates = ([probe.blocks_to_prune] if split == "alpha" else
                       _search_candidates(options, probe.blocks_to_prune, cfg.max_search))
@@ -666,6 +672,50 @@ def _choose_depth(pruner: Pruner, model, target, cfg, clock: _Clock, score_singl
     clock.lap("split search")
     return (replace(plan, split=label), list(orders[_units_of(best)]), search,
             depth_scores, search.get(best), rows.get(best), gates)
+
+
+def _gap_filling(pruner: Pruner, target: float, cfg: PruneConfig) -> list[int] | None:
+    """With heads="auto", where `target` falls between whole depth units and the neurons (no
+    count of depth units meets it without heads), the counts of heads per block that reach it
+    (:func:`vit_pruning.planner.heads_filling`); None where heads cannot fill it, or are not
+    "auto" (a fixed count or "off" keeps the planner's error), or depth units differ in size."""
+    shape, mr, align = pruner.shape, cfg.min_remaining, int(cfg.align)
+    if (cfg.heads != "auto" or shape.units_differ(cfg.unit)
+            or target > max_feasible_target(shape, cfg.unit, mr, align)  # out of reach: not a gap
+            or feasible_depths(shape, target, cfg.unit, mr, align)):
+        return None
+    return heads_filling(shape, target, cfg.unit, mr, align) or None
+
+
+def _choose_gap(pruner: Pruner, model, target, cfg, clock: _Clock, filling: list[int]
+                ) -> tuple[PruningPlan, list[int], dict[str, float], dict, float | None,
+                           torch.Tensor | None, dict[str, dict]]:
+    """_choose_depth where only heads reach `target` (:func:`_gap_filling`): with calibration
+    data to judge them, the head trials of heads="auto" (:func:`_head_trials`) from the most
+    depth units any count of heads in `filling` meets it with, the closest kept (no plan
+    without heads to gate against); without, the fewest heads per block that reach it
+    (removed by weight magnitude), as heads=N would."""
+    shape = pruner.shape
+    if not _head_fractions(pruner, cfg):
+        return _choose_depth(pruner, model, target, replace(cfg, heads=filling[0]), clock, False)
+    first = max(d for n in filling for d in counts_with_heads(
+        shape, target, cfg.unit, cfg.min_remaining, int(cfg.align), n))
+    order, depth_scores = pruner.depth_order(cfg.unit, first)
+    clock.lap("depth selection")
+    orders = {d: list(order[:d]) for d in range(first + 1)}
+    plans: dict[str, PruningPlan] = {}
+    search: dict[str, float] = {}
+    rows: dict[str, torch.Tensor] = {}
+    gates: dict[str, dict] = {}
+    _head_trials(pruner, model, target, cfg, orders, first, plans, search, rows, gates)
+    if not plans:  # no share of all heads meets it: the planner's own error
+        cfg.plan(shape, target, depth="alpha")
+    best = min(plans, key=lambda k: (search[k], k))
+    log.info("split search: %s (only heads reach target %s between whole %s units and the "
+             "neurons)", best, target, cfg.unit)
+    clock.lap("split search")
+    return (replace(plans[best], split="search" if len(plans) > 1 else "fixed"),
+            list(orders[_units_of(best)]), search, depth_scores, search[best], rows[best], gates)
 
 
 def _try_plans(pruner: Pruner, model, plans: dict[str, PruningPlan], cfg: PruneConfig,

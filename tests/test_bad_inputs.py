@@ -210,7 +210,8 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys, name):
     assert run(tmp_path, *args, "--target", "0.2") == 2
     assert msg in one_line_error(capsys)
     assert files(tmp_path) == before
-    if name in ("missing-dataset", "split-too-big"):  # the dry run refuses what the run refuses
+    if name in ("missing-dataset", "split-too-big", "processor-size"):  # the dry run refuses
+        # what the run refuses (the processor: one blank image, no dataset read)
         assert run(tmp_path, *args, "--target", "0.2", "--dry-run") == 2
         assert msg in one_line_error(capsys)
 

@@ -43,12 +43,7 @@ class Data:
 def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
     """Dataset and head, calibration (and distillation) inputs, the head fine-tune, and the
     evaluation batches, all on the run's device."""
-    from ..text import PYTHON_DOCS
-    dataset = cfg.data.dataset or ("cifar10" if cfg.data.load_cifar else
-                                   ("digits" if cfg.model == "embedded" else None))
-    if loaded.text:
-        dataset = cfg.data.text_file or PYTHON_DOCS
-    data = Data(dataset=dataset, calib_info={"dataset": None, "split": None, "count": 0,
+    data = Data(dataset=run_dataset(cfg, loaded), calib_info={"dataset": None, "split": None, "count": 0,
                                              "fingerprint": None, "seed": cfg.seed})
     head_step(cfg, loaded, ch, data)
     test_loader = (text_inputs if loaded.text else image_inputs)(cfg, loaded, ch, data)
@@ -69,25 +64,52 @@ def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
     return data
 
 
+def run_dataset(cfg: RunConfig, loaded: Loaded) -> str | None:
+    """What the run reads: a text encoder's sentences (--text-file, else the built-in text);
+    for an image model --dataset, CIFAR-10 with --load-cifar, digits for the embedded model,
+    else none."""
+    from ..text import PYTHON_DOCS
+    if loaded.text:
+        return cfg.data.text_file or PYTHON_DOCS
+    return cfg.data.dataset or ("cifar10" if cfg.data.load_cifar else
+                                ("digits" if cfg.model == "embedded" else None))
+
+
+def check_image_processor(loaded: Loaded) -> None:
+    """The model's image processor against the model, before any image is read: one blank
+    image of the model's channels through both (:func:`vit_pruning.app.loading.check_processor`)."""
+    from ..anatomy import input_channels
+    from ..data import DataError, image_mode
+    from .loading import check_processor
+    try:
+        mode = image_mode(input_channels(loaded.model))  # images can be read for its channels
+    except DataError as exc:
+        raise _data_error(exc) from exc
+    check_processor(loaded.model, loaded.processor, loaded.model_id, mode)
+
+
+def _data_error(exc: Exception) -> UsageError:
+    """A data problem as the one-line error: its own flag where it names one, else --model."""
+    return UsageError(str(exc) if str(exc).startswith("--") else f"--model: {exc}")
+
+
 def head_step(cfg: RunConfig, loaded: Loaded, ch: Choices, data: Data) -> None:
     """Load the labelled splits; install a fresh head, an adapter or a saved one; refuse flags
     that need what the run does not have."""
-    from ..anatomy import input_channels, resolve
-    from ..data import DataError, align_to_head, image_mode, load_splits
+    from ..anatomy import resolve
+    from ..data import DataError, align_to_head, load_splits
     from ..heads import AdapterFileError, build_head, head_in_features, install_head, load_adapter
-    from .loading import check_processor
     model = loaded.model
     if data.dataset and not loaded.text:
+        check_image_processor(loaded)
         try:
-            mode = image_mode(input_channels(model))  # images can be read for its channels
-            check_processor(model, loaded.processor, loaded.model_id, mode)
             data.splits = load_splits(data.dataset, cfg.data.cifar_train_pct, cfg.data.cifar_test_pct,
                                       cfg.data.image_column, cfg.data.label_column,
                                       cfg.data.skip_bad_images, cfg.data.test_split)
             for name in data.splits.skipped:
                 log.warning("--skip-bad-images: left out %s", name)
         except DataError as exc:
-            raise UsageError(str(exc) if str(exc).startswith("--") else f"--model: {exc}") from exc
+            raise _data_error(exc) from exc
     splits = data.splits
     data.head_cfg = {"kind": None, "adapter_reduction": cfg.head.adapter_reduction}
     if cfg.head.replace_classifier or cfg.head.use_adapter:

@@ -14,7 +14,7 @@ from .checks import check_latency_batch
 from .choices import choose, objective_step, plan_probes
 from .dryrun import print_budget_dry_run, print_dry_run
 from .evaluate import Evaluator
-from .inputs import check_budget, data_step
+from .inputs import check_budget, check_image_processor, data_step, run_dataset
 from .loading import load_step
 from .reporting import build_report, print_summary, write_error, write_outputs
 from .steps import latency_step, prune_step, save_step
@@ -116,6 +116,8 @@ def dry_run(cfg: RunConfig, run_id: str) -> int:
         from .inputs import all_sentences, load_text
         load_text(cfg, ch.calib_size, all_sentences(cfg)[0])
     loaded.model.to(ch.device)
+    if not loaded.text and run_dataset(cfg, loaded):  # its processor, as the run checks it
+        check_image_processor(loaded)  # (the images themselves are not read)
     probes = objective_step(cfg, loaded, ch, None)  # FLOP and latency targets: checked there
     if probes is None:
         probes = plan_probes(cfg, loaded, ch)

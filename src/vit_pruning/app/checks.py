@@ -74,7 +74,6 @@ def check_environment(cfg: RunConfig) -> None:
             raise UsageError(f"--export-onnx: {exc}") from exc
 
 
-
 def check_latency_batch(model: torch.nn.Module, batch_size: int, dtype: torch.dtype | None,
                         seq_len: int = 128) -> None:
     """One forward of `model` (the unpruned one, the largest timed) at --latency-batch-size in

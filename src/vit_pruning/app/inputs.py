@@ -43,8 +43,8 @@ class Data:
 def data_step(cfg: RunConfig, loaded: Loaded, ch: Choices) -> Data:
     """Dataset and head, calibration (and distillation) inputs, the head fine-tune, and the
     evaluation batches, all on the run's device."""
-    data = Data(dataset=run_dataset(cfg, loaded), calib_info={"dataset": None, "split": None, "count": 0,
-                                             "fingerprint": None, "seed": cfg.seed})
+    data = Data(dataset=run_dataset(cfg, loaded), calib_info={
+        "dataset": None, "split": None, "count": 0, "fingerprint": None, "seed": cfg.seed})
     head_step(cfg, loaded, ch, data)
     test_loader = (text_inputs if loaded.text else image_inputs)(cfg, loaded, ch, data)
     data.ft_lr = cfg.head.ft_lr or (1e-3 if cfg.head.freeze_backbone else 1e-4)

@@ -77,13 +77,13 @@ def check_environment(cfg: RunConfig) -> None:
 def check_latency_batch(model: torch.nn.Module, batch_size: int, dtype: torch.dtype | None,
                         seq_len: int = 128) -> None:
     """One forward of `model` (the unpruned one, the largest timed) at --latency-batch-size in
-    the timing's dtype, on the model's device, before any work: a batch too large for the
+    the timing's dtype, on the model's device, before pruning (the run calls it once its data is
+    ready: a text encoder is timed at its sentences' mean length): a batch too large for the
     device's memory is named now, in one line, not after pruning, when the stages are timed.
     (One forward beside the timing's 13 or more per model.)"""
     from ..measure import autocast_context, example_inputs, run_model
     from ..modes import device_of, eval_mode
     device = device_of(model)
-    x = None
     try:
         x = example_inputs(model, batch_size, seq_len=seq_len)
         with torch.no_grad(), eval_mode(model), autocast_context(device, dtype):

@@ -139,7 +139,7 @@ def run_claimed(cfg: RunConfig, argv: list[str], run_id: str, outputs, saved) ->
     loaded.model.to(ch.device)
     data = data_step(cfg, loaded, ch)
     check_latency_batch(loaded.model, cfg.timing.latency_batch_size, ch.latency_dtype,
-                        data.seq_len or 128)  # a timing batch too large: named now, not at the end
+                        data.seq_len or 128)  # a timing batch too large: named before pruning
     objective_step(cfg, loaded, ch, data.seq_len)
     check_budget(cfg, loaded, data)
     evaluator = Evaluator(cfg, loaded, data, ch)
